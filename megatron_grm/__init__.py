@@ -1,0 +1,1 @@
+"""megatron-grm: generative reward models trained with SPCT on Megatron-Core."""

@@ -1,0 +1,144 @@
+"""Build Megatron-Core's GPTModel for a model family, on the layer spec this machine can run.
+
+Transformer Engine spec when TE and CUDA are present, Megatron-Core's local spec otherwise; the
+family decides only what differs (Gemma-2 brings its own modules), the rest is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from megatron_grm.models.config import ModelConfig
+from megatron_grm.models.precision import PrecisionConfig
+from megatron_grm.parallel.distributed import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Megatron pads the vocabulary to a multiple of 128 × TP so every TP shard is equal and aligned."""
+    step = multiple * tensor_parallel
+    return ((vocab_size + step - 1) // step) * step
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    layout: ParallelLayout,
+    precision: PrecisionConfig,
+    recompute: str | None = None,
+    use_cpu_initialization: bool | None = None,
+):
+    """Map our ModelConfig one-to-one onto Megatron-Core's TransformerConfig."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_grm.parallel.device import use_cuda
+
+    if recompute not in (None, "full", "selective"):
+        raise ValueError(f"trainer.recompute={recompute!r}; choose null, 'selective' or 'full'")
+    bf16 = precision.params_dtype == "bf16"
+    activation = F.silu if cfg.family in ("llama", "qwen2") else _gelu_tanh
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=activation,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        context_parallel_size=layout.context_parallel,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=precision.torch_dtype,
+        pipeline_dtype=precision.torch_dtype,
+        bf16=bf16,
+        autocast_dtype=precision.torch_dtype,
+        use_cpu_initialization=(not use_cuda()) if use_cpu_initialization is None else use_cpu_initialization,
+        # The fused kernels are CUDA-only; the TE spec fuses by itself.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True,
+    )
+    if precision.fp8 is not None:
+        kwargs.update(fp8=precision.fp8, fp8_recipe="delayed" if precision.fp8 == "hybrid" else "tensorwise")
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    if cfg.family == "gemma2":
+        from megatron_grm.models import gemma2
+
+        kwargs.update(gemma2.transformer_config_overrides(cfg))
+    return TransformerConfig(**kwargs)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool):
+    """Megatron-Core's TE or local spec for Llama/Qwen2; Gemma-2 brings its own spec."""
+    if cfg.family == "gemma2":
+        from megatron_grm.models import gemma2
+
+        return gemma2.layer_spec(cfg, use_te)
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    cfg: ModelConfig,
+    layout: ParallelLayout,
+    precision: PrecisionConfig,
+    recompute: str | None = None,
+    use_te: bool | None = None,
+    vocab_size: int | None = None,
+):
+    """The GPTModel chunk for this pipeline stage (parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_grm.parallel.device import device, log_backend_choice, use_te_spec
+
+    use_te = use_te_spec() if use_te is None else use_te
+    log_backend_choice()
+    config = transformer_config(cfg, layout, precision, recompute)
+    model_cls = GPTModel
+    if cfg.family == "gemma2":
+        from megatron_grm.models import gemma2
+
+        model_cls = gemma2.model_class()
+    model = model_cls(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, use_te),
+        vocab_size=vocab_size or padded_vocab_size(cfg.vocab_size, layout.tensor_parallel),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+    )
+    return model.to(device())

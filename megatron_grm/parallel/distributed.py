@@ -1,0 +1,136 @@
+"""torch.distributed + Megatron-Core parallel state from torchrun or Slurm environment variables.
+
+gloo without CUDA, nccl with it. Every stage calls :func:`init_parallel` once at start-up and
+:func:`destroy_parallel` at exit; nothing else in the package touches process groups directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the world is split: TP × CP × PP × DP (DP is what is left over)."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def dist_env() -> DistEnv:
+    """Rank/world from torchrun (RANK, LOCAL_RANK, WORLD_SIZE) or from Slurm (SLURM_PROCID, ...).
+
+    torchrun's variables win when both are present: a Slurm job that launches torchrun per node sees
+    both, and torchrun's are the per-process truth.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = int(env.get("MASTER_PORT", "29500"))
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, master_addr=addr, master_port=port)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and Megatron's model-parallel RNG tracker (TP ranks differ)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
+    """Initialise torch.distributed and Megatron-Core's TP/PP/CP/DP groups; idempotent per process."""
+    from megatron.core import parallel_state
+
+    from megatron_grm.parallel.device import use_cuda
+
+    env = dist_env()
+    cuda = use_cuda()
+    if not cuda:
+        from megatron_grm.parallel.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    if env.world_size % layout.model_parallel != 0:
+        raise ValueError(
+            f"world size {env.world_size} is not divisible by TP*CP*PP = {layout.tensor_parallel}*"
+            f"{layout.context_parallel}*{layout.pipeline_parallel}"
+        )
+    if not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(env.local_rank)
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor_parallel,
+            pipeline_model_parallel_size=layout.pipeline_parallel,
+            context_parallel_size=layout.context_parallel,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    seed_everything(seed)
+    log.info(
+        "rank %d/%d: TP=%d PP=%d CP=%d DP=%d backend=%s",
+        env.rank, env.world_size, layout.tensor_parallel, layout.pipeline_parallel,
+        layout.context_parallel, layout.data_parallel(env.world_size), "nccl" if cuda else "gloo",
+    )
+    return env
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,0 +1,96 @@
+"""Supervised fine-tuning on prompt/response JSONL, loss on response tokens only (RFT's training half).
+
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.sft model=tiny parallel=tp2 data.train=sft.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import hydra
+import torch
+
+from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.train.loop import Batch, Trainer, token_nll_forward
+from megatron_grm.train.losses import LossOutput, masked_token_nll
+from megatron_grm.train.producers import Sample, SampleBatchProducer
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedObjective:
+    """Masked next-token cross-entropy: the model learns to write the response given the prompt."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return token_nll_forward(model, batch)
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
+        return masked_token_nll(-output, batch["loss_mask"])
+
+
+def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail") -> list[Sample]:
+    """Tokenize ``{"prompt": ..., "response": ...}`` lines; a bad line fails (or is skipped and counted)."""
+    if bad_records not in ("fail", "skip"):
+        raise ValueError(f"data.bad_records={bad_records!r}; choose 'fail' or 'skip'")
+    samples: list[Sample] = []
+    skipped: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("record is not a JSON object")
+                for field in ("prompt", "response"):
+                    if field not in record:
+                        raise ValueError(f"field {field!r} is missing")
+                if not isinstance(record["response"], str):
+                    raise ValueError("field 'response' is not a string")
+                ids, mask = tokenizer.encode_example(record["prompt"], record["response"],
+                                                     chat=bool(record.get("chat", True)))
+                if len(ids) > seq_length + 1:
+                    raise ValueError(f"{len(ids)} tokens exceed trainer.seq_length+1={seq_length + 1}")
+            except (ValueError, json.JSONDecodeError) as err:
+                message = f"{path}:{line_no}: {err}"
+                if bad_records == "fail":
+                    raise ValueError(message) from err
+                skipped.append(message)
+                continue
+            samples.append((ids, mask))
+    if skipped:
+        log.warning("skipped %d bad record(s) in %s:\n  %s", len(skipped), path, "\n  ".join(skipped[:20]))
+    log.info("%s: %d samples, %d skipped", path, len(samples), len(skipped))
+    return samples
+
+
+def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
+    """Build the trainer, resume if the run has a checkpoint, fit, and return the trainer."""
+    run = prepare_run(cfg)
+    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    data = run.extra.get("data", {})
+    if samples is None:
+        if not data.get("train"):
+            raise ValueError("data.train is not set: give a JSONL file of prompt/response records")
+        samples = read_sft_jsonl(data["train"], tokenizer, run.trainer.seq_length, data.get("bad_records", "fail"))
+    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "sft"})
+    t = run.trainer
+    producer = SampleBatchProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
+                                   pad_id=tokenizer.pad_id, seed=t.seed)
+    if not trainer.resume(producer) and t.load:
+        trainer.load_weights(t.load)
+    trainer.fit(producer, SupervisedObjective())
+    return trainer
+
+
+@hydra.main(config_path=CONF_DIR, config_name="sft", version_base="1.3")
+def main(cfg) -> None:
+    train_sft(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Megatron distributed checkpoints with an atomically updated ``latest`` pointer.
+
+A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed only once every rank has finished; the
+``latest`` file is then replaced atomically. A crash at any point leaves ``latest`` naming the previous,
+complete checkpoint. The format is Megatron-Core's ``torch_dist``, so loading under another TP/PP layout
+works by construction (the optimizer uses the fully reshardable layout).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from megatron_grm.parallel.distributed import barrier, is_rank0
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+MODEL_CONFIG = "model_config.json"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(ckpt_root: str) -> str | None:
+    """The folder ``latest`` names, or None when there is no complete checkpoint yet."""
+    path = os.path.join(ckpt_root, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    folder = os.path.join(ckpt_root, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} names {name!r} but {folder} does not exist")
+    return folder
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    ckpt_root: str,
+    step: int,
+    sharded_state: dict[str, Any],
+    per_rank_state: dict[str, Any],
+    metadata: dict[str, Any],
+) -> str:
+    """Save on every rank (collective). ``metadata`` (model config, tokenizer, …) is written as JSON."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(ckpt_root, checkpoint_name(step))
+    tmp = final + ".tmp"
+    if is_rank0():
+        for stale in glob.glob(os.path.join(ckpt_root, "*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+        if os.path.isdir(final):  # re-saving the same step (e.g. signal right after a periodic save)
+            shutil.rmtree(final)
+        os.makedirs(tmp)
+    barrier()
+    dist_checkpointing.save(sharded_state, tmp)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save(per_rank_state, os.path.join(tmp, f"rank_state_{rank:05d}.pt"))
+    barrier()
+    if is_rank0():
+        _write_atomically(os.path.join(tmp, MODEL_CONFIG), json.dumps(metadata, indent=2, sort_keys=True))
+        os.rename(tmp, final)
+        _write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(folder: str, sharded_state: dict[str, Any]) -> dict[str, Any]:
+    """Load into the given sharded state dict structure (any TP/PP layout); returns the loaded dict."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    return dist_checkpointing.load(sharded_state, folder)
+
+
+def load_rank_state(folder: str) -> dict[str, Any] | None:
+    """This rank's RNG/data state, when the checkpoint was written by the same number of ranks."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    files = glob.glob(os.path.join(folder, "rank_state_*.pt"))
+    path = os.path.join(folder, f"rank_state_{rank:05d}.pt")
+    if len(files) != world or not os.path.exists(path):
+        return None
+    return torch.load(path, weights_only=False)
+
+
+def read_metadata(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: not a megatron-grm checkpoint")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,44 @@
+"""Per-step metrics: TensorBoard scalars and one concise console line, on the logging rank only."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+log = logging.getLogger("megatron_grm.train")
+
+
+class RunLogger:
+    """Writes scalars to ``<run_dir>/tensorboard``; every rank may call it, one rank writes."""
+
+    def __init__(self, run_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(os.path.join(run_dir, "tensorboard"), exist_ok=True)
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not self.writer:
+            return
+        for name, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(f"{prefix}{name}", value, step)
+        self.writer.flush()
+
+    def console(self, step: int, max_steps: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{max_steps}"]
+        for name, value in values.items():
+            if value is None:
+                continue
+            parts.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

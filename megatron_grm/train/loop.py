@@ -1,0 +1,349 @@
+"""The one training loop every stage uses: RFT/SFT, GRPO and MetaRM differ only by batch producer and objective.
+
+    for step in range(start, max_steps):
+        microbatches = producer.next_batch(step)                 # this DP rank's share of the global batch
+        loss = forward_backward(microbatches, objective)         # Megatron's schedule (PP-aware)
+        optimizer.step(); scheduler.step()                       # Megatron DDP + (distributed) optimizer
+        log(); maybe_checkpoint()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from megatron_grm.models.provider import build_model
+from megatron_grm.train import checkpoint as ckpt
+from megatron_grm.train.config import RunConfig
+from megatron_grm.train.logger import RunLogger
+from megatron_grm.train.losses import LossOutput
+from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchProducer(Protocol):
+    """Yields this DP rank's micro-batches for a step; its state makes resume exact."""
+
+    def next_batch(self, step: int) -> list[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective(Protocol):
+    """What a stage optimises: how to run the model on a micro-batch and the loss on its output."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput: ...
+
+
+def token_nll_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``labels`` (vocab-parallel, so exact under TP)."""
+    return model(
+        batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+    )
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    metrics: dict[str, float]
+    grad_norm: float | None
+    skipped: bool
+    seconds: float
+    tokens: int
+    seq_length: int
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    nonfinite_in_a_row: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the model chunk, DDP wrapper, optimizer, scheduler, logger and checkpoints of one run."""
+
+    def __init__(self, cfg: RunConfig, metadata: dict[str, Any] | None = None, model=None) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        t, o = cfg.trainer, cfg.optimizer
+        self.metadata = {"model": cfg.model.to_dict(), **(metadata or {})}
+        raw = model if model is not None else build_model(cfg.model, cfg.parallel, cfg.precision, t.recompute)
+        self.config = raw.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.precision.params_dtype == "bf16",
+                params_dtype=cfg.precision.torch_dtype,
+                use_distributed_optimizer=o.use_distributed_optimizer,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(t.max_steps, 1),
+            lr_decay_style=o.decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(t.max_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.state = TrainState()
+        self.ckpt_root = os.path.join(t.run_dir, "checkpoints")
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.logger = RunLogger(t.run_dir, enabled=rank == world - 1)  # the last PP stage holds the loss
+        self.stop = StopRequest()
+
+    # ----------------------------------------------------------------- one step
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+    def forward_backward(
+        self, microbatches: list[Batch], objective: Objective, forward_only: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run Megatron's schedule; returns the DP-reduced (numerator/denominator) loss and metric pairs."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[Batch], model):
+            batch = next(data_iterator)
+            output = objective.forward(model, batch)
+            return output, partial(objective.loss, batch=batch)
+
+        seq = microbatches[0]["tokens"].shape[1]
+        mbs = microbatches[0]["tokens"].shape[0]
+        reduced = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model],
+            num_microbatches=len(microbatches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        totals: dict[str, torch.Tensor] = {}
+        for item in reduced:
+            for name, pair in item.items():
+                totals[name] = totals.get(name, 0) + pair.detach().double()
+        # Reduce over DP and broadcast from the last PP stage so every rank sees the same numbers.
+        names = sorted(totals)
+        flat = torch.stack([totals[n] for n in names]) if names else torch.zeros(0, 2, dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+            names_len = torch.tensor([len(names)])
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                torch.distributed.broadcast(names_len, src=last, group=pp_group)
+                if flat.shape[0] != int(names_len):
+                    flat = torch.zeros(int(names_len), 2, dtype=torch.float64)
+                torch.distributed.broadcast(flat, src=last, group=pp_group)
+                obj = [names]
+                torch.distributed.broadcast_object_list(obj, src=last, group=pp_group)
+                names = obj[0]
+        metrics = {n: flat[i] for i, n in enumerate(names)}
+        loss = metrics.get("loss", torch.tensor([float("nan"), 1.0], dtype=torch.float64))
+        return loss, metrics
+
+    def train_step(self, microbatches: list[Batch], objective: Objective) -> StepResult:
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_pair, metrics = self.forward_backward(microbatches, objective)
+        loss = float(loss_pair[0] / loss_pair[1].clamp(min=1))
+        grad_norm = None
+        skipped = not math.isfinite(loss)
+        if skipped:
+            self.state.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)",
+                        self.state.step, loss, self.state.nonfinite_in_a_row)
+            if self.state.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_in_a_row:
+                raise RuntimeError(
+                    f"{self.state.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_in_a_row)"
+                )
+        else:
+            self.state.nonfinite_in_a_row = 0
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                skipped = True
+            else:
+                self.scheduler.step(increment=1)
+        tokens = sum(int(b["tokens"].numel()) for b in microbatches) * _dp_size()
+        values = {n: float(v[0] / v[1].clamp(min=1)) for n, v in metrics.items()}
+        return StepResult(
+            step=self.state.step + 1, loss=loss, metrics=values,
+            grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
+            seconds=time.perf_counter() - start, tokens=tokens, seq_length=microbatches[0]["tokens"].shape[1],
+        )
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, producer: BatchProducer, objective: Objective, on_step=None) -> TrainState:
+        """Train until trainer.max_steps, checkpointing on schedule, at the end, and on SIGTERM/SIGUSR1."""
+        t = self.cfg.trainer
+        steps_this_process = 0
+        while self.state.step < t.max_steps:
+            microbatches = producer.next_batch(self.state.step)
+            result = self.train_step(microbatches, objective)
+            self.state.step += 1
+            self.state.consumed_samples += t.global_batch_size
+            self.state.history.append(result.loss)
+            steps_this_process += 1
+            self._log(result, extra=on_step(self, result) if on_step else None)
+            stop = self._stop_requested()
+            periodic = t.save_interval and self.state.step % t.save_interval == 0
+            last = self.state.step >= t.max_steps
+            early_exit = t.exit_after_steps is not None and steps_this_process >= t.exit_after_steps
+            if periodic or last or stop or early_exit:
+                self.save(producer)
+            if stop:
+                log.warning("stopping on signal after step %d (checkpoint saved)", self.state.step)
+                self.logger.close()
+                sys.exit(EXIT_CODE_PREEMPTED)
+            if early_exit and not last:
+                break
+        self.logger.close()
+        return self.state
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _log(self, r: StepResult, extra: dict[str, float] | None = None) -> None:
+        t = self.cfg.trainer
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tokens_per_s = r.tokens / max(r.seconds, 1e-9)
+        flops = self.cfg.model.flops_per_token(r.seq_length)
+        tflops_per_device = flops * tokens_per_s / world / 1e12
+        values: dict[str, float] = {
+            "loss": r.loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": r.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops_per_device,
+            "skipped": float(r.skipped),
+        }
+        if t.peak_tflops:
+            values["mfu"] = tflops_per_device / t.peak_tflops
+        values.update({k: v for k, v in r.metrics.items() if k != "loss"})
+        values.update(extra or {})
+        self.logger.scalars(r.step, values, prefix="train/")
+        if r.step % t.log_interval == 0 or r.step == t.max_steps:
+            self.logger.console(r.step, t.max_steps, {k: values[k] for k in ("loss", "lr", "grad_norm",
+                                                                              "tokens_per_s", "tflops_per_device")})
+
+    # ----------------------------------------------------------------- checkpoints
+    def _sharded_state(self, producer: BatchProducer | None, loading: bool, with_optimizer: bool = True):
+        model_sd = self.unwrapped.sharded_state_dict()
+        state: dict[str, Any] = {"model": model_sd}
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=loading, metadata=ckpt.OPTIM_METADATA
+            )
+            state["scheduler"] = self.scheduler.state_dict()
+            state["train_state"] = {
+                "step": self.state.step, "consumed_samples": self.state.consumed_samples,
+                "history": list(self.state.history),
+            }
+            state["producer"] = producer.state_dict() if producer is not None else {}
+        return state
+
+    def save(self, producer: BatchProducer | None = None) -> str:
+        rank_state = {
+            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        }
+        from megatron.core import tensor_parallel
+
+        rank_state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        return ckpt.save_checkpoint(
+            self.ckpt_root, self.state.step, self._sharded_state(producer, loading=False), rank_state,
+            {**self.metadata, "step": self.state.step, "layout": {
+                "tensor_parallel": self.cfg.parallel.tensor_parallel,
+                "pipeline_parallel": self.cfg.parallel.pipeline_parallel}},
+        )
+
+    def resume(self, producer: BatchProducer | None = None) -> bool:
+        """Continue this run from ``latest`` (model, optimizer, scheduler, data position, RNG)."""
+        folder = ckpt.latest_checkpoint(self.ckpt_root)
+        if folder is None:
+            return False
+        loaded = ckpt.load_checkpoint(folder, self._sharded_state(producer, loading=True))
+        self.unwrapped.load_state_dict(loaded["model"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        ts = loaded["train_state"]
+        self.state.step, self.state.consumed_samples = int(ts["step"]), int(ts["consumed_samples"])
+        self.state.history = list(ts.get("history", []))
+        if producer is not None:
+            producer.load_state_dict(loaded["producer"])
+        rank_state = ckpt.load_rank_state(folder)
+        if rank_state is not None:
+            from megatron.core import tensor_parallel
+
+            random.setstate(rank_state["python"])
+            np.random.set_state(rank_state["numpy"])
+            torch.set_rng_state(rank_state["torch"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker"])
+        log.info("resumed from %s at step %d", folder, self.state.step)
+        return True
+
+    def load_weights(self, folder: str) -> None:
+        """Start from another run's weights (any TP/PP layout); optimizer and step start fresh."""
+        loaded = ckpt.load_checkpoint(folder, {"model": self.unwrapped.sharded_state_dict()})
+        self.unwrapped.load_state_dict(loaded["model"])
+        # DDP keeps its own main-param copy for the distributed optimizer: refresh it from the model.
+        self.optimizer.reload_model_params()
+        log.info("loaded weights from %s", folder)
+
+
+def _dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size() if torch.distributed.is_initialized() else 1
