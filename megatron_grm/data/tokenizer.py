@@ -1,0 +1,381 @@
+"""One tokenizer interface over Hugging Face tokenizers, SentencePiece models and a tiny character vocab.
+
+Training, preprocessing and rollout all turn (prompt, response) pairs into token ids. Doing that in
+three places invites three slightly different BOS/EOS and chat conventions, so the rules live here:
+
+* ``apply_chat`` renders a conversation to text: the tokenizer's own chat template for Hugging Face
+  tokenizers, a fixed :class:`ChatFormat` for tokenizers that carry none (SentencePiece, char).
+* ``encode(text, add_bos=True)`` prepends BOS unless the text already starts with it (chat templates
+  such as Gemma's and Llama-3's write the BOS themselves), so BOS is never doubled.
+* :meth:`Tokenizer.encode_example` encodes prompt and response separately, so the response mask is
+  exact, and makes sure the response ends with EOS (once: templates that close the assistant turn
+  with the EOS token already carry it).
+* ``padded_vocab_size(tp)`` rounds the vocabulary up the way Megatron does (multiple of 128 x TP).
+
+``load_tokenizer`` picks the implementation from what is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Message = dict[str, str]
+CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Megatron's rule: round the vocab up to a multiple of ``divisible_by * tp`` so every TP shard of
+    the embedding and output layer has the same, GEMM-friendly width."""
+    if vocab_size <= 0 or tp <= 0 or divisible_by <= 0:
+        raise ValueError(f"vocab_size, tp and divisible_by must be positive, got {vocab_size}, {tp}, "
+                         f"{divisible_by}")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+class TokenizationError(ValueError):
+    """A text could not be encoded; ``part`` says which part of an example ("prompt" or "response")."""
+
+    def __init__(self, part: str, reason: str) -> None:
+        super().__init__(f"{part}: {reason}")
+        self.part = part
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Turn layout for tokenizers that ship no chat template (SentencePiece ``.model``, char).
+
+    Each turn renders as ``prefix.format(role=...) + content + suffix``. ``role_names`` renames roles
+    (Gemma calls the assistant "model"); with ``system_into_first_user`` a system turn is prepended to
+    the first user turn, as Gemma's own template does, because the format has no system role.
+    """
+
+    prefix: str
+    suffix: str
+    role_names: dict[str, str] = field(default_factory=dict)
+    system_into_first_user: bool = False
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        turns = list(messages)
+        if self.system_into_first_user and turns and turns[0]["role"] == "system":
+            system, turns = turns[0], turns[1:]
+            if turns and turns[0]["role"] == "user":
+                turns[0] = {"role": "user", "content": system["content"] + "\n\n" + turns[0]["content"]}
+            else:
+                turns.insert(0, {"role": "user", "content": system["content"]})
+        parts = [self._open(t["role"]) + t["content"] + self.suffix for t in turns]
+        if add_generation_prompt:
+            parts.append(self._open("assistant"))
+        return "".join(parts)
+
+    def _open(self, role: str) -> str:
+        return self.prefix.format(role=self.role_names.get(role, role))
+
+
+GEMMA_CHAT = ChatFormat("<start_of_turn>{role}\n", "<end_of_turn>\n", {"assistant": "model"}, True)
+PLAIN_CHAT = ChatFormat("<|{role}|>\n", "\n")
+
+
+def validate_messages(messages: Any, name: str = "messages") -> list[Message]:
+    """Check a chat message list; the error names the offending element, e.g. ``messages[2].role``."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{name}: expected a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{name}[{i}]: expected an object with role and content")
+        if message.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{name}[{i}].role: expected one of {CHAT_ROLES}, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{name}[{i}].content: expected a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class Tokenizer(ABC):
+    """What every tokenizer offers; the shared BOS/EOS and example-encoding rules are defined here."""
+
+    kind: str
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+    uses_bos: bool  # whether this model family starts a sequence with BOS (Llama, Gemma: yes; Qwen: no)
+
+    @abstractmethod
+    def _encode(self, text: str) -> list[int]:
+        """Plain library encoding, no special tokens added."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Ids back to text."""
+
+    @abstractmethod
+    def apply_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        """Render a conversation as text (no tokenization)."""
+
+    @abstractmethod
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write what ``load_tokenizer(folder)`` needs to rebuild this tokenizer."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Kind, source path, ids and a content hash, for manifests and resume checks."""
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Encode ``text``; BOS is prepended only if asked and not already there, EOS appended if asked."""
+        ids = self._encode(text)
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
+        """Embedding rows the Megatron model needs for this tokenizer at tensor-parallel size ``tp``."""
+        return padded_vocab_size(self.vocab_size, tp, divisible_by)
+
+    def prompt_text(self, prompt: str | Sequence[Message], chat: bool = True) -> str:
+        """The text a model sees before its answer: chat-formatted with the generation prompt, or a plain
+        string prompt used verbatim when ``chat`` is False."""
+        if isinstance(prompt, str) and not chat:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return self.apply_chat(messages, add_generation_prompt=True)
+
+    def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = True) -> list[int]:
+        """Token ids of a generation prompt (for rollout), with this family's BOS convention."""
+        return self.encode(self.prompt_text(prompt, chat), add_bos=self.uses_bos)
+
+    def encode_example(
+        self, prompt: str | Sequence[Message], response: str, chat: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """(ids, response_mask) of one training example; the mask is 1 on exactly the response tokens,
+        which end with EOS. Raises :class:`TokenizationError` naming the part that failed."""
+        prompt_text = self.prompt_text(prompt, chat)
+        if isinstance(prompt, str) and not chat:
+            response_text = response
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            full = self.apply_chat([*messages, {"role": "assistant", "content": response}], False)
+            if not full.startswith(prompt_text):
+                raise TokenizationError(
+                    "response", "the chat template renders the prompt differently once a response follows, "
+                    "so prompt and response cannot be split")
+            response_text = full[len(prompt_text):]
+        try:
+            prompt_ids = self.encode(prompt_text, add_bos=self.uses_bos)
+        except ValueError as err:
+            raise TokenizationError("prompt", str(err)) from err
+        try:
+            response_ids = self.encode(response_text)
+        except ValueError as err:
+            raise TokenizationError("response", str(err)) from err
+        if self.eos_id not in response_ids:
+            response_ids.append(self.eos_id)
+        return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def _sha256_files(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer from a model folder (or a GGUF file), using its own chat template."""
+
+    kind = "hf"
+    _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "tokenizer.model", "vocab.json", "merges.txt")
+
+    def __init__(self, path: str | os.PathLike, gguf_file: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        self.gguf_file = gguf_file
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        self.hf = AutoTokenizer.from_pretrained(str(self.path), **kwargs)
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"{self.path}: tokenizer defines no eos token")
+        self.eos_id = int(self.hf.eos_token_id)
+        self.bos_id = None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+        self.pad_id = self.eos_id if self.hf.pad_token_id is None else int(self.hf.pad_token_id)
+        self.vocab_size = len(self.hf)
+        probe = self.hf.encode("a", add_special_tokens=True)
+        self.uses_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def apply_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        if not self.hf.chat_template:
+            return PLAIN_CHAT.render(messages, add_generation_prompt)
+        return self.hf.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        self.hf.save_pretrained(str(folder))
+
+    def describe(self) -> dict[str, Any]:
+        if self.gguf_file:
+            files = [self.path / self.gguf_file]
+        else:
+            files = [self.path / name for name in self._FILES if (self.path / name).is_file()]
+        return {"kind": self.kind, "path": str(self.path / (self.gguf_file or "")).rstrip("/"),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "sha256": _sha256_files(files)}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A raw SentencePiece ``.model`` file (Gemma / Llama-2 style); chat turns use a :class:`ChatFormat`."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str | os.PathLike, chat_format: ChatFormat = GEMMA_CHAT) -> None:
+        import sentencepiece
+
+        self.path = Path(model_file)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        self.chat_format = chat_format
+        bos, eos, pad, unk = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), self.sp.unk_id()
+        if eos < 0:
+            raise ValueError(f"{self.path}: SentencePiece model defines no eos piece")
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_id = eos
+        self.pad_id = pad if pad >= 0 else (unk if unk >= 0 else eos)
+        self.vocab_size = self.sp.get_piece_size()
+        self.uses_bos = self.bos_id is not None
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text, out_type=int))
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            special = {self.bos_id, self.eos_id, self.pad_id}
+            ids = [i for i in ids if i not in special]
+        return self.sp.decode(ids)
+
+    def apply_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return self.chat_format.render(messages, add_generation_prompt)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, Path(folder) / "tokenizer.model")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path), "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "sha256": _sha256_files([self.path])}
+
+
+class CharTokenizer(Tokenizer):
+    """Character-level vocabulary (specials, newline, printable ASCII) for the CPU demo's tiny model:
+    99 ids, no merges to learn, so a few-minute CPU run can still fit the task. Characters outside the
+    vocabulary are an error rather than a silent replacement, so bad data surfaces in preprocessing."""
+
+    kind = "char"
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+    DEFAULT_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+    def __init__(self, chars: str = DEFAULT_CHARS, path: str | os.PathLike | None = None) -> None:
+        if len(set(chars)) != len(chars):
+            raise ValueError("CharTokenizer: duplicate characters in vocabulary")
+        self.chars = chars
+        self.path = None if path is None else Path(path)
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.uses_bos = True
+        self._id_of = {c: i + len(self.SPECIALS) for i, c in enumerate(chars)}
+        self._pieces = list(self.SPECIALS) + list(chars)
+        self.vocab_size = len(self._pieces)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return [self._id_of[c] for c in text]
+        except KeyError:
+            pos = next(i for i, c in enumerate(text) if c not in self._id_of)
+            raise ValueError(f"character {text[pos]!r} (U+{ord(text[pos]):04X}) at offset {pos} is not in "
+                             f"the character vocabulary") from None
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        n_special = len(self.SPECIALS)
+        return "".join(self._pieces[i] for i in map(int, ids) if not (skip_special and i < n_special))
+
+    def apply_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return PLAIN_CHAT.render(messages, add_generation_prompt)
+
+    def to_json(self) -> str:
+        spec = {"type": "char", "version": 1, "specials": list(self.SPECIALS), "chars": self.chars}
+        return json.dumps(spec)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / CHAR_TOKENIZER_FILE).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_file(cls, file: str | os.PathLike) -> CharTokenizer:
+        try:
+            spec = json.loads(Path(file).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from err
+        if spec.get("type") != "char" or list(spec.get("specials", [])) != list(cls.SPECIALS):
+            raise ValueError(f"{file}: field 'type'/'specials': not a char tokenizer with specials "
+                             f"{cls.SPECIALS}")
+        if not isinstance(spec.get("chars"), str):
+            raise ValueError(f"{file}: field 'chars': expected a string")
+        return cls(spec["chars"], path=file)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": None if self.path is None else str(self.path),
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "sha256": hashlib.sha256(self.to_json().encode()).hexdigest()}
+
+
+def load_tokenizer(path_or_spec: str | os.PathLike | Tokenizer) -> Tokenizer:
+    """Build a tokenizer from what is on disk.
+
+    ``"char"`` → the default :class:`CharTokenizer`; a folder or file with ``char_tokenizer.json`` → char;
+    a folder with ``tokenizer.json`` / ``tokenizer_config.json`` → Hugging Face; a ``.gguf`` file →
+    Hugging Face via GGUF (needs ``gguf``); a ``.model`` file, or a folder holding only
+    ``tokenizer.model`` → SentencePiece. A :class:`Tokenizer` instance is returned as is.
+    """
+    if isinstance(path_or_spec, Tokenizer):
+        return path_or_spec
+    if str(path_or_spec) == "char":
+        return CharTokenizer()
+    path = Path(path_or_spec)
+    if path.is_dir():
+        if (path / CHAR_TOKENIZER_FILE).is_file():
+            return CharTokenizer.from_file(path / CHAR_TOKENIZER_FILE)
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            return HFTokenizer(path)
+        if (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        raise ValueError(f"{path}: no {CHAR_TOKENIZER_FILE}, tokenizer.json, tokenizer_config.json or "
+                         "tokenizer.model in this folder")
+    if path.is_file():
+        if path.name == CHAR_TOKENIZER_FILE:
+            return CharTokenizer.from_file(path)
+        if path.suffix == ".gguf":
+            return HFTokenizer(path.parent, gguf_file=path.name)
+        if path.suffix == ".model" or ".model." in path.name:
+            return SentencePieceTokenizer(path)
+        raise ValueError(f"{path}: unrecognised tokenizer file (expected {CHAR_TOKENIZER_FILE}, *.model or "
+                         "*.gguf)")
+    raise FileNotFoundError(f"{path}: tokenizer path does not exist (or use the spec 'char')")

@@ -1,0 +1,179 @@
+"""Tokenizers agree with their libraries, round-trip text, and format chats like the real template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sentencepiece
+from transformers import AutoTokenizer
+
+from megatron_grm.data.tokenizer import (
+    GEMMA_CHAT,
+    CharTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizationError,
+    load_tokenizer,
+    padded_vocab_size,
+)
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Größere Äpfel schmecken süß — naïve café.",
+    "Le cœur a ses raisons que la raison ne connaît point.",
+    "東京は日本の首都です。",
+    "你好，世界！这是一个测试。",
+    "Привет, мир! Как дела?",
+    "مرحبا بالعالم",
+    "नमस्ते दुनिया",
+    "Emoji 🙂🚀 and tabs\tand\nnewlines",
+    "  leading spaces and   runs  ",
+    "code: def f(x):\n    return x**2  # ok",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You judge responses."}, {"role": "user", "content": "Rate: Paris."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Ça va ? 你好"}],
+]
+
+
+def _ids(result: object) -> list[int]:
+    return list(result["input_ids"] if hasattr(result, "keys") else result)  # type: ignore[index]
+
+
+def test_hf_tokenizer_round_trips_and_matches_transformers_on_multilingual_text(smollm2_tokenizer_dir: Path):
+    ours = load_tokenizer(smollm2_tokenizer_dir)
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(library) == 49152
+    for text in MULTILINGUAL:
+        ids = ours.encode(text)
+        assert ids == library.encode(text, add_special_tokens=False), text
+        assert ours.encode(text, add_bos=ours.uses_bos) == library.encode(text), text
+        assert ours.decode(ids) == text
+
+
+def test_sentencepiece_tokenizer_round_trips_and_matches_sentencepiece(
+        mistral_sentencepiece_models: list[Path]):
+    for model in mistral_sentencepiece_models:
+        ours = load_tokenizer(model)
+        library = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        assert isinstance(ours, SentencePieceTokenizer)
+        assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (library.bos_id(), library.eos_id(),
+                                                               library.get_piece_size())
+        for text in MULTILINGUAL:
+            ids = ours.encode(text)
+            assert ids == library.encode(text), (model.name, text)
+            assert ours.encode(text, add_bos=True, add_eos=True) == library.encode(text, add_bos=True,
+                                                                                   add_eos=True)
+            assert ours.decode(ids) == text
+
+
+def test_hf_chat_formatting_equals_apply_chat_template(smollm2_tokenizer_dir: Path):
+    ours = load_tokenizer(smollm2_tokenizer_dir)
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    for messages in CONVERSATIONS:
+        for generation_prompt in (True, False):
+            expected = library.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=generation_prompt)
+            assert ours.apply_chat(messages, add_generation_prompt=generation_prompt) == expected
+        templated = library.apply_chat_template(messages, add_generation_prompt=True)
+        assert ours.encode_prompt(messages) == _ids(templated)
+
+
+def test_hf_training_example_equals_template_tokenization_and_masks_the_response(smollm2_tokenizer_dir: Path):
+    ours = load_tokenizer(smollm2_tokenizer_dir)
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    prompt = CONVERSATIONS[1]
+    response = "Principles: accuracy (60%). Scores: \\boxed{9}"
+    ids, mask = ours.encode_example(prompt, response)
+    full = [*prompt, {"role": "assistant", "content": response}]
+    # Prompt and response are encoded separately (exact mask) yet equal the template's own tokenization
+    # whenever the response does not start with whitespace.
+    assert ids == _ids(library.apply_chat_template(full))
+    response_ids = [i for i, m in zip(ids, mask) if m]
+    assert ours.decode(response_ids) == response + "<|im_end|>\n"
+    assert response_ids.count(ours.eos_id) == 1  # the template's <|im_end|> is the EOS: not added twice
+    assert ids[: mask.index(1)] == ours.encode_prompt(prompt)
+
+
+def test_bos_is_never_doubled(smollm2_tokenizer_dir: Path, mistral_sentencepiece_models: list[Path]):
+    hf = load_tokenizer(smollm2_tokenizer_dir)
+    text = hf.apply_chat(CONVERSATIONS[0])  # starts with <|im_start|>, SmolLM2's BOS token
+    assert hf.encode(text, add_bos=True)[:2] != [hf.bos_id, hf.bos_id]
+    assert hf.encode(text, add_bos=True) == hf.encode(text)
+    sp = load_tokenizer(mistral_sentencepiece_models[0])
+    ids = sp.encode("hello", add_bos=True)
+    assert ids[0] == sp.bos_id and ids[1] != sp.bos_id
+
+
+def test_sentencepiece_chat_uses_gemma_turns_and_masks_response(mistral_sentencepiece_models: list[Path]):
+    sp = load_tokenizer(mistral_sentencepiece_models[0])
+    text = sp.apply_chat(CONVERSATIONS[1], add_generation_prompt=True)
+    assert text == ("<start_of_turn>user\nYou judge responses.\n\nRate: Paris.<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    rendered = GEMMA_CHAT.render([{"role": "user", "content": "x"}], False)
+    assert rendered == "<start_of_turn>user\nx<end_of_turn>\n"
+    ids, mask = sp.encode_example(CONVERSATIONS[0], "Four.")
+    assert ids[0] == sp.bos_id and ids[-1] == sp.eos_id
+    assert sp.decode([i for i, m in zip(ids, mask) if m]) == "Four.<end_of_turn>\n"
+
+
+def test_char_tokenizer_round_trips_and_reloads_from_json(tmp_path: Path):
+    tok = CharTokenizer()
+    assert tok.vocab_size == 99 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = "Scores: \\boxed{7, 3}\nResponse 1 is better ~!"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == "<bos>" + text + "<eos>"
+    assert tok.decode(tok.encode(text, add_bos=True, add_eos=True), skip_special=True) == text
+    tok.save(tmp_path)
+    for source in (tmp_path, tmp_path / "char_tokenizer.json"):
+        again = load_tokenizer(source)
+        assert isinstance(again, CharTokenizer)
+        assert again.encode(text) == tok.encode(text)
+        assert again.describe()["sha256"] == tok.describe()["sha256"]
+    ids, mask = tok.encode_example("2+2?", "4")
+    assert tok.decode(ids) == "<bos><|user|>\n2+2?\n<|assistant|>\n4\n<eos>"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4\n<eos>"
+
+
+def test_char_tokenizer_rejects_characters_outside_its_vocabulary():
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match=r"'é' \(U\+00E9\) at offset 3"):
+        tok.encode("caf\u00e9")
+    with pytest.raises(TokenizationError) as err:
+        tok.encode_example("ok", "na\u00efve")
+    assert err.value.part == "response"
+
+
+def test_load_tokenizer_dispatches_on_what_is_on_disk(tmp_path: Path, smollm2_tokenizer_dir: Path,
+                                                     mistral_sentencepiece_models: list[Path]):
+    assert isinstance(load_tokenizer("char"), CharTokenizer)
+    assert isinstance(load_tokenizer(smollm2_tokenizer_dir), HFTokenizer)
+    assert isinstance(load_tokenizer(mistral_sentencepiece_models[0]), SentencePieceTokenizer)
+    sp_folder = tmp_path / "sp"
+    load_tokenizer(mistral_sentencepiece_models[0]).save(sp_folder)
+    assert isinstance(load_tokenizer(sp_folder), SentencePieceTokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no char_tokenizer.json, tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "bad" / "char_tokenizer.json").parent.mkdir()
+    (tmp_path / "bad" / "char_tokenizer.json").write_text('{"type": "char", "specials": ["<pad>"]}')
+    with pytest.raises(ValueError, match="field 'type'/'specials'"):
+        load_tokenizer(tmp_path / "bad")
+
+
+def test_padded_vocab_size_follows_megatron_rule(smollm2_tokenizer_dir: Path):
+    assert padded_vocab_size(50257) == 50304  # GPT-2's well-known Megatron size
+    assert padded_vocab_size(50257, tp=8) == 51200
+    assert padded_vocab_size(32000, tp=3) == 32256
+    assert padded_vocab_size(99) == 128
+    assert load_tokenizer(smollm2_tokenizer_dir).padded_vocab_size(tp=3) == 49152
+    for tp in (1, 2, 3, 4, 8):
+        assert CharTokenizer().padded_vocab_size(tp) % (128 * tp) == 0
+    with pytest.raises(ValueError):
+        padded_vocab_size(100, tp=0)
