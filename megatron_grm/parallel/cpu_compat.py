@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 from typing import Any
 
@@ -66,6 +67,28 @@ class _NoOpStream:
 
     def query(self) -> bool:
         return True
+
+
+class _CpuTimingEvent(_NoOpStream):
+    """Stand-in for torch.cuda.Event(enable_timing=True) that really measures time on the CPU.
+
+    Added for the rollout engine: inference/text_generation_controllers/text_generation_controller.py
+    (generate_all_output_tokens_static_batch, 0.16.1) records an event per decoding step and divides
+    ``elapsed_time`` by 1e3 to get per-token latencies; a no-op event returns None there and the
+    static-batch generation fails with a TypeError.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._t: float | None = None
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        self._t = time.perf_counter()
+
+    def elapsed_time(self, end: _CpuTimingEvent) -> float:
+        """Milliseconds between this event and ``end``, as torch.cuda.Event.elapsed_time returns."""
+        if self._t is None or end._t is None:
+            return 0.0
+        return (end._t - self._t) * 1e3
 
 
 def _cpu_rng_get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
@@ -142,10 +165,45 @@ def apply_cpu_compat() -> bool:
     # optimizer/optimizer.py, optimizer/clip_grads.py: asserts on the CUDA tensor type name.
     torch.Tensor.type = _type_reporting_cuda  # type: ignore[method-assign]
 
+    # optimizer/distrib_optimizer.py, _set_main_param_and_optimizer_states: without apex/TE the inner
+    # optimizer is torch Adam, whose per-param state holds "step"; the reshardable checkpoint formats
+    # store only param/exp_avg/exp_avg_sq (step travels in param_groups and is restored by
+    # load_state_dict just before), so the copy raises KeyError('step'). Copy the keys that exist.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    real_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_states_present(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return real_set(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_states_present
+
+    # distrib_optimizer.py, load_state_dict (the "non-Apex/TE support" branch) gives every param's
+    # state the *same* ``step`` tensor; torch Adam increments it in place once per param, so after a
+    # resume the bias correction is wrong. Give each param its own copy.
+    real_load = DistributedOptimizer.load_state_dict
+
+    def _load_with_private_steps(self, state_dict):
+        real_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    DistributedOptimizer.load_state_dict = _load_with_private_steps
+
     # models/gpt/gpt_model.py pins the attention backend through NVTE_* variables and asserts they
     # are unchanged on the next model; the local spec ignores them, so start each process clean.
     for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
         os.environ.pop(var, None)
+
+    # Rollout engine (added): timing events that measure, see _CpuTimingEvent.
+    torch.cuda.Event = _CpuTimingEvent  # type: ignore[assignment,misc]
 
     _APPLIED = True
     log.info("megatron-core %s: CUDA absent, CPU compatibility layer active", megatron.core.__version__)

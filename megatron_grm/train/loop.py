@@ -302,8 +302,11 @@ class Trainer:
         from megatron.core import tensor_parallel
 
         rank_state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        # Before the first step the (distributed) optimizer has no state to save: weights only.
+        with_optimizer = self.state.step > 0
         return ckpt.save_checkpoint(
-            self.ckpt_root, self.state.step, self._sharded_state(producer, loading=False), rank_state,
+            self.ckpt_root, self.state.step,
+            self._sharded_state(producer, loading=False, with_optimizer=with_optimizer), rank_state,
             {**self.metadata, "step": self.state.step, "layout": {
                 "tensor_parallel": self.cfg.parallel.tensor_parallel,
                 "pipeline_parallel": self.cfg.parallel.pipeline_parallel}},
@@ -314,6 +317,10 @@ class Trainer:
         folder = ckpt.latest_checkpoint(self.ckpt_root)
         if folder is None:
             return False
+        if int(ckpt.read_metadata(folder).get("step", 0)) == 0:
+            self.load_weights(folder)
+            return True
+        self._materialize_optimizer_state()
         loaded = ckpt.load_checkpoint(folder, self._sharded_state(producer, loading=True))
         self.unwrapped.load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])
@@ -333,6 +340,21 @@ class Trainer:
             tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker"])
         log.info("resumed from %s at step %d", folder, self.state.step)
         return True
+
+    def _materialize_optimizer_state(self) -> None:
+        """Give a fresh torch Adam its (zero) state so Megatron can build the structure to load into.
+
+        Without apex/TE, DistributedOptimizer.state_dict() reads ``state[p]["step"]`` of every param,
+        which torch creates only at the first step; Megatron's own init_state_fn sets no ``step``.
+        """
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in optimizers:
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                                          "exp_avg_sq": torch.zeros_like(p.data)}
 
     def load_weights(self, folder: str) -> None:
         """Start from another run's weights (any TP/PP layout); optimizer and step start fresh."""

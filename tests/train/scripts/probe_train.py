@@ -1,0 +1,121 @@
+"""Train the tiny model for a few steps under a given layout and report losses, grad norms and weights.
+
+Used by tests/train/test_parallel_equivalence.py and test_checkpointing.py through torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+
+def synthetic_samples(n: int, seq: int, vocab: int, seed: int):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        length = int(rng.integers(seq // 2, seq + 1))
+        ids = rng.integers(3, vocab, size=length).tolist()
+        prompt = int(rng.integers(1, length - 1))
+        samples.append((ids, [0] * prompt + [1] * (length - prompt)))
+    return samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--gbs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--init", default=None, help="checkpoint folder to load weights from")
+    ap.add_argument("--save-init", action="store_true", help="save step-0 weights and exit")
+    ap.add_argument("--exit-after", type=int, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--dist-opt", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--eval-only", action="store_true", help="report the loss of the first batch, no step")
+    ap.add_argument("--save-interval", type=int, default=0)
+    ap.add_argument("--hang-in-save-of", type=int, default=None,
+                    help="block inside the save of this step, after the files are written (kill test)")
+    args = ap.parse_args()
+
+    from megatron_grm.stages.common import load_config, prepare_run
+    from megatron_grm.stages.sft import SupervisedObjective
+    from megatron_grm.train.loop import Trainer
+    from megatron_grm.train.producers import SampleBatchProducer
+
+    overrides = [
+        "model=tiny", f"parallel.tensor_parallel={args.tp}", f"parallel.pipeline_parallel={args.pp}",
+        f"trainer.micro_batch_size={args.mbs}", f"trainer.global_batch_size={args.gbs}",
+        f"trainer.max_steps={args.steps}", "trainer.seq_length=32", f"trainer.run_dir={args.run_dir}",
+        f"optimizer.use_distributed_optimizer={bool(args.dist_opt)}", "optimizer.warmup_steps=0",
+        "model.num_layers=4",
+    ]
+    if args.save_interval:
+        overrides.append(f"trainer.save_interval={args.save_interval}")
+    if args.exit_after:
+        overrides.append(f"trainer.exit_after_steps={args.exit_after}")
+    run = prepare_run(load_config("sft", overrides))
+    trainer = Trainer(run)
+    samples = synthetic_samples(64, 32, 256, seed=7)
+    producer = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11)
+    if args.init:
+        trainer.load_weights(args.init)
+    if args.resume:
+        assert trainer.resume(producer), "no checkpoint to resume from"
+    if args.save_init:
+        trainer.save(producer)
+        result = {"saved": True}
+    elif args.eval_only:
+        loss, _ = trainer.forward_backward(producer.next_batch(0), SupervisedObjective(), forward_only=True)
+        result = {"loss": float(loss[0] / loss[1])}
+    else:
+        if args.hang_in_save_of is not None:
+            import megatron.core.dist_checkpointing as dc
+
+            real_save = dc.save
+
+            def hanging_save(state, folder, *a, **k):
+                out = real_save(state, folder, *a, **k)
+                if f"iter_{args.hang_in_save_of:07d}" in str(folder):
+                    with open(os.path.join(args.run_dir, "in_save"), "w") as f:
+                        f.write(str(folder))
+                    import time
+
+                    time.sleep(600)  # the test kills us here
+                return out
+
+            dc.save = hanging_save
+        grad_norms: list[float] = []
+        losses: list[float] = []
+
+        def record(tr, r):
+            losses.append(r.loss)
+            grad_norms.append(r.grad_norm)
+            return {}
+
+        trainer.fit(producer, SupervisedObjective(), on_step=record)
+        result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
+                  "step": trainer.state.step}
+    # Full weights, gathered in a layout-independent way: the checksum of each tensor shard by name.
+    rank = torch.distributed.get_rank()
+    weights = {k: v.detach().double().sum().item() for k, v in trainer.unwrapped.state_dict().items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    torch.save({k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()
+                if isinstance(v, torch.Tensor)}, f"{args.out}.rank{rank}.pt")
+    result["weight_sums"] = weights
+    if rank == torch.distributed.get_world_size() - 1:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    from megatron_grm.parallel import destroy_parallel
+
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

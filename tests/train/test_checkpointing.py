@@ -1,0 +1,92 @@
+"""Checkpoints: exact resume after a kill, a crash mid-save never corrupts `latest`, TP=2 -> TP=1 loading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, read_json, torchrun
+
+SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("init")
+    torchrun(SCRIPT, 1, ["--run-dir", str(root), "--save-init", "--out", str(root / "out.json")])
+    return root / "checkpoints" / "iter_0000000"
+
+
+@pytest.fixture(scope="module")
+def straight(init_ckpt, tmp_path_factory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("straight")
+    out = tmp / "out.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp / "run"), "--init", str(init_ckpt), "--steps", "6", "--out", str(out)])
+    return read_json(out), out
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckpt, straight, tmp_path):
+    run = tmp_path / "run"
+    out = tmp_path / "killed.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone", str(SCRIPT),
+           "--run-dir", str(run), "--init", str(init_ckpt), "--steps", "6", "--save-interval", "3",
+           "--hang-in-save-of", "6", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "in_save").exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            assert time.time() < deadline, "the run never reached the step-6 save"
+            time.sleep(0.2)
+        # The step-6 files are written but not yet published: kill everything now.
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000003"
+    assert not (ckpts / "iter_0000006").exists()
+    assert (ckpts / "iter_0000006.tmp").exists()  # the half-published save is left aside, never named
+
+    # Resume from `latest` (step 3) and finish: losses of steps 4-6 and the final weights match.
+    resumed = tmp_path / "resumed.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(run), "--resume", "--steps", "6", "--out", str(resumed)])
+    want, want_path = straight
+    got = read_json(resumed)
+    assert got["step"] == 6
+    assert got["losses"] == want["losses"][3:]  # bit-identical, not approximately equal
+    assert got["history"] == want["history"]
+    a = torch.load(f"{resumed}.rank0.pt")
+    b = torch.load(f"{want_path}.rank0.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+    assert not (run / "checkpoints" / "iter_0000006.tmp").exists()
+
+
+def test_tp2_checkpoint_loads_as_tp1_with_the_same_loss(init_ckpt, tmp_path):
+    run = tmp_path / "tp2"
+    torchrun(SCRIPT, 2, ["--tp", "2", "--run-dir", str(run), "--init", str(init_ckpt), "--steps", "3",
+                         "--out", str(tmp_path / "tp2.json")])
+    saved = run / "checkpoints" / "iter_0000003"
+    assert saved.is_dir()
+    tp2 = tmp_path / "eval_tp2.json"
+    tp1 = tmp_path / "eval_tp1.json"
+    torchrun(SCRIPT, 2, ["--tp", "2", "--run-dir", str(tmp_path / "e2"), "--init", str(saved), "--eval-only",
+                         "--out", str(tp2)])
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "e1"), "--init", str(saved), "--eval-only", "--out", str(tp1)])
+    init_loss = tmp_path / "eval_init.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "e0"), "--init", str(init_ckpt), "--eval-only",
+                         "--out", str(init_loss)])
+    assert read_json(tp1)["loss"] == pytest.approx(read_json(tp2)["loss"], abs=1e-5, rel=0)
+    # ... and it is the trained model that was loaded, not the initial one.
+    assert abs(read_json(tp1)["loss"] - read_json(init_loss)["loss"]) > 1e-3
