@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--save-interval", type=int, default=0)
     ap.add_argument("--hang-in-save-of", type=int, default=None,
                     help="block inside the save of this step, after the files are written (kill test)")
+    ap.add_argument("--nan-at", default="", help="comma-separated steps whose loss is made NaN")
     args = ap.parse_args()
 
     from megatron_grm.stages.common import load_config, prepare_run
@@ -99,9 +100,26 @@ def main() -> None:
             grad_norms.append(r.grad_norm)
             return {}
 
-        trainer.fit(producer, SupervisedObjective(), on_step=record)
+        objective = SupervisedObjective()
+        nan_steps = {int(x) for x in args.nan_at.split(",") if x}
+        if nan_steps:
+            class PoisonedObjective(SupervisedObjective):
+                def loss(self, output, batch):
+                    num, den, metrics = super().loss(output, batch)
+                    if trainer.state.step + 1 in nan_steps:
+                        num = num * float("nan")
+                        metrics = {"loss": metrics["loss"] * float("nan")}
+                    return num, den, metrics
+
+            objective = PoisonedObjective()
+        try:
+            trainer.fit(producer, objective, on_step=record)
+        except RuntimeError as err:
+            result_error = str(err)
+        else:
+            result_error = None
         result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
-                  "step": trainer.state.step}
+                  "step": trainer.state.step, "error": result_error}
     # Full weights, gathered in a layout-independent way: the checksum of each tensor shard by name.
     rank = torch.distributed.get_rank()
     weights = {k: v.detach().double().sum().item() for k, v in trainer.unwrapped.state_dict().items()

@@ -1,0 +1,60 @@
+"""Every configuration that cannot run is rejected with one clear message before any model is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_grm.stages.common import load_config
+from megatron_grm.train.config import RunConfig, validate
+
+
+def _check(overrides: list[str], world_size: int | None = None) -> None:
+    validate(RunConfig.from_dict(load_config("sft", overrides)), world_size=world_size)
+
+
+def test_shipped_configs_validate():
+    _check([], world_size=1)
+    _check(["parallel=tp2"], world_size=2)
+    _check(["parallel=pp2"], world_size=2)
+    _check(["model=gemma2_27b", "parallel=tp8_pp2_sp", "cluster=a100_16node", "precision=bf16",
+            "trainer.global_batch_size=1024", "trainer.seq_length=4096"])
+    _check(["model=llama3_8b", "precision=fp8", "cluster=h200_1gpu", "trainer.global_batch_size=4"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel=tp2"], 3, "does not divide the world size 3"),
+        (["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], 2, "does not divide the world size 2"),
+        (["model.num_attention_heads=3", "model.num_query_groups=3", "model.hidden_size=48", "parallel=tp2"], 2,
+         "num_attention_heads=3 is not divisible by parallel.tensor_parallel=2"),
+        (["model.num_query_groups=1", "parallel=tp2"], 2, "num_query_groups=1 (KV heads) is not divisible"),
+        (["model.num_layers=3", "parallel=pp2"], 2, "num_layers=3 is not divisible by parallel.pipeline_parallel=2"),
+        (["precision=fp8", "cluster=a100_16node", "model=llama3_8b", "parallel.tensor_parallel=8",
+          "trainer.global_batch_size=128"], None, "needs compute capability >= 8.9 (Hopper/Ada); A100-80GB has 8.0"),
+        (["precision=fp8"], 1, "needs a GPU with compute capability >= 8.9"),
+        (["parallel=tp2", "parallel.sequence_parallel=true"], 2, "has no GPU: sequence/context parallelism"),
+        (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "global_batch_size=6 is not divisible"),
+        (["trainer.seq_length=4096"], 1, "exceeds model.max_position_embeddings=1024"),
+        (["trainer.recompute=partial"], 1, "trainer.recompute='partial'"),
+    ],
+)
+def test_invalid_config_is_rejected_with_its_message(overrides, world, message):
+    with pytest.raises(ValueError) as err:
+        _check(overrides, world)
+    assert message in str(err.value)
+
+
+def test_unknown_fields_and_unsupported_model_settings_are_errors():
+    with pytest.raises(ValueError, match="unknown trainer field"):
+        _check(["+trainer.max_stpes=3"], 1)
+    with pytest.raises(ValueError, match="unknown model config field"):
+        _check(["+model.rope_typo=1"], 1)
+    with pytest.raises(ValueError, match="RoPE scaling is not implemented"):
+        _check(["+model.rope_scaling={rope_type: llama3, factor: 8.0}"], 1)
+    with pytest.raises(ValueError, match="is a Gemma-2 field"):
+        _check(["+model.attn_logit_softcapping=50.0"], 1)
+    with pytest.raises(ValueError, match="model.family='mistral'"):
+        _check(["model.family=mistral"], 1)
+    with pytest.raises(ValueError, match="precision.fp8 needs precision.params_dtype=bf16"):
+        _check(["precision.fp8=hybrid"], 1)

@@ -1,0 +1,106 @@
+"""A non-finite loss skips the update (and aborts after K in a row); SIGTERM checkpoints and exits 75."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_grm.train.signals import EXIT_CODE_PREEMPTED
+from tests.conftest import REPO, read_json, torchrun
+
+SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
+
+
+def test_nonfinite_loss_skips_the_update_then_training_continues(tmp_path):
+    out = tmp_path / "nan.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "4", "--nan-at", "2", "--out", str(out)])
+    got = read_json(out)
+    assert got["error"] is None and got["step"] == 4
+    assert got["grad_norms"][1] is None  # step 2 never reached the optimizer
+    assert all(g is not None for i, g in enumerate(got["grad_norms"]) if i != 1)
+    # The poisoned step did not move the weights: step 3 sees what step 2 would have trained on top of.
+    clean = tmp_path / "clean.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run2"), "--steps", "1", "--out", str(clean)])
+    assert got["losses"][0] == read_json(clean)["losses"][0]
+
+
+def test_three_nonfinite_losses_in_a_row_abort(tmp_path):
+    out = tmp_path / "abort.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "6", "--nan-at", "2,3,4", "--out", str(out)])
+    got = read_json(out)
+    assert got["error"] is not None and "non-finite" in got["error"]
+    assert got["step"] == 3  # steps 2 and 3 skipped, the third NaN (step 4) aborts before counting
+
+
+def _sft_jsonl(path: Path, n: int = 32) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"What is {i}+{i}?", "response": f"{i}+{i}={2 * i}", "chat": False}) + "\n")
+    return path
+
+
+def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
+    data = _sft_jsonl(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
+           "megatron_grm.stages.sft", f"data.train={data}", f"trainer.run_dir={run}", "trainer.max_steps=100000",
+           "trainer.seq_length=64", "parallel=tp2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            # As Slurm's per-task signal does: every training process gets SIGTERM at once.
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines[-50:])
+    rest = proc.stdout.read()
+    code = proc.wait(timeout=120)
+    output = "".join(lines) + rest
+    # torchrun reports a failed worker with exit 1; the workers' own code is in its report.
+    assert code != 0
+    assert f"exitcode  : {EXIT_CODE_PREEMPTED}" in output, output[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    saved_step = int(latest.split("_")[1])
+    assert saved_step >= 3
+    resumed = subprocess.run([*cmd[:-4], f"data.train={data}", f"trainer.run_dir={run}",
+                              f"trainer.max_steps={saved_step + 2}", "trainer.seq_length=64", "parallel=tp2"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert steps == [f"{saved_step + 1}/{saved_step + 2}", f"{saved_step + 2}/{saved_step + 2}"]
+
+
+def test_tensorboard_events_hold_the_loss_of_every_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = _sft_jsonl(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
+         "megatron_grm.stages.sft", f"data.train={data}", f"trainer.run_dir={run}", "trainer.max_steps=5",
+         "trainer.seq_length=64", "parallel=pp2", "model.num_layers=2", "trainer.peak_tflops=1.0"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = {int(line.split()[1].split("/")[0]): float(line.split("| loss ")[1].split()[0])
+               for line in proc.stdout.splitlines() if line.startswith("step ")}
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5]
+    for e in events:
+        assert e.value == pytest.approx(printed[e.step], rel=1e-3)
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_device", "train/mfu"):
+        assert len(acc.Scalars(tag)) == 5, tag
