@@ -302,6 +302,8 @@ class Trainer:
         from megatron.core import tensor_parallel
 
         rank_state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        if producer is not None and hasattr(producer, "rank_state_dict"):
+            rank_state["producer"] = producer.rank_state_dict()  # e.g. GRPO's cached rollout on this rank
         # Before the first step the (distributed) optimizer has no state to save: weights only.
         with_optimizer = self.state.step > 0
         return ckpt.save_checkpoint(
@@ -338,6 +340,8 @@ class Trainer:
             np.random.set_state(rank_state["numpy"])
             torch.set_rng_state(rank_state["torch"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker"])
+            if producer is not None and "producer" in rank_state and hasattr(producer, "load_rank_state_dict"):
+                producer.load_rank_state_dict(rank_state["producer"])
         log.info("resumed from %s at step %d", folder, self.state.step)
         return True
 
@@ -369,3 +373,40 @@ def _dp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_world_size() if torch.distributed.is_initialized() else 1
+
+
+@torch.no_grad()
+def forward_logprobs(model: torch.nn.Module, microbatches: list[Batch]) -> list[torch.Tensor] | None:
+    """log p(labels) per position for each micro-batch, through Megatron's schedule (PP-aware, no grads).
+
+    Used for the frozen reference model and for recomputing old-policy log-probabilities. Returns the
+    ``[b, s]`` tensors on the last pipeline stage and None elsewhere.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    collected: list[torch.Tensor] = []
+
+    def forward_step(data_iterator: Iterator[Batch], m):
+        batch = next(data_iterator)
+        output = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+
+        def keep(out: torch.Tensor):
+            collected.append(-out.detach().float())
+            return out.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+        return output, keep
+
+    was_training = model.training
+    model.eval()
+    try:
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+            num_microbatches=len(microbatches), seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
+        )
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_initialized() and not parallel_state.is_pipeline_last_stage():
+        return None
+    return collected

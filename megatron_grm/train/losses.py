@@ -19,3 +19,82 @@ def masked_token_nll(token_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> L
     nll_sum = -(token_logprobs.float() * mask).sum()
     count = mask.sum().to(torch.int)  # Megatron accumulates the denominator in an int tensor
     return nll_sum, count, {"loss": torch.stack([nll_sum.detach(), count.detach().to(nll_sum.dtype)])}
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy ‖ reference) from log-probabilities of tokens sampled by the policy.
+
+    With ``log_ratio = ref − policy``: k1 = −log_ratio, k2 = ½ log_ratio², k3 = exp(log_ratio) − log_ratio − 1
+    (Schulman's unbiased, always non-negative estimator that GRPO uses).
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    raise ValueError(f"grpo.kl_estimator={estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    beta: float = 0.08,
+    kl_estimator: str = "k3",
+    aggregation: str = "sequence",
+    entropy: torch.Tensor | None = None,
+) -> LossOutput:
+    """Clipped policy-gradient loss plus β·KL to the reference, for sequences of sampled tokens.
+
+    All tensors are ``[batch, seq]`` aligned with the sampled (label) positions; ``advantages`` is one
+    value per sequence broadcast over its tokens; ``mask`` is 1 on the judgment's tokens. ``aggregation``:
+    "sequence" averages over tokens within each sequence then over sequences (the paper, GRPO), "token"
+    averages over all tokens of the batch. Returns ``(numerator, denominator, metrics)``.
+    """
+    if aggregation not in ("sequence", "token"):
+        raise ValueError(f"grpo.aggregation={aggregation!r}; choose 'sequence' or 'token'")
+    mask = mask.float()
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.float()
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
+    pg = -torch.minimum(unclipped, clipped)
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+    per_token = pg + beta * kl
+    clipped_tokens = (unclipped != torch.minimum(unclipped, clipped)).float()
+
+    tokens_per_seq = mask.sum(dim=1)
+    has_tokens = (tokens_per_seq > 0).float()
+    if aggregation == "sequence":
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            return ((x * mask).sum(dim=1) / tokens_per_seq.clamp(min=1.0) * has_tokens).sum()
+
+        count = has_tokens.sum()
+    else:
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            return (x * mask).sum()
+
+        count = mask.sum()
+    numerator = reduce(per_token)
+    denominator = count.to(torch.int)
+    c = count.detach().to(numerator.dtype)
+    metrics = {
+        "loss": torch.stack([numerator.detach(), c]),
+        "pg_loss": torch.stack([reduce(pg).detach(), c]),
+        "kl": torch.stack([reduce(kl).detach(), c]),
+        "clip_fraction": torch.stack([reduce(clipped_tokens).detach(), c]),
+        "ratio": torch.stack([reduce(ratio).detach(), c]),
+    }
+    if entropy is not None:
+        metrics["entropy"] = torch.stack([reduce(entropy.float()).detach(), c])
+    return numerator, denominator, metrics

@@ -1,0 +1,57 @@
+"""One string names where a stage's examples come from, so every stage and config reads data the same way.
+
+    path/to/examples.jsonl          our JSONL format (docs/data_format.md)
+    arithmetic:train:512            the demo task: split, number of examples[, seed]
+    rmb:/path/to/rmb[:pairwise|bon] the RMB benchmark, read in place
+    reasoning_gym:gsm_symbolic:200  verifiable math pairs from a reasoning-gym generator
+    champ                           verifiable math pairs from champ-dataset
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from megatron_grm.data.examples import Example
+
+log = logging.getLogger(__name__)
+
+
+def load_examples(spec: str, on_error: str = "fail", seed: int = 0) -> list[Example]:
+    """Examples named by ``spec``; skipped bad records (``on_error='skip'``) are logged with their place."""
+    from megatron_grm.data.readers.common import ReadResult
+
+    kind, _, rest = str(spec).partition(":")
+    if kind == "arithmetic":
+        from megatron_grm.data.arithmetic import arithmetic_examples
+
+        parts = rest.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"data spec {spec!r}: expected arithmetic:<train|heldout>:<num>[:<seed>]")
+        return arithmetic_examples(parts[0], int(parts[1]), seed=int(parts[2]) if len(parts) == 3 else seed)
+    if kind == "rmb":
+        from megatron_grm.data.readers.rmb import read_rmb
+
+        root, _, subset = rest.rpartition(":") if rest.endswith((":pairwise", ":bon")) else (rest, "", "")
+        result: ReadResult = read_rmb(root, (subset,) if subset else ("pairwise", "bon"), on_error=on_error)
+    elif kind == "reasoning_gym":
+        from megatron_grm.data.readers.verifiable_math import read_reasoning_gym
+
+        dataset, _, size = rest.partition(":")
+        result = read_reasoning_gym(dataset or "gsm_symbolic", size=int(size or 100), seed=seed, on_error=on_error)
+    elif kind == "champ":
+        from megatron_grm.data.readers.verifiable_math import read_champ
+
+        result = read_champ(seed=seed, on_error=on_error)
+    else:
+        from megatron_grm.data.readers.jsonl import read_jsonl
+
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"data spec {spec!r}: no such file, and not one of arithmetic:, rmb:, "
+                                    "reasoning_gym:, champ")
+        result = read_jsonl(spec, on_error=on_error)
+    for err in result.errors:
+        log.warning("skipped bad record: %s", err)
+    if result.errors:
+        log.warning("%s: %d examples, %d bad records skipped", spec, len(result.examples), len(result.errors))
+    return list(result.examples)

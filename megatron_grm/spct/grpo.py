@@ -1,0 +1,46 @@
+"""GRPO's group-relative advantages (paper §3.2, rule-based online RL), as plain math.
+
+Each example gets G judgments; each judgment's reward is +1 if correct by Eq. 10, else −1. The advantage
+of judgment i in its group is (r_i − mean(r)) / std(r) (or, Dr. GRPO style, without the std scaling).
+A group whose rewards are all equal carries no signal: its advantages are 0 and it is reported (and may
+be filtered out of the update).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GroupAdvantages:
+    advantages: list[float]
+    zero_variance_groups: list[int]  # indices of groups whose rewards were all equal
+
+
+def group_advantages(
+    rewards: Sequence[float], group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> GroupAdvantages:
+    """Advantages for rewards laid out group after group (G consecutive rewards per example).
+
+    ``std`` is the population standard deviation of the group (as in DeepSeekMath's GRPO); ``eps``
+    keeps a near-constant group from exploding.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    advantages: list[float] = []
+    zero_variance: list[int] = []
+    for g in range(len(rewards) // group_size):
+        group = [float(r) for r in rewards[g * group_size:(g + 1) * group_size]]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / group_size)
+        if std == 0.0:
+            zero_variance.append(g)
+            advantages.extend([0.0] * group_size)
+            continue
+        scale = std + eps if scale_by_std else 1.0
+        advantages.extend((r - mean) / scale for r in group)
+    return GroupAdvantages(advantages, zero_variance)

@@ -1,0 +1,267 @@
+"""Stage 2 — rule-based online RL with GRPO (paper §3.2).
+
+Every rollout: sample G judgments per example from the current policy → reward +1 if correct by Eq. 10,
+else −1 → group advantages → clipped policy gradient + β·KL(policy ‖ frozen reference) → optimizer step(s).
+
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.grpo +experiment=grpo_tiny trainer.load=<RFT ckpt>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+import torch
+
+from megatron_grm.data.packing import collate_padded
+from megatron_grm.data.sources import load_examples
+from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
+from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
+from megatron_grm.rollout.sampling import SamplingConfig
+from megatron_grm.spct import rule_reward
+from megatron_grm.spct.grpo import group_advantages
+from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
+from megatron_grm.train.losses import LossOutput, grpo_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOSettings:
+    group_size: int = 4  # G judgments per example
+    beta: float = 0.08  # KL coefficient
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # asymmetric clipping (DAPO-style) when set
+    kl_estimator: str = "k3"
+    aggregation: str = "sequence"  # "sequence": mean over tokens, then sequences (paper); "token"
+    scale_by_std: bool = True  # False: Dr. GRPO advantages (r - mean)
+    filter_zero_variance: bool = False  # drop groups whose G rewards are all equal from the update
+    updates_per_rollout: int = 1  # optimizer steps per rollout batch (each on 1/U of it)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    template: str = "default"  # "compact" for the tiny CPU model
+    chat: bool = True
+    recompute_old_logprobs: bool = True  # old-policy logprobs from a training forward, not the sampler's
+    offload_reference: bool = False  # keep the reference model in CPU memory between uses (GPU runs)
+    max_tokens_in_flight: int = 32768
+
+
+class GRPOObjective:
+    """Clipped PG + β·KL on the policy's log-probabilities of the sampled judgment tokens."""
+
+    def __init__(self, s: GRPOSettings) -> None:
+        self.s = s
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])  # vocab-parallel logits
+
+    def loss(self, logits: torch.Tensor, batch: Batch) -> LossOutput:
+        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, batch["labels"])
+        return grpo_loss(
+            logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], batch["loss_mask"],
+            clip_eps=self.s.clip_eps, clip_eps_high=self.s.clip_eps_high, beta=self.s.beta,
+            kl_estimator=self.s.kl_estimator, aggregation=self.s.aggregation, entropy=entropy,
+        )
+
+
+def align_to_labels(values: list[float], prompt_length: int, seq_length: int) -> torch.Tensor:
+    """Per-response-token values placed where training predicts that token (position t predicts t+1)."""
+    out = torch.zeros(seq_length, dtype=torch.float32)
+    start = prompt_length - 1
+    out[start:start + len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+class RolloutProducer:
+    """Each rollout samples G judgments for this DP rank's examples and yields U optimizer steps of it."""
+
+    def __init__(self, trainer: Trainer, engine, reference: torch.nn.Module, tokenizer, examples, s: GRPOSettings,
+                 seed: int) -> None:
+        from megatron.core import parallel_state
+
+        t = trainer.cfg.trainer
+        self.trainer, self.engine, self.reference, self.tokenizer = trainer, engine, reference, tokenizer
+        self.examples, self.s, self.seed = examples, s, seed
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.sequences_per_step = t.global_batch_size // self.dp_size
+        per_rollout = t.global_batch_size * s.updates_per_rollout
+        if per_rollout % (s.group_size * self.dp_size):
+            raise ValueError(f"trainer.global_batch_size*grpo.updates_per_rollout={per_rollout} judgments per rollout "
+                             f"must split into groups of G={s.group_size} on {self.dp_size} DP ranks")
+        self.examples_per_rank = per_rollout // (s.group_size * self.dp_size)
+        self.rollouts = 0  # rollouts done so far (global)
+        self.cache: list[list[Batch]] = []
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ the algorithm
+    def next_batch(self, step: int) -> list[Batch]:
+        if not self.cache:
+            self.cache = self._rollout()
+        return self.cache.pop(0)
+
+    def _rollout(self) -> list[list[Batch]]:
+        s, t = self.s, self.trainer.cfg.trainer
+        start = (self.rollouts * self.examples_per_rank * self.dp_size + self.dp_rank * self.examples_per_rank)
+        examples = [self.examples[(start + i) % len(self.examples)] for i in range(self.examples_per_rank)]
+        rng = random.Random(f"grpo:{self.seed}:{self.rollouts}:{self.dp_rank}")
+        sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                  top_k=s.top_k, seed=self.seed + 7919 * self.rollouts)
+        began = time.perf_counter()
+        judged = sample_judgments(self.engine, self.tokenizer, examples, s.group_size, sampling, rng,
+                                  variant=s.template, chat=s.chat)
+        rollout_seconds = time.perf_counter() - began
+        self.rollouts += 1
+
+        rewards = [rule_reward(j.scores, label=examples[j.example_index].label) for j in judged]
+        adv = group_advantages(rewards, s.group_size, scale_by_std=s.scale_by_std)
+        keep = list(range(len(judged)))
+        if s.filter_zero_variance and len(adv.zero_variance_groups) < len(examples):
+            dropped = set(adv.zero_variance_groups)
+            keep = [i for i in keep if i // s.group_size not in dropped]
+        microbatches = self._microbatches([judged[i] for i in keep], [adv.advantages[i] for i in keep],
+                                          t.seq_length, t.micro_batch_size)
+        new_tokens = sum(len(j.token_ids) for j in judged)
+        self.last_stats = _all_reduce_mean({
+            "reward_mean": sum(rewards) / len(rewards),
+            "accuracy": sum(j.correct for j in judged) / len(judged),
+            "unparseable_fraction": sum(j.scores is None for j in judged) / len(judged),
+            "truncated_fraction": sum(j.finish_reason == "length" for j in judged) / len(judged),
+            "response_length": new_tokens / len(judged),
+            "zero_variance_groups": len(adv.zero_variance_groups) / len(examples),
+            "rollout_tokens_per_s": new_tokens / max(rollout_seconds, 1e-9),
+        })
+        if self.engine.last_logprob_diff is not None:
+            self.last_stats["rollout_logprob_max_abs_diff"] = float(self.engine.last_logprob_diff)
+        return _split_steps(microbatches, s.updates_per_rollout)
+
+    def _microbatches(self, judged: list[JudgmentSample], advantages: list[float], seq_length: int,
+                      mbs: int) -> list[Batch]:
+        """Training micro-batches with old-policy and reference log-probabilities and advantages attached."""
+        # Pad the rollout to whole micro-batches with zero-weight copies so every rank runs the same count.
+        while len(judged) % mbs or len(judged) < mbs * self.s.updates_per_rollout:
+            judged, advantages = judged + [judged[-1]], advantages + [None]
+        batches = []
+        for k in range(0, len(judged), mbs):
+            chunk = judged[k:k + mbs]
+            docs = [(j.prompt_ids + j.token_ids, [0] * len(j.prompt_ids) + [1] * len(j.token_ids)) for j in chunk]
+            batch = collate_padded(docs, seq_length=seq_length, pad_id=self.tokenizer.pad_id)
+            weights = torch.tensor([0.0 if a is None else 1.0 for a in advantages[k:k + mbs]])
+            batch["loss_mask"] = batch["loss_mask"] * weights[:, None]
+            batch["advantages"] = torch.tensor([a or 0.0 for a in advantages[k:k + mbs]])[:, None].expand(
+                -1, seq_length).contiguous()
+            batch["old_logprobs"] = torch.stack(
+                [align_to_labels(j.logprobs, len(j.prompt_ids), seq_length) for j in chunk])
+            batches.append(batch)
+        ref = _with_reference_on_device(self.reference, self.s.offload_reference, forward_logprobs, batches)
+        old = forward_logprobs(self.trainer.model, batches) if self.s.recompute_old_logprobs else None
+        for i, batch in enumerate(batches):
+            batch["ref_logprobs"] = ref[i] if ref is not None else torch.zeros_like(batch["old_logprobs"])
+            if old is not None:
+                batch["old_logprobs"] = old[i]
+        return batches
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollouts": self.rollouts, "seed": self.seed, "num_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_examples") not in (None, len(self.examples)):
+            raise ValueError(f"resuming GRPO with {len(self.examples)} examples; the checkpoint had "
+                             f"{state['num_examples']}")
+        self.rollouts = int(state["rollouts"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {"cache": self.cache, "last_stats": self.last_stats}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache, self.last_stats = state["cache"], state["last_stats"]
+
+
+def _split_steps(microbatches: list[Batch], steps: int) -> list[list[Batch]]:
+    per = len(microbatches) // steps
+    return [microbatches[i * per:(i + 1) * per] for i in range(steps)]
+
+
+def _all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
+    if not torch.distributed.is_initialized():
+        return stats
+    names = sorted(stats)
+    t = torch.tensor([stats[n] for n in names], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(names, t.tolist()))
+
+
+def _with_reference_on_device(reference, offload: bool, fn, batches):
+    """Run ``fn`` with the reference model on the accelerator; park it in CPU memory afterwards if asked."""
+    from megatron_grm.parallel.device import device, use_cuda
+
+    if offload and use_cuda():
+        reference.to(device())
+        try:
+            return fn(reference, batches)
+        finally:
+            reference.to("cpu")
+            torch.cuda.empty_cache()
+    return fn(reference, batches)
+
+
+def build_reference(trainer: Trainer) -> torch.nn.Module:
+    """A frozen copy of the starting policy, sharded exactly like it."""
+    from megatron_grm.models.provider import build_model
+
+    cfg = trainer.cfg
+    reference = build_model(cfg.model, cfg.parallel, cfg.precision)
+    reference.load_state_dict(trainer.unwrapped.state_dict())
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference.eval()
+
+
+def train_grpo(cfg: Any) -> Trainer:
+    run = prepare_run(cfg)
+    s = GRPOSettings(**run.extra.get("grpo", {}))
+    data = run.extra.get("data", {})
+    if not data.get("train"):
+        raise ValueError("data.train is not set (a JSONL path or e.g. arithmetic:train:512)")
+    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
+    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "grpo",
+                                     "grpo": dataclasses.asdict(s)})
+    from megatron_grm.rollout.engine import RolloutEngine
+
+    engine = RolloutEngine(trainer.model, tokenizer, max_tokens_in_flight=s.max_tokens_in_flight,
+                           debug_logprobs=bool(data.get("debug_logprobs", False)))
+    # The reference is the *starting* policy: the loaded checkpoint (or the seeded initial weights).
+    # On a resumed run the policy weights are then replaced by the run's own latest checkpoint.
+    if run.trainer.load:
+        trainer.load_weights(run.trainer.load)
+    reference = build_reference(trainer)
+    producer = RolloutProducer(trainer, engine, reference, tokenizer, examples, s, seed=run.trainer.seed)
+    trainer.resume(producer)
+
+    def rollout_stats(tr: Trainer, result) -> dict[str, float]:
+        stats, producer.last_stats = producer.last_stats, {}
+        return {f"rollout/{k}": v for k, v in stats.items()}
+
+    trainer.fit(producer, GRPOObjective(s), on_step=rollout_stats)
+    return trainer
+
+
+@hydra.main(config_path=CONF_DIR, config_name="grpo", version_base="1.3")
+def main(cfg) -> None:
+    train_grpo(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""GRPO's advantages, KL estimators and loss against hand-computed values; its gradient does what it should."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_grm.spct.grpo import group_advantages
+from megatron_grm.train.losses import grpo_loss, kl_penalty
+
+
+def test_group_advantages_hand_computed():
+    # Group 1: rewards [1, -1, -1, -1]: mean -0.5, population std sqrt(0.75).
+    # Group 2: all equal -> zero variance, advantages 0.
+    got = group_advantages([1, -1, -1, -1, 1, 1, 1, 1], group_size=4, eps=0.0)
+    s = math.sqrt(0.75)
+    assert got.advantages[:4] == pytest.approx([1.5 / s, -0.5 / s, -0.5 / s, -0.5 / s])
+    assert got.advantages[4:] == [0.0] * 4
+    assert got.zero_variance_groups == [1]
+
+
+def test_dr_grpo_advantages_skip_std_scaling():
+    got = group_advantages([1, -1, 1, 1], group_size=4, scale_by_std=False)
+    assert got.advantages == pytest.approx([0.5, -1.5, 0.5, 0.5])
+
+
+def test_group_advantages_reject_ragged_groups():
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_advantages([1, 1, -1], group_size=4)
+
+
+def test_kl_estimators_hand_computed():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.5, -1.0])
+    lr = ref - logp  # [-0.5, 1.0]
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx((-lr).tolist())
+    assert kl_penalty(logp, ref, "k2").tolist() == pytest.approx((0.5 * lr**2).tolist())
+    assert kl_penalty(logp, ref, "k3").tolist() == pytest.approx([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 2.0])
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_penalty(logp, ref, "k4")
+
+
+def _fixed_batch():
+    # Two sequences: the first has 2 judgment tokens, the second 3 (the mask); advantages +1 and -1.
+    logprobs = torch.tensor([[-1.0, -0.5, -2.0, 0.0], [-1.3, -0.7, -0.3, -0.9]])
+    old = torch.tensor([[-1.0, -0.7, -2.0, 0.0], [-1.0, -0.7, -0.3, -2.0]])
+    ref = torch.tensor([[-1.1, -0.6, -2.0, 0.0], [-1.2, -0.8, -0.3, -0.9]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0] * 4, [-1.0] * 4])
+    return logprobs, old, ref, adv, mask
+
+
+def _hand_loss(aggregation: str, eps: float, beta: float) -> float:
+    logprobs, old, ref, adv, mask = _fixed_batch()
+    per_seq, all_tokens = [], []
+    for b in range(2):
+        terms = []
+        for t in range(4):
+            if mask[b, t] == 0:
+                continue
+            ratio = math.exp(logprobs[b, t] - old[b, t])
+            a = float(adv[b, t])
+            pg = -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+            lr = float(ref[b, t] - logprobs[b, t])
+            terms.append(pg + beta * (math.exp(lr) - lr - 1))
+        per_seq.append(sum(terms) / len(terms))
+        all_tokens += terms
+    return sum(per_seq) / 2 if aggregation == "sequence" else sum(all_tokens) / len(all_tokens)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_grpo_loss_hand_computed(aggregation):
+    num, den, metrics = grpo_loss(*_fixed_batch(), clip_eps=0.2, beta=0.08, aggregation=aggregation)
+    assert float(num) / int(den) == pytest.approx(_hand_loss(aggregation, 0.2, 0.08), rel=1e-6)
+    assert int(den) == (2 if aggregation == "sequence" else 5)
+    # Token (0,1): ratio e^0.2 > 1.2 with A>0 -> clipped; token (1,0): ratio e^-0.3 < 0.8 with A<0 -> clipped.
+    # Token (1,1) has ratio 1; (0,0) ratio 1; (1,2) ratio 1. So 2 of 5 tokens are clipped.
+    clip = metrics["clip_fraction"]
+    if aggregation == "token":
+        assert float(clip[0] / clip[1]) == pytest.approx(2 / 5)
+    else:
+        assert float(clip[0] / clip[1]) == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_asymmetric_clip_lets_positive_advantages_go_further():
+    sym, _, _ = grpo_loss(*_fixed_batch(), clip_eps=0.2, beta=0.0, aggregation="token")
+    asym, _, _ = grpo_loss(*_fixed_batch(), clip_eps=0.2, clip_eps_high=0.3, beta=0.0, aggregation="token")
+    # Token (0,1) has ratio e^0.2 = 1.221: clipped at 1.2 symmetric, unclipped under 1.3.
+    assert float(sym - asym) == pytest.approx(math.exp(0.2) - 1.2, rel=1e-5)
+
+
+def test_policy_equal_to_reference_has_zero_kl_and_pure_policy_gradient():
+    logprobs, old, _, adv, mask = _fixed_batch()
+    p1 = logprobs.clone().requires_grad_(True)
+    p2 = logprobs.clone().requires_grad_(True)
+    num_kl, den, metrics = grpo_loss(p1, old, p1.detach(), adv, mask, beta=0.08)
+    num_pg, _, _ = grpo_loss(p2, old, p2.detach(), adv, mask, beta=0.0)
+    assert float(metrics["kl"][0]) == 0.0
+    (num_kl / den).backward()
+    (num_pg / den).backward()
+    assert torch.equal(p1.grad, p2.grad)
+    assert p1.grad.abs().sum() > 0
+
+
+def test_gradient_step_raises_logprob_of_positive_advantage_samples():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, requires_grad=True)  # 2 sequences, 3 tokens, vocab 5
+    labels = torch.randint(0, 5, (2, 3))
+    mask = torch.ones(2, 3)
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3])
+
+    def seq_logprob():
+        lp = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+        return lp, lp.sum(dim=1)
+
+    lp, before = seq_logprob()
+    num, den, _ = grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, beta=0.08)
+    (num / den).backward()
+    with torch.no_grad():
+        logits -= 0.5 * logits.grad
+    _, after = seq_logprob()
+    assert after[0] > before[0]  # positive advantage: more likely
+    assert after[1] < before[1]  # negative advantage: less likely
