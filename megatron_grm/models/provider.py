@@ -128,7 +128,7 @@ def build_model(
     if cfg.family == "gemma2":
         from megatron_grm.models import gemma2
 
-        model_cls = gemma2.model_class()
+        model_cls = gemma2.model_class(cfg)
     model = model_cls(
         config=config,
         transformer_layer_spec=layer_spec(cfg, use_te),
