@@ -1,0 +1,153 @@
+"""Rollout throughput: our engine (Megatron-Core inference) vs. ``transformers`` ``generate``, same model.
+
+A random-init Llama is built in Hugging Face, its weights are converted into our Megatron GPTModel in
+process (megatron_grm.models.hf_convert, the project's HF<->Megatron weight map), and both generate
+greedily from the same prompts (mixed lengths, EOS ignored so every row makes ``--new-tokens``). The
+script checks that the generated tokens are identical and prints tokens/s for batch 1 and batch 32 and
+the ratio ours / HF.
+
+    .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
+    .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
+
+HF runs first, before the Megatron CPU compatibility layer is switched on in this process (its global
+torch-function mode would slow every torch call, HF's included), so HF is timed as shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=48)
+    ap.add_argument("--equal-lengths", action="store_true",
+                    help="every prompt --max-prompt tokens (isolates the per-step cost from the static engine's "
+                         "one-position-per-step handling of mixed prompt lengths)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per setting (the best is reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+def hf_llama(args: argparse.Namespace):
+    import transformers as tf
+
+    torch.manual_seed(args.seed)
+    config = tf.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=args.max_prompt + args.new_tokens + 8, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, initializer_range=0.1,  # peaked logits: greedy is not decided by round-off
+    )
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def make_prompts(args: argparse.Namespace, batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(args.seed + batch)
+    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (batch,), generator=g).tolist()
+    if args.equal_lengths:
+        lengths = [args.max_prompt] * batch
+    return [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers greedy generate; left padding with an attention mask for mixed prompt lengths."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def best_of(fn, repeats: int) -> tuple[float, float, object]:
+    """(best wall seconds, best process CPU seconds, result). CPU seconds are what the work costs on a
+    machine shared with other jobs, where wall time mostly measures the neighbours."""
+    fn()  # warm-up (allocations, lazy init)
+    wall, cpu, result = float("inf"), float("inf"), None
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return wall, cpu, result
+
+
+def main() -> None:
+    args = parse_args()
+    load = os.getloadavg()[0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = {b: make_prompts(args, b) for b in args.batches}
+
+    hf = hf_llama(args)
+    hf_results = {}
+    for b in args.batches:
+        hf_results[b] = best_of(lambda b=b: hf_generate(hf, prompts[b], args.new_tokens), args.repeats)
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+        from megatron_grm.models.hf_convert import fill_model_from_hf, open_hf
+        from megatron_grm.models.precision import PrecisionConfig
+        from megatron_grm.models.provider import build_model
+        from megatron_grm.parallel import ParallelLayout, destroy_parallel, init_parallel
+        from megatron_grm.rollout import RolloutEngine, SamplingConfig
+
+        layout = ParallelLayout()
+        init_parallel(layout, seed=args.seed)
+        src = open_hf(folder)
+        model = build_model(src.cfg, layout, PrecisionConfig("fp32"))
+        fill_model_from_hf(model, src)
+
+    engine = RolloutEngine(model, eos_id=2, vocab_size=args.vocab, max_tokens_in_flight=1 << 20, progress=False)
+    sampling = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens, ignore_eos=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
+          f"ffn {args.ffn}, vocab {args.vocab} ({params / 1e6:.1f}M params, fp32); prompts "
+          f"{args.max_prompt if args.equal_lengths else f'{args.min_prompt}-{args.max_prompt}'} tokens, "
+          f"{args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
+    print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(f"{'batch':>5}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  {'HF tok/CPU-s':>12}  "
+          f"{'ours tok/CPU-s':>14}  {'ours/HF':>7}  same greedy tokens")
+    all_same = True
+    for b in args.batches:
+        hf_wall, hf_cpu, hf_tokens = hf_results[b]
+        wall, cpu, samples = best_of(lambda b=b: engine.generate(prompts[b], sampling=sampling), args.repeats)
+        same = sum(s.token_ids == t for s, t in zip(samples, hf_tokens))
+        all_same &= same == b
+        n = b * args.new_tokens
+        print(f"{b:>5}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  {n / hf_cpu:>12.1f}  "
+              f"{n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {same}/{b}")
+    destroy_parallel()
+    if not all_same:
+        raise SystemExit("greedy outputs differ between transformers and the rollout engine")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Megatron-Core's TextGenerationController with what a rollout needs added at its hooks.
+
+Pinned to megatron-core 0.16.1 (the version ``parallel/cpu_compat.py`` is written for). The generation
+loop, KV cache and sampling stay Megatron's; this subclass only overrides:
+
+* ``sample_from_logits`` (static batching): also takes the log-probability of each drawn token from the
+  same last-position logits, in fp32, under the plain softmax. Megatron's own ``return_log_probs`` would
+  materialise the logits of *every prompt position* during prefill ([batch, prompt, vocab]: tens of GB
+  for a 256k vocabulary), so it stays off and only [batch, vocab] exists per step.
+* ``update_generation_status`` (static batching): Megatron counts a sequence's length *without* its
+  terminating token, so EOS and its log-probability would be lost; here the token that ends a sample is
+  counted. A sample also ends at ``max_new_tokens`` and when a stop string completes (early termination,
+  the exact cut is made afterwards by :func:`megatron_grm.rollout.finish.finish`), and every step is
+  reported to the progress bar.
+* ``_torch_sampling_func`` (static and dynamic batching): tokens the tokenizer does not have (the rows
+  Megatron pads the vocabulary with) are never *drawn*. Log-probabilities still come from the unmasked
+  logits, i.e. the plain softmax the training forward computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+    TextGenerationController,
+)
+
+StepCallback = Callable[[int, int], None]  # (tokens generated this step, samples finished this step)
+StopCheck = Callable[[Sequence[int]], bool]  # generated tokens so far -> a stop string just completed?
+
+
+class TokenizerShim:
+    """What TextGenerationController reads from a tokenizer: ``eod`` (used to pad the batch), detokenize."""
+
+    def __init__(self, pad_id: int, bos_id: int | None = None, encode: Callable[[str], list[int]] | None = None):
+        self.eod = pad_id
+        self.bos = bos_id
+        self._encode = encode
+
+    def detokenize(self, ids, **kwargs) -> str:
+        return ""  # the engine decodes after cutting at EOS / stop strings
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._encode is None:
+            raise ValueError("this rollout engine has no tokenizer: prompts must be token ids")
+        return self._encode(text)
+
+
+class RolloutController(TextGenerationController):
+    """See the module docstring; call :meth:`begin_wave` before each static batch."""
+
+    def __init__(self, inference_wrapped_model, tokenizer: TokenizerShim, pp_group=None,
+                 vocab_limit: int | None = None) -> None:
+        super().__init__(inference_wrapped_model, tokenizer, pp_group)
+        self.vocab_limit = vocab_limit
+        self._prompt_lengths: list[int] = []
+        self._eos_id: int | None = None
+        self._max_new_tokens = 0
+        self._stop_check: StopCheck | None = None
+        self._on_step: StepCallback | None = None
+        self._step_logprobs: torch.Tensor | None = None
+        self.logprobs = torch.zeros(0, 0)  # [rows, max_new_tokens] of the current wave
+
+    def begin_wave(self, prompt_lengths: Sequence[int], eos_id: int | None, max_new_tokens: int,
+                   stop_check: StopCheck | None = None, on_step: StepCallback | None = None) -> None:
+        self._prompt_lengths = list(prompt_lengths)
+        self._eos_id = eos_id
+        self._max_new_tokens = max_new_tokens
+        self._stop_check = stop_check
+        self._on_step = on_step
+        self.logprobs = torch.zeros(len(self._prompt_lengths), max_new_tokens, dtype=torch.float32)
+
+    # -- static batching: log-probability of each drawn token ----------------------------------------
+    def sample_from_logits(self, last_token_logits: torch.Tensor, sampling_params=None, vocab_size=None, **kwargs):
+        tokens = super().sample_from_logits(last_token_logits, sampling_params, vocab_size, **kwargs)
+        logp = torch.log_softmax(last_token_logits.float(), dim=-1)
+        self._step_logprobs = logp.gather(-1, tokens.view(-1, 1).long()).view(-1).cpu()
+        return tokens
+
+    # -- static batching: end-of-sample bookkeeping ---------------------------------------------------
+    def update_generation_status(
+        self,
+        updated_prompts_tokens: torch.Tensor,
+        generation_started: torch.Tensor,
+        current_context_end_position: int,
+        is_generation_done_tensor: torch.Tensor,
+        generated_sequence_lengths: torch.Tensor,
+        termination_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        was_done = is_generation_done_tensor
+        generating = generation_started & ~was_done
+        rows = torch.nonzero(generating).flatten()
+        self.logprobs[rows.cpu(), generated_sequence_lengths[rows].long().cpu()] = self._step_logprobs[rows.cpu()]
+        generated_sequence_lengths = generated_sequence_lengths + generating  # the new token counts, always
+        ends = generated_sequence_lengths >= self._max_new_tokens
+        latest = updated_prompts_tokens[:, current_context_end_position]
+        if self._eos_id is not None:
+            ends = ends | (latest == self._eos_id)
+        if self._stop_check is not None:
+            for row in torch.nonzero(generating & ~ends).flatten().tolist():
+                start = self._prompt_lengths[row]
+                if self._stop_check(updated_prompts_tokens[row, start:current_context_end_position + 1].tolist()):
+                    ends[row] = True
+        done = was_done | (generating & ends)
+        if self._on_step is not None:
+            self._on_step(int(generating.sum()), int((done & ~was_done).sum()))
+        return done, generated_sequence_lengths.int()
+
+    # -- static and dynamic batching: never draw a padding row of the vocabulary ----------------------
+    def _torch_sampling_func(self, last_token_logits: torch.Tensor, temperature: float, top_k: int,
+                             top_p: float, vocab_size: int | None = None):
+        if self.vocab_limit is not None and self.vocab_limit < last_token_logits.size(-1):
+            last_token_logits = last_token_logits.clone()
+            last_token_logits[..., self.vocab_limit:] = float("-inf")
+        return super()._torch_sampling_func(last_token_logits, temperature, top_k, top_p, vocab_size)

@@ -1,0 +1,117 @@
+"""The GPU path: Megatron-Core's DynamicInferenceEngine (paged KV cache, continuous batching).
+
+Needs CUDA and flash-attn (its attention kernels); :func:`dynamic_available` says whether this process
+can run it. All requests of a generate call go in at once: the engine itself keeps the tokens in flight
+under the KV-cache budget (``buffer_size_gb``, sized here from ``max_tokens_in_flight``), pausing and
+resuming requests as blocks free up, so no waves are needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+
+from megatron_grm.rollout.controller import RolloutController, StepCallback, TokenizerShim
+from megatron_grm.rollout.sampling import SamplingConfig
+from megatron_grm.rollout.static_backend import RawSample, inference_wrapper_config
+
+BLOCK_SIZE_TOKENS = 256
+
+
+def dynamic_available() -> bool:
+    """The dynamic engine runs only on CUDA with flash-attn installed."""
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def kv_bytes_per_token(model) -> int:
+    """Key + value bytes one token occupies in the KV cache of this TP/PP shard."""
+    config = model.config
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    return (2 * (config.num_layers // pp) * (config.num_query_groups // tp) * config.kv_channels
+            * config.params_dtype.itemsize)
+
+
+class DynamicBackend:
+    """One DynamicInferenceEngine per generate call (its KV buffer is freed afterwards for training)."""
+
+    name = "dynamic"
+
+    def __init__(self, model, shim: TokenizerShim, max_batch_size: int, max_tokens_in_flight: int,
+                 vocab_limit: int | None) -> None:
+        self.model = model
+        self.shim = shim
+        self.max_batch_size = max_batch_size
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.vocab_limit = vocab_limit
+        self._seed = 0
+
+    def seed(self, seed: int) -> None:
+        self._seed = seed
+
+    def generate_wave(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        eos_id: int | None,
+        stop_check,
+        on_step: StepCallback | None,
+    ) -> list[RawSample]:
+        from megatron.core import parallel_state
+        from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+        from megatron.core.inference.engines import DynamicInferenceEngine
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+            GPTInferenceWrapper,
+        )
+
+        config = self.model.config
+        tp = config.tensor_model_parallel_size
+        max_len = max(len(p) for p in prompts) + sampling.max_new_tokens
+        # At least one full-length request must fit, plus the engine's dummy block.
+        budget_tokens = max(self.max_tokens_in_flight, max_len + 2 * BLOCK_SIZE_TOKENS)
+        max_requests = max(tp, min(self.max_batch_size, len(prompts)) // tp * tp)
+        context = DynamicInferenceContext(
+            params_dtype=config.params_dtype,
+            num_layers=config.num_layers // config.pipeline_model_parallel_size,
+            kv_channels=config.kv_channels,
+            num_attention_heads=config.num_query_groups,
+            max_sequence_length=max_len,
+            buffer_size_gb=budget_tokens * kv_bytes_per_token(self.model) / 1024**3,
+            max_requests=max(max_requests, 4),
+            max_tokens=max(budget_tokens // 4, 4 * max_requests, 256),
+            block_size_tokens=BLOCK_SIZE_TOKENS,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+            materialize_only_last_token_logits=True,
+        )
+        wrapper = GPTInferenceWrapper(self.model, inference_wrapper_config(self.model, max_requests), context)
+        wrapper.prep_model_for_inference()
+        controller = RolloutController(wrapper, self.shim, pp_group=parallel_state.get_pipeline_model_parallel_group(),
+                                       vocab_limit=self.vocab_limit)
+        controller.sampling_rng.manual_seed(self._seed)
+        engine = DynamicInferenceEngine(controller, context, random_seed=self._seed)
+
+        params = sampling.megatron_params()
+        params.termination_id = -1 if eos_id is None else eos_id
+        if sampling.stop:
+            params.stop_words = list(sampling.stop)  # token-level early stop; the exact cut is made afterwards
+        for i, prompt in enumerate(prompts):
+            engine.add_request(i, list(prompt), params)
+        records = []
+        while engine.has_unfinished_requests():
+            result = engine.step_modern()
+            finished = result["finished_request_records"]
+            records.extend(finished)
+            if on_step is not None:
+                on_step(len(result["active_request_ids"]) + len(finished), len(finished))
+        merged = {r.request_id: r.merge() for r in records}
+        out = []
+        for i in range(len(prompts)):
+            request = merged[i]
+            tokens = request.generated_tokens
+            tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+            out.append((tokens, [float(x) for x in request.generated_log_probs]))
+        del engine, controller, wrapper, context
+        torch.cuda.empty_cache()
+        return out

@@ -1,0 +1,86 @@
+"""The CPU (and no-flash-attn GPU) path: Megatron-Core's static-batch generation, one wave at a time.
+
+Megatron's ``GPTInferenceWrapper`` + ``StaticInferenceContext`` (its KV cache) + the static-batch loop of
+``TextGenerationController`` do the work. ``StaticInferenceEngine(legacy=True)`` is that same loop behind
+a request queue; we feed the controller directly instead, because the engine (a) reseeds the *global*
+torch RNG with a fixed seed on every ``generate`` (it would reset the trainer's random stream at every
+rollout), (b) draws a per-request progress bar on every rank, and (c) batches by request count, while
+we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each wave's KV cache to it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
+from megatron_grm.rollout.sampling import SamplingConfig
+
+RawSample = tuple[list[int], list[float]]  # generated token ids, their log-probabilities
+
+
+def inference_wrapper_config(model, max_batch_size: int):
+    """Megatron's InferenceWrapperConfig for a GPTModel: no PP micro-batching, limits from the model."""
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+
+    config = model.config
+    return InferenceWrapperConfig(
+        hidden_size=config.hidden_size,
+        params_dtype=config.params_dtype,
+        inference_batch_times_seqlen_threshold=-1,
+        padded_vocab_size=model.vocab_size,
+        inference_max_requests=max_batch_size,
+        inference_max_seq_length=model.max_sequence_length,
+        fp32_residual_connection=config.fp32_residual_connection,
+    )
+
+
+class StaticBackend:
+    """Generates one wave (a static batch) with a KV cache sized exactly to it."""
+
+    name = "static"
+
+    def __init__(self, model, shim: TokenizerShim, max_batch_size: int, vocab_limit: int | None) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+        self.model = model
+        self.wrapper = GPTInferenceWrapper(
+            model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1)
+        )
+        pp_group = parallel_state.get_pipeline_model_parallel_group() if torch.distributed.is_initialized() else None
+        self.controller = RolloutController(self.wrapper, shim, pp_group=pp_group, vocab_limit=vocab_limit)
+
+    def seed(self, seed: int) -> None:
+        self.controller.sampling_rng.manual_seed(seed)
+
+    def generate_wave(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        eos_id: int | None,
+        stop_check: StopCheck | None,
+        on_step: StepCallback | None,
+    ) -> list[RawSample]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.inference_request import InferenceRequest
+
+        max_len = max(len(p) for p in prompts) + sampling.max_new_tokens
+        self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
+        self.controller.begin_wave([len(p) for p in prompts], eos_id, sampling.max_new_tokens, stop_check, on_step)
+        params = sampling.megatron_params()
+        params.return_log_probs = False  # the controller takes them per step (see controller.py)
+        requests = OrderedDict(
+            (i, InferenceRequest(request_id=i, prompt="", prompt_tokens=list(p), sampling_params=params))
+            for i, p in enumerate(prompts)
+        )
+        done = self.controller.generate_all_output_tokens_static_batch(requests)
+        out = []
+        for i in range(len(prompts)):
+            tokens = done[i].generated_tokens.tolist()
+            out.append((tokens, self.controller.logprobs[i, : len(tokens)].tolist()))
+        self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache now
+        return out

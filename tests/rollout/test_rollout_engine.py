@@ -1,0 +1,142 @@
+"""The rollout engine on the real tiny Megatron model: greedy vs a plain argmax loop, log-probabilities vs
+the training forward, seeds, EOS / stop strings / waves, TP=2, refit, and sampling after an optimizer step.
+
+One torchrun launch per layout (TP=1: 1 process, TP=2: 2 processes over gloo) runs every check in
+tests/rollout/scripts/rollout_checks.py; the tests below assert on what it recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_json, torchrun
+
+SCRIPT = Path(__file__).parent / "scripts" / "rollout_checks.py"
+LOGPROB_TOL = 1e-5  # fp32 on CPU
+
+
+def _launch(tmp_path_factory, tp: int) -> dict:
+    root = tmp_path_factory.mktemp(f"rollout_tp{tp}")
+    torchrun(SCRIPT, tp, ["--tp", str(tp), "--run-dir", str(root / "run"), "--out", str(root / "out.json")])
+    return read_json(root / "out.json")
+
+
+@pytest.fixture(scope="module")
+def tp1(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(params=["tp1", "tp2"])
+def run(request) -> dict:
+    return request.getfixturevalue(request.param)
+
+
+def test_greedy_equals_full_recompute_argmax_loop(run):
+    assert len(set(run["prompt_lengths"])) > 1  # prompts of different lengths in one batch
+    assert run["greedy"] == run["greedy_reference"]
+    assert sum(len(t) for t in run["greedy"]) > 3 * run["max_new"]  # real generations, not empty ones
+
+
+def test_tp2_greedy_equals_tp1(tp1, tp2):
+    assert tp2["greedy"] == tp1["greedy"]
+    # Same weights and math in both layouts (not merely the same argmax).
+    for a, b in zip(tp1["greedy_training_logprobs"], tp2["greedy_training_logprobs"]):
+        assert a == pytest.approx(b, abs=LOGPROB_TOL, rel=0)
+
+
+def test_sampled_logprobs_match_training_forward(run):
+    assert set(run["logprob_diff"]) == {"temperature_1", "temperature_0.7_top_k_5", "top_p_0.9", "temperature_1.5"}
+    for name, diff in run["logprob_diff"].items():
+        assert diff <= LOGPROB_TOL, name
+    for got, want in zip(run["greedy_logprobs"], run["greedy_training_logprobs"]):
+        assert len(got) == len(want)
+        assert got == pytest.approx(want, abs=LOGPROB_TOL, rel=0)
+
+
+def test_debug_mode_reports_the_difference(run):
+    assert run["debug_logprob_diff"] is not None
+    assert 0.0 <= run["debug_logprob_diff"] <= LOGPROB_TOL
+
+
+def test_padding_rows_of_the_vocabulary_are_never_sampled(run):
+    assert run["tokenizer_vocab"] < run["model_vocab"]
+    for name, top in run["max_token_id"].items():
+        assert top < run["tokenizer_vocab"], name
+
+
+def test_n_samples_per_prompt_grouped_by_prompt(run):
+    n_prompts = len(run["prompt_lengths"])
+    for order in run["n_group"].values():
+        assert order == [[i, j] for i in range(n_prompts) for j in range(3)]
+
+
+def test_same_seed_same_samples_different_seed_different_samples(run):
+    assert run["same_seed_equal"] is True
+    assert run["different_seed_equal"] is False
+    assert run["global_rng_untouched"] is True
+
+
+def test_tp2_ranks_draw_the_same_tokens_as_tp1(tp1, tp2):
+    assert tp2["ranks_agree"] is True
+    assert tp2["seed11"] == tp1["seed11"]  # sampling, not only greedy, is layout-independent
+
+
+def test_token_capped_waves_give_the_same_greedy_output(run):
+    assert run["small_cap_waves"] > 1
+    assert run["waves_greedy"] == [g for g in run["greedy"] for _ in range(2)]
+
+
+def test_eos_ends_a_sample_and_is_kept(run):
+    eos = run["eos"]
+    assert eos["got"] == eos["expected"]
+    assert eos["got"][-1] == eos["token"]
+    assert eos["finish"] == "stop"
+    assert eos["n_logprobs"] == len(eos["got"])
+
+
+def test_stop_string_ends_a_sample_where_it_completes(run):
+    stop = run["stop"]
+    assert len(stop["got"]) == stop["expected_len"] < run["max_new"]
+    assert stop["got"] == stop["greedy_prefix"]
+    assert stop["text"].endswith(stop["string"])
+    assert stop["finish"] == "stop"
+
+
+def test_finish_reasons_stop_and_length(run):
+    for tokens, reason in zip(run["greedy"], run["greedy_finish"]):
+        if reason == "length":
+            assert len(tokens) == run["max_new"]
+            assert run["eos_id"] not in tokens
+        else:
+            assert reason == "stop" and tokens[-1] == run["eos_id"]
+    assert set(run["greedy_finish"]) == {"stop", "length"}
+
+
+def test_optimizer_step_changes_the_policy_the_engine_samples(run):
+    step = run["after_step"]
+    assert step["skipped"] is False
+    assert step["tokens_after"] == step["tokens_before"]
+    # An SFT step on this continuation makes it more likely under the engine (no copy, no disk).
+    assert step["logprob_sum_after"] > step["logprob_sum_before"] + 1.0
+    assert step["logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
+def test_engine_leaves_the_model_in_training_mode(run):
+    assert run["model_training_after_generate"] is True
+
+
+def test_refit_rollout_layout_follows_training_weights(tp2):
+    before, after = tp2["refit_before"], tp2["refit_after"]
+    assert before["tokens"] == tp2["greedy"]  # TP=1 rollout copy == TP=2 training model
+    assert before["logprob_diff_vs_tp2"] <= LOGPROB_TOL
+    assert after["tokens"] == after["tokens_tp2"]  # ... and still after an optimizer step
+    assert after["logprob_diff_vs_tp2"] <= LOGPROB_TOL
+    assert after["tokens"] != before["tokens"]  # the step changed the policy the copy samples
+    assert after["logprob_sum"] == pytest.approx(tp2["after_step"]["logprob_sum_after"], abs=1e-4)
