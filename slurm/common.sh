@@ -1,0 +1,284 @@
+# shellcheck shell=bash
+# Shared by every slurm/<stage>.sh: run folder, rendezvous, NCCL/gloo settings, the optional pyxis/enroot
+# container, the srun launch (one task per GPU) and preemption-safe requeue. Sourced, never executed.
+#
+# Environment knobs (all optional; docs/slurm.md has the full story):
+#   GRM_RUN_DIR          run folder (= trainer.run_dir): checkpoints, TensorBoard, logs. Default
+#                        $GRM_RUNS_ROOT/<stage>-<jobid>; a requeued job keeps its id, hence its folder, and resumes
+#   GRM_RUNS_ROOT        parent of the default run folders (default: <submit dir>/runs)
+#   GRM_CLUSTER          Hydra cluster config added unless the overrides choose one (default a100_16node; empty: none)
+#   GRM_MAX_RESTARTS     how many times a job may requeue itself after checkpointing on a signal (default 10)
+#   GRM_REQUEUE_START_DELAY  seconds from a self-requeue to the restart (default 5; Slurm's own: 120)
+#   GRM_PYTHON           interpreter (default: <repo>/.venv/bin/python if present, else python3; python in a container)
+#   GRM_CONTAINER_IMAGE  run the tasks in this image with pyxis/enroot (a .sqsh file or a registry image)
+#   GRM_CONTAINER_MOUNTS extra comma-separated src:dst container mounts (data, models, caches)
+#   GRM_SRUN_WAIT        seconds the other ranks may live on after the first rank exits (default 300)
+#   GRM_MASTER_PORT      rendezvous port (default: derived from the job id)
+#   GRM_SOCKET_IFNAME    network interface for NCCL and gloo bootstrap traffic (default: their own choice)
+#   GRM_DRY_RUN=1        log the srun command instead of running it
+
+GRM_EXIT_PREEMPTED=75  # megatron_grm/train/signals.py EXIT_CODE_PREEMPTED: checkpoint saved, requeue me
+
+grm_log() {
+    local line
+    line="[grm $(date '+%F %T') job ${SLURM_JOB_ID:-?}.${SLURM_RESTART_COUNT:-0}] $*"
+    echo "$line"
+    if [[ -n "${GRM_LAUNCH_LOG:-}" ]]; then
+        echo "$line" >>"$GRM_LAUNCH_LOG"
+    fi
+}
+
+grm_die() {
+    grm_log "error: $*" >&2
+    exit 2
+}
+
+# grm_hydra_overrides OVERRIDES... — the user's Hydra overrides, plus `cluster=$GRM_CLUSTER` unless they
+# choose the cluster themselves (`cluster=...`, or an experiment preset, which names its own cluster and
+# which a command-line `cluster=` would silently beat), plus `trainer.run_dir=` unless given (then it
+# names the run folder). Sets GRM_OVERRIDES, GRM_RUN_DIR, GRM_USER_RUN_DIR.
+grm_hydra_overrides() {
+    GRM_OVERRIDES=("$@")
+    local arg user_run_dir="" cluster_chosen=0
+    for arg in "$@"; do
+        case $arg in
+            trainer.run_dir=* | +trainer.run_dir=* | ++trainer.run_dir=*) user_run_dir=${arg#*trainer.run_dir=} ;;
+            cluster=* | +cluster=* | ++cluster=* | experiment=* | +experiment=* | ++experiment=*) cluster_chosen=1 ;;
+        esac
+    done
+    if [[ -n "$user_run_dir" ]]; then
+        GRM_RUN_DIR=$user_run_dir
+    fi
+    if [[ $cluster_chosen = 0 && -n "${GRM_CLUSTER-a100_16node}" ]]; then
+        GRM_OVERRIDES=("cluster=${GRM_CLUSTER-a100_16node}" "${GRM_OVERRIDES[@]}")
+    fi
+    GRM_USER_RUN_DIR=$user_run_dir
+}
+
+# grm_prepare STAGE — check the allocation, create the run folder, set rendezvous and communication
+# variables. Sets GRM_STAGE, GRM_RESTART, GRM_RUN_DIR (absolute), GRM_LOG_DIR, GRM_LAUNCH_LOG.
+grm_prepare() {
+    GRM_STAGE=$1
+    [[ -n "${SLURM_JOB_ID:-}" ]] || grm_die "not inside a Slurm job: submit with 'sbatch slurm/${GRM_STAGE}.sh ...'"
+    GRM_RESTART=${SLURM_RESTART_COUNT:-0}
+    GRM_MAX_RESTARTS=${GRM_MAX_RESTARTS:-10}
+    GRM_SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+    GRM_RUN_DIR=${GRM_RUN_DIR:-${GRM_RUNS_ROOT:-$GRM_SUBMIT_DIR/runs}/${GRM_STAGE}-${SLURM_JOB_ID}}
+    [[ "$GRM_RUN_DIR" = /* ]] || GRM_RUN_DIR=$GRM_SUBMIT_DIR/$GRM_RUN_DIR
+    GRM_LOG_DIR=$GRM_RUN_DIR/logs
+    mkdir -p "$GRM_LOG_DIR" || grm_die "cannot create $GRM_LOG_DIR"
+    GRM_LAUNCH_LOG=$GRM_LOG_DIR/launcher-${SLURM_JOB_ID}.log
+    GRM_STEP_LOG=$GRM_LOG_DIR/${GRM_STAGE}-${SLURM_JOB_ID}.${GRM_RESTART}.log
+    export GRM_RUN_DIR
+    # The checkout whose script was submitted is the code that runs (also inside a container).
+    export PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH}
+
+    grm_rendezvous
+    grm_comm_env
+    grm_log "stage=$GRM_STAGE nodes=${SLURM_JOB_NUM_NODES:-1} (${SLURM_JOB_NODELIST:-?}) tasks=${SLURM_NTASKS:-1}" \
+        "restart=$GRM_RESTART/$GRM_MAX_RESTARTS run_dir=$GRM_RUN_DIR master=$MASTER_ADDR:$MASTER_PORT" \
+        "image=${GRM_CONTAINER_IMAGE:-none} log=$GRM_STEP_LOG"
+}
+
+# The first node of the allocation hosts the TCP store. The port is a function of the job id, so jobs
+# sharing a node do not collide, and it is unchanged after a requeue (the old ranks are gone by then).
+grm_rendezvous() {
+    local hosts
+    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}")
+    export MASTER_ADDR=${hosts[0]:-localhost}
+    export MASTER_PORT=${GRM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+}
+
+# Communication and threading defaults; whatever the user exported before sbatch wins.
+grm_comm_env() {
+    export PYTHONUNBUFFERED=1
+    export HYDRA_FULL_ERROR=1
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # Megatron-Core: TP/SP communication kernels must be queued in program order (one hardware queue).
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # A rank that dies or hangs in a collective must end the job, not idle 128 GPUs until the time limit.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # InfiniBand (8 HCAs per DGX A100): a longer retry timeout rides out transient fabric hiccups.
+    export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    if [[ -n "${GRM_SOCKET_IFNAME:-}" ]]; then
+        export NCCL_SOCKET_IFNAME=$GRM_SOCKET_IFNAME GLOO_SOCKET_IFNAME=$GRM_SOCKET_IFNAME
+    fi
+}
+
+grm_python() {
+    if [[ -n "${GRM_PYTHON:-}" ]]; then
+        echo "$GRM_PYTHON"
+    elif [[ -n "${GRM_CONTAINER_IMAGE:-}" ]]; then
+        echo python
+    elif [[ -x "$GRM_REPO/.venv/bin/python" ]]; then
+        echo "$GRM_REPO/.venv/bin/python"
+    else
+        echo python3
+    fi
+}
+
+# grm_srun_args [SRUN OPTIONS...] — the srun command shared by every step, into the array GRM_SRUN.
+# --kill-on-bad-exit is off because ranks that exit 75 one after another must not kill each other
+# mid-shutdown (that would turn exit 75 into a signal death); --wait bounds how long the other ranks may
+# outlive one that crashed. All ranks' output goes, rank-labelled, into the run folder.
+grm_srun_args() {
+    GRM_SRUN=(srun
+        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
+        --kill-on-bad-exit=0
+        --wait="${GRM_SRUN_WAIT:-300}"
+        --label
+        --output="$GRM_STEP_LOG"
+        "$@"
+    )
+    if [[ -n "${GRM_CONTAINER_IMAGE:-}" ]]; then
+        GRM_SRUN+=(
+            --container-image="$GRM_CONTAINER_IMAGE"
+            --container-mounts="$(grm_container_mounts)"
+            --container-workdir="$GRM_SUBMIT_DIR"
+            --no-container-mount-home
+        )
+    fi
+}
+
+# The checkout, the submit folder and the run folder at their own paths (so every path in the overrides
+# and logs means the same inside and outside), then GRM_CONTAINER_MOUNTS; nested duplicates dropped.
+grm_container_mounts() {
+    local mounts="" path kept
+    local -a paths=()
+    for path in "$GRM_REPO" "$GRM_SUBMIT_DIR" "$GRM_RUN_DIR"; do
+        for kept in "${paths[@]}"; do
+            [[ "$path" = "$kept" || "$path" = "$kept"/* ]] && continue 2
+        done
+        paths+=("$path")
+        mounts+="${mounts:+,}$path:$path"
+    done
+    if [[ -n "${GRM_CONTAINER_MOUNTS:-}" ]]; then
+        mounts+=",$GRM_CONTAINER_MOUNTS"
+    fi
+    echo "$mounts"
+}
+
+# Every task gets the variables torchrun would give it, taken from Slurm's (expanded inside each task).
+# shellcheck disable=SC2016
+GRM_TASK_ENV='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
+    LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}; exec "$@"'
+
+# grm_run_step COMMAND... — run one srun step in the background, so that this shell can take signals
+# while it waits: USR1/TERM sent to the batch shell (sbatch --signal=B:USR1@T, scancel --batch) is
+# forwarded to srun, which passes it to every rank. Sets GRM_STEP_RC.
+grm_run_step() {
+    GRM_BATCH_TERMINATED=0
+    GRM_STEP_RC=0
+    if [[ "${GRM_DRY_RUN:-0}" = 1 ]]; then
+        grm_log "dry run: $(printf '%q ' "$@")"
+        return 0
+    fi
+    "$@" &
+    GRM_STEP_PID=$!
+    trap 'grm_forward USR1' USR1
+    trap 'GRM_BATCH_TERMINATED=1; grm_forward TERM' TERM
+    while :; do
+        GRM_STEP_RC=0
+        wait "$GRM_STEP_PID" || GRM_STEP_RC=$?
+        # wait returns >128 when a trapped signal interrupts it; the step is then still running.
+        if ((GRM_STEP_RC > 128)) && kill -0 "$GRM_STEP_PID" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    trap - USR1 TERM
+}
+
+grm_forward() {
+    grm_log "batch shell got SIG$1: forwarding it to the ranks (srun pid $GRM_STEP_PID)"
+    kill -s "$1" "$GRM_STEP_PID" 2>/dev/null || true
+}
+
+# grm_finish — what the step's exit code means for the job. 75: every rank saved a checkpoint on a
+# signal, so requeue (bounded by GRM_MAX_RESTARTS); the next start resumes from checkpoints/latest.
+# Anything else ends the job with that code: a real error is never retried.
+grm_finish() {
+    local rc=$GRM_STEP_RC
+    if ((rc == 0)); then
+        grm_log "step finished (exit 0); run folder $GRM_RUN_DIR"
+        exit 0
+    fi
+    if ((rc != GRM_EXIT_PREEMPTED)); then
+        grm_log "step failed (exit $rc): not requeuing. Last lines of $GRM_STEP_LOG:"
+        tail -n 40 "$GRM_STEP_LOG" 2>/dev/null || true
+        exit "$rc"
+    fi
+    if [[ "${GRM_BATCH_TERMINATED:-0}" = 1 ]]; then
+        # Slurm itself is ending the job (scancel, time limit, preemption): a preempted job is requeued
+        # by Slurm on its own, and a cancelled one must stay cancelled.
+        grm_log "step checkpointed and exited 75 while Slurm was terminating the job: not requeuing"
+        exit "$rc"
+    fi
+    if ((GRM_RESTART >= GRM_MAX_RESTARTS)); then
+        grm_log "step checkpointed and exited 75, but the job has been requeued $GRM_RESTART times" \
+            "(GRM_MAX_RESTARTS=$GRM_MAX_RESTARTS): not requeuing; resubmit with GRM_RUN_DIR=$GRM_RUN_DIR"
+        exit "$rc"
+    fi
+    grm_requeue
+}
+
+# `scontrol requeue` gives the job back to the queue under the same id (hence the same run folder), but
+# only once it has finished completing, and then with a begin time 120 s ahead (the credential
+# lifetime). This shell cannot fix that itself: it is killed while the job completes, and a StartTime
+# set before the requeue is overwritten. So a small detached helper waits until the job is PENDING
+# again, then GRM_REQUEUE_START_DELAY seconds more (default 5), and sets StartTime=now, which also makes
+# the scheduler look at the job at once. The pause matters: measured here, slurmd refuses a relaunch
+# whose credential dates from the same second as the revocation of the previous one ("Job credential
+# revoked": the job FAILS). Where proctrack/cgroup kills every process of the job, the helper dies with
+# it and the job simply starts 120 s later.
+grm_requeue() {
+    local job=$SLURM_JOB_ID next=$((GRM_RESTART + 1))
+    grm_log "step checkpointed and exited 75: requeuing (restart $next of at most $GRM_MAX_RESTARTS)"
+    # shellcheck disable=SC2016  # $1..$3 are the helper's own arguments
+    setsid nohup bash -c '
+        for _ in $(seq 1 300); do
+            info=$(scontrol show job -o "$1" 2>/dev/null) || exit 0
+            case $info in
+                *JobState=PENDING*Restarts="$2"\ *)
+                    sleep "$3"
+                    scontrol update JobId="$1" StartTime=now &&
+                        echo "requeue helper: StartTime=now for job $1 at $(date +%T)"
+                    exit 0 ;;
+                *JobState=RUNNING*Restarts="$2"\ * | *JobState=CANCELLED* | *JobState=COMPLETED*) exit 0 ;;
+            esac
+            sleep 1
+        done' grm-requeue-helper "$job" "$next" "${GRM_REQUEUE_START_DELAY:-5}" >>"$GRM_LAUNCH_LOG" 2>&1 </dev/null &
+    disown
+    if ! scontrol requeue "$job"; then
+        grm_log "scontrol requeue $job failed (submitted with --no-requeue?): resubmit with GRM_RUN_DIR=$GRM_RUN_DIR"
+        exit "$GRM_EXIT_PREEMPTED"
+    fi
+    exit 0
+}
+
+# grm_launch_stage STAGE MODULE OVERRIDES... — a Hydra stage: one Python process per task (per GPU),
+# `python -m MODULE OVERRIDES...`, ranks from Slurm, requeue on exit 75.
+grm_launch_stage() {
+    local stage=$1 module=$2 python
+    shift 2
+    grm_hydra_overrides "$@"
+    grm_prepare "$stage"
+    [[ -n "$GRM_USER_RUN_DIR" ]] || GRM_OVERRIDES+=("trainer.run_dir=$GRM_RUN_DIR")
+    grm_srun_args
+    python=$(grm_python)
+    grm_run_step "${GRM_SRUN[@]}" bash -c "$GRM_TASK_ENV" grm-task "$python" -m "$module" "${GRM_OVERRIDES[@]}"
+    grm_finish
+}
+
+# grm_launch_tool NAME COMMAND... — a single-task job (the conversion tools start their own local
+# worker processes); same run folder, logs and exit handling as a stage.
+grm_launch_tool() {
+    local name=$1
+    shift
+    grm_prepare "$name"
+    grm_srun_args --nodes=1 --ntasks=1
+    grm_run_step "${GRM_SRUN[@]}" "$@"
+    grm_finish
+}

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Supervised fine-tuning on prompt/response JSONL (RFT's training half).
+# Defaults: 16 nodes x 8 A100, one task per GPU; Hydra overrides pass through, e.g.
+#   sbatch slurm/sft.sh model=gemma2_27b parallel=tp8_pp2_sp precision=bf16 data.train=/data/sft.jsonl
+# Checkpoints on the USR1 warning (10 min before the limit) and requeues itself; see docs/slurm.md.
+#SBATCH --job-name=grm-sft
+#SBATCH --nodes=16
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=04:00:00
+#SBATCH --signal=USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+# Slurm runs a spooled copy of this file: find the checkout from the submitted path (or GRM_REPO).
+GRM_SCRIPT=$(scontrol show job -o "${SLURM_JOB_ID:-0}" 2>/dev/null | grep -o 'Command=[^ ]*' | cut -d= -f2-) || true
+GRM_REPO=${GRM_REPO:-$(cd "$(dirname "${GRM_SCRIPT:-${BASH_SOURCE[0]}}")/.." && pwd)}
+# shellcheck source=slurm/common.sh
+source "$GRM_REPO/slurm/common.sh"
+
+grm_launch_stage sft megatron_grm.stages.sft "$@"

@@ -1,0 +1,141 @@
+"""Preemption and requeue on the live local Slurm: checkpoint on a signal, requeue, resume exactly.
+
+The exact-resume test signals a real stage job after its first checkpoint (as Slurm's ``--signal=USR1@T``
+time-limit warning would), and compares the final checkpoint tensor by tensor with an uninterrupted run of
+the same job. The launcher-logic tests (requeue bound, no retry of real errors, the batch-shell signal
+path, container flags) use stand-in programs or real stage failures; Slurm itself is always real.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .harness import PROGRAMS, STAGES, compare_checkpoints, launcher_times, tensorboard_scalars, wait_for_path
+
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+
+# Add "rft" and "grpo" once their stages land: their cases are in harness.STAGES already.
+PREEMPTIBLE_STAGES = ["sft"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", PREEMPTIBLE_STAGES)
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, finished_run, sft_data, tmp_path,
+                                                                         stage):
+    case = STAGES[stage]
+    runs_root = tmp_path / "runs"
+    job = jobs.submit(case.script, case.hydra(sft_data), runs_root=runs_root)
+    run_dir = runs_root / f"{stage}-{job}"
+    # The first periodic checkpoint proves the ranks are in the training loop with their handlers set.
+    wait_for_path(jobs, job, run_dir / "checkpoints" / "latest", timeout=300)
+    jobs.cluster.run(["scancel", "--signal=USR1", str(job)])
+    info = jobs.wait(job, timeout=600)
+    logs = jobs.logs(job, run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
+    assert info["Restarts"] == "1", f"the job should have requeued itself exactly once:\n{logs}"
+
+    first = (run_dir / "logs" / f"{stage}-{job}.0.log").read_text()
+    second = (run_dir / "logs" / f"{stage}-{job}.1.log").read_text()
+    stopped = re.search(r"stopping on signal after step (\d+)", first)
+    assert stopped, f"attempt 0 did not checkpoint on the signal:\n{first[-3000:]}"
+    step = int(stopped.group(1))
+    assert case.save_interval <= step < case.max_steps, f"the signal landed at step {step}: not mid-run"
+    assert re.search(rf"resumed from \S+iter_{step:07d} at step {step}", second), second[-3000:]
+
+    launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
+    assert "exited 75: requeuing (restart 1" in launcher
+    # The requeued attempt started within seconds, not after Slurm's 120 s requeue delay.
+    requeued_at = launcher_times(launcher, r"requeuing")[0]
+    restarted_at = launcher_times(launcher, r"job \d+\.1\] stage=")[0]
+    assert restarted_at - requeued_at < 60, launcher
+
+    ref_job, ref_info, ref_dir = finished_run(stage)
+    assert ref_info["JobState"] == "COMPLETED", jobs.logs(ref_job, ref_dir)
+    # Same per-step losses in TensorBoard (both attempts' event files together)...
+    assert tensorboard_scalars(run_dir) == tensorboard_scalars(ref_dir)
+    # ...and the same final weights and optimizer state, loaded with Megatron's dist_checkpointing.
+    result = compare_checkpoints(ref_dir / "checkpoints", run_dir / "checkpoints", tmp_path / "compare.json")
+    assert result["model_tensors"] > 0 and result["tensors"] > result["model_tensors"]
+    assert not result["only_in_a"] and not result["only_in_b"], result
+    assert result["differing"] == [], result["differing"][:20]
+    assert result["train_state_a"]["step"] == result["train_state_b"]["step"] == case.max_steps
+
+
+def test_requeues_are_bounded_by_grm_max_restarts(jobs, tmp_path):
+    job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
+                      env={"GRM_PYTHON": str(PROGRAMS / "always_preempted.sh"), "GRM_MAX_RESTARTS": "2"})
+    # Two requeues; with Slurm's 120 s requeue delay this would take minutes, not seconds.
+    info = jobs.wait(job, timeout=90)
+    logs = jobs.logs(job, tmp_path)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", logs
+    assert info["Restarts"] == "2", logs
+    launcher = (tmp_path / f"sft-{job}" / "logs" / f"launcher-{job}.log").read_text()
+    assert launcher.count("requeuing (restart") == 2
+    assert "requeued 2 times (GRM_MAX_RESTARTS=2): not requeuing" in launcher
+
+
+def test_a_real_error_is_not_requeued(jobs, tmp_path):
+    job = jobs.submit("sft.sh", ["cluster=local_cpu", "model=tiny", "parallel=tp2",
+                                 f"data.train={tmp_path}/missing.jsonl"], runs_root=tmp_path)
+    info = jobs.wait(job, timeout=180)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", jobs.logs(job, tmp_path)
+    assert info["Restarts"] == "0"
+    out = jobs.output(job)
+    assert "step failed (exit 1): not requeuing" in out
+    assert "missing.jsonl" in out, "the batch output should end with the failing rank's error"
+
+
+def test_a_usr1_to_the_batch_shell_is_forwarded_to_the_ranks(jobs, tmp_path):
+    """`sbatch --signal=B:USR1@T` / `scancel --batch --signal=USR1` reach only the batch shell: it forwards."""
+    job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
+                      env={"GRM_PYTHON": str(PROGRAMS / "preempted_once.sh")})
+    run_dir = tmp_path / f"sft-{job}"
+    wait_for_path(jobs, job, run_dir / "ready.0", timeout=60)
+    wait_for_path(jobs, job, run_dir / "ready.1", timeout=30)
+    jobs.cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    info = jobs.wait(job, timeout=90)
+    logs = jobs.logs(job, tmp_path)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
+    launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
+    assert "batch shell got SIGUSR1: forwarding it to the ranks" in launcher
+    first = (run_dir / "logs" / f"sft-{job}.0.log").read_text()
+    assert "0: rank 0: got SIGUSR1" in first and "1: rank 1: got SIGUSR1" in first, first
+
+
+def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path):
+    job = jobs.submit("grpo.sh", ["model=tiny", "trainer.max_steps=3"], runs_root=tmp_path, env={
+        "GRM_DRY_RUN": "1", "GRM_CONTAINER_IMAGE": "/images/megatron-grm.sqsh",
+        "GRM_CONTAINER_MOUNTS": "/data:/data"})
+    info = jobs.wait(job, timeout=60)
+    assert info["JobState"] == "COMPLETED", jobs.logs(job, tmp_path)
+    command = next(line for line in jobs.output(job).splitlines() if "dry run: " in line)
+    run_dir = tmp_path / f"grpo-{job}"
+    assert "--container-image=/images/megatron-grm.sqsh" in command
+    mounts = re.search(r"--container-mounts=(\S+)", command).group(1).split(",")
+    assert f"{run_dir}:{run_dir}" in mounts or any(run_dir.is_relative_to(m.split(":")[0]) for m in mounts)
+    assert "/data:/data" in mounts and "--no-container-mount-home" in command
+    assert " python -m megatron_grm.stages.grpo cluster=a100_16node model=tiny trainer.max_steps=3 " \
+           f"trainer.run_dir={run_dir}" in command
+    assert "--cpus-per-task=1" in command and "--wait=" in command
+    # An experiment preset names its own cluster: the script must not add one that would beat it.
+    preset = jobs.submit("grpo.sh", ["+experiment=grpo_tiny"], runs_root=tmp_path, env={"GRM_DRY_RUN": "1"})
+    assert jobs.wait(preset, timeout=60)["JobState"] == "COMPLETED"
+    command = next(line for line in jobs.output(preset).splitlines() if "dry run: " in line)
+    assert "+experiment=grpo_tiny" in command and "cluster=" not in command
+
+
+def test_convert_script_runs_the_tool_as_one_task(jobs, tmp_path):
+    job = jobs.submit("convert.sh", ["hf_to_mcore", "--hf", "/models/x", "--out", "/ckpt/x", "--tp", "2"],
+                      runs_root=tmp_path, env={"GRM_DRY_RUN": "1"},
+                      sbatch=("--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=30"))
+    info = jobs.wait(job, timeout=60)
+    assert info["JobState"] == "COMPLETED", jobs.logs(job, tmp_path)
+    command = next(line for line in jobs.output(job).splitlines() if "dry run: " in line)
+    assert "--ntasks=1" in command and "tools/convert_hf_to_mcore.py --hf /models/x --out /ckpt/x --tp 2" in command
+    assert "RANK=" not in command, "the tool starts its own workers: no per-task rank variables"
+    bad = jobs.submit("convert.sh", ["sideways"], runs_root=tmp_path,
+                      sbatch=("--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=30"))
+    info = jobs.wait(bad, timeout=60)
+    assert info["JobState"] == "FAILED" and "usage: sbatch slurm/convert.sh" in jobs.output(bad)
