@@ -1,0 +1,149 @@
+"""SPCT in miniature on one CPU machine: base → RFT → GRPO → MetaRM → evaluation → Hugging Face export.
+
+Every step is the same Hydra entry point a cluster run uses (``torchrun -m megatron_grm.stages.<stage>``
+with the stage's ``*_tiny`` CPU preset), chained through checkpoints in one run folder:
+
+    bootstrap (cold-start SFT on teacher judgments)  → evaluate "Base"
+    rft  (sample N=3, keep correct, SFT)              → evaluate "RFT"
+    grpo (G=4, ±1 rewards, KL to the RFT model)        → evaluate "GRPO" with voting@k and MetaRM@k
+    metarm (scalar head on judgments labelled by Eq. 10, from RFT's samples)
+    convert_mcore_to_hf (the GRPO model + MetaRM head → a folder transformers loads)
+
+    python -m megatron_grm.demo --run-dir runs/demo          # what scripts/demo.sh runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Scale:
+    """How much work each step does; ``full`` fits the README's 20 minutes on 2 cores, ``test`` the test suite."""
+
+    bootstrap_steps: int
+    rft_examples: int
+    rft_steps: int
+    grpo_steps: int
+    metarm_steps: int
+    heldout: int
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
+SCALES = {
+    "full": Scale(bootstrap_steps=150, rft_examples=512, rft_steps=40, grpo_steps=8, metarm_steps=40, heldout=100,
+                  ks=[1, 2, 4, 8]),
+    "test": Scale(bootstrap_steps=60, rft_examples=128, rft_steps=10, grpo_steps=2, metarm_steps=10, heldout=32,
+                  ks=[1, 2]),
+}
+
+
+def latest_iter(run_dir: Path) -> Path:
+    ckpts = run_dir / "checkpoints"
+    return ckpts / (ckpts / "latest").read_text().strip()
+
+
+def stage(name: str, overrides: list[str], nproc: int, log_dir: Path) -> float:
+    """Run one stage under torchrun; its output goes to ``<log_dir>/<name>.log``; fail loudly with its tail."""
+    module = {"bootstrap": "bootstrap", "rft": "rft", "grpo": "grpo", "metarm": "metarm"}.get(name.split("_")[0],
+                                                                                              "evaluate")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           f"megatron_grm.stages.{module}", *overrides]
+    log = log_dir / f"{name}.log"
+    began = time.perf_counter()
+    print(f"[demo] {name}: {' '.join(cmd[3:])}", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - began
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise SystemExit(f"[demo] {name} failed (exit {proc.returncode}) after {seconds:.0f}s; log {log}:\n{tail}")
+    print(f"[demo] {name}: done in {seconds:.0f}s", flush=True)
+    return seconds
+
+
+def evaluate(name: str, run: Path, load: Path, sc: Scale, nproc: int, metarm: Path | None = None,
+             ks: list[int] | None = None) -> dict:
+    out = run / name
+    overrides = ["+experiment=eval_tiny", "model=tiny_grm", f"trainer.run_dir={out}", f"trainer.load={load}",
+                 f"eval.benchmarks=[{{name: arithmetic, data: 'arithmetic:heldout:{sc.heldout}'}}]",
+                 f"eval.ks=[{','.join(map(str, ks or [1]))}]"]
+    if metarm is not None:
+        overrides.append(f"eval.metarm={metarm}")
+    stage(name, overrides, nproc, run)
+    return json.loads((out / "results.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", default="runs/demo")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="full")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args(argv)
+    sc, run, n = SCALES[args.scale], Path(args.run_dir).resolve(), args.nproc
+    run.mkdir(parents=True, exist_ok=True)
+    seed = f"trainer.seed={args.seed}"
+    began = time.perf_counter()
+    times: dict[str, float] = {}
+
+    times["bootstrap"] = stage("bootstrap", [f"trainer.run_dir={run / 'bootstrap'}", seed,
+                                             f"trainer.max_steps={sc.bootstrap_steps}", "data.heldout=null"], n, run)
+    base = latest_iter(run / "bootstrap")
+    results = {"Base": evaluate("eval_base", run, base, sc, n)}
+
+    times["rft"] = stage("rft", ["+experiment=rft_tiny", f"trainer.run_dir={run / 'rft'}", seed,
+                                 f"trainer.load={base}", f"trainer.max_steps={sc.rft_steps}",
+                                 f"data.train=arithmetic:train:{sc.rft_examples}", "data.heldout=null"], n, run)
+    rft = latest_iter(run / "rft")
+    results["RFT"] = evaluate("eval_rft", run, rft, sc, n)
+
+    times["grpo"] = stage("grpo", ["+experiment=grpo_tiny", f"trainer.run_dir={run / 'grpo'}", seed,
+                                   f"trainer.load={rft}", f"trainer.max_steps={sc.grpo_steps}"], n, run)
+    grpo = latest_iter(run / "grpo")
+
+    samples = sorted(str(p) for p in (run / "rft" / "samples").glob("*.jsonl"))
+    times["metarm"] = stage("metarm", ["+experiment=metarm_tiny", "model=tiny_grm", f"trainer.run_dir={run / 'metarm'}",
+                                       seed, f"trainer.load={grpo}", f"trainer.max_steps={sc.metarm_steps}",
+                                       f"data.samples=[{','.join(samples)}]"], n, run)
+    metarm = latest_iter(run / "metarm")
+    results["GRPO"] = evaluate("eval_grpo", run, grpo, sc, n, metarm=metarm, ks=sc.ks)
+
+    hf = run / "hf"
+    subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt", str(metarm),
+                    "--out", str(hf)], check=True, cwd=REPO)
+    total = time.perf_counter() - began
+    table = final_table(results, sc.ks)
+    (run / "demo_results.md").write_text(table + "\n")
+    (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total},
+                                                      indent=2, default=str))
+    print("\n" + table)
+    print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\nHF export:    {hf}\n"
+          f"total time:   {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
+
+
+def final_table(results: dict[str, dict], ks: list[int]) -> str:
+    """Held-out Eq. 10 accuracy (%) in the paper's shape: one row per model and inference method."""
+    rows = [("Base (bootstrap) greedy", results["Base"], "Greedy"), ("RFT greedy", results["RFT"], "Greedy"),
+            ("GRPO greedy", results["GRPO"], "Greedy")]
+    rows += [(f"GRPO Voting@{k}", results["GRPO"], f"Voting@{k}") for k in ks]
+    rows += [(f"GRPO MetaRM@{k}", results["GRPO"], f"MetaRM@{k}") for k in ks]
+    lines = ["| model / method | held-out arithmetic accuracy (%) |", "|---|---|"]
+    for label, res, row in rows:
+        value = res["accuracy"].get(row, {}).get("arithmetic")
+        lines.append(f"| {label} | {'n/a' if value is None else f'{100 * value:.1f}'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
