@@ -221,7 +221,9 @@ def _forward_only(model: torch.nn.Module, items: list[tuple[Sequence[int], list[
     """One forward-only pass of Megatron's schedule over one micro-batch; logits on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batch = collate_metarm(items, pad_id=pad_id)
+    # Padded to a multiple of 64: sequence parallelism splits the sequence over TP ranks.
+    longest = max(len(ids) for ids, _ in items)
+    batch = collate_metarm(items, seq_length=-(-longest // 64) * 64, pad_id=pad_id)
     collected: list[float] = []
 
     def forward_step(data_iterator, chunk):

@@ -1,0 +1,467 @@
+"""Memory and step-time planner: will this model, layout and batch fit a GPU, and how long will a step take?
+
+Pure arithmetic over the same :class:`RunConfig` a stage runs with (no torch.distributed, no model build),
+so ``tools/plan.py`` answers in a second and refuses a layout before a 128-GPU job is queued. It lives at
+the package top level, not in ``train/``, because a plan spans the training step, the rollout engine's KV
+cache and GRPO's reference model.
+
+Per GPU, for the heaviest pipeline stage:
+
+- weights, gradients (Megatron DDP keeps fp32 ``main_grad`` buffers) and Adam states, with and without
+  the distributed optimizer (mixed precision: 2 + 4 + 12 bytes per parameter, the 12 sharded over DP);
+- activations, itemised tensor by tensor as in Korthikanti et al. 2022, "Reducing Activation Recomputation
+  in Large Transformer Models" (Sec. 4), generalised to GQA, SwiGLU, RMSNorm and to the kernels our
+  layer specs run. With the paper's GPT layer the itemisation reduces to its closed forms
+  (:func:`korthikanti_layer_bytes`: ``sbh(34 + 5as/h)``, ``sbh(10 + 24/t + 5as/(ht))`` with TP,
+  ``sbh/t (34 + 5as/h)`` with TP+SP, the ``5as/h`` term gone with selective recompute, ``2sbh`` with full);
+- the rollout engine's KV cache, and the frozen reference model GRPO's KL term needs.
+
+Step time is model FLOPs (:meth:`ModelConfig.flops_per_token`) over ``devices × peak × MFU`` at a stated MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_grm.models.config import ModelConfig
+from megatron_grm.models.provider import padded_vocab_size
+from megatron_grm.train.config import RunConfig, validate
+
+GiB = 1024**3
+STAGES = ("sft", "rft", "grpo", "metarm")
+RECOMPUTE = (None, "selective", "full")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class PlanSettings:
+    """The ``plan:`` section of a config: what the trainer config does not say about a run."""
+
+    stage: str = "sft"  # sft | rft | grpo | metarm
+    mfu: float = 0.40  # model FLOP utilisation assumed for training and teacher-forced forwards
+    rollout_mfu: float = 0.10  # decoding is memory-bound: a much lower FLOP utilisation is realistic
+    rollout_tokens_in_flight: int = 0  # KV-cache positions per model replica (the engine's max_tokens_in_flight)
+    rollout_sequences_per_step: int = 0  # judgments sampled per optimizer step (GRPO: the global batch)
+    max_prompt_tokens: int = 0
+    max_new_tokens: int = 0
+    reference_model: bool | None = None  # None: only GRPO keeps one (for its KL term)
+    reference_offloaded: bool = False  # kept in CPU memory between uses: on the GPU only for its forward
+    states_resident_during_rollout: bool = True  # grads/optimizer stay on the GPU while sampling
+    kernels: str = "auto"  # auto | local | te: which implementation's saved tensors to count
+    reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"plan.stage={self.stage!r}; choose one of {STAGES}")
+        if self.kernels not in ("auto", "local", "te"):
+            raise ValueError(f"plan.kernels={self.kernels!r}; choose auto, local or te")
+        if not 0 < self.mfu <= 1 or not 0 < self.rollout_mfu <= 1:
+            raise ValueError("plan.mfu and plan.rollout_mfu must be in (0, 1]")
+
+    @property
+    def keeps_reference(self) -> bool:
+        return self.stage == "grpo" if self.reference_model is None else self.reference_model
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> PlanSettings:
+        values = {**(defaults or {}), **(values or {})}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown plan field(s): {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the forward pass keeps for backward, per implementation (bytes are per element).
+
+    ``norm_bytes``: one RMSNorm (None = the activation dtype: TE keeps its input; the torch norm of the
+    local spec keeps two fp32 tensors, 8 bytes). ``glu_tensors``: ffn-sized tensors the MLP activation
+    keeps besides fc2's input (Megatron's unfused SwiGLU: fc1 output (2) + silu output + the offset-added
+    linear half = 4; fused: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
+    ``flash`` (TE fused/flash: no s² term) or ``softcap`` (Gemma-2's unfused core with tanh capping).
+    ``v_view``: V is a view of the fused QKV output, so keeping V keeps that whole buffer alive.
+    """
+
+    norm_bytes: float | None
+    glu_tensors: float
+    attention: str
+    softmax_fp32: bool = True
+    dropout: bool = False
+    v_view: bool = True
+    rope: bool = True  # RoPE keeps cos/sin per layer (the paper's GPT has learned positions)
+
+
+LOCAL = Kernels(norm_bytes=8.0, glu_tensors=4.0, attention="unfused")
+TE = Kernels(norm_bytes=None, glu_tensors=4.0, attention="flash")
+# The GPT layer of Korthikanti et al.: LayerNorm keeps its 16-bit input, GeLU MLP (4h), dropout everywhere.
+KORTHIKANTI = Kernels(norm_bytes=None, glu_tensors=1.0, attention="unfused", softmax_fp32=False, dropout=True,
+                      v_view=False, rope=False)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions one GPU sees: s tokens, b sequences, TP degree t (and whether SP splits s)."""
+
+    s: int
+    b: int
+    t: int = 1
+    sp: bool = False
+
+
+def stage_defaults(run: RunConfig) -> dict[str, Any]:
+    """What a stage config (conf/rft.yaml, conf/grpo.yaml) already says about sampling: the plan's defaults."""
+    t = run.trainer
+    if isinstance(run.extra.get("grpo"), dict):
+        g = run.extra["grpo"]
+        new = int(g.get("max_new_tokens", 0))
+        return {"stage": "grpo", "rollout_tokens_in_flight": int(g.get("max_tokens_in_flight", 0)),
+                "max_new_tokens": new, "max_prompt_tokens": max(0, t.seq_length - new),
+                "rollout_sequences_per_step": t.global_batch_size, "reference_model": True,
+                "reference_offloaded": bool(g.get("offload_reference", False))}
+    if isinstance(run.extra.get("rft"), dict):
+        r = run.extra["rft"]
+        new = int((r.get("sampling") or {}).get("max_new_tokens", 0))
+        in_flight = int((r.get("rollout") or {}).get("max_tokens_in_flight", 0))
+        return {"stage": "rft", "rollout_tokens_in_flight": in_flight, "max_new_tokens": new,
+                "max_prompt_tokens": max(0, t.seq_length - new),
+                "rollout_sequences_per_step": int(r.get("num_samples", 1)) * t.global_batch_size}
+    return {}
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def layer_parameters(m: ModelConfig, t: int) -> float:
+    """Parameters of one transformer layer on one TP rank (norm weights are replicated, not split)."""
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    h, f = m.hidden_size, m.ffn_hidden_size
+    split = h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if m.add_qkv_bias else 0)
+    norms = 2 * h + (2 * h if m.family == "gemma2" else 0)
+    return split / t + norms
+
+
+def stage_parameters(m: ModelConfig, t: int, p: int) -> list[float]:
+    """Parameters per GPU of each pipeline stage: its layers, plus embedding (first) and output layer (last).
+
+    With tied embeddings and p > 1 the last stage holds its own copy of the embedding as output layer.
+    """
+    vocab = padded_vocab_size(m.vocab_size, t)
+    per_stage = [m.num_layers // p * layer_parameters(m, t) for _ in range(p)]
+    per_stage[0] += vocab * m.hidden_size / t
+    if not m.tie_word_embeddings or p > 1:
+        per_stage[-1] += vocab * m.hidden_size / t
+    per_stage[-1] += m.hidden_size  # final norm
+    return per_stage
+
+
+def state_bytes(params: float, params_dtype: str, dp: int, distributed_optimizer: bool) -> dict[str, float]:
+    """Weights, fp32 main_grad buffer, and Adam (m, v, plus fp32 master weights when params are bf16)."""
+    weight = {"bf16": 2, "fp32": 4}[params_dtype]
+    optimizer = 12 if params_dtype == "bf16" else 8  # fp32 params are their own master copy
+    shards = dp if distributed_optimizer else 1
+    return {"weights": params * weight, "gradients": params * 4.0, "optimizer": params * optimizer / shards}
+
+
+# ------------------------------------------------------------------------------------------ activations
+def layer_activation_terms(m: ModelConfig, x: Shape, e: float, recompute: str | None, k: Kernels,
+                           windowed_fraction: float = 0.0) -> dict[str, float]:
+    """Bytes one transformer layer keeps for backward on one GPU, by tensor (Korthikanti Sec. 4.1)."""
+    s, b, t = x.s, x.b, x.t
+    h, f, a = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
+    q_dim, kv_dim = a * m.kv_channels, m.num_query_groups * m.kv_channels
+    sbh = s * b * h
+    rep = t if x.sp else 1  # tensors outside the TP region: replicated without SP, split by SP
+    if recompute == "full":
+        return {"layer input": e * sbh / rep}
+    norm = k.norm_bytes if k.norm_bytes is not None else e
+    n_norms = 4 if m.family == "gemma2" else 2
+    terms: dict[str, float] = {
+        "norms": n_norms * norm * sbh / rep,
+        "qkv input": e * sbh / rep,
+        "fc1 input": e * sbh / rep,
+        "proj input": e * s * b * q_dim / t,
+        "fc2 input": e * s * b * f / t,
+        "mlp activation": k.glu_tensors * e * s * b * f / t,
+    }
+    if k.rope:
+        terms["rope cos/sin"] = 4 * e * s * m.kv_channels
+    if k.dropout:
+        terms["dropout masks"] = 2 * sbh / rep
+    groups = a // m.num_query_groups
+    qkv_buffer = e * s * b * (q_dim + 2 * kv_dim) / t
+    if recompute == "selective" or k.attention == "flash":
+        # Checkpoint inputs (or what flash attention keeps): q and k after RoPE, v still a view of qkv.
+        terms["q, k, v"] = e * s * b * (q_dim + kv_dim) / t + (qkv_buffer if k.v_view else e * s * b * kv_dim / t)
+        if k.attention == "flash" and recompute != "selective":
+            terms["softmax stats"] = 4 * b * a * s / t
+        return terms
+    expanded = e * s * b * q_dim / t  # K and V after repeat_interleave to all query heads
+    v_kept = expanded if groups > 1 or not k.v_view else qkv_buffer
+    k_kept = expanded if groups > 1 else e * s * b * kv_dim / t
+    terms["q, k, v"] = e * s * b * q_dim / t + k_kept + v_kept
+    scores = b * a * s * s / t
+    if k.attention == "softcap":
+        # tanh output (scores dtype), fp32 softmax, probs back in the activation dtype, per-layer window mask
+        terms["scores"] = scores * (e + 4 + (e if e != 4 else 0)) + windowed_fraction * b * s * s
+    else:
+        probs = 4 + (e if e != 4 else 0) if k.softmax_fp32 else e
+        terms["scores"] = scores * (probs + (1 + e if k.dropout else 0))
+    return terms
+
+
+def head_activation_terms(m: ModelConfig, x: Shape, e: float, k: Kernels) -> dict[str, float]:
+    """The last stage's final norm, output-layer input and fp32 cross-entropy softmax (vocab-parallel)."""
+    rep = x.t if x.sp else 1
+    vocab = padded_vocab_size(m.vocab_size, x.t)
+    sbh = x.s * x.b * m.hidden_size
+    norm = k.norm_bytes if k.norm_bytes is not None else e
+    terms = {"final norm": norm * sbh / rep, "output-layer input": e * sbh / rep,
+             "cross-entropy (fp32)": 4.0 * x.s * x.b * vocab / x.t}
+    if m.final_logit_softcapping:
+        terms["logit soft-cap"] = e * x.s * x.b * vocab / x.t
+    return terms
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                            recompute: str | None = None) -> float:
+    """The paper's closed forms (Table 2) for one GPT layer with 16-bit activations."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    attn = 0 if recompute == "selective" else 5 * a * s / h
+    if sp:
+        return s * b * h / t * (34 + attn)
+    return s * b * h * (10 + 24 / t + attn / t)
+
+
+def activation_bytes(m: ModelConfig, x: Shape, e: float, recompute: str | None, k: Kernels,
+                     layers: int, in_flight: int, last_stage: bool) -> float:
+    """Peak saved-activation bytes of one pipeline stage running 1F1B with ``in_flight`` micro-batches.
+
+    Full recompute keeps every layer's input and, during backward, one layer's activations at a time.
+    """
+    windowed = 0.5 if m.sliding_window else 0.0
+    per_layer = sum(layer_activation_terms(m, x, e, recompute, k, windowed).values())
+    stored = in_flight * layers * per_layer
+    head = sum(head_activation_terms(m, x, e, k).values()) if last_stage else 0.0
+    if recompute == "full":
+        one_layer = sum(layer_activation_terms(m, x, e, None, k, windowed).values())
+        return stored + max(head, one_layer)
+    return stored + head
+
+
+# ------------------------------------------------------------------------------------------ the plan
+@dataclass
+class StageMemory:
+    """Bytes per GPU of one pipeline stage, by component."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    kv_cache: float = 0.0
+    rollout_working: float = 0.0
+    reference: float = 0.0
+    states_in_rollout: bool = True  # False when grads and optimizer states are offloaded while sampling
+    reference_in_rollout: bool = True  # False when the reference model waits in CPU memory
+
+    @property
+    def training(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
+
+    @property
+    def rollout(self) -> float:
+        if not (self.kv_cache or self.rollout_working):
+            return 0.0
+        states = self.gradients + self.optimizer if self.states_in_rollout else 0.0
+        reference = self.reference if self.reference_in_rollout else 0.0
+        return self.weights + states + reference + self.kv_cache + self.rollout_working
+
+    @property
+    def peak(self) -> float:
+        return max(self.training, self.rollout)
+
+
+@dataclass
+class Plan:
+    run: RunConfig
+    settings: PlanSettings
+    kernels_name: str
+    world: int
+    dp: int
+    microbatches: int
+    stages: list[StageMemory]
+    variants: dict[tuple[bool, str | None], tuple[float, float]]  # (dist. optimizer, recompute) -> (training, peak)
+    times: dict[str, float] = field(default_factory=dict)
+    capacity: float | None = None
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda st: st.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.worst.peak + self.settings.reserved_gb * GiB <= self.capacity
+
+    def refusal(self) -> str | None:
+        if self.fits:
+            return None
+        w, t, p = self.worst, self.run.trainer, self.run.parallel
+        phase = "rollout" if w.rollout > w.training else "training"
+        return (f"does not fit: {w.peak / GiB:.1f} GiB + {self.settings.reserved_gb:.0f} GiB reserved > "
+                f"{self.capacity / GiB:.0f} GiB per GPU in the {phase} phase (weights {w.weights / GiB:.1f}, "
+                f"grads {w.gradients / GiB:.1f}, optimizer {w.optimizer / GiB:.1f}, activations "
+                f"{w.activations / GiB:.1f}, KV cache {w.kv_cache / GiB:.1f}, reference {w.reference / GiB:.1f}) "
+                f"with TP={p.tensor_parallel} PP={p.pipeline_parallel} DP={self.dp} "
+                f"micro_batch={t.micro_batch_size} seq={t.seq_length} recompute={t.recompute}; "
+                "raise TP/PP, enable the distributed optimizer or recompute, or lower the micro-batch")
+
+
+def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernels]:
+    """TE's kernels on a GPU cluster (NGC images carry TE), the local spec's elsewhere; Gemma-2 caps softly."""
+    name = settings.kernels if settings.kernels != "auto" else ("te" if run.cluster.gpu else "local")
+    k = TE if name == "te" else LOCAL
+    if run.model.family == "gemma2":  # its own unfused core attention on both specs (soft-capping)
+        k = dataclasses.replace(k, attention="softcap")
+    return name, k
+
+
+def stage_memory(run: RunConfig, settings: PlanSettings, k: Kernels, distributed_optimizer: bool,
+                 recompute: str | None) -> list[StageMemory]:
+    """Memory per GPU of every pipeline stage (stage i of p holds min(p - i, M) micro-batches under 1F1B)."""
+    m, p, t = run.model, run.parallel, run.trainer
+    dp = p.data_parallel(run.cluster.world_size)
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    e = {"bf16": 2.0, "fp32": 4.0}[run.precision.params_dtype]
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    x = Shape(s=t.seq_length // p.context_parallel, b=t.micro_batch_size, t=tp, sp=p.sequence_parallel)
+    kv_per_token = 2 * (m.num_layers // pp) * (m.num_query_groups // tp) * m.kv_channels * e
+    rollout_tokens = settings.rollout_tokens_in_flight
+    working = 0.0
+    if rollout_tokens:  # prefilling a wave: upper bound = everything one layer's forward produces
+        wave = max(1, rollout_tokens // max(1, settings.max_prompt_tokens + settings.max_new_tokens))
+        prefill = Shape(s=max(1, settings.max_prompt_tokens), b=wave, t=tp, sp=p.sequence_parallel)
+        working = sum(layer_activation_terms(m, prefill, e, None, k).values())
+    out = []
+    for i, params in enumerate(stage_parameters(m, tp, pp)):
+        states = state_bytes(params, run.precision.params_dtype, dp, distributed_optimizer)
+        out.append(StageMemory(
+            weights=states["weights"], gradients=states["gradients"], optimizer=states["optimizer"],
+            activations=activation_bytes(m, x, e, recompute, k, m.num_layers // pp, min(pp - i, microbatches),
+                                         last_stage=i == pp - 1),
+            kv_cache=rollout_tokens * kv_per_token, rollout_working=working,
+            reference=states["weights"] if settings.keeps_reference else 0.0,
+            states_in_rollout=settings.states_resident_during_rollout,
+            reference_in_rollout=not settings.reference_offloaded,
+        ))
+    return out
+
+
+def step_times(run: RunConfig, settings: PlanSettings, peak_flops: float | None) -> dict[str, float]:
+    """Seconds per optimizer step at the stated MFUs (training, reference forward, sampling)."""
+    m, t = run.model, run.trainer
+    tokens = t.global_batch_size * t.seq_length
+    train_flops = m.flops_per_token(t.seq_length) * tokens
+    out = {"model_tflop_per_step": train_flops / 1e12}
+    if not peak_flops:
+        return out
+    cluster = run.cluster.world_size * peak_flops
+    out["train_s"] = train_flops / (cluster * settings.mfu)
+    if settings.keeps_reference:
+        out["reference_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
+    if settings.rollout_sequences_per_step and settings.max_new_tokens:
+        ctx = settings.max_prompt_tokens + settings.max_new_tokens // 2
+        prefill = settings.rollout_sequences_per_step * settings.max_prompt_tokens
+        decode = settings.rollout_sequences_per_step * settings.max_new_tokens
+        out["rollout_s"] = (m.flops_per_token(settings.max_prompt_tokens) / 3 * prefill / (cluster * settings.mfu)
+                            + m.flops_per_token(ctx) / 3 * decode / (cluster * settings.rollout_mfu))
+    out["step_s"] = sum(v for k, v in out.items() if k.endswith("_s"))
+    return out
+
+
+def make_plan(cfg: dict[str, Any] | RunConfig, memory_gb: float | None = None) -> Plan:
+    """Validate the layout like a stage would, then size memory per GPU and time per step."""
+    run = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    settings = PlanSettings.from_dict(run.extra.get("plan"), defaults=stage_defaults(run))
+    world = run.cluster.world_size
+    validate(run, world_size=world)
+    if run.trainer.recompute not in RECOMPUTE:
+        raise ValueError(f"trainer.recompute={run.trainer.recompute!r}")
+    name, k = resolve_kernels(run, settings)
+    dist_opt = run.optimizer.use_distributed_optimizer
+    stages = stage_memory(run, settings, k, dist_opt, run.trainer.recompute)
+    variants = {}
+    for d in (True, False):
+        for r in RECOMPUTE:
+            alt = stage_memory(run, settings, k, d, r)
+            variants[(d, r)] = (max(st.training for st in alt), max(st.peak for st in alt))
+    gb = memory_gb if memory_gb is not None else run.cluster.memory_gb_per_device
+    peak = run.trainer.peak_tflops or run.cluster.peak_tflops_bf16
+    dp = run.parallel.data_parallel(world)
+    return Plan(run=run, settings=settings, kernels_name=name, world=world, dp=dp,
+                microbatches=run.trainer.global_batch_size // (run.trainer.micro_batch_size * dp),
+                stages=stages, variants=variants, times=step_times(run, settings, peak * 1e12 if peak else None),
+                capacity=gb * GiB if gb else None)
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f}"
+
+
+def format_plan(plan: Plan, title: str = "") -> str:
+    """A fixed-width table: components per pipeline stage, alternatives, step time, verdict."""
+    run, s = plan.run, plan.settings
+    m, p, t = run.model, run.parallel, run.trainer
+    params = m.num_parameters(padded_vocab_size(m.vocab_size, p.tensor_parallel))
+    cap = f"{plan.capacity / GiB:.0f} GiB" if plan.capacity else "no limit given"
+    lines = [
+        f"plan {title}: {m.family} {params / 1e9:.2f}B params on {plan.world} x {run.cluster.gpu or 'CPU'} ({cap})",
+        f"  TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} DP={plan.dp} "
+        f"SP={'on' if p.sequence_parallel else 'off'}  {run.precision.params_dtype}"
+        f"{' fp8=' + run.precision.fp8 if run.precision.fp8 else ''}  kernels={plan.kernels_name}  stage={s.stage}",
+        f"  micro-batch {t.micro_batch_size} x seq {t.seq_length}, global batch {t.global_batch_size} "
+        f"({plan.microbatches} micro-batches per DP rank), recompute={t.recompute}, "
+        f"distributed optimizer={'on' if run.optimizer.use_distributed_optimizer else 'off'}",
+        "",
+        f"  {'per GPU, GiB':<26}" + "".join(f"{'stage ' + str(i):>10}" for i in range(len(plan.stages))),
+    ]
+    rows = [("weights", "weights"), ("gradients (fp32)", "gradients"), ("optimizer states", "optimizer"),
+            ("activations", "activations"), ("reference model", "reference"), ("KV cache (rollout)", "kv_cache"),
+            ("rollout working set", "rollout_working"), ("= training phase", "training"),
+            ("= rollout phase", "rollout"), ("= peak", "peak")]
+    for label, attr in rows:
+        lines.append(f"  {label:<26}" + "".join(f"{_gib(getattr(st, attr)):>10}" for st in plan.stages))
+    lines += ["", f"  {'GiB, training phase / peak':<30}{'recompute none':>16}{'selective':>16}{'full':>16}"]
+    for dist in (True, False):
+        cells = []
+        for r in RECOMPUTE:
+            mark = "*" if (dist == run.optimizer.use_distributed_optimizer and r == t.recompute) else " "
+            train, peak = plan.variants[(dist, r)]
+            cells.append(f"{train / GiB:.1f} / {peak / GiB:.1f}{mark}")
+        lines.append(f"  {'distributed optimizer ' + ('on' if dist else 'off'):<30}"
+                     + "".join(f"{c:>16}" for c in cells))
+    tm = plan.times
+    tflop = tm["model_tflop_per_step"]
+    lines += ["", "  model FLOPs per step: " + (f"{tflop / 1e3:.1f} PFLOP" if tflop >= 1e3 else f"{tflop:.3g} TFLOP")]
+    if "step_s" in tm:
+        parts = [f"train {tm['train_s']:.1f} s (MFU {s.mfu:.0%})"]
+        if "reference_forward_s" in tm:
+            parts.append(f"reference forward {tm['reference_forward_s']:.1f} s")
+        if "rollout_s" in tm:
+            parts.append(f"rollout {tm['rollout_s']:.1f} s (decode at MFU {s.rollout_mfu:.0%})")
+        lines.append(f"  step time ≈ {tm['step_s']:.1f} s = " + " + ".join(parts))
+    if p.pipeline_parallel > 1:
+        lines.append(f"  pipeline bubble (1F1B): {(p.pipeline_parallel - 1) / plan.microbatches:.1%} of a step")
+    verdict = plan.refusal()
+    if plan.capacity is None:
+        verdict_line = (f"  NOT CHECKED: worst stage {plan.worst.peak / GiB:.2f} GiB; no memory per device given "
+                        "(cluster.memory_gb_per_device or --memory-gb)")
+    elif verdict is None:
+        verdict_line = (f"  FITS: worst stage {plan.worst.peak / GiB:.1f} GiB + {s.reserved_gb:.0f} GiB reserved "
+                        f"<= {cap}")
+    else:
+        verdict_line = f"  REFUSED: {verdict}"
+    lines += ["", verdict_line]
+    return "\n".join(lines)

@@ -1,0 +1,661 @@
+"""Evaluation with inference-time scaling (paper §4, §5): greedy, voting@k and MetaRM@k on each benchmark.
+
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.evaluate +experiment=eval_tiny \\
+        trainer.load=runs/rft/checkpoints eval.metarm=runs/metarm/checkpoints
+
+sample → meta-score → vote → score → tables:
+1. sample: per example one greedy judgment, max(k) judgments at temperature 0.5 (each showing the
+   responses in a fresh random order, paper §4.1) and the LLM-as-a-judge baseline. Every k reuses the
+   first k draws of the same sample, so the curve over k is one experiment, not len(ks) experiments.
+2. meta-score: the MetaRM rates each draw (paper §4.2).
+3. vote: voting@k sums the first k draws' scores, MetaRM@k sums the k_meta (default k/2) best-rated ones;
+   the argmax is the predicted best response (ties at random, seeded). Greedy is judged by Eq. 10.
+4. score: accuracy per benchmark and category, ROC-AUC on single-response sets → ``results.json``,
+   ``results.md`` (the paper's table: rows = methods, columns = benchmarks) and ``scaling.png``.
+
+Every draw goes to ``<run_dir>/samples.jsonl`` as it is made (a restarted run samples only what is
+missing). ``eval.samples_in=FILE`` supplies draws in that format, e.g. from another run: whatever it
+holds is not sampled again, and with nothing missing no model is built at all.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import sys
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+
+from megatron_grm.data.examples import Example, permute_example
+from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.rollout.judgments import render_prompt
+from megatron_grm.rollout.sampling import SamplingConfig
+from megatron_grm.spct import (
+    choice_scores,
+    default_k_meta,
+    is_correct,
+    judge_baseline_prompt,
+    macro_average,
+    meta_filter,
+    parse_best_choice,
+    per_category,
+    results_markdown,
+    roc_auc,
+    vote,
+    voted_scores,
+)
+from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
+
+log = logging.getLogger(__name__)
+
+SAMPLES_FILE, MANIFEST_FILE = "samples.jsonl", "samples_manifest.json"
+RESULTS_JSON, RESULTS_MD, SCALING_PNG = "results.json", "results.md", "scaling.png"
+GREEDY, SAMPLE, JUDGE = "greedy", "sample", "judge"  # the methods a draw comes from
+JUDGE_ROW = "LLM-as-a-judge"
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass
+class BenchmarkSpec:
+    """One column of the table: examples named by a data spec (:mod:`megatron_grm.data.sources`)."""
+
+    name: str
+    data: str  # e.g. path.jsonl, rmb:<root>:pairwise, arithmetic:heldout:400
+    files: list[str] | None = None  # rmb only: files under <root>/<Pairwise_set|BoN_set>/, read in place
+    limit: int | None = None  # the first `limit` usable examples
+
+
+@dataclass
+class EvalSettings:
+    benchmarks: list[BenchmarkSpec]
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    k_meta: int | None = None  # judgments MetaRM@k keeps; None: k/2 (paper), at least 1
+    temperature: float = 0.5  # paper §4.1
+    max_new_tokens: int = 1024
+    variant: str = "default"  # GRM template (spct.templates)
+    chat: bool = True
+    greedy: bool = True
+    judge_baseline: bool = True
+    metarm: str | None = None  # MetaRM checkpoint (root or iter_* folder); None: MetaRM@k from samples_in only
+    samples_in: str | None = None  # draws already made (this stage's sample-file format)
+    per_category_depth: int | None = None  # category path components in the breakdown (None: all)
+    chunk_examples: int = 64  # examples per generate call and data-parallel rank, between sample-file writes
+    max_batch_size: int = 256
+    max_tokens_in_flight: int = 32768
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalSettings:
+        values = dict(values)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown eval field(s) {unknown}; known: {sorted(known)}")
+        specs = values.pop("benchmarks", None) or []
+        if not specs:
+            raise ValueError("eval.benchmarks is empty: name at least one {name, data} benchmark")
+        settings = cls(benchmarks=[BenchmarkSpec(**dict(s)) for s in specs], **values)
+        names = [b.name for b in settings.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.benchmarks: duplicate names {names}")
+        if not settings.ks or min(settings.ks) < 1:
+            raise ValueError(f"eval.ks={settings.ks}: need positive k values")
+        settings.ks = sorted(set(int(k) for k in settings.ks))
+        if settings.k_meta is not None and settings.k_meta < 1:
+            raise ValueError(f"eval.k_meta={settings.k_meta}: must be >= 1 (or null for k/2)")
+        return settings
+
+    @property
+    def max_k(self) -> int:
+        return max(self.ks)
+
+    def k_meta_for(self, k: int) -> int:
+        return default_k_meta(k) if self.k_meta is None else min(self.k_meta, k)
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+@dataclass
+class Benchmark:
+    name: str
+    examples: list[Example]
+    skipped: Counter[str]  # reason -> examples left out (never silently)
+
+
+def load_benchmark(spec: BenchmarkSpec, unusable: Callable[[Example], str | None], seed: int) -> Benchmark:
+    """A benchmark's usable examples (in file order, the first ``limit``) and counts of the ones skipped.
+
+    An example is skipped when the tokenizer cannot encode it (the demo's character tokenizer knows only
+    ASCII) or its prompt plus ``max_new_tokens`` does not fit the model's context: the policy is
+    skip-and-count, and the counts are reported next to the results.
+    """
+    from megatron_grm.data.sources import load_examples
+
+    examples = _read_rmb_files(spec) if spec.files else load_examples(spec.data, on_error="skip", seed=seed)
+    usable, skipped = [], Counter()
+    for example in examples:
+        if spec.limit is not None and len(usable) >= spec.limit:
+            break
+        reason = unusable(example)
+        if reason is None:
+            usable.append(example)
+        else:
+            skipped[reason] += 1
+    if not usable:
+        raise ValueError(f"benchmark {spec.name}: no usable example in {spec.data} (skipped: {dict(skipped)})")
+    if skipped:
+        log.warning("benchmark %s: %d usable examples, skipped %s", spec.name, len(usable), dict(skipped))
+    return Benchmark(spec.name, usable, skipped)
+
+
+def _read_rmb_files(spec: BenchmarkSpec) -> list[Example]:
+    from megatron_grm.data.readers.rmb import SUBSET_DIRS, read_rmb_file
+
+    kind, _, rest = spec.data.partition(":")
+    root, _, subset = rest.rpartition(":")
+    if kind != "rmb" or subset not in SUBSET_DIRS:
+        raise ValueError(f"benchmark {spec.name}: 'files' needs data=rmb:<root>:<pairwise|bon>, got {spec.data!r}")
+    examples: list[Example] = []
+    for name in spec.files or []:
+        examples.extend(read_rmb_file(Path(root) / SUBSET_DIRS[subset] / name, subset, on_error="skip").examples)
+    return examples
+
+
+def prompt_check(tokenizer: Tokenizer, s: EvalSettings, context_limit: int) -> Callable[[Example], str | None]:
+    """Why an example cannot be evaluated ("untokenizable", "too_long"), or None when it can."""
+
+    def unusable(example: Example) -> str | None:
+        identity = list(range(example.num_responses))
+        prompts = [render_prompt(example, identity, s.variant, False, tokenizer, s.chat)]
+        if s.judge_baseline and example.num_responses >= 2:
+            prompts.append(judge_prompt(example, identity, tokenizer, s.chat))
+        try:
+            lengths = [len(tokenizer.encode(p, add_bos=tokenizer.uses_bos)) for p in prompts]
+        except ValueError:
+            return "untokenizable"
+        return "too_long" if max(lengths) + s.max_new_tokens > context_limit else None
+
+    return unusable
+
+
+def judge_prompt(example: Example, perm: Sequence[int], tokenizer: Tokenizer, chat: bool) -> str:
+    """The LLM-as-a-judge baseline's prompt (paper §5 baselines) on the responses in order ``perm``."""
+    shown = permute_example(example, perm)
+    text = judge_baseline_prompt(shown.context, shown.responses)
+    return tokenizer.prompt_text(text, chat=chat) if chat else text
+
+
+# ------------------------------------------------------------------------------------------ draws
+@dataclass
+class Draw:
+    """One generated judgment of one example: a line of the sample file.
+
+    ``scores`` are in the example's original response order (the baseline's choice as one-hot scores),
+    None when unparseable; ``permutation[k]`` is the response shown at position k.
+    """
+
+    benchmark: str
+    example_id: str
+    method: str  # greedy | sample | judge
+    draw: int
+    scores: list[int] | None
+    permutation: list[int] | None = None
+    text: str = ""
+    meta_score: float | None = None
+
+
+class DrawStore:
+    """All draws by (benchmark, example, method), in draw order; what is already there is not resampled."""
+
+    def __init__(self) -> None:
+        self.draws: dict[tuple[str, str, str], dict[int, Draw]] = defaultdict(dict)
+
+    def add(self, draws: Sequence[Draw]) -> None:
+        for d in draws:
+            self.draws[(d.benchmark, d.example_id, d.method)][d.draw] = d
+
+    def get(self, benchmark: str, example_id: str, method: str) -> list[Draw]:
+        by_index = self.draws.get((benchmark, example_id, method), {})
+        out = []
+        while len(out) in by_index:  # the contiguous prefix 0, 1, 2, ...
+            out.append(by_index[len(out)])
+        return out
+
+    def all(self) -> list[Draw]:
+        return [d for key in sorted(self.draws) for _, d in sorted(self.draws[key].items())]
+
+    def read(self, path: str, benchmarks: Sequence[Benchmark]) -> int:
+        """Add the draws of a sample file that belong to these benchmarks' examples; returns how many."""
+        wanted = {(b.name, e.id): e.num_responses for b in benchmarks for e in b.examples}
+        added, ignored = 0, 0
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                draw = _draw_from_record(json.loads(line), f"{path}:{line_no}")
+                n = wanted.get((draw.benchmark, draw.example_id))
+                if n is None:
+                    ignored += 1
+                    continue
+                if draw.scores is not None and len(draw.scores) != n:
+                    raise ValueError(f"{path}:{line_no}: {len(draw.scores)} scores for an example with {n} responses")
+                self.add([draw])
+                added += 1
+        if ignored:
+            log.warning("%s: ignored %d draws of examples not evaluated here", path, ignored)
+        return added
+
+
+def _draw_from_record(record: Any, where: str) -> Draw:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for name in ("benchmark", "example_id", "method", "draw", "scores"):
+        if name not in record:
+            raise ValueError(f"{where}: field {name!r} is missing")
+    if record["method"] not in (GREEDY, SAMPLE, JUDGE):
+        raise ValueError(f"{where}: field 'method' must be greedy, sample or judge, got {record['method']!r}")
+    scores = record["scores"]
+    if scores is not None and not (isinstance(scores, list) and all(isinstance(x, int) for x in scores)):
+        raise ValueError(f"{where}: field 'scores' must be a list of integers or null")
+    known = set(Draw.__dataclass_fields__)
+    return Draw(**{k: v for k, v in record.items() if k in known})
+
+
+# ------------------------------------------------------------------------------------------ 1. sample
+@dataclass
+class Job:
+    """Draws ``first .. first+n-1`` of one method for some examples of one benchmark."""
+
+    benchmark: str
+    method: str
+    n: int
+    first: int
+    examples: list[Example]
+
+
+def missing_jobs(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalSettings) -> list[Job]:
+    """What still has to be generated, grouped so that one generate call serves many examples."""
+    jobs: list[Job] = []
+    for b in benchmarks:
+        wanted = [(SAMPLE, s.max_k)]
+        if s.greedy:
+            wanted.append((GREEDY, 1))
+        if s.judge_baseline:
+            wanted.append((JUDGE, 1))
+        for method, count in wanted:
+            groups: dict[int, list[Example]] = defaultdict(list)
+            for e in b.examples:
+                if method == JUDGE and e.num_responses < 2:
+                    continue  # the baseline compares responses; single-response sets have none to compare
+                have = len(store.get(b.name, e.id, method))
+                if have < count:
+                    groups[have].append(e)
+            jobs.extend(Job(b.name, method, count - first, first, exs) for first, exs in sorted(groups.items()))
+    return jobs
+
+
+def generate_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Example], s: EvalSettings,
+                   seed: int) -> list[Draw]:
+    """One generate call: the job's draws for ``examples`` (this rank's share of one chunk)."""
+    from megatron_grm.rollout.judgments import sample_judgments
+
+    if not examples:
+        return []
+    tag = f"{seed}:{job.benchmark}:{job.method}:{job.first}:{examples[0].id}"
+    rng = random.Random(tag)  # response orders: reproducible per chunk, whatever ran before it
+    call_seed = zlib.crc32(tag.encode())
+    if job.method == JUDGE:
+        return _judge_draws(engine, tokenizer, job, examples, s, rng, call_seed)
+    sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                              greedy=job.method == GREEDY, seed=call_seed)
+    judged = sample_judgments(engine, tokenizer, examples, job.n, sampling, rng, variant=s.variant, chat=s.chat)
+    return [Draw(job.benchmark, examples[j.example_index].id, job.method, job.first + k % job.n, j.scores,
+                 j.permutation, j.text) for k, j in enumerate(judged)]
+
+
+def _judge_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Example], s: EvalSettings,
+                 rng: random.Random, call_seed: int) -> list[Draw]:
+    """The LLM-as-a-judge baseline: greedy, on shuffled responses, its choice read by parse_best_choice."""
+    perms = []
+    for e in examples:
+        perm = list(range(e.num_responses))
+        rng.shuffle(perm)
+        perms.append(perm)
+    prompts = [tokenizer.encode(judge_prompt(e, p, tokenizer, s.chat), add_bos=tokenizer.uses_bos)
+               for e, p in zip(examples, perms)]
+    samples = engine.generate(prompts, n=1, sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, greedy=True,
+                                                                    seed=call_seed))
+    draws = []
+    for e, perm, sample in zip(examples, perms, samples):
+        shown = parse_best_choice(sample.text or "", e.num_responses)
+        choice = None if shown is None else perm[shown]
+        draws.append(Draw(job.benchmark, e.id, JUDGE, job.first, choice_scores(choice, e.num_responses), perm,
+                          sample.text or ""))
+    return draws
+
+
+def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawStore, s: EvalSettings,
+                   samples_path: str) -> None:
+    """Generate every missing draw with the GRM, chunk by chunk; each chunk is appended to the sample file
+    (so a preempted run loses at most one chunk) and a stop signal ends the stage with exit code 75."""
+    from megatron_grm.models.metarm import load_model_weights
+    from megatron_grm.models.provider import build_model
+    from megatron_grm.rollout import RolloutEngine
+
+    model = build_model(run.model, run.parallel, run.precision)
+    if run.trainer.load:
+        log.info("GRM weights from %s", load_model_weights(model, run.trainer.load))
+    else:
+        log.warning("trainer.load is not set: evaluating a randomly initialised GRM")
+    engine = RolloutEngine(model, tokenizer, max_batch_size=s.max_batch_size,
+                           max_tokens_in_flight=s.max_tokens_in_flight)
+    dp_rank, dp_size = _dp()
+    stop = StopRequest()
+    chunks = [(job, c) for job in jobs for c in range(0, len(job.examples), s.chunk_examples * dp_size)]
+    bar = _progress(len(chunks), "evaluate: sampling")
+    for job, start in chunks:
+        bar.set_description(f"evaluate: {job.benchmark} {job.method} x{job.n}")
+        part = job.examples[start:start + s.chunk_examples * dp_size][dp_rank::dp_size]
+        draws = _gather(generate_draws(engine, tokenizer, job, part, s, run.trainer.seed))
+        store.add(draws)
+        _append(samples_path, draws)
+        bar.update(1)
+        if _stop_requested(stop):
+            log.warning("stopping on signal: %d draws are in %s; rerun the same command to continue",
+                        len(store.all()), samples_path)
+            sys.exit(EXIT_CODE_PREEMPTED)
+    bar.close()
+    del engine, model
+    gc.collect()
+
+
+# ------------------------------------------------------------------------------------------ 2. meta-score
+def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark], store: DrawStore,
+                       s: EvalSettings) -> int:
+    """Rate the first max(k) draws of every example with the MetaRM; returns how many inputs were cut."""
+    from megatron_grm.models.metarm import attach_metarm_head, load_model_weights, metarm_input_ids, metarm_logits
+    from megatron_grm.models.provider import build_model
+
+    todo: list[tuple[Draw, Example]] = [
+        (d, e) for b in benchmarks for e in b.examples
+        for d in store.get(b.name, e.id, SAMPLE)[:s.max_k] if d.meta_score is None]
+    if not todo:
+        return 0
+    if any(d.permutation is None for d, _ in todo):
+        raise ValueError("draws without 'permutation' cannot be meta-scored: the MetaRM reads the prompt they answered")
+    model = attach_metarm_head(build_model(run.model, run.parallel, run.precision), seed=run.trainer.seed)
+    log.info("MetaRM weights from %s", load_model_weights(model, s.metarm))
+    limit = run.model.max_position_embeddings
+    inputs = [metarm_input_ids(tokenizer, render_prompt(e, d.permutation, s.variant, False, tokenizer, s.chat),
+                               d.text, limit) for d, e in todo]
+    step = max(1, s.chunk_examples * s.max_k)
+    bar = _progress(-(-len(todo) // step), "evaluate: MetaRM")
+    for start in range(0, len(todo), step):
+        ids = [i for i, _ in inputs[start:start + step]]
+        logits = metarm_logits(model, ids, run.trainer.micro_batch_size, tokenizer.pad_id)
+        for (draw, _), logit in zip(todo[start:start + step], logits):
+            draw.meta_score = logit
+        bar.update(1)
+    bar.close()
+    del model
+    gc.collect()
+    return sum(cut for _, cut in inputs)
+
+
+# ------------------------------------------------------------------------------------------ 3. vote
+def single_response_vote(score_lists: Sequence[Sequence[int] | None], rng: random.Random) -> int:
+    """Voting for a single response (0/1 scores): the majority of the parseable verdicts, ties at random."""
+    total = voted_scores(score_lists, 1)[0]
+    valid = sum(s is not None for s in score_lists)
+    if 2 * total == valid:
+        return rng.randrange(2)
+    return int(2 * total > valid)
+
+
+def voted_correct(example: Example, score_lists: Sequence[Sequence[int] | None], rng: random.Random) -> bool:
+    """Whether the vote over these judgments picks the labelled best response (n = 1: the right verdict)."""
+    if example.num_responses == 1:
+        return single_response_vote(score_lists, rng) == example.label
+    return vote(score_lists, rng, example.num_responses) == example.label
+
+
+@dataclass
+class MethodOutcome:
+    """Per-example results of one method on one benchmark (None: the method has no result here)."""
+
+    correct: list[bool]
+    rewards: list[float]  # summed score of the single response (for ROC-AUC); empty for n >= 2
+
+
+def method_outcome(method: str, k: int | None, b: Benchmark, store: DrawStore, s: EvalSettings,
+                   seed: int) -> MethodOutcome | None:
+    """Greedy (Eq. 10 on the one judgment), Voting@k, MetaRM@k or the judge baseline on one benchmark."""
+    correct, rewards = [], []
+    for e in b.examples:
+        rng = random.Random(f"{seed}:{b.name}:{e.id}:{method}@{k}")  # tie-breaks, independent of order
+        if method == GREEDY:
+            draws = store.get(b.name, e.id, GREEDY)[:1]
+            if not draws:
+                return None
+            correct.append(is_correct(draws[0].scores, label=e.label))
+            kept = [draws[0].scores]
+        elif method == JUDGE:
+            draws = store.get(b.name, e.id, JUDGE)[:1]
+            if e.num_responses < 2 or not draws:
+                return None
+            correct.append(draws[0].scores is not None and draws[0].scores[e.label] == 1)
+            continue
+        else:
+            draws = store.get(b.name, e.id, SAMPLE)[:k]
+            if len(draws) < k:
+                return None
+            kept = [d.scores for d in draws]
+            if method == "metarm":
+                if any(d.meta_score is None for d in draws):
+                    return None
+                kept = meta_filter(kept, [d.meta_score for d in draws], s.k_meta_for(k))
+            correct.append(voted_correct(e, kept, rng))
+        if e.num_responses == 1:
+            rewards.append(float(voted_scores(kept, 1)[0]))
+    return MethodOutcome(correct, rewards)
+
+
+# ------------------------------------------------------------------------------------------ 4. score
+def method_rows(s: EvalSettings) -> list[tuple[str, str, int | None]]:
+    """(row name, method, k) in the table's order: greedy, the baseline, Voting@k, MetaRM@k."""
+    rows: list[tuple[str, str, int | None]] = [("Greedy", GREEDY, None), (JUDGE_ROW, JUDGE, None)]
+    rows += [(f"Voting@{k}", "voting", k) for k in s.ks]
+    rows += [(f"MetaRM@{k}", "metarm", k) for k in s.ks]
+    return rows
+
+
+def score_benchmarks(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalSettings, seed: int) -> dict[str, Any]:
+    """Accuracy per method and benchmark, the per-category breakdown and ROC-AUC (single-response sets)."""
+    accuracy: dict[str, dict[str, float]] = {}
+    categories: dict[str, dict[str, dict[str, float]]] = {}
+    aucs: dict[str, dict[str, float]] = {}
+    for row, method, k in method_rows(s):
+        for b in benchmarks:
+            outcome = method_outcome(method, k, b, store, s, seed)
+            if outcome is None:
+                continue
+            accuracy.setdefault(row, {})[b.name] = sum(outcome.correct) / len(outcome.correct)
+            by_category = per_category(outcome.correct, [e.category or b.name for e in b.examples],
+                                       s.per_category_depth)
+            categories.setdefault(row, {})[b.name] = by_category
+            labels = [e.label for e in b.examples if e.num_responses == 1]
+            if outcome.rewards and 0 < sum(labels) < len(labels):
+                aucs.setdefault(row, {})[b.name] = roc_auc(outcome.rewards, labels)
+    names = [b.name for b in benchmarks]
+    overall = {row: (macro_average(per) if all(n in per for n in names) else None) for row, per in accuracy.items()}
+    return {"accuracy": accuracy, "overall": overall, "per_category": categories, "roc_auc": aucs}
+
+
+def scaling_curves(scores: dict[str, Any], s: EvalSettings) -> dict[str, Any]:
+    """Overall accuracy against k for voting and MetaRM-guided voting (the paper's Figure 1 axes)."""
+    overall = scores["overall"]
+    curves: dict[str, Any] = {"k": s.ks}
+    for label, prefix in (("Voting", "Voting"), ("MetaRM", "MetaRM")):
+        values = [overall.get(f"{prefix}@{k}") for k in s.ks]
+        if all(v is not None for v in values):
+            curves[label] = values
+    for label in ("Greedy", JUDGE_ROW):
+        if overall.get(label) is not None:
+            curves[label] = overall[label]
+    return curves
+
+
+def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[str, Any], s: EvalSettings,
+                  extra: dict[str, Any]) -> None:
+    """results.json (fractions), results.md (the paper-shaped table, percent) and scaling.png."""
+    from megatron_grm.stages.plots import plot_scaling
+
+    names = [b.name for b in benchmarks]
+    curves = scaling_curves(scores, s)
+    examples = {b.name: {"used": len(b.examples), "skipped": dict(b.skipped)} for b in benchmarks}
+    report = {**scores, "scaling": curves, "examples": examples,
+              "settings": {k: v for k, v in asdict(s).items() if k != "benchmarks"}
+              | {"benchmarks": [asdict(b) for b in s.benchmarks]}, **extra}
+    Path(run_dir, RESULTS_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    lines = [f"# Evaluation ({', '.join(names)})", "",
+             "Accuracy (%): greedy is judged by Eq. 10; voting picks the argmax of summed scores (ties at random); "
+             f"MetaRM@k keeps k_meta = {'k/2' if s.k_meta is None else s.k_meta} judgments.", "",
+             results_markdown(scores["accuracy"], names)]
+    if scores["roc_auc"]:
+        single = [n for n in names if any(n in per for per in scores["roc_auc"].values())]
+        lines += ["ROC-AUC of the voted reward (single-response examples):", "",
+                  results_markdown(scores["roc_auc"], single, overall=False)]
+    lines += ["Examples: " + "; ".join(
+        f"{n}: {e['used']} used" + "".join(f", {c} {r}" for r, c in sorted(e["skipped"].items()))
+        for n, e in examples.items()), ""]
+    Path(run_dir, RESULTS_MD).write_text("\n".join(lines))
+    plot_scaling(curves, str(Path(run_dir, SCALING_PNG)), title=f"Inference-time scaling ({', '.join(names)})")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def evaluate(cfg: Any) -> dict[str, Any]:
+    """Sample what is missing → meta-score → vote → score → tables and plot; returns the results."""
+    run = prepare_run(cfg)
+    s = EvalSettings.from_dict(run.extra.get("eval", {}))
+    run_dir = run.trainer.run_dir
+    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    check = prompt_check(tokenizer, s, run.model.max_position_embeddings)
+    benchmarks = [load_benchmark(spec, check, run.trainer.seed) for spec in s.benchmarks]
+
+    check_manifest(run_dir, sampling_manifest(run, s))
+    store = DrawStore()
+    samples_path = os.path.join(run_dir, SAMPLES_FILE)
+    for path in (s.samples_in, samples_path):
+        if path and os.path.exists(path):
+            log.info("%s: %d draws reused", path, store.read(path, benchmarks))
+
+    jobs = missing_jobs(benchmarks, store, s)
+    if jobs:
+        sample_missing(run, tokenizer, jobs, store, s, samples_path)
+    truncated = meta_score_missing(run, tokenizer, benchmarks, store, s) if s.metarm else 0
+    _rewrite(samples_path, store.all())
+
+    scores = score_benchmarks(benchmarks, store, s, run.trainer.seed)
+    if _rank0():
+        write_outputs(run_dir, benchmarks, scores, s, {"metarm_inputs_truncated": truncated})
+        print(results_markdown(scores["accuracy"], [b.name for b in benchmarks]), flush=True)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def sampling_manifest(run, s: EvalSettings) -> dict[str, Any]:
+    """What the draws in a run's sample file are draws *of*: reusing them under other settings would mix
+    two experiments in one table."""
+    from megatron_grm.models.metarm import checkpoint_folder
+
+    def where(path: str | None) -> str | None:
+        return None if not path else os.path.abspath(checkpoint_folder(path))
+
+    return {"grm": where(run.trainer.load), "metarm": where(s.metarm), "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens, "variant": s.variant, "chat": s.chat, "seed": run.trainer.seed,
+            "tokenizer": run.model.tokenizer or "char"}
+
+
+def check_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
+    """Refuse to continue a run folder whose sample file was drawn with other settings (rank 0 writes it)."""
+    path = os.path.join(run_dir, MANIFEST_FILE)
+    old = json.loads(Path(path).read_text()) if os.path.exists(path) else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has read it before rank 0 may write it
+    if old is not None and old != manifest:
+        changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        raise ValueError(f"{run_dir} holds draws made with other settings ({', '.join(changed)}: "
+                         f"{[old.get(k) for k in changed]} -> {[manifest.get(k) for k in changed]}); "
+                         "use another trainer.run_dir, or pass its samples.jsonl as eval.samples_in")
+    if old is None and _rank0():
+        Path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+def _dp() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def _gather(draws: list[Draw]) -> list[Draw]:
+    """Every data-parallel replica's draws, on every rank (TP/PP ranks of a replica hold the same ones)."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        return draws
+    parts: list[Any] = [None] * parallel_state.get_data_parallel_world_size()
+    torch.distributed.all_gather_object(parts, draws, group=parallel_state.get_data_parallel_group())
+    return [d for part in parts for d in part]
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _append(path: str, draws: Sequence[Draw]) -> None:
+    if _rank0() and draws:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in draws)
+
+
+def _rewrite(path: str, draws: Sequence[Draw]) -> None:
+    """The complete, sorted sample file (meta scores included), replaced atomically."""
+    if _rank0():
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in draws)
+        os.replace(tmp, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _stop_requested(stop: StopRequest) -> bool:
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", disable=not _rank0(), dynamic_ncols=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

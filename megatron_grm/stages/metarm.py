@@ -1,0 +1,375 @@
+"""MetaRM training (paper §4.2): a scalar head learns which sampled judgments are correct (Eq. 10).
+
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.metarm +experiment=metarm_tiny \\
+        trainer.load=runs/rft/checkpoints 'data.samples=[runs/rft/samples]' data.train=arithmetic:train:256
+
+judgments (RFT sample files + fresh samples of the trained GRM) → Eq. 10 labels → MetaRM inputs
+(``metarm_prompt``: GRM prompt + judgment) → held-out split by example → binary cross-entropy on the
+head over the backbone → held-out BCE, accuracy and ROC-AUC (``<run_dir>/metarm_eval.json``).
+The labelled judgments are written once to ``<run_dir>/metarm_judgments.jsonl``, so a resumed run trains
+on exactly the same data (fresh samples come from the GRM before MetaRM training changes the backbone).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+
+from megatron_grm.data.examples import Example
+from megatron_grm.data.sources import load_examples
+from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.models.metarm import (
+    attach_metarm_head,
+    collate_metarm,
+    load_model_weights,
+    metarm_forward,
+    metarm_input_ids,
+    metarm_logits,
+)
+from megatron_grm.models.provider import build_model
+from megatron_grm.parallel.distributed import barrier, is_rank0
+from megatron_grm.rollout.sampling import SamplingConfig
+from megatron_grm.spct import is_correct, roc_auc
+from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.train import checkpoint as ckpt
+from megatron_grm.train.loop import Batch, Trainer
+from megatron_grm.train.losses import LossOutput
+from megatron_grm.train.producers import SampleBatchProducer
+
+log = logging.getLogger(__name__)
+
+JUDGMENTS_FILE = "metarm_judgments.jsonl"
+EVAL_FILE = "metarm_eval.json"
+
+
+# ------------------------------------------------------------------------------------------ the loss
+def binary_cross_entropy(logits: torch.Tensor, correct: torch.Tensor) -> LossOutput:
+    """BCE of the MetaRM logit against the Eq. 10 label (paper §4.2), summed over sequences; the trainer
+    divides by the global number of sequences. Also reports accuracy at threshold 0.5."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), correct.float(), reduction="none")
+    total = losses.sum()
+    count = torch.tensor(logits.numel(), dtype=torch.int)
+    hits = ((logits.detach() > 0) == (correct > 0.5)).float().sum()
+    n = count.to(total.dtype)
+    return total, count, {"loss": torch.stack([total.detach(), n]), "accuracy": torch.stack([hits, n])}
+
+
+class MetaRMObjective:
+    """The head's logit at each sequence's last token, trained with :func:`binary_cross_entropy`."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return metarm_forward(model, batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                              batch["last_index"])
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
+        return binary_cross_entropy(output, batch["correct"])
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass
+class FreshSampling:
+    """Fresh judgments of the trained GRM on ``data.train`` (paper §4.2)."""
+
+    n: int = 4
+    temperature: float = 0.5  # the inference-time temperature (voting, paper §4.1)
+    max_new_tokens: int = 1024
+    variant: str = "default"
+    chat: bool = True
+
+
+@dataclass
+class MetaRMSettings:
+    heldout_fraction: float = 0.05  # share of the examples (with all their judgments) held out
+    eval_interval: int = 0  # held-out metrics every this many steps (0: only before and after training)
+    include_hinted: bool = False  # hinted RFT samples are not what the GRM writes at inference
+    fresh: FreshSampling = field(default_factory=FreshSampling)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MetaRMSettings:
+        values = dict(values)
+        fresh = dict(values.pop("fresh", None) or {})
+        for where, known, given in (("metarm", cls.__dataclass_fields__, values),
+                                    ("metarm.fresh", FreshSampling.__dataclass_fields__, fresh)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ValueError(f"unknown {where} field(s) {unknown}; known: {sorted(known)}")
+        settings = cls(**values, fresh=FreshSampling(**fresh))
+        if not 0 <= settings.heldout_fraction < 1:
+            raise ValueError(f"metarm.heldout_fraction={settings.heldout_fraction}: must be in [0, 1)")
+        return settings
+
+
+# ------------------------------------------------------------------------------------------ the data
+@dataclass
+class LabelledJudgment:
+    """One judgment with its Eq. 10 label; ``prompt`` is the GRM prompt as shown (without any hint)."""
+
+    example_id: str
+    prompt: str
+    text: str
+    correct: bool
+    origin: str  # "rft" (a sample file) | "fresh" (sampled here from the GRM)
+
+
+def sample_files(paths: Sequence[str] | str | None) -> list[str]:
+    """Files named by ``data.samples``: files, globs, or folders (their ``*.jsonl``), sorted, deduplicated.
+
+    In a folder of RFT shards (``shard_XXXXX.jsonl`` + ``.done`` once complete) an unfinished shard is
+    left out, with a warning: its last line may be cut.
+    """
+    if not paths:
+        return []
+    found: list[str] = []
+    for item in [paths] if isinstance(paths, str) else paths:
+        if os.path.isdir(item):
+            matches = sorted(glob.glob(os.path.join(item, "*.jsonl")))
+            if glob.glob(os.path.join(item, "*.done")):
+                unfinished = [m for m in matches if not os.path.exists(m[: -len(".jsonl")] + ".done")]
+                if unfinished:
+                    log.warning("%s: leaving out %d unfinished shard(s): %s", item, len(unfinished), unfinished)
+                matches = [m for m in matches if m not in unfinished]
+        else:
+            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(f"data.samples: {item!r} names no sample file")
+        found.extend(m for m in matches if m not in found)
+    return found
+
+
+def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJudgment]:
+    """Judgments from an RFT sample file (one JSON object per line; extra fields are ignored).
+
+    Needs ``prompt`` and ``text``; the label is ``correct`` or, without it, Eq. 10 on ``scores`` and
+    ``label``. Hinted samples are left out unless asked for: the MetaRM rates the judgments the GRM writes
+    unhinted, at inference.
+    """
+    out: list[LabelledJudgment] = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            for name in ("prompt", "text"):
+                if not isinstance(record.get(name), str):
+                    raise ValueError(f"{where}: field {name!r} is missing or not a string")
+            if record.get("hinted") and not include_hinted:
+                continue
+            if "correct" in record:
+                correct = bool(record["correct"])
+            elif "scores" in record and "label" in record:
+                correct = is_correct(record["scores"], label=record["label"])
+            else:
+                raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
+            example_id = str(record.get("example_id", record.get("id", record.get("example", where))))
+            out.append(LabelledJudgment(example_id, record["prompt"], record["text"], correct, "rft"))
+    return out
+
+
+def sample_fresh_judgments(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], n: int,
+                           sampling: SamplingConfig, variant: str, chat: bool, seed: int) -> list[LabelledJudgment]:
+    """``n`` judgments per example from the GRM (paper §4.2: MetaRM data also comes from the trained GRM).
+
+    Data-parallel replicas sample disjoint shards of the examples; every rank returns all judgments.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_grm.rollout import RolloutEngine
+    from megatron_grm.rollout.judgments import sample_judgments
+
+    distributed = torch.distributed.is_initialized()
+    dp_rank = parallel_state.get_data_parallel_rank() if distributed else 0
+    dp_size = parallel_state.get_data_parallel_world_size() if distributed else 1
+    shard = examples[dp_rank::dp_size]
+    engine = RolloutEngine(model, tokenizer)
+    rng = random.Random(f"metarm-fresh:{seed}:{dp_rank}")
+    judged = sample_judgments(engine, tokenizer, shard, n, sampling, rng, variant=variant, chat=chat)
+    mine = [LabelledJudgment(shard[j.example_index].id, j.prompt, j.text, j.correct, "fresh") for j in judged]
+    if not distributed:
+        return mine
+    parts: list[Any] = [None] * dp_size
+    torch.distributed.all_gather_object(parts, mine, group=parallel_state.get_data_parallel_group())
+    return [j for part in parts for j in part]
+
+
+def is_heldout(example_id: str, fraction: float) -> bool:
+    """Held-out by example (all judgments of an example on one side), from a hash of its id."""
+    return zlib.crc32(example_id.encode()) % 10_000 < fraction * 10_000
+
+
+def collect_judgments(run, model: torch.nn.Module, tokenizer: Tokenizer) -> list[LabelledJudgment]:
+    """The run's labelled judgments: read from ``<run_dir>/metarm_judgments.jsonl`` once written, else
+    gathered from the RFT sample files and fresh GRM samples, then written there (rank 0)."""
+    data, mc = run.extra.get("data", {}), MetaRMSettings.from_dict(run.extra.get("metarm", {}))
+    cache = os.path.join(run.trainer.run_dir, JUDGMENTS_FILE)
+    cached = os.path.exists(cache)
+    barrier()  # every rank has looked before rank 0 may write it: all take the same branch
+    if cached:
+        with open(cache, encoding="utf-8") as f:
+            judgments = [LabelledJudgment(**json.loads(line)) for line in f if line.strip()]
+        log.info("%s: %d labelled judgments (written by an earlier attempt of this run)", cache, len(judgments))
+        return judgments
+    if ckpt.latest_checkpoint(os.path.join(run.trainer.run_dir, "checkpoints")) is not None:
+        raise FileNotFoundError(f"{cache} is missing but the run has checkpoints: the MetaRM data cannot be "
+                                "resampled from the original GRM; start a new run_dir")
+    judgments: list[LabelledJudgment] = []
+    for path in sample_files(data.get("samples")):
+        read = read_rft_samples(path, include_hinted=mc.include_hinted)
+        log.info("%s: %d judgments", path, len(read))
+        judgments.extend(read)
+    if data.get("train"):
+        fresh = mc.fresh
+        sampling = SamplingConfig(temperature=fresh.temperature, max_new_tokens=fresh.max_new_tokens,
+                                  seed=run.trainer.seed)
+        examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
+        judgments.extend(sample_fresh_judgments(model, tokenizer, examples, fresh.n, sampling, fresh.variant,
+                                                fresh.chat, run.trainer.seed))
+    if not judgments:
+        raise ValueError("no judgments: set data.samples (RFT sample files) and/or data.train (examples to sample)")
+    if is_rank0():
+        tmp = cache + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for j in judgments:
+                f.write(json.dumps(asdict(j), ensure_ascii=False) + "\n")
+        os.replace(tmp, cache)
+    barrier()
+    return judgments
+
+
+def to_samples(judgments: Sequence[LabelledJudgment], tokenizer: Tokenizer, seq_length: int):
+    """(token ids, [label]) per judgment for :func:`collate_metarm`; counts inputs cut to seq_length."""
+    samples, cut = [], 0
+    for j in judgments:
+        ids, truncated = metarm_input_ids(tokenizer, j.prompt, j.text, seq_length)
+        cut += truncated
+        samples.append((ids, [1.0 if j.correct else 0.0]))
+    if cut:
+        log.warning("%d of %d MetaRM inputs exceed trainer.seq_length=%d: kept their last tokens",
+                    cut, len(samples), seq_length)
+    return samples
+
+
+# ------------------------------------------------------------------------------------------ held-out metrics
+def heldout_metrics(model: torch.nn.Module, samples: Sequence[tuple[list[int], list[float]]],
+                    micro_batch_size: int, pad_id: int) -> dict[str, float | None]:
+    """BCE, accuracy (threshold 0.5) and ROC-AUC of the MetaRM on held-out judgments."""
+    if not samples:
+        return {}
+    logits = metarm_logits(model, [ids for ids, _ in samples], micro_batch_size, pad_id)
+    labels = [int(label[0]) for _, label in samples]
+    bce = F.binary_cross_entropy_with_logits(torch.tensor(logits), torch.tensor(labels, dtype=torch.float32))
+    both = 0 < sum(labels) < len(labels)
+    return {
+        "bce": float(bce),
+        "accuracy": sum((s > 0) == (y == 1) for s, y in zip(logits, labels)) / len(labels),
+        "auc": roc_auc(logits, labels) if both else None,  # undefined with one class only
+        "positive_rate": sum(labels) / len(labels),
+        "count": len(labels),
+    }
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def train_metarm(cfg: Any) -> Trainer:
+    """Gather labelled judgments, attach the head to the GRM backbone, fit with BCE, report held-out metrics."""
+    run = prepare_run(cfg)
+    t, mc = run.trainer, MetaRMSettings.from_dict(run.extra.get("metarm", {}))
+    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    model = build_model(run.model, run.parallel, run.precision, t.recompute)
+    resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
+    if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)
+        log.info("loaded the GRM backbone from %s", load_model_weights(model, t.load))
+
+    judgments = collect_judgments(run, model, tokenizer)
+    train = [j for j in judgments if not is_heldout(j.example_id, mc.heldout_fraction)]
+    heldout = [j for j in judgments if is_heldout(j.example_id, mc.heldout_fraction)]
+    if not train:
+        raise ValueError(f"all {len(judgments)} judgments fell into the held-out split (metarm.heldout_fraction)")
+    log.info("MetaRM data: %d train (%.1f%% correct), %d held-out judgments", len(train),
+             100 * sum(j.correct for j in train) / len(train), len(heldout))
+    train_samples = to_samples(train, tokenizer, t.seq_length)
+    heldout_samples = to_samples(heldout, tokenizer, t.seq_length)
+
+    attach_metarm_head(model, seed=t.seed)
+    metadata = {"tokenizer": run.model.tokenizer or "char", "stage": "metarm",
+                "metarm": {"input": "metarm_prompt(GRM prompt, judgment), last token after the final norm",
+                           "output": "logit of P(judgment correct) (paper Eq. 10)"}}
+    trainer = Trainer(run, metadata=metadata, model=model)
+    producer = SampleBatchProducer(train_samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
+                                   pad_id=tokenizer.pad_id, seed=t.seed, collate=collate_metarm)
+    trainer.resume(producer)
+
+    def measure() -> dict[str, float | None]:
+        return heldout_metrics(trainer.model, heldout_samples, t.micro_batch_size, tokenizer.pad_id)
+
+    report = _read_report(t.run_dir)
+    if trainer.state.step == 0:
+        report = {"initial": measure(), "history": []}
+        _write_report(t.run_dir, report)
+    interval = mc.eval_interval
+
+    def on_step(tr: Trainer, result) -> dict[str, float]:
+        if not interval or tr.state.step % interval or tr.state.step >= t.max_steps:
+            return {}
+        metrics = measure()
+        report["history"].append({"step": tr.state.step, **metrics})
+        _write_report(t.run_dir, report)
+        return {f"heldout_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+
+    trainer.fit(producer, MetaRMObjective(), on_step=on_step)
+    final = measure()
+    report["final"] = {"step": trainer.state.step, **final}
+    report["data"] = {"train": len(train), "heldout": len(heldout),
+                      "origins": {o: sum(j.origin == o for j in judgments) for o in ("rft", "fresh")}}
+    _write_report(t.run_dir, report)
+    if is_rank0():
+        initial = report.get("initial", {})
+        log.info("held-out MetaRM: BCE %s -> %.4f, accuracy %.3f, AUC %s (%d judgments)",
+                 _fmt(initial.get("bce")), final.get("bce", math.nan), final.get("accuracy", math.nan),
+                 _fmt(final.get("auc")), final.get("count", 0))
+    return trainer
+
+
+def _read_report(run_dir: str) -> dict[str, Any]:
+    path = os.path.join(run_dir, EVAL_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"history": []}
+
+
+def _write_report(run_dir: str, report: dict[str, Any]) -> None:
+    if is_rank0():
+        tmp = os.path.join(run_dir, EVAL_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, EVAL_FILE))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@hydra.main(config_path=CONF_DIR, config_name="metarm", version_base="1.3")
+def main(cfg) -> None:
+    train_metarm(cfg)
+
+
+if __name__ == "__main__":
+    main()
