@@ -65,18 +65,6 @@ def peak_for(name: str) -> tuple[float | None, float | None]:
     return None, None
 
 
-class CausalNLL:
-    """Masked next-token loss with ``attention_mask=None``: TE runs its causal flash/fused kernel."""
-
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-
-    def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]):
-        from megatron_grm.train.losses import masked_token_nll
-
-        return masked_token_nll(-output, batch["loss_mask"])
-
-
 def run_config(model: ModelConfig, args: argparse.Namespace, precision: str, run_dir: str) -> dict[str, Any]:
     from megatron_grm.stages.common import load_config
 
@@ -99,7 +87,7 @@ def run_config(model: ModelConfig, args: argparse.Namespace, precision: str, run
 
 def bench_precision(model: ModelConfig, args: argparse.Namespace, precision: str) -> dict[str, Any]:
     """Build, warm up and time one precision; frees the GPU afterwards."""
-    from train_step import synthetic_batch
+    from train_step import CausalNLL, synthetic_batch
 
     from megatron_grm.models.provider import build_model
     from megatron_grm.parallel.device import have_transformer_engine

@@ -89,6 +89,19 @@ def synthetic_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.d
     return {k: v.to(device) for k, v in out.items()}
 
 
+class CausalNLL:
+    """Next-token loss on the batch's loss mask. Without an ``attention_mask`` in the batch (GPU runs)
+    Megatron uses its causal mask type: TE's fused/flash kernels; on CPU the batch carries an explicit mask."""
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+
+    def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]):
+        from megatron_grm.train.losses import masked_token_nll
+
+        return masked_token_nll(-output, batch["loss_mask"])
+
+
 def matmul_gflops(n: int = 2048, seconds: float = 0.6, dtype: torch.dtype = torch.float32,
                   device: str = "cpu", clock=time.perf_counter) -> float:
     """Best-of GFLOP/s of an n×n×n matmul: the machine's practical peak right now (same load as the step)."""
@@ -167,7 +180,6 @@ class Side:
 def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_dir: str, clock) -> tuple[Side, str]:
     from megatron_grm.models.provider import build_model
     from megatron_grm.stages.common import prepare_run
-    from megatron_grm.stages.sft import SupervisedObjective
     from megatron_grm.train.loop import Trainer
 
     precision = {"params_dtype": args.dtype, "fp8": args.fp8}
@@ -178,7 +190,7 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)
-    objective = SupervisedObjective()
+    objective = CausalNLL()
 
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
         return trainer.train_step(batches, objective).loss
@@ -304,8 +316,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         tokens = args.batch * args.microbatches * args.seq
         peaks: list[float] = []
         for r in range(args.warmup + args.steps):
-            batches = [synthetic_batch(model.vocab_size, args.batch, args.seq, seed=1000 * r + i, device=dev)
-                       for i in range(args.microbatches)]
+            batches = [synthetic_batch(model.vocab_size, args.batch, args.seq, seed=1000 * r + i, device=dev,
+                                       with_mask=dev.type == "cpu") for i in range(args.microbatches)]
             peak = matmul_gflops(args.matmul_n, dtype=peak_dtype, device=dev.type, clock=clock)
             for side in (megatron, hf) if r % 2 == 0 else (hf, megatron):
                 _sync(dev)

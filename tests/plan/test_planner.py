@@ -1,0 +1,139 @@
+"""The planner: the shipped Gemma-2-27B plans fit an A100-80GB, a too-big layout is refused, the activation
+itemisation is Korthikanti et al.'s, and its bytes match what a real CPU training step allocates."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from megatron_grm.models.config import ModelConfig
+from megatron_grm.plan import (
+    KORTHIKANTI,
+    GiB,
+    Shape,
+    korthikanti_layer_bytes,
+    layer_activation_terms,
+    make_plan,
+)
+from megatron_grm.stages.common import load_config
+from tests.conftest import REPO, read_json, torchrun
+
+A100_PLANS = ("gemma2_27b_rft_a100", "gemma2_27b_grpo_a100")
+# The stage configs default to the paper's run on the reference cluster: they must fit as shipped too.
+SHIPPED = tuple(f"plan/{n}" for n in A100_PLANS) + ("rft", "grpo")
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PLAN_TOOL = _load_tool()
+
+
+def plan_tool(capsys, *args: str) -> tuple[int, str, str]:
+    """tools/plan.py's main in this process (its exit status, stdout, stderr)."""
+    code = PLAN_TOOL.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_gemma2_27b_plan_fits_80gb(name):
+    plan = make_plan(load_config(name))
+    assert plan.run.cluster.gpu == "A100-80GB" and plan.world == 128
+    assert plan.run.model.num_layers == 46 and plan.run.model.hidden_size == 4608  # really Gemma-2-27B
+    assert plan.fits, plan.refusal()
+    assert plan.worst.peak + plan.settings.reserved_gb * GiB <= 80 * GiB
+    assert plan.worst.activations > 0 and plan.worst.kv_cache > 0
+
+
+def test_paper_batch_sizes_and_grpo_reference():
+    rft, grpo = (make_plan(load_config(f"plan/{n}")) for n in A100_PLANS)
+    assert rft.run.trainer.global_batch_size == 1024 and grpo.run.trainer.global_batch_size == 512
+    assert rft.worst.reference == 0
+    assert grpo.worst.reference == pytest.approx(grpo.worst.weights)  # a frozen bf16 copy, sharded alike
+
+
+def test_stage_config_sampling_sections_feed_the_plan():
+    """Without a plan: section, conf/grpo.yaml's own group/rollout settings size the KV cache and reference."""
+    grpo = load_config("grpo")
+    plan = make_plan(grpo)
+    assert plan.settings.stage == "grpo" and plan.settings.keeps_reference
+    assert plan.settings.rollout_tokens_in_flight == grpo["grpo"]["max_tokens_in_flight"]
+    assert plan.settings.max_new_tokens == grpo["grpo"]["max_new_tokens"]
+    assert plan.worst.kv_cache > 0 and plan.worst.reference > 0
+    halved = make_plan(load_config("grpo", [f"grpo.max_tokens_in_flight={grpo['grpo']['max_tokens_in_flight'] // 2}"]))
+    assert halved.worst.kv_cache == pytest.approx(plan.worst.kv_cache / 2)
+
+
+def test_tool_prints_table_and_exits_zero_when_it_fits(capsys):
+    code, out, err = plan_tool(capsys, "gemma2_27b_grpo_a100")
+    assert code == 0, err
+    for text in ("optimizer states", "activations", "KV cache", "reference model", "step time", "FITS"):
+        assert text in out
+
+
+def test_too_big_layout_is_refused_with_the_reason(capsys):
+    code, out, _ = plan_tool(capsys, "gemma2_27b_rft_a100", "parallel=single")  # 27B on every GPU, TP=1 PP=1
+    assert code == 1
+    assert "REFUSED: does not fit" in out and "80 GiB per GPU" in out
+    assert "TP=1 PP=1" in out
+
+
+def test_invalid_layout_exits_2(capsys):
+    code, _, err = plan_tool(capsys, "gemma2_27b_rft_a100", "parallel.tensor_parallel=32")  # 16 KV heads
+    assert code == 2
+    assert "num_query_groups=16 (KV heads) is not divisible by parallel.tensor_parallel=32" in err
+
+
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+@pytest.mark.parametrize("t,sp", [(1, False), (2, False), (8, False), (2, True), (8, True)])
+def test_itemisation_reduces_to_korthikanti_closed_forms(t, sp, recompute):
+    """With the paper's GPT layer (MHA, 4h GeLU MLP, LayerNorm, dropout, 16-bit) our terms sum to Table 2."""
+    s, b, h, a = 2048, 2, 4096, 32
+    gpt = ModelConfig(num_layers=1, hidden_size=h, ffn_hidden_size=4 * h, num_attention_heads=a, vocab_size=512)
+    ours = sum(layer_activation_terms(gpt, Shape(s=s, b=b, t=t, sp=sp), 2.0, recompute, KORTHIKANTI).values())
+    assert ours == pytest.approx(korthikanti_layer_bytes(s, b, h, a, t, sp, recompute), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ measured on CPU
+MEASURED = [("fp32", None, True), ("fp32", "selective", False), ("bf16", "full", True), ("bf16", None, False)]
+
+
+def small_model_config(precision: str, recompute: str | None, distributed: bool, run_dir: str) -> dict:
+    cfg = load_config("sft", ["model=tiny", f"precision={precision}", f"trainer.run_dir={run_dir}"])
+    cfg["model"].update(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
+                        num_query_groups=2, vocab_size=2048)
+    cfg["trainer"].update(recompute=recompute, micro_batch_size=2, global_batch_size=8, seq_length=192)
+    cfg["optimizer"]["use_distributed_optimizer"] = distributed
+    cfg["cluster"].update(nodes=1, devices_per_node=2)  # DP = 2: the distributed optimizer really shards
+    return cfg
+
+
+def test_planner_memory_matches_cpu_training_within_20_percent(tmp_path):
+    """2 processes (DP=2) train a small Llama for a step per variant; every component must agree."""
+    variants = [small_model_config(p, r, d, str(tmp_path / f"run{i}")) for i, (p, r, d) in enumerate(MEASURED)]
+    (tmp_path / "variants.json").write_text(json.dumps(variants))
+    torchrun(REPO / "tests" / "plan" / "scripts" / "measure_memory.py", 2,
+             ["--variants", str(tmp_path / "variants.json"), "--out", str(tmp_path / "out.json"), "--steps", "1"],
+             timeout=240)
+    measured = read_json(tmp_path / "out.json")
+    assert len(measured) == len(variants)
+    for cfg, got in zip(variants, measured):
+        planned = make_plan(cfg).stages[0]
+        label = f"{cfg['precision']['params_dtype']} recompute={cfg['trainer']['recompute']} " \
+                f"distopt={cfg['optimizer']['use_distributed_optimizer']}"
+        for part in ("weights", "gradients", "optimizer", "activations"):
+            want = getattr(planned, part)
+            assert got[part] > 0, f"{label}: measured no {part}"
+            assert abs(want - got[part]) <= 0.2 * got[part], f"{label} {part}: planned {want:.0f}, measured {got[part]}"
+        total = planned.weights + planned.gradients + planned.optimizer + planned.activations
+        assert total == pytest.approx(sum(got.values()), rel=0.2)
+    # The measurement itself must see what the planner claims differs between variants.
+    assert measured[0]["optimizer"] * 2 == pytest.approx(measured[1]["optimizer"], rel=0.01)  # DP=2 sharding
+    assert measured[2]["activations"] < 0.5 * measured[3]["activations"]  # full recompute keeps far less

@@ -1,0 +1,53 @@
+"""MetaRM stage for a few steps, then the evaluation stage on RMB files read in place (torchrun, 2 ranks).
+
+The tiny model's context is raised to 2048 positions (rotary: no weights change) so that a handful of
+RMB's shorter examples fit; the rest are skipped and counted by the evaluation. The MetaRM checkpoint
+serves both as the GRM (its backbone) and as the MetaRM (its head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+TINY = ("model=tiny", "model.max_position_embeddings=2048")
+FILE = "Helpfulness/Chat/Casual Conversation.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--rmb", required=True)
+    ap.add_argument("--samples", required=True, help="synthetic RFT sample file for the MetaRM")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from megatron_grm.stages.common import load_config
+    from megatron_grm.stages.evaluate import evaluate
+    from megatron_grm.stages.metarm import train_metarm
+
+    metarm_dir = os.path.join(args.root, "metarm")
+    train_metarm(load_config("metarm", [
+        "+experiment=metarm_tiny", *TINY, f"trainer.run_dir={metarm_dir}", "trainer.load=null", "trainer.max_steps=2",
+        "optimizer.warmup_steps=0", "trainer.seq_length=544", f"data.samples=[{args.samples}]",
+        "data.train=arithmetic:train:4", "metarm.fresh.n=2", "metarm.fresh.max_new_tokens=32"]))
+    eval_dir = os.path.join(args.root, "eval")
+    ckpt = os.path.join(metarm_dir, "checkpoints")
+    benchmarks = (f"[{{name:rmb_pairwise,data:'rmb:{args.rmb}:pairwise',files:['{FILE}'],limit:8}},"
+                  f"{{name:rmb_bon,data:'rmb:{args.rmb}:bon',files:['{FILE}'],limit:4}}]")
+    evaluate(load_config("evaluate", [
+        "+experiment=eval_tiny", *TINY, f"trainer.run_dir={eval_dir}", f"trainer.load={ckpt}",
+        f"eval.metarm={ckpt}", f"eval.benchmarks={benchmarks}", "eval.ks=[1,2,4]", "eval.max_new_tokens=24",
+        "eval.judge_baseline=true", "eval.chunk_examples=4"]))
+    if torch.distributed.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"run_dir": eval_dir, "metarm_dir": metarm_dir}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The evaluation stage: voting@k / MetaRM@k on injected judgments equal hand-computed accuracies, and an
+end-to-end run on RMB files (read in place) with the tiny model that writes results.json, the table and a
+real PNG.
+
+Hand-computed case (ks = 1, 2, 4; k_meta = k/2, at least 1), no ties anywhere, so no coin is tossed:
+
+benchmark ``pairs`` (n >= 2; draws are scores in the original order, meta score after the bar)
+  e1 (best 0, cat a/x): d0 [3,7] .1 | d1 [8,2] .9 | d2 [9,1] .5 | d3 [2,6] -1
+      Voting@1 [3,7] wrong, @2 [11,9] right, @4 [22,16] right
+      MetaRM@1 d0 wrong, @2 keeps d1 right, @4 keeps d1,d2 [17,3] right
+  e2 (best 1, cat a/y): d0 [6,5] .3 | d1 [4,9] .2 | d2 [9,1] -.4 | d3 [3,6] .7
+      Voting@1 wrong, @2 [10,14] right, @4 [22,21] wrong
+      MetaRM@1 wrong, @2 keeps d0 wrong, @4 keeps d3,d0 [9,11] right
+  e3 (best 2 of 3, cat b/x): d0 [5,4,6] 0 | d1 unparseable -.5 | d2 [8,2,1] .6 | d3 [1,3,9] .4
+      Voting@1 right, @2 [5,4,6] right, @4 [14,9,16] right
+      MetaRM@1 right, @2 keeps d0 right, @4 keeps d2,d3 [9,5,10] right
+  Greedy (Eq. 10): e1 [7,3] right, e2 [5,5] wrong (a tie), e3 unparseable wrong -> 1/3
+  LLM-as-a-judge: e1 picks 0 right, e2 picks 0 wrong, e3 picks 2 right -> 2/3
+  => Voting 1/3, 1, 2/3; MetaRM 1/3, 2/3, 1
+
+benchmark ``single`` (n = 1, verdict 0/1; majority of the parseable verdicts)
+  s1 (1): [1] .5 | [1] -.2 | [1] .1 | [0] -.5     s2 (0): [1] -.9 | [1] .4 | [0] -.3 | none 0
+  s3 (1): [1] 0 | [1] .6 | none .2 | [0] .1       s4 (0): [0] .2 | none .1 | [1] .9 | [1] .3
+  Voting@1: right wrong right right; @2: r w r r; @4: 3/4->1 r, 2/3->1 w, 2/3->1 r, 2/3->1 w
+  MetaRM@2 keeps d0, d1, d1, d0: r w r r; @4 keeps (d0,d2) (d1,d3) (d1,d2) (d2,d3): r w r w
+  Greedy: [1] r, [0] r, none w, [1] w
+  => Voting .75 .75 .5; MetaRM .75 .75 .5; Greedy .5; no baseline row (nothing to compare)
+  ROC-AUC of the summed verdicts: Voting@4 rewards 3,2,2,2 -> 0.75; MetaRM@4 rewards 2,1,1,2 -> 0.5
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_json, torchrun
+
+STAGE = REPO / "megatron_grm" / "stages" / "evaluate.py"
+SCRIPTS = Path(__file__).parent / "scripts"
+RMB = Path("/work/shared/data/rmb")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+PAIRS = [  # (id, responses, best, category)
+    ("e1", ["A", "B"], 0, "a/x"),
+    ("e2", ["C", "D"], 1, "a/y"),
+    ("e3", ["E", "F", "G"], 2, "b/x"),
+]
+SINGLE = [("s1", 1), ("s2", 0), ("s3", 1), ("s4", 0)]
+N = None  # an unparseable judgment
+SAMPLE_DRAWS = {
+    ("pairs", "e1"): [([3, 7], .1), ([8, 2], .9), ([9, 1], .5), ([2, 6], -1.0)],
+    ("pairs", "e2"): [([6, 5], .3), ([4, 9], .2), ([9, 1], -.4), ([3, 6], .7)],
+    ("pairs", "e3"): [([5, 4, 6], 0.0), (N, -.5), ([8, 2, 1], .6), ([1, 3, 9], .4)],
+    ("single", "s1"): [([1], .5), ([1], -.2), ([1], .1), ([0], -.5)],
+    ("single", "s2"): [([1], -.9), ([1], .4), ([0], -.3), (N, 0.0)],
+    ("single", "s3"): [([1], 0.0), ([1], .6), (N, .2), ([0], .1)],
+    ("single", "s4"): [([0], .2), (N, .1), ([1], .9), ([1], .3)],
+}
+GREEDY_DRAWS = {("pairs", "e1"): [7, 3], ("pairs", "e2"): [5, 5], ("pairs", "e3"): N,
+                ("single", "s1"): [1], ("single", "s2"): [0], ("single", "s3"): N, ("single", "s4"): [1]}
+JUDGE_DRAWS = {("pairs", "e1"): [1, 0], ("pairs", "e2"): [1, 0], ("pairs", "e3"): [0, 0, 1]}
+
+EXPECTED = {
+    "Greedy": {"pairs": 1 / 3, "single": 0.5},
+    "LLM-as-a-judge": {"pairs": 2 / 3},
+    "Voting@1": {"pairs": 1 / 3, "single": 0.75},
+    "Voting@2": {"pairs": 1.0, "single": 0.75},
+    "Voting@4": {"pairs": 2 / 3, "single": 0.5},
+    "MetaRM@1": {"pairs": 1 / 3, "single": 0.75},
+    "MetaRM@2": {"pairs": 2 / 3, "single": 0.75},
+    "MetaRM@4": {"pairs": 1.0, "single": 0.5},
+}
+
+
+def _write_examples(folder: Path) -> tuple[Path, Path]:
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": i, "context": f"Question {i}?", "responses": r, "label": best,
+                                         "category": cat}) + "\n" for i, r, best, cat in PAIRS))
+    single = folder / "single.jsonl"
+    single.write_text("".join(json.dumps({"id": i, "context": f"Question {i}?", "responses": [f"answer {i}"],
+                                          "label": label}) + "\n" for i, label in SINGLE))
+    return pairs, single
+
+
+def _write_draws(path: Path) -> None:
+    records = []
+    for (bench, ex), draws in SAMPLE_DRAWS.items():
+        for d, (scores, meta) in enumerate(draws):
+            records.append({"benchmark": bench, "example_id": ex, "method": "sample", "draw": d, "scores": scores,
+                            "text": f"judgment {d}", "meta_score": meta, "extra_field": "ignored"})
+    for (bench, ex), scores in GREEDY_DRAWS.items():
+        records.append({"benchmark": bench, "example_id": ex, "method": "greedy", "draw": 0, "scores": scores})
+    for (bench, ex), scores in JUDGE_DRAWS.items():
+        records.append({"benchmark": bench, "example_id": ex, "method": "judge", "draw": 0, "scores": scores})
+    records.append({"benchmark": "other", "example_id": "zz", "method": "sample", "draw": 0, "scores": [1, 2]})
+    random.Random(0).shuffle(records)  # file order must not matter
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_injected")
+    pairs, single = _write_examples(root)
+    _write_draws(root / "draws.jsonl")
+    run_dir = root / "run"
+    torchrun(STAGE, 1, [
+        "+experiment=eval_tiny", "model=tiny", "trainer.load=null", "eval.metarm=null", "eval.judge_baseline=true",
+        f"trainer.run_dir={run_dir}", "eval.ks=[4,1,2]", "eval.max_new_tokens=16",
+        f"eval.benchmarks=[{{name:pairs,data:'{pairs}'}},{{name:single,data:'{single}'}}]",
+        f"eval.samples_in={root / 'draws.jsonl'}", "eval.per_category_depth=1",
+    ], timeout=240)
+    return run_dir
+
+
+def test_injected_judgments_give_hand_computed_accuracies(injected):
+    results = read_json(injected / "results.json")
+    assert set(results["accuracy"]) == set(EXPECTED)
+    for row, per_benchmark in EXPECTED.items():
+        assert results["accuracy"][row] == pytest.approx(per_benchmark), row
+    assert results["overall"]["Voting@2"] == pytest.approx((1.0 + 0.75) / 2)
+    assert results["overall"]["MetaRM@4"] == pytest.approx((1.0 + 0.5) / 2)
+    assert results["overall"]["LLM-as-a-judge"] is None  # no result on the single-response set
+    assert results["per_category"]["Voting@1"]["pairs"] == pytest.approx({"a": 0.0, "b": 1.0})
+    assert results["roc_auc"]["Voting@4"] == pytest.approx({"single": 0.75})
+    assert results["roc_auc"]["MetaRM@4"] == pytest.approx({"single": 0.5})
+    assert results["scaling"]["k"] == [1, 2, 4]
+    assert results["scaling"]["Voting"] == pytest.approx([(1 / 3 + .75) / 2, (1 + .75) / 2, (2 / 3 + .5) / 2])
+    assert results["scaling"]["MetaRM"] == pytest.approx([(1 / 3 + .75) / 2, (2 / 3 + .75) / 2, (1 + .5) / 2])
+    assert results["examples"] == {"pairs": {"used": 3, "skipped": {}}, "single": {"used": 4, "skipped": {}}}
+    assert results["tie_rate"]["Voting@4"] == {"pairs": 0.0, "single": 0.0}  # no coin was tossed
+
+
+def test_injected_run_writes_the_table_and_keeps_every_draw(injected):
+    table = (injected / "results.md").read_text()
+    assert "| Method | pairs | single | Overall |" in table
+    assert "| Voting@4 | 66.7 | 50.0 | 58.3 |" in table
+    assert "| MetaRM@4 | 100.0 | 50.0 | 75.0 |" in table
+    assert "| LLM-as-a-judge | 66.7 | - | - |" in table
+    lines = [json.loads(line) for line in (injected / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 7 * 4 + 7 + 3  # the injected draws of evaluated examples, nothing sampled, no strays
+    assert {(d["benchmark"], d["example_id"]) for d in lines} == set(SAMPLE_DRAWS)
+    e2 = sorted((d for d in lines if d["example_id"] == "e2" and d["method"] == "sample"), key=lambda d: d["draw"])
+    assert [d["meta_score"] for d in e2] == [.3, .2, -.4, .7]
+    assert (injected / "scaling.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.skipif(not RMB.is_dir(), reason="RMB data not present in shared/data")
+def test_rmb_end_to_end_with_the_tiny_model(tmp_path):
+    """MetaRM stage (a few steps) then evaluation on 8 pairwise + 4 best-of-N RMB examples, 2 processes."""
+    from tests.stages.scripts.metarm_data import synthetic_judgment_records, write_records
+
+    samples = write_records(synthetic_judgment_records(40), tmp_path / "rft_samples.jsonl")
+    out = tmp_path / "out.json"
+    torchrun(SCRIPTS / "eval_rmb.py", 2, ["--root", str(tmp_path), "--rmb", str(RMB), "--samples", str(samples),
+                                          "--out", str(out)], timeout=420)
+    got = read_json(out)
+    run_dir = Path(got["run_dir"])
+    results = read_json(run_dir / "results.json")
+    for row in ("Greedy", "LLM-as-a-judge", "Voting@1", "Voting@4", "MetaRM@1", "MetaRM@4"):
+        assert set(results["accuracy"][row]) == {"rmb_pairwise", "rmb_bon"}, row
+        assert all(0.0 <= v <= 1.0 for v in results["accuracy"][row].values())
+    used = {b: e["used"] for b, e in results["examples"].items()}
+    assert used == {"rmb_pairwise": 8, "rmb_bon": 4}
+    # The char tokenizer cannot encode most of RMB (non-ASCII) and most prompts exceed the tiny context:
+    # those examples are skipped and counted, never silently dropped.
+    skipped = results["examples"]["rmb_pairwise"]["skipped"]
+    assert skipped.get("untokenizable", 0) + skipped.get("too_long", 0) > 0
+    draws = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    sampled = [d for d in draws if d["method"] == "sample"]
+    assert len(sampled) == (8 + 4) * 4  # max(k) = 4 draws per example, sampled once for every k
+    assert all(isinstance(d["meta_score"], float) for d in sampled)
+    sizes = {d["benchmark"]: len(d["permutation"]) for d in sampled}
+    assert sizes["rmb_pairwise"] == 2 and sizes["rmb_bon"] >= 3
+    assert "| Method | rmb_pairwise | rmb_bon | Overall |" in (run_dir / "results.md").read_text()
+    png = run_dir / "scaling.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(str(png))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0  # lines were drawn, not a blank canvas
+
+
+def test_a_run_folder_refuses_draws_made_with_other_settings(tmp_path):
+    from megatron_grm.stages.evaluate import MANIFEST_FILE, check_manifest
+
+    settings = {"grm": "/ckpt/iter_0000040", "metarm": None, "temperature": 0.5, "seed": 1234}
+    check_manifest(str(tmp_path), settings)
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text()) == settings
+    check_manifest(str(tmp_path), dict(settings))  # the same settings: continue
+    with pytest.raises(ValueError, match=r"other settings \(grm, temperature"):
+        check_manifest(str(tmp_path), {**settings, "grm": "/ckpt/iter_0000080", "temperature": 1.0})
+
+
+def test_examples_the_model_cannot_read_are_skipped_and_counted(tmp_path):
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.evaluate import BenchmarkSpec, EvalSettings, load_benchmark, prompt_check
+
+    lines = [{"id": "ok1", "context": "2+2?", "responses": ["4", "5"], "label": 0},
+             {"id": "accent", "context": "caf\u00e9?", "responses": ["a", "b"], "label": 1},
+             {"id": "long", "context": "x" * 900, "responses": ["a", "b"], "label": 0},
+             {"id": "ok2", "context": "3+3?", "responses": ["6"], "label": 1},
+             {"id": "ok3", "context": "4+4?", "responses": ["8", "9"], "label": 0}]
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    s = EvalSettings.from_dict({"benchmarks": [{"name": "b", "data": str(path)}], "variant": "compact",
+                                "chat": False, "max_new_tokens": 64, "judge_baseline": False})
+    check = prompt_check(load_tokenizer("char"), s, context_limit=512)
+    bench = load_benchmark(s.benchmarks[0], check, seed=0)
+    assert [e.id for e in bench.examples] == ["ok1", "ok2", "ok3"]
+    assert bench.skipped == {"untokenizable": 1, "too_long": 1}
+    limited = load_benchmark(BenchmarkSpec("b", str(path), limit=2), check, seed=0)
+    assert [e.id for e in limited.examples] == ["ok1", "ok2"]  # the first usable ones
+    with pytest.raises(ValueError, match="eval.ks"):
+        EvalSettings.from_dict({"benchmarks": [{"name": "b", "data": str(path)}], "ks": [0, 2]})

@@ -1,0 +1,163 @@
+"""The MetaRM stage (paper §4.2): BCE on Eq. 10 labels lowers the held-out loss; the head survives a
+checkpoint and resume (TP=2, same logits) and the Hugging Face export (same logits from transformers).
+
+One training run (2 processes, TP=2) on synthetic judgments (tests/stages/scripts/metarm_data.py) feeds
+the tests below; the resume is a second launch of the same command on the same run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_json, torchrun
+from tests.stages.scripts.metarm_data import synthetic_judgment_records, write_records
+
+SCRIPT = Path(__file__).parent / "scripts" / "metarm_train.py"
+STEPS = 60
+HELDOUT_FRACTION = 0.2  # conf/experiment/metarm_tiny.yaml
+# The tiny model (2 layers, hidden 64) from scratch: a high constant LR and small batches, so that 60 steps
+# (480 judgments, about one epoch) learn more than the base rate.
+TRAIN = ["optimizer.lr=5e-3", "optimizer.min_lr=5e-3", "trainer.global_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("metarm")
+    records = synthetic_judgment_records(300, per_example=2, seed=0, hinted=3)
+    samples = write_records(records, root / "rft" / "samples" / "round_0.jsonl")
+    run_dir = root / "run"
+    common = ["--run-dir", str(run_dir), "--samples", str(samples.parent), "--tp", "2", "--steps", str(STEPS), *TRAIN]
+    torchrun(SCRIPT, 2, ["--phase", "train", "--out", str(root / "train.json"), *common], timeout=400)
+    torchrun(SCRIPT, 2, ["--phase", "resume", "--out", str(root / "resume.json"), *common], timeout=200)
+    return {"root": root, "run_dir": run_dir, "records": records, "train": read_json(root / "train.json"),
+            "resume": read_json(root / "resume.json"), "report": read_json(run_dir / "metarm_eval.json")}
+
+
+def test_training_lowers_heldout_bce(trained):
+    report = trained["report"]
+    initial, final = report["initial"], report["final"]
+    assert final["step"] == STEPS
+    assert final["count"] == initial["count"] > 50
+    assert final["bce"] < initial["bce"] - 0.02, (initial, final)
+    assert final["auc"] > 0.75 > 0.6 > initial["auc"], (initial, final)  # it ranks judgments: not just the base rate
+    assert [h["step"] for h in report["history"]] == [20, 40]  # metarm.eval_interval=20
+    # Hinted samples are left out; every other judgment is in exactly one split.
+    unhinted = [r for r in trained["records"] if not r["hinted"]]
+    assert report["data"]["train"] + report["data"]["heldout"] == len(unhinted)
+    assert report["data"]["origins"] == {"rft": len(unhinted), "fresh": 0}
+    heldout_share = report["data"]["heldout"] / len(unhinted)
+    assert abs(heldout_share - HELDOUT_FRACTION) < 0.1
+
+
+def test_heldout_split_keeps_each_example_on_one_side(trained):
+    lines = (trained["run_dir"] / "metarm_judgments.jsonl").read_text().splitlines()
+    from megatron_grm.stages.metarm import is_heldout
+
+    sides: dict[str, set[bool]] = {}
+    for line in lines:
+        j = json.loads(line)
+        sides.setdefault(j["example_id"], set()).add(is_heldout(j["example_id"], HELDOUT_FRACTION))
+    assert all(len(s) == 1 for s in sides.values())
+    assert {True, False} == {next(iter(s)) for s in sides.values()}
+
+
+def test_head_is_replicated_in_the_checkpoint_and_survives_resume(trained):
+    before, after = trained["train"], trained["resume"]
+    assert before["has_head"] and after["has_head"]
+    assert before["head_keys"] == after["head_keys"] == ["metarm_head.bias", "metarm_head.weight"]
+    assert after["step"] == before["step"] == STEPS  # resumed at the end: no further step
+    assert len(before["logits"]) == trained["report"]["final"]["count"]
+    assert len(set(round(x, 6) for x in before["logits"])) > 1  # per-input logits, not a constant
+    assert after["logits"] == pytest.approx(before["logits"], abs=1e-6, rel=0)
+    from megatron.core import dist_checkpointing
+
+    folder = trained["run_dir"] / "checkpoints" / f"iter_{STEPS:07d}"
+    stored = dist_checkpointing.load_tensors_metadata(str(folder))
+    assert tuple(stored["metarm_head.weight"].global_shape) == (1, 64)  # whole, though saved at TP=2
+    assert tuple(stored["metarm_head.bias"].global_shape) == (1,)
+
+
+def test_hf_export_gives_the_same_metarm_logits(trained):
+    if not (REPO / "tools" / "convert_mcore_to_hf.py").is_file():
+        pytest.skip("tools/convert_mcore_to_hf.py is not there yet")
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.metarm import LabelledJudgment, is_heldout, to_samples
+
+    hf = trained["root"] / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt",
+                           str(trained["run_dir"] / "checkpoints"), "--out", str(hf), "--no-tokenizer"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = load_file(str(hf / "metarm_head.safetensors"))
+    with safe_open(str(hf / "metarm_head.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "megatron-grm.metarm_head.v1"
+    model = AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    tok = load_tokenizer("char")
+    lines = (trained["run_dir"] / "metarm_judgments.jsonl").read_text().splitlines()
+    heldout = [j for j in (LabelledJudgment(**json.loads(line)) for line in lines)
+               if is_heldout(j.example_id, HELDOUT_FRACTION)]
+    samples = to_samples(heldout[:8], tok, 544)
+    with torch.no_grad():
+        got = [float(model.model(torch.tensor([ids])).last_hidden_state[0, -1] @ head["weight"][0] + head["bias"][0])
+               for ids, _ in samples]
+    want = trained["train"]["logits"][:8]
+    assert got == pytest.approx(want, abs=1e-4, rel=0)
+    assert not math.isclose(max(got), min(got))
+
+
+def test_binary_cross_entropy_is_the_mean_bce_and_counts_hits():
+    import torch
+
+    from megatron_grm.stages.metarm import binary_cross_entropy
+
+    logits, correct = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
+    total, count, metrics = binary_cross_entropy(logits, correct)
+    want = math.log(2) + math.log(1 + math.e**2) + math.log(1 + math.e**-1)
+    assert float(total) == pytest.approx(want, rel=1e-6)
+    assert int(count) == 3 and count.dtype == torch.int
+    assert metrics["accuracy"].tolist() == [1.0, 3.0]  # only -1 vs label 0 is on the right side of 0.5
+
+
+def test_rft_sample_reader_labels_by_eq10_and_skips_hinted(tmp_path):
+    from megatron_grm.stages.metarm import read_rft_samples
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"example_id": "a", "prompt": "P", "text": "T1", "correct": True, "hinted": False, "logprobs": [0.1]},
+        {"id": "b", "prompt": "P", "text": "T2", "scores": [3, 8], "label": 1},  # label by Eq. 10: correct
+        {"id": "c", "prompt": "P", "text": "T3", "scores": [5, 5], "label": 1},  # a tie: incorrect
+        {"example_id": "d", "prompt": "P", "text": "T4", "correct": True, "hinted": True},
+    ]) + "\n\n")
+    read = read_rft_samples(str(path))
+    assert [(j.example_id, j.correct, j.origin) for j in read] == [("a", True, "rft"), ("b", True, "rft"),
+                                                                   ("c", False, "rft")]
+    assert len(read_rft_samples(str(path), include_hinted=True)) == 4
+    path.write_text(json.dumps({"example_id": "a", "prompt": "P", "text": "T"}) + "\n")
+    with pytest.raises(ValueError, match=r"samples.jsonl:1: needs 'correct'"):
+        read_rft_samples(str(path))
+
+
+def test_sample_folder_leaves_out_unfinished_rft_shards(tmp_path):
+    from megatron_grm.stages.metarm import sample_files
+
+    for shard in (0, 1, 2):
+        (tmp_path / f"shard_{shard:05d}.jsonl").write_text("{}\n")
+    (tmp_path / "shard_00000.done").write_text("")
+    (tmp_path / "shard_00002.done").write_text("")
+    (tmp_path / "manifest.json").write_text("{}")
+    assert sample_files([str(tmp_path)]) == [str(tmp_path / "shard_00000.jsonl"), str(tmp_path / "shard_00002.jsonl")]
+    with pytest.raises(FileNotFoundError, match="names no sample file"):
+        sample_files([str(tmp_path / "missing.jsonl")])
