@@ -53,7 +53,8 @@ STAGES = {
     "sft": StageCase("sft.sh", ("cluster=local_cpu", "model=tiny", "parallel=tp2", "data.train={sft_data}",
                                 "trainer.seq_length=64"), max_steps=16, save_interval=2),
     # The stages' own CPU presets (conf/experiment/<stage>_tiny.yaml: tiny model, local_cpu, arithmetic data).
-    "rft": StageCase("rft.sh", ("+experiment=rft_tiny",), max_steps=3, save_interval=1),
+    "rft": StageCase("rft.sh", ("+experiment=rft_tiny", "data.train=arithmetic:train:16", "data.heldout=null",
+                                "rft.eval_before=false"), max_steps=3, save_interval=1),
     "grpo": StageCase("grpo.sh", ("+experiment=grpo_tiny",), max_steps=3, save_interval=1),
 }
 
