@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf = run / "hf"
     subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt", str(metarm),
-                    "--out", str(hf)], check=True, cwd=REPO)
+                    "--out", str(hf), "--no-tokenizer"], check=True, cwd=REPO)
     total = time.perf_counter() - began
     table = final_table(results, sc.ks)
     (run / "demo_results.md").write_text(table + "\n")

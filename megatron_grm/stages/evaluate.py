@@ -428,20 +428,31 @@ def voted_correct(example: Example, score_lists: Sequence[Sequence[int] | None],
     return vote(score_lists, rng, example.num_responses) == example.label
 
 
+def is_tied(example: Example, score_lists: Sequence[Sequence[int] | None]) -> bool:
+    """Whether the vote had to be decided at random (reported, so a coin flip is not read as skill)."""
+    totals = voted_scores(score_lists, example.num_responses)
+    if example.num_responses == 1:
+        return 2 * totals[0] == sum(s is not None for s in score_lists)
+    return totals.count(max(totals)) > 1
+
+
 @dataclass
 class MethodOutcome:
     """Per-example results of one method on one benchmark (None: the method has no result here)."""
 
     correct: list[bool]
     rewards: list[float]  # summed score of the single response (for ROC-AUC); empty for n >= 2
+    ties: int = 0  # examples whose vote was decided at random
 
 
 def method_outcome(method: str, k: int | None, b: Benchmark, store: DrawStore, s: EvalSettings,
                    seed: int) -> MethodOutcome | None:
     """Greedy (Eq. 10 on the one judgment), Voting@k, MetaRM@k or the judge baseline on one benchmark."""
-    correct, rewards = [], []
+    correct, rewards, ties = [], [], 0
     for e in b.examples:
-        rng = random.Random(f"{seed}:{b.name}:{e.id}:{method}@{k}")  # tie-breaks, independent of order
+        # Tie-breaks: seeded per example and k, independent of order, and shared by Voting@k and MetaRM@k
+        # (so MetaRM@1, which keeps the one draw there is, equals Voting@1 exactly).
+        rng = random.Random(f"{seed}:{b.name}:{e.id}:{k}")
         if method == GREEDY:
             draws = store.get(b.name, e.id, GREEDY)[:1]
             if not draws:
@@ -464,9 +475,10 @@ def method_outcome(method: str, k: int | None, b: Benchmark, store: DrawStore, s
                     return None
                 kept = meta_filter(kept, [d.meta_score for d in draws], s.k_meta_for(k))
             correct.append(voted_correct(e, kept, rng))
+            ties += is_tied(e, kept)
         if e.num_responses == 1:
             rewards.append(float(voted_scores(kept, 1)[0]))
-    return MethodOutcome(correct, rewards)
+    return MethodOutcome(correct, rewards, ties)
 
 
 # ------------------------------------------------------------------------------------------ 4. score
@@ -483,12 +495,15 @@ def score_benchmarks(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalS
     accuracy: dict[str, dict[str, float]] = {}
     categories: dict[str, dict[str, dict[str, float]]] = {}
     aucs: dict[str, dict[str, float]] = {}
+    ties: dict[str, dict[str, float]] = {}
     for row, method, k in method_rows(s):
         for b in benchmarks:
             outcome = method_outcome(method, k, b, store, s, seed)
             if outcome is None:
                 continue
             accuracy.setdefault(row, {})[b.name] = sum(outcome.correct) / len(outcome.correct)
+            if method in ("voting", "metarm"):
+                ties.setdefault(row, {})[b.name] = outcome.ties / len(outcome.correct)
             by_category = per_category(outcome.correct, [e.category or b.name for e in b.examples],
                                        s.per_category_depth)
             categories.setdefault(row, {})[b.name] = by_category
@@ -497,7 +512,8 @@ def score_benchmarks(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalS
                 aucs.setdefault(row, {})[b.name] = roc_auc(outcome.rewards, labels)
     names = [b.name for b in benchmarks]
     overall = {row: (macro_average(per) if all(n in per for n in names) else None) for row, per in accuracy.items()}
-    return {"accuracy": accuracy, "overall": overall, "per_category": categories, "roc_auc": aucs}
+    return {"accuracy": accuracy, "overall": overall, "per_category": categories, "roc_auc": aucs,
+            "tie_rate": ties}
 
 
 def scaling_curves(scores: dict[str, Any], s: EvalSettings) -> dict[str, Any]:
@@ -527,10 +543,14 @@ def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[st
               | {"benchmarks": [asdict(b) for b in s.benchmarks]}, **extra}
     Path(run_dir, RESULTS_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
-    lines = [f"# Evaluation ({', '.join(names)})", "",
-             "Accuracy (%): greedy is judged by Eq. 10; voting picks the argmax of summed scores (ties at random); "
-             f"MetaRM@k keeps k_meta = {'k/2' if s.k_meta is None else s.k_meta} judgments.", "",
-             results_markdown(scores["accuracy"], names)]
+    note = "Accuracy (%): greedy is judged by Eq. 10 (a tie is wrong); voting picks the argmax of the summed scores"
+    note += " (ties at random: how often, below)"
+    if any(row.startswith("MetaRM@") for row in scores["accuracy"]):
+        note += f"; MetaRM@k votes over the k_meta = {'k/2' if s.k_meta is None else s.k_meta} best-rated judgments"
+    lines = [f"# Evaluation ({', '.join(names)})", "", note + ".", "", results_markdown(scores["accuracy"], names)]
+    if any(v > 0 for per in scores["tie_rate"].values() for v in per.values()):
+        lines += ["Votes decided by the seeded coin (%, ties among the top summed scores; unparseable judgments add "
+                  "nothing):", "", results_markdown(scores["tie_rate"], names, overall=False)]
     if scores["roc_auc"]:
         single = [n for n in names if any(n in per for per in scores["roc_auc"].values())]
         lines += ["ROC-AUC of the voted reward (single-response examples):", "",

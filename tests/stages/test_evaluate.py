@@ -139,6 +139,7 @@ def test_injected_run_writes_the_table_and_keeps_every_draw(injected):
     assert "| Voting@4 | 66.7 | 50.0 | 58.3 |" in table
     assert "| MetaRM@4 | 100.0 | 50.0 | 75.0 |" in table
     assert "| LLM-as-a-judge | 66.7 | - | - |" in table
+    assert "Votes decided by the seeded coin" not in table  # no ties in the injected judgments
     lines = [json.loads(line) for line in (injected / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 7 * 4 + 7 + 3  # the injected draws of evaluated examples, nothing sampled, no strays
     assert {(d["benchmark"], d["example_id"]) for d in lines} == set(SAMPLE_DRAWS)
@@ -174,7 +175,11 @@ def test_rmb_end_to_end_with_the_tiny_model(tmp_path):
     assert all(isinstance(d["meta_score"], float) for d in sampled)
     sizes = {d["benchmark"]: len(d["permutation"]) for d in sampled}
     assert sizes["rmb_pairwise"] == 2 and sizes["rmb_bon"] >= 3
-    assert "| Method | rmb_pairwise | rmb_bon | Overall |" in (run_dir / "results.md").read_text()
+    table = (run_dir / "results.md").read_text()
+    assert "| Method | rmb_pairwise | rmb_bon | Overall |" in table
+    # An untrained model writes no parseable judgment: every vote is a coin flip, and the report says so.
+    assert results["tie_rate"]["Voting@4"] == {"rmb_pairwise": 1.0, "rmb_bon": 1.0}
+    assert "| Voting@4 | 100.0 | 100.0 |" in table.split("Votes decided by the seeded coin")[1]
     png = run_dir / "scaling.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     import matplotlib
