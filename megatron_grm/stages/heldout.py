@@ -9,6 +9,7 @@ summed, so every rank returns the same number.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -35,13 +36,12 @@ def greedy_judgments(
 ) -> list[JudgmentSample]:
     """This data-parallel rank's share of the examples (every ``dp``-th one), one greedy judgment each.
 
-    ``example_index`` of a returned judgment counts within this rank's share."""
+    ``example_index`` of a returned judgment counts within this rank's share.
+    """
     from megatron_grm.rollout.engine import RolloutEngine
 
     model = getattr(trainer_or_model, "unwrapped", trainer_or_model)
-    sampling = sampling or SamplingConfig(greedy=True)
-    if not sampling.greedy:
-        sampling = SamplingConfig(**{**sampling.__dict__, "greedy": True})
+    sampling = dataclasses.replace(sampling or SamplingConfig(), greedy=True)
     rank, size = _data_parallel_rank_and_size()
     # Example i is shown in the same (seeded) response order whatever the DP size and rank.
     shown = [shuffle_responses(ex, random.Random(f"heldout:{seed}:{i}")) for i, ex in enumerate(examples)]

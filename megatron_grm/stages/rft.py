@@ -9,8 +9,8 @@
 Sampling and training run in one job (``rft.phase=all``) or as two (``rft.phase=sample`` then
 ``rft.phase=train``). The sample record format is documented in docs/rft.md.
 
-    torchrun --nproc-per-node 2 -m megatron_grm.stages.rft +experiment=rft_tiny \
-        trainer.load=runs/bootstrap/checkpoints/iter_0000200
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.bootstrap     # the tiny demo's starting model
+    torchrun --nproc-per-node 2 -m megatron_grm.stages.rft +experiment=rft_tiny   # trainer.load=runs/bootstrap/...
 """
 
 from __future__ import annotations
@@ -378,12 +378,11 @@ def train_rft(cfg: Any) -> Trainer:
     data = run.extra.get("data", {}) or {}
     tokenizer = load_tokenizer(run.model.tokenizer or "char")
     samples_dir = settings.samples_dir or os.path.join(t.run_dir, "samples")
+    load = starting_checkpoint(t.load, settings.phase)
     trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "rft"})
     fresh = ckpt.latest_checkpoint(trainer.ckpt_root) is None
-    if t.load:
-        trainer.load_weights(t.load)  # the policy that samples, and where SFT starts
-    elif settings.phase != "train":
-        log.warning("trainer.load is not set: sampling judgments from randomly initialised weights")
+    if load:
+        trainer.load_weights(load)  # the policy that samples, and where SFT starts
     results: dict[str, Any] = {"samples_dir": samples_dir}
     heldout = read_examples(data["heldout"], data.get("bad_records", "fail")) if data.get("heldout") else []
     greedy = SamplingConfig(**{**settings.sampling, "greedy": True})
@@ -408,7 +407,7 @@ def train_rft(cfg: Any) -> Trainer:
             "data": data["train"], "num_examples": len(examples), "shard_size": settings.shard_size,
             "num_shards": math.ceil(len(examples) / settings.shard_size), "num_samples": settings.num_samples,
             "hinted_fraction": settings.hinted_fraction, "variant": settings.variant, "chat": settings.chat,
-            "sampling": dataclasses.asdict(settings.sampling_config(t.seed)), "policy": t.load, "seed": t.seed,
+            "sampling": dataclasses.asdict(settings.sampling_config(t.seed)), "policy": load, "seed": t.seed,
         })
         start = time.perf_counter()
         engine = RolloutEngine(trainer.unwrapped, tokenizer, **settings.rollout)
@@ -463,6 +462,23 @@ def train_rft(cfg: Any) -> Trainer:
              100 * producer.padding_waste, 100 * fixed, t.seq_length)
     _write_results(t.run_dir, results)
     return trainer
+
+
+def starting_checkpoint(load: str | None, phase: str) -> str | None:
+    """``trainer.load`` as a checkpoint folder: a run's ``checkpoints`` folder means its ``latest``.
+
+    Sampling needs it: RFT samples with the model it starts from (paper §3.2: a pretrained GRM), and a
+    randomly initialised model writes no judgment worth keeping.
+    """
+    if load and os.path.isfile(os.path.join(load, ckpt.LATEST)):
+        load = ckpt.latest_checkpoint(load)
+    if load and not os.path.isdir(load):
+        raise FileNotFoundError(f"trainer.load={load} does not exist (the tiny demo starts from stages/bootstrap.py's "
+                                "runs/bootstrap/checkpoints: run that first)")
+    if not load and phase != "train":
+        raise ValueError("trainer.load is not set: rejective sampling needs the policy to sample from (a converted "
+                         "base model, or for the tiny demo the checkpoints of stages/bootstrap.py)")
+    return load
 
 
 def pad_multiple_for(run, pad_multiple: int) -> int:
