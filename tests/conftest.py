@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# shared/ lies beside the checkout (developers and CI alike); RMB is read there, never copied.
+RMB_ROOT = REPO.parent / "shared" / "data" / "rmb"
 
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300, check: bool = True,

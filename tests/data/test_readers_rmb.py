@@ -2,14 +2,12 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from megatron_grm.data.readers.common import RecordError
 from megatron_grm.data.readers.rmb import format_counts, read_rmb, read_rmb_file
-
-RMB_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "rmb"
+from tests.conftest import RMB_ROOT
 
 
 @pytest.mark.skipif(not RMB_ROOT.is_dir(), reason=f"RMB not present at {RMB_ROOT}")

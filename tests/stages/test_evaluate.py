@@ -36,11 +36,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_json, torchrun
+from tests.conftest import REPO, RMB_ROOT, read_json, torchrun
 
 STAGE = REPO / "megatron_grm" / "stages" / "evaluate.py"
 SCRIPTS = Path(__file__).parent / "scripts"
-RMB = Path("/work/shared/data/rmb")
+RMB = RMB_ROOT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 PAIRS = [  # (id, responses, best, category)
