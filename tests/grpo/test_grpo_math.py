@@ -123,3 +123,20 @@ def test_gradient_step_raises_logprob_of_positive_advantage_samples():
     _, after = seq_logprob()
     assert after[0] > before[0]  # positive advantage: more likely
     assert after[1] < before[1]  # negative advantage: less likely
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_parallel_logprobs_entropy_and_gradient_match_full_softmax(tp, tmp_path):
+    """The policy's logprobs, their gradient and the logged entropy from vocab-sharded logits (gloo, TP ranks)
+    equal log_softmax on the whole vocabulary; the entropy must be taken before Megatron's cross-entropy
+    overwrites the logits with the softmax (which once made every logged entropy ≈ log V)."""
+    from tests.conftest import REPO, read_json, torchrun
+
+    out = tmp_path / "report.json"
+    torchrun(REPO / "tests" / "grpo" / "scripts" / "vocab_parallel_logprobs.py", tp, [str(out)], timeout=180)
+    report = read_json(out)
+    assert report["tp"] == tp
+    assert report["logprob_max_abs_diff"] < 1e-5
+    assert report["grad_max_abs_diff"] < 1e-5
+    assert report["entropy_max_abs_diff"] < 1e-5
+    assert report["entropy_mean"] < math.log(12) - 0.1  # logits * 3: far from uniform
