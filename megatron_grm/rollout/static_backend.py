@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_grm.parallel.cpu_decode import enable_cpu_flash_decode
+from megatron_grm.parallel.device import use_cuda
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 
@@ -48,6 +50,8 @@ class StaticBackend:
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 
         self.model = model
+        if not use_cuda():
+            enable_cpu_flash_decode(model)
         self.wrapper = GPTInferenceWrapper(
             model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1)
         )

@@ -44,6 +44,16 @@ def test_greedy_equals_full_recompute_argmax_loop(run):
     assert sum(len(t) for t in run["greedy"]) > 3 * run["max_new"]  # real generations, not empty ones
 
 
+def test_cpu_flash_decode_matches_megatrons_plain_static_path(run):
+    """The CPU kernels behind Megatron's flash-decode path (keys rotated once and cached) give the same
+    greedy and sampled tokens and log-probabilities as its default path (RoPE re-applied to the cache)."""
+    assert run["flash_decode"] is True
+    check = run["plain_vs_flash_decode"]
+    assert check["tokens"] > 6 * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).

@@ -93,6 +93,21 @@ def main() -> None:
     out["model_training_after_generate"] = model.training
     out["greedy_training_logprobs"] = training_logprobs(model, [s.sequence for s in g], [len(p) for p in prompts])
 
+    # 1b. The CPU flash-decode kernels (parallel/cpu_decode.py) against Megatron's plain static path, which
+    # re-rotates the whole KV cache every step: same greedy tokens and log-probabilities, same draws.
+    out["flash_decode"] = bool(model.config.flash_decode)
+    sampled = SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=5)
+    fast = [engine.generate(prompts, n=1, sampling=greedy), engine.generate(prompts, n=2, sampling=sampled)]
+    model.config.flash_decode = False
+    plain = [engine.generate(prompts, n=1, sampling=greedy), engine.generate(prompts, n=2, sampling=sampled)]
+    model.config.flash_decode = out["flash_decode"]
+    out["plain_vs_flash_decode"] = {
+        "tokens_equal": all(a.token_ids == b.token_ids for f, p in zip(fast, plain) for a, b in zip(f, p)),
+        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(fast, plain) for a, b in zip(f, p)
+                                    for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for f in fast for a in f),
+    }
+
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
         "temperature_1": SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=7),

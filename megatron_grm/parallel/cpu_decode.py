@@ -1,0 +1,122 @@
+"""CPU kernels for Megatron-Core's flash-decode path, so static-batch rollouts on the CPU cost O(1) per token.
+
+Without ``config.flash_decode`` Megatron-Core 0.16.1's static batching keeps *un-rotated* keys in its KV
+cache and re-applies RoPE to the whole cache — recomputing cos/sin for every position — in every layer at
+every decoding step (attention.py ``_adjust_key_value_for_inference`` then ``apply_rotary_pos_emb`` on
+``k_pos_emb[:sequence_end]``). Profiling the tiny GRM's rollouts put 42% of the time there. Its
+flash-decode path instead rotates each key once before caching it and attends with one fused call, but
+needs flash-attn's ``flash_attn_with_kvcache`` and ``apply_rotary_emb``. This module gives those two
+functions CPU implementations with flash-attn's contracts and installs them into Megatron's modules
+where flash-attn is absent; the model's generation loop, cache and sampling stay Megatron's.
+
+Only for models whose attention flash-decode handles exactly: Megatron's own ``SelfAttention`` with RoPE
+(no MLA, no sliding window, no custom softmax scale, no soft-capping). :func:`enable_cpu_flash_decode`
+checks that and otherwise leaves the model alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
+                     seqlen_offsets: int | torch.Tensor = 0) -> torch.Tensor:
+    """flash-attn's ``apply_rotary_emb``: ``x`` ``[b, s, h, d]``, ``cos``/``sin`` ``[s_ro, d_rot / 2]``;
+    rotates the first ``d_rot`` channels of position ``t`` by angle row ``t + seqlen_offsets``."""
+    b, s = x.shape[:2]
+    half = cos.shape[-1]
+    positions = torch.arange(s, device=x.device)[None, :] + torch.as_tensor(seqlen_offsets, device=x.device).view(-1, 1)
+    positions = positions.expand(b, s)
+    c = cos[positions].unsqueeze(2).to(x.dtype)  # [b, s, 1, d_rot/2]
+    si = sin[positions].unsqueeze(2).to(x.dtype)
+    rot, rest = x[..., : 2 * half], x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * si, x2 * c + x1 * si), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((x1 * c - x2 * si, x2 * c + x1 * si), dim=-1)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                            rotary_cos: torch.Tensor | None = None, rotary_sin: torch.Tensor | None = None,
+                            cache_seqlens: int | torch.Tensor | None = None, softmax_scale: float | None = None,
+                            causal: bool = True, rotary_interleaved: bool = False, **unsupported) -> torch.Tensor:
+    """flash-attn's ``flash_attn_with_kvcache`` for the flash-decode call Megatron makes.
+
+    ``q`` ``[b, s_q, h_q, d]``, caches ``[b, s_max, h_kv, d]`` (written in place), new ``k``/``v``
+    ``[b, s_q, h_kv, d]`` appended at ``cache_seqlens`` after rotating ``q`` and ``k`` there; then causal
+    attention of each query over its row's cache. Returns ``[b, s_q, h_q, d]``.
+    """
+    if unsupported:
+        raise NotImplementedError(f"CPU flash_attn_with_kvcache: unsupported arguments {sorted(unsupported)}")
+    b, s_q, h_q, d = q.shape
+    lengths = torch.as_tensor(0 if cache_seqlens is None else cache_seqlens, device=q.device).long().expand(b)
+    if rotary_cos is not None:
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, lengths)
+        if k is not None:
+            k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, lengths)
+    if k is not None:
+        rows = torch.arange(b, device=q.device)[:, None]
+        cols = lengths[:, None] + torch.arange(s_q, device=q.device)[None, :]
+        k_cache[rows, cols] = k.to(k_cache.dtype)
+        v_cache[rows, cols] = v.to(v_cache.dtype)
+    total = lengths + (s_q if k is not None else 0)  # valid cache positions per row
+    width = int(total.max())
+    keys = k_cache[:, :width].transpose(1, 2)  # [b, h_kv, width, d]
+    values = v_cache[:, :width].transpose(1, 2)
+    if keys.shape[1] != h_q:  # grouped-query attention
+        keys = keys.repeat_interleave(h_q // keys.shape[1], dim=1)
+        values = values.repeat_interleave(h_q // values.shape[1], dim=1)
+    # Query i of row r sits at position total[r] - s_q + i and sees the cache up to and including it.
+    query_pos = (total - s_q)[:, None] + torch.arange(s_q, device=q.device)[None, :]  # [b, s_q]
+    key_pos = torch.arange(width, device=q.device)
+    limit = query_pos if causal else (total - 1)[:, None].expand(b, s_q)
+    allowed = key_pos[None, None, :] <= limit[:, :, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+                                         attn_mask=allowed[:, None], scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def _supported(model: torch.nn.Module) -> str | None:
+    """None when flash-decode computes exactly what the model's attention does; else the reason not."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    config = model.config
+    if getattr(model, "position_embedding_type", None) != "rope":
+        return f"position embedding {getattr(model, 'position_embedding_type', None)!r} is not RoPE"
+    if config.multi_latent_attention or config.window_size is not None or config.softmax_scale is not None:
+        return "MLA, sliding-window attention or a custom softmax scale"
+    kinds = {type(m) for m in model.modules() if isinstance(m, SelfAttention)}
+    if kinds != {SelfAttention}:
+        return f"attention modules {sorted(k.__name__ for k in kinds)} are not Megatron's SelfAttention"
+    return None
+
+
+def enable_cpu_flash_decode(model: torch.nn.Module) -> bool:
+    """Switch a CPU model's static-batch inference to the flash-decode path with the kernels above.
+
+    Returns whether it was switched (and logs which path runs). Training forwards are unaffected:
+    ``flash_decode`` only changes forwards that carry an inference context.
+    """
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+    import megatron.core.transformer.attention as attention
+
+    reason = _supported(model)
+    if reason is not None:
+        log.info("rollout decode path: Megatron static batching (RoPE over the whole KV cache per step): %s", reason)
+        return False
+    if attention.flash_attn_with_kvcache is None:
+        attention.flash_attn_with_kvcache = flash_attn_with_kvcache
+    if rope_utils.apply_rotary_emb_flash is None:
+        rope_utils.apply_rotary_emb_flash = apply_rotary_emb
+    model.config.flash_decode = True
+    log.info("rollout decode path: Megatron flash-decode (keys rotated once, cached) with CPU kernels")
+    return True

@@ -1,0 +1,77 @@
+"""The CPU stand-ins for flash-attn's ``apply_rotary_emb`` and ``flash_attn_with_kvcache`` (the kernels
+Megatron-Core's flash-decode path calls), against Megatron's own RoPE and a naive attention loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_grm.parallel.cpu_decode import apply_rotary_emb, flash_attn_with_kvcache
+
+
+def _cos_sin(length: int, half: int, base: float = 10000.0):
+    inv = 1.0 / base ** (torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv)
+    return freqs, freqs.cos(), freqs.sin()
+
+
+def test_rotary_matches_megatrons_rope_at_offsets():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    g = torch.Generator().manual_seed(0)
+    b, s, h, d, offset = 2, 5, 3, 8, 7
+    x = torch.randn(b, s, h, d, generator=g)
+    freqs, cos, sin = _cos_sin(32, d // 2)
+    emb = torch.cat((freqs, freqs), dim=-1)[offset:offset + s]  # Megatron's [s, 1, 1, d] frequencies
+    want = _apply_rotary_pos_emb_bshd(x.transpose(0, 1), emb[:, None, None, :]).transpose(0, 1)
+    got = apply_rotary_emb(x, cos, sin, False, offset)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # Per-row offsets: row r rotated as if alone at its own offset.
+    rows = apply_rotary_emb(x, cos, sin, False, torch.tensor([offset, 0]))
+    torch.testing.assert_close(rows[0], got[0])
+    torch.testing.assert_close(rows[1], apply_rotary_emb(x, cos, sin, False, 0)[1])
+
+
+def test_partial_rotary_leaves_the_other_channels_alone():
+    x = torch.randn(1, 3, 2, 8)
+    _, cos, sin = _cos_sin(8, 2)  # rotary dim 4 of 8
+    out = apply_rotary_emb(x, cos, sin)
+    torch.testing.assert_close(out[..., 4:], x[..., 4:])
+    assert not torch.allclose(out[:, 1:, :, :4], x[:, 1:, :, :4])
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(4, 4), (4, 2)])
+def test_kvcache_attention_appends_rotated_keys_and_attends_causally(h_q, h_kv):
+    g = torch.Generator().manual_seed(1)
+    b, d, s_max = 3, 8, 12
+    lengths = torch.tensor([4, 0, 7])  # tokens already cached per row
+    k_cache, v_cache = torch.randn(b, s_max, h_kv, d, generator=g), torch.randn(b, s_max, h_kv, d, generator=g)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q, k, v = (torch.randn(b, 1, n, d, generator=g) for n in (h_q, h_kv, h_kv))
+    _, cos, sin = _cos_sin(s_max, d // 2)
+
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths)
+
+    assert out.shape == (b, 1, h_q, d)
+    for r in range(b):
+        n = int(lengths[r])
+        k_rot = apply_rotary_emb(k[r:r + 1], cos, sin, False, n)[0, 0]
+        q_rot = apply_rotary_emb(q[r:r + 1], cos, sin, False, n)[0, 0]
+        torch.testing.assert_close(k_cache[r, n], k_rot)  # the new key, rotated, in its slot
+        torch.testing.assert_close(v_cache[r, n], v[r, 0])
+        torch.testing.assert_close(k_cache[r, :n], before_k[r, :n])  # nothing else written
+        torch.testing.assert_close(k_cache[r, n + 1:], before_k[r, n + 1:])
+        torch.testing.assert_close(v_cache[r, n + 1:], before_v[r, n + 1:])
+        for head in range(h_q):
+            kv = head // (h_q // h_kv)
+            scores = k_cache[r, : n + 1, kv] @ q_rot[head] / math.sqrt(d)  # positions 0..n only
+            want = scores.softmax(-1) @ v_cache[r, : n + 1, kv]
+            torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
+
+
+def test_unsupported_flash_attn_arguments_fail_loudly():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(NotImplementedError, match="window_size"):
+        flash_attn_with_kvcache(q, torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4), window_size=(2, 0))
