@@ -65,8 +65,10 @@ def transformer_config(
         bf16=bf16,
         autocast_dtype=precision.torch_dtype,
         use_cpu_initialization=(not use_cuda()) if use_cpu_initialization is None else use_cpu_initialization,
-        # The fused kernels are CUDA-only; the TE spec fuses by itself.
-        bias_activation_fusion=False,
+        # The fused kernels are CUDA-only (on CPU Megatron's jit_fuser would call torch.compile); the TE spec
+        # fuses attention and norms by itself. Megatron fuses SwiGLU (Llama, Qwen2), not Gemma-2's tanh GELU:
+        # the fused SwiGLU keeps 2 instead of 4 ffn-sized activations per layer.
+        bias_activation_fusion=use_cuda() and activation is F.silu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,

@@ -94,10 +94,13 @@ class Trainer:
         self.metadata = {"model": cfg.model.to_dict(), **(metadata or {})}
         raw = model if model is not None else build_model(cfg.model, cfg.parallel, cfg.precision, t.recompute)
         self.config = raw.config
+        # With one data-parallel rank the distributed optimizer shards nothing and only adds a one-rank
+        # reduce-scatter + all-gather with full-buffer copies per step (docs/performance.md: ~6% of a step).
+        self.distributed_optimizer = o.use_distributed_optimizer and _dp_size() > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=o.use_distributed_optimizer,
+            use_distributed_optimizer=self.distributed_optimizer,
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
         self.optimizer = get_megatron_optimizer(
@@ -112,7 +115,7 @@ class Trainer:
                 clip_grad=o.clip_grad,
                 bf16=cfg.precision.params_dtype == "bf16",
                 params_dtype=cfg.precision.torch_dtype,
-                use_distributed_optimizer=o.use_distributed_optimizer,
+                use_distributed_optimizer=self.distributed_optimizer,
             ),
             [self.model],
         )
