@@ -86,8 +86,10 @@ def teacher_judgment(
     """An SPCT-format judgment from a teacher that is right with probability ``accuracy``.
 
     The critique states the sum, then for each response the units digit of the sum next to the response's
-    units digit, then the verdict. When the teacher errs it takes the wrong response's value as the sum,
-    so its critique stays self-consistent and its scores favour the wrong response (Eq. 10 incorrect).
+    units digit (the responses differ from the sum by 1 or 2, so the units digit decides), then the
+    verdict: every check is short-range, in a few characters. When the teacher errs it takes the wrong
+    response's value as the sum, so its critique stays self-consistent and its scores favour the wrong
+    response (Eq. 10 incorrect).
     """
     if not 0 <= accuracy <= 1:
         raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
@@ -100,9 +102,7 @@ def teacher_judgment(
     scores = []
     for i, v in enumerate(values, 1):
         right = v % 10 == claimed % 10
-        parts.append(
-            f"Response {i} says {v}, units {claimed % 10} vs {v % 10}: {'right' if right else 'wrong'}."
-        )
+        parts.append(f"{i}: {v}, {claimed % 10} vs {v % 10} {'right' if right else 'wrong'}.")
         scores.append(right_score if right else wrong_score)
     return render_judgment(PRINCIPLES, " ".join(parts), scores)
 

@@ -133,10 +133,11 @@ def single_response_prompt(
 
 
 def _compact_prompt(context: Sequence[Turn], responses: Sequence[str], task: str, boxed: str) -> str:
-    # Same sections as the default template, cut to a few words each: the demo model's context is small.
-    blocks = "\n".join(f"[Response {i}] {r} [End {i}]" for i, r in enumerate(responses, 1))
+    # The query, the responses and the output contract, nothing else: every character is a token of the
+    # demo's character-level model (prompt + judgment ~200 tokens, 1.5x fewer than a worded form).
+    blocks = "\n".join(f"<{i}> {r} </{i}>" for i, r in enumerate(responses, 1))
     ctx = context[-1].content if len(context) == 1 else render_context(context)
-    return f"Judge: {task}.\nQuery: {ctx}\n{blocks}\nWrite Specific Criteria, Analysis, Scores: {boxed}\n"
+    return f"{ctx}\n{blocks}\nJudge, {task}: {boxed}\n"
 
 
 def _append_hint(prompt: str, hint: str, variant: str) -> str:

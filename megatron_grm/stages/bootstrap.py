@@ -57,7 +57,7 @@ class BootstrapSettings:
     variant: str = "compact"
     chat: bool = False
     eval_interval: int = 0  # held-out accuracy every this many steps (0: only at the end)
-    max_new_tokens: int = 168  # for the held-out evaluation
+    max_new_tokens: int = 128  # for the held-out evaluation
     pad_multiple: int = 8
 
     @classmethod

@@ -51,8 +51,7 @@ def test_teacher_critique_compares_units_digits_before_each_verdict():
     ex = Example((Turn("user", "What is 23+24?"),), ("47", "46"), 0, "arithmetic", "x")
     judgment = teacher_judgment(ex, random.Random(0), accuracy=1.0)
     assert (
-        "23+24 = 47. Response 1 says 47, units 7 vs 7: right. Response 2 says 46, units 7 vs 6: wrong."
-        in judgment
+        "Analysis: 23+24 = 47. 1: 47, 7 vs 7 right. 2: 46, 7 vs 6 wrong.\n" in judgment
     )
     assert judgment.endswith("Scores: \\boxed{8, 3}")
 
@@ -61,8 +60,7 @@ def test_an_erring_teacher_stays_self_consistent_but_is_incorrect():
     ex = Example((Turn("user", "What is 23+24?"),), ("47", "46"), 0, "arithmetic", "x")
     judgment = teacher_judgment(ex, random.Random(0), accuracy=0.0)
     assert (
-        "23+24 = 46. Response 1 says 47, units 6 vs 7: wrong. Response 2 says 46, units 6 vs 6: right."
-        in judgment
+        "Analysis: 23+24 = 46. 1: 47, 6 vs 7 wrong. 2: 46, 6 vs 6 right.\n" in judgment
     )
     assert not is_correct(parse_judgment(judgment, 2).scores, label=ex.label)
 

@@ -103,7 +103,7 @@ def test_judge_baseline_prompt_asks_for_the_best_index():
 def test_compact_variant_is_short_and_keeps_the_output_contract():
     prompt = grm_prompt((Turn("user", "What is 23+24?"),), ("47", "46"), variant="compact")
     assert len(prompt) <= 200
-    assert "[Response 1] 47 [End 1]" in prompt and "Scores: \\boxed{x, x}" in prompt
+    assert "<1> 47 </1>\n<2> 46 </2>" in prompt and prompt.endswith("score each 1-10: \\boxed{x, x}\n")
     judgment = render_judgment("exact sum.", "23+24 = 47.", [8, 3])
     assert parse_judgment(judgment, 2).scores == [8, 3]
 
