@@ -7,7 +7,7 @@ with the stage's ``*_tiny`` CPU preset), chained through checkpoints in one run 
     rft  (sample N=3, keep correct, SFT)              → evaluate "RFT"
     grpo (G=4, ±1 rewards, KL to the RFT model)        → evaluate "GRPO" with voting@k and MetaRM@k
     metarm (scalar head on judgments labelled by Eq. 10, from RFT's samples)
-    convert_mcore_to_hf (the GRPO model + MetaRM head → a folder transformers loads)
+    convert_mcore_to_hf (the GRPO model → hf/grm, the MetaRM backbone + head → hf/metarm)
 
     python -m megatron_grm.demo --run-dir runs/demo          # what scripts/demo.sh runs
 """
@@ -40,10 +40,10 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(bootstrap_steps=150, rft_examples=512, rft_steps=40, grpo_steps=8, metarm_steps=40, heldout=100,
+    "full": Scale(bootstrap_steps=500, rft_examples=512, rft_steps=40, grpo_steps=30, metarm_steps=40, heldout=200,
                   ks=[1, 2, 4, 8]),
-    "test": Scale(bootstrap_steps=60, rft_examples=128, rft_steps=10, grpo_steps=2, metarm_steps=10, heldout=32,
-                  ks=[1, 2]),
+    "test": Scale(bootstrap_steps=250, rft_examples=256, rft_steps=20, grpo_steps=12, metarm_steps=10, heldout=200,
+                  ks=[1, 2, 4]),
 }
 
 
@@ -120,16 +120,36 @@ def main(argv: list[str] | None = None) -> None:
     results["GRPO"] = evaluate("eval_grpo", run, grpo, sc, n, metarm=metarm, ks=sc.ks)
 
     hf = run / "hf"
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt", str(metarm),
-                    "--out", str(hf), "--no-tokenizer"], check=True, cwd=REPO)
+    for name, ckpt in (("grm", grpo), ("metarm", metarm)):  # the GRM, and the MetaRM (its own backbone + head)
+        subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt", str(ckpt),
+                        "--out", str(hf / name), "--no-tokenizer"], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
     total = time.perf_counter() - began
     table = final_table(results, sc.ks)
     (run / "demo_results.md").write_text(table + "\n")
-    (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total},
-                                                      indent=2, default=str))
+    grpo_reward = tensorboard_series(run / "grpo", "train/rollout/reward_mean")
+    (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total,
+                                                       "grpo_reward_mean": grpo_reward}, indent=2, default=str))
     print("\n" + table)
-    print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\nHF export:    {hf}\n"
+    third = max(1, len(grpo_reward) // 3)
+    print(f"\nGRPO mean reward of its rollouts: first {third} steps {mean(grpo_reward[:third]):+.3f}, "
+          f"last {third} steps {mean(grpo_reward[-third:]):+.3f}")
+    print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\n"
+          f"HF export:    {hf / 'grm'} (the GRM; README: score an example), {hf / 'metarm'} (MetaRM)\n"
           f"total time:   {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
+
+
+def tensorboard_series(run_dir: Path, tag: str) -> list[float]:
+    """One scalar's values by step, read back from a stage's TensorBoard files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
 
 
 def final_table(results: dict[str, dict], ks: list[int]) -> str:

@@ -43,3 +43,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class Pipeline:
+    """One finished run of SPCT in miniature (``python -m megatron_grm.demo --scale test``): bootstrap →
+    RFT → GRPO → MetaRM → evaluations → HF export, every stage through its real torchrun entry point."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.results = read_json(run_dir / "demo_results.json")
+
+    def checkpoint(self, stage: str) -> Path:
+        """The stage's final checkpoint folder (``<run>/<stage>/checkpoints/iter_N``)."""
+        folder = self.run_dir / stage / "checkpoints"
+        return folder / (folder / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+    """The README's demo at its test scale, run once per session and shared: its checkpoints are the
+    starting models of the RFT, GRPO and Slurm tests (a model that already writes judgments), its
+    evaluations and TensorBoard files are what the pipeline tests assert on."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "demo"
+    cmd = [sys.executable, "-m", "megatron_grm.demo", "--scale", "test", "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+                    f"--- stderr ---\n{proc.stderr[-6000:]}")
+    return Pipeline(run_dir)

@@ -61,7 +61,7 @@ def sft_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def finished_run(jobs, sft_data):
+def finished_run(jobs, sft_data, request):
     """``finished_run(stage)`` -> (job id, job info, run dir): the stage run once, uninterrupted, to the end.
 
     Shared by the "completes" test and the preemption test (its reference), so it runs once per session.
@@ -71,7 +71,9 @@ def finished_run(jobs, sft_data):
     def run(stage: str) -> tuple[int, dict[str, str], Path]:
         if stage not in done:
             runs_root = jobs.root / f"runs-{stage}-reference"
-            job = jobs.submit(STAGES[stage].script, STAGES[stage].hydra(sft_data), runs_root=runs_root)
+            case = STAGES[stage]
+            bootstrap = request.getfixturevalue("pipeline").checkpoint("bootstrap") if case.needs_bootstrap else None
+            job = jobs.submit(case.script, case.hydra(sft_data, bootstrap), runs_root=runs_root)
             info = jobs.wait(job, timeout=420)
             done[stage] = (job, info, runs_root / f"{stage}-{job}")
         return done[stage]

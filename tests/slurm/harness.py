@@ -37,15 +37,20 @@ CPU_ENV = {"SBATCH_GPUS_PER_NODE": "0"}
 @dataclass(frozen=True)
 class StageCase:
     """How the tests run one stage small: its script, Hydra overrides (``{sft_data}``: a prompt/response
-    JSONL) and step counts. A USR1 sent after the first checkpoint must land well before the last step."""
+    JSONL; ``{bootstrap}``: a checkpoint that already writes judgments, from the session's ``pipeline``)
+    and step counts. A USR1 sent after the first checkpoint must land well before the last step."""
 
     script: str
     overrides: tuple[str, ...]
     max_steps: int
     save_interval: int
 
-    def hydra(self, sft_data: Path) -> list[str]:
-        return [o.format(sft_data=sft_data) for o in self.overrides] + [
+    @property
+    def needs_bootstrap(self) -> bool:
+        return any("{bootstrap}" in o for o in self.overrides)
+
+    def hydra(self, sft_data: Path, bootstrap: Path | None = None) -> list[str]:
+        return [o.format(sft_data=sft_data, bootstrap=bootstrap) for o in self.overrides] + [
             f"trainer.max_steps={self.max_steps}", f"trainer.save_interval={self.save_interval}"]
 
 
@@ -53,8 +58,10 @@ STAGES = {
     "sft": StageCase("sft.sh", ("cluster=local_cpu", "model=tiny", "parallel=tp2", "data.train={sft_data}",
                                 "trainer.seq_length=64"), max_steps=16, save_interval=2),
     # The stages' own CPU presets (conf/experiment/<stage>_tiny.yaml: tiny model, local_cpu, arithmetic data).
-    "rft": StageCase("rft.sh", ("+experiment=rft_tiny", "data.train=arithmetic:train:16", "data.heldout=null",
-                                "rft.eval_before=false"), max_steps=3, save_interval=1),
+    "rft": StageCase("rft.sh", ("+experiment=rft_tiny", "trainer.load={bootstrap}", "data.train=arithmetic:train:32",
+                                "data.heldout=null", "rft.eval_before=false", "rft.shard_size=16",
+                                "trainer.global_batch_size=8", "trainer.micro_batch_size=4"),
+                     max_steps=3, save_interval=1),
     "grpo": StageCase("grpo.sh", ("+experiment=grpo_tiny",), max_steps=3, save_interval=1),
 }
 

@@ -1,0 +1,59 @@
+"""SPCT in miniature (the README's first command, at the test scale): every stage runs through its real
+entry point, the paper-shaped table holds a measured number in every row, and the Hugging Face export
+scores a new example through the README's snippet. The run itself is the session's ``pipeline`` fixture
+(tests/conftest.py).
+
+Not asserted: that RFT and GRPO raise held-out accuracy over the base model. On this task and budget they
+do not reliably do so (docs/rft.md, "Measured on CPU"): the numbers are printed and recorded instead.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO, read_json
+
+
+def accuracy(pipeline, model: str, method: str = "Greedy") -> float:
+    return pipeline.results["results"][model]["accuracy"][method]["arithmetic"]
+
+
+def test_the_table_has_every_row_with_a_measured_number(pipeline):
+    table = (pipeline.run_dir / "demo_results.md").read_text()
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", table, flags=re.M))
+    ks = [1, 2, 4]
+    expected = ["Base (bootstrap) greedy", "RFT greedy", "GRPO greedy", *(f"GRPO Voting@{k}" for k in ks),
+                *(f"GRPO MetaRM@{k}" for k in ks)]
+    assert [r for r in rows if r != "model / method"] == expected
+    for label, model in (("Base (bootstrap) greedy", "Base"), ("RFT greedy", "RFT"), ("GRPO greedy", "GRPO")):
+        assert float(rows[label]) == round(100 * accuracy(pipeline, model), 1)
+        # The number is the evaluation stage's own results.json, not something the demo computed.
+        stage = {"Base": "eval_base", "RFT": "eval_rft", "GRPO": "eval_grpo"}[model]
+        assert read_json(pipeline.run_dir / stage / "results.json")["accuracy"]["Greedy"]["arithmetic"] == \
+            accuracy(pipeline, model)
+    for label in expected:
+        assert 0.0 <= float(rows[label]) <= 100.0, label  # a number, not "n/a"
+    for stage in ("bootstrap", "rft", "grpo", "metarm"):
+        assert list((pipeline.run_dir / stage / "tensorboard").glob("events.out.tfevents.*")), stage
+
+
+def readme_snippet() -> str:
+    """The README's "score an example with the exported model" code block."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- hf-snippet -->\s*```python\n(.*?)```", text, flags=re.S)
+    assert match, "README.md has no hf-snippet block"
+    return match.group(1)
+
+
+def test_readme_snippet_scores_a_new_example_with_the_hf_export(pipeline, tmp_path):
+    code = readme_snippet()
+    assert "runs/demo/hf/grm" in code
+    script = tmp_path / "snippet.py"
+    script.write_text(code.replace("runs/demo/hf/grm", str(pipeline.run_dir / "hf" / "grm")))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = re.search(r"^scores: \[(\d+), (\d+)\]$", proc.stdout, flags=re.M)
+    assert scores, proc.stdout[-2000:]  # transformers' greedy judgment parses: two scores in 1-10
+    assert all(1 <= int(s) <= 10 for s in scores.groups())

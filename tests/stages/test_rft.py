@@ -1,0 +1,158 @@
+"""Rejective fine-tuning (paper §3.2) on the tiny GRM, end to end on CPU with 2 gloo processes (DP = 2).
+
+RFT needs a model that already writes judgments: these tests start from the bootstrapped model of the
+session's ``pipeline`` fixture (tests/conftest.py: the demo at its test scale). That RFT raises held-out
+accuracy over its starting model is asserted on the same pipeline (tests/pipeline/test_demo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_json, torchrun
+
+RFT = REPO / "megatron_grm" / "stages" / "rft.py"
+N = 3
+
+
+@pytest.fixture(scope="module")
+def bootstrap(pipeline) -> dict:
+    """The pipeline's bootstrapped tiny GRM: {"checkpoint": its final iter_* folder}."""
+    return {"checkpoint": str(pipeline.checkpoint("bootstrap"))}
+
+
+EXAMPLES, SHARD = 48, 16
+
+
+def rft_args(run_dir: Path, load: str, *extra: str) -> list[str]:
+    """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1)."""
+    return ["+experiment=rft_tiny", f"trainer.run_dir={run_dir}", f"trainer.load={load}",
+            f"data.train=arithmetic:train:{EXAMPLES}", "data.heldout=null", f"rft.shard_size={SHARD}",
+            "rft.eval_before=false",
+            "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
+            "trainer.log_interval=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def rft_run(bootstrap, tmp_path_factory) -> Path:
+    """One uninterrupted ``rft.phase=all`` run: sample → filter → 4 SFT steps → checkpoint."""
+    run_dir = tmp_path_factory.mktemp("rft") / "run"
+    checkpoints = str(Path(bootstrap["checkpoint"]).parent)  # a checkpoints folder: its latest is loaded
+    torchrun(RFT, 2, rft_args(run_dir, checkpoints), timeout=1200)
+    return run_dir
+
+
+def read_records(samples_dir: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(samples_dir.glob("shard_*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of one TensorBoard scalar, read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_rft_end_to_end_filter_statistics_in_tensorboard_equal_the_jsonl(rft_run: Path):
+    records = read_records(rft_run / "samples")
+    by_example: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        by_example[r["example_index"]].append(r)
+    assert sorted(by_example) == list(range(EXAMPLES))
+
+    # The filtering rule, checked record by record (paper §3.2, Eq. 10).
+    too_easy = hinted = kept = 0
+    for index, group in by_example.items():
+        plain = [r for r in group if not r["hinted"]]
+        hint = [r for r in group if r["hinted"]]
+        assert [r["sample_index"] for r in plain] == list(range(N))
+        assert {r["shard"] for r in group} == {index // SHARD}
+        all_correct = all(r["correct"] for r in plain)
+        too_easy += all_correct
+        for r in plain:
+            assert r["too_easy"] == all_correct
+            assert r["kept"] == (r["correct"] and not all_correct)
+            assert r["correct"] == (r["scores"] is not None and r["scores"][r["label"]] > max(
+                s for i, s in enumerate(r["scores"]) if i != r["label"]))
+        # One hinted sample exactly for the examples none of whose N samples is correct (hinted_fraction 1).
+        assert len(hint) == (0 if any(r["correct"] for r in plain) else 1)
+        for r in hint:
+            assert r["kept"] == r["correct"] and "The best response is" not in r["prompt"]
+        hinted += len(hint)
+        kept += sum(r["kept"] for r in group)
+    correct_plain = sum(r["correct"] for r in records if not r["hinted"])
+
+    # The starting model has signal: some judgments kept, some examples too easy, some hinted.
+    assert kept > 0 and too_easy > 0 and hinted > 0
+
+    tb = {tag: scalars(rft_run, f"rft/{tag}")[0] for tag in
+          ("examples", "judgments", "kept", "rejected", "too_easy", "too_easy_judgments", "hinted", "accuracy")}
+    assert tb["examples"] == EXAMPLES
+    assert tb["judgments"] == len(records) == EXAMPLES * N + hinted
+    assert tb["kept"] == kept
+    assert tb["rejected"] == sum(not r["correct"] for r in records)
+    assert tb["too_easy"] == too_easy and tb["too_easy_judgments"] == N * too_easy
+    assert tb["hinted"] == hinted
+    assert tb["accuracy"] == pytest.approx(correct_plain / (EXAMPLES * N), abs=1e-6)
+    assert tb["judgments"] == tb["kept"] + tb["rejected"] + tb["too_easy_judgments"]
+
+    # SFT ran on the kept judgments (+30% instruction data) and left a checkpoint.
+    loss = scalars(rft_run, "train/loss")
+    assert sorted(loss) == [1, 2, 3, 4] and all(math.isfinite(v) for v in loss.values())
+    waste = scalars(rft_run, "train/padding_waste")
+    assert sorted(waste) == [1, 2, 3, 4] and all(0 <= v < 0.5 for v in waste.values())
+    results = read_json(rft_run / "rft_results.json")
+    assert results["sft_judgments"] == kept
+    assert results["sft_instruction"] == round(kept * 0.3 / 0.7)
+    assert (rft_run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert (rft_run / "checkpoints" / "iter_0000004" / "model_config.json").exists()
+
+
+def test_resumed_sampling_resamples_only_the_unfinished_shard(rft_run: Path, bootstrap, tmp_path: Path):
+    samples = tmp_path / "samples"
+    shutil.copytree(rft_run / "samples", samples)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in samples.glob("shard_*.jsonl")}
+    assert sorted(before) == ["shard_00000.jsonl", "shard_00001.jsonl", "shard_00002.jsonl"]
+    (samples / "shard_00001.done").unlink()  # shard 1 was interrupted: its file is not trusted
+
+    torchrun(RFT, 2, rft_args(tmp_path / "run", bootstrap["checkpoint"], "rft.phase=sample",
+                              f"rft.samples_dir={samples}"), timeout=900)
+
+    after = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in samples.glob("shard_*.jsonl")}
+    assert (samples / "shard_00001.done").exists()
+    assert after["shard_00000.jsonl"][0] == before["shard_00000.jsonl"][0]
+    assert after["shard_00002.jsonl"][0] == before["shard_00002.jsonl"][0]
+    assert after["shard_00001.jsonl"][0] != before["shard_00001.jsonl"][0]
+    # Each shard has its own seeds: the resampled shard repeats the uninterrupted run's draw.
+    assert after["shard_00001.jsonl"][1] == before["shard_00001.jsonl"][1]
+    # A sample-only job still reports the filter statistics, read back from every shard.
+    assert scalars(tmp_path / "run", "rft/judgments")[0] == len(read_records(samples))
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_resumed_rft_sft_continues_exactly(rft_run: Path, bootstrap, tmp_path: Path):
+    """A train-only job on the same samples, stopped after 2 of 4 steps and resumed, matches the
+    uninterrupted run that sampled in-process: same losses, same padding accounting."""
+    run_dir = tmp_path / "run"
+    args = rft_args(run_dir, bootstrap["checkpoint"], "rft.phase=train", f"rft.samples_dir={rft_run / 'samples'}")
+    torchrun(RFT, 2, [*args, "trainer.exit_after_steps=2"], timeout=900)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    torchrun(RFT, 2, args, timeout=900)
+
+    resumed, reference = scalars(run_dir, "train/loss"), scalars(rft_run, "train/loss")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert read_json(run_dir / "rft_results.json")["padding_waste"] == pytest.approx(
+        read_json(rft_run / "rft_results.json")["padding_waste"], abs=1e-12)
