@@ -20,10 +20,10 @@ from tests.conftest import REPO, read_json, torchrun
 from tests.stages.scripts.metarm_data import synthetic_judgment_records, write_records
 
 SCRIPT = Path(__file__).parent / "scripts" / "metarm_train.py"
-STEPS = 60
+STEPS = 80
 HELDOUT_FRACTION = 0.2  # conf/experiment/metarm_tiny.yaml
-# The tiny model (2 layers, hidden 64) from scratch: a high constant LR and small batches, so that 60 steps
-# (480 judgments, about one epoch) learn more than the base rate.
+# The tiny model (2 layers, hidden 64) from scratch: a high constant LR and small batches, so that 80 steps
+# (640 judgments, about 1.3 epochs) learn more than the base rate.
 TRAIN = ["optimizer.lr=5e-3", "optimizer.min_lr=5e-3", "trainer.global_batch_size=8"]
 
 
@@ -46,8 +46,9 @@ def test_training_lowers_heldout_bce(trained):
     assert final["step"] == STEPS
     assert final["count"] == initial["count"] > 50
     assert final["bce"] < initial["bce"] - 0.02, (initial, final)
-    assert final["auc"] > 0.75 > 0.6 > initial["auc"], (initial, final)  # it ranks judgments: not just the base rate
-    assert [h["step"] for h in report["history"]] == [20, 40]  # metarm.eval_interval=20
+    # Measured with the compact format of 2026-11-29: AUC 0.575 -> 0.767 (80 steps).
+    assert final["auc"] > 0.70 > 0.6 > initial["auc"], (initial, final)  # it ranks judgments: not just the base rate
+    assert [h["step"] for h in report["history"]] == list(range(20, STEPS, 20))  # metarm.eval_interval=20
     # Hinted samples are left out; every other judgment is in exactly one split.
     unhinted = [r for r in trained["records"] if not r["hinted"]]
     assert report["data"]["train"] + report["data"]["heldout"] == len(unhinted)
