@@ -113,3 +113,12 @@ def meta_guided_vote(
 ) -> int:
     """MetaRM@k: vote over the k_meta judgments the MetaRM rates highest (default k/2, at least 1)."""
     return vote(meta_filter(score_lists, meta_scores, k_meta), rng, num_responses)
+
+
+def single_response_vote(score_lists: Sequence[ScoreList], rng: random.Random) -> int:
+    """Voting for a single response (0/1 scores): the majority of the parseable verdicts, ties at random."""
+    total = voted_scores(score_lists, 1)[0]
+    valid = sum(s is not None for s in score_lists)
+    if 2 * total == valid:
+        return rng.randrange(2)
+    return int(2 * total > valid)

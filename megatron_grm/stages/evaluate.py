@@ -51,6 +51,7 @@ from megatron_grm.spct import (
     per_category,
     results_markdown,
     roc_auc,
+    single_response_vote,
     vote,
     voted_scores,
 )
@@ -412,15 +413,6 @@ def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark
 
 
 # ------------------------------------------------------------------------------------------ 3. vote
-def single_response_vote(score_lists: Sequence[Sequence[int] | None], rng: random.Random) -> int:
-    """Voting for a single response (0/1 scores): the majority of the parseable verdicts, ties at random."""
-    total = voted_scores(score_lists, 1)[0]
-    valid = sum(s is not None for s in score_lists)
-    if 2 * total == valid:
-        return rng.randrange(2)
-    return int(2 * total > valid)
-
-
 def voted_correct(example: Example, score_lists: Sequence[Sequence[int] | None], rng: random.Random) -> bool:
     """Whether the vote over these judgments picks the labelled best response (n = 1: the right verdict)."""
     if example.num_responses == 1:

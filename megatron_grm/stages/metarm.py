@@ -45,25 +45,13 @@ from megatron_grm.spct import is_correct, roc_auc
 from megatron_grm.stages.common import CONF_DIR, prepare_run
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Batch, Trainer
-from megatron_grm.train.losses import LossOutput
+from megatron_grm.train.losses import LossOutput, binary_cross_entropy
 from megatron_grm.train.producers import SampleBatchProducer
 
 log = logging.getLogger(__name__)
 
 JUDGMENTS_FILE = "metarm_judgments.jsonl"
 EVAL_FILE = "metarm_eval.json"
-
-
-# ------------------------------------------------------------------------------------------ the loss
-def binary_cross_entropy(logits: torch.Tensor, correct: torch.Tensor) -> LossOutput:
-    """BCE of the MetaRM logit against the Eq. 10 label (paper §4.2), summed over sequences; the trainer
-    divides by the global number of sequences. Also reports accuracy at threshold 0.5."""
-    losses = F.binary_cross_entropy_with_logits(logits.float(), correct.float(), reduction="none")
-    total = losses.sum()
-    count = torch.tensor(logits.numel(), dtype=torch.int)
-    hits = ((logits.detach() > 0) == (correct > 0.5)).float().sum()
-    n = count.to(total.dtype)
-    return total, count, {"loss": torch.stack([total.detach(), n]), "accuracy": torch.stack([hits, n])}
 
 
 class MetaRMObjective:

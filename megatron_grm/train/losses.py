@@ -9,6 +9,7 @@ to a ``[sum, count]`` pair that is reduced the same way.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -98,3 +99,14 @@ def grpo_loss(
     if entropy is not None:
         metrics["entropy"] = torch.stack([reduce(entropy.float()).detach(), c])
     return numerator, denominator, metrics
+
+
+def binary_cross_entropy(logits: torch.Tensor, correct: torch.Tensor) -> LossOutput:
+    """BCE of the MetaRM logit against the Eq. 10 label (paper §4.2), summed over sequences; the trainer
+    divides by the global number of sequences. Also reports accuracy at threshold 0.5."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), correct.float(), reduction="none")
+    total = losses.sum()
+    count = torch.tensor(logits.numel(), dtype=torch.int)
+    hits = ((logits.detach() > 0) == (correct > 0.5)).float().sum()
+    n = count.to(total.dtype)
+    return total, count, {"loss": torch.stack([total.detach(), n]), "accuracy": torch.stack([hits, n])}

@@ -182,3 +182,14 @@ def test_without_unpermuting_the_shown_position_leaks_into_the_vote():
         longest = max(range(4), key=lambda i: len(responses[i]))
         wrong += vote(voting_at_k(responses, k=8, rng=rng, unshuffle=False), rng) != longest
     assert wrong >= 10
+
+
+def test_single_response_vote_is_the_majority_of_parseable_verdicts():
+    from megatron_grm.spct import single_response_vote
+
+    rng = random.Random(0)
+    assert single_response_vote([[1], [0], [1], None], rng) == 1  # 2 of 3 parseable say correct
+    assert single_response_vote([[0], [0], [1], None, None], rng) == 0
+    # A tie (or nothing parseable) is a coin flip: both outcomes occur over many draws.
+    assert {single_response_vote([[1], [0]], rng) for _ in range(50)} == {0, 1}
+    assert {single_response_vote([None, None], rng) for _ in range(50)} == {0, 1}

@@ -122,7 +122,7 @@ def test_hf_export_gives_the_same_metarm_logits(trained):
 def test_binary_cross_entropy_is_the_mean_bce_and_counts_hits():
     import torch
 
-    from megatron_grm.stages.metarm import binary_cross_entropy
+    from megatron_grm.train.losses import binary_cross_entropy
 
     logits, correct = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
     total, count, metrics = binary_cross_entropy(logits, correct)
