@@ -72,16 +72,15 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     width = int(total.max())
     keys = k_cache[:, :width].transpose(1, 2)  # [b, h_kv, width, d]
     values = v_cache[:, :width].transpose(1, 2)
-    if keys.shape[1] != h_q:  # grouped-query attention
-        keys = keys.repeat_interleave(h_q // keys.shape[1], dim=1)
-        values = values.repeat_interleave(h_q // values.shape[1], dim=1)
     # Query i of row r sits at position total[r] - s_q + i and sees the cache up to and including it.
     query_pos = (total - s_q)[:, None] + torch.arange(s_q, device=q.device)[None, :]  # [b, s_q]
     key_pos = torch.arange(width, device=q.device)
     limit = query_pos if causal else (total - 1)[:, None].expand(b, s_q)
     allowed = key_pos[None, None, :] <= limit[:, :, None]
+    # Grouped-query attention without copying the cache per query head (SDPA broadcasts the KV heads).
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
-                                         attn_mask=allowed[:, None], scale=softmax_scale)
+                                         attn_mask=allowed[:, None], scale=softmax_scale,
+                                         enable_gqa=keys.shape[1] != h_q)
     return out.transpose(1, 2)
 
 
