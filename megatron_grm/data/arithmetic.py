@@ -2,10 +2,11 @@
 
 A and B are in 10-49, so every sum has two digits and every example has the same length; the wrong
 response is off by +-1 or +-2, so the two answers always differ in the units digit. The teacher's
-critique puts the digits to compare side by side before each verdict ("units 7 vs 6: wrong"): measured
-in notes/cpu-miniature.md, that makes the verdict a short-range check a 1M-parameter model learns in
-minutes, which is what gives rejective fine-tuning and voting a signal. Train and held-out splits are
-disjoint by (A, B) pair, so held-out accuracy is not memorisation. Everything is deterministic from seeds.
+critique reduces the check to steps a 1M-parameter model learns on CPU in minutes (docs/rft.md): copy the
+operands, add their units digits (a single-digit fact), put that digit next to each response's units digit,
+give the verdict ("23+24: 3+4 = 7. 1: 47, 7 vs 7 right. 2: 46, 7 vs 6 wrong."). A model that learns this
+judges unseen pairs, which gives rejective fine-tuning, GRPO and voting a signal. Train and held-out splits
+are disjoint by (A, B) pair, so held-out accuracy is not memorisation. Everything is deterministic from seeds.
 """
 
 from __future__ import annotations
@@ -85,33 +86,35 @@ def teacher_judgment(
 ) -> str:
     """An SPCT-format judgment from a teacher that is right with probability ``accuracy``.
 
-    The critique states the sum, then for each response the units digit of the sum next to the response's
-    units digit (the responses differ from the sum by 1 or 2, so the units digit decides), then the
-    verdict: every check is short-range, in a few characters. When the teacher errs it takes the wrong
-    response's value as the sum, so its critique stays self-consistent and its scores favour the wrong
-    response (Eq. 10 incorrect).
+    The critique copies the operands, adds their units digits (a single-digit fact, taught by
+    :func:`digit_facts`), then for each response puts that units digit next to the response's (the
+    responses differ from the sum by 1 or 2, so the units digit decides) and gives the verdict: every step
+    is short-range. When the teacher errs it writes the wrong response's units digit as the sum's, so its
+    critique stays self-consistent and its scores favour the wrong response (Eq. 10 incorrect).
     """
     if not 0 <= accuracy <= 1:
         raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
     a, b = operands(example)
     values = [int(r) for r in example.responses]
-    claimed = a + b
+    units_sum = a % 10 + b % 10
+    claimed = units_sum % 10
     if rng.random() >= accuracy:
-        claimed = next(v for v in values if v != a + b)
-    parts = [f"{a}+{b} = {claimed}."]
+        claimed = next(v for v in values if v != a + b) % 10
+    parts = [f"{a}+{b}: {a % 10}+{b % 10} = {units_sum // 10 * 10 + claimed}."]
     scores = []
     for i, v in enumerate(values, 1):
-        right = v % 10 == claimed % 10
-        parts.append(f"{i}: {v}, {claimed % 10} vs {v % 10} {'right' if right else 'wrong'}.")
+        right = v % 10 == claimed
+        parts.append(f"{i}: {v}, {claimed} vs {v % 10} {'right' if right else 'wrong'}.")
         scores.append(right_score if right else wrong_score)
     return render_judgment(PRINCIPLES, " ".join(parts), scores)
 
 
-def sum_facts(
-    split: Split, num: int, seed: int, heldout_fraction: float = HELDOUT_FRACTION, split_seed: int = 0
-) -> list[str]:
-    """Plain lines "A+B = C." from one split: clean arithmetic to mix into bootstrap SFT (the notes
-    found ~30% of such lines helped the tiny model learn the sums)."""
-    pairs = operand_pairs(split, heldout_fraction, split_seed)
-    rng = random.Random(f"arithmetic-facts:{split}:{seed}")
-    return [f"{a}+{b} = {a + b}." for a, b in (rng.choice(pairs) for _ in range(num))]
+def digit_facts(num: int, seed: int) -> list[str]:
+    """``num`` lines "a+b = c." with single digits a, b: the general instruction data of the demo's SFT mix.
+
+    The critique's only computation is such a fact; measured (docs/rft.md), the tiny model did not learn
+    two-digit sums in the demo's budget, but learns this 100-entry table from ~30% of the mix. They say
+    nothing about any two-digit pair, so held-out examples stay unseen.
+    """
+    rng = random.Random(f"arithmetic-facts:{seed}")
+    return [f"{a}+{b} = {a + b}." for a, b in ((rng.randrange(10), rng.randrange(10)) for _ in range(num))]

@@ -4,9 +4,9 @@ Rejective fine-tuning (paper §3.2) needs a model that already writes judgments 
 samples its RFT trajectories with DeepSeek-V2.5 and mixes in general instruction data. The CPU demo's tiny
 model writes nothing parseable at random init, so rejective sampling would keep nothing. This stage teaches
 it the format and some signal: judgments from a teacher that is right with probability
-``bootstrap.teacher_accuracy`` (notes/cpu-miniature.md: 0.7), mixed with clean "What is A+B?" → "A+B = C."
-pairs as the general instruction data (``bootstrap.instruction_ratio`` of the mix; the notes found ~30%
-helped the model learn the sums). Its checkpoint is ``trainer.load`` for ``stages/rft.py``.
+``bootstrap.teacher_accuracy`` (notes/cpu-miniature.md: 0.7), mixed with single-digit facts "What is a+b?" →
+"a+b = c." as the general instruction data (``bootstrap.instruction_ratio`` of the mix), the one computation
+the teacher's critique needs (docs/rft.md). Its checkpoint is ``trainer.load`` for ``stages/rft.py``.
 
     torchrun --nproc-per-node 2 -m megatron_grm.stages.bootstrap trainer.run_dir=runs/bootstrap
 """

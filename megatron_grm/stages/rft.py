@@ -32,7 +32,7 @@ import hydra
 import numpy as np
 import torch
 
-from megatron_grm.data.arithmetic import arithmetic_examples, sum_facts
+from megatron_grm.data.arithmetic import arithmetic_examples, digit_facts
 from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.readers.jsonl import read_jsonl
@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 PHASES = ("sample", "train", "all")
 MANIFEST = "manifest.json"
-_GENERATOR_SPEC = re.compile(r"(arithmetic|arithmetic_facts):(train|heldout):(\d+)(?::(\d+))?")
+_EXAMPLES_SPEC = re.compile(r"arithmetic:(train|heldout):(\d+)(?::(\d+))?")
+_FACTS_SPEC = re.compile(r"digit_facts:(\d+)(?::(\d+))?")
 
 
 @dataclass
@@ -97,19 +98,19 @@ class RFTSettings:
 # ------------------------------------------------------------------------------------------------ data
 def read_examples(spec: str, bad_records: str = "fail") -> list[Example]:
     """Examples from ``arithmetic:<split>:<num>[:<seed>]`` (the demo task) or from a JSONL file (our format)."""
-    match = _GENERATOR_SPEC.fullmatch(spec)
-    if match and match.group(1) == "arithmetic" and not os.path.exists(spec):
-        return arithmetic_examples(match.group(2), int(match.group(3)), int(match.group(4) or 0))
+    match = _EXAMPLES_SPEC.fullmatch(spec)
+    if match and not os.path.exists(spec):
+        return arithmetic_examples(match.group(1), int(match.group(2)), int(match.group(3) or 0))
     return read_jsonl(spec, on_error=bad_records).examples
 
 
 def read_instruction_samples(spec: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail",
                              chat: bool = False) -> list[Sample]:
     """General instruction data for the SFT mix: a prompt/response JSONL, or for the demo
-    ``arithmetic_facts:<split>:<num>[:<seed>]``, questions "What is A+B?" answered "A+B = C."."""
-    match = _GENERATOR_SPEC.fullmatch(spec)
-    if match and match.group(1) == "arithmetic_facts" and not os.path.exists(spec):
-        lines = sum_facts(match.group(2), int(match.group(3)), int(match.group(4) or 0))
+    ``digit_facts:<num>[:<seed>]``, questions "What is a+b?" (single digits) answered "a+b = c."."""
+    match = _FACTS_SPEC.fullmatch(spec)
+    if match and not os.path.exists(spec):
+        lines = digit_facts(int(match.group(1)), int(match.group(2) or 0))
         return [tokenizer.encode_example(f"What is {line.split(' = ')[0]}?\n", line, chat=chat) for line in lines]
     return read_sft_jsonl(spec, tokenizer, seq_length, bad_records)
 

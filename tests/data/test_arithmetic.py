@@ -8,9 +8,9 @@ import pytest
 from megatron_grm.data import Example, Turn
 from megatron_grm.data.arithmetic import (
     arithmetic_examples,
+    digit_facts,
     operand_pairs,
     operands,
-    sum_facts,
     teacher_judgment,
 )
 from megatron_grm.data.readers.jsonl import read_jsonl, write_jsonl
@@ -47,21 +47,24 @@ def test_examples_have_one_right_and_one_nearly_right_answer_from_their_split(sp
         assert len({operands(ex) for ex in examples}) == 400
 
 
-def test_teacher_critique_compares_units_digits_before_each_verdict():
+def test_teacher_critique_adds_the_units_digits_and_compares_them_before_each_verdict():
     ex = Example((Turn("user", "What is 23+24?"),), ("47", "46"), 0, "arithmetic", "x")
     judgment = teacher_judgment(ex, random.Random(0), accuracy=1.0)
-    assert (
-        "Analysis: 23+24 = 47. 1: 47, 7 vs 7 right. 2: 46, 7 vs 6 wrong.\n" in judgment
-    )
+    assert "Analysis: 23+24: 3+4 = 7. 1: 47, 7 vs 7 right. 2: 46, 7 vs 6 wrong.\n" in judgment
     assert judgment.endswith("Scores: \\boxed{8, 3}")
+    carry = Example((Turn("user", "What is 18+25?"),), ("42", "43"), 1, "arithmetic", "x")
+    assert "Analysis: 18+25: 8+5 = 13. 1: 42, 3 vs 2 wrong. 2: 43, 3 vs 3 right.\n" in teacher_judgment(
+        carry, random.Random(0), accuracy=1.0)
 
 
 def test_an_erring_teacher_stays_self_consistent_but_is_incorrect():
     ex = Example((Turn("user", "What is 23+24?"),), ("47", "46"), 0, "arithmetic", "x")
     judgment = teacher_judgment(ex, random.Random(0), accuracy=0.0)
     assert (
-        "Analysis: 23+24 = 46. 1: 47, 6 vs 7 wrong. 2: 46, 6 vs 6 right.\n" in judgment
+        "Analysis: 23+24: 3+4 = 6. 1: 47, 6 vs 7 wrong. 2: 46, 6 vs 6 right.\n" in judgment
     )
+    carry = Example((Turn("user", "What is 18+25?"),), ("41", "43"), 1, "arithmetic", "x")
+    assert "18+25: 8+5 = 11. 1: 41, 1 vs 1 right." in teacher_judgment(carry, random.Random(0), accuracy=0.0)
     assert not is_correct(parse_judgment(judgment, 2).scores, label=ex.label)
 
 
@@ -95,8 +98,9 @@ def test_operands_rejects_other_questions():
         operands(Example((Turn("user", "What is love?"),), ("a", "b"), 0, "t", "x"))
 
 
-def test_sum_facts_are_correct_and_from_the_split():
-    heldout = set(operand_pairs("heldout"))
-    for line in sum_facts("train", 200, seed=0):
-        a, b, c = map(int, re.fullmatch(r"(\d+)\+(\d+) = (\d+)\.", line).groups())
-        assert a + b == c and (a, b) not in heldout
+def test_digit_facts_are_correct_single_digit_sums_covering_the_table():
+    lines = digit_facts(2000, seed=0)
+    facts = [tuple(map(int, re.fullmatch(r"(\d)\+(\d) = (\d+)\.", line).groups())) for line in lines]
+    assert all(a + b == c for a, b, c in facts)
+    assert {(a, b) for a, b, _ in facts} == {(a, b) for a in range(10) for b in range(10)}
+    assert lines == digit_facts(2000, seed=0) and lines != digit_facts(2000, seed=1)
