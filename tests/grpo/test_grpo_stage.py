@@ -1,4 +1,5 @@
-"""The GRPO stage end to end on CPU: TP=2 over gloo, TensorBoard metrics, exact checkpoint/resume."""
+"""The GRPO stage end to end on CPU: mean reward rises over a bounded run, TP=2 over gloo, TensorBoard
+metrics, exact checkpoint/resume."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def _scalars(run_dir: Path, tag: str) -> list[float]:
 def base_ckpt(pipeline) -> Path:
     """The session pipeline's RFT model: it writes parseable judgments, right and wrong, so rewards vary."""
     return pipeline.checkpoint("rft")
+
+
+def test_a_bounded_grpo_run_raises_mean_reward(pipeline):
+    """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 30 steps of 16 examples x G=4)
+    on the learnable arithmetic task: the rollouts' mean reward, read back from its TensorBoard, trends up."""
+    rewards = _scalars(pipeline.run_dir / "grpo", "train/rollout/reward_mean")
+    steps = list(range(len(rewards)))
+    assert len(rewards) >= 12
+    third = len(rewards) // 3
+    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
+    mean_step, mean_reward = sum(steps) / len(steps), sum(rewards) / len(rewards)
+    slope = sum((s - mean_step) * (r - mean_reward) for s, r in zip(steps, rewards)) / sum(
+        (s - mean_step) ** 2 for s in steps)
+    print(f"GRPO mean reward: first {third} steps {first:+.3f}, last {third} steps {last:+.3f}, "
+          f"least-squares slope {slope:+.4f} per step")
+    assert last > first and slope > 0
 
 
 GRPO = ["+experiment=grpo_tiny", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
