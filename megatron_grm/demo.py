@@ -22,6 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
+
+from megatron_grm.train.logger import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,29 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - began
     table = final_table(results, sc.ks)
     (run / "demo_results.md").write_text(table + "\n")
-    grpo_reward = tensorboard_series(run / "grpo", "train/rollout/reward_mean")
+    grpo_reward = read_scalars(run / "grpo", "train/rollout/reward_mean")
     (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total,
                                                        "grpo_reward_mean": grpo_reward}, indent=2, default=str))
     print("\n" + table)
     third = max(1, len(grpo_reward) // 3)
-    print(f"\nGRPO mean reward of its rollouts: first {third} steps {mean(grpo_reward[:third]):+.3f}, "
-          f"last {third} steps {mean(grpo_reward[-third:]):+.3f}")
+    print(f"\nGRPO mean reward of its rollouts: first {third} steps {fmean(grpo_reward[:third]):+.3f}, "
+          f"last {third} steps {fmean(grpo_reward[-third:]):+.3f}")
     print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\n"
           f"HF export:    {hf / 'grm'} (the GRM; README: score an example), {hf / 'metarm'} (MetaRM)\n"
           f"total time:   {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
-
-
-def tensorboard_series(run_dir: Path, tag: str) -> list[float]:
-    """One scalar's values by step, read back from a stage's TensorBoard files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
 
 
 def final_table(results: dict[str, dict], ks: list[int]) -> str:

@@ -1,4 +1,5 @@
-"""Per-step metrics: TensorBoard scalars and one concise console line, on the logging rank only."""
+"""Per-step metrics: TensorBoard scalars and one concise console line, on the logging rank only; and the
+reader that gets a run's scalars back (the demo's summary, the tests)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,12 @@ class RunLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def read_scalars(run_dir: str | os.PathLike, tag: str) -> list[float]:
+    """Every value of one scalar in ``<run_dir>/tensorboard``, ordered by step (read from the event files)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]

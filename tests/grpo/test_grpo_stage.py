@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_grm.train.logger import read_scalars
 from tests.conftest import REPO
 
 
@@ -22,14 +23,6 @@ def _stage(module: str, nproc: int, overrides: list[str], timeout: int = 600) ->
     return proc
 
 
-def _scalars(run_dir: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
-
-
 @pytest.fixture(scope="module")
 def base_ckpt(pipeline) -> Path:
     """The session pipeline's RFT model: it writes parseable judgments, right and wrong, so rewards vary."""
@@ -39,7 +32,7 @@ def base_ckpt(pipeline) -> Path:
 def test_a_bounded_grpo_run_raises_mean_reward(pipeline):
     """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 30 steps of 16 examples x G=4)
     on the learnable arithmetic task: the rollouts' mean reward, read back from its TensorBoard, trends up."""
-    rewards = _scalars(pipeline.run_dir / "grpo", "train/rollout/reward_mean")
+    rewards = read_scalars(pipeline.run_dir / "grpo", "train/rollout/reward_mean")
     steps = list(range(len(rewards)))
     assert len(rewards) >= 12
     third = len(rewards) // 3
@@ -64,10 +57,10 @@ def test_grpo_with_tp2_trains_and_logs_its_metrics(base_ckpt, tmp_path):
     for tag in ("train/loss", "train/kl", "train/entropy", "train/clip_fraction", "train/rollout/reward_mean",
                 "train/rollout/accuracy", "train/rollout/unparseable_fraction", "train/rollout/response_length",
                 "train/rollout/rollout_tokens_per_s", "train/tflops_per_device"):
-        assert len(_scalars(run, tag)) == 2, tag
-    rewards = _scalars(run, "train/rollout/reward_mean")
+        assert len(read_scalars(run, tag)) == 2, tag
+    rewards = read_scalars(run, "train/rollout/reward_mean")
     assert all(-1.0 <= r <= 1.0 for r in rewards)
-    assert all(e > 0 for e in _scalars(run, "train/entropy"))
+    assert all(e > 0 for e in read_scalars(run, "train/entropy"))
 
 
 def test_grpo_resume_continues_exactly(base_ckpt, tmp_path):
@@ -80,9 +73,9 @@ def test_grpo_resume_continues_exactly(base_ckpt, tmp_path):
     # Same rollouts after the restart (sampled lengths, rewards) and the same updates (loss, KL, entropy).
     for tag in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/rollout/reward_mean",
                 "train/rollout/response_length", "train/rollout/unparseable_fraction"):
-        got, want = _scalars(split, tag), _scalars(straight, tag)
+        got, want = read_scalars(split, tag), read_scalars(straight, tag)
         assert len(want) == 3 and got == want, tag
     # Rewards varied within groups, so the resumed steps really updated the policy (not a zero gradient).
-    assert max(_scalars(straight, "train/grad_norm")) > 0
-    assert max(_scalars(straight, "train/kl")) > 0
+    assert max(read_scalars(straight, "train/grad_norm")) > 0
+    assert max(read_scalars(straight, "train/kl")) > 0
 
