@@ -82,7 +82,9 @@ class Kernels:
     local spec keeps two fp32 tensors, 8 bytes). ``glu_tensors``: ffn-sized tensors the MLP activation
     keeps besides fc2's input (Megatron's unfused SwiGLU: fc1 output (2) + silu output + the offset-added
     linear half = 4; fused: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
-    ``flash`` (TE fused/flash: no s² term) or ``softcap`` (Gemma-2's unfused core with tanh capping).
+    ``flash`` (TE fused/flash: no s² term), ``sdpa`` (the local spec's torch SDPA core: like flash, its
+    output is the projection's input, plus one additive copy of the batch's mask per micro-batch) or
+    ``softcap`` (Gemma-2's unfused core with tanh capping).
     ``v_view``: V is a view of the fused QKV output, so keeping V keeps that whole buffer alive.
     """
 
@@ -95,7 +97,7 @@ class Kernels:
     rope: bool = True  # RoPE keeps cos/sin per layer (the paper's GPT has learned positions)
 
 
-LOCAL = Kernels(norm_bytes=8.0, glu_tensors=4.0, attention="unfused")
+LOCAL = Kernels(norm_bytes=8.0, glu_tensors=4.0, attention="sdpa")
 TE = Kernels(norm_bytes=None, glu_tensors=4.0, attention="flash")
 # The GPT layer of Korthikanti et al.: LayerNorm keeps its 16-bit input, GeLU MLP (4h), dropout everywhere.
 KORTHIKANTI = Kernels(norm_bytes=None, glu_tensors=1.0, attention="unfused", softmax_fp32=False, dropout=True,
@@ -191,10 +193,10 @@ def layer_activation_terms(m: ModelConfig, x: Shape, e: float, recompute: str | 
         terms["dropout masks"] = 2 * sbh / rep
     groups = a // m.num_query_groups
     qkv_buffer = e * s * b * (q_dim + 2 * kv_dim) / t
-    if recompute == "selective" or k.attention == "flash":
+    if recompute == "selective" or k.attention in ("flash", "sdpa"):
         # Checkpoint inputs (or what flash attention keeps): q and k after RoPE, v still a view of qkv.
         terms["q, k, v"] = e * s * b * (q_dim + kv_dim) / t + (qkv_buffer if k.v_view else e * s * b * kv_dim / t)
-        if k.attention == "flash" and recompute != "selective":
+        if k.attention in ("flash", "sdpa") and recompute != "selective":
             terms["softmax stats"] = 4 * b * a * s / t
         return terms
     expanded = e * s * b * q_dim / t  # K and V after repeat_interleave to all query heads
@@ -243,7 +245,10 @@ def activation_bytes(m: ModelConfig, x: Shape, e: float, recompute: str | None, 
     """
     windowed = 0.5 if m.sliding_window else 0.0
     per_layer = sum(layer_activation_terms(m, x, e, recompute, k, windowed).values())
-    stored = in_flight * layers * per_layer
+    # The SDPA core keeps the batch's mask for backward, converted once per forward to an additive
+    # float mask shared by all layers; under recompute the checkpoints keep the boolean mask instead.
+    mask = 0.0 if k.attention != "sdpa" else x.b * x.s * x.s * (e if recompute is None else 1)
+    stored = in_flight * (layers * per_layer + mask)
     head = sum(head_activation_terms(m, x, e, k).values()) if last_stage else 0.0
     if recompute == "full":
         one_layer = sum(layer_activation_terms(m, x, e, None, k, windowed).values())

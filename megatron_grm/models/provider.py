@@ -94,7 +94,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_spec(cfg: ModelConfig, use_te: bool):
-    """Megatron-Core's TE or local spec for Llama/Qwen2; Gemma-2 brings its own spec."""
+    """Megatron-Core's TE or local spec for Llama/Qwen2 (local: with the SDPA core); Gemma-2 brings its own."""
     if cfg.family == "gemma2":
         from megatron_grm.models import gemma2
 
@@ -106,7 +106,11 @@ def layer_spec(cfg: ModelConfig, use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
+    return spec
 
 
 def build_model(

@@ -1,0 +1,95 @@
+"""Core attention for Megatron-Core's local (non-TE) layer spec, computed by torch's SDPA.
+
+Megatron-Core's local ``DotProductAttention`` materialises the scores: it expands K and V to every query
+head (``repeat_interleave``), runs ``baddbmm`` into a ``[b·heads, s, s]`` buffer, masks and softmaxes in
+fp32 with copies, and keeps scores and probabilities for backward. ``F.scaled_dot_product_attention`` does
+the same math blockwise (flash attention on CPU, flash / memory-efficient kernels on CUDA): grouped-query
+heads broadcast without copies, and backward keeps only q, k, v, the output and the row log-sum-exp. It is
+what ``transformers`` uses for Llama and Qwen2, so the local spec and an HF model run the same kernel.
+
+Same contract as ``DotProductAttention``: ``[s, b, heads, d]`` in, ``[s, b, heads·d]`` out, Megatron's
+boolean mask (True = masked out); no mask means causal for ``AttnMaskType.causal`` (aligned to the last
+key when queries continue a cache) and none for ``no_mask``. Gemma-2 keeps its own core (soft-capping).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# One forward's layers share the batch's mask tensor: convert it once, so SDPA (which keeps its mask for
+# backward) holds one additive copy per forward instead of one per layer.
+_last_mask: tuple[Tensor, Tensor] | None = None
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Megatron's boolean mask (True = masked out) as SDPA's additive mask (0 / -inf), cached per mask tensor."""
+    global _last_mask
+    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1].dtype == dtype:
+        return _last_mask[1]
+    converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    _last_mask = (mask, converted)
+    return converted
+
+
+def _causal_mask(sq: int, sk: int, device: torch.device) -> Tensor:
+    """Bool ``[sq, sk]``, True = allowed: query i is position ``sk - sq + i`` and sees keys up to it."""
+    q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
+    return torch.arange(sk, device=device)[None, :] <= q_pos
+
+
+def _class() -> type:
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SdpaCoreAttention(DotProductAttention):
+        """``DotProductAttention`` with its score/softmax/context math replaced by one SDPA call."""
+
+        def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            if self.softmax_offset is not None:
+                raise ValueError(f"SDPA core attention supports softmax_type='vanilla', not {config.softmax_type!r}")
+
+        def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    attn_mask_type=None, attention_bias: Tensor | None = None, packed_seq_params=None) -> Tensor:
+            if packed_seq_params is not None or attention_bias is not None:
+                raise ValueError("SDPA core attention supports neither packed_seq_params nor attention_bias "
+                                 "(use the Transformer Engine spec)")
+            sq, b, n, hn = query.shape
+            sk = key.shape[0]
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            attn_mask, is_causal = None, False
+            if attention_mask is not None:
+                attn_mask = additive_mask(attention_mask, query.dtype)
+            elif mask_type == AttnMaskType.causal and sq > 1:
+                if sq == sk:
+                    is_causal = True
+                else:
+                    attn_mask = _causal_mask(sq, sk, query.device)
+            dropout = self.attention_dropout.p if self.training else 0.0
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+
+            def attend() -> Tensor:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                                      is_causal=is_causal, scale=self.softmax_scale,
+                                                      enable_gqa=k.shape[1] != n)
+
+            if dropout > 0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():  # as Megatron's core: per-TP-rank dropout
+                    context = attend()
+            else:
+                context = attend()
+            return context.permute(2, 0, 1, 3).reshape(sq, b, n * hn)
+
+    return SdpaCoreAttention
+
+
+@functools.cache
+def sdpa_core_attention_class() -> type:
+    """The class (built lazily so importing this module does not import Megatron)."""
+    return _class()

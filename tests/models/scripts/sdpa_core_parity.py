@@ -1,0 +1,74 @@
+"""One rank (torchrun): the local spec's SDPA core attention against Megatron-Core's own unfused
+``DotProductAttention`` on the same q/k/v — forward and input gradients — for the masks training and
+rollouts pass. Writes a JSON report of max abs differences."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_grm.models.config import ModelConfig
+    from megatron_grm.models.precision import PrecisionConfig
+    from megatron_grm.models.provider import build_model, transformer_config
+    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+    from megatron_grm.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_grm.rollout.alignment import left_pad, window_attention_mask
+
+    layout = ParallelLayout()
+    init_parallel(layout, seed=0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+                      num_query_groups=2, vocab_size=256)
+    config = transformer_config(cfg, layout, PrecisionConfig("fp32"))
+    kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    megatron, ours = DotProductAttention(**kwargs), sdpa_core_attention_class()(**kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    s, b, n, ng, d = 12, 3, 8, 2, 8
+
+    def qkv(sq: int, sk: int):
+        return [torch.randn(length, b, heads, d, generator=g, requires_grad=True)
+                for length, heads in ((sq, n), (sk, ng), (sk, ng))]
+
+    # Block-diagonal packing mask (True = masked): documents of 5 and 7 tokens in row 0, one of 12 elsewhere.
+    segment = torch.zeros(b, s, dtype=torch.long)
+    segment[0, 5:] = 1
+    packed = ~((segment[:, :, None] == segment[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril())
+    _, key_padding = left_pad([[1] * 12, [1] * 7, [1] * 4], 0, s)
+    cases = {  # name: (sq, sk, mask given to ours, mask given to Megatron's)
+        "causal_no_mask": (s, s, None, None),
+        "packed_documents": (s, s, packed[:, None], packed[:, None]),
+        "left_padded_prefill": (s, s, *[window_attention_mask(key_padding, 0, s)] * 2),
+        "queries_after_a_cache": (4, s, None, window_attention_mask(torch.zeros(b, s, dtype=torch.bool), s - 4, s)),
+    }
+    report: dict = {"core_class": type(ours).__name__}
+    for name, (sq, sk, mask_ours, mask_megatron) in cases.items():
+        q, k, v = qkv(sq, sk)
+        want = megatron(q, k, v, mask_megatron)
+        grads_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+        got = ours(q, k, v, mask_ours)
+        grads_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+        report[name] = {"shape_equal": list(got.shape) == list(want.shape),
+                        "forward": float((got - want).abs().max()),
+                        "grad": max(float((a - c).abs().max()) for a, c in zip(grads_got, grads_want)),
+                        "scale": float(want.abs().max())}
+    model = build_model(cfg, layout, PrecisionConfig("fp32"), use_te=False)
+    report["model_cores"] = sorted({type(m.core_attention).__name__ for m in model.modules()
+                                    if hasattr(m, "core_attention")})
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
