@@ -16,12 +16,30 @@ checks that and otherwise leaves the model alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+# [rows, cache positions] bool, True = a padding position no query may attend to (left-padded prompts,
+# see megatron_grm.rollout.alignment). Megatron's flash-decode call carries no mask, so the static
+# backend sets it here for the duration of a wave.
+_key_padding: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def masked_cache_positions(key_padding: torch.Tensor | None) -> Iterator[None]:
+    """Hide these KV-cache positions from every decode query while the block runs."""
+    global _key_padding
+    previous, _key_padding = _key_padding, key_padding
+    try:
+        yield
+    finally:
+        _key_padding = previous
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
@@ -53,7 +71,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     ``q`` ``[b, s_q, h_q, d]``, caches ``[b, s_max, h_kv, d]`` (written in place), new ``k``/``v``
     ``[b, s_q, h_kv, d]`` appended at ``cache_seqlens`` after rotating ``q`` and ``k`` there; then causal
-    attention of each query over its row's cache. Returns ``[b, s_q, h_q, d]``.
+    attention of each query over its row's cache, minus the positions :func:`masked_cache_positions`
+    hides. Returns ``[b, s_q, h_q, d]``.
     """
     if unsupported:
         raise NotImplementedError(f"CPU flash_attn_with_kvcache: unsupported arguments {sorted(unsupported)}")
@@ -77,6 +96,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     key_pos = torch.arange(width, device=q.device)
     limit = query_pos if causal else (total - 1)[:, None].expand(b, s_q)
     allowed = key_pos[None, None, :] <= limit[:, :, None]
+    if _key_padding is not None:
+        allowed = allowed & ~_key_padding[:, None, :width].to(q.device)
     # Grouped-query attention without copying the cache per query head (SDPA broadcasts the KV heads).
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                          attn_mask=allowed[:, None], scale=softmax_scale,

@@ -6,21 +6,29 @@ a request queue; we feed the controller directly instead, because the engine (a)
 torch RNG with a fixed seed on every ``generate`` (it would reset the trainer's random stream at every
 rollout), (b) draws a per-request progress bar on every rank, and (c) batches by request count, while
 we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each wave's KV cache to it.
+
+Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
+when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
+core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
-from megatron_grm.parallel.cpu_decode import enable_cpu_flash_decode
-from megatron_grm.parallel.device import use_cuda
+from megatron_grm.parallel.cpu_decode import enable_cpu_flash_decode, masked_cache_positions
+from megatron_grm.parallel.device import device, use_cuda
+from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 
 RawSample = tuple[list[int], list[float]]  # generated token ids, their log-probabilities
+
+log = logging.getLogger(__name__)
 
 
 def inference_wrapper_config(model, max_batch_size: int):
@@ -39,6 +47,37 @@ def inference_wrapper_config(model, max_batch_size: int):
     )
 
 
+def applies_padding_masks(model) -> bool:
+    """Whether every core attention of the model applies an explicit padding mask (ours do; TE's causal
+    kernels do not), i.e. whether left-padded prompts are safe."""
+    from megatron_grm.models.gemma2 import core_attention_class
+    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+
+    ours = (sdpa_core_attention_class(), core_attention_class())
+    cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(c, ours) for c in cores)
+
+
+def _aligned_wrapper_class() -> type:
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+
+    class AlignedPromptsWrapper(GPTInferenceWrapper):
+        """Megatron's GPT wrapper, masking the left padding of the wave's prompts in every window."""
+
+        key_padding: torch.Tensor | None = None  # [rows, positions], True = padding; None = no padding
+
+        def get_batch_for_context_window(self, inference_input, context_start_position: int,
+                                         context_end_position: int):
+            batch = super().get_batch_for_context_window(inference_input, context_start_position,
+                                                         context_end_position)
+            if self.key_padding is not None:
+                batch["attention_mask"] = window_attention_mask(self.key_padding, context_start_position,
+                                                                context_end_position)
+            return batch
+
+    return AlignedPromptsWrapper
+
+
 class StaticBackend:
     """Generates one wave (a static batch) with a KV cache sized exactly to it."""
 
@@ -47,12 +86,16 @@ class StaticBackend:
     def __init__(self, model, shim: TokenizerShim, max_batch_size: int, vocab_limit: int | None) -> None:
         from megatron.core import parallel_state
         from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 
         self.model = model
+        self.pad_id = shim.eod
         if not use_cuda():
             enable_cpu_flash_decode(model)
-        self.wrapper = GPTInferenceWrapper(
+        self.align_prompts = applies_padding_masks(model)
+        log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
+                 else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
+                      "take no padding mask")
+        self.wrapper = _aligned_wrapper_class()(
             model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1)
         )
         pp_group = parallel_state.get_pipeline_model_parallel_group() if torch.distributed.is_initialized() else None
@@ -73,6 +116,11 @@ class StaticBackend:
         from megatron.core.inference.inference_request import InferenceRequest
 
         max_len = max(len(p) for p in prompts) + sampling.max_new_tokens
+        key_padding = None
+        if self.align_prompts and len({len(p) for p in prompts}) > 1:
+            prompts, key_padding = left_pad(prompts, self.pad_id, max_len)
+            key_padding = key_padding.to(device())
+        self.wrapper.key_padding = key_padding
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
         self.controller.begin_wave([len(p) for p in prompts], eos_id, sampling.max_new_tokens, stop_check, on_step)
         params = sampling.megatron_params()
@@ -81,10 +129,12 @@ class StaticBackend:
             (i, InferenceRequest(request_id=i, prompt="", prompt_tokens=list(p), sampling_params=params))
             for i, p in enumerate(prompts)
         )
-        done = self.controller.generate_all_output_tokens_static_batch(requests)
+        with masked_cache_positions(key_padding):
+            done = self.controller.generate_all_output_tokens_static_batch(requests)
         out = []
         for i in range(len(prompts)):
             tokens = done[i].generated_tokens.tolist()
             out.append((tokens, self.controller.logprobs[i, : len(tokens)].tolist()))
         self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache now
+        self.wrapper.key_padding = None
         return out

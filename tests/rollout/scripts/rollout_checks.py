@@ -108,6 +108,30 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for f in fast for a in f),
     }
 
+    # 1c. Left-aligned prompts (one prefill for the whole wave) against Megatron's own mixed-length handling
+    # (prefill to the shortest prompt, then a step per position): same greedy tokens and log-probabilities
+    # (sampled draws differ: Megatron's path also draws for rows still reading their prompt), and the forward
+    # count shows which ran (EOS ignored, so every row makes MAX_NEW tokens).
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    full = SamplingConfig(greedy=True, max_new_tokens=MAX_NEW, ignore_eos=True)
+    runs = {}
+    for aligned in (True, False):
+        engine.backend.align_prompts = aligned
+        forwards.clear()
+        runs[aligned] = [engine.generate(prompts, n=1, sampling=full)]
+        runs[f"forwards_{aligned}"] = len(forwards)
+        runs[aligned].append(engine.generate(prompts[::-1], n=2, sampling=full))
+    engine.backend.align_prompts = True
+    hook.remove()
+    out["aligned_vs_megatron_mixed_lengths"] = {
+        "forwards_aligned": runs["forwards_True"], "forwards_megatron": runs["forwards_False"],
+        "tokens_equal": all(a.token_ids == b.token_ids for f, p in zip(runs[True], runs[False]) for a, b in zip(f, p)),
+        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(runs[True], runs[False]) for a, b in zip(f, p)
+                                    for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for f in runs[True] for a in f),
+    }
+
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
         "temperature_1": SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=7),
