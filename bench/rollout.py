@@ -9,13 +9,15 @@ the ratio ours / HF.
     .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
 
-HF runs first, before the Megatron CPU compatibility layer is switched on in this process (its global
-torch-function mode would slow every torch call, HF's included), so HF is timed as shipped.
+The two sides alternate (who goes first flips every repeat) so drifting load hits both alike; HF runs with
+the Megatron CPU compatibility layer's global torch-function mode disabled, as it would in a process of its
+own. The last column is the median over repeats of the paired ratio of CPU seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import tempfile
@@ -39,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--equal-lengths", action="store_true",
                     help="every prompt --max-prompt tokens (isolates the per-step cost from the static engine's "
                          "one-position-per-step handling of mixed prompt lengths)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per setting (the best is reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch (the best is reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
@@ -81,17 +83,17 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return out[:, width:].tolist()
 
 
-def best_of(fn, repeats: int) -> tuple[float, float, object]:
-    """(best wall seconds, best process CPU seconds, result). CPU seconds are what the work costs on a
-    machine shared with other jobs, where wall time mostly measures the neighbours."""
-    fn()  # warm-up (allocations, lazy init)
-    wall, cpu, result = float("inf"), float("inf"), None
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, time.process_time() - start_cpu)
-    return wall, cpu, result
+def without_cpu_compat():
+    """The CPU layer's global TorchFunctionMode would slow HF's torch calls too; HF alone would not pay it."""
+    return torch._C.DisableTorchFunction() if not torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result). CPU seconds are what the work costs on a machine
+    shared with other jobs, where wall time mostly measures the neighbours."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - start, time.process_time() - start_cpu, result
 
 
 def main() -> None:
@@ -100,11 +102,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = {b: make_prompts(args, b) for b in args.batches}
-
     hf = hf_llama(args)
-    hf_results = {}
-    for b in args.batches:
-        hf_results[b] = best_of(lambda b=b: hf_generate(hf, prompts[b], args.new_tokens), args.repeats)
 
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
@@ -131,19 +129,40 @@ def main() -> None:
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
           f"ffn {args.ffn}, vocab {args.vocab} ({params / 1e6:.1f}M params, fp32); prompts "
           f"{args.max_prompt if args.equal_lengths else f'{args.min_prompt}-{args.max_prompt}'} tokens, "
-          f"{args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}")
+          f"{args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}; "
+          f"{args.repeats} alternating timed runs per side after a warm-up (best reported)")
+
+    def run_hf(b: int):
+        with without_cpu_compat():
+            return hf_generate(hf, prompts[b], args.new_tokens)
+
+    def run_ours(b: int):
+        return [s.token_ids for s in engine.generate(prompts[b], sampling=sampling)]
+
+    rows = []
+    for b in args.batches:
+        sides = {"hf": lambda b=b: run_hf(b), "ours": lambda b=b: run_ours(b)}
+        outputs = {name: fn() for name, fn in sides.items()}  # warm-up; also the tokens compared below
+        times: dict[str, list[tuple[float, float]]] = {"hf": [], "ours": []}
+        for r in range(args.repeats):  # alternate who goes first, so drifting load hits both alike
+            for name in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
+                wall, cpu, _ = timed(sides[name])
+                times[name].append((wall, cpu))
+        same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
+        paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
+        rows.append((b, times, same, paired[len(paired) // 2]))
+
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     print(f"{'batch':>5}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  {'HF tok/CPU-s':>12}  "
-          f"{'ours tok/CPU-s':>14}  {'ours/HF':>7}  same greedy tokens")
+          f"{'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  same greedy tokens")
     all_same = True
-    for b in args.batches:
-        hf_wall, hf_cpu, hf_tokens = hf_results[b]
-        wall, cpu, samples = best_of(lambda b=b: engine.generate(prompts[b], sampling=sampling), args.repeats)
-        same = sum(s.token_ids == t for s, t in zip(samples, hf_tokens))
+    for b, times, same, median in rows:
+        hf_wall, hf_cpu = (min(t[i] for t in times["hf"]) for i in (0, 1))
+        wall, cpu = (min(t[i] for t in times["ours"]) for i in (0, 1))
         all_same &= same == b
         n = b * args.new_tokens
         print(f"{b:>5}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  {n / hf_cpu:>12.1f}  "
-              f"{n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {same}/{b}")
+              f"{n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}")
     destroy_parallel()
     if not all_same:
         raise SystemExit("greedy outputs differ between transformers and the rollout engine")

@@ -29,17 +29,21 @@ log = logging.getLogger(__name__)
 # see megatron_grm.rollout.alignment). Megatron's flash-decode call carries no mask, so the static
 # backend sets it here for the duration of a wave.
 _key_padding: torch.Tensor | None = None
+_key_padding_additive: torch.Tensor | None = None  # the same as 0 / -inf, float32, for the decode path
 
 
 @contextlib.contextmanager
 def masked_cache_positions(key_padding: torch.Tensor | None) -> Iterator[None]:
     """Hide these KV-cache positions from every decode query while the block runs."""
-    global _key_padding
-    previous, _key_padding = _key_padding, key_padding
+    global _key_padding, _key_padding_additive
+    previous = _key_padding, _key_padding_additive
+    _key_padding = key_padding
+    _key_padding_additive = None if key_padding is None else torch.zeros(
+        key_padding.shape, dtype=torch.float32, device=key_padding.device).masked_fill_(key_padding, float("-inf"))
     try:
         yield
     finally:
-        _key_padding = previous
+        _key_padding, _key_padding_additive = previous
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
@@ -48,10 +52,14 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
     rotates the first ``d_rot`` channels of position ``t`` by angle row ``t + seqlen_offsets``."""
     b, s = x.shape[:2]
     half = cos.shape[-1]
-    positions = torch.arange(s, device=x.device)[None, :] + torch.as_tensor(seqlen_offsets, device=x.device).view(-1, 1)
-    positions = positions.expand(b, s)
-    c = cos[positions].unsqueeze(2).to(x.dtype)  # [b, s, 1, d_rot/2]
-    si = sin[positions].unsqueeze(2).to(x.dtype)
+    if _as_int(seqlen_offsets) is not None:  # one offset for every row: a slice, no gather
+        start = _as_int(seqlen_offsets)
+        c = cos[start:start + s][None, :, None].to(x.dtype)  # [1, s, 1, d_rot/2]
+        si = sin[start:start + s][None, :, None].to(x.dtype)
+    else:
+        positions = torch.arange(s, device=x.device)[None, :] + seqlen_offsets.to(x.device).view(-1, 1)
+        c = cos[positions].unsqueeze(2).to(x.dtype)  # [b, s, 1, d_rot/2]
+        si = sin[positions].unsqueeze(2).to(x.dtype)
     rot, rest = x[..., : 2 * half], x[..., 2 * half:]
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -76,6 +84,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     if unsupported:
         raise NotImplementedError(f"CPU flash_attn_with_kvcache: unsupported arguments {sorted(unsupported)}")
+    start = _as_int(0 if cache_seqlens is None else cache_seqlens)
+    if start is not None and q.shape[1] == 1 and causal:
+        return _decode_one_position(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, start, softmax_scale,
+                                    rotary_interleaved)
     b, s_q, h_q, d = q.shape
     lengths = torch.as_tensor(0 if cache_seqlens is None else cache_seqlens, device=q.device).long().expand(b)
     if rotary_cos is not None:
@@ -103,6 +115,41 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                          attn_mask=allowed[:, None], scale=softmax_scale,
                                          enable_gqa=keys.shape[1] != h_q)
     return out.transpose(1, 2)
+
+
+def _as_int(offsets: int | torch.Tensor) -> int | None:
+    """The offset when it is one for all rows (Megatron's static batching passes an int), else None."""
+    if isinstance(offsets, int):
+        return offsets
+    return int(offsets) if offsets.numel() == 1 else None
+
+
+def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                         v: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                         start: int, softmax_scale: float | None, interleaved: bool) -> torch.Tensor:
+    """The static loop's decode step: one query per row, every row's cache ``start`` long.
+
+    The query heads of one KV group attend as rows of one matmul against that group's cache (no copy
+    of the cache per query head); the softmax runs in fp32, the only mask is the rows' padding.
+    """
+    b, _, h_q, d = q.shape
+    if rotary_cos is not None:
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin, interleaved, start)
+        if k is not None:
+            k = apply_rotary_emb(k, rotary_cos, rotary_sin, interleaved, start)
+    if k is not None:
+        k_cache[:, start:start + 1] = k.to(k_cache.dtype)
+        v_cache[:, start:start + 1] = v.to(v_cache.dtype)
+        start += 1
+    groups = k_cache.shape[2]
+    keys = k_cache[:, :start].permute(0, 2, 3, 1).to(q.dtype)  # [b, g, d, width]
+    values = v_cache[:, :start].transpose(1, 2).to(q.dtype)  # [b, g, width, d]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    scores = torch.matmul(q.reshape(b, groups, h_q // groups, d), keys).float().mul_(scale)  # [b, g, rep, width]
+    if _key_padding_additive is not None:
+        scores += _key_padding_additive[:, None, None, :start].to(scores.device)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).reshape(b, 1, h_q, d)
 
 
 def _supported(model: torch.nn.Module) -> str | None:

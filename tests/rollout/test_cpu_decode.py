@@ -75,3 +75,35 @@ def test_unsupported_flash_attn_arguments_fail_loudly():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(NotImplementedError, match="window_size"):
         flash_attn_with_kvcache(q, torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4), window_size=(2, 0))
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(4, 4), (6, 2)])
+def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_row_path(h_q, h_kv):
+    """Megatron's static loop passes one cache length for all rows: that fast path writes the rotated key
+    at that slot and attends over the cache minus the padding positions the backend declares."""
+    from megatron_grm.parallel.cpu_decode import masked_cache_positions
+
+    g = torch.Generator().manual_seed(2)
+    b, d, s_max, n = 3, 8, 12, 6
+    k_cache, v_cache = torch.randn(b, s_max, h_kv, d, generator=g), torch.randn(b, s_max, h_kv, d, generator=g)
+    q, k, v = (torch.randn(b, 1, heads, d, generator=g) for heads in (h_q, h_kv, h_kv))
+    _, cos, sin = _cos_sin(s_max, d // 2)
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[1, :2] = True  # row 1's prompt was left-padded by 2, row 2's by 5
+    padding[2, :5] = True
+
+    per_row_cache = (k_cache.clone(), v_cache.clone())
+    with masked_cache_positions(padding):
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
+        general = flash_attn_with_kvcache(q, *per_row_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                          cache_seqlens=torch.full((b,), n))
+    torch.testing.assert_close(k_cache, per_row_cache[0])  # same slot written, same rotation
+    torch.testing.assert_close(out, general, atol=1e-5, rtol=0)
+    for r in range(b):
+        q_rot = apply_rotary_emb(q[r:r + 1], cos, sin, False, n)[0, 0]
+        seen = ~padding[r, : n + 1]
+        for head in range(h_q):
+            kv = head // (h_q // h_kv)
+            scores = k_cache[r, : n + 1, kv][seen] @ q_rot[head] / math.sqrt(d)
+            want = scores.softmax(-1) @ v_cache[r, : n + 1, kv][seen]
+            torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
