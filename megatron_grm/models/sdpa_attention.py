@@ -23,16 +23,18 @@ from torch import Tensor
 
 # One forward's layers share the batch's mask tensor: convert it once, so SDPA (which keeps its mask for
 # backward) holds one additive copy per forward instead of one per layer.
-_last_mask: tuple[Tensor, Tensor] | None = None
+_last_mask: tuple[Tensor, int, Tensor] | None = None  # (mask, its version counter, converted)
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Megatron's boolean mask (True = masked out) as SDPA's additive mask (0 / -inf), cached per mask tensor."""
     global _last_mask
-    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1].dtype == dtype:
-        return _last_mask[1]
+    version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version counter
+    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == version \
+            and _last_mask[2].dtype == dtype:  # the same tensor, not modified in place since
+        return _last_mask[2]
     converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    _last_mask = (mask, converted)
+    _last_mask = (mask, version, converted)
     return converted
 
 

@@ -28,3 +28,16 @@ def test_forward_and_gradients_match_megatrons_unfused_core(report, case):
 def test_the_local_spec_builds_the_sdpa_core(report):
     assert report["core_class"] == "SdpaCoreAttention"
     assert report["model_cores"] == ["SdpaCoreAttention"]
+
+
+def test_the_mask_conversion_is_cached_per_tensor_and_redone_after_an_in_place_change():
+    import torch
+
+    from megatron_grm.models.sdpa_attention import additive_mask
+
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    first = additive_mask(mask, torch.float32)
+    assert additive_mask(mask, torch.float32) is first  # every layer of one forward shares one copy
+    mask[..., 0, 2] = True
+    again = additive_mask(mask, torch.float32)
+    assert again is not first and again[0, 0, 0, 2] == float("-inf") and bool((again[0, 0, 1:] == 0).all())
