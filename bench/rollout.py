@@ -17,7 +17,6 @@ own. The last column is the median over repeats of the paired ratio of CPU secon
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 import tempfile
@@ -83,11 +82,6 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return out[:, width:].tolist()
 
 
-def without_cpu_compat():
-    """The CPU layer's global TorchFunctionMode would slow HF's torch calls too; HF alone would not pay it."""
-    return torch._C.DisableTorchFunction() if not torch.cuda.is_available() else contextlib.nullcontext()
-
-
 def timed(fn) -> tuple[float, float, object]:
     """(wall seconds, process CPU seconds, result). CPU seconds are what the work costs on a machine
     shared with other jobs, where wall time mostly measures the neighbours."""
@@ -131,6 +125,8 @@ def main() -> None:
           f"{args.max_prompt if args.equal_lengths else f'{args.min_prompt}-{args.max_prompt}'} tokens, "
           f"{args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}; "
           f"{args.repeats} alternating timed runs per side after a warm-up (best reported)")
+
+    from megatron_grm.parallel.cpu_compat import without_cpu_compat
 
     def run_hf(b: int):
         with without_cpu_compat():

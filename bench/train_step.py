@@ -40,6 +40,7 @@ except ImportError:  # run from a checkout without an installed package
 import torch
 
 from megatron_grm.models.config import ModelConfig
+from megatron_grm.parallel.cpu_compat import without_cpu_compat
 
 log = logging.getLogger("bench.train_step")
 
@@ -226,11 +227,6 @@ def hf_side(hf_model, clip: float, clock) -> Side:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def without_cpu_compat():
-    """The CPU layer's TorchFunctionMode is process-global; HF in its own process would not pay for it."""
-    return torch._C.DisableTorchFunction() if not torch.cuda.is_available() else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ where time goes

@@ -110,6 +110,12 @@ def _type_reporting_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bo
     return _real_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+def without_cpu_compat() -> contextlib.AbstractContextManager:
+    """Run a block with the process-global torch-function mode off, e.g. a ``transformers`` model timed
+    next to ours in one process, which in a process of its own would not pay for the mode."""
+    return torch._C.DisableTorchFunction() if not torch.cuda.is_available() else contextlib.nullcontext()
+
+
 def apply_cpu_compat() -> bool:
     """Apply the CPU adaptations once; returns True when they are active in this process.
 

@@ -52,8 +52,8 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
     rotates the first ``d_rot`` channels of position ``t`` by angle row ``t + seqlen_offsets``."""
     b, s = x.shape[:2]
     half = cos.shape[-1]
-    if _as_int(seqlen_offsets) is not None:  # one offset for every row: a slice, no gather
-        start = _as_int(seqlen_offsets)
+    start = _as_int(seqlen_offsets)
+    if start is not None:  # one offset for every row: a slice, no gather
         c = cos[start:start + s][None, :, None].to(x.dtype)  # [1, s, 1, d_rot/2]
         si = sin[start:start + s][None, :, None].to(x.dtype)
     else:
