@@ -34,6 +34,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--copies", type=int, nargs="+", default=[1, 8],
+                    help="samples per distinct prompt (a batch of 32 with 8 copies: 4 prompts x 8 samples, as "
+                         "in voting@8 or RFT's N judgments); HF generates the repeated rows, as "
+                         "num_return_sequences does, ours gets the distinct prompts with n=copies")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=48)
@@ -60,11 +64,11 @@ def hf_llama(args: argparse.Namespace):
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def make_prompts(args: argparse.Namespace, batch: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(args.seed + batch)
-    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (batch,), generator=g).tolist()
+def make_prompts(args: argparse.Namespace, count: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(args.seed + count)
+    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (count,), generator=g).tolist()
     if args.equal_lengths:
-        lengths = [args.max_prompt] * batch
+        lengths = [args.max_prompt] * count
     return [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -95,7 +99,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = {b: make_prompts(args, b) for b in args.batches}
+    cases = [(b, c) for b in args.batches for c in args.copies if c <= b and b % c == 0]
+    prompts = {(b, c): make_prompts(args, b // c) for b, c in cases}  # the distinct prompts
     hf = hf_llama(args)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -128,16 +133,17 @@ def main() -> None:
 
     from megatron_grm.parallel.cpu_compat import without_cpu_compat
 
-    def run_hf(b: int):
+    def run_hf(case: tuple[int, int]):
+        rows = [p for p in prompts[case] for _ in range(case[1])]
         with without_cpu_compat():
-            return hf_generate(hf, prompts[b], args.new_tokens)
+            return hf_generate(hf, rows, args.new_tokens)
 
-    def run_ours(b: int):
-        return [s.token_ids for s in engine.generate(prompts[b], sampling=sampling)]
+    def run_ours(case: tuple[int, int]):
+        return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=sampling)]
 
     rows = []
-    for b in args.batches:
-        sides = {"hf": lambda b=b: run_hf(b), "ours": lambda b=b: run_ours(b)}
+    for case in cases:
+        sides = {"hf": lambda c=case: run_hf(c), "ours": lambda c=case: run_ours(c)}
         outputs = {name: fn() for name, fn in sides.items()}  # warm-up; also the tokens compared below
         times: dict[str, list[tuple[float, float]]] = {"hf": [], "ours": []}
         for r in range(args.repeats):  # alternate who goes first, so drifting load hits both alike
@@ -146,18 +152,18 @@ def main() -> None:
                 times[name].append((wall, cpu))
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
         paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
-        rows.append((b, times, same, paired[len(paired) // 2]))
+        rows.append((case, times, same, paired[len(paired) // 2]))
 
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
-    print(f"{'batch':>5}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  {'HF tok/CPU-s':>12}  "
+    print(f"{'batch':>5}  {'copies':>6}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  {'HF tok/CPU-s':>12}  "
           f"{'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  same greedy tokens")
     all_same = True
-    for b, times, same, median in rows:
+    for (b, copies), times, same, median in rows:
         hf_wall, hf_cpu = (min(t[i] for t in times["hf"]) for i in (0, 1))
         wall, cpu = (min(t[i] for t in times["ours"]) for i in (0, 1))
         all_same &= same == b
         n = b * args.new_tokens
-        print(f"{b:>5}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  {n / hf_cpu:>12.1f}  "
+        print(f"{b:>5}  {copies:>6}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  {n / hf_cpu:>12.1f}  "
               f"{n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}")
     destroy_parallel()
     if not all_same:

@@ -10,6 +10,7 @@ we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each w
 Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
 when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
 core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
+Identical prompts of a wave (a group's samples) are prefilled once (:mod:`megatron_grm.rollout.shared_prefill`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
+from megatron_grm.rollout.shared_prefill import expand_cache, identical_rows, select_rows
 
 RawSample = tuple[list[int], list[float]]  # generated token ids, their log-probabilities
 
@@ -58,13 +60,18 @@ def applies_padding_masks(model) -> bool:
     return bool(cores) and all(isinstance(c, ours) for c in cores)
 
 
-def _aligned_wrapper_class() -> type:
+def _wave_wrapper_class() -> type:
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 
-    class AlignedPromptsWrapper(GPTInferenceWrapper):
-        """Megatron's GPT wrapper, masking the left padding of the wave's prompts in every window."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    class WavePromptsWrapper(GPTInferenceWrapper):
+        """Megatron's GPT wrapper, masking the left padding of the wave's prompts in every window and
+        prefilling identical prompts once."""
 
         key_padding: torch.Tensor | None = None  # [rows, positions], True = padding; None = no padding
+        shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # identical_rows() of the wave
+        prefill_rows: int = 0  # rows the last prefill ran on
 
         def get_batch_for_context_window(self, inference_input, context_start_position: int,
                                          context_end_position: int):
@@ -75,7 +82,30 @@ def _aligned_wrapper_class() -> type:
                                                                 context_end_position)
             return batch
 
-    return AlignedPromptsWrapper
+        def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
+            context = self.inference_context
+            if context.sequence_len_offset != 0:
+                return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+            rows = inference_input["tokens"].size(0)
+            if self.shared_rows is None:
+                self.prefill_rows = rows
+                return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+            first, source = self.shared_rows
+            # The prefill on one row per distinct prompt, in a cache of that many rows, then every row
+            # gets its prompt's cache and logits. Every pipeline stage sees the same prompts.
+            self.inference_context = StaticInferenceContext(len(first), context.max_sequence_length)
+            self.inference_context.materialize_only_last_token_logits = context.materialize_only_last_token_logits
+            try:
+                logits = super().run_one_forward_step(select_rows(inference_input, first, rows),
+                                                      recv_buffer_seq_len)
+                context.key_value_memory_dict = expand_cache(self.inference_context.key_value_memory_dict, source)
+                context.sequence_len_offset = self.inference_context.sequence_len_offset
+            finally:
+                self.inference_context = context
+            self.prefill_rows = len(first)
+            return None if logits is None else logits.index_select(0, source.to(logits.device))
+
+    return WavePromptsWrapper
 
 
 class StaticBackend:
@@ -92,10 +122,11 @@ class StaticBackend:
         if not use_cuda():
             enable_cpu_flash_decode(model)
         self.align_prompts = applies_padding_masks(model)
+        self.share_identical_prompts = True
         log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
                  else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
                       "take no padding mask")
-        self.wrapper = _aligned_wrapper_class()(
+        self.wrapper = _wave_wrapper_class()(
             model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1)
         )
         pp_group = parallel_state.get_pipeline_model_parallel_group() if torch.distributed.is_initialized() else None
@@ -121,6 +152,7 @@ class StaticBackend:
             prompts, key_padding = left_pad(prompts, self.pad_id, max_len)
             key_padding = key_padding.to(device())
         self.wrapper.key_padding = key_padding
+        self.wrapper.shared_rows = identical_rows(prompts) if self.share_identical_prompts else None
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
         self.controller.begin_wave([len(p) for p in prompts], eos_id, sampling.max_new_tokens, stop_check, on_step)
         params = sampling.megatron_params()
@@ -137,4 +169,5 @@ class StaticBackend:
             out.append((tokens, self.controller.logprobs[i, : len(tokens)].tolist()))
         self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache now
         self.wrapper.key_padding = None
+        self.wrapper.shared_rows = None
         return out

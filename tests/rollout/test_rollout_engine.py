@@ -68,6 +68,21 @@ def test_left_aligned_prompts_prefill_once_and_match_megatrons_mixed_length_path
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+def test_identical_prompts_are_prefilled_once(run):
+    """A wave holding copies of a prompt (a group's samples) runs its prefill on one row per distinct
+    prompt and gives every copy that prompt's cache: same greedy tokens and log-probabilities as a prefill
+    on every row, and sampled rows of one group still draw independently and match training."""
+    check = run["shared_prefill"]
+    assert check["prefill_shape_every_row"][0] == check["rows"]
+    assert check["prefill_shape_shared"][0] == check["distinct"]
+    assert check["prefill_shape_shared"][1] == check["prefill_shape_every_row"][1]  # the same window
+    assert check["tokens"] == check["rows"] * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+    assert check["group_distinct_draws"] > 4  # 8 samples of one prompt at temperature 1
+    assert check["group_logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).

@@ -132,6 +132,33 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for f in runs[True] for a in f),
     }
 
+    # 1d. Identical prompts (a group's samples) are prefilled once: the prefill's batch is the number of
+    # distinct prompts, and greedy tokens and log-probabilities equal those of a prefill on every row.
+    # The wave mixes lengths (left padding) and puts copies apart from each other.
+    batches = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, output: batches.append(args[0].shape),
+                                       with_kwargs=True)
+    wave = [prompts[0], prompts[2], prompts[0], prompts[1], prompts[2], prompts[2]]
+    shared = {}
+    for share in (True, False):
+        engine.backend.share_identical_prompts = share
+        batches.clear()
+        shared[share] = engine.generate(wave, n=2, sampling=full)
+        shared[f"prefill_{share}"] = list(batches[0])
+    engine.backend.share_identical_prompts = True
+    hook.remove()
+    drawn = engine.generate(prompts[1:2], n=8, sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=9))
+    out["shared_prefill"] = {
+        "rows": len(wave) * 2, "distinct": 3,
+        "prefill_shape_shared": shared["prefill_True"], "prefill_shape_every_row": shared["prefill_False"],
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(shared[True], shared[False])),
+        "logprob_max_abs_diff": max(abs(x - y) for a, b in zip(shared[True], shared[False])
+                                    for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for a in shared[True]),
+        "group_distinct_draws": len({tuple(s.token_ids) for s in drawn}),
+        "group_logprob_diff_vs_training": engine.check_logprobs(drawn),
+    }
+
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
         "temperature_1": SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=7),
