@@ -4,7 +4,8 @@ A random-init Llama is built in Hugging Face, its weights are converted into our
 process (megatron_grm.models.hf_convert, the project's HF<->Megatron weight map), and both generate
 greedily from the same prompts (mixed lengths, EOS ignored so every row makes ``--new-tokens``). The
 script checks that the generated tokens are identical and prints tokens/s for batch 1 and batch 32 and
-the ratio ours / HF.
+the ratio ours / HF. ``--copies 1 8`` (the default) also runs batch 32 as 4 prompts x 8 samples:
+identical prompts, which our engine prefills once and ``generate`` prefills per row.
 
     .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
@@ -163,8 +164,8 @@ def main() -> None:
         wall, cpu = (min(t[i] for t in times["ours"]) for i in (0, 1))
         all_same &= same == b
         n = b * args.new_tokens
-        print(f"{b:>5}  {copies:>6}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  {n / hf_cpu:>12.1f}  "
-              f"{n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}")
+        print(f"{b:>5}  {copies:>6}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  "
+              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}")
     destroy_parallel()
     if not all_same:
         raise SystemExit("greedy outputs differ between transformers and the rollout engine")

@@ -5,12 +5,14 @@
     python bench/voting_cost.py --clock cpu           # a shared, loaded machine: process CPU seconds
 
 Voting@k (paper Sec. 4.1) samples k judgments at temperature 0.5 and shuffles the order of the
-responses for each, so the k prompts of one example differ: the engine sees ``prompts × k`` distinct
-prompts of equal length, not one prompt with n = k. Prompts here are synthetic token ids shaped like a
-judgment request (a header, then the responses as blocks whose order is permuted per sample); the
-model is random-init (the cost of decoding does not depend on the weights), and EOS is ignored so every
-sample generates ``--new-tokens``. Reported: wall time of greedy (1 sample per prompt) and of voting@k,
-their ratio, and that ratio over k (1.0 = no gain from batching the k samples together).
+responses for each, so the engine gets ``prompts × k`` prompts of equal length (not one prompt with
+n = k), of which only as many differ as there are orders drawn: with two responses at most two per
+example, and the engine prefills each distinct prompt once (``rollout/shared_prefill.py``). Prompts
+here are synthetic token ids shaped like a judgment request (a header, then the responses as blocks
+whose order is permuted per sample); the model is random-init (the cost of decoding does not depend on
+the weights), and EOS is ignored so every sample generates ``--new-tokens``. Reported: wall time of
+greedy (1 sample per prompt) and of voting@k, their ratio, and that ratio over k (1.0 = no gain from
+batching the k samples together).
 """
 
 from __future__ import annotations
@@ -89,11 +91,14 @@ def measure(args: argparse.Namespace) -> dict:
     greedy_s = min(timed(engine, base_prompts, greedy, clock) for _ in range(args.repeats))
     rows = []
     for k in args.ks:
-        seconds = min(timed(engine, judgment_prompts(args, k, args.seed), vote, clock) for _ in range(args.repeats))
+        prompts = judgment_prompts(args, k, args.seed)
+        distinct = len({tuple(p) for p in prompts})
+        seconds = min(timed(engine, prompts, vote, clock) for _ in range(args.repeats))
         rows.append({"k": k, "seconds": seconds, "ratio_to_greedy": seconds / greedy_s,
-                     "ratio_per_sample": seconds / greedy_s / k})
+                     "ratio_per_sample": seconds / greedy_s / k, "distinct_prompts": distinct})
         print(f"voting@{k:<3} {seconds:7.2f} s  = {seconds / greedy_s:6.2f}x greedy "
-              f"({seconds / greedy_s / k:.2f}x per sample)", flush=True)
+              f"({seconds / greedy_s / k:.2f}x per sample; {distinct} distinct of {len(prompts)} prompts)",
+              flush=True)
     return {
         "bench": "voting_cost", "date": time.strftime("%Y-%m-%d %H:%M"), "device": "cuda" if
         torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0],

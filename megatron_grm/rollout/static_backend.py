@@ -61,9 +61,8 @@ def applies_padding_masks(model) -> bool:
 
 
 def _wave_wrapper_class() -> type:
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-
     from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 
     class WavePromptsWrapper(GPTInferenceWrapper):
         """Megatron's GPT wrapper, masking the left padding of the wave's prompts in every window and
