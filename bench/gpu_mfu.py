@@ -111,7 +111,7 @@ def bench_precision(model: ModelConfig, args: argparse.Namespace, precision: str
             return {"precision": precision, "skipped": f"the planner says it {plan.refusal()}"}
         torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(run, model=build_model(run.model, run.parallel, run.precision, run.trainer.recompute,
-                                                 use_te=use_te))
+                                                 use_te=use_te, wgrad_fusion=True))
         objective = CausalNLL()
         dev = torch.device("cuda", torch.cuda.current_device())
         seconds = []

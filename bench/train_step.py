@@ -186,7 +186,7 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     precision = {"params_dtype": args.dtype, "fp8": args.fp8}
     cluster = "h200_1gpu" if torch.cuda.is_available() else "local_cpu"
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
-    raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute)
+    raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
     weights = copy_hf_into_megatron(hf_model, raw)
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
@@ -387,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8", choices=("hybrid", "e4m3"), default=None, help="Megatron side only (Hopper+)")
     p.add_argument("--recompute", choices=("selective", "full"), default=None)
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--wgrad-fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight gradients accumulated inside the GEMM into DDP's main_grad (as the Trainer does)")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -30,11 +30,14 @@ def transformer_config(
     precision: PrecisionConfig,
     recompute: str | None = None,
     use_cpu_initialization: bool | None = None,
+    wgrad_fusion: bool = False,
 ):
-    """Map our ModelConfig one-to-one onto Megatron-Core's TransformerConfig."""
+    """Map our ModelConfig one-to-one onto Megatron-Core's TransformerConfig. ``wgrad_fusion``: weight
+    gradients accumulate inside the GEMM into DDP's ``main_grad`` (where a kernel for it exists); only for
+    a model the Trainer wraps in DDP, since a backward without ``main_grad`` buffers would fail."""
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_grm.parallel.device import use_cuda
+    from megatron_grm.parallel.device import use_cuda, wgrad_accumulation_fusion_available
 
     if recompute not in (None, "full", "selective"):
         raise ValueError(f"trainer.recompute={recompute!r}; choose null, 'selective' or 'full'")
@@ -73,7 +76,7 @@ def transformer_config(
         persist_layer_norm=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=wgrad_fusion and wgrad_accumulation_fusion_available(),
         calculate_per_token_loss=True,
     )
     if precision.fp8 is not None:
@@ -120,16 +123,22 @@ def build_model(
     recompute: str | None = None,
     use_te: bool | None = None,
     vocab_size: int | None = None,
+    wgrad_fusion: bool = False,
 ):
-    """The GPTModel chunk for this pipeline stage (parallel state must be initialised)."""
+    """The GPTModel chunk for this pipeline stage (parallel state must be initialised); ``wgrad_fusion``
+    for a model headed for the Trainer (see :func:`transformer_config`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_grm.parallel.device import device, log_backend_choice, use_te_spec
+    from megatron_grm.parallel.device import device, log_backend_choice, use_cuda, use_te_spec
 
     use_te = use_te_spec() if use_te is None else use_te
     log_backend_choice()
-    config = transformer_config(cfg, layout, precision, recompute)
+    config = transformer_config(cfg, layout, precision, recompute, wgrad_fusion=wgrad_fusion)
+    if wgrad_fusion:
+        log.info("weight gradients: %s", "accumulated inside the GEMM into main_grad (" + (
+            "apex fused_weight_gradient_mlp_cuda / TE" if use_cuda() else "CPU kernel, parallel/cpu_wgrad.py") + ")"
+            if config.gradient_accumulation_fusion else "through .grad and DDP's hook (apex's extension is absent)")
     model_cls = GPTModel
     if cfg.family == "gemma2":
         from megatron_grm.models import gemma2

@@ -37,6 +37,15 @@ def use_te_spec() -> bool:
     return use_cuda() and have_transformer_engine()
 
 
+def wgrad_accumulation_fusion_available() -> bool:
+    """Whether Megatron's linears can accumulate weight gradients inside the GEMM: apex's
+    ``fused_weight_gradient_mlp_cuda`` on a GPU (NGC images ship it; TE layers then fuse the same way),
+    :mod:`megatron_grm.parallel.cpu_wgrad` on CPU (installed by the CPU compatibility layer)."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
 def compute_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if use_cuda() else None
 

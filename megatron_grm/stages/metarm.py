@@ -279,7 +279,7 @@ def train_metarm(cfg: Any) -> Trainer:
     run = prepare_run(cfg)
     t, mc = run.trainer, MetaRMSettings.from_dict(run.extra.get("metarm", {}))
     tokenizer = load_tokenizer(run.model.tokenizer or "char")
-    model = build_model(run.model, run.parallel, run.precision, t.recompute)
+    model = build_model(run.model, run.parallel, run.precision, t.recompute, wgrad_fusion=True)  # for the Trainer
     resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
     if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)
         log.info("loaded the GRM backbone from %s", load_model_weights(model, t.load))

@@ -92,7 +92,8 @@ class Trainer:
         self.cfg = cfg
         t, o = cfg.trainer, cfg.optimizer
         self.metadata = {"model": cfg.model.to_dict(), **(metadata or {})}
-        raw = model if model is not None else build_model(cfg.model, cfg.parallel, cfg.precision, t.recompute)
+        raw = model if model is not None else build_model(cfg.model, cfg.parallel, cfg.precision, t.recompute,
+                                                          wgrad_fusion=True)
         self.config = raw.config
         # With one data-parallel rank the distributed optimizer shards nothing and only adds a one-rank
         # reduce-scatter + all-gather with full-buffer copies per step (docs/performance.md: ~6% of a step).

@@ -18,9 +18,10 @@ def init_ckpt(tmp_path_factory) -> Path:
     return root / "checkpoints" / "iter_0000000"
 
 
-def _train(tmp: Path, name: str, nproc: int, init: Path, extra: list[str]) -> dict:
+def _train(tmp: Path, name: str, nproc: int, init: Path | None, extra: list[str]) -> dict:
     out = tmp / f"{name}.json"
-    torchrun(SCRIPT, nproc, ["--run-dir", str(tmp / name), "--init", str(init), "--out", str(out), *extra])
+    init_args = ["--init", str(init)] if init is not None else []
+    torchrun(SCRIPT, nproc, ["--run-dir", str(tmp / name), *init_args, "--out", str(out), *extra])
     return read_json(out)
 
 
@@ -50,3 +51,24 @@ def test_dp2_distributed_optimizer_equals_dp1_with_twice_the_microbatches(init_c
     # DP=2: each rank runs 2 micro-batches of 2; DP=1 ran 4 of 2 for the same global batch of 8.
     got = _train(tmp_path, "dp2", 2, init_ckpt, ["--steps", "3", "--dist-opt", "1"])
     _assert_same_training(got, reference)
+
+
+def test_weight_gradients_accumulated_inside_the_gemm_train_like_the_unfused_path(init_ckpt, reference, tmp_path):
+    """The Trainer's default: Megatron's gradient_accumulation_fusion, each linear's weight-gradient GEMM adding
+    straight into DDP's main_grad (parallel/cpu_wgrad.py on CPU). Same training as .grad + DDP's hook."""
+    unfused = _train(tmp_path, "unfused", 1, init_ckpt, ["--steps", "3", "--wgrad-fusion", "0"])
+    assert reference["wgrad_fusion"] is True and unfused["wgrad_fusion"] is False
+    # 4 layers x (QKV, projection, fc1, fc2) + the output layer took the fused path; none did unfused.
+    assert reference["weights_accumulated_in_gemm"] == 17
+    assert unfused["weights_accumulated_in_gemm"] == 0
+    _assert_same_training(unfused, reference)
+
+
+def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_layer(tmp_path):
+    """With tied embeddings the shared weight gets the output layer's gradient inside the GEMM and the
+    embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad)."""
+    fused, unfused = (_train(tmp_path, f"tied{flag}", 1, None, ["--steps", "3", "--tied", "--wgrad-fusion", flag])
+                      for flag in ("1", "0"))
+    assert fused["weights_accumulated_in_gemm"] == 17 and unfused["weights_accumulated_in_gemm"] == 0
+    _assert_same_training(fused, unfused)
+    assert fused["weight_sums"] == pytest.approx(unfused["weight_sums"], abs=1e-4, rel=0)

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--hang-in-save-of", type=int, default=None,
                     help="block inside the save of this step, after the files are written (kill test)")
     ap.add_argument("--nan-at", default="", help="comma-separated steps whose loss is made NaN")
+    ap.add_argument("--wgrad-fusion", type=int, default=1, help="0: weight gradients through .grad and DDP's hook")
+    ap.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
     args = ap.parse_args()
 
     from megatron_grm.stages.common import load_config, prepare_run
@@ -57,12 +59,19 @@ def main() -> None:
         f"optimizer.use_distributed_optimizer={bool(args.dist_opt)}", "optimizer.warmup_steps=0",
         "model.num_layers=4",
     ]
+    if args.tied:
+        overrides.append("model.tie_word_embeddings=true")
     if args.save_interval:
         overrides.append(f"trainer.save_interval={args.save_interval}")
     if args.exit_after:
         overrides.append(f"trainer.exit_after_steps={args.exit_after}")
     run = prepare_run(load_config("sft", overrides))
-    trainer = Trainer(run)
+    model = None
+    if not args.wgrad_fusion:
+        from megatron_grm.models.provider import build_model
+
+        model = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=False)
+    trainer = Trainer(run, model=model)
     samples = synthetic_samples(64, 32, 256, seed=7)
     producer = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11)
     if args.init:
@@ -119,7 +128,11 @@ def main() -> None:
         else:
             result_error = None
         result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
-                  "step": trainer.state.step, "error": result_error}
+                  "step": trainer.state.step, "error": result_error,
+                  "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
+                  # Set by Megatron's linear backward only when the GEMM accumulated into main_grad.
+                  "weights_accumulated_in_gemm": sum(bool(getattr(p, "grad_added_to_main_grad", False))
+                                                     for p in trainer.unwrapped.parameters())}
     # Full weights, gathered in a layout-independent way: the checksum of each tensor shard by name.
     rank = torch.distributed.get_rank()
     weights = {k: v.detach().double().sum().item() for k, v in trainer.unwrapped.state_dict().items()
