@@ -1,8 +1,8 @@
 """Identical prompts of a wave are prefilled once; their rows of the KV cache are copies.
 
 GRPO's group, RFT's N judgments per example and voting@k sample several continuations of one example.
-Each sample shows the responses in its own random order, so with two responses (pairwise data) half of
-a group's prompts are the exact same token sequence on average, and with ``shuffle=False`` all are.
+Each sample shows the responses in its own random order, so with two responses (pairwise data) a group
+holds at most two distinct prompts, whatever its size; with ``shuffle=False`` it holds one.
 ``transformers.generate(num_return_sequences=n)`` and Megatron's static loop prefill every row; here
 the prefill runs on one row per distinct prompt and the cache rows (and last-position logits) are
 gathered for the others. Decoding then proceeds per row as before, so draws stay independent.
