@@ -135,10 +135,11 @@ def build_model(
     use_te = use_te_spec() if use_te is None else use_te
     log_backend_choice()
     config = transformer_config(cfg, layout, precision, recompute, wgrad_fusion=wgrad_fusion)
-    if wgrad_fusion:
-        log.info("weight gradients: %s", "accumulated inside the GEMM into main_grad (" + (
-            "apex fused_weight_gradient_mlp_cuda / TE" if use_cuda() else "CPU kernel, parallel/cpu_wgrad.py") + ")"
-            if config.gradient_accumulation_fusion else "through .grad and DDP's hook (apex's extension is absent)")
+    if wgrad_fusion and config.gradient_accumulation_fusion:
+        kernel = "apex fused_weight_gradient_mlp_cuda / TE" if use_cuda() else "CPU kernel, parallel/cpu_wgrad.py"
+        log.info("weight gradients: accumulated inside the GEMM into main_grad (%s)", kernel)
+    elif wgrad_fusion:
+        log.info("weight gradients: through .grad and DDP's hook (apex's fused_weight_gradient_mlp_cuda is absent)")
     model_cls = GPTModel
     if cfg.family == "gemma2":
         from megatron_grm.models import gemma2

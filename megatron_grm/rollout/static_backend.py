@@ -70,7 +70,6 @@ def _wave_wrapper_class() -> type:
 
         key_padding: torch.Tensor | None = None  # [rows, positions], True = padding; None = no padding
         shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # identical_rows() of the wave
-        prefill_rows: int = 0  # rows the last prefill ran on
 
         def get_batch_for_context_window(self, inference_input, context_start_position: int,
                                          context_end_position: int):
@@ -83,12 +82,9 @@ def _wave_wrapper_class() -> type:
 
         def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
             context = self.inference_context
-            if context.sequence_len_offset != 0:
+            if self.shared_rows is None or context.sequence_len_offset != 0:  # not a prefill to share
                 return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
             rows = inference_input["tokens"].size(0)
-            if self.shared_rows is None:
-                self.prefill_rows = rows
-                return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
             first, source = self.shared_rows
             # The prefill on one row per distinct prompt, in a cache of that many rows, then every row
             # gets its prompt's cache and logits. Every pipeline stage sees the same prompts.
@@ -101,7 +97,6 @@ def _wave_wrapper_class() -> type:
                 context.sequence_len_offset = self.inference_context.sequence_len_offset
             finally:
                 self.inference_context = context
-            self.prefill_rows = len(first)
             return None if logits is None else logits.index_select(0, source.to(logits.device))
 
     return WavePromptsWrapper
