@@ -32,9 +32,11 @@ def identical_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torc
     return torch.tensor(first), torch.tensor(source)
 
 
-def select_rows(batch: dict, first: torch.Tensor, rows: int) -> dict:
+def select_rows(batch: dict, first: torch.Tensor) -> dict:
     """The forward inputs (tokens, positions, a per-row mask) restricted to the rows in ``first``;
     tensors without a per-row leading dimension (a mask shared by all rows) are kept as they are."""
+    rows = batch["tokens"].size(0)
+
     def pick(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == rows:
             return value.index_select(0, first.to(value.device))
@@ -45,5 +47,6 @@ def select_rows(batch: dict, first: torch.Tensor, rows: int) -> dict:
 
 def expand_cache(cache: dict, source: torch.Tensor) -> dict:
     """Megatron's static KV cache ``{layer: (keys, values)}``, each ``[positions, rows, ...]``, with
-    row r a copy of row ``source[r]``."""
+    row r a copy of row ``source[r]``. (``StaticInferenceContext.swap_key_value_dict`` gathers rows the same
+    way but asserts the batch keeps its size, so it cannot grow distinct rows into a wave.)"""
     return {layer: tuple(t.index_select(1, source.to(t.device)) for t in tensors) for layer, tensors in cache.items()}

@@ -84,15 +84,13 @@ def _wave_wrapper_class() -> type:
             context = self.inference_context
             if self.shared_rows is None or context.sequence_len_offset != 0:  # not a prefill to share
                 return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
-            rows = inference_input["tokens"].size(0)
             first, source = self.shared_rows
             # The prefill on one row per distinct prompt, in a cache of that many rows, then every row
             # gets its prompt's cache and logits. Every pipeline stage sees the same prompts.
             self.inference_context = StaticInferenceContext(len(first), context.max_sequence_length)
             self.inference_context.materialize_only_last_token_logits = context.materialize_only_last_token_logits
             try:
-                logits = super().run_one_forward_step(select_rows(inference_input, first, rows),
-                                                      recv_buffer_seq_len)
+                logits = super().run_one_forward_step(select_rows(inference_input, first), recv_buffer_seq_len)
                 context.key_value_memory_dict = expand_cache(self.inference_context.key_value_memory_dict, source)
                 context.sequence_len_offset = self.inference_context.sequence_len_offset
             finally:

@@ -21,7 +21,7 @@ def test_select_rows_keeps_a_mask_shared_by_all_rows():
     first = torch.tensor([0, 2])
     batch = {"tokens": torch.arange(12).view(4, 3), "attention_mask": torch.zeros(1, 1, 3, 3, dtype=torch.bool),
              "row_mask": torch.arange(4).view(4, 1, 1, 1)}
-    picked = select_rows(batch, first, rows=4)
+    picked = select_rows(batch, first)
     assert picked["tokens"].tolist() == [[0, 1, 2], [6, 7, 8]]
     assert picked["attention_mask"] is batch["attention_mask"]
     assert picked["row_mask"].flatten().tolist() == [0, 2]
