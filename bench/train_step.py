@@ -188,6 +188,10 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
     weights = copy_hf_into_megatron(hf_model, raw)
+    if not args.fused_adam:  # Megatron's torch AdamW as it builds it (foreach), for an A/B
+        import megatron_grm.train.loop as loop
+
+        loop.use_fused_adam = lambda optimizer: 0
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)
@@ -200,9 +204,12 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     return side, weights
 
 
-def hf_side(hf_model, clip: float, clock) -> Side:
-    """HF's usual loop: loss from the model, backward, clip, AdamW (PyTorch's default implementation)."""
-    opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+def hf_side(hf_model, clip: float, clock, adamw: str = "fused") -> Side:
+    """HF's usual loop: loss from the model, backward, clip, torch AdamW. ``fused`` is the kernel HF's
+    Trainer picks by default on torch >= 2.8 (``optim="adamw_torch_fused"``); ``foreach`` is what a bare
+    ``torch.optim.AdamW(...)`` gets."""
+    opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                            fused=adamw == "fused", foreach=adamw == "foreach")
     side = Side("transformers", clock)
 
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
@@ -306,7 +313,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         hf_model = build_hf(model, torch.float32, torch.device("cpu"), args.seed)
         megatron, weights = megatron_side(args, model, hf_model, run_dir, clock)
         dev = run_device()
-        hf = hf_side(hf_model.to(device=dev, dtype=dtype), clip=1.0, clock=clock)
+        hf = hf_side(hf_model.to(device=dev, dtype=dtype), clip=1.0, clock=clock, adamw=args.hf_adamw)
         peak_dtype = torch.float32 if dev.type == "cpu" else dtype
         flops_per_token = model.flops_per_token(args.seq)
         tokens = args.batch * args.microbatches * args.seq
@@ -362,7 +369,8 @@ def summarise(args, model: ModelConfig, weights: str, megatron: Side, hf: Side, 
                                                  "num_attention_heads", "num_query_groups", "vocab_size")},
         "params": model.num_parameters(), "batch": args.batch, "microbatches": args.microbatches, "seq": args.seq,
         "dtype": args.dtype, "recompute": args.recompute, "clock": args.clock,
-        "distributed_optimizer": args.distributed_optimizer,
+        "distributed_optimizer": args.distributed_optimizer, "fused_adam": args.fused_adam,
+        "hf_adamw": args.hf_adamw,
         "weights": weights, "matmul_peak_gflops": max(peaks), "matmul_probes_gflops": peaks,
         "megatron": m, "transformers": h,
         "ratio_tokens_per_s": m["tokens_per_s"] / h["tokens_per_s"],
@@ -389,6 +397,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--wgrad-fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="weight gradients accumulated inside the GEMM into DDP's main_grad (as the Trainer does)")
+    p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                   help="our side: torch's fused AdamW kernel (as the Trainer does) or Megatron's foreach build")
+    p.add_argument("--hf-adamw", choices=("fused", "foreach"), default="fused",
+                   help="transformers side: fused is HF Trainer's default on torch >= 2.8, foreach a bare AdamW")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

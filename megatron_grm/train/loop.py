@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_grm.models.provider import build_model
+from megatron_grm.parallel.fused_adam import use_fused_adam
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.config import RunConfig
 from megatron_grm.train.logger import RunLogger
@@ -120,6 +121,7 @@ class Trainer:
             ),
             [self.model],
         )
+        use_fused_adam(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.warmup_steps else o.lr,

@@ -62,6 +62,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
     want, want_path = straight
     got = read_json(resumed)
     assert got["step"] == 6
+    assert got["fused_adam"] and all(got["fused_adam"])  # the checkpoint's param groups did not switch it off
     assert got["losses"] == want["losses"][3:]  # bit-identical, not approximately equal
     assert got["history"] == want["history"]
     a = torch.load(f"{resumed}.rank0.pt")

@@ -64,6 +64,16 @@ def test_weight_gradients_accumulated_inside_the_gemm_train_like_the_unfused_pat
     _assert_same_training(unfused, reference)
 
 
+def test_fused_adam_kernel_trains_like_megatrons_foreach_adam(init_ckpt, reference, tmp_path):
+    """Without TE/apex Megatron builds torch AdamW (foreach); the Trainer switches it to torch's fused
+    kernel (parallel/fused_adam.py). Same updates, within float round-off."""
+    foreach = _train(tmp_path, "foreach", 1, init_ckpt, ["--steps", "3", "--fused-adam", "0"])
+    assert reference["fused_adam"] and all(flag is True for flag in reference["fused_adam"])
+    assert foreach["fused_adam"] and not any(foreach["fused_adam"])
+    _assert_same_training(foreach, reference)
+    assert foreach["weight_sums"] == pytest.approx(reference["weight_sums"], abs=1e-4, rel=0)
+
+
 def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_layer(tmp_path):
     """With tied embeddings the shared weight gets the output layer's gradient inside the GEMM and the
     embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad)."""

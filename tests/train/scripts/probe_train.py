@@ -45,8 +45,10 @@ def main() -> None:
     ap.add_argument("--nan-at", default="", help="comma-separated steps whose loss is made NaN")
     ap.add_argument("--wgrad-fusion", type=int, default=1, help="0: weight gradients through .grad and DDP's hook")
     ap.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
+    ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
     args = ap.parse_args()
 
+    from megatron_grm.parallel.fused_adam import inner_torch_optimizers
     from megatron_grm.stages.common import load_config, prepare_run
     from megatron_grm.stages.sft import SupervisedObjective
     from megatron_grm.train.loop import Trainer
@@ -71,6 +73,10 @@ def main() -> None:
         from megatron_grm.models.provider import build_model
 
         model = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=False)
+    if not args.fused_adam:
+        import megatron_grm.train.loop as loop
+
+        loop.use_fused_adam = lambda optimizer: 0
     trainer = Trainer(run, model=model)
     samples = synthetic_samples(64, 32, 256, seed=7)
     producer = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11)
@@ -130,6 +136,8 @@ def main() -> None:
         result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
+                  "fused_adam": [group["fused"] for opt in inner_torch_optimizers(trainer.optimizer)
+                                 for group in opt.param_groups],
                   # Set by Megatron's linear backward only when the GEMM accumulated into main_grad.
                   "weights_accumulated_in_gemm": sum(bool(getattr(p, "grad_added_to_main_grad", False))
                                                      for p in trainer.unwrapped.parameters())}
