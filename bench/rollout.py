@@ -3,12 +3,14 @@
 A random-init Llama is built in Hugging Face, its weights are converted into our Megatron GPTModel in
 process (megatron_grm.models.hf_convert, the project's HF<->Megatron weight map), and both generate
 greedily from the same prompts (mixed lengths, EOS ignored so every row makes ``--new-tokens``). The
-script checks that the generated tokens are identical and prints tokens/s for batch 1 and batch 32 and
+script checks that the generated tokens are identical or, where they part, that our token is the argmax of
+``transformers``' own forward up to round-off (``greedy_shortfall``), and prints tokens/s for batch 1 and batch 32 and
 the ratio ours / HF. ``--copies 1 8`` (the default) also runs batch 32 as 4 prompts x 8 samples:
 identical prompts, which our engine prefills once and ``generate`` prefills per row.
 
     .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
+    .venv/bin/python bench/rollout.py --batches 32 --min-prompt 960 --max-prompt 1200  # GRM-length prompts
 
 The two sides alternate (who goes first flips every repeat) so drifting load hits both alike; HF runs with
 the Megatron CPU compatibility layer's global torch-function mode disabled, as it would in a process of its
@@ -87,6 +89,21 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return out[:, width:].tolist()
 
 
+@torch.inference_mode()
+def greedy_shortfall(model, prompt: list[int], ours: list[int], theirs: list[int]) -> float:
+    """Where our greedy continuation first parts from ``generate``'s, how far our token's logit falls
+    below the best one in ``transformers``' own forward of the shared prefix. Zero means ours is that
+    forward's argmax (``generate`` took the other side of the fork); a round-off-sized value is a
+    near-tie that fp32 summation order decides (left padding shifts a row's RoPE positions, which moves
+    log-probabilities by ~1e-3 at 1,000-token positions on this random model); more is a wrong token."""
+    t = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    logits = model(input_ids=torch.tensor([prompt + ours[:t]])).logits[0, -1].float()
+    return float(logits.max() - logits[ours[t]])
+
+
+TIE_TOLERANCE = 1e-2
+
+
 def timed(fn) -> tuple[float, float, object]:
     """(wall seconds, process CPU seconds, result). CPU seconds are what the work costs on a machine
     shared with other jobs, where wall time mostly measures the neighbours."""
@@ -152,23 +169,29 @@ def main() -> None:
                 wall, cpu, _ = timed(sides[name])
                 times[name].append((wall, cpu))
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
+        row_prompts = [p for p in prompts[case] for _ in range(case[1])]
+        with without_cpu_compat():
+            shortfalls = [greedy_shortfall(hf, p, a, h)
+                    for p, a, h in zip(row_prompts, outputs["ours"], outputs["hf"]) if a != h]
         paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
-        rows.append((case, times, same, paired[len(paired) // 2]))
+        rows.append((case, times, same, paired[len(paired) // 2], shortfalls))
 
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     print(f"{'batch':>5}  {'copies':>6}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  {'HF tok/CPU-s':>12}  "
           f"{'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  same greedy tokens")
     all_same = True
-    for (b, copies), times, same, median in rows:
+    for (b, copies), times, same, median, shortfalls in rows:
         hf_wall, hf_cpu = (min(t[i] for t in times["hf"]) for i in (0, 1))
         wall, cpu = (min(t[i] for t in times["ours"]) for i in (0, 1))
-        all_same &= same == b
+        all_same &= all(gap <= TIE_TOLERANCE for gap in shortfalls)
+        ties = f" (others: our token within {max(shortfalls):.1e} of the best logit)" if shortfalls else ""
         n = b * args.new_tokens
         print(f"{b:>5}  {copies:>6}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  "
-              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}")
+              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}{ties}")
     destroy_parallel()
     if not all_same:
-        raise SystemExit("greedy outputs differ between transformers and the rollout engine")
+        raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "
+                         f"(our token's logit more than {TIE_TOLERANCE} below the best where they part)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each w
 Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
 when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
 core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
-Identical prompts of a wave (a group's samples) are prefilled once (:mod:`megatron_grm.rollout.shared_prefill`).
+Identical prompts of a wave (a group's samples) are prefilled once (:mod:`megatron_grm.rollout.shared_prefill`)
+and, when long, their cached keys and values are read once per decode step for all their rows
+(:func:`megatron_grm.parallel.cpu_decode.shared_prompts`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_grm.parallel.cpu_decode import enable_cpu_flash_decode, masked_cache_positions
+from megatron_grm.parallel.cpu_decode import (
+    SHARED_PROMPT_MIN_WIDTH,
+    enable_cpu_flash_decode,
+    masked_cache_positions,
+    shared_prompts,
+)
 from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
@@ -115,6 +122,7 @@ class StaticBackend:
             enable_cpu_flash_decode(model)
         self.align_prompts = applies_padding_masks(model)
         self.share_identical_prompts = True
+        self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
         log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
                  else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
                       "take no padding mask")
@@ -153,7 +161,9 @@ class StaticBackend:
             (i, InferenceRequest(request_id=i, prompt="", prompt_tokens=list(p), sampling_params=params))
             for i, p in enumerate(prompts)
         )
-        with masked_cache_positions(key_padding):
+        shared = self.wrapper.shared_rows if len({len(p) for p in prompts}) == 1 else None
+        with masked_cache_positions(key_padding), shared_prompts(*(shared or (None, None)), len(prompts[0]),
+                                                                  self.shared_prompt_min_width):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         out = []
         for i in range(len(prompts)):

@@ -107,3 +107,58 @@ def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_ro
             scores = k_cache[r, : n + 1, kv][seen] @ q_rot[head] / math.sqrt(d)
             want = scores.softmax(-1) @ v_cache[r, : n + 1, kv][seen]
             torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(4, 4), (6, 2)])
+def test_shared_prompt_decode_reads_each_prompt_once_and_matches_the_per_row_path(h_q, h_kv):
+    """Rows holding copies of one prompt (unequal group sizes, interleaved, left padding) attend over
+    that prompt's keys/values read once per decode step, plus their own generated positions."""
+    from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
+
+    g = torch.Generator().manual_seed(3)
+    d, width, s_max, n = 8, 7, 14, 10  # prompt positions 0..6, generated 7..9, this step writes 10
+    source = torch.tensor([0, 1, 0, 2, 0, 1])  # three prompts held by 3, 2 and 1 rows
+    first = torch.tensor([0, 1, 3])
+    b = len(source)
+    k_cache, v_cache = torch.randn(b, s_max, h_kv, d, generator=g), torch.randn(b, s_max, h_kv, d, generator=g)
+    k_cache[:, :width] = k_cache[first[source], :width]  # the prompt region of copies is a copy
+    v_cache[:, :width] = v_cache[first[source], :width]
+    q, k, v = (torch.randn(b, 1, heads, d, generator=g) for heads in (h_q, h_kv, h_kv))
+    _, cos, sin = _cos_sin(s_max, d // 2)
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[first[source] == 1, :3] = True  # prompt 1 is the shortest: left-padded by 3
+    padding[first[source] == 3, :1] = True
+
+    per_row_cache = (k_cache.clone(), v_cache.clone())
+    with masked_cache_positions(padding):
+        want = flash_attn_with_kvcache(q, *per_row_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
+        with shared_prompts(first, source, width, min_width=0):
+            got = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                          cache_seqlens=torch.full((b,), n, dtype=torch.int32))
+            # The prompt region is read from each prompt's first row only: other rows' copies are not used.
+            k_cache[4, :width] = float("nan")
+            again = flash_attn_with_kvcache(q, k_cache, v_cache, None, None, rotary_cos=cos, rotary_sin=sin,
+                                            cache_seqlens=n + 1)
+    torch.testing.assert_close(k_cache[:, n], per_row_cache[0][:, n])  # the new key written in the same slot
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.isfinite(again).all()
+
+
+def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
+    import megatron_grm.parallel.cpu_decode as cpu_decode
+
+    first, source = torch.tensor([0]), torch.tensor([0, 0])
+    with cpu_decode.shared_prompts(first, source, width=cpu_decode.SHARED_PROMPT_MIN_WIDTH - 1):
+        assert cpu_decode._shared_prompts is None
+    with cpu_decode.shared_prompts(first, source, width=cpu_decode.SHARED_PROMPT_MIN_WIDTH):
+        assert cpu_decode._shared_prompts is not None
+    assert cpu_decode._shared_prompts is None
+
+
+def test_a_per_row_tensor_of_one_cache_length_takes_the_static_decode_step():
+    """Megatron's static loop hands flash-decode ``cache_seqlens`` as a [rows] tensor of one value."""
+    from megatron_grm.parallel.cpu_decode import _as_int
+
+    assert _as_int(torch.tensor([5, 5, 5], dtype=torch.int32)) == 5
+    assert _as_int(torch.tensor([7])) == 7 and _as_int(3) == 3
+    assert _as_int(torch.tensor([5, 6, 5])) is None

@@ -83,6 +83,20 @@ def test_identical_prompts_are_prefilled_once(run):
     assert check["group_logprob_diff_vs_training"] <= LOGPROB_TOL
 
 
+def test_decode_reads_a_shared_prompt_once_for_all_its_rows(run):
+    """Long shared prompts: each decode step attends over a prompt's cached keys/values once for all the
+    rows that hold it (cpu_decode.shared_prompts; forced on here for short prompts). Same greedy tokens
+    and log-probabilities as the per-row read; a group's draws stay independent and match training."""
+    check = run["shared_prefill"]
+    calls = check["shared_decode_calls"]
+    # The short prompts stay below the threshold by default; forced, every layer's decode step uses it.
+    assert calls["prefill"] == 0 and calls["none"] == 0
+    assert calls["decode"] >= (run["max_new"] - 1) * run["layers_per_stage"]
+    assert calls["draws"] >= (run["max_new"] - 1) * run["layers_per_stage"]
+    assert check["shared_decode_tokens_equal"]
+    assert check["shared_decode_logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).

@@ -77,7 +77,8 @@ def main() -> None:
     prompts = [tok.encode(t, add_bos=True) for t in TEXTS]
     rank = torch.distributed.get_rank()
     out: dict = {"tp": args.tp, "prompt_lengths": [len(p) for p in prompts], "max_new": MAX_NEW,
-                 "tokenizer_vocab": tok.vocab_size, "model_vocab": model.vocab_size, "eos_id": tok.eos_id}
+                 "tokenizer_vocab": tok.vocab_size, "model_vocab": model.vocab_size, "eos_id": tok.eos_id,
+                 "layers_per_stage": len(model.decoder.layers)}
 
     engine = RolloutEngine(model, tok)
     greedy = SamplingConfig(greedy=True, max_new_tokens=MAX_NEW)
@@ -134,27 +135,52 @@ def main() -> None:
 
     # 1d. Identical prompts (a group's samples) are prefilled once: the prefill's batch is the number of
     # distinct prompts, and greedy tokens and log-probabilities equal those of a prefill on every row.
-    # The wave mixes lengths (left padding) and puts copies apart from each other.
+    # The wave mixes lengths (left padding) and puts copies apart from each other. With the shared-prompt
+    # threshold at 0 the decode steps also read each prompt's cache once for its rows (cpu_decode), which
+    # these short prompts would otherwise not use; the calls into that kernel are counted.
+    import megatron_grm.parallel.cpu_decode as cpu_decode
+
+    shared_decode_calls = []
+    real_shared_decode = cpu_decode._decode_over_shared_prompts
+
+    def counted_shared_decode(*args, **kwargs):
+        shared_decode_calls.append(1)
+        return real_shared_decode(*args, **kwargs)
+
+    cpu_decode._decode_over_shared_prompts = counted_shared_decode
     batches = []
     hook = model.register_forward_hook(lambda module, args, kwargs, output: batches.append(args[0].shape),
                                        with_kwargs=True)
     wave = [prompts[0], prompts[2], prompts[0], prompts[1], prompts[2], prompts[2]]
-    shared = {}
-    for share in (True, False):
-        engine.backend.share_identical_prompts = share
+    shared, decode_calls = {}, {}
+    for share, min_width in (("prefill", None), ("none", None), ("decode", 0)):
+        engine.backend.share_identical_prompts = share != "none"
+        if min_width is not None:
+            engine.backend.shared_prompt_min_width = min_width
         batches.clear()
+        shared_decode_calls.clear()
         shared[share] = engine.generate(wave, n=2, sampling=full)
         shared[f"prefill_{share}"] = list(batches[0])
-    engine.backend.share_identical_prompts = True
+        decode_calls[share] = len(shared_decode_calls)
     hook.remove()
     drawn = engine.generate(prompts[1:2], n=8, sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=9))
+    decode_calls["draws"] = len(shared_decode_calls) - decode_calls["decode"]
+    engine.backend.share_identical_prompts = True
+    engine.backend.shared_prompt_min_width = cpu_decode.SHARED_PROMPT_MIN_WIDTH
+    cpu_decode._decode_over_shared_prompts = real_shared_decode
+
+    def diff(a_runs, b_runs):
+        return max(abs(x - y) for a, b in zip(a_runs, b_runs) for x, y in zip(a.logprobs, b.logprobs))
+
     out["shared_prefill"] = {
         "rows": len(wave) * 2, "distinct": 3,
-        "prefill_shape_shared": shared["prefill_True"], "prefill_shape_every_row": shared["prefill_False"],
-        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(shared[True], shared[False])),
-        "logprob_max_abs_diff": max(abs(x - y) for a, b in zip(shared[True], shared[False])
-                                    for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for a in shared[True]),
+        "prefill_shape_shared": shared["prefill_prefill"], "prefill_shape_every_row": shared["prefill_none"],
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(shared["prefill"], shared["none"])),
+        "logprob_max_abs_diff": diff(shared["prefill"], shared["none"]),
+        "tokens": sum(len(a.token_ids) for a in shared["prefill"]),
+        "shared_decode_calls": decode_calls,
+        "shared_decode_tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(shared["decode"], shared["none"])),
+        "shared_decode_logprob_max_abs_diff": diff(shared["decode"], shared["none"]),
         "group_distinct_draws": len({tuple(s.token_ids) for s in drawn}),
         "group_logprob_diff_vs_training": engine.check_logprobs(drawn),
     }
