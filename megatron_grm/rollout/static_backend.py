@@ -25,6 +25,7 @@ import torch
 
 from megatron_grm.parallel.cpu_decode import (
     SHARED_PROMPT_MIN_WIDTH,
+    contiguous_decode_cache,
     enable_cpu_flash_decode,
     masked_cache_positions,
     shared_prompts,
@@ -162,8 +163,8 @@ class StaticBackend:
             for i, p in enumerate(prompts)
         )
         shared = self.wrapper.shared_rows if len({len(p) for p in prompts}) == 1 else None
-        with masked_cache_positions(key_padding), shared_prompts(*(shared or (None, None)), len(prompts[0]),
-                                                                  self.shared_prompt_min_width):
+        with (masked_cache_positions(key_padding), contiguous_decode_cache(),
+              shared_prompts(*(shared or (None, None)), len(prompts[0]), self.shared_prompt_min_width)):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         out = []
         for i in range(len(prompts)):

@@ -162,3 +162,32 @@ def test_a_per_row_tensor_of_one_cache_length_takes_the_static_decode_step():
     assert _as_int(torch.tensor([5, 5, 5], dtype=torch.int32)) == 5
     assert _as_int(torch.tensor([7])) == 7 and _as_int(3) == 3
     assert _as_int(torch.tensor([5, 6, 5])) is None
+
+
+def test_head_major_decode_cache_gives_the_same_steps_and_keeps_megatrons_cache_complete():
+    """contiguous_decode_cache: decode steps attend over a [rows, heads, positions, dim] copy made at the
+    first step; several steps give the outputs of reading Megatron's cache directly, which is still written."""
+    from megatron_grm.parallel.cpu_decode import contiguous_decode_cache, masked_cache_positions
+
+    g = torch.Generator().manual_seed(4)
+    b, h_q, h_kv, d, s_max, n, steps = 3, 4, 2, 8, 16, 6, 4
+    k_cache, v_cache = torch.randn(b, s_max, h_kv, d, generator=g), torch.randn(b, s_max, h_kv, d, generator=g)
+    direct = (k_cache.clone(), v_cache.clone())
+    inputs = [[torch.randn(b, 1, heads, d, generator=g) for heads in (h_q, h_kv, h_kv)] for _ in range(steps)]
+    _, cos, sin = _cos_sin(s_max, d // 2)
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[2, :3] = True
+    with masked_cache_positions(padding):
+        want = [flash_attn_with_kvcache(q, *direct, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n + i)
+                for i, (q, k, v) in enumerate(inputs)]
+        with contiguous_decode_cache():
+            for i, (q, k, v) in enumerate(inputs):
+                got = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                              cache_seqlens=torch.full((b,), n + i, dtype=torch.int32))
+                torch.testing.assert_close(got, want[i], atol=1e-5, rtol=0)
+                if i == 0:  # later steps read the copy, not Megatron's cache
+                    saved = k_cache[:, 1].clone()
+                    k_cache[:, 1] = float("nan")
+    k_cache[:, 1] = saved
+    torch.testing.assert_close(k_cache, direct[0])  # Megatron's cache holds every step's key too
+    torch.testing.assert_close(v_cache, direct[1])
