@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 # backend sets it here for the duration of a wave.
 _key_padding: torch.Tensor | None = None
 _key_padding_additive: torch.Tensor | None = None  # the same as 0 / -inf, float32, for the decode path
-# Rows whose first ``width`` cache positions are copies of one prompt's (a group's samples, prefilled
-# once by megatron_grm.rollout.shared_prefill): (row indices per distinct prompt, width). See shared_prompts.
+# Which rows' first cache positions are copies of one prompt (a group's samples, prefilled once by
+# megatron_grm.rollout.shared_prefill); None outside shared_prompts.
 _shared_prompts: _SharedPrompts | None = None
 # Per layer (keyed by its cache's address), a head-major copy of the KV cache for the decode steps of one
-# wave, with how many positions it holds; None outside contiguous_decode_cache.
-_head_major: dict[int, list] | None = None
+# wave; None outside contiguous_decode_cache.
+_head_major: dict[int, _HeadMajorCache] | None = None
 
 
 @contextlib.contextmanager
@@ -64,6 +64,13 @@ class _SharedPrompts:
     row_slots: torch.Tensor  # [rows] the slot of each row
     slots: int
     per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _HeadMajorCache:
+    keys: torch.Tensor  # [rows, KV heads, positions, dim]
+    values: torch.Tensor
+    length: int  # positions written
 
 
 @contextlib.contextmanager
@@ -96,15 +103,15 @@ def _cache_views(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: to
     if _head_major is None:
         return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     entry = _head_major.get(k_cache.data_ptr())
-    if entry is None or entry[2] != start:  # first step of the layer (or a step it did not see): copy
-        entry = [k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(), start]
+    if entry is None or entry.length != start:  # first step of the layer (or a step it did not see): copy
+        entry = _HeadMajorCache(k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(), start)
         _head_major[k_cache.data_ptr()] = entry
     elif k is not None:
-        entry[0][:, :, start] = k[:, 0].to(k_cache.dtype)
-        entry[1][:, :, start] = v[:, 0].to(v_cache.dtype)
+        entry.keys[:, :, start] = k[:, 0].to(k_cache.dtype)
+        entry.values[:, :, start] = v[:, 0].to(v_cache.dtype)
     if k is not None:
-        entry[2] = start + 1
-    return entry[0], entry[1]
+        entry.length = start + 1
+    return entry.keys, entry.values
 
 
 # Below this prompt length the per-row read is cheaper than the shared path's extra gathers: one decode
