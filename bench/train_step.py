@@ -71,7 +71,8 @@ def run_config(model: ModelConfig, args: argparse.Namespace, run_dir: str, preci
                     "global_batch_size": args.batch * args.microbatches, "seq_length": args.seq,
                     "max_steps": args.steps + args.warmup, "run_dir": run_dir, "recompute": args.recompute},
         "optimizer": {**base["optimizer"], "lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0,
-                      "decay_style": "constant", "use_distributed_optimizer": args.distributed_optimizer},
+                      "decay_style": "constant", "use_distributed_optimizer": args.distributed_optimizer,
+                      "fused_kernel": args.fused_adam},
     }
 
 
@@ -188,10 +189,6 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
     weights = copy_hf_into_megatron(hf_model, raw)
-    if not args.fused_adam:  # Megatron's torch AdamW as it builds it (foreach), for an A/B
-        import megatron_grm.train.loop as loop
-
-        loop.use_fused_adam = lambda optimizer: 0
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)

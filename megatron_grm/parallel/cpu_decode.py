@@ -93,19 +93,19 @@ def contiguous_decode_cache() -> Iterator[None]:
         _head_major = previous
 
 
-def _cache_views(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: torch.Tensor | None,
+def _cache_views(layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: torch.Tensor | None,
                  v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the step's key/value at ``start`` and return the cache as ``[rows, heads, positions, dim]``:
-    the head-major copy inside :func:`contiguous_decode_cache`, else a strided view of Megatron's."""
+    the head-major copy of ``layer`` inside :func:`contiguous_decode_cache`, else a strided view of Megatron's."""
     if k is not None:
         k_cache[:, start:start + 1] = k.to(k_cache.dtype)
         v_cache[:, start:start + 1] = v.to(v_cache.dtype)
     if _head_major is None:
         return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    entry = _head_major.get(k_cache.data_ptr())
+    entry = _head_major.get(layer)
     if entry is None or entry.length != start:  # first step of the layer (or a step it did not see): copy
         entry = _HeadMajorCache(k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(), start)
-        _head_major[k_cache.data_ptr()] = entry
+        _head_major[layer] = entry
     elif k is not None:
         entry.keys[:, :, start] = k[:, 0].to(k_cache.dtype)
         entry.values[:, :, start] = v[:, 0].to(v_cache.dtype)
@@ -245,8 +245,8 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         q = apply_rotary_emb(q, rotary_cos, rotary_sin, interleaved, start)
         if k is not None:
             k = apply_rotary_emb(k, rotary_cos, rotary_sin, interleaved, start)
-    layer = k_cache.data_ptr()
-    k_cache, v_cache = _cache_views(k_cache, v_cache, start, k, v)  # now [b, g, positions, d]
+    layer = k_cache.data_ptr()  # one cache per layer: its address names the layer for the per-wave copies
+    k_cache, v_cache = _cache_views(layer, k_cache, v_cache, start, k, v)  # now [b, g, positions, d]
     if k is not None:
         start += 1
     groups = k_cache.shape[1]

@@ -23,6 +23,7 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    fused_kernel: bool = True  # torch's fused Adam when Megatron falls back to torch's (no TE/apex FusedAdam)
 
 
 @dataclass

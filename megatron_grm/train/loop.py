@@ -121,7 +121,8 @@ class Trainer:
             ),
             [self.model],
         )
-        use_fused_adam(self.optimizer)
+        if o.fused_kernel:
+            use_fused_adam(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.warmup_steps else o.lr,

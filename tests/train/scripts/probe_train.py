@@ -61,6 +61,8 @@ def main() -> None:
         f"optimizer.use_distributed_optimizer={bool(args.dist_opt)}", "optimizer.warmup_steps=0",
         "model.num_layers=4",
     ]
+    if not args.fused_adam:
+        overrides.append("optimizer.fused_kernel=false")
     if args.tied:
         overrides.append("model.tie_word_embeddings=true")
     if args.save_interval:
@@ -73,10 +75,6 @@ def main() -> None:
         from megatron_grm.models.provider import build_model
 
         model = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=False)
-    if not args.fused_adam:
-        import megatron_grm.train.loop as loop
-
-        loop.use_fused_adam = lambda optimizer: 0
     trainer = Trainer(run, model=model)
     samples = synthetic_samples(64, 32, 256, seed=7)
     producer = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11)
