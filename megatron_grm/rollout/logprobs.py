@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_grm.parallel.loss_positions import LossPositions, output_at
+
 
 def causal_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Megatron's convention: bool [1, 1, s, s], True = masked out. Right padding needs nothing more:
@@ -55,9 +57,15 @@ def training_logprobs(
             seq = torch.as_tensor(list(sequences[i]), dtype=torch.long)
             tokens[row, : len(seq)] = seq
             labels[row, : len(seq) - 1] = seq[1:]
+        reads = torch.zeros(len(chunk), width)
+        for row, i in enumerate(chunk):
+            reads[row, prompt_lengths[i] - 1 : len(sequences[i]) - 1] = 1.0
+        at = LossPositions(reads.to(device))  # the output layer projects only the continuation's positions
         positions = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(len(chunk), width)
-        logp = -model(tokens.to(device), positions.to(device), causal_mask(width, device), labels=labels.to(device))
-        logp = logp.float().cpu()
+        with output_at(model, at):
+            logp = -model(tokens.to(device), positions.to(device), causal_mask(width, device),
+                          labels=at.gather(labels.to(device)))
+        logp = at.scatter(logp).float().cpu()
         for row, i in enumerate(chunk):
             p, n = prompt_lengths[i], len(sequences[i])
             out[i] = logp[row, p - 1 : n - 1].tolist()

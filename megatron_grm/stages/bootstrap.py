@@ -116,7 +116,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
         return {"padding_waste": producer.last_step_waste}
 
     start = time.perf_counter()
-    trainer.fit(producer, SupervisedObjective(), on_step=on_step)
+    trainer.fit(producer, SupervisedObjective(t.loss_tokens_only), on_step=on_step)
     results.update(seconds=time.perf_counter() - start, padding_waste=producer.padding_waste, steps=trainer.state.step)
     log.info("bootstrap: %d steps, %.0f s of training steps; held-out accuracy (step, accuracy, train s): %s; "
              "padding waste %.1f%%", trainer.state.step, results["train_seconds"], results["heldout_accuracy"],

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import hydra
@@ -21,6 +22,7 @@ import torch
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -56,16 +58,27 @@ class GRPOSettings:
 
 
 class GRPOObjective:
-    """Clipped PG + β·KL on the policy's log-probabilities of the sampled judgment tokens."""
+    """Clipped PG + β·KL on the policy's log-probabilities of the sampled judgment tokens.
 
-    def __init__(self, s: GRPOSettings) -> None:
-        self.s = s
+    ``loss_tokens_only`` (``trainer.loss_tokens_only``): logits only at the judgment tokens, ``[1, n, vocab]``.
+    """
+
+    def __init__(self, s: GRPOSettings, loss_tokens_only: bool = True) -> None:
+        self.s, self.loss_tokens_only = s, loss_tokens_only
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])  # vocab-parallel logits
+        if not self.loss_tokens_only:
+            return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])  # vocab-parallel logits
+        with output_at(model, LossPositions(batch["loss_mask"])):
+            return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> LossOutput:
-        logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, batch["labels"])
+        if self.loss_tokens_only:
+            positions = LossPositions(batch["loss_mask"])
+            logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, positions.gather(batch["labels"]))
+            logprobs, entropy = positions.scatter(logprobs), positions.scatter(entropy)
+        else:
+            logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, batch["labels"])
         return grpo_loss(
             logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], batch["loss_mask"],
             clip_eps=self.s.clip_eps, clip_eps_high=self.s.clip_eps_high, beta=self.s.beta,
@@ -162,8 +175,10 @@ class RolloutProducer:
             batch["old_logprobs"] = torch.stack(
                 [align_to_labels(j.logprobs, len(j.prompt_ids), seq_length) for j in chunk])
             batches.append(batch)
-        ref = _with_reference_on_device(self.reference, self.s.offload_reference, forward_logprobs, batches)
-        old = forward_logprobs(self.trainer.model, batches) if self.s.recompute_old_logprobs else None
+        only = self.trainer.cfg.trainer.loss_tokens_only
+        ref = _with_reference_on_device(self.reference, self.s.offload_reference,
+                                        partial(forward_logprobs, loss_tokens_only=only), batches)
+        old = forward_logprobs(self.trainer.model, batches, only) if self.s.recompute_old_logprobs else None
         for i, batch in enumerate(batches):
             batch["ref_logprobs"] = ref[i] if ref is not None else torch.zeros_like(batch["old_logprobs"])
             if old is not None:
@@ -254,7 +269,7 @@ def train_grpo(cfg: Any) -> Trainer:
         stats, producer.last_stats = producer.last_stats, {}
         return {f"rollout/{k}": v for k, v in stats.items()}
 
-    trainer.fit(producer, GRPOObjective(s), on_step=rollout_stats)
+    trainer.fit(producer, GRPOObjective(s, run.trainer.loss_tokens_only), on_step=rollout_stats)
     return trainer
 
 

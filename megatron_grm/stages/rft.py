@@ -455,7 +455,7 @@ def train_rft(cfg: Any) -> Trainer:
         return {"padding_waste": producer.last_step_waste}
 
     start = time.perf_counter()
-    trainer.fit(producer, SupervisedObjective(), on_step=on_step)
+    trainer.fit(producer, SupervisedObjective(t.loss_tokens_only), on_step=on_step)
     results["train_seconds"] = time.perf_counter() - start
     fixed = 1.0 - producer.real_tokens / max(1, producer.consumed * t.seq_length)
     results["padding_waste"] = producer.padding_waste

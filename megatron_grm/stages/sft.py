@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class SupervisedObjective:
-    """Masked next-token cross-entropy: the model learns to write the response given the prompt."""
+    """Masked next-token cross-entropy: the model learns to write the response given the prompt.
+
+    ``loss_tokens_only`` (``trainer.loss_tokens_only``): project only the response tokens onto the vocabulary.
+    """
+
+    def __init__(self, loss_tokens_only: bool = True) -> None:
+        self.loss_tokens_only = loss_tokens_only
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return token_nll_forward(model, batch)
+        return token_nll_forward(model, batch, self.loss_tokens_only)
 
     def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput:
         return masked_token_nll(-output, batch["loss_mask"])
@@ -83,7 +89,7 @@ def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
                                    pad_id=tokenizer.pad_id, seed=t.seed)
     if not trainer.resume(producer) and t.load:
         trainer.load_weights(t.load)
-    trainer.fit(producer, SupervisedObjective())
+    trainer.fit(producer, SupervisedObjective(t.loss_tokens_only))
     return trainer
 
 

@@ -41,6 +41,7 @@ class TrainerSettings:
     load: str | None = None  # a checkpoint folder to start from (weights only unless it is our run's own)
     peak_tflops: float | None = None  # per device; for MFU. null = not reported
     exit_after_steps: int | None = None  # stop (with a checkpoint) after this many steps of this process
+    loss_tokens_only: bool = True  # output layer + cross-entropy only where the loss reads (parallel/loss_positions.py)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 
 from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.fused_adam import use_fused_adam
+from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.config import RunConfig
 from megatron_grm.train.logger import RunLogger
@@ -54,11 +55,20 @@ class Objective(Protocol):
     def loss(self, output: torch.Tensor, batch: Batch) -> LossOutput: ...
 
 
-def token_nll_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-token negative log-likelihood of ``labels`` (vocab-parallel, so exact under TP)."""
-    return model(
-        batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
-    )
+def token_nll_forward(model: torch.nn.Module, batch: Batch, loss_tokens_only: bool = True) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``labels``, ``[batch, seq]`` (vocab-parallel, so exact under TP).
+
+    ``loss_tokens_only``: the output layer and cross-entropy run only where ``loss_mask`` is non-zero
+    (``parallel/loss_positions.py``); the other positions read 0. On a pipeline stage without the output
+    layer the model's hidden states pass through untouched.
+    """
+    if not loss_tokens_only:
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    positions = LossPositions(batch["loss_mask"])
+    with output_at(model, positions) as last_stage:
+        out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                    labels=positions.gather(batch["labels"]))
+    return positions.scatter(out) if last_stage else out
 
 
 @dataclass
@@ -383,11 +393,13 @@ def _dp_size() -> int:
 
 
 @torch.no_grad()
-def forward_logprobs(model: torch.nn.Module, microbatches: list[Batch]) -> list[torch.Tensor] | None:
+def forward_logprobs(model: torch.nn.Module, microbatches: list[Batch],
+                     loss_tokens_only: bool = True) -> list[torch.Tensor] | None:
     """log p(labels) per position for each micro-batch, through Megatron's schedule (PP-aware, no grads).
 
     Used for the frozen reference model and for recomputing old-policy log-probabilities. Returns the
-    ``[b, s]`` tensors on the last pipeline stage and None elsewhere.
+    ``[b, s]`` tensors on the last pipeline stage and None elsewhere; with ``loss_tokens_only`` only the
+    positions where ``loss_mask`` is non-zero are computed (the rest read 0).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -396,7 +408,7 @@ def forward_logprobs(model: torch.nn.Module, microbatches: list[Batch]) -> list[
 
     def forward_step(data_iterator: Iterator[Batch], m):
         batch = next(data_iterator)
-        output = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        output = token_nll_forward(m, batch, loss_tokens_only)
 
         def keep(out: torch.Tensor):
             collected.append(-out.detach().float())

@@ -74,6 +74,17 @@ def test_fused_adam_kernel_trains_like_megatrons_foreach_adam(init_ckpt, referen
     assert foreach["weight_sums"] == pytest.approx(reference["weight_sums"], abs=1e-4, rel=0)
 
 
+def test_output_layer_on_loss_tokens_only_trains_like_projecting_every_position(init_ckpt, reference, tmp_path):
+    """trainer.loss_tokens_only (the default, parallel/loss_positions.py): the output layer and cross-entropy
+    see only the response tokens. Same losses, gradients and updates as Megatron's every-position output."""
+    full = _train(tmp_path, "every_position", 1, init_ckpt, ["--steps", "3", "--loss-tokens-only", "0"])
+    assert full["output_layer_rows"] == 3 * 8 * 32  # 3 steps x 8 sequences x 32 positions
+    assert reference["output_layer_rows"] == reference["loss_tokens"] == full["loss_tokens"]
+    assert reference["output_layer_rows"] < 0.75 * full["output_layer_rows"]
+    _assert_same_training(full, reference)
+    assert full["weight_sums"] == pytest.approx(reference["weight_sums"], abs=1e-5, rel=0)
+
+
 def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_layer(tmp_path):
     """With tied embeddings the shared weight gets the output layer's gradient inside the GEMM and the
     embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad)."""

@@ -24,6 +24,22 @@ def synthetic_samples(n: int, seq: int, vocab: int, seed: int):
     return samples
 
 
+def _count_output_layer_rows(model) -> list[int]:
+    """Positions the output layer projected onto the vocabulary, summed over all forwards (empty list on a
+    pipeline stage without the output layer)."""
+    layer = getattr(model, "output_layer", None) if getattr(model, "post_process", False) else None
+    if layer is None:
+        return []
+    rows = [0]
+
+    def count(module, args, output):
+        logits = output[0]
+        rows[0] += logits.shape[0] * logits.shape[1]
+
+    layer.register_forward_hook(count)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -46,6 +62,7 @@ def main() -> None:
     ap.add_argument("--wgrad-fusion", type=int, default=1, help="0: weight gradients through .grad and DDP's hook")
     ap.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
     ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
+    ap.add_argument("--loss-tokens-only", type=int, default=1, help="0: the output layer projects every position")
     args = ap.parse_args()
 
     from megatron_grm.parallel.fused_adam import inner_torch_optimizers
@@ -63,6 +80,8 @@ def main() -> None:
     ]
     if not args.fused_adam:
         overrides.append("optimizer.fused_kernel=false")
+    if not args.loss_tokens_only:
+        overrides.append("trainer.loss_tokens_only=false")
     if args.tied:
         overrides.append("model.tie_word_embeddings=true")
     if args.save_interval:
@@ -113,7 +132,17 @@ def main() -> None:
             grad_norms.append(r.grad_norm)
             return {}
 
-        objective = SupervisedObjective()
+        producer_log: list = []
+        next_batch = producer.next_batch
+
+        def logged_next_batch(step):
+            batches = next_batch(step)
+            producer_log.extend(batches)
+            return batches
+
+        producer.next_batch = logged_next_batch
+        objective = SupervisedObjective(run.trainer.loss_tokens_only)
+        output_rows = _count_output_layer_rows(trainer.unwrapped)
         nan_steps = {int(x) for x in args.nan_at.split(",") if x}
         if nan_steps:
             class PoisonedObjective(SupervisedObjective):
@@ -124,7 +153,7 @@ def main() -> None:
                         metrics = {"loss": metrics["loss"] * float("nan")}
                     return num, den, metrics
 
-            objective = PoisonedObjective()
+            objective = PoisonedObjective(run.trainer.loss_tokens_only)
         try:
             trainer.fit(producer, objective, on_step=record)
         except RuntimeError as err:
@@ -134,6 +163,8 @@ def main() -> None:
         result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
+                  "output_layer_rows": output_rows[0] if output_rows else None,
+                  "loss_tokens": float(sum(b["loss_mask"].sum() for b in producer_log)),
                   "fused_adam": [group["fused"] for opt in inner_torch_optimizers(trainer.optimizer)
                                  for group in opt.param_groups],
                   # Set by Megatron's linear backward only when the GEMM accumulated into main_grad.
