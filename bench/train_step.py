@@ -4,6 +4,7 @@
     python bench/train_step.py --clock cpu          # a shared, loaded CPU: time in process CPU seconds
     python bench/train_step.py --profile            # then: where each side's time goes, by op category
     python bench/train_step.py --dtype bf16         # on a GPU (cuda path; TE spec when installed)
+    python bench/train_step.py --seq 1024 --response-tokens 256   # RFT-shaped: loss on the judgment only
 
 It starts itself again under ``torchrun --nproc-per-node 1`` (the Megatron side needs a process group).
 Both models hold the same weights (the HF model is converted with ``megatron_grm.models.hf_convert``),
@@ -12,6 +13,11 @@ so that load from other processes on the machine hits both sides alike. Each rou
 fp32 ``torch.matmul``. Headline figures use each side's best step (the least disturbed by other
 processes); MFU is that step's model FLOP/s over the best matmul probe. Paired per-round ratios and
 medians are in the JSON too.
+
+``--response-tokens N`` puts the loss on each sequence's last N tokens only, as RFT/SFT on a judgment
+does: HF gets ``labels=-100`` on the prompt (TRL's completion-only loss) and still projects every position
+onto the vocabulary; our trainer projects only the N (``trainer.loss_tokens_only``; ``--no-loss-tokens-only``
+to switch it off). FLOPs for MFU then count the output layer at the loss tokens only, for both sides.
 
 Prints one line per round and a final JSON summary (``--json`` writes it to a file too).
 """
@@ -69,7 +75,8 @@ def run_config(model: ModelConfig, args: argparse.Namespace, run_dir: str, preci
         "cluster": base["cluster"],
         "trainer": {**base["trainer"], "micro_batch_size": args.batch,
                     "global_batch_size": args.batch * args.microbatches, "seq_length": args.seq,
-                    "max_steps": args.steps + args.warmup, "run_dir": run_dir, "recompute": args.recompute},
+                    "max_steps": args.steps + args.warmup, "run_dir": run_dir, "recompute": args.recompute,
+                    "loss_tokens_only": args.loss_tokens_only},
         "optimizer": {**base["optimizer"], "lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0,
                       "decay_style": "constant", "use_distributed_optimizer": args.distributed_optimizer,
                       "fused_kernel": args.fused_adam},
@@ -77,14 +84,19 @@ def run_config(model: ModelConfig, args: argparse.Namespace, run_dir: str, preci
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.device,
-                    with_mask: bool = True) -> dict[str, torch.Tensor]:
-    """The trainer's batch contract (see data/packing.py) for one row of random tokens per sample."""
+                    with_mask: bool = True, response_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """The trainer's batch contract (see data/packing.py) for one row of random tokens per sample, plus
+    ``hf_labels`` (HF shifts them itself; -100 = no loss). ``response_tokens``: loss on the last N only."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)
     labels = torch.roll(tokens, -1, dims=1)
     loss_mask = torch.ones(batch, seq)
     loss_mask[:, -1] = 0.0  # the last position has no next token: same s-1 targets as HF's internal shift
-    out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+    hf_labels = tokens.clone()
+    if response_tokens:
+        loss_mask[:, : seq - 1 - response_tokens] = 0.0  # positions predicting the prompt's tokens
+        hf_labels[:, : seq - response_tokens] = -100
+    out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "hf_labels": hf_labels,
            "position_ids": torch.arange(seq).expand(batch, seq).contiguous()}
     if with_mask:
         out["attention_mask"] = torch.ones(seq, seq, dtype=torch.bool).triu(1)[None, None].expand(batch, 1, seq, seq)
@@ -95,8 +107,13 @@ class CausalNLL:
     """Next-token loss on the batch's loss mask. Without an ``attention_mask`` in the batch (GPU runs)
     Megatron uses its causal mask type: TE's fused/flash kernels; on CPU the batch carries an explicit mask."""
 
+    def __init__(self, loss_tokens_only: bool) -> None:
+        self.loss_tokens_only = loss_tokens_only
+
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        from megatron_grm.train.loop import token_nll_forward
+
+        return token_nll_forward(model, {"attention_mask": None, **batch}, self.loss_tokens_only)
 
     def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]):
         from megatron_grm.train.losses import masked_token_nll
@@ -192,7 +209,7 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)
-    objective = CausalNLL()
+    objective = CausalNLL(run.trainer.loss_tokens_only)
 
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
         return trainer.train_step(batches, objective).loss
@@ -215,8 +232,8 @@ def hf_side(hf_model, clip: float, clock, adamw: str = "fused") -> Side:
         total, count = 0.0, sum(float(b["loss_mask"].sum()) for b in batches)
         with side.phase("forward+backward"):
             for b in batches:
-                out = hf_model(input_ids=b["tokens"], labels=b["tokens"])
-                # HF averages over this micro-batch's s-1 targets; weight it to the step's token mean.
+                out = hf_model(input_ids=b["tokens"], labels=b["hf_labels"])
+                # HF averages over this micro-batch's targets; weight it to the step's token mean.
                 (out.loss * (float(b["loss_mask"].sum()) / count)).backward()
                 total += float(out.loss.detach()) * float(b["loss_mask"].sum())
         with side.phase("optimizer step (clip, Adam, param sync)"):
@@ -263,11 +280,14 @@ def wrap_phases(trainer, side: Side) -> None:
     trainer.optimizer.step = timed("optimizer step (clip, Adam, param sync)", trainer.optimizer.step)
 
 
-def profile_sides(sides: list[Side], batches, repeats: int = 2) -> dict[str, dict[str, float]]:
-    """Seconds per op category and per labelled phase, the smallest of ``repeats`` profiled steps."""
+def profile_sides(sides: list[Side], batches, repeats: int = 2,
+                  top: int = 12) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Seconds per op category and per labelled phase, the smallest of ``repeats`` profiled steps; and
+    each side's ``top`` aten ops by self time in its first profiled step."""
     from torch.profiler import ProfilerActivity, profile
 
     out: dict[str, dict[str, float]] = {}
+    top_ops: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
         for side in sides:
             with without_cpu_compat() if side.name == "transformers" else contextlib.nullcontext():
@@ -284,7 +304,10 @@ def profile_sides(sides: list[Side], batches, repeats: int = 2) -> dict[str, dic
             mine = out.setdefault(side.name, {})
             for k, v in cats.items():
                 mine[k] = min(mine.get(k, v), v)
-    return out
+            ops = sorted((ev for ev in prof.key_averages() if ev.key.startswith("aten::")),
+                         key=lambda ev: -ev.self_cpu_time_total)[:top]
+            top_ops.setdefault(side.name, {ev.key: round(ev.self_cpu_time_total / 1e6, 3) for ev in ops})
+    return out, top_ops
 
 
 def print_table(title: str, table: dict[str, dict[str, float]]) -> None:
@@ -312,12 +335,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         dev = run_device()
         hf = hf_side(hf_model.to(device=dev, dtype=dtype), clip=1.0, clock=clock, adamw=args.hf_adamw)
         peak_dtype = torch.float32 if dev.type == "cpu" else dtype
-        flops_per_token = model.flops_per_token(args.seq)
         tokens = args.batch * args.microbatches * args.seq
+        flops_per_token = useful_flops_per_token(model, args.seq, args.response_tokens)
         peaks: list[float] = []
         for r in range(args.warmup + args.steps):
             batches = [synthetic_batch(model.vocab_size, args.batch, args.seq, seed=1000 * r + i, device=dev,
-                                       with_mask=dev.type == "cpu") for i in range(args.microbatches)]
+                                       with_mask=dev.type == "cpu", response_tokens=args.response_tokens)
+                       for i in range(args.microbatches)]
             peak = matmul_gflops(args.matmul_n, dtype=peak_dtype, device=dev.type, clock=clock)
             for side in (megatron, hf) if r % 2 == 0 else (hf, megatron):
                 _sync(dev)
@@ -337,9 +361,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         summary = summarise(args, model, weights, megatron, hf, peaks, tokens, flops_per_token, dev)
         summary["load_avg_1m"] = [load_at_start, os.getloadavg()[0]]  # other processes on this machine
         if args.profile:
-            summary["profile"] = profile_sides([megatron, hf], batches)
+            summary["profile"], summary["profile_top_ops"] = profile_sides([megatron, hf], batches)
             print_table("profiler: wall s per step by op (best of 2)", summary["profile"])
     return summary
+
+
+def useful_flops_per_token(model: ModelConfig, seq: int, response_tokens: int) -> float:
+    """Training FLOPs per token of the work the loss needs: the decoder at every position, the output
+    layer (``3 x 2 x hidden x vocab``) only at the loss's share of them when ``response_tokens`` is set."""
+    full = model.flops_per_token(seq)
+    if not response_tokens:
+        return full
+    return full - 3.0 * 2 * model.hidden_size * model.vocab_size * (1.0 - response_tokens / seq)
 
 
 def summarise(args, model: ModelConfig, weights: str, megatron: Side, hf: Side, peaks: list[float], tokens: int,
@@ -367,7 +400,8 @@ def summarise(args, model: ModelConfig, weights: str, megatron: Side, hf: Side, 
         "params": model.num_parameters(), "batch": args.batch, "microbatches": args.microbatches, "seq": args.seq,
         "dtype": args.dtype, "recompute": args.recompute, "clock": args.clock,
         "distributed_optimizer": args.distributed_optimizer, "fused_adam": args.fused_adam,
-        "hf_adamw": args.hf_adamw,
+        "hf_adamw": args.hf_adamw, "response_tokens": args.response_tokens,
+        "loss_tokens_only": args.loss_tokens_only,
         "weights": weights, "matmul_peak_gflops": max(peaks), "matmul_probes_gflops": peaks,
         "megatron": m, "transformers": h,
         "ratio_tokens_per_s": m["tokens_per_s"] / h["tokens_per_s"],
@@ -398,6 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our side: torch's fused AdamW kernel (as the Trainer does) or Megatron's foreach build")
     p.add_argument("--hf-adamw", choices=("fused", "foreach"), default="fused",
                    help="transformers side: fused is HF Trainer's default on torch >= 2.8, foreach a bare AdamW")
+    p.add_argument("--response-tokens", type=int, default=0,
+                   help="loss on each sequence's last N tokens only (RFT-shaped); 0 = every token")
+    p.add_argument("--loss-tokens-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="our output layer projects only the loss's tokens (trainer.loss_tokens_only)")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -408,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    if not 0 <= args.response_tokens < args.seq - 1:
+        p.error(f"--response-tokens {args.response_tokens} must be in [0, --seq - 1 = {args.seq - 1})")
     return args
 
 

@@ -23,17 +23,37 @@ from torch import Tensor
 
 # One forward's layers share the batch's mask tensor: convert it once, so SDPA (which keeps its mask for
 # backward) holds one additive copy per forward instead of one per layer.
-_last_mask: tuple[Tensor, int, Tensor] | None = None  # (mask, its version counter, converted)
+_last_mask: tuple[Tensor, int, Tensor | None] | None = None  # (mask, its version counter, converted)
 
 
-def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Megatron's boolean mask (True = masked out) as SDPA's additive mask (0 / -inf), cached per mask tensor."""
+def causal_with_isolated_padding(mask: Tensor) -> bool:
+    """Whether Megatron's bool mask ``[b, 1, s, s]`` (True = masked out) is, in every row, causal over a
+    prefix of real tokens followed by padding positions that see only themselves: one document per row,
+    right-padded (``data/packing.collate_padded``, GRPO's and the rollout's batches). Then ``is_causal``
+    gives the real positions the same attention without reading a mask (and SDPA skips the blocks above
+    the diagonal); only the padding positions' outputs change, which nothing reads and whose gradient is 0."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    allowed = ~mask[:, 0]
+    s = allowed.shape[-1]
+    index = torch.arange(s, device=mask.device)
+    causal = index[None, :] <= index[:, None]
+    real_rows = index[None, :] < allowed[:, :, 0].sum(-1)[:, None]  # the rows that see the first key
+    expected = torch.where(real_rows[:, :, None], causal, torch.eye(s, dtype=torch.bool, device=mask.device))
+    return torch.equal(allowed, expected)
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Megatron's boolean mask (True = masked out) as SDPA's additive mask (0 / -inf), cached per mask
+    tensor; None when :func:`causal_with_isolated_padding` holds (then attend with ``is_causal``)."""
     global _last_mask
     version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version counter
     if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == version \
-            and _last_mask[2].dtype == dtype:  # the same tensor, not modified in place since
+            and (_last_mask[2] is None or _last_mask[2].dtype == dtype):  # the same tensor, unmodified since
         return _last_mask[2]
-    converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    converted = None
+    if not causal_with_isolated_padding(mask):
+        converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     _last_mask = (mask, version, converted)
     return converted
 
@@ -68,6 +88,7 @@ def _class() -> type:
             attn_mask, is_causal = None, False
             if attention_mask is not None:
                 attn_mask = additive_mask(attention_mask, query.dtype)
+                is_causal = attn_mask is None and sq > 1  # the mask is square: sq == sk
             elif mask_type == AttnMaskType.causal and sq > 1:
                 if sq == sk:
                     is_causal = True

@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import REPO, read_json, torchrun
 
-CASES = ("causal_no_mask", "packed_documents", "left_padded_prefill", "queries_after_a_cache")
+CASES = ("causal_no_mask", "packed_documents", "right_padded_documents", "left_padded_prefill",
+         "queries_after_a_cache")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,37 @@ def test_forward_and_gradients_match_megatrons_unfused_core(report, case):
     assert got["grad"] <= 1e-4, got
 
 
+def test_right_padded_documents_attend_causally_without_reading_the_mask(report):
+    """collate_padded's one-document rows: SDPA's is_causal (skips the blocks above the diagonal), same
+    numbers at every position something reads; a packed row keeps its block-diagonal mask."""
+    assert report["right_padded_documents"]["is_causal"] is True
+    assert report["packed_documents"]["is_causal"] is False
+
+
+def test_causal_with_isolated_padding_recognises_only_that_layout():
+    import torch
+
+    from megatron_grm.data.packing import collate_padded, pack_documents
+    from megatron_grm.models.sdpa_attention import causal_with_isolated_padding
+    from megatron_grm.rollout.alignment import left_pad, window_attention_mask
+    from megatron_grm.rollout.logprobs import causal_mask
+
+    docs = [([4] * n, [1] * n) for n in (9, 3, 1)]
+    assert causal_with_isolated_padding(collate_padded(docs, seq_length=9)["attention_mask"])
+    assert causal_with_isolated_padding(collate_padded(docs, seq_length=12)["attention_mask"])
+    assert causal_with_isolated_padding(causal_mask(6))
+    assert not causal_with_isolated_padding(pack_documents(docs, seq_length=13)["attention_mask"])  # 2 docs in a row
+    _, key_padding = left_pad([[1] * 6, [1] * 3], 0, 6)
+    assert not causal_with_isolated_padding(window_attention_mask(key_padding, 0, 6))
+    leaky = collate_padded(docs, seq_length=12)["attention_mask"].clone()
+    leaky[1, 0, 5, 0] = False  # a padding position that sees a real token
+    assert not causal_with_isolated_padding(leaky)
+    sees_less = causal_mask(6).clone()
+    sees_less[0, 0, 4, 2] = True
+    assert not causal_with_isolated_padding(sees_less)
+    assert not causal_with_isolated_padding(torch.zeros(1, 1, 3, 4, dtype=torch.bool))  # not square
+
+
 def test_the_local_spec_builds_the_sdpa_core(report):
     assert report["core_class"] == "SdpaCoreAttention"
     assert report["model_cores"] == ["SdpaCoreAttention"]
@@ -41,3 +73,8 @@ def test_the_mask_conversion_is_cached_per_tensor_and_redone_after_an_in_place_c
     mask[..., 0, 2] = True
     again = additive_mask(mask, torch.float32)
     assert again is not first and again[0, 0, 0, 2] == float("-inf") and bool((again[0, 0, 1:] == 0).all())
+    causal = torch.ones(1, 1, 3, 3, dtype=torch.bool).triu(1)
+    assert additive_mask(causal, torch.float32) is None  # attend with is_causal
+    causal[..., 2, 0] = True  # no longer causal: converted after the in-place change
+    converted = additive_mask(causal, torch.float32)
+    assert converted is not None and converted[0, 0, 2, 0] == float("-inf") and converted[0, 0, 2, 1] == 0

@@ -18,10 +18,11 @@ def main() -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from megatron_grm.data.packing import collate_padded
     from megatron_grm.models.config import ModelConfig
     from megatron_grm.models.precision import PrecisionConfig
     from megatron_grm.models.provider import build_model, transformer_config
-    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+    from megatron_grm.models.sdpa_attention import additive_mask, sdpa_core_attention_class
     from megatron_grm.parallel import ParallelLayout, destroy_parallel, init_parallel
     from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 
@@ -45,23 +46,31 @@ def main() -> None:
     segment[0, 5:] = 1
     packed = ~((segment[:, :, None] == segment[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril())
     _, key_padding = left_pad([[1] * 12, [1] * 7, [1] * 4], 0, s)
+    # One document per row, right-padded (collate_padded): ours attends with is_causal, Megatron reads the mask.
+    right_padded = collate_padded([([5] * n, [1] * n) for n in (12, 7, 4)], seq_length=s)["attention_mask"]
+    real = torch.arange(s)[:, None] < torch.tensor([12, 7, 4])[None, :]  # [s, b]: the positions anything reads
     cases = {  # name: (sq, sk, mask given to ours, mask given to Megatron's)
         "causal_no_mask": (s, s, None, None),
         "packed_documents": (s, s, packed[:, None], packed[:, None]),
+        "right_padded_documents": (s, s, right_padded, right_padded),
         "left_padded_prefill": (s, s, *[window_attention_mask(key_padding, 0, s)] * 2),
         "queries_after_a_cache": (4, s, None, window_attention_mask(torch.zeros(b, s, dtype=torch.bool), s - 4, s)),
     }
     report: dict = {"core_class": type(ours).__name__}
     for name, (sq, sk, mask_ours, mask_megatron) in cases.items():
         q, k, v = qkv(sq, sk)
+        # Padding positions' outputs are read by nothing (no loss, no later query): compare the rest.
+        reads = (real if name == "right_padded_documents" else torch.ones(sq, b, dtype=torch.bool))[..., None]
         want = megatron(q, k, v, mask_megatron)
-        grads_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+        grads_want = torch.autograd.grad((want.square() * reads).sum(), (q, k, v))
         got = ours(q, k, v, mask_ours)
-        grads_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+        grads_got = torch.autograd.grad((got.square() * reads).sum(), (q, k, v))
         report[name] = {"shape_equal": list(got.shape) == list(want.shape),
-                        "forward": float((got - want).abs().max()),
+                        "forward": float(((got - want) * reads).abs().max()),
                         "grad": max(float((a - c).abs().max()) for a, c in zip(grads_got, grads_want)),
                         "scale": float(want.abs().max())}
+    report["right_padded_documents"]["is_causal"] = additive_mask(right_padded, torch.float32) is None
+    report["packed_documents"]["is_causal"] = additive_mask(packed[:, None], torch.float32) is None
     model = build_model(cfg, layout, PrecisionConfig("fp32"), use_te=False)
     report["model_cores"] = sorted({type(m.core_attention).__name__ for m in model.modules()
                                     if hasattr(m, "core_attention")})
