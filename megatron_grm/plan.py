@@ -46,6 +46,9 @@ class PlanSettings:
     rollout_sequences_per_step: int = 0  # judgments sampled per optimizer step (GRPO: the global batch)
     max_prompt_tokens: int = 0
     max_new_tokens: int = 0
+    # Per sequence, what the output layer projects. 0: under trainer.loss_tokens_only an RFT/GRPO judgment
+    # (max_new_tokens), otherwise every position.
+    loss_positions: int = 0
     reference_model: bool | None = None  # None: only GRPO keeps one (for its KL term)
     reference_offloaded: bool = False  # kept in CPU memory between uses: on the GPU only for its forward
     states_resident_during_rollout: bool = True  # grads/optimizer stay on the GPU while sampling
@@ -213,16 +216,33 @@ def layer_activation_terms(m: ModelConfig, x: Shape, e: float, recompute: str | 
     return terms
 
 
-def head_activation_terms(m: ModelConfig, x: Shape, e: float, k: Kernels) -> dict[str, float]:
-    """The last stage's final norm, output-layer input and fp32 cross-entropy softmax (vocab-parallel)."""
+def projected_positions(run: RunConfig, settings: PlanSettings) -> int:
+    """Positions per sequence the output layer projects (0 = all): the judgment when the trainer projects
+    only the loss's tokens (``trainer.loss_tokens_only``) and the stage trains on sampled judgments."""
+    if settings.loss_positions:
+        return settings.loss_positions
+    if run.trainer.loss_tokens_only and settings.stage in ("rft", "grpo"):
+        return settings.max_new_tokens
+    return 0
+
+
+def head_activation_terms(m: ModelConfig, x: Shape, e: float, k: Kernels,
+                          loss_positions: int = 0) -> dict[str, float]:
+    """The last stage's final norm, output-layer input and fp32 cross-entropy softmax (vocab-parallel).
+
+    ``loss_positions`` > 0: the output layer sees only that many positions per sequence (the judgment,
+    ``parallel/loss_positions.py``), selected from the full sequence on every TP rank (not split by SP).
+    """
     rep = x.t if x.sp else 1
     vocab = padded_vocab_size(m.vocab_size, x.t)
     sbh = x.s * x.b * m.hidden_size
     norm = k.norm_bytes if k.norm_bytes is not None else e
-    terms = {"final norm": norm * sbh / rep, "output-layer input": e * sbh / rep,
-             "cross-entropy (fp32)": 4.0 * x.s * x.b * vocab / x.t}
+    projected = x.s * x.b if not loss_positions else min(loss_positions, x.s) * x.b
+    head_input = e * sbh / rep if not loss_positions else e * projected * m.hidden_size
+    terms = {"final norm": norm * sbh / rep, "output-layer input": head_input,
+             "cross-entropy (fp32)": 4.0 * projected * vocab / x.t}
     if m.final_logit_softcapping:
-        terms["logit soft-cap"] = e * x.s * x.b * vocab / x.t
+        terms["logit soft-cap"] = e * projected * vocab / x.t
     return terms
 
 
@@ -238,7 +258,7 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool
 
 
 def activation_bytes(m: ModelConfig, x: Shape, e: float, recompute: str | None, k: Kernels,
-                     layers: int, in_flight: int, last_stage: bool) -> float:
+                     layers: int, in_flight: int, last_stage: bool, loss_positions: int = 0) -> float:
     """Peak saved-activation bytes of one pipeline stage running 1F1B with ``in_flight`` micro-batches.
 
     Full recompute keeps every layer's input and, during backward, one layer's activations at a time.
@@ -249,7 +269,7 @@ def activation_bytes(m: ModelConfig, x: Shape, e: float, recompute: str | None, 
     # float mask shared by all layers; under recompute the checkpoints keep the boolean mask instead.
     mask = 0.0 if k.attention != "sdpa" else x.b * x.s * x.s * (e if recompute is None else 1)
     stored = in_flight * (layers * per_layer + mask)
-    head = sum(head_activation_terms(m, x, e, k).values()) if last_stage else 0.0
+    head = sum(head_activation_terms(m, x, e, k, loss_positions).values()) if last_stage else 0.0
     if recompute == "full":
         one_layer = sum(layer_activation_terms(m, x, e, None, k, windowed).values())
         return stored + max(head, one_layer)
@@ -354,7 +374,7 @@ def stage_memory(run: RunConfig, settings: PlanSettings, k: Kernels, distributed
         out.append(StageMemory(
             weights=states["weights"], gradients=states["gradients"], optimizer=states["optimizer"],
             activations=activation_bytes(m, x, e, recompute, k, m.num_layers // pp, min(pp - i, microbatches),
-                                         last_stage=i == pp - 1),
+                                         last_stage=i == pp - 1, loss_positions=projected_positions(run, settings)),
             kv_cache=rollout_tokens * kv_per_token, rollout_working=working,
             reference=states["weights"] if settings.keeps_reference else 0.0,
             states_in_rollout=settings.states_resident_during_rollout,

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from megatron_grm.models.config import ModelConfig
+from megatron_grm.models.provider import padded_vocab_size
 from megatron_grm.plan import (
     KORTHIKANTI,
     GiB,
@@ -69,6 +70,21 @@ def test_stage_config_sampling_sections_feed_the_plan():
     assert plan.worst.kv_cache > 0 and plan.worst.reference > 0
     halved = make_plan(load_config("grpo", [f"grpo.max_tokens_in_flight={grpo['grpo']['max_tokens_in_flight'] // 2}"]))
     assert halved.worst.kv_cache == pytest.approx(plan.worst.kv_cache / 2)
+
+
+def test_the_last_stage_keeps_logits_for_the_judgment_only_under_loss_tokens_only():
+    """trainer.loss_tokens_only (default): GRPO's output layer projects max_new_tokens positions per sequence,
+    not seq_length; the first stage (no output layer) is unchanged."""
+    name = "plan/gemma2_27b_grpo_a100"
+    only, every = (make_plan(load_config(name, [f"++trainer.loss_tokens_only={flag}"])) for flag in ("true", "false"))
+    m, t, s = only.run.model, only.run.trainer, only.run.trainer.seq_length
+    new = only.settings.max_new_tokens
+    assert 0 < new < s
+    assert only.stages[0].activations == every.stages[0].activations
+    vocab_per_rank = padded_vocab_size(m.vocab_size, 8) / 8
+    logits_saved = (4.0 + 2.0) * (s - new) * t.micro_batch_size * vocab_per_rank  # fp32 softmax + bf16 soft-cap
+    input_saved = 2.0 * t.micro_batch_size * m.hidden_size * (s / 8 - new)  # SP-split sequence vs the gathered judgment
+    assert every.stages[1].activations - only.stages[1].activations == pytest.approx(logits_saved + input_saved)
 
 
 def test_tool_prints_table_and_exits_zero_when_it_fits(capsys):
