@@ -72,6 +72,8 @@ def transformer_config(
         # fuses attention and norms by itself. Megatron fuses SwiGLU (Llama, Qwen2), not Gemma-2's tanh GELU:
         # the fused SwiGLU keeps 2 instead of 4 ffn-sized activations per layer.
         bias_activation_fusion=use_cuda() and activation is F.silu,
+        # On CPU the local spec's MLP takes its SwiGLU from the spec (models/swiglu.py; see layer_spec).
+        use_te_activation_func=cpu_swiglu(cfg),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
@@ -96,6 +98,14 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def cpu_swiglu(cfg: ModelConfig) -> bool:
+    """Whether the local spec's MLP uses :class:`~megatron_grm.models.swiglu.SwiGLU` (Llama/Qwen2 without
+    CUDA, where Megatron's fused SwiGLU is unavailable). Decides the config flag and the spec together."""
+    from megatron_grm.parallel.device import use_cuda
+
+    return cfg.family in ("llama", "qwen2") and not use_cuda()
+
+
 def layer_spec(cfg: ModelConfig, use_te: bool):
     """Megatron-Core's TE or local spec for Llama/Qwen2 (local: with the SDPA core); Gemma-2 brings its own."""
     if cfg.family == "gemma2":
@@ -113,6 +123,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool):
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
+    if cpu_swiglu(cfg):
+        from megatron_grm.models.swiglu import SwiGLU
+
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
     return spec
 
 

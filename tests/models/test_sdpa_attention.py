@@ -57,9 +57,11 @@ def test_causal_with_isolated_padding_recognises_only_that_layout():
     assert not causal_with_isolated_padding(torch.zeros(1, 1, 3, 4, dtype=torch.bool))  # not square
 
 
-def test_the_local_spec_builds_the_sdpa_core(report):
+def test_the_local_spec_builds_the_sdpa_core_and_swiglu(report):
     assert report["core_class"] == "SdpaCoreAttention"
     assert report["model_cores"] == ["SdpaCoreAttention"]
+    # and, on CPU, the MLP's SwiGLU from the spec (models/swiglu.py) instead of Megatron's chunk + silu * up
+    assert report["mlp_activations"] == ["SwiGLU"] and report["use_te_activation_func"] is True
 
 
 def test_the_mask_conversion_is_cached_per_tensor_and_redone_after_an_in_place_change():

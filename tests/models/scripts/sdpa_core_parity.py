@@ -74,6 +74,9 @@ def main() -> None:
     model = build_model(cfg, layout, PrecisionConfig("fp32"), use_te=False)
     report["model_cores"] = sorted({type(m.core_attention).__name__ for m in model.modules()
                                     if hasattr(m, "core_attention")})
+    report["mlp_activations"] = sorted({type(m.activation_func).__name__ for m in model.modules()
+                                        if hasattr(m, "linear_fc1")})
+    report["use_te_activation_func"] = model.config.use_te_activation_func
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     destroy_parallel()
