@@ -84,7 +84,8 @@ class Kernels:
     ``norm_bytes``: one RMSNorm (None = the activation dtype: TE keeps its input; the torch norm of the
     local spec keeps two fp32 tensors, 8 bytes). ``glu_tensors``: ffn-sized tensors the MLP activation
     keeps besides fc2's input (Megatron's unfused SwiGLU: fc1 output (2) + silu output + the offset-added
-    linear half = 4; fused: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
+    linear half = 4; the local spec's CPU SwiGLU, ``models/swiglu.py``: fc1 output + silu output = 3;
+    fused: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
     ``flash`` (TE fused/flash: no s² term), ``sdpa`` (the local spec's torch SDPA core: like flash, its
     output is the projection's input, plus one additive copy of the batch's mask per micro-batch) or
     ``softcap`` (Gemma-2's unfused core with tanh capping).
@@ -100,7 +101,7 @@ class Kernels:
     rope: bool = True  # RoPE keeps cos/sin per layer (the paper's GPT has learned positions)
 
 
-LOCAL = Kernels(norm_bytes=8.0, glu_tensors=4.0, attention="sdpa")
+LOCAL = Kernels(norm_bytes=8.0, glu_tensors=3.0, attention="sdpa")
 TE = Kernels(norm_bytes=None, glu_tensors=4.0, attention="flash")
 # The GPT layer of Korthikanti et al.: LayerNorm keeps its 16-bit input, GeLU MLP (4h), dropout everywhere.
 KORTHIKANTI = Kernels(norm_bytes=None, glu_tensors=1.0, attention="unfused", softmax_fp32=False, dropout=True,
