@@ -100,6 +100,13 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        if cfg.parallel.context_parallel > 1:
+            # Megatron's model expects each CP rank's own sequence chunks and a loss reduced over DP x CP;
+            # this loop feeds whole sequences and reduces over DP. Refuse rather than train wrongly.
+            raise NotImplementedError(
+                f"parallel.context_parallel={cfg.parallel.context_parallel}: the Trainer does not split "
+                "micro-batches across context-parallel ranks yet; use context_parallel=1 (tools/plan.py "
+                "still plans CP layouts)")
         self.cfg = cfg
         t, o = cfg.trainer, cfg.optimizer
         self.metadata = {"model": cfg.model.to_dict(), **(metadata or {})}

@@ -58,3 +58,16 @@ def test_unknown_fields_and_unsupported_model_settings_are_errors():
         _check(["model.family=mistral"], 1)
     with pytest.raises(ValueError, match="precision.fp8 needs precision.params_dtype=bf16"):
         _check(["precision.fp8=hybrid"], 1)
+
+
+def test_the_trainer_refuses_context_parallelism_it_does_not_implement():
+    """CP passes validation on a GPU cluster (the planner plans it), but the Trainer feeds whole sequences
+    and reduces the loss over DP only: it must refuse before building anything, not train wrongly."""
+    from megatron_grm.train.loop import Trainer
+
+    run = RunConfig.from_dict(load_config("sft", [
+        "model=llama3_8b", "cluster=h200_1gpu", "precision=bf16", "parallel.context_parallel=2",
+        "trainer.global_batch_size=4", "trainer.seq_length=4096"]))
+    validate(run, world_size=2)  # a valid layout for the planner
+    with pytest.raises(NotImplementedError, match="context_parallel=2: the Trainer does not split"):
+        Trainer(run)
