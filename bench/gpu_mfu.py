@@ -87,12 +87,13 @@ def run_config(model: ModelConfig, args: argparse.Namespace, precision: str, run
 
 def bench_precision(model: ModelConfig, args: argparse.Namespace, precision: str) -> dict[str, Any]:
     """Build, warm up and time one precision; frees the GPU afterwards."""
-    from train_step import CausalNLL, synthetic_batch
+    from train_step import synthetic_batch
 
     from megatron_grm.models.provider import build_model
     from megatron_grm.parallel.device import have_transformer_engine
     from megatron_grm.plan import make_plan
     from megatron_grm.stages.common import prepare_run
+    from megatron_grm.stages.sft import SupervisedObjective
     from megatron_grm.train.loop import Trainer
 
     use_te = have_transformer_engine()
@@ -112,7 +113,7 @@ def bench_precision(model: ModelConfig, args: argparse.Namespace, precision: str
         torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(run, model=build_model(run.model, run.parallel, run.precision, run.trainer.recompute,
                                                  use_te=use_te, wgrad_fusion=True))
-        objective = CausalNLL()
+        objective = SupervisedObjective(run.trainer.loss_tokens_only)
         dev = torch.device("cuda", torch.cuda.current_device())
         seconds = []
         for step in range(args.warmup + args.steps):

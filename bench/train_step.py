@@ -103,24 +103,6 @@ def synthetic_batch(vocab: int, batch: int, seq: int, seed: int, device: torch.d
     return {k: v.to(device) for k, v in out.items()}
 
 
-class CausalNLL:
-    """Next-token loss on the batch's loss mask. Without an ``attention_mask`` in the batch (GPU runs)
-    Megatron uses its causal mask type: TE's fused/flash kernels; on CPU the batch carries an explicit mask."""
-
-    def __init__(self, loss_tokens_only: bool) -> None:
-        self.loss_tokens_only = loss_tokens_only
-
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from megatron_grm.train.loop import token_nll_forward
-
-        return token_nll_forward(model, {"attention_mask": None, **batch}, self.loss_tokens_only)
-
-    def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]):
-        from megatron_grm.train.losses import masked_token_nll
-
-        return masked_token_nll(-output, batch["loss_mask"])
-
-
 def matmul_gflops(n: int = 2048, seconds: float = 0.6, dtype: torch.dtype = torch.float32,
                   device: str = "cpu", clock=time.perf_counter) -> float:
     """Best-of GFLOP/s of an n×n×n matmul: the machine's practical peak right now (same load as the step)."""
@@ -199,6 +181,7 @@ class Side:
 def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_dir: str, clock) -> tuple[Side, str]:
     from megatron_grm.models.provider import build_model
     from megatron_grm.stages.common import prepare_run
+    from megatron_grm.stages.sft import SupervisedObjective
     from megatron_grm.train.loop import Trainer
 
     precision = {"params_dtype": args.dtype, "fp8": args.fp8}
@@ -209,7 +192,7 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)
-    objective = CausalNLL(run.trainer.loss_tokens_only)
+    objective = SupervisedObjective(run.trainer.loss_tokens_only)
 
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
         return trainer.train_step(batches, objective).loss

@@ -60,14 +60,15 @@ def token_nll_forward(model: torch.nn.Module, batch: Batch, loss_tokens_only: bo
 
     ``loss_tokens_only``: the output layer and cross-entropy run only where ``loss_mask`` is non-zero
     (``parallel/loss_positions.py``); the other positions read 0. On a pipeline stage without the output
-    layer the model's hidden states pass through untouched.
+    layer the model's hidden states pass through untouched. A batch without ``attention_mask`` gets
+    Megatron's causal mask type (on a GPU: TE's fused/flash kernels).
     """
+    mask = batch.get("attention_mask")
     if not loss_tokens_only:
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
     positions = LossPositions(batch["loss_mask"])
     with output_at(model, positions) as last_stage:
-        out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                    labels=positions.gather(batch["labels"]))
+        out = model(batch["tokens"], batch["position_ids"], mask, labels=positions.gather(batch["labels"]))
     return positions.scatter(out) if last_stage else out
 
 

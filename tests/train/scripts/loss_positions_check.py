@@ -57,6 +57,7 @@ def main() -> None:
     from megatron_grm.stages.common import load_config, prepare_run
     from megatron_grm.stages.grpo import GRPOObjective, GRPOSettings
     from megatron_grm.train.loop import Trainer, forward_logprobs
+    from tests.train.scripts.probe_train import count_output_layer_rows
 
     seq, mbs = 32, 2
     run = prepare_run(load_config("sft", [
@@ -69,10 +70,7 @@ def main() -> None:
     batches = grpo_batches(vocab, seq, mbs, count=3, seed=5)
     last_stage = getattr(model, "post_process", False)
 
-    rows = [0]
-    if last_stage:
-        model.output_layer.register_forward_hook(lambda m, a, out: rows.__setitem__(0, rows[0] + out[0].shape[0]
-                                                                                   * out[0].shape[1]))
+    rows = count_output_layer_rows(model) or [0]
     settings = GRPOSettings(beta=0.05, clip_eps=0.2)
     runs = {}
     for only in (True, False):

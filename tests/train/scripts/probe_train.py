@@ -24,7 +24,7 @@ def synthetic_samples(n: int, seq: int, vocab: int, seed: int):
     return samples
 
 
-def _count_output_layer_rows(model) -> list[int]:
+def count_output_layer_rows(model) -> list[int]:
     """Positions the output layer projected onto the vocabulary, summed over all forwards (empty list on a
     pipeline stage without the output layer)."""
     layer = getattr(model, "output_layer", None) if getattr(model, "post_process", False) else None
@@ -142,7 +142,7 @@ def main() -> None:
 
         producer.next_batch = logged_next_batch
         objective = SupervisedObjective(run.trainer.loss_tokens_only)
-        output_rows = _count_output_layer_rows(trainer.unwrapped)
+        output_rows = count_output_layer_rows(trainer.unwrapped)
         nan_steps = {int(x) for x in args.nan_at.split(",") if x}
         if nan_steps:
             class PoisonedObjective(SupervisedObjective):
