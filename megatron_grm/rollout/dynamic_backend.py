@@ -1,13 +1,17 @@
 """The GPU path: Megatron-Core's DynamicInferenceEngine (paged KV cache, continuous batching).
 
-Needs CUDA and flash-attn (its attention kernels); :func:`dynamic_available` says whether this process
-can run it. All requests of a generate call go in at once: the engine itself keeps the tokens in flight
-under the KV-cache budget (``buffer_size_gb``, sized here from ``max_tokens_in_flight``), pausing and
+Needs CUDA, flash-attn >= 2.7.3 (or flash-attn 3) and bf16/fp16 weights, and runs only models whose
+attention is plain causal softmax attention: the engine calls flash-attn directly and bypasses the layer's
+core attention, so Gemma-2's logit soft-cap, sliding window and query scale would be lost.
+:func:`dynamic_unsupported` says why a model cannot take this path (None: it can); the engine then
+uses the static backend. All requests of a generate call go in at once: the engine itself keeps the
+tokens in flight under the KV-cache budget (``buffer_size_gb``, sized here from ``max_tokens_in_flight``), pausing and
 resuming requests as blocks free up, so no waves are needed.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from collections.abc import Sequence
 
@@ -20,9 +24,52 @@ from megatron_grm.rollout.static_backend import RawSample, inference_wrapper_con
 BLOCK_SIZE_TOKENS = 256
 
 
-def dynamic_available() -> bool:
-    """The dynamic engine runs only on CUDA with flash-attn installed."""
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+def dynamic_unsupported(model) -> str | None:
+    """Why Megatron's dynamic engine cannot generate with ``model`` in this process; None when it can."""
+    return missing_runtime() or model_unsupported(model)
+
+
+def missing_runtime() -> str | None:
+    """What this process lacks for the dynamic engine (CUDA, a flash-attn its dynamic batching accepts)."""
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    from megatron.core.transformer import attention
+
+    if attention.HAVE_FA3:
+        return None
+    if importlib.util.find_spec("flash_attn") is None:
+        return "needs flash-attn"
+    from megatron.core.utils import is_fa_min_version
+
+    if not is_fa_min_version("2.7.3"):
+        return "needs flash-attn >= 2.7.3 (Megatron-Core's dynamic batching asserts it)"
+    return None
+
+
+def model_unsupported(model) -> str | None:
+    """What in ``model`` the engine's direct flash-attn calls would get wrong (weights' dtype, attention)."""
+    config = model.config
+    if config.params_dtype not in (torch.bfloat16, torch.float16):
+        return f"flash-attn takes bf16/fp16 weights; this model's are {config.params_dtype}"
+    if config.window_size is not None or config.softmax_scale is not None:
+        return "the engine's flash-attn call ignores a sliding window and a custom softmax scale"
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+
+    plain = [DotProductAttention, sdpa_core_attention_class()]
+    try:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        plain.append(TEDotProductAttention)
+    except ImportError:
+        pass
+    for name, module in model.named_modules():
+        core = getattr(module, "core_attention", None)
+        if core is not None and type(core) not in plain:
+            return (f"{name}.core_attention is {type(core).__name__}, which the engine bypasses "
+                    "(e.g. Gemma-2's logit soft-cap, sliding window and query scale)")
+    return None
 
 
 def kv_bytes_per_token(model) -> int:
@@ -79,7 +126,8 @@ class DynamicBackend:
             max_sequence_length=max_len,
             buffer_size_gb=budget_tokens * kv_bytes_per_token(self.model) / 1024**3,
             max_requests=max(max_requests, 4),
-            max_tokens=max(budget_tokens // 4, 4 * max_requests, 256),
+            # The context pads a prefill to a multiple of its token rounder, so the buffer must be one too.
+            max_tokens=DynamicInferenceContext.round_up_tokens(max(budget_tokens // 4, 4 * max_requests, 256), tp),
             block_size_tokens=BLOCK_SIZE_TOKENS,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=config.pipeline_model_parallel_size,
@@ -109,9 +157,17 @@ class DynamicBackend:
         out = []
         for i in range(len(prompts)):
             request = merged[i]
+            if request.failed() or request.generated_log_probs is None:
+                raise RuntimeError(f"dynamic engine: request {i} (prompt of {len(prompts[i])} tokens) ended "
+                                   f"{request.status}; its KV budget is {budget_tokens} tokens "
+                                   "(rollout.max_tokens_in_flight)")
             tokens = request.generated_tokens
             tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
             out.append((tokens, [float(x) for x in request.generated_log_probs]))
+        # The context, its block allocator and the engine's callbacks refer to each other: free the KV
+        # buffer explicitly, then collect the cycle, so training gets the memory back now.
+        context.deallocate_all_tensors()
         del engine, controller, wrapper, context
+        gc.collect()
         torch.cuda.empty_cache()
         return out

@@ -72,7 +72,7 @@ class RolloutEngine:
         """
         from megatron.core.utils import unwrap_model
 
-        from megatron_grm.rollout.dynamic_backend import DynamicBackend, dynamic_available
+        from megatron_grm.rollout.dynamic_backend import DynamicBackend, dynamic_unsupported
         from megatron_grm.rollout.static_backend import StaticBackend
 
         if backend not in BACKENDS:
@@ -95,12 +95,15 @@ class RolloutEngine:
         pad_id = self.eos_id if self.eos_id is not None else 0
         shim = TokenizerShim(pad_id, getattr(tokenizer, "bos_id", None),
                              tokenizer.encode if tokenizer is not None else None)
+        unsupported = dynamic_unsupported(self.model) if backend in ("auto", "dynamic") else None
         if backend == "auto":
-            backend = "dynamic" if dynamic_available() else "static"
+            backend = "static" if unsupported else "dynamic"
+            if unsupported and torch.cuda.is_available():
+                log.info("rollout: Megatron-Core's dynamic engine not used: %s", unsupported)
         if backend == "dynamic":
-            if not dynamic_available():
-                raise RuntimeError("rollout backend='dynamic' needs CUDA and flash-attn (Megatron-Core's dynamic "
-                                   "engine); use backend='static'")
+            if unsupported:
+                raise RuntimeError(f"rollout backend='dynamic' (Megatron-Core's dynamic engine): {unsupported}; "
+                                   "use backend='static'")
             self.backend = DynamicBackend(self.model, shim, max_batch_size, max_tokens_in_flight, self.vocab_limit)
         else:
             self.backend = StaticBackend(self.model, shim, max_batch_size, self.vocab_limit)

@@ -193,3 +193,13 @@ def test_refit_rollout_layout_follows_training_weights(tp2):
     assert after["logprob_diff_vs_tp2"] <= LOGPROB_TOL
     assert after["tokens"] != before["tokens"]  # the step changed the policy the copy samples
     assert after["logprob_sum"] == pytest.approx(tp2["after_step"]["logprob_sum_after"], abs=1e-4)
+
+
+def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):
+    """Megatron's dynamic engine sends q/k/v straight to flash-attn: fp32 weights would fail there and
+    Gemma-2's soft-cap / sliding window / query scale would be dropped, so those stay on the static path."""
+    routing = tp1["dynamic_routing"]
+    assert routing["backend"] == "static" and routing["missing_runtime"] == "needs CUDA"
+    assert "bf16/fp16" in routing["fp32_llama"]
+    assert routing["bf16_llama"] is None
+    assert "sliding window" in routing["bf16_gemma2"]

@@ -269,6 +269,28 @@ def main() -> None:
                               "logprob_diff_vs_tp2": max(abs(x - y) for s, t in zip(r, after)
                                                          for x, y in zip(s.logprobs, t.logprobs))}
 
+    # 7. Which models Megatron's dynamic engine may run (it calls flash-attn directly, bypassing core
+    #    attention): the routing decision on real built models; this CPU process has no CUDA at all.
+    if args.tp == 1:
+        from megatron_grm.models.config import ModelConfig
+        from megatron_grm.models.precision import PrecisionConfig
+        from megatron_grm.models.provider import build_model
+        from megatron_grm.rollout.dynamic_backend import missing_runtime, model_unsupported
+
+        def built(family: str, **extra):
+            cfg = ModelConfig(family=family, num_layers=1, hidden_size=64, ffn_hidden_size=128,
+                              num_attention_heads=4, num_query_groups=2, vocab_size=128, **extra)
+            return build_model(cfg, run.parallel, PrecisionConfig("bf16"), use_te=False)
+
+        gemma2 = dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+                      sliding_window=32)
+        out["dynamic_routing"] = {
+            "backend": engine.backend.name, "missing_runtime": missing_runtime(),
+            "fp32_llama": model_unsupported(model),
+            "bf16_llama": model_unsupported(built("llama")),
+            "bf16_gemma2": model_unsupported(built("gemma2", **gemma2)),
+        }
+
     # All model-parallel ranks drew the same tokens.
     mine = [out["greedy"], out["seed11"], out["after_step"]["tokens_after"]]
     gathered = [None] * torch.distributed.get_world_size()
