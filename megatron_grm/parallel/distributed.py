@@ -74,6 +74,12 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def process_group_backend(cuda: bool) -> str:
+    """NCCL for CUDA tensors and, on a GPU cluster too, gloo for CPU ones: the loop's control collectives
+    (stop flags, metric names, checkpoint bookkeeping) reduce small CPU tensors, which NCCL cannot."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed and Megatron-Core's TP/PP/CP/DP groups; idempotent per process."""
     from megatron.core import parallel_state
@@ -97,7 +103,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         torch.distributed.init_process_group(
-            backend="nccl" if cuda else "gloo",
+            backend=process_group_backend(cuda),
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
