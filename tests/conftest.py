@@ -20,8 +20,8 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
     """Launch ``script`` with ``nproc`` processes over gloo; fail with the processes' output on error."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--standalone", str(script), *args]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    full_env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"

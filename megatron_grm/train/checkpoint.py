@@ -84,13 +84,54 @@ def save_checkpoint(
     return final
 
 
+EXTRA_STATE = "._extra_state"
+
+
 def load_checkpoint(folder: str, sharded_state: dict[str, Any]) -> dict[str, Any]:
-    """Load into the given sharded state dict structure (any TP/PP layout); returns the loaded dict."""
+    """Load into the given sharded state dict structure (any TP/PP layout); returns the loaded dict.
+
+    A module's ``_extra_state`` the checkpoint lacks loads as None: Transformer Engine's modules (and, with
+    TE installed, Megatron's final norm) keep FP8 metadata there, which a checkpoint written without TE
+    (on CPU, converted from Hugging Face) does not have and a fresh module does not need. Any other entry
+    the checkpoint lacks is an error that names it.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    return dist_checkpointing.load(sharded_state, folder)
+    extra_states = _extra_state_paths(sharded_state)
+    loaded, _, absent = dist_checkpointing.load(sharded_state, folder, strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(key for key in absent if not key.endswith(EXTRA_STATE))
+    if lacking:
+        raise KeyError(f"checkpoint {folder} has no entry for {len(lacking)} key(s) this model/optimizer needs: "
+                       f"{lacking[:8]}{' ...' if len(lacking) > 8 else ''}")
+    for key in absent:
+        for path in extra_states[key]:
+            _set_path(loaded, path, None)
+    return loaded
+
+
+def _extra_state_paths(state: Any, path: tuple = ()) -> dict[str, list[tuple]]:
+    """Checkpoint key -> where in ``state`` each sharded ``_extra_state`` entry sits."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    found: dict[str, list[tuple]] = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    for name, value in items:
+        if isinstance(value, ShardedBase):
+            if value.key.endswith(EXTRA_STATE):
+                found.setdefault(value.key, []).append((*path, name))
+        else:
+            for key, paths in _extra_state_paths(value, (*path, name)).items():
+                found.setdefault(key, []).extend(paths)
+    return found
+
+
+def _set_path(state: dict, path: tuple, value: Any) -> None:
+    for name in path[:-1]:
+        state = state.setdefault(name, {})
+    state[path[-1]] = value
 
 
 def load_rank_state(folder: str) -> dict[str, Any] | None:

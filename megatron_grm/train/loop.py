@@ -379,6 +379,8 @@ class Trainer:
         optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         for opt in optimizers:
             inner = opt.optimizer
+            if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                continue  # TE's/apex's FusedAdam: Megatron's init_state_fn builds their state (no "step")
             for group in inner.param_groups:
                 for p in group["params"]:
                     if not inner.state[p]:

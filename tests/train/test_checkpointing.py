@@ -91,3 +91,15 @@ def test_tp2_checkpoint_loads_as_tp1_with_the_same_loss(init_ckpt, tmp_path):
     assert read_json(tp1)["loss"] == pytest.approx(read_json(tp2)["loss"], abs=1e-5, rel=0)
     # ... and it is the trained model that was loaded, not the initial one.
     assert abs(read_json(tp1)["loss"] - read_json(init_loss)["loss"]) > 1e-3
+
+
+def test_a_checkpoint_without_te_extra_state_loads_and_a_really_missing_entry_is_named(tmp_path):
+    """CPU/HF-converted checkpoints have no Transformer Engine ``_extra_state``; a TE model (even its final
+    norm, a TENorm once TE is installed) asks for it. Those load as None; anything else missing is an error."""
+    script = Path(__file__).parent / "scripts" / "extra_state_load.py"
+    torchrun(script, 1, ["--work", str(tmp_path), "--out", str(tmp_path / "report.json")])
+    report = read_json(tmp_path / "report.json")
+    assert report["checkpoint_has_final_norm_extra_state"] is False
+    assert report["te_extra_state_value"] == "None"
+    assert report["max_weight_diff"] == 0.0
+    assert "decoder.extra.weight" in report["missing_error"] and str(tmp_path / "ckpt") in report["missing_error"]
