@@ -171,4 +171,33 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(cfg.rotary_base),
     )
+    if use_te:
+        refuse_masks_the_core_ignores(model)
     return model.to(device())
+
+
+def refuse_masks_the_core_ignores(model: torch.nn.Module, core_cls: type | None = None) -> int:
+    """TE's causal core attention (``TEDotProductAttention``) attends causally and ignores the attention
+    mask. The stages' batches are one document per row, right-padded, where that gives every position
+    anything reads the same result; a packed batch's block-diagonal mask would silently attend across
+    documents, so training refuses it. Returns how many core attentions are guarded."""
+    if core_cls is None:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention as core_cls
+    cores = [m for m in model.modules() if type(m) is core_cls]
+    for core in cores:
+        core.register_forward_pre_hook(_refuse_an_ignored_mask, with_kwargs=True)
+    return len(cores)
+
+
+def _refuse_an_ignored_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    from megatron_grm.models.sdpa_attention import additive_mask
+
+    if not module.training:  # inference passes its own (e.g. decode-step) masks under causal kernels
+        return
+    mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+    # additive_mask is None exactly for one right-padded document per row (cached per mask tensor).
+    if mask is not None and additive_mask(mask, torch.float32) is not None:
+        raise ValueError(
+            f"{type(module).__name__} attends causally and ignores this attention mask (shape "
+            f"{tuple(mask.shape)}: not one right-padded document per row, e.g. packed documents); train such "
+            "batches with the local spec (use_te=False) or one document per row")

@@ -80,3 +80,12 @@ def test_the_mask_conversion_is_cached_per_tensor_and_redone_after_an_in_place_c
     causal[..., 2, 0] = True  # no longer causal: converted after the in-place change
     converted = additive_mask(causal, torch.float32)
     assert converted is not None and converted[0, 0, 2, 0] == float("-inf") and converted[0, 0, 2, 1] == 0
+
+
+def test_the_te_spec_guard_refuses_in_training_only_masks_a_causal_core_would_ignore(report):
+    """provider.refuse_masks_the_core_ignores (on TE's causal cores in a GPU build; here on ours): right-padded
+    one-document rows and no mask train, a packed batch's mask is refused, inference is left alone."""
+    assert report["guarded_cores"] == 2
+    guard = report["guard"]
+    assert guard["right_padded"] == "ok" and guard["no_mask"] == "ok" and guard["packed_inference"] == "ok"
+    assert "ignores this attention mask" in guard["packed_training"]

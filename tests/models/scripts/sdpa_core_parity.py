@@ -77,6 +77,25 @@ def main() -> None:
     report["mlp_activations"] = sorted({type(m.activation_func).__name__ for m in model.modules()
                                         if hasattr(m, "linear_fc1")})
     report["use_te_activation_func"] = model.config.use_te_activation_func
+
+    # The guard the TE spec puts on its causal cores (which ignore masks), exercised on ours.
+    from megatron_grm.models.provider import refuse_masks_the_core_ignores
+
+    report["guarded_cores"] = refuse_masks_the_core_ignores(model, sdpa_core_attention_class())
+    tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+    positions = torch.arange(s)[None].expand(b, s)
+
+    def forward(mask, training: bool) -> str:
+        model.train(training)
+        try:
+            model(tokens, positions, mask)
+            return "ok"
+        except ValueError as e:
+            return str(e)
+
+    report["guard"] = {"right_padded": forward(right_padded, True), "no_mask": forward(None, True),
+                       "packed_training": forward(packed[:, None], True),
+                       "packed_inference": forward(packed[:, None], False)}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     destroy_parallel()
