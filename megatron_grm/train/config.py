@@ -129,6 +129,18 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"cluster={cfg.cluster.name} has no GPU: sequence/context parallelism need Transformer Engine on CUDA"
         )
     cfg.precision.check_hardware(cfg.cluster.compute_capability, cfg.cluster.gpu or f"cluster={cfg.cluster.name}")
+    if cfg.precision.fp8 is not None:
+        # TE runs a GEMM in FP8 only on [rows % 8, inner % 16] operands (assert_dim_for_fp8_exec).
+        tp = p.tensor_parallel
+        inner = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size / tensor_parallel": m.ffn_hidden_size // tp,
+                 "attention width (heads x kv_channels) / tensor_parallel": m.num_attention_heads * m.kv_channels // tp}
+        bad = {name: value for name, value in inner.items() if value % 16}
+        if bad:
+            raise ValueError(f"precision.fp8={cfg.precision.fp8!r}: FP8 GEMMs need inner dimensions divisible by 16; "
+                             f"these are not: {bad}")
+        if t.seq_length % 8:
+            raise ValueError(f"precision.fp8={cfg.precision.fp8!r}: trainer.seq_length={t.seq_length} must be a "
+                             "multiple of 8 (FP8 GEMMs take rows in multiples of 8)")
     dp = world // p.model_parallel
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ValueError(
