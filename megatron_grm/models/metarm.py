@@ -227,7 +227,9 @@ def _forward_only(model: torch.nn.Module, items: list[tuple[Sequence[int], list[
     collected: list[float] = []
 
     def forward_step(data_iterator, chunk):
-        b = next(data_iterator)
+        from megatron_grm.parallel.device import to_device
+
+        b = to_device(next(data_iterator))
         output = metarm_forward(chunk, b["tokens"], b["position_ids"], b["attention_mask"], b["last_index"])
 
         def collect(out: torch.Tensor):

@@ -62,3 +62,10 @@ def log_backend_choice() -> str:
         line = "CPU — Megatron-Core local spec (Transformer Engine, apex, FP8 and the dynamic engine unused)"
     log.info("compute path: %s", line)
     return line
+
+
+def to_device(batch: dict) -> dict:
+    """A micro-batch's tensors on this process's device (the producers collate on the host; Megatron's
+    schedules pass batches to the model as they are). A no-op on CPU."""
+    target = device()
+    return {k: v.to(target, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from megatron_grm.models.provider import build_model
+from megatron_grm.parallel.device import device, to_device
 from megatron_grm.parallel.fused_adam import use_fused_adam
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.config import RunConfig
+from megatron_grm.train.grad_guard import skip_nonfinite_updates
 from megatron_grm.train.logger import RunLogger
 from megatron_grm.train.losses import LossOutput
 from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
@@ -139,6 +141,7 @@ class Trainer:
             ),
             [self.model],
         )
+        skip_nonfinite_updates(self.optimizer)
         if o.fused_kernel:
             use_fused_adam(self.optimizer)
         self.scheduler = OptimizerParamScheduler(
@@ -177,7 +180,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator: Iterator[Batch], model):
-            batch = next(data_iterator)
+            batch = to_device(next(data_iterator))
             output = objective.forward(model, batch)
             return output, partial(objective.loss, batch=batch)
 
@@ -198,7 +201,9 @@ class Trainer:
                 totals[name] = totals.get(name, 0) + pair.detach().double()
         # Reduce over DP and broadcast from the last PP stage so every rank sees the same numbers.
         names = sorted(totals)
-        flat = torch.stack([totals[n] for n in names]) if names else torch.zeros(0, 2, dtype=torch.float64)
+        # On every stage the same device: with "cpu:gloo,cuda:nccl" a collective's backend follows the tensor.
+        flat = torch.stack([totals[n] for n in names]).to(device()) if names else \
+            torch.zeros(0, 2, dtype=torch.float64, device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
             names_len = torch.tensor([len(names)])
@@ -207,7 +212,7 @@ class Trainer:
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 torch.distributed.broadcast(names_len, src=last, group=pp_group)
                 if flat.shape[0] != int(names_len):
-                    flat = torch.zeros(int(names_len), 2, dtype=torch.float64)
+                    flat = torch.zeros(int(names_len), 2, dtype=torch.float64, device=device())
                 torch.distributed.broadcast(flat, src=last, group=pp_group)
                 obj = [names]
                 torch.distributed.broadcast_object_list(obj, src=last, group=pp_group)
@@ -225,20 +230,15 @@ class Trainer:
         grad_norm = None
         skipped = not math.isfinite(loss)
         if skipped:
-            self.state.nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss %s, update skipped (%d in a row)",
-                        self.state.step, loss, self.state.nonfinite_in_a_row)
-            if self.state.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_in_a_row:
-                raise RuntimeError(
-                    f"{self.state.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_in_a_row)"
-                )
+            self._count_nonfinite(f"non-finite loss {loss}")
         else:
-            self.state.nonfinite_in_a_row = 0
             ok, grad_norm, _ = self.optimizer.step()
-            if not ok:
-                skipped = True
-            else:
+            if ok:
+                self.state.nonfinite_in_a_row = 0
                 self.scheduler.step(increment=1)
+            else:  # inf/NaN gradients (grad_guard.py, or a grad scaler's check)
+                skipped = True
+                self._count_nonfinite(f"non-finite gradients (norm {grad_norm})")
         tokens = sum(int(b["tokens"].numel()) for b in microbatches) * _dp_size()
         values = {n: float(v[0] / v[1].clamp(min=1)) for n, v in metrics.items()}
         return StepResult(
@@ -246,6 +246,13 @@ class Trainer:
             grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
             seconds=time.perf_counter() - start, tokens=tokens, seq_length=microbatches[0]["tokens"].shape[1],
         )
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.state.nonfinite_in_a_row += 1
+        log.warning("step %d: %s, update skipped (%d in a row)", self.state.step, what, self.state.nonfinite_in_a_row)
+        if self.state.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_in_a_row:
+            raise RuntimeError(
+                f"{self.state.nonfinite_in_a_row} non-finite steps in a row (trainer.max_nonfinite_in_a_row): {what}")
 
     # ----------------------------------------------------------------- the loop
     def fit(self, producer: BatchProducer, objective: Objective, on_step=None) -> TrainState:
@@ -417,7 +424,7 @@ def forward_logprobs(model: torch.nn.Module, microbatches: list[Batch],
     collected: list[torch.Tensor] = []
 
     def forward_step(data_iterator: Iterator[Batch], m):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))
         output = token_nll_forward(m, batch, loss_tokens_only)
 
         def keep(out: torch.Tensor):

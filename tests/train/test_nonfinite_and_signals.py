@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -30,6 +31,19 @@ def test_nonfinite_loss_skips_the_update_then_training_continues(tmp_path):
     clean = tmp_path / "clean.json"
     torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run2"), "--steps", "1", "--out", str(clean)])
     assert got["losses"][0] == read_json(clean)["losses"][0]
+
+
+def test_nonfinite_gradients_under_a_finite_loss_skip_the_update(tmp_path):
+    """Megatron applies NaN gradients when no grad scaler checks them (bf16/fp32): the guard refuses the
+    update (train/grad_guard.py), the weights stay finite and training continues."""
+    out = tmp_path / "nan_grad.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "4", "--nan-grad-at", "2", "--out", str(out)])
+    got = read_json(out)
+    assert got["error"] is None and got["step"] == 4
+    assert got["skipped"] == [False, True, False, False]
+    assert all(math.isfinite(x) for x in got["losses"])  # step 2's loss was finite; later ones too
+    assert got["grad_norms"][1] is None or not math.isfinite(got["grad_norms"][1])
+    assert all(math.isfinite(g) for i, g in enumerate(got["grad_norms"]) if i != 1)
 
 
 def test_three_nonfinite_losses_in_a_row_abort(tmp_path):

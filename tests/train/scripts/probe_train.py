@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--hang-in-save-of", type=int, default=None,
                     help="block inside the save of this step, after the files are written (kill test)")
     ap.add_argument("--nan-at", default="", help="comma-separated steps whose loss is made NaN")
+    ap.add_argument("--nan-grad-at", default="", help="comma-separated steps with a finite loss and NaN gradients")
     ap.add_argument("--wgrad-fusion", type=int, default=1, help="0: weight gradients through .grad and DDP's hook")
     ap.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
     ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
@@ -127,9 +128,12 @@ def main() -> None:
         grad_norms: list[float] = []
         losses: list[float] = []
 
+        skipped: list[bool] = []
+
         def record(tr, r):
             losses.append(r.loss)
             grad_norms.append(r.grad_norm)
+            skipped.append(r.skipped)
             return {}
 
         producer_log: list = []
@@ -144,13 +148,16 @@ def main() -> None:
         objective = SupervisedObjective(run.trainer.loss_tokens_only)
         output_rows = count_output_layer_rows(trainer.unwrapped)
         nan_steps = {int(x) for x in args.nan_at.split(",") if x}
-        if nan_steps:
+        nan_grad_steps = {int(x) for x in args.nan_grad_at.split(",") if x}
+        if nan_steps or nan_grad_steps:
             class PoisonedObjective(SupervisedObjective):
                 def loss(self, output, batch):
                     num, den, metrics = super().loss(output, batch)
                     if trainer.state.step + 1 in nan_steps:
                         num = num * float("nan")
                         metrics = {"loss": metrics["loss"] * float("nan")}
+                    if trainer.state.step + 1 in nan_grad_steps:  # adds 0, differentiates to 0 * inf = NaN
+                        num = num + (output - output.detach()).abs().sqrt().sum()
                     return num, den, metrics
 
             objective = PoisonedObjective(run.trainer.loss_tokens_only)
@@ -160,7 +167,7 @@ def main() -> None:
             result_error = str(err)
         else:
             result_error = None
-        result = {"losses": losses, "grad_norms": grad_norms, "history": trainer.state.history,
+        result = {"losses": losses, "grad_norms": grad_norms, "skipped": skipped, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
                   "output_layer_rows": output_rows[0] if output_rows else None,
