@@ -86,4 +86,8 @@ def refit(source: torch.nn.Module, target: torch.nn.Module) -> None:
     from megatron.core.utils import unwrap_model
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        # Megatron's NCCL copy service copies same-rank shards on its own stream without waiting for the
+        # default stream, where the optimizer's last update may still be running.
+        torch.cuda.synchronize()
     swap_model_weights(unwrap_model(source), unwrap_model(target), backend)

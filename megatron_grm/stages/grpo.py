@@ -22,6 +22,7 @@ import torch
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.parallel.device import use_cuda
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
@@ -196,7 +197,10 @@ class RolloutProducer:
         self.rollouts = int(state["rollouts"])
 
     def rank_state_dict(self) -> dict[str, Any]:
-        return {"cache": self.cache, "last_stats": self.last_stats}
+        # Host copies: the cached log-probabilities come off the GPU, and a resume may see other devices.
+        cache = [[{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in step]
+                 for step in self.cache]
+        return {"cache": cache, "last_stats": self.last_stats}
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.cache, self.last_stats = state["cache"], state["last_stats"]
@@ -219,7 +223,7 @@ def _all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
 
 def _with_reference_on_device(reference, offload: bool, fn, batches):
     """Run ``fn`` with the reference model on the accelerator; park it in CPU memory afterwards if asked."""
-    from megatron_grm.parallel.device import device, use_cuda
+    from megatron_grm.parallel.device import device
 
     if offload and use_cuda():
         reference.to(device())
@@ -262,6 +266,8 @@ def train_grpo(cfg: Any) -> Trainer:
     if run.trainer.load:
         trainer.load_weights(run.trainer.load)
     reference = build_reference(trainer)
+    if s.offload_reference and use_cuda():
+        reference.to("cpu")  # parked from the start; moved to the GPU only for its forward passes
     producer = RolloutProducer(trainer, engine, reference, tokenizer, examples, s, seed=run.trainer.seed)
     trainer.resume(producer)
 

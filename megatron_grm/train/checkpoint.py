@@ -142,7 +142,7 @@ def load_rank_state(folder: str) -> dict[str, Any] | None:
     path = os.path.join(folder, f"rank_state_{rank:05d}.pt")
     if len(files) != world or not os.path.exists(path):
         return None
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=False, map_location="cpu")  # batches move to the device when used
 
 
 def read_metadata(folder: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ class TrainerSettings:
     max_nonfinite_in_a_row: int = 3
     run_dir: str = "runs/default"
     load: str | None = None  # a checkpoint folder to start from (weights only unless it is our run's own)
-    peak_tflops: float | None = None  # per device; for MFU. null = not reported
+    peak_tflops: float | None = None  # per device; for MFU. null = cluster.peak_tflops_bf16 (none: not reported)
     exit_after_steps: int | None = None  # stop (with a checkpoint) after this many steps of this process
     loss_tokens_only: bool = True  # output layer + cross-entropy only where the loss reads (parallel/loss_positions.py)
 

@@ -302,8 +302,9 @@ class Trainer:
             "tflops_per_device": tflops_per_device,
             "skipped": float(r.skipped),
         }
-        if t.peak_tflops:
-            values["mfu"] = tflops_per_device / t.peak_tflops
+        peak = t.peak_tflops or self.cfg.cluster.peak_tflops_bf16
+        if peak:
+            values["mfu"] = tflops_per_device / peak
         values.update({k: v for k, v in r.metrics.items() if k != "loss"})
         values.update(extra or {})
         self.logger.scalars(r.step, values, prefix="train/")
@@ -334,6 +335,8 @@ class Trainer:
         from megatron.core import tensor_parallel
 
         rank_state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+        if torch.cuda.is_available():
+            rank_state["cuda"] = torch.cuda.get_rng_state()
         if producer is not None and hasattr(producer, "rank_state_dict"):
             rank_state["producer"] = producer.rank_state_dict()  # e.g. GRPO's cached rollout on this rank
         # Before the first step the (distributed) optimizer has no state to save: weights only.
@@ -372,6 +375,8 @@ class Trainer:
             np.random.set_state(rank_state["numpy"])
             torch.set_rng_state(rank_state["torch"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker"])
+            if "cuda" in rank_state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rank_state["cuda"])
             if producer is not None and "producer" in rank_state and hasattr(producer, "load_rank_state_dict"):
                 producer.load_rank_state_dict(rank_state["producer"])
         log.info("resumed from %s at step %d", folder, self.state.step)
