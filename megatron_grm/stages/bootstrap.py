@@ -31,7 +31,7 @@ from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import build_prompt
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
 from megatron_grm.stages.rft import (
     LengthBucketedProducer,
@@ -83,7 +83,8 @@ def train_bootstrap(cfg: Any) -> Trainer:
     t = run.trainer
     settings = BootstrapSettings.from_dict(run.extra.get("bootstrap"))
     data = run.extra.get("data", {}) or {}
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     examples = read_examples(data["train"])
     judgments = teacher_samples(examples, tokenizer, settings.teacher_accuracy, settings.variant, settings.chat,
                                 t.seed)
@@ -96,7 +97,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
     log.info("bootstrap mix: %d teacher judgments (teacher accuracy %.2f) + %d instruction samples", len(judgments),
              settings.teacher_accuracy, len(samples) - len(judgments))
 
-    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "bootstrap"})
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "bootstrap"})
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
                                       tokenizer.pad_id, t.seed, pad_multiple_for(run, settings.pad_multiple),
                                       uniform_length=run.parallel.pipeline_parallel > 1)
@@ -129,7 +130,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
 
 @hydra.main(config_path=CONF_DIR, config_name="bootstrap", version_base="1.3")
 def main(cfg) -> None:
-    train_bootstrap(cfg)
+    run_stage(train_bootstrap, cfg)
 
 
 if __name__ == "__main__":

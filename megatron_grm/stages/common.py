@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from megatron_grm.parallel.distributed import dist_env, init_parallel
+from megatron_grm.parallel.distributed import destroy_parallel, dist_env, init_parallel
 from megatron_grm.train.config import RunConfig, validate
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
@@ -26,15 +28,70 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
+CHAR_VOCAB_LIMIT = 256  # the CPU models over the character tokenizer (99 symbols) have at most this many rows
+
+
 def setup_logging() -> None:
+    """Rank 0 logs at INFO, the others at WARNING, every line tagged with its rank.
+
+    Hydra configures the root logger before the stage runs (a stdout handler and
+    ``<run_dir>/hydra/<stage>.log``), which would make ``basicConfig`` a no-op: replace its handlers, and
+    keep its log file for rank 0 only, so a multi-node job does not append from every rank to one file on
+    a shared filesystem.
+    """
     rank = dist_env().rank
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if rank != 0 or not isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.addHandler(logging.StreamHandler(sys.stdout))
+    formatter = logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for noisy in ("megatron.core", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_stage(stage: Callable[[Any], Any], cfg: Any) -> None:
+    """A stage's Hydra entry point: run it, then release the process groups (NCCL communicators left
+    alive can hang a rank at exit), also on the preemption exit (``SystemExit`` 75). After an exception
+    the groups are left alone: other ranks may still wait in a collective."""
+    try:
+        stage(cfg)
+    except SystemExit:
+        destroy_parallel()
+        raise
+    destroy_parallel()
+
+
+def tokenizer_name(run: RunConfig) -> str:
+    """``model.tokenizer``; unset, the tokenizer the loaded checkpoint records (tools/convert and every
+    stage write it into ``model_config.json``); else the character tokenizer, but only for a model small
+    enough to be one of the CPU models over it: a real model would silently read characters."""
+    if run.model.tokenizer:
+        return run.model.tokenizer
+    recorded = _recorded_tokenizer(run.trainer.load)
+    if recorded:
+        return recorded
+    if run.model.vocab_size > CHAR_VOCAB_LIMIT:
+        raise ValueError(
+            f"model.tokenizer is not set and trainer.load={run.trainer.load} records none: a model with "
+            f"vocab_size={run.model.vocab_size} would read the character tokenizer; set model.tokenizer to the "
+            "tokenizer folder tools/convert wrote (<checkpoint root>/tokenizer)")
+    return "char"
+
+
+def _recorded_tokenizer(load: str | None) -> str | None:
+    from megatron_grm.train import checkpoint as ckpt
+
+    if not load:
+        return None
+    folder = ckpt.latest_checkpoint(load) if os.path.isfile(os.path.join(load, ckpt.LATEST)) else load
+    if not os.path.isfile(os.path.join(folder, ckpt.MODEL_CONFIG)):
+        return None
+    return ckpt.read_metadata(folder).get("tokenizer")
 
 
 def prepare_run(cfg: Any) -> RunConfig:
@@ -45,9 +102,23 @@ def prepare_run(cfg: Any) -> RunConfig:
     setup_logging()
     run = RunConfig.from_dict(to_plain(cfg))
     validate(run, world_size=dist_env().world_size)
+    check_cuda_matches_cluster(run)
     init_parallel(run.parallel, seed=run.trainer.seed)
     os.makedirs(run.trainer.run_dir, exist_ok=True)
     return run
+
+
+def check_cuda_matches_cluster(run: RunConfig) -> None:
+    """A cluster config that names a GPU must find CUDA: otherwise (a CPU build of torch in the job's
+    environment, a GPU-less allocation) the stage would fall back to gloo and the CPU layer and run a
+    cluster-sized job on host cores."""
+    import torch
+
+    if run.cluster.gpu is not None and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"cluster={run.cluster.name} names {run.cluster.gpu} GPUs but this process sees no CUDA (torch "
+            f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use "
+            "cluster=local_cpu for a CPU run")
 
 
 def load_config(name: str, overrides: list[str] | None = None) -> dict[str, Any]:

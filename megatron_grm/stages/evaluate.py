@@ -55,7 +55,7 @@ from megatron_grm.spct import (
     vote,
     voted_scores,
 )
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
 
 log = logging.getLogger(__name__)
@@ -560,7 +560,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     run = prepare_run(cfg)
     s = EvalSettings.from_dict(run.extra.get("eval", {}))
     run_dir = run.trainer.run_dir
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     check = prompt_check(tokenizer, s, run.model.max_position_embeddings)
     benchmarks = [load_benchmark(spec, check, run.trainer.seed) for spec in s.benchmarks]
 
@@ -595,7 +596,7 @@ def sampling_manifest(run, s: EvalSettings) -> dict[str, Any]:
 
     return {"grm": where(run.trainer.load), "metarm": where(s.metarm), "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens, "variant": s.variant, "chat": s.chat, "seed": run.trainer.seed,
-            "tokenizer": run.model.tokenizer or "char"}
+            "tokenizer": tokenizer_name(run)}
 
 
 def check_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
@@ -666,7 +667,7 @@ def _progress(total: int, desc: str):
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg) -> None:
-    evaluate(cfg)
+    run_stage(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
 from megatron_grm.train.losses import LossOutput, grpo_loss
 
@@ -253,9 +253,10 @@ def train_grpo(cfg: Any) -> Trainer:
     data = run.extra.get("data", {})
     if not data.get("train"):
         raise ValueError("data.train is not set (a JSONL path or e.g. arithmetic:train:512)")
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
-    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "grpo",
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "grpo",
                                      "grpo": dataclasses.asdict(s)})
     from megatron_grm.rollout.engine import RolloutEngine
 
@@ -281,7 +282,7 @@ def train_grpo(cfg: Any) -> Trainer:
 
 @hydra.main(config_path=CONF_DIR, config_name="grpo", version_base="1.3")
 def main(cfg) -> None:
-    train_grpo(cfg)
+    run_stage(train_grpo, cfg)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.distributed import barrier, is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import is_correct, roc_auc
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Batch, Trainer
 from megatron_grm.train.losses import LossOutput, binary_cross_entropy
@@ -278,7 +278,8 @@ def train_metarm(cfg: Any) -> Trainer:
     """Gather labelled judgments, attach the head to the GRM backbone, fit with BCE, report held-out metrics."""
     run = prepare_run(cfg)
     t, mc = run.trainer, MetaRMSettings.from_dict(run.extra.get("metarm", {}))
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     model = build_model(run.model, run.parallel, run.precision, t.recompute, wgrad_fusion=True)  # for the Trainer
     resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
     if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)
@@ -295,7 +296,7 @@ def train_metarm(cfg: Any) -> Trainer:
     heldout_samples = to_samples(heldout, tokenizer, t.seq_length)
 
     attach_metarm_head(model, seed=t.seed)
-    metadata = {"tokenizer": run.model.tokenizer or "char", "stage": "metarm",
+    metadata = {"tokenizer": tokenizer_id, "stage": "metarm",
                 "metarm": {"input": "metarm_prompt(GRM prompt, judgment), last token after the final norm",
                            "output": "logit of P(judgment correct) (paper Eq. 10)"}}
     trainer = Trainer(run, metadata=metadata, model=model)
@@ -356,7 +357,7 @@ def _fmt(value: float | None) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="metarm", version_base="1.3")
 def main(cfg) -> None:
-    train_metarm(cfg)
+    run_stage(train_metarm, cfg)
 
 
 if __name__ == "__main__":

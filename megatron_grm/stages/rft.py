@@ -40,7 +40,7 @@ from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
 from megatron_grm.stages.sft import SupervisedObjective, read_sft_jsonl
 from megatron_grm.train import checkpoint as ckpt
@@ -377,10 +377,11 @@ def train_rft(cfg: Any) -> Trainer:
     t = run.trainer
     settings = RFTSettings.from_dict(run.extra.get("rft"))
     data = run.extra.get("data", {}) or {}
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     samples_dir = settings.samples_dir or os.path.join(t.run_dir, "samples")
     load = starting_checkpoint(t.load, settings.phase)
-    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "rft"})
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "rft"})
     fresh = ckpt.latest_checkpoint(trainer.ckpt_root) is None
     if load:
         trainer.load_weights(load)  # the policy that samples, and where SFT starts
@@ -502,7 +503,7 @@ def _write_results(run_dir: str, results: dict[str, Any]) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="rft", version_base="1.3")
 def main(cfg) -> None:
-    train_rft(cfg)
+    run_stage(train_rft, cfg)
 
 
 if __name__ == "__main__":

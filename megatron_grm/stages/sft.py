@@ -14,7 +14,7 @@ import hydra
 import torch
 
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.stages.common import CONF_DIR, prepare_run
+from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.loop import Batch, Trainer, token_nll_forward
 from megatron_grm.train.losses import LossOutput, masked_token_nll
 from megatron_grm.train.producers import Sample, SampleBatchProducer
@@ -77,13 +77,14 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
 def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
     """Build the trainer, resume if the run has a checkpoint, fit, and return the trainer."""
     run = prepare_run(cfg)
-    tokenizer = load_tokenizer(run.model.tokenizer or "char")
+    tokenizer_id = tokenizer_name(run)
+    tokenizer = load_tokenizer(tokenizer_id)
     data = run.extra.get("data", {})
     if samples is None:
         if not data.get("train"):
             raise ValueError("data.train is not set: give a JSONL file of prompt/response records")
         samples = read_sft_jsonl(data["train"], tokenizer, run.trainer.seq_length, data.get("bad_records", "fail"))
-    trainer = Trainer(run, metadata={"tokenizer": run.model.tokenizer or "char", "stage": "sft"})
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "sft"})
     t = run.trainer
     producer = SampleBatchProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
                                    pad_id=tokenizer.pad_id, seed=t.seed)
@@ -95,7 +96,7 @@ def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
 
 @hydra.main(config_path=CONF_DIR, config_name="sft", version_base="1.3")
 def main(cfg) -> None:
-    train_sft(cfg)
+    run_stage(train_sft, cfg)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,21 @@ def rft_run(bootstrap, tmp_path_factory) -> Path:
     """One uninterrupted ``rft.phase=all`` run: sample → filter → 4 SFT steps → checkpoint."""
     run_dir = tmp_path_factory.mktemp("rft") / "run"
     checkpoints = str(Path(bootstrap["checkpoint"]).parent)  # a checkpoints folder: its latest is loaded
-    torchrun(RFT, 2, rft_args(run_dir, checkpoints), timeout=1200)
+    proc = torchrun(RFT, 2, rft_args(run_dir, checkpoints), timeout=1200)
+    (run_dir / "stage_output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_only_rank_0_logs_info_and_writes_the_run_log(rft_run):
+    """Under Hydra (which configures logging first) every line carries its rank; rank 1 logs warnings only,
+    and only rank 0 appends to the run's log file (a shared filesystem on a cluster)."""
+    output = (rft_run / "stage_output.txt").read_text()
+    assert " rank0] INFO " in output
+    assert " rank1] INFO " not in output
+    logs = list((rft_run / "hydra").glob("*.log"))
+    assert logs, sorted(p.name for p in (rft_run / "hydra").iterdir())
+    text = "".join(p.read_text() for p in logs)
+    assert " rank0] INFO " in text and " rank1]" not in text
 
 
 def read_records(samples_dir: Path) -> list[dict]:

@@ -35,8 +35,10 @@ def rmb_files(root: str | Path, subset: Subset) -> list[Path]:
     """All JSON files of one RMB subset under ``root``, sorted (for a stable order)."""
     folder = Path(root) / SUBSET_DIRS[subset]
     if not folder.is_dir():
+        where = "" if Path(root).is_absolute() else f"; a relative path is read from the current directory {Path.cwd()}"
         raise FileNotFoundError(
-            f"RMB folder {folder} not found (expected {SUBSET_DIRS[subset]}/ under {root})"
+            f"RMB folder {folder} not found (expected {SUBSET_DIRS[subset]}/ under {root}{where}; an absolute "
+            "path in the data spec, e.g. rmb:/data/rmb:pairwise, reads the same from any folder)"
         )
     return sorted(folder.rglob("*.json"))
 

@@ -1,0 +1,54 @@
+"""stages/common.py: what every stage checks before it builds anything — the tokenizer it reads with,
+and that a GPU cluster config finds CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_grm.stages.common import check_cuda_matches_cluster, load_config, tokenizer_name
+from megatron_grm.train.config import RunConfig
+
+
+def _run(overrides: list[str]) -> RunConfig:
+    return RunConfig.from_dict(load_config("sft", overrides))
+
+
+def _checkpoint_root(root, tokenizer: str | None):
+    """A checkpoint root as tools/convert leaves it: ``latest`` naming an iteration with model_config.json."""
+    folder = root / "iter_0000000"
+    folder.mkdir(parents=True)
+    (folder / "model_config.json").write_text(json.dumps({"model": {}, "tokenizer": tokenizer}))
+    (root / "latest").write_text("iter_0000000")
+    return root
+
+
+def test_a_real_model_without_a_tokenizer_is_refused_instead_of_reading_characters():
+    with pytest.raises(ValueError, match="vocab_size=128256 would read the character tokenizer"):
+        tokenizer_name(_run(["model=llama3_8b"]))
+
+
+def test_the_tokenizer_recorded_in_the_loaded_checkpoint_is_used(tmp_path):
+    root = _checkpoint_root(tmp_path / "ckpt", "/models/llama3/tokenizer")
+    assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={root}"])) == "/models/llama3/tokenizer"
+    assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={root}/iter_0000000"])) == \
+        "/models/llama3/tokenizer"
+    assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={root}", "model.tokenizer=/mine"])) == "/mine"
+    silent = _checkpoint_root(tmp_path / "silent", None)
+    with pytest.raises(ValueError, match="records none"):
+        tokenizer_name(_run(["model=llama3_8b", f"trainer.load={silent}"]))
+
+
+def test_the_cpu_models_read_the_character_tokenizer():
+    assert tokenizer_name(_run(["model=tiny"])) == "char"
+    assert tokenizer_name(_run(["model=tiny", "model.tokenizer=null"])) == "char"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a process without CUDA must give")
+def test_a_gpu_cluster_config_without_cuda_is_refused():
+    check_cuda_matches_cluster(_run(["cluster=local_cpu"]))
+    with pytest.raises(RuntimeError, match="cluster=h200_1gpu names H200 GPUs but this process sees no CUDA"):
+        check_cuda_matches_cluster(_run(["cluster=h200_1gpu", "model=llama3_8b", "precision=bf16",
+                                         "trainer.global_batch_size=4"]))
