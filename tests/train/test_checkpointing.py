@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,8 +48,12 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
             assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
             assert time.time() < deadline, "the run never reached the step-6 save"
             time.sleep(0.2)
-        # The step-6 files are written but not yet published: kill everything now.
+        # The step-6 files are written but not yet published: kill everything now (torchrun's worker runs
+        # in a session of its own, so by pid as well as torchrun's process group).
+        worker = int((run / "in_save").read_text().split()[0])
         os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     ckpts = run / "checkpoints"

@@ -117,8 +117,10 @@ def main() -> None:
             def hanging_save(state, folder, *a, **k):
                 out = real_save(state, folder, *a, **k)
                 if f"iter_{args.hang_in_save_of:07d}" in str(folder):
-                    with open(os.path.join(args.run_dir, "in_save"), "w") as f:
-                        f.write(str(folder))
+                    marker = os.path.join(args.run_dir, "in_save")
+                    with open(marker + ".tmp", "w") as f:
+                        f.write(f"{os.getpid()}\n{folder}")  # the test kills this worker by pid
+                    os.replace(marker + ".tmp", marker)
                     import time
 
                     time.sleep(600)  # the test kills us here
