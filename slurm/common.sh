@@ -86,7 +86,8 @@ grm_rendezvous() {
     local hosts
     mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}")
     export MASTER_ADDR=${hosts[0]:-localhost}
-    export MASTER_PORT=${GRM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    # 20000-29999: below Linux's ephemeral range (32768+), where an outgoing connection may hold the port.
+    export MASTER_PORT=${GRM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 }
 
 # Communication and threading defaults; whatever the user exported before sbatch wins.
