@@ -91,7 +91,13 @@ def _recorded_tokenizer(load: str | None) -> str | None:
     folder = ckpt.latest_checkpoint(load) if os.path.isfile(os.path.join(load, ckpt.LATEST)) else load
     if not os.path.isfile(os.path.join(folder, ckpt.MODEL_CONFIG)):
         return None
-    return ckpt.read_metadata(folder).get("tokenizer")
+    recorded = ckpt.read_metadata(folder).get("tokenizer")
+    if recorded and recorded != "char" and not os.path.exists(recorded):
+        # Recorded relative to the converter's working directory: the copy beside the iterations.
+        beside = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
+        if os.path.isdir(beside):
+            return beside
+    return recorded
 
 
 def prepare_run(cfg: Any) -> RunConfig:
