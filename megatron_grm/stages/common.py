@@ -125,6 +125,8 @@ def check_cuda_matches_cluster(run: RunConfig) -> None:
             f"cluster={run.cluster.name} names {run.cluster.gpu} GPUs but this process sees no CUDA (torch "
             f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use "
             "cluster=local_cpu for a CPU run")
+    if run.precision.fp8 is not None and torch.cuda.is_available():  # the config's check trusted the cluster file
+        run.precision.check_hardware(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
 
 
 def load_config(name: str, overrides: list[str] | None = None) -> dict[str, Any]:
