@@ -72,7 +72,7 @@ def tokenizer_name(run: RunConfig) -> str:
     enough to be one of the CPU models over it: a real model would silently read characters."""
     if run.model.tokenizer:
         return run.model.tokenizer
-    recorded = _recorded_tokenizer(run.trainer.load)
+    recorded = _recorded_tokenizer(run)
     if recorded:
         return recorded
     if run.model.vocab_size > CHAR_VOCAB_LIMIT:
@@ -83,21 +83,24 @@ def tokenizer_name(run: RunConfig) -> str:
     return "char"
 
 
-def _recorded_tokenizer(load: str | None) -> str | None:
-    from megatron_grm.train import checkpoint as ckpt
+def _recorded_tokenizer(run: RunConfig) -> str | None:
+    """The tokenizer of the checkpoint ``trainer.load`` names, found as the exporter finds it (the folder its
+    metadata records, else ``<root>/tokenizer``); the recorded value itself when neither is on disk, so the
+    loader's error names it."""
+    from megatron_grm.models.hf_convert import find_tokenizer, resolve_checkpoint
+    from megatron_grm.train.checkpoint import read_metadata
 
-    if not load:
+    if not run.trainer.load:
         return None
-    folder = ckpt.latest_checkpoint(load) if os.path.isfile(os.path.join(load, ckpt.LATEST)) else load
-    if not os.path.isfile(os.path.join(folder, ckpt.MODEL_CONFIG)):
-        return None
-    recorded = ckpt.read_metadata(folder).get("tokenizer")
-    if recorded and recorded != "char" and not os.path.exists(recorded):
-        # Recorded relative to the converter's working directory: the copy beside the iterations.
-        beside = os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")
-        if os.path.isdir(beside):
-            return beside
-    return recorded
+    try:
+        folder, root = resolve_checkpoint(run.trainer.load)
+    except FileNotFoundError:
+        return None  # not a checkpoint (yet): the stage's own load reports it
+    recorded = read_metadata(str(folder)).get("tokenizer")
+    if recorded == "char":
+        return recorded
+    found = find_tokenizer({"tokenizer": recorded}, run.model, root)
+    return str(found) if found is not None else recorded
 
 
 def prepare_run(cfg: Any) -> RunConfig:

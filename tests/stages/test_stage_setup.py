@@ -38,6 +38,7 @@ def test_the_tokenizer_recorded_in_the_loaded_checkpoint_is_used(tmp_path):
     assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={root}", "model.tokenizer=/mine"])) == "/mine"
     moved = _checkpoint_root(tmp_path / "moved", "relative/out/tokenizer")  # converted elsewhere with --out relative
     (moved / "tokenizer").mkdir()
+    (moved / "tokenizer" / "tokenizer_config.json").write_text("{}")  # what tools/convert copies there
     assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={moved}"])) == str(moved / "tokenizer")
     silent = _checkpoint_root(tmp_path / "silent", None)
     with pytest.raises(ValueError, match="records none"):
