@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Two xdist workers share the machine's cores (pyproject's addopts): one intra-op thread each, set before
+# torch is imported; subprocess ranks get OMP_NUM_THREADS=1 from their launchers as before.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 # shared/ lies beside the checkout (developers and CI alike); RMB is read there, never copied.
 RMB_ROOT = REPO.parent / "shared" / "data" / "rmb"
 
@@ -34,9 +38,44 @@ def read_json(path: str | Path):
         return json.load(f)
 
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts; CI has 2 cores). A scheduling unit is a
+# whole file, so a module fixture (a trained model, a converted checkpoint) is built once. The files that
+# read the session's `pipeline` (the demo run, ~2/5 of the suite's CPU time) form one unit with the Slurm
+# tests (which take its bootstrap model and share one live cluster per session). That unit goes first and
+# starts with the demo run, so the other worker works through every other file beside it. (xdist's own
+# `loadgroup` cannot do this: pytest 9 ignores the test-id suffix it relies on.)
+PIPELINE_FILES = ("tests/grpo/test_grpo_stage.py", "tests/pipeline/test_demo.py", "tests/stages/test_rft.py")
+
+
+def scheduling_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    if path in PIPELINE_FILES or path.startswith("tests/slurm/"):
+        return "pipeline"
+    return path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    return FileUnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    readers = sorted({str(item.path.relative_to(REPO)) for item in items
+                      if "pipeline" in getattr(item, "fixturenames", ())
+                      and scheduling_unit(item.nodeid) != "pipeline"})
+    if readers:
+        raise pytest.UsageError(f"{readers} use the `pipeline` fixture: add them to PIPELINE_FILES in "
+                                "tests/conftest.py (else each xdist worker would run the demo pipeline)")
+    # The pipeline unit first, and in it the tests that take the demo run first; stable otherwise.
+    items.sort(key=lambda item: (scheduling_unit(item.nodeid) != "pipeline",
+                                 "pipeline" not in getattr(item, "fixturenames", ())))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (GPU-only path)")
