@@ -20,7 +20,7 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_grm.models.conversion_launch import prepare_single_process, relaunch_under_torchrun, under_torchrun
+from megatron_grm.models.conversion_launch import relaunch_under_torchrun, under_torchrun
 from megatron_grm.models.hf_adapter import ConfigError
 from megatron_grm.models.hf_convert import open_hf
 from megatron_grm.models.hf_io import TOKENIZER_FILES, HFFolderError
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"[rank{env.rank}] %(levelname)s %(name)s: %(message)s")
-    prepare_single_process()
     init_parallel(ParallelLayout(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     try:
         folder = convert_hf_to_mcore(src.folder, args.out, ParallelLayout(args.tp, args.pp), args.dtype,

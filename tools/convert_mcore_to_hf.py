@@ -21,7 +21,6 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_grm.models.conversion_launch import prepare_single_process
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     if dist_env().world_size != 1:
         print("error: convert_mcore_to_hf runs in one process (it reshards to TP=1/PP=1 itself)", file=sys.stderr)
         return 2
-    prepare_single_process()
     init_parallel(ParallelLayout())
     try:
         out = export_mcore_to_hf(args.ckpt, args.out, args.max_shard_size, args.dtype,

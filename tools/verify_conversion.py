@@ -22,8 +22,6 @@ try:
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_grm.models.conversion_launch import prepare_single_process
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_grad_enabled(False)
     hf_model = parity.load_hf_model(args.hf)
-    prepare_single_process()
     init_parallel(ParallelLayout())
     try:
         model, cfg, _, folder = load_megatron_model(args.ckpt)

@@ -1,22 +1,15 @@
 """How the conversion tools get their processes: torchrun when asked for TP*PP > 1, one process otherwise.
 
 The tools may be started plainly (``python tools/convert_hf_to_mcore.py --tp 2``): they then start
-themselves again under ``torch.distributed.run`` with TP*PP processes. A single process still needs a
-rendezvous address for gloo; a free port is picked so concurrent runs on one machine do not collide.
+themselves again under ``torch.distributed.run`` with TP*PP processes. A single process gets its rendezvous
+address from :func:`megatron_grm.parallel.distributed.init_parallel` (a free port).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def under_torchrun() -> bool:
@@ -29,11 +22,3 @@ def relaunch_under_torchrun(script: str, argv: list[str], nproc: int) -> int:
            script, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)
-
-
-def prepare_single_process() -> None:
-    """Rendezvous variables for a one-process gloo group, unless a launcher already set them."""
-    if under_torchrun():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))

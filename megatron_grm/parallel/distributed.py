@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,13 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def process_group_backend(cuda: bool) -> str:
     """NCCL for CUDA tensors and, on a GPU cluster too, gloo for CPU ones: the loop's control collectives
     (stop flags, metric names, checkpoint bookkeeping) reduce small CPU tensors, which NCCL cannot."""
@@ -101,6 +109,10 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         if cuda:
             torch.cuda.set_device(env.local_rank)
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process started without a launcher (a tool, `python -m megatron_grm.stages.evaluate`) has
+            # no peer to agree with; a fixed default port would collide with the next such run on this node.
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
         torch.distributed.init_process_group(
             backend=process_group_backend(cuda),
