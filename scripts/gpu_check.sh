@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run, for a node with NVIDIA GPUs (an NGC image, or any Python with a
+# CUDA build of torch and this project's dependencies): what the machine has, the GPU-marked tests (the TE
+# spec against the local spec, Gemma-2 on TE, the Trainer on a GPU, the dynamic inference engine), the
+# single-GPU MFU benchmark (bf16 and FP8) and the trainer-vs-transformers step benchmark in bf16.
+#   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check; PYTHON=... picks the interpreter)
+# Each part writes its log (and JSON) under OUT_DIR and the script goes on after a failure; the exit status
+# is the number of parts that failed. Without CUDA every part skips cleanly and says so.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+out=${1:-runs/gpu_check}
+py=${PYTHON:-.venv/bin/python}
+[ -x "$py" ] || py=python3
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NVIDIA_TF32_OVERRIDE=0
+failed=0
+
+part() {  # part NAME COMMAND...: run it, keep its output in OUT_DIR/NAME.log, count a failure
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local began=$SECONDS
+  if "$@" >"$out/$name.log" 2>&1; then
+    echo "== $name: ok in $((SECONDS - began)) s"
+    tail -n 15 "$out/$name.log"
+  else
+    echo "== $name: FAILED (exit $?) in $((SECONDS - began)) s; the end of $out/$name.log:"
+    tail -n 40 "$out/$name.log"
+    failed=$((failed + 1))
+  fi
+}
+
+# shellcheck disable=SC2317  # called through part
+environment() {  # what this node has: torch and CUDA, the GPUs, the optional GPU libraries
+  "$py" - <<'PY'
+import importlib.util, shutil, subprocess, torch
+print("torch", torch.__version__, "| CUDA build", torch.version.cuda, "| CUDA available", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+for name in ("megatron.core", "transformer_engine", "flash_attn", "flash_attn_3", "apex", "nvidia.dali", "transformers"):
+    found = importlib.util.find_spec(name.split(".")[0]) is not None and importlib.util.find_spec(name) is not None
+    print(name + ": " + ("present" if found else "absent"))
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+PY
+}
+
+part environment environment
+part gpu_tests "$py" -m pytest -m gpu -n 0 -v -rs -p no:cacheprovider tests
+part gpu_mfu "$py" bench/gpu_mfu.py --json "$out/gpu_mfu.json"
+if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  part train_step_bf16 "$py" bench/train_step.py --dtype bf16 --json "$out/train_step_bf16.json"
+else
+  echo "== train_step_bf16: no CUDA device, skipped (bench/train_step.py --clock cpu measures the CPU path)"
+fi
+echo "== $failed part(s) failed; logs in $out"
+exit "$failed"

@@ -1,0 +1,50 @@
+"""``scripts/gpu_check.sh``, the one script a GPU node runs, on this CPU machine: every part runs and skips
+cleanly with its reason, each keeps its log, and a failing part is counted in the exit status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the real checks")
+
+
+def run_check(out: Path, python: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": python}
+    return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_without_cuda_every_part_runs_and_says_why_it_skips(tmp_path):
+    proc = run_check(tmp_path / "out", sys.executable)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    out = tmp_path / "out"
+    environment = (out / "environment.log").read_text()
+    assert f"torch {torch.__version__}" in environment and "CUDA available False" in environment
+    assert "megatron.core: present" in environment
+    tests = (out / "gpu_tests.log").read_text()
+    # The gpu-marked tests are selected (not silently none) and each skips with the conftest's reason.
+    skipped = [line for line in tests.splitlines() if "SKIPPED" in line and "needs CUDA" in line]
+    assert len(skipped) >= 4, tests[-3000:]
+    assert " passed" not in tests.splitlines()[-1]
+    assert "no CUDA device: skipping the GPU MFU benchmark" in (out / "gpu_mfu.log").read_text()
+    assert "train_step_bf16: no CUDA device, skipped" in proc.stdout
+    assert proc.stdout.strip().endswith(f"0 part(s) failed; logs in {out}")
+
+
+def test_each_failing_part_is_counted_in_the_exit_status(tmp_path):
+    failing = tmp_path / "python"
+    failing.write_text("#!/bin/sh\necho 'no interpreter here' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    proc = run_check(tmp_path / "out", str(failing))
+    assert proc.returncode == 3, proc.stdout  # environment, gpu_tests, gpu_mfu; the bf16 step needs CUDA first
+    for part in ("environment", "gpu_tests", "gpu_mfu"):
+        assert f"== {part}: FAILED (exit 3)" in proc.stdout
+        assert "no interpreter here" in (tmp_path / "out" / f"{part}.log").read_text()
