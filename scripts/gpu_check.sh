@@ -7,8 +7,9 @@
 # Each part writes its log (and JSON) under OUT_DIR and the script goes on after a failure; the exit status
 # is the number of parts that failed. Without CUDA every part skips cleanly and says so.
 set -uo pipefail
+out=${1:+$(realpath -m "$1")}  # relative to where it was called from
 cd "$(dirname "$0")/.." || exit 1
-out=${1:-runs/gpu_check}
+out=${out:-runs/gpu_check}
 py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
 mkdir -p "$out"
@@ -38,9 +39,12 @@ print("torch", torch.__version__, "| CUDA build", torch.version.cuda, "| CUDA av
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"device {i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
-for name in ("megatron.core", "transformer_engine", "flash_attn", "flash_attn_3", "apex", "nvidia.dali", "transformers"):
+for name in ("megatron.core", "transformer_engine", "flash_attn", "flash_attn_interface", "apex", "nvidia.dali",
+             "transformers"):
     found = importlib.util.find_spec(name.split(".")[0]) is not None and importlib.util.find_spec(name) is not None
     print(name + ": " + ("present" if found else "absent"))
+from megatron_grm.rollout.dynamic_backend import missing_runtime
+print("dynamic inference engine: " + (missing_runtime() or "usable"))
 if shutil.which("nvidia-smi"):
     print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 PY

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 
 
 
 def run_check(out: Path, python: str) -> subprocess.CompletedProcess:
+    """Called from ``out``'s parent with a relative OUT_DIR, as a user would: the logs land there."""
     env = {**os.environ, "PYTHON": python}
-    return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(["bash", str(SCRIPT), out.name], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=out.parent)
 
 
 def test_without_cuda_every_part_runs_and_says_why_it_skips(tmp_path):
@@ -28,7 +30,7 @@ def test_without_cuda_every_part_runs_and_says_why_it_skips(tmp_path):
     out = tmp_path / "out"
     environment = (out / "environment.log").read_text()
     assert f"torch {torch.__version__}" in environment and "CUDA available False" in environment
-    assert "megatron.core: present" in environment
+    assert "megatron.core: present" in environment and "dynamic inference engine: needs CUDA" in environment
     tests = (out / "gpu_tests.log").read_text()
     # The gpu-marked tests are selected (not silently none) and each skips with the conftest's reason.
     skipped = [line for line in tests.splitlines() if "SKIPPED" in line and "needs CUDA" in line]
