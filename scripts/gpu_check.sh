@@ -11,7 +11,7 @@ out=${1:+$(realpath -m "$1")}  # relative to where it was called from
 cd "$(dirname "$0")/.." || exit 1
 out=${out:-runs/gpu_check}
 py=${PYTHON:-.venv/bin/python}
-[ -x "$py" ] || py=python3
+if [ -z "${PYTHON:-}" ] && [ ! -x "$py" ]; then py=python3; fi  # no venv here: the machine's Python
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NVIDIA_TF32_OVERRIDE=0
 failed=0
