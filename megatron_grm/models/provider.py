@@ -173,7 +173,27 @@ def build_model(
     )
     if use_te:
         refuse_masks_the_core_ignores(model)
+    cast = params_to_dtype(model, config.params_dtype)
+    if cast:
+        log.info("%d parameter(s) the layer spec left in another dtype cast to %s (norm weights of the local spec)",
+                 cast, config.params_dtype)
     return model.to(device())
+
+
+def params_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Every floating-point parameter in ``dtype``; returns how many were cast.
+
+    The local spec's torch norms ignore ``params_dtype`` and keep fp32 weights in a bf16 model. Megatron's
+    own bf16 training casts the whole model (``Float16Module``), and its non-distributed mixed-precision
+    optimizer (one data-parallel rank) keys its checkpoint by the 16-bit parameters only: a single fp32
+    weight made every bf16 save on one rank fail ("Param id ... does not match any model sharded param").
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def refuse_masks_the_core_ignores(model: torch.nn.Module, core_cls: type | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_json, torchrun
+from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
@@ -39,7 +39,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone", str(SCRIPT),
            "--run-dir", str(run), "--init", str(init_ckpt), "--steps", "6", "--save-interval", "3",
            "--hang-in-save-of", "6", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -108,3 +108,24 @@ def test_a_checkpoint_without_te_extra_state_loads_and_a_really_missing_entry_is
     assert report["te_extra_state_value"] == "None"
     assert report["max_weight_diff"] == 0.0
     assert "decoder.extra.weight" in report["missing_error"] and str(tmp_path / "ckpt") in report["missing_error"]
+
+
+def test_bf16_on_one_rank_saves_and_resumes_exactly(tmp_path):
+    """bf16 with one data-parallel rank takes Megatron's non-distributed mixed-precision optimizer, which
+    checkpoints 16-bit parameters only: the local spec's fp32 norm weights made its first save fail. The
+    model is all bf16, and a run stopped at step 2 and resumed ends as the straight run does."""
+    common = ["--precision", "bf16", "--steps", "4", "--save-interval", "2"]
+    straight, split = tmp_path / "straight.json", tmp_path / "split.json"
+    torchrun(SCRIPT, 1, [*common, "--run-dir", str(tmp_path / "a"), "--out", str(straight)])
+    torchrun(SCRIPT, 1, [*common, "--run-dir", str(tmp_path / "b"), "--exit-after", "2", "--out", str(split)])
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    resumed = tmp_path / "resumed.json"
+    torchrun(SCRIPT, 1, [*common, "--run-dir", str(tmp_path / "b"), "--resume", "--out", str(resumed)])
+    want, got = read_json(straight), read_json(resumed)
+    assert got["step"] == 4 and got["error"] is None
+    assert got["losses"] == want["losses"][2:]
+    a, b = torch.load(f"{resumed}.rank0.pt"), torch.load(f"{straight}.rank0.pt")
+    weights = {k: v for k, v in a.items() if v.is_floating_point()}
+    assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

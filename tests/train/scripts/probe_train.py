@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
     ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
     ap.add_argument("--loss-tokens-only", type=int, default=1, help="0: the output layer projects every position")
+    ap.add_argument("--precision", default="fp32", help="conf/precision choice: fp32 or bf16")
     args = ap.parse_args()
 
     from megatron_grm.parallel.fused_adam import inner_torch_optimizers
@@ -77,7 +78,7 @@ def main() -> None:
         f"trainer.micro_batch_size={args.mbs}", f"trainer.global_batch_size={args.gbs}",
         f"trainer.max_steps={args.steps}", "trainer.seq_length=32", f"trainer.run_dir={args.run_dir}",
         f"optimizer.use_distributed_optimizer={bool(args.dist_opt)}", "optimizer.warmup_steps=0",
-        "model.num_layers=4",
+        "model.num_layers=4", f"precision={args.precision}",
     ]
     if not args.fused_adam:
         overrides.append("optimizer.fused_kernel=false")
