@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# What child processes get as PYTHONPATH: this checkout first, then whatever the caller set (e.g. packages
+# installed with `pip --target` on a GPU node whose Python lacks them).
+REPO_PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 # Two xdist workers share the machine's cores (pyproject's addopts): one intra-op thread each, set before
 # torch is imported; subprocess ranks get OMP_NUM_THREADS=1 from their launchers as before.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -25,7 +28,7 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--standalone", str(script), *args]
     full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    full_env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
+    full_env.update({"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", **(env or {})})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"
@@ -107,7 +110,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     run_dir = tmp_path_factory.mktemp("pipeline") / "demo"
     cmd = [sys.executable, "-m", "megatron_grm.demo", "--scale", "test", "--run-dir", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                     f"--- stderr ---\n{proc.stderr[-6000:]}")

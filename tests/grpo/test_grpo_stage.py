@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from megatron_grm.train.logger import read_scalars
-from tests.conftest import REPO
+from tests.conftest import REPO, REPO_PYTHONPATH
 
 
 def _stage(module: str, nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            f"megatron_grm.stages.{module}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 

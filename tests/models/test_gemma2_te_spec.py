@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_json
+from tests.conftest import REPO_PYTHONPATH, read_json
 from tests.models.hf_models import save_random_hf
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -24,7 +24,7 @@ def test_te_spec_gemma2_loads_local_checkpoint_and_matches_transformers(tmp_path
 
     hf = save_random_hf("gemma2", tmp_path / "hf")
     # NVIDIA_TF32_OVERRIDE=0: TE would run the fp32 GEMMs in TF32, HF's reference runs them in fp32.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "NVIDIA_TF32_OVERRIDE": "0"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "NVIDIA_TF32_OVERRIDE": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
            str(SCRIPTS / "gemma2_te_parity.py"), "--hf", str(hf), "--work", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

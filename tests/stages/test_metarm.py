@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_json, torchrun
+from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
 from tests.stages.scripts.metarm_data import synthetic_judgment_records, write_records
 
 SCRIPT = Path(__file__).parent / "scripts" / "metarm_train.py"
@@ -102,7 +102,7 @@ def test_hf_export_gives_the_same_metarm_logits(trained):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), "--ckpt",
                            str(trained["run_dir"] / "checkpoints"), "--out", str(hf), "--no-tokenizer"],
                           capture_output=True, text=True, timeout=180, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     head = load_file(str(hf / "metarm_head.safetensors"))
     with safe_open(str(hf / "metarm_head.safetensors"), "pt") as f:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from megatron_grm.train.signals import EXIT_CODE_PREEMPTED
-from tests.conftest import REPO, read_json, torchrun
+from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
@@ -67,7 +67,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
            "megatron_grm.stages.sft", f"data.train={data}", f"trainer.run_dir={run}", "trainer.max_steps=100000",
            "trainer.seq_length=64", "parallel=tp2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     deadline = time.time() + 240
@@ -105,7 +105,7 @@ def test_tensorboard_events_hold_the_loss_of_every_step(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
          "megatron_grm.stages.sft", f"data.train={data}", f"trainer.run_dir={run}", "trainer.max_steps=5",
          "trainer.seq_length=64", "parallel=pp2", "model.num_layers=2", "trainer.peak_tflops=1.0"],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,
+        env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,
         text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     printed = {int(line.split()[1].split("/")[0]): float(line.split("| loss ")[1].split()[0])

@@ -1,4 +1,5 @@
-"""GPU only: the Trainer on host-collated micro-batches (what every stage's producer yields), 3 steps.
+"""GPU only: the Trainer on host-collated micro-batches (what every stage's producer yields), 3 steps and a
+checkpoint, in fp32 and in bf16 (what GPU runs use).
 
 The producers collate on the CPU; the Trainer moves each micro-batch to the model's device. Without that,
 every stage failed at its first forward on a GPU while all CPU tests passed.
@@ -17,12 +18,14 @@ SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
 
 @pytest.mark.gpu
-def test_the_trainer_takes_host_batches_on_a_gpu(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_trainer_takes_host_batches_on_a_gpu(tmp_path, precision):
     out = tmp_path / "gpu.json"
-    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "3", "--out", str(out)],
-             env={"CUDA_VISIBLE_DEVICES": "0"})
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "3", "--precision", precision,
+                         "--save-interval", "3", "--out", str(out)], env={"CUDA_VISIBLE_DEVICES": "0"})
     got = read_json(out)
     assert got["error"] is None and got["step"] == 3
     assert got["skipped"] == [False, False, False]
     assert all(math.isfinite(x) for x in got["losses"]) and all(math.isfinite(g) for g in got["grad_norms"])
     assert len(set(got["losses"])) == 3  # three different batches, three updates
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
