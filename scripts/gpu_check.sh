@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one run, for a node with NVIDIA GPUs (an NGC image, or any Python with a
 # CUDA build of torch and this project's dependencies): what the machine has, the GPU-marked tests (the TE
-# spec against the local spec, Gemma-2 on TE, the Trainer on a GPU, the dynamic inference engine), the
-# single-GPU MFU benchmark (bf16 and FP8) and the trainer-vs-transformers step benchmark in bf16.
-#   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check; PYTHON=... picks the interpreter)
+# spec against the local spec, Gemma-2 on TE, the Trainer in fp32 and bf16, the GRPO stage in bf16, the
+# dynamic inference engine), the single-GPU MFU benchmark (bf16 and FP8) and the trainer-vs-transformers step
+# benchmark in bf16 (0.9B).
+#   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check; PYTHON=... picks the interpreter;
+#                                             PART_TIMEOUT=SECONDS stops a part that runs longer)
 # Each part writes its log (and JSON) under OUT_DIR and the script goes on after a failure; the exit status
 # is the number of parts that failed. Without CUDA every part skips cleanly and says so.
 set -uo pipefail
@@ -21,7 +23,11 @@ part() {  # part NAME COMMAND...: run it, keep its output in OUT_DIR/NAME.log, c
   shift
   echo "== $name: $*"
   local began=$SECONDS
-  if "$@" >"$out/$name.log" 2>&1; then
+  local limit=()
+  if [ -n "${PART_TIMEOUT:-}" ] && [ "$(type -t "$1")" = file ]; then  # not the shell functions (quick)
+    limit=(timeout --kill-after=15 "$PART_TIMEOUT")
+  fi
+  if "${limit[@]}" "$@" >"$out/$name.log" 2>&1; then
     echo "== $name: ok in $((SECONDS - began)) s"
     tail -n 15 "$out/$name.log"
   else
@@ -54,7 +60,9 @@ part environment environment
 part gpu_tests "$py" -m pytest -m gpu -n 0 -v -rs -p no:cacheprovider tests
 part gpu_mfu "$py" bench/gpu_mfu.py --json "$out/gpu_mfu.json"
 if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  part train_step_bf16 "$py" bench/train_step.py --dtype bf16 --json "$out/train_step_bf16.json"
+  # A 0.9B Llama shape at 4 x 2048 tokens: large enough that neither side is bound by kernel launches.
+  part train_step_bf16 "$py" bench/train_step.py --dtype bf16 --layers 16 --hidden 2048 --ffn 5632 --heads 16 \
+    --kv-heads 8 --seq 2048 --batch 4 --steps 6 --warmup 2 --matmul-n 8192 --json "$out/train_step_bf16.json"
 else
   echo "== train_step_bf16: no CUDA device, skipped (bench/train_step.py --clock cpu measures the CPU path)"
 fi

@@ -50,3 +50,16 @@ def test_each_failing_part_is_counted_in_the_exit_status(tmp_path):
     for part in ("environment", "gpu_tests", "gpu_mfu"):
         assert f"== {part}: FAILED (exit 3)" in proc.stdout
         assert "no interpreter here" in (tmp_path / "out" / f"{part}.log").read_text()
+
+
+def test_part_timeout_stops_a_hanging_part_and_counts_it(tmp_path):
+    hanging = tmp_path / "python"  # answers the environment report and the CUDA probe, hangs in every part
+    hanging.write_text('#!/bin/sh\ncase "$1" in -) cat >/dev/null; exit 0;; -c) exit 1;; esac\nexec sleep 120\n')
+    hanging.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(hanging), "PART_TIMEOUT": "2"}
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 2, proc.stdout
+    assert "== environment: ok" in proc.stdout
+    for part in ("gpu_tests", "gpu_mfu"):
+        assert f"== {part}: FAILED (exit 124)" in proc.stdout
