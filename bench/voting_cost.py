@@ -88,11 +88,18 @@ def measure(args: argparse.Namespace) -> dict:
     vote = SamplingConfig(temperature=0.5, max_new_tokens=args.new_tokens, ignore_eos=True, seed=args.seed)
     base_prompts = judgment_prompts(args, 1, args.seed)
     timed(engine, base_prompts[:2], greedy)  # warm-up (allocations, lazy init)
+    # On CUDA the first call at a new batch shape compiles Megatron's fused SwiGLU (torch.compile): 3-10 s
+    # on an H200 (bench/rollout_profile.py), which would be most of a timed call. Each shape runs once first.
+    warm_each = torch.cuda.is_available()
+    if warm_each:
+        timed(engine, base_prompts, greedy)
     greedy_s = min(timed(engine, base_prompts, greedy, clock) for _ in range(args.repeats))
     rows = []
     for k in args.ks:
         prompts = judgment_prompts(args, k, args.seed)
         distinct = len({tuple(p) for p in prompts})
+        if warm_each:
+            timed(engine, prompts, vote)
         seconds = min(timed(engine, prompts, vote, clock) for _ in range(args.repeats))
         rows.append({"k": k, "seconds": seconds, "ratio_to_greedy": seconds / greedy_s,
                      "ratio_per_sample": seconds / greedy_s / k, "distinct_prompts": distinct})
