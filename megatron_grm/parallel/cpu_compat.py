@@ -110,14 +110,6 @@ def _type_reporting_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bo
     return _real_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
-def multi_tensor_scale_in_place(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]],
-                                scale: float) -> None:
-    """``dst = src * scale`` for each pair, written straight into ``dst`` (apex's ``multi_tensor_scale``
-    contract; ``src`` may be ``dst``, and ``dst`` may have a narrower dtype: one rounding, as apex)."""
-    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
-        torch.mul(src, scale, out=dst)
-
-
 def without_cpu_compat() -> contextlib.AbstractContextManager:
     """Run a block with the process-global torch-function mode off, e.g. a ``transformers`` model timed
     next to ours in one process, which in a process of its own would not pay for the mode."""
@@ -224,17 +216,6 @@ def apply_cpu_compat() -> bool:
 
     mcore_layers.fused_weight_gradient_mlp_cuda = cpu_wgrad
     mcore_layers._grad_accum_fusion_available = True
-
-    # optimizer/clip_grads.py and optimizer/optimizer.py: without apex/TE, Megatron scales gradients
-    # (clipping) and copies main params to model params with ``dst.copy_(src * scale)``, a fresh
-    # temporary per tensor; a vocabulary-sized one is mmapped and page-faulted anew each step.
-    from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as mcore_optimizer
-
-    for module in (clip_grads, mcore_optimizer):
-        if module.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale:
-            module.multi_tensor_scale_impl = multi_tensor_scale_in_place
 
     # Rollout engine (added): timing events that measure, see _CpuTimingEvent.
     torch.cuda.Event = _CpuTimingEvent  # type: ignore[assignment,misc]
