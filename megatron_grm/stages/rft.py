@@ -440,9 +440,10 @@ def train_rft(cfg: Any) -> Trainer:
                                                data.get("bad_records", "fail"), settings.chat)
         instruction = drop_too_long(instruction, t.seq_length, "instruction data")
     samples = mix_with_instruction(judgments, instruction, settings.instruction_ratio, t.seed)
-    if not samples:
-        raise RuntimeError("rejective sampling kept no judgment and there is no instruction data: nothing to train "
-                           "on (is trainer.load a model that writes judgments? see stages/bootstrap.py)")
+    if not samples:  # instruction data comes in proportion to the kept judgments: none without them
+        raise RuntimeError(f"rejective sampling kept no judgment of {len(records)}: nothing to train on (instruction "
+                           f"data is mixed in at rft.instruction_ratio={settings.instruction_ratio} of the kept "
+                           "judgments). Is trainer.load a model that writes judgments? See stages/bootstrap.py")
     log.info("SFT mix: %d kept judgments + %d instruction samples", len(judgments), len(samples) - len(judgments))
     results.update(sft_judgments=len(judgments), sft_instruction=len(samples) - len(judgments))
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,

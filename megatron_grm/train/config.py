@@ -157,3 +157,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ValueError(f"trainer.recompute={t.recompute!r}; choose null, 'selective' or 'full'")
     if cfg.optimizer.decay_style not in ("constant", "linear", "cosine"):
         raise ValueError(f"optimizer.decay_style={cfg.optimizer.decay_style!r}")
+    if cfg.optimizer.warmup_steps >= max(t.max_steps, 1):  # Megatron's scheduler asserts it, without a message
+        raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} must be smaller than "
+                         f"trainer.max_steps={t.max_steps} (the learning rate warms up, then decays to the last step)")

@@ -41,6 +41,8 @@ def test_shipped_configs_validate():
         (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "global_batch_size=6 is not divisible"),
         (["trainer.seq_length=4096"], 1, "exceeds model.max_position_embeddings=1024"),
         (["trainer.recompute=partial"], 1, "trainer.recompute='partial'"),
+        (["trainer.max_steps=2", "optimizer.warmup_steps=2"], 1,
+         "optimizer.warmup_steps=2 must be smaller than trainer.max_steps=2"),
     ],
 )
 def test_invalid_config_is_rejected_with_its_message(overrides, world, message):
