@@ -88,8 +88,9 @@ def measure(args: argparse.Namespace) -> dict:
     vote = SamplingConfig(temperature=0.5, max_new_tokens=args.new_tokens, ignore_eos=True, seed=args.seed)
     base_prompts = judgment_prompts(args, 1, args.seed)
     timed(engine, base_prompts[:2], greedy)  # warm-up (allocations, lazy init)
-    # On CUDA the first call at a new batch shape compiles Megatron's fused SwiGLU (torch.compile): 3-10 s
-    # on an H200 (bench/rollout_profile.py), which would be most of a timed call. Each shape runs once first.
+    # On CUDA the first call at a new batch shape pays one-off work (torch.compile of Megatron's fused SwiGLU,
+    # cuDNN attention plans): 3-10 s on an H200 against ~0.5 s steady (bench/rollout_profile.py), most of a
+    # timed call. Each shape runs once first.
     warm_each = torch.cuda.is_available()
     if warm_each:
         timed(engine, base_prompts, greedy)
