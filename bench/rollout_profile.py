@@ -15,7 +15,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 try:
@@ -25,16 +24,6 @@ except ImportError:  # run from a checkout without an installed package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-
-
-def timed_call(engine, prompts, sampling) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(prompts, n=1, sampling=sampling)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"backend {engine.backend.name}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"{args.new_tokens} new tokens per row")
     for rows in own.rows:
-        seconds = [timed_call(engine, prompts[:rows], greedy) for _ in range(own.calls)]
+        seconds = [voting_cost.timed(engine, prompts[:rows], greedy) for _ in range(own.calls)]
         per_step = ", ".join(f"{1e3 * s / args.new_tokens:.2f}" for s in seconds)
         print(f"rows {rows:4d}: calls {', '.join(f'{s:.3f}' for s in seconds)} s = {per_step} ms per decode step")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        seconds = timed_call(engine, prompts[:own.rows[-1]], greedy)
+        seconds = voting_cost.timed(engine, prompts[:own.rows[-1]], greedy)
     print(f"profiled call (rows {own.rows[-1]}): {seconds:.3f} s")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=own.top, max_name_column_width=60))
     if torch.cuda.is_available():

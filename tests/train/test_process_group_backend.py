@@ -16,7 +16,7 @@ import sys
 from torch.distributed.distributed_c10d import Backend, BackendConfig
 
 from megatron_grm.parallel.distributed import process_group_backend
-from tests.conftest import REPO
+from tests.conftest import REPO, REPO_PYTHONPATH
 
 
 def _devices(backend: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ def test_a_lone_process_without_a_launcher_rendezvous_on_a_free_port():
     nobody holds, so a second such run on the node (or anything on 29500) does not collide with it."""
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = REPO_PYTHONPATH
     proc = subprocess.run([sys.executable, "-c", _LONE_PROCESS], capture_output=True, text=True, timeout=300,
                           env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
