@@ -173,6 +173,10 @@ def build_model(
     )
     if use_te:
         refuse_masks_the_core_ignores(model)
+    if wgrad_fusion:  # a model headed for DDP: the embedding's rows go straight into main_grad too
+        from megatron_grm.parallel import embedding_grad
+
+        embedding_grad.install(model)
     cast = params_to_dtype(model, config.params_dtype)
     if cast:
         log.info("%d parameter(s) the layer spec left in another dtype cast to %s (norm weights of the local spec)",

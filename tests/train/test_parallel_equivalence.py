@@ -55,12 +55,14 @@ def test_dp2_distributed_optimizer_equals_dp1_with_twice_the_microbatches(init_c
 
 def test_weight_gradients_accumulated_inside_the_gemm_train_like_the_unfused_path(init_ckpt, reference, tmp_path):
     """The Trainer's default: Megatron's gradient_accumulation_fusion, each linear's weight-gradient GEMM adding
-    straight into DDP's main_grad (parallel/cpu_wgrad.py on CPU). Same training as .grad + DDP's hook."""
+    straight into DDP's main_grad (parallel/cpu_wgrad.py on CPU), and the embedding lookup adding its rows
+    there (parallel/embedding_grad.py). Same training as .grad + DDP's hook."""
     unfused = _train(tmp_path, "unfused", 1, init_ckpt, ["--steps", "3", "--wgrad-fusion", "0"])
     assert reference["wgrad_fusion"] is True and unfused["wgrad_fusion"] is False
-    # 4 layers x (QKV, projection, fc1, fc2) + the output layer took the fused path; none did unfused.
-    assert reference["weights_accumulated_in_gemm"] == 17
-    assert unfused["weights_accumulated_in_gemm"] == 0
+    # 4 layers x (QKV, projection, fc1, fc2) + the output layer took the fused GEMM, the embedding table its
+    # row-wise add; none did unfused.
+    assert reference["weights_accumulated_in_main_grad"] == 18
+    assert unfused["weights_accumulated_in_main_grad"] == 0
     _assert_same_training(unfused, reference)
 
 
@@ -87,9 +89,11 @@ def test_output_layer_on_loss_tokens_only_trains_like_projecting_every_position(
 
 def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_layer(tmp_path):
     """With tied embeddings the shared weight gets the output layer's gradient inside the GEMM and the
-    embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad)."""
+    embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad, and the
+    lookup keeps Megatron's path rather than adding its rows into main_grad itself)."""
     fused, unfused = (_train(tmp_path, f"tied{flag}", 1, None, ["--steps", "3", "--tied", "--wgrad-fusion", flag])
                       for flag in ("1", "0"))
-    assert fused["weights_accumulated_in_gemm"] == 17 and unfused["weights_accumulated_in_gemm"] == 0
+    # The shared table counts once: set by the output layer's GEMM.
+    assert fused["weights_accumulated_in_main_grad"] == 17 and unfused["weights_accumulated_in_main_grad"] == 0
     _assert_same_training(fused, unfused)
     assert fused["weight_sums"] == pytest.approx(unfused["weight_sums"], abs=1e-4, rel=0)

@@ -177,9 +177,9 @@ def main() -> None:
                   "loss_tokens": float(sum(b["loss_mask"].sum() for b in producer_log)),
                   "fused_adam": [group["fused"] for opt in inner_torch_optimizers(trainer.optimizer)
                                  for group in opt.param_groups],
-                  # Set by Megatron's linear backward only when the GEMM accumulated into main_grad.
-                  "weights_accumulated_in_gemm": sum(bool(getattr(p, "grad_added_to_main_grad", False))
-                                                     for p in trainer.unwrapped.parameters())}
+                  # Set by a backward that accumulated into main_grad itself: the fused GEMMs, the embedding lookup.
+                  "weights_accumulated_in_main_grad": sum(bool(getattr(p, "grad_added_to_main_grad", False))
+                                                          for p in trainer.unwrapped.parameters())}
     # Full weights, gathered in a layout-independent way: the checksum of each tensor shard by name.
     rank = torch.distributed.get_rank()
     weights = {k: v.detach().double().sum().item() for k, v in trainer.unwrapped.state_dict().items()
