@@ -2,11 +2,11 @@
 
 ``F.embedding``'s backward materialises a dense ``[vocab, hidden]`` gradient (a zero-fill of the whole table,
 then the looked-up rows added in) and Megatron's DDP hook then adds that into ``main_grad``: two passes over
-the largest weight of the model and a vocabulary-sized allocation per micro-batch, for the few thousand rows
-a batch touches (docs/performance.md has the cost on CPU). Here the backward adds those rows into
-``main_grad`` with ``index_add_``, as Megatron's fused linear layers do for their weights
-(``gradient_accumulation_fusion``), and hands autograd an uninitialised dummy so DDP's hook still runs and
-skips the add (``grad_added_to_main_grad``).
+the largest weight of the model per micro-batch, for the few thousand rows a batch touches
+(docs/performance.md has the cost on CPU). Here the backward adds those rows into ``main_grad`` with
+``index_add_``, as Megatron's fused linear layers do for their weights (``gradient_accumulation_fusion``),
+and hands autograd an uninitialised dummy of the table's size, never written, so DDP's hook still runs and
+only drops it (``grad_added_to_main_grad``), as Megatron's linear layers do without TE.
 
 Megatron's own lookup runs instead where this would change results or is not possible: no ``main_grad``
 (a model outside DDP), no gradient wanted, ``deterministic_mode`` (``index_add_`` on CUDA sums repeated rows
