@@ -47,8 +47,8 @@ def run_case(tp: int, sp: bool, vocab: int = 24, hidden: int = 8, batch: int = 3
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     ids[0, :3] = 5  # repeated rows accumulate
     ids[1, 0], ids[1, 1] = 0, vocab - 1  # both ends of the table: the first and the last rank's slices
-    out_shape = (seq // tp, batch, hidden) if sp else (batch, seq, hidden)
-    weights = torch.randn(*((seq, batch, hidden) if sp else out_shape), generator=gen)
+    # The loss weights, in the lookup's output layout: [b, s, h], or this rank's [s/TP, b, h] under SP.
+    weights = torch.randn(*((seq, batch, hidden) if sp else (batch, seq, hidden)), generator=gen)
     rank = parallel_state.get_tensor_model_parallel_rank()
     if sp:
         weights = weights[rank * (seq // tp):(rank + 1) * (seq // tp)]
