@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
+
+from tests.report import write_on_rank0
 
 
 def main(out: str) -> None:
@@ -40,9 +41,7 @@ def main(out: str) -> None:
         "grad_max_abs_diff": (shard.grad - expected_grad[..., rank * width:(rank + 1) * width]).abs().max().item(),
         "entropy_mean": entropy.mean().item(),
     }
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(report, f)
+    write_on_rank0(out, report)
     destroy_parallel()
 
 

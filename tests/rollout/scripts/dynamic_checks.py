@@ -8,9 +8,8 @@ backend's greedy output to bf16 precision. Writes the outcomes to --out (rank 0)
 from __future__ import annotations
 
 import argparse
-import json
 
-import torch
+from tests.report import write_on_rank0
 
 
 def main() -> None:
@@ -46,9 +45,7 @@ def main() -> None:
         "same_seed_equal": [x.token_ids for x in sampled] == [x.token_ids for x in again],
         "n_samples": len(sampled),
     }
-    if torch.distributed.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(out, f)
+    write_on_rank0(args.out, out)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ repeats that fall on every rank's vocabulary slice; then the lookups that must k
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
+
+from tests.report import write_on_rank0
 
 
 def build(config, vocab: int, hidden: int, switch: bool, reduce_scatter: bool, seed: int, wrap: bool = True):
@@ -141,9 +142,7 @@ def main(out: str) -> None:
     if tp > 1:
         report["sequence_parallel"] = run_case(tp, sp=True)
     report["kept"] = kept_paths()
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as fh:
-            json.dump(report, fh)
+    write_on_rank0(out, report)
     destroy_parallel()
 
 

@@ -8,10 +8,11 @@ output is a random ``[seq/TP, batch, hidden]`` slice per rank, the layout the ou
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
+
+from tests.report import write_on_rank0
 
 
 class OutputHead(torch.nn.Module):
@@ -82,9 +83,7 @@ def main(out: str) -> None:
         "weight_grad_max": float(weight.grad.abs().max()),
         "sequence_parallel_restored": restored,
     }
-    if torch.distributed.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(report, f)
+    write_on_rank0(out, report)
     destroy_parallel()
 
 
