@@ -144,16 +144,16 @@ def build_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_grm.parallel.device import device, log_backend_choice, use_cuda, use_te_spec
+    from megatron_grm.parallel.device import device, log_backend_choice, use_te_spec
+    from megatron_grm.parallel.wgrad_gemm import kernel_in_use
 
     use_te = use_te_spec() if use_te is None else use_te
     log_backend_choice()
     config = transformer_config(cfg, layout, precision, recompute, wgrad_fusion=wgrad_fusion)
     if wgrad_fusion and config.gradient_accumulation_fusion:
-        kernel = "apex fused_weight_gradient_mlp_cuda / TE" if use_cuda() else "CPU kernel, parallel/cpu_wgrad.py"
-        log.info("weight gradients: accumulated inside the GEMM into main_grad (%s)", kernel)
+        log.info("weight gradients: accumulated inside the GEMM into main_grad (%s)", kernel_in_use())
     elif wgrad_fusion:
-        log.info("weight gradients: through .grad and DDP's hook (apex's fused_weight_gradient_mlp_cuda is absent)")
+        log.info("weight gradients: through .grad and DDP's hook (no fused weight-gradient kernel)")
     model_cls = GPTModel
     if cfg.family == "gemma2":
         from megatron_grm.models import gemma2

@@ -208,15 +208,6 @@ def apply_cpu_compat() -> bool:
     for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
         os.environ.pop(var, None)
 
-    # tensor_parallel/layers.py: ``gradient_accumulation_fusion`` calls apex's CUDA extension
-    # fused_weight_gradient_mlp_cuda; cpu_wgrad implements its two functions with the same contract.
-    from megatron.core.tensor_parallel import layers as mcore_layers
-
-    from megatron_grm.parallel import cpu_wgrad
-
-    mcore_layers.fused_weight_gradient_mlp_cuda = cpu_wgrad
-    mcore_layers._grad_accum_fusion_available = True
-
     # Rollout engine (added): timing events that measure, see _CpuTimingEvent.
     torch.cuda.Event = _CpuTimingEvent  # type: ignore[assignment,misc]
 

@@ -39,8 +39,8 @@ def use_te_spec() -> bool:
 
 def wgrad_accumulation_fusion_available() -> bool:
     """Whether Megatron's linears can accumulate weight gradients inside the GEMM: apex's
-    ``fused_weight_gradient_mlp_cuda`` on a GPU (NGC images ship it; TE layers then fuse the same way),
-    :mod:`megatron_grm.parallel.cpu_wgrad` on CPU (installed by the CPU compatibility layer)."""
+    ``fused_weight_gradient_mlp_cuda`` where installed (NGC images), else
+    :mod:`megatron_grm.parallel.wgrad_gemm` (installed by ``init_parallel``; TE layers fuse on their own)."""
     from megatron.core.tensor_parallel import layers
 
     return bool(layers._grad_accum_fusion_available)
