@@ -55,14 +55,14 @@ def test_dp2_distributed_optimizer_equals_dp1_with_twice_the_microbatches(init_c
 
 def test_weight_gradients_accumulated_inside_the_gemm_train_like_the_unfused_path(init_ckpt, reference, tmp_path):
     """The Trainer's default: Megatron's gradient_accumulation_fusion, each linear's weight-gradient GEMM adding
-    straight into DDP's main_grad (parallel/cpu_wgrad.py on CPU), and the embedding lookup adding its rows
+    straight into DDP's main_grad (parallel/wgrad_gemm.py without apex), and the embedding lookup adding its rows
     there (parallel/embedding_grad.py). Same training as .grad + DDP's hook."""
     unfused = _train(tmp_path, "unfused", 1, init_ckpt, ["--steps", "3", "--wgrad-fusion", "0"])
     assert reference["wgrad_fusion"] is True and unfused["wgrad_fusion"] is False
     # 4 layers x (QKV, projection, fc1, fc2) + the output layer took the fused GEMM, the embedding table its
     # row-wise add; none did unfused.
-    assert reference["weights_accumulated_in_main_grad"] == 18
-    assert unfused["weights_accumulated_in_main_grad"] == 0
+    assert reference["weights_accumulated_in_main_grad"] == 18 and reference["embedding_in_main_grad"] is True
+    assert unfused["weights_accumulated_in_main_grad"] == 0 and unfused["embedding_in_main_grad"] is False
     _assert_same_training(unfused, reference)
 
 

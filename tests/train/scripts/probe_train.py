@@ -170,6 +170,7 @@ def main() -> None:
             result_error = str(err)
         else:
             result_error = None
+        embedding = getattr(trainer.unwrapped, "embedding", None)  # on the first pipeline stage
         result = {"losses": losses, "grad_norms": grad_norms, "skipped": skipped, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
@@ -179,7 +180,9 @@ def main() -> None:
                                  for group in opt.param_groups],
                   # Set by a backward that accumulated into main_grad itself: the fused GEMMs, the embedding lookup.
                   "weights_accumulated_in_main_grad": sum(bool(getattr(p, "grad_added_to_main_grad", False))
-                                                          for p in trainer.unwrapped.parameters())}
+                                                          for p in trainer.unwrapped.parameters()),
+                  "embedding_in_main_grad": embedding is not None and bool(
+                      getattr(embedding.word_embeddings.weight, "grad_added_to_main_grad", False))}
     # Full weights, gathered in a layout-independent way: the checksum of each tensor shard by name.
     rank = torch.distributed.get_rank()
     weights = {k: v.detach().double().sum().item() for k, v in trainer.unwrapped.state_dict().items()
