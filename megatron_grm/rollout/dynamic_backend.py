@@ -2,7 +2,9 @@
 
 Needs CUDA, flash-attn >= 2.7.3 (or flash-attn 3) and bf16/fp16 weights, and runs only models whose
 attention is plain causal softmax attention: the engine calls flash-attn directly and bypasses the layer's
-core attention, so Gemma-2's logit soft-cap, sliding window and query scale would be lost.
+core attention, so Gemma-2's logit soft-cap, sliding window and query scale would be lost. Without
+flash-attn at all, ``backend="dynamic"`` (asked for explicitly) runs the same attention through torch
+(:mod:`megatron_grm.rollout.paged_attention`); ``"auto"`` then picks the static engine.
 :func:`dynamic_unsupported` says why a model cannot take this path (None: it can); the engine then
 uses the static backend. All requests of a generate call go in at once: the engine itself keeps the
 tokens in flight under the KV-cache budget (``buffer_size_gb``, sized here from ``max_tokens_in_flight``), pausing and
@@ -17,16 +19,22 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_grm.rollout import paged_attention
 from megatron_grm.rollout.controller import RolloutController, StepCallback, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.rollout.static_backend import RawSample, inference_wrapper_config
 
 BLOCK_SIZE_TOKENS = 256
+NO_FLASH_ATTN = "needs flash-attn"
 
 
-def dynamic_unsupported(model) -> str | None:
-    """Why Megatron's dynamic engine cannot generate with ``model`` in this process; None when it can."""
-    return missing_runtime() or model_unsupported(model)
+def dynamic_unsupported(model, flash_attn_required: bool = True) -> str | None:
+    """Why Megatron's dynamic engine cannot generate with ``model`` in this process; None when it can.
+    ``flash_attn_required=False`` accepts torch's paged attention where flash-attn is not installed."""
+    missing = missing_runtime()
+    if missing == NO_FLASH_ATTN and not flash_attn_required:
+        missing = None
+    return missing or model_unsupported(model)
 
 
 def missing_runtime() -> str | None:
@@ -38,7 +46,7 @@ def missing_runtime() -> str | None:
     if attention.HAVE_FA3:
         return None
     if importlib.util.find_spec("flash_attn") is None:
-        return "needs flash-attn"
+        return NO_FLASH_ATTN
     from megatron.core.utils import is_fa_min_version
 
     if not is_fa_min_version("2.7.3"):
@@ -93,6 +101,7 @@ class DynamicBackend:
         self.max_tokens_in_flight = max_tokens_in_flight
         self.vocab_limit = vocab_limit
         self._seed = 0
+        paged_attention.install()  # torch's attention over the paged cache, only where flash-attn is absent
 
     def seed(self, seed: int) -> None:
         self._seed = seed

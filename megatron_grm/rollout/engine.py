@@ -63,7 +63,8 @@ class RolloutEngine:
             vocab_size: real vocabulary size (ids >= it are never sampled); defaults to the tokenizer's.
             max_tokens_in_flight: cap on KV-cache positions held at once (memory bound; static: waves).
             max_batch_size: cap on sequences decoded together.
-            backend: "auto" (dynamic on CUDA with flash-attn, else static), "static" or "dynamic".
+            backend: "auto" (dynamic on CUDA with flash-attn, else static), "static" or "dynamic" (on CUDA
+                without flash-attn: its attention through torch, rollout/paged_attention.py).
             source_model: the training model when ``model`` is a separate rollout copy in another layout;
                 its weights are refit into ``model`` before every generate.
             debug_logprobs: after every generate, recompute the sampled tokens' log-probabilities with a
@@ -95,7 +96,8 @@ class RolloutEngine:
         pad_id = self.eos_id if self.eos_id is not None else 0
         shim = TokenizerShim(pad_id, getattr(tokenizer, "bos_id", None),
                              tokenizer.encode if tokenizer is not None else None)
-        unsupported = dynamic_unsupported(self.model) if backend in ("auto", "dynamic") else None
+        unsupported = (dynamic_unsupported(self.model, flash_attn_required=backend == "auto")
+                       if backend in ("auto", "dynamic") else None)
         if backend == "auto":
             backend = "static" if unsupported else "dynamic"
             if unsupported and torch.cuda.is_available():

@@ -2,7 +2,8 @@
 
 The tiny model in bf16 (flash-attn has no fp32 kernels): the dynamic backend is the one that runs, its
 samples have one log-probability per token, and those agree with a training forward and with the static
-backend's greedy output to bf16 precision. Writes the outcomes to --out (rank 0).
+backend's greedy output to bf16 precision. One prompt spans two KV-cache pages. Without flash-attn the
+engine's attention runs through rollout/paged_attention.py. Writes the outcomes to --out (rank 0).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ def main() -> None:
                                           "+model.init_method_std=0.2"]))
     model = build_model(run.model, run.parallel, run.precision)
     tok = load_tokenizer("char")
-    prompts = [tok.encode(t, add_bos=True) for t in ["Hi", "What is 2+2? Answer:", "Tell me a story about"]]
+    from megatron.core.transformer import attention
+
+    from megatron_grm.rollout import paged_attention
+    from megatron_grm.rollout.dynamic_backend import BLOCK_SIZE_TOKENS
+
+    long = "The quick brown fox jumps over the lazy dog. " * 6  # > one page of the paged KV cache
+    prompts = [tok.encode(t, add_bos=True) for t in ["Hi", "What is 2+2? Answer:", "Tell me a story about", long]]
+    assert len(prompts[-1]) > BLOCK_SIZE_TOKENS
     greedy = SamplingConfig(greedy=True, max_new_tokens=16)
 
     dynamic = RolloutEngine(model, tok, backend="dynamic", debug_logprobs=True)
@@ -44,6 +52,8 @@ def main() -> None:
         "sampled_logprob_diff": dynamic.check_logprobs(sampled),
         "same_seed_equal": [x.token_ids for x in sampled] == [x.token_ids for x in again],
         "n_samples": len(sampled),
+        "attention": ("torch" if attention.Attention.flash_decode_and_prefill is paged_attention._decode_and_prefill
+                      else "flash-attn"),
     }
     write_on_rank0(args.out, out)
 
