@@ -4,7 +4,7 @@ Needs CUDA, flash-attn >= 2.7.3 (or flash-attn 3) and bf16/fp16 weights, and run
 attention is plain causal softmax attention: the engine calls flash-attn directly and bypasses the layer's
 core attention, so Gemma-2's logit soft-cap, sliding window and query scale would be lost. Without
 flash-attn at all, ``backend="dynamic"`` (asked for explicitly) runs the same attention through torch
-(:mod:`megatron_grm.rollout.paged_attention`); ``"auto"`` then picks the static engine.
+(:mod:`megatron_grm.parallel.paged_attention`); ``"auto"`` then picks the static engine.
 :func:`dynamic_unsupported` says why a model cannot take this path (None: it can); the engine then
 uses the static backend. All requests of a generate call go in at once: the engine itself keeps the
 tokens in flight under the KV-cache budget (``buffer_size_gb``, sized here from ``max_tokens_in_flight``), pausing and
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_grm.rollout import paged_attention
+from megatron_grm.parallel import paged_attention
 from megatron_grm.rollout.controller import RolloutController, StepCallback, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.rollout.static_backend import RawSample, inference_wrapper_config

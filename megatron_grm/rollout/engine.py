@@ -64,7 +64,7 @@ class RolloutEngine:
             max_tokens_in_flight: cap on KV-cache positions held at once (memory bound; static: waves).
             max_batch_size: cap on sequences decoded together.
             backend: "auto" (dynamic on CUDA with flash-attn, else static), "static" or "dynamic" (on CUDA
-                without flash-attn: its attention through torch, rollout/paged_attention.py).
+                without flash-attn: its attention through torch, parallel/paged_attention.py).
             source_model: the training model when ``model`` is a separate rollout copy in another layout;
                 its weights are refit into ``model`` before every generate.
             debug_logprobs: after every generate, recompute the sampled tokens' log-probabilities with a

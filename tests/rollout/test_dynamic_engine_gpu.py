@@ -1,5 +1,5 @@
 """GPU path: Megatron-Core's dynamic inference engine behind RolloutEngine (skipped without CUDA); its
-attention is flash-attn's where installed, else rollout/paged_attention.py's."""
+attention is flash-attn's where installed, else parallel/paged_attention.py's."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""rollout/paged_attention.py: the dynamic engine's attention over its paged KV cache in torch (for a GPU
+"""parallel/paged_attention.py: the dynamic engine's attention over its paged KV cache in torch (for a GPU
 without flash-attn), against attention written out per request and query in float64."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from megatron_grm.rollout.paged_attention import paged_attention
+from megatron_grm.parallel.paged_attention import paged_attention
 
 BLOCK = 4
 

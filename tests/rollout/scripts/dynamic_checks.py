@@ -3,7 +3,7 @@
 The tiny model in bf16 (flash-attn has no fp32 kernels): the dynamic backend is the one that runs, its
 samples have one log-probability per token, and those agree with a training forward and with the static
 backend's greedy output to bf16 precision. One prompt spans two KV-cache pages. Without flash-attn the
-engine's attention runs through rollout/paged_attention.py. Writes the outcomes to --out (rank 0).
+engine's attention runs through parallel/paged_attention.py. Writes the outcomes to --out (rank 0).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     tok = load_tokenizer("char")
     from megatron.core.transformer import attention
 
-    from megatron_grm.rollout import paged_attention
+    from megatron_grm.parallel import paged_attention
     from megatron_grm.rollout.dynamic_backend import BLOCK_SIZE_TOKENS
 
     long = "The quick brown fox jumps over the lazy dog. " * 6  # > one page of the paged KV cache

@@ -90,5 +90,5 @@ def install() -> bool:
         # raises without flash-attn installed. Only that module's name is rebound.
         attention.is_fa_min_version = lambda version, check_equality=True: True
         log.info("dynamic engine: flash-attn absent, attention over the paged KV cache through torch SDPA "
-                 "(rollout/paged_attention.py)")
+                 "(parallel/paged_attention.py)")
     return True
