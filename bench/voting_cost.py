@@ -3,6 +3,7 @@
     python bench/voting_cost.py                       # CPU: Llama hidden 512, 4 layers; k = 4, 8, 16; 48 tokens
     python bench/voting_cost.py --ks 8 32 --prompts 8
     python bench/voting_cost.py --clock cpu           # a shared, loaded machine: process CPU seconds
+    python bench/voting_cost.py --backend dynamic     # CUDA: Megatron-Core's dynamic engine instead of auto's pick
 
 Voting@k (paper Sec. 4.1) samples k judgments at temperature 0.5 and shuffles the order of the
 responses for each, so the engine gets ``prompts × k`` prompts of equal length (not one prompt with
@@ -64,7 +65,7 @@ def build_engine(args: argparse.Namespace):
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     model = build_model(cfg, layout, PrecisionConfig(dtype)).eval()
     return RolloutEngine(model, eos_id=2, vocab_size=args.vocab, max_tokens_in_flight=1 << 22,
-                         max_batch_size=args.max_batch, progress=False), cfg
+                         max_batch_size=args.max_batch, progress=False, backend=args.backend), cfg
 
 
 def timed(engine, prompts: list[list[int]], sampling, clock=time.perf_counter) -> float:
@@ -135,6 +136,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU seconds (a shared, loaded machine)")
+    p.add_argument("--backend", choices=("auto", "static", "dynamic"), default="auto",
+                   help="the rollout engine's backend (dynamic: CUDA only)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
