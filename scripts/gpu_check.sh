@@ -49,8 +49,11 @@ for name in ("megatron.core", "transformer_engine", "flash_attn", "flash_attn_in
              "transformers"):
     found = importlib.util.find_spec(name.split(".")[0]) is not None and importlib.util.find_spec(name) is not None
     print(name + ": " + ("present" if found else "absent"))
-from megatron_grm.rollout.dynamic_backend import missing_runtime
-print("dynamic inference engine: " + (missing_runtime() or "usable"))
+from megatron_grm.rollout.dynamic_backend import NO_FLASH_ATTN, missing_runtime
+missing = missing_runtime()
+if missing == NO_FLASH_ATTN:
+    missing = "flash-attn absent: torch paged attention, rollout.backend=dynamic only"
+print("dynamic inference engine: " + (missing or "usable (flash-attn)"))
 if shutil.which("nvidia-smi"):
     print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 PY
