@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    kv_lengths: torch.Tensor, block_table: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                    kv_lengths: torch.Tensor, block_table: torch.Tensor, softmax_scale: float,
+                    max_scores: int = 1 << 28) -> torch.Tensor:
     """Causal attention of packed queries over paged keys and values.
 
     Args:
@@ -33,10 +34,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         kv_lengths: ``[requests]`` keys per request, its new tokens included (they are already in the cache).
         block_table: ``[requests, max_blocks]`` cache block ids per request (unused entries any value).
         softmax_scale: the logits' scale.
+        max_scores: attention scores one SDPA call may hold (heads x queries x keys, padded); requests go
+            in groups under it, so a long prefill among many requests does not allocate them all at once.
 
     Returns ``[tokens, heads, dim]``; padding rows are zero.
     """
-    tokens, heads, dim = q.shape
+    tokens, heads, _ = q.shape
     out = torch.zeros_like(q)
     q_lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     kv_lengths = kv_lengths.long()
@@ -47,13 +50,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     block_size = k_cache.shape[1]
     pages = block_table[:, :math.ceil(max_k / block_size)].long().clamp(min=0)
+    group = max(1, max_scores // (heads * max_q * pages.shape[1] * block_size))
+    for first in range(0, len(kv_lengths), group):
+        chunk = slice(first, first + group)
+        _attend(q, out, k_cache, v_cache, cu_seqlens_q[:-1][chunk].long(), q_lengths[chunk], kv_lengths[chunk],
+                pages[chunk], max_q, softmax_scale)
+    return out
+
+
+def _attend(q, out, k_cache, v_cache, starts, q_lengths, kv_lengths, pages, max_q: int, scale: float) -> None:
+    """One SDPA call for a group of requests, written into their rows of ``out``."""
     keys = k_cache[pages].flatten(1, 2)  # [requests, pages * block_size, kv_heads, dim]
     values = v_cache[pages].flatten(1, 2)
-
     offsets = torch.arange(max_q, device=q.device)
-    rows = cu_seqlens_q[:-1, None].long() + offsets  # [requests, max_q]: each request's query rows
+    rows = starts[:, None] + offsets  # [requests, max_q]: each request's query rows
     valid = offsets < q_lengths[:, None]
-    queries = q[rows.clamp(max=tokens - 1)]  # [requests, max_q, heads, dim]
+    queries = q[rows.clamp(max=q.shape[0] - 1)]  # [requests, max_q, heads, dim]
     positions = kv_lengths[:, None] - q_lengths[:, None] + offsets  # absolute position of each query
     key_positions = torch.arange(keys.shape[1], device=q.device)
     mask = (key_positions <= positions[..., None]) & (key_positions < kv_lengths[:, None, None])
@@ -61,9 +73,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     mask[..., 0] |= ~valid  # a padding query sees one key: no all-masked row (NaN); its output is dropped
     attended = F.scaled_dot_product_attention(
         queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
-        scale=softmax_scale, enable_gqa=heads != keys.shape[2])
+        scale=scale, enable_gqa=q.shape[1] != keys.shape[2])
     out[rows[valid]] = attended.transpose(1, 2)[valid].to(out.dtype)
-    return out
 
 
 def _decode_and_prefill(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqlens_k,

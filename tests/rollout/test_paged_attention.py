@@ -34,8 +34,9 @@ def _reference(q, k_cache, v_cache, q_lengths, kv_lengths, tables, scale):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("max_scores", [1 << 28, 1], ids=["one_call", "one_request_per_call"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads):
+def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads, max_scores):
     g = torch.Generator().manual_seed(0)
     dim, blocks = 8, 12
     k_cache = torch.randn(blocks, BLOCK, kv_heads, dim, generator=g)
@@ -54,7 +55,7 @@ def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads
     scale = 1 / math.sqrt(dim)
 
     got = paged_attention(*(t.to(device) for t in (q, k_cache, v_cache, cu, torch.tensor(kv_lengths, dtype=torch.int32),
-                                                    block_table)), scale).cpu()
+                                                    block_table)), scale, max_scores).cpu()
     want = _reference(q, k_cache, v_cache, q_lengths, kv_lengths, [t[:math.ceil(n / BLOCK)] for t, n in
                                                                    zip(tables, kv_lengths)], scale)
     assert got.shape == q.shape and got.isfinite().all()
