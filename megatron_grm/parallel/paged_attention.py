@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     kv_lengths: torch.Tensor, block_table: torch.Tensor, softmax_scale: float,
-                    max_scores: int = 1 << 28) -> torch.Tensor:
+                    max_scores: int = 1 << 28, bounds: tuple[int, int] | None = None) -> torch.Tensor:
     """Causal attention of packed queries over paged keys and values.
 
     Args:
@@ -36,6 +36,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         softmax_scale: the logits' scale.
         max_scores: attention scores one SDPA call may hold (heads x queries x keys, padded); requests go
             in groups under it, so a long prefill among many requests does not allocate them all at once.
+        bounds: upper bounds on any request's query and key lengths, known on the host (a decode step: 1 and
+            the block table's span); without them the exact maxima are read from the device (one sync).
 
     Returns ``[tokens, heads, dim]``; padding rows are zero.
     """
@@ -45,7 +47,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_lengths = kv_lengths.long()
     if tokens == 0 or kv_lengths.numel() == 0:
         return out
-    max_q, max_k = int(q_lengths.max()), int(kv_lengths.max())
+    max_q, max_k = bounds if bounds is not None else torch.stack([q_lengths.max(), kv_lengths.max()]).tolist()
     if max_q == 0 or max_k == 0:
         return out
     block_size = k_cache.shape[1]
@@ -83,9 +85,10 @@ def _decode_and_prefill(self, q, k, v, max_seqlen_q, max_seqlen_k, cu_seqlens_q,
     assert not self.training and block_table is not None
     scale = getattr(self, "softmax_scale", None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # Decode: q is [requests, 1, heads, dim] (one new token each); prefill: [tokens, 1, heads, dim].
-    packed = q[:, 0] if is_decode_only else q.squeeze(1)
-    return paged_attention(packed, k, v, cu_seqlens_q, seqlens_k, block_table, scale).unsqueeze(1)
+    if is_decode_only:  # q: [requests, 1, heads, dim], one new token each; no device read on this hot path
+        bounds = (1, block_table.shape[1] * k.shape[1])
+        return paged_attention(q[:, 0], k, v, cu_seqlens_q, seqlens_k, block_table, scale, bounds=bounds).unsqueeze(1)
+    return paged_attention(q.squeeze(1), k, v, cu_seqlens_q, seqlens_k, block_table, scale).unsqueeze(1)
 
 
 def install() -> bool:

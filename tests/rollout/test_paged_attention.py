@@ -34,9 +34,10 @@ def _reference(q, k_cache, v_cache, q_lengths, kv_lengths, tables, scale):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
-@pytest.mark.parametrize("max_scores", [1 << 28, 1], ids=["one_call", "one_request_per_call"])
+@pytest.mark.parametrize("max_scores,bounds", [(1 << 28, None), (1, None), (1 << 28, (7, 12))],
+                         ids=["one_call", "one_request_per_call", "host_bounds"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads, max_scores):
+def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads, max_scores, bounds):
     g = torch.Generator().manual_seed(0)
     dim, blocks = 8, 12
     k_cache = torch.randn(blocks, BLOCK, kv_heads, dim, generator=g)
@@ -55,7 +56,7 @@ def test_matches_attention_written_out_per_request(device, mode, heads, kv_heads
     scale = 1 / math.sqrt(dim)
 
     got = paged_attention(*(t.to(device) for t in (q, k_cache, v_cache, cu, torch.tensor(kv_lengths, dtype=torch.int32),
-                                                    block_table)), scale, max_scores).cpu()
+                                                    block_table)), scale, max_scores, bounds).cpu()
     want = _reference(q, k_cache, v_cache, q_lengths, kv_lengths, [t[:math.ceil(n / BLOCK)] for t, n in
                                                                    zip(tables, kv_lengths)], scale)
     assert got.shape == q.shape and got.isfinite().all()
@@ -73,3 +74,23 @@ def test_bf16_keeps_its_dtype_and_stays_close():
     low = paged_attention(q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), cu, kv, table, 0.25)
     assert low.dtype == torch.bfloat16
     assert (low.float() - exact).abs().max() < 0.05
+
+
+def test_megatrons_decode_call_needs_no_device_read_and_matches():
+    """``Attention.flash_decode_and_prefill``'s decode step bounds the lengths on the host (1 query, the block
+    table's span) instead of reading them from the device; same result as the exact lengths."""
+    from types import SimpleNamespace
+
+    from megatron_grm.parallel.paged_attention import _decode_and_prefill
+
+    g = torch.Generator().manual_seed(2)
+    k_cache, v_cache = (torch.randn(8, BLOCK, 2, 8, generator=g) for _ in range(2))
+    q = torch.randn(3, 1, 4, 8, generator=g)  # two requests decoding, one padding row
+    cu, kv = torch.tensor([0, 1, 2, 2], dtype=torch.int32), torch.tensor([6, 3, 0], dtype=torch.int32)
+    table = torch.tensor([[5, 2, -1], [7, -1, -1], [-1, -1, -1]], dtype=torch.int32)
+    layer = SimpleNamespace(training=False, softmax_scale=None)
+    got = _decode_and_prefill(layer, q, k_cache, v_cache, 1, 12, cu, None, kv, table, is_decode_only=True)
+    want = paged_attention(q[:, 0], k_cache, v_cache, cu, kv, table, 8 ** -0.5)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got[:, 0], want, rtol=0, atol=1e-6)
+    assert (got[2] == 0).all() and got[:2].abs().sum() > 0
