@@ -17,6 +17,7 @@ and, when long, their cached keys and values are read once per decode step for a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from megatron_grm.parallel.cpu_decode import (
     shared_prompts,
 )
 from megatron_grm.parallel.device import device, use_cuda
+from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -123,6 +125,9 @@ class StaticBackend:
             enable_cpu_flash_decode(model)
         self.align_prompts = applies_padding_masks(model)
         self.share_identical_prompts = True
+        self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
+        self._logged_gemms = False
+        self.last_gemms = None
         self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
         log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
                  else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
@@ -132,6 +137,17 @@ class StaticBackend:
         )
         pp_group = parallel_state.get_pipeline_model_parallel_group() if torch.distributed.is_initialized() else None
         self.controller = RolloutController(self.wrapper, shim, pp_group=pp_group, vocab_limit=vocab_limit)
+
+    def _log_gemms(self, gemms) -> None:
+        if self._logged_gemms:
+            return
+        self._logged_gemms = True
+        if gemms is None:
+            log.info("rollout GEMMs: torch's matmul")
+        else:
+            log.info("rollout GEMMs: oneDNN on weights reordered once per wave for %d linear layer(s), "
+                     "torch's matmul for %d (small or non-fp32 weights, sequence parallel; "
+                     "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
 
     def seed(self, seed: int) -> None:
         self.controller.sampling_rng.manual_seed(seed)
@@ -164,8 +180,11 @@ class StaticBackend:
         )
         shared = self.wrapper.shared_rows if len({len(p) for p in prompts}) == 1 else None
         with (masked_cache_positions(key_padding), contiguous_decode_cache(),
-              shared_prompts(*(shared or (None, None)), len(prompts[0]), self.shared_prompt_min_width)):
+              shared_prompts(*(shared or (None, None)), len(prompts[0]), self.shared_prompt_min_width),
+              packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
+        self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
+        self._log_gemms(gemms)
         out = []
         for i in range(len(prompts)):
             tokens = done[i].generated_tokens.tolist()

@@ -97,6 +97,24 @@ def test_decode_reads_a_shared_prompt_once_for_all_its_rows(run):
     assert check["shared_decode_logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+def test_gemms_on_weights_reordered_once_per_wave_match_torchs_matmul(run):
+    """parallel/onednn_linear.py: the linear layers' GEMMs through oneDNN on weights reordered once per wave
+    give the same greedy and sampled tokens and log-probabilities as torch's matmul, at TP 1 and 2; every
+    layer's weight is reordered once and every forward of the wave runs its GEMM there. The tiny model's
+    weights are under the size threshold, so by default it keeps torch's matmul (forced here)."""
+    check = run["onednn_gemms"]
+    assert check["available"]
+    assert check["layers_by_default"] == 0
+    assert check["layers"] == check["linear_modules"] == 4 * run["layers_per_stage"] + 1  # + the output layer
+    assert check["reordered"] == check["layers"]
+    assert check["forwards"] >= run["max_new"] // 2
+    assert check["calls"] == check["layers"] * check["forwards"] and check["fallbacks"] == 0
+    assert check["restored"]  # Megatron's own GEMM again after the wave
+    assert check["tokens"] > 6 * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).

@@ -1,0 +1,93 @@
+"""Rollout GEMMs on the CPU: torch's fp32 matmul (MKL) against oneDNN on a weight reordered once
+(``parallel/onednn_linear.py``), for the linears of one Llama layer and the output layer, at the row counts
+of decode steps and of a prefill, side by side.
+
+    python bench/onednn_linear.py                                  # bench/rollout.py's 21M model: hidden 512
+    python bench/onednn_linear.py --hidden 1024 --ffn 2816 --heads 16 --kv-heads 8 --vocab 32000
+
+Each variant is timed in alternating rounds in process CPU seconds (the machine may be shared; idle
+OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``); the best round counts. The last column is the one-off
+cost of reordering that weight, in multiples of one oneDNN call at that row count. A ``RATIO`` line per row
+count: matmul / oneDNN over all the GEMMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads would burn CPU seconds spinning
+
+try:
+    import megatron_grm  # noqa: F401
+except ImportError:  # run from a checkout without an installed package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from megatron_grm.parallel import onednn_linear
+
+
+def layer_shapes(hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int) -> dict[str, tuple[int, int]]:
+    """``[out, in]`` of the weights a Llama layer (fused QKV, fused gate/up) and the output layer multiply by."""
+    head_dim = hidden // heads
+    return {"qkv": (hidden + 2 * kv_heads * head_dim, hidden), "proj": (hidden, hidden), "fc1": (2 * ffn, hidden),
+            "fc2": (hidden, ffn), "output": (vocab, hidden)}
+
+
+def cpu_seconds_per_call(fn, calls: int) -> float:
+    fn()
+    began = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - began) / calls
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 32, 1024],
+                   help="rows per GEMM: decode steps of 1 and 32 sequences, a prefill of 1,024 tokens")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    if not onednn_linear.available():
+        raise SystemExit("this torch build has no oneDNN linear ops (torch.backends.mkldnn)")
+    print(f"CPU, {torch.get_num_threads()} threads, fp32; process CPU time, best of {args.rounds} alternating rounds")
+    g = torch.Generator().manual_seed(0)
+    for rows in args.rows:
+        totals = {"matmul": 0.0, "onednn": 0.0}
+        for name, (n_out, n_in) in layer_shapes(args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab).items():
+            weight, x = torch.randn(n_out, n_in, generator=g), torch.randn(rows, n_in, generator=g)
+            with torch.inference_mode():
+                began = time.process_time()
+                packed = onednn_linear.reorder(weight, rows)
+                reorder_s = time.process_time() - began
+                variants = {"matmul": lambda x=x, w=weight: torch.matmul(x, w.t()),  # Megatron's linear
+                            "onednn": lambda x=x, w=packed: onednn_linear.linear(x, w)}
+                # >= 0.1 s per round: the kernel accounts other threads' CPU time only at its ticks
+                calls = max(3, int(2e10 // (2 * rows * n_out * n_in)))
+                best = {label: float("inf") for label in variants}
+                for _ in range(args.rounds):
+                    for label, fn in variants.items():
+                        best[label] = min(best[label], cpu_seconds_per_call(fn, calls))
+            for label in totals:
+                totals[label] += best[label]
+            gflops = 2 * rows * n_out * n_in / 1e9
+            print(f"rows {rows:5d} {name:7s} [{n_out:>6} x {n_in:>5}]  matmul {best['matmul'] * 1e3:8.3f} ms "
+                  f"({gflops / best['matmul']:5.1f} GFLOP/CPU-s)  oneDNN {best['onednn'] * 1e3:8.3f} ms "
+                  f"({gflops / best['onednn']:5.1f})  ratio {best['matmul'] / best['onednn']:.2f}  "
+                  f"reorder {reorder_s / best['onednn']:.1f} calls")
+        print(f"RATIO matmul/oneDNN at {rows} rows over one layer and the output layer = "
+              f"{totals['matmul'] / totals['onednn']:.3f} "
+              f"({totals['matmul'] * 1e3:.3f} vs {totals['onednn'] * 1e3:.3f} ms)")
+
+
+if __name__ == "__main__":
+    main()

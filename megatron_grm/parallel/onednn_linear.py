@@ -1,0 +1,125 @@
+"""Rollout GEMMs on the CPU through oneDNN, on weights put into its blocked layout once per wave.
+
+A decode step multiplies one row per sequence by every weight matrix of the model. torch's fp32 ``mm`` on
+the CPU goes to MKL; on the project's AMD EPYC machine its 32-row GEMMs ran at 40-68 GFLOP per CPU-second
+where oneDNN on a weight put into its blocked layout once ran at 79-104, and prefill-sized ones 1.1-1.2x
+faster too (``bench/onednn_linear.py``). Within a wave the weights do not change, so
+:func:`packed_linears` reorders each large weight once, at its first use in the wave
+(``torch.ops.mkldnn._reorder_linear_weight``), and runs the local GEMM of Megatron's ``ColumnParallelLinear``
+/ ``RowParallelLinear`` through ``torch.ops.mkldnn._linear_pointwise``, the pair of ops torch's own CPU
+compiler uses for frozen linear layers. The arithmetic stays fp32; only the summation order differs
+(relative differences ~1e-6). Megatron's module code, its tensor-parallel collectives and
+its bias handling stay as they are: only ``_forward_impl``, the GEMM itself, is swapped for the wave.
+
+Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training),
+sequence-parallel layers (their GEMM gathers the sequence first), non-fp32 weights or inputs, and weights
+under :data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's, exceeds what it saves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Smallest weight (out x in) to reorder: from 512 x 512 up oneDNN was faster at 32 rows (bench/onednn_linear.py),
+# while 384 x 128 (a layer of the CPU demo's model) took 18 vs 13 µs at 8 rows (scratch, wall clock).
+PACK_MIN_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch build has oneDNN's reorder-once linear ops and they compute ``F.linear``."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    try:
+        with torch.inference_mode():
+            got = linear(x, reorder(w, 3), b)
+    except RuntimeError as err:
+        log.info("oneDNN linear unavailable (%s): rollout GEMMs stay on torch's matmul", err)
+        return False
+    return bool(torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5))
+
+
+def reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` ([out, in], as ``F.linear`` takes it) in oneDNN's layout for inputs of about ``rows`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(1, rows))
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the weight as :func:`reorder` returned it; ``x`` is ``[..., in]``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def worth_packing(weight: torch.Tensor | None) -> bool:
+    return (weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.numel() >= PACK_MIN_ELEMENTS)
+
+
+@dataclass
+class PackStats:
+    """What a :func:`packed_linears` block did: layers it took over, weights it reordered, GEMMs it ran."""
+
+    layers: int = 0
+    reordered: int = 0
+    calls: int = 0
+    fallbacks: int = 0  # GEMMs of taken layers that still ran Megatron's path (autograd on, ...)
+    skipped: int = 0  # layers left to Megatron: small or non-fp32 weights, sequence parallelism
+
+
+class _PackedGemm:
+    """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes."""
+
+    def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats) -> None:
+        self.layer, self.rows, self.stats = layer, rows, stats
+        self.source: torch.Tensor | None = None
+        self.version = -1
+        self.packed: torch.Tensor | None = None
+
+    def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        bias = kwargs.get("bias", args[0] if args else None)
+        if (torch.is_grad_enabled() or kwargs.get("sequence_parallel") or input.dtype != torch.float32
+                or not worth_packing(weight)):
+            self.stats.fallbacks += 1
+            return type(self.layer)._forward_impl(self.layer, input, weight, *args, **kwargs)
+        if self.packed is None or weight is not self.source or weight._version != self.version:
+            self.packed = reorder(weight, self.rows)  # a tied output layer passes the embedding's weight
+            self.source, self.version = weight, weight._version
+            self.stats.reordered += 1
+        self.stats.calls += 1
+        return linear(input, self.packed, bias)
+
+
+@contextlib.contextmanager
+def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[PackStats]:
+    """While the block runs (one wave of ``rows`` sequences), the model's large fp32 Megatron linear layers
+    multiply through oneDNN on weights reordered once; their reordered copies are dropped on exit."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    stats = PackStats()
+    taken: list[torch.nn.Module] = []
+    if available():
+        for layer in model.modules():
+            if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+                continue
+            weight = layer.weight  # None: a tied output layer, given the embedding's weight with each call
+            if (weight is not None and not worth_packing(weight)) or getattr(layer, "sequence_parallel", False):
+                stats.skipped += 1
+                continue
+            layer._forward_impl = _PackedGemm(layer, rows, stats)
+            taken.append(layer)
+    stats.layers = len(taken)
+    try:
+        yield stats
+    finally:
+        for layer in taken:
+            del layer._forward_impl  # back to the class's method

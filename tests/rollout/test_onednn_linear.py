@@ -1,0 +1,99 @@
+"""parallel/onednn_linear.py: a linear layer's GEMM on oneDNN with the weight reordered once, against
+``F.linear`` in float64; reordered again when the weight changes; autograd and small weights keep the
+layer's own GEMM. Megatron's layers under it in a real rollout: tests/rollout/test_rollout_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_grm.parallel import onednn_linear
+
+pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+
+
+class _Layer(torch.nn.Module):
+    """The part of Megatron's linear layers the swap touches: ``_forward_impl(input, weight, bias=...)``."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)))
+        self.own_calls = 0
+
+    def _forward_impl(self, input, weight, bias=None, **kwargs):
+        self.own_calls += 1
+        return F.linear(input, weight, bias)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("shape,hint", [((32, 512), 32), ((5, 3, 512), 15), ((1, 512), 64), ((200, 512), 8)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_on_a_reordered_weight_is_f_linear(shape, hint, with_bias):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(768, 512, generator=g), torch.randn(*shape, generator=g)
+    b = torch.randn(768, generator=g) if with_bias else None
+    with torch.inference_mode():
+        got = onednn_linear.linear(x, onednn_linear.reorder(w, hint), b)
+    assert got.shape == (*shape[:-1], 768) and got.dtype == torch.float32
+    # fp32 round-off of a 512-term sum (torch's own matmul is off by the same order here)
+    torch.testing.assert_close(got.double(), _reference(x, w, b), rtol=1e-5, atol=3e-4)
+
+
+def test_a_strided_input_gives_the_same_result():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(640, 512, generator=g), torch.randn(3, 7, 512, generator=g).transpose(0, 1)
+    with torch.inference_mode():
+        got = onednn_linear.linear(x, onednn_linear.reorder(w, 21))
+    torch.testing.assert_close(got.double(), _reference(x, w, None), rtol=1e-5, atol=3e-4)
+
+
+def test_reordered_once_then_again_when_the_weight_changes():
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=4, stats=stats)
+    x = torch.randn(4, 512)
+    with torch.inference_mode():
+        first = [gemm(x, layer.weight, bias=None) for _ in range(3)]
+    assert stats.reordered == 1 and stats.calls == 3 and layer.own_calls == 0
+    torch.testing.assert_close(first[0].double(), _reference(x, layer.weight.detach(), None), rtol=1e-5, atol=3e-4)
+
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # an optimizer step / a refit writes the weight in place
+    with torch.inference_mode():
+        after = gemm(x, layer.weight, bias=None)
+    assert stats.reordered == 2
+    torch.testing.assert_close(after, -2.0 * first[0], rtol=1e-5, atol=1e-3)
+
+    tied = torch.randn(768, 512)  # a tied output layer is handed the embedding's weight with each call
+    with torch.inference_mode():
+        other = gemm(x, tied, bias=None)
+    assert stats.reordered == 3
+    torch.testing.assert_close(other.double(), _reference(x, tied, None), rtol=1e-5, atol=3e-4)
+
+
+def test_autograd_small_and_non_fp32_weights_keep_the_layers_own_gemm():
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=4, stats=stats)
+    x = torch.randn(4, 512, requires_grad=True)
+    out = gemm(x, layer.weight, bias=None)  # autograd on: a training forward
+    out.sum().backward()
+    assert layer.weight.grad is not None and stats.calls == 0 and layer.own_calls == 1
+    small = torch.randn(64, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(gemm(x.detach(), small, bias=None), F.linear(x.detach(), small), rtol=0, atol=0)
+        gemm(x.detach().double(), layer.weight.detach().double(), bias=None)
+    assert stats.calls == 0 and stats.fallbacks == 3 and layer.own_calls == 3
+
+
+def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
+    big = torch.empty(512, 512)
+    assert onednn_linear.worth_packing(big)
+    assert not onednn_linear.worth_packing(torch.empty(511, 512))
+    assert not onednn_linear.worth_packing(big.bfloat16())
+    assert not onednn_linear.worth_packing(torch.empty(512 * 512))
+    assert not onednn_linear.worth_packing(None)
