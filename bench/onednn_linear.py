@@ -25,25 +25,12 @@ try:
     import megatron_grm  # noqa: F401
 except ImportError:  # run from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from wgrad_gemm import layer_shapes, time_per_call  # one Llama layer's and the output layer's [out, in]
 
 from megatron_grm.parallel import onednn_linear
-
-
-def layer_shapes(hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int) -> dict[str, tuple[int, int]]:
-    """``[out, in]`` of the weights a Llama layer (fused QKV, fused gate/up) and the output layer multiply by."""
-    head_dim = hidden // heads
-    return {"qkv": (hidden + 2 * kv_heads * head_dim, hidden), "proj": (hidden, hidden), "fc1": (2 * ffn, hidden),
-            "fc2": (hidden, ffn), "output": (vocab, hidden)}
-
-
-def cpu_seconds_per_call(fn, calls: int) -> float:
-    fn()
-    began = time.process_time()
-    for _ in range(calls):
-        fn()
-    return (time.process_time() - began) / calls
 
 
 def main() -> None:
@@ -76,7 +63,7 @@ def main() -> None:
                 best = {label: float("inf") for label in variants}
                 for _ in range(args.rounds):
                     for label, fn in variants.items():
-                        best[label] = min(best[label], cpu_seconds_per_call(fn, calls))
+                        best[label] = min(best[label], time_per_call(fn, calls, cuda=False))
             for label in totals:
                 totals[label] += best[label]
             gflops = 2 * rows * n_out * n_in / 1e9
