@@ -196,25 +196,24 @@ def main() -> None:
     linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     layers_by_default = engine.backend.last_gemms.layers
     threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0
-    packed = [engine.generate(prompts, n=2, sampling=sampled)]
+    packed = engine.generate(prompts, n=2, sampling=sampled)
     forwards.clear()
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
-    packed.append(engine.generate(prompts, n=1, sampling=greedy))  # one wave: its forwards are counted
+    packed += engine.generate(prompts, n=1, sampling=greedy)  # one wave: its forwards are counted
     hook.remove()
     gemms = engine.backend.last_gemms
     onednn_linear.PACK_MIN_ELEMENTS = threshold
     engine.backend.pack_weights = False
-    matmul = [engine.generate(prompts, n=2, sampling=sampled), engine.generate(prompts, n=1, sampling=greedy)]
+    matmul = engine.generate(prompts, n=2, sampling=sampled) + engine.generate(prompts, n=1, sampling=greedy)
     engine.backend.pack_weights = True
     out["onednn_gemms"] = {
         "available": onednn_linear.available(), "layers_by_default": layers_by_default,
         "linear_modules": len(linears), "layers": gemms.layers, "reordered": gemms.reordered,
         "calls": gemms.calls, "fallbacks": gemms.fallbacks, "forwards": len(forwards),
         "restored": all("_forward_impl" not in m.__dict__ for m in linears),
-        "tokens_equal": all(a.token_ids == b.token_ids for f, p in zip(packed, matmul) for a, b in zip(f, p)),
-        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(packed, matmul) for a, b in zip(f, p)
-                                    for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for f in packed for a in f),
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(packed, matmul)),
+        "logprob_max_abs_diff": diff(packed, matmul),
+        "tokens": sum(len(a.token_ids) for a in packed),
     }
 
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
