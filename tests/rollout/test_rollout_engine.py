@@ -115,6 +115,16 @@ def test_gemms_on_weights_reordered_once_per_wave_match_torchs_matmul(run):
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+def test_waves_run_without_the_cpu_layers_torch_function_mode(run):
+    """parallel/cpu_compat.py's process-wide torch-function mode costs ~1.4 µs on each of a decode step's
+    torch calls; a wave runs with it off (Megatron's generation loop creates nothing on a "cuda" device),
+    and it is on again outside the wave. The tokens made inside equal the reference loop's (greedy test)."""
+    check = run["torch_function_in_wave"]
+    assert check["forwards_in_wave"] >= 2
+    assert check["in_wave"] == [False]
+    assert check["outside"] == [True]
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).

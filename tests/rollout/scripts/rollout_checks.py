@@ -216,6 +216,20 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for a in packed),
     }
 
+    # 1f. A wave runs with the CPU layer's process-wide torch-function mode off (parallel/cpu_compat.py,
+    # without_cpu_compat): the model's forwards inside generate see torch-function handling disabled, the
+    # reference forwards outside it (and everything after the wave) see it on again. Section 1's
+    # greedy == full-recompute check compares the two.
+    seen = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch._C._is_torch_function_enabled()))
+    engine.generate(prompts[:2], n=1, sampling=greedy)
+    in_wave = list(seen)
+    seen.clear()
+    reference_greedy(model, prompts[0], 2, tok.vocab_size, tok.eos_id)
+    hook.remove()
+    out["torch_function_in_wave"] = {"in_wave": sorted(set(in_wave)), "forwards_in_wave": len(in_wave),
+                                     "outside": sorted(set(seen))}
+
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
         "temperature_1": SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=7),
