@@ -228,7 +228,7 @@ def main() -> None:
     reference_greedy(model, prompts[0], 2, tok.vocab_size, tok.eos_id)
     hook.remove()
     out["torch_function_in_wave"] = {"in_wave": sorted(set(in_wave)), "forwards_in_wave": len(in_wave),
-                                     "outside": sorted(set(seen))}
+                                     "outside": sorted(set(seen)), "cuda": torch.cuda.is_available()}
 
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
