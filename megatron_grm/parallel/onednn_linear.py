@@ -86,17 +86,20 @@ class _PackedGemm:
         self.packed: torch.Tensor | None = None
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        bias = kwargs.get("bias", args[0] if args else None)
-        if (torch.is_grad_enabled() or kwargs.get("sequence_parallel") or input.dtype != torch.float32
-                or not worth_packing(weight)):
-            self.stats.fallbacks += 1
-            return type(self.layer)._forward_impl(self.layer, input, weight, *args, **kwargs)
-        if self.packed is None or weight is not self.source or weight._version != self.version:
+        if torch.is_grad_enabled() or kwargs.get("sequence_parallel") or input.dtype != torch.float32:
+            return self._megatrons_gemm(input, weight, *args, **kwargs)
+        if weight is not self.source or weight._version != self.version:  # first use, or a changed weight
+            if not worth_packing(weight):  # checked here, not per call: the weight is the same within a wave
+                return self._megatrons_gemm(input, weight, *args, **kwargs)
             self.packed = reorder(weight, self.rows)  # a tied output layer passes the embedding's weight
             self.source, self.version = weight, weight._version
             self.stats.reordered += 1
         self.stats.calls += 1
-        return linear(input, self.packed, bias)
+        return linear(input, self.packed, kwargs.get("bias", args[0] if args else None))
+
+    def _megatrons_gemm(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.stats.fallbacks += 1
+        return type(self.layer)._forward_impl(self.layer, input, weight, *args, **kwargs)
 
 
 @contextlib.contextmanager
