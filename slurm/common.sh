@@ -232,15 +232,21 @@ grm_finish() {
 # again, then GRM_REQUEUE_START_DELAY seconds more (default 5), and sets StartTime=now, which also makes
 # the scheduler look at the job at once. The pause matters: measured here, slurmd refuses a relaunch
 # whose credential dates from the same second as the revocation of the previous one ("Job credential
-# revoked": the job FAILS). Where proctrack/cgroup kills every process of the job, the helper dies with
-# it and the job simply starts 120 s later.
+# revoked": the job FAILS). The helper is forked twice, so it is no longer this shell's child when the
+# requeue's kill walks the job's process tree (proctrack/linuxproc), however long this shell takes to
+# exit; a busy slurmctld only makes it ask again. Where proctrack/cgroup kills every process of the
+# job, the helper dies with it and the job simply starts 120 s later.
 grm_requeue() {
     local job=$SLURM_JOB_ID next=$((GRM_RESTART + 1))
     grm_log "step checkpointed and exited 75: requeuing (restart $next of at most $GRM_MAX_RESTARTS)"
     # shellcheck disable=SC2016  # $1..$3 are the helper's own arguments
-    setsid nohup bash -c '
+    (setsid nohup bash -c '
         for _ in $(seq 1 300); do
-            info=$(scontrol show job -o "$1" 2>/dev/null) || exit 0
+            if ! info=$(scontrol show job -o "$1" 2>&1); then
+                case $info in *"Invalid job id"*) exit 0 ;; esac
+                sleep 1
+                continue
+            fi
             case $info in
                 *JobState=PENDING*Restarts="$2"\ *)
                     sleep "$3"
@@ -250,8 +256,9 @@ grm_requeue() {
                 *JobState=RUNNING*Restarts="$2"\ * | *JobState=CANCELLED* | *JobState=COMPLETED*) exit 0 ;;
             esac
             sleep 1
-        done' grm-requeue-helper "$job" "$next" "${GRM_REQUEUE_START_DELAY:-5}" >>"$GRM_LAUNCH_LOG" 2>&1 </dev/null &
-    disown
+        done
+        echo "requeue helper: job $1 was not PENDING for restart $2 within 300 polls; Slurm starts it itself"
+        ' grm-requeue-helper "$job" "$next" "${GRM_REQUEUE_START_DELAY:-5}" >>"$GRM_LAUNCH_LOG" 2>&1 </dev/null &)
     if ! scontrol requeue "$job"; then
         grm_log "scontrol requeue $job failed (submitted with --no-requeue?): resubmit with GRM_RUN_DIR=$GRM_RUN_DIR"
         exit "$GRM_EXIT_PREEMPTED"

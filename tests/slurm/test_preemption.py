@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from .harness import PROGRAMS, STAGES, compare_checkpoints, launcher_times, tensorboard_scalars, wait_for_path
+from .harness import PROGRAMS, REPO, STAGES, compare_checkpoints, launcher_times, tensorboard_scalars, wait_for_path
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
@@ -75,6 +75,20 @@ def test_requeues_are_bounded_by_grm_max_restarts(jobs, tmp_path):
     launcher = (tmp_path / f"sft-{job}" / "logs" / f"launcher-{job}.log").read_text()
     assert launcher.count("requeuing (restart") == 2
     assert "requeued 2 times (GRM_MAX_RESTARTS=2): not requeuing" in launcher
+
+
+def test_the_requeue_helper_survives_a_batch_shell_that_is_slow_to_exit(jobs, tmp_path):
+    # The requeue's kill reaches the batch shell while it is still alive (it lingers in an EXIT trap);
+    # the helper that starts the requeued attempt at once must not be among the processes it kills.
+    job = jobs.submit(str(PROGRAMS / "requeue_slow_exit.sh"), runs_root=tmp_path, env={"GRM_REPO": str(REPO)},
+                      sbatch=("--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=30", "--requeue"))
+    info = jobs.wait(job, timeout=90)
+    launcher = (tmp_path / f"requeue-slow-exit-{job}" / "logs" / f"launcher-{job}.log").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", jobs.logs(job, tmp_path) + launcher
+    assert "requeue helper: StartTime=now" in launcher, launcher
+    requeued_at = launcher_times(launcher, r"requeuing")[0]
+    restarted_at = launcher_times(launcher, r"restarted")[0]
+    assert restarted_at - requeued_at < 60, launcher
 
 
 def test_a_real_error_is_not_requeued(jobs, tmp_path):
