@@ -188,6 +188,10 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     cluster = "h200_1gpu" if torch.cuda.is_available() else "local_cpu"
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
+    if not args.onednn_forward:  # init_parallel (in prepare_run) put CPU forward GEMMs on oneDNN
+        from megatron_grm.parallel import onednn_training
+
+        onednn_training.uninstall()
     weights = copy_hf_into_megatron(hf_model, raw)
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
@@ -411,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--wgrad-fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="weight gradients accumulated inside the GEMM into DDP's main_grad (as the Trainer does)")
+    p.add_argument("--onednn-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: our linears' forward GEMMs on oneDNN (as the Trainer does) or torch's matmul")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                    help="our side: torch's fused AdamW kernel (as the Trainer does) or Megatron's foreach build")
     p.add_argument("--hf-adamw", choices=("fused", "foreach"), default="fused",

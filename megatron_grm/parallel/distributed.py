@@ -100,10 +100,11 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         from megatron_grm.parallel.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
-    from megatron_grm.parallel import multi_tensor, wgrad_gemm
+    from megatron_grm.parallel import multi_tensor, onednn_training, wgrad_gemm
 
     multi_tensor.install()
     wgrad_gemm.install(cuda)
+    onednn_training.install(cuda)
     if env.world_size % layout.model_parallel != 0:
         raise ValueError(
             f"world size {env.world_size} is not divisible by TP*CP*PP = {layout.tensor_parallel}*"

@@ -1,0 +1,147 @@
+"""parallel/onednn_training.py: Megatron's autograd function for its linear layers with the forward GEMM on
+oneDNN. Against Megatron's own function: the same output and the same gradients (input, bias, the weight
+gradient into ``main_grad`` or ``.grad``) up to fp32 round-off, with oneDNN's op in the forward; Megatron's
+forward for small, non-fp32 and sequence-parallel cases; and installed by ``init_parallel`` for Megatron's
+real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`` as under Megatron's DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megatron_grm.parallel import onednn_linear, onednn_training, wgrad_gemm
+from tests.conftest import REPO, REPO_PYTHONPATH
+
+pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+
+FUNCTION_ARGS = (False, False, None, 0, None)  # allreduce_dgrad, sequence_parallel, grad buffer, deferral, group
+
+
+@pytest.fixture
+def classes():
+    """(Megatron's function, ours), with Megatron's module left as this test found it."""
+    from megatron.core.tensor_parallel import layers
+
+    wgrad_gemm.install(cuda=False)  # main_grad accumulation for fusion=True, as init_parallel installs it
+    before = layers.LinearWithGradAccumulationAndAsyncCommunication
+    onednn_training.install(cuda=False)
+    ours = layers.LinearWithGradAccumulationAndAsyncCommunication
+    yield ours.megatrons, ours
+    layers.LinearWithGradAccumulationAndAsyncCommunication = before
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def _step(function, weight, bias, x, residual, fusion: bool):
+    """One forward and backward through ``function``, the output written in place as Megatron's residual add
+    does; returns (output, input grad, weight gradient, bias grad) and the forward's aten ops."""
+    weight = torch.nn.Parameter(weight.clone())
+    if fusion:  # (no grad_added_to_main_grad: Megatron's dummy .grad for DDP is made on "cuda"; below, in
+        # a process with the CPU layer, it is set)
+        weight.main_grad = torch.ones_like(weight)  # what earlier micro-batches accumulated
+    bias = None if bias is None else torch.nn.Parameter(bias.clone())
+    x = x.clone().requires_grad_()
+    outputs = []
+    ops = _ops(lambda: outputs.append(function.apply(x, weight, bias, fusion, *FUNCTION_ARGS)))
+    out = outputs[0]
+    out.add_(residual)
+    out.square().sum().backward()
+    weight_grad = weight.main_grad if fusion else weight.grad
+    return (out.detach(), x.grad, weight_grad, None if bias is None else bias.grad), ops
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_on_onednn_gives_megatrons_output_and_gradients(classes, fusion, with_bias):
+    megatrons, ours = classes
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(640, 512, generator=g) * 0.05, torch.randn(7, 3, 512, generator=g)
+    bias = torch.randn(640, generator=g) if with_bias else None
+    residual = torch.randn(7, 3, 640, generator=g)
+
+    want, megatron_ops = _step(megatrons, weight, bias, x, residual, fusion)
+    got, our_ops = _step(ours, weight, bias, x, residual, fusion)
+
+    assert "mkldnn::_linear_pointwise" in our_ops and "mkldnn::_linear_pointwise" not in megatron_ops
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
+    if fusion:  # accumulated into main_grad on top of what was there, not written to .grad
+        assert not torch.allclose(got[2], torch.ones_like(got[2]))
+
+
+@pytest.mark.parametrize("case", ["small weight", "bf16", "sequence parallel"])
+def test_small_non_fp32_and_sequence_parallel_keep_megatrons_forward(classes, case):
+    _, ours = classes
+    n_out = 64 if case == "small weight" else 640
+    weight = torch.nn.Parameter(torch.randn(n_out, 512))
+    x = torch.randn(4, 2, 512, requires_grad=True)
+    if case == "bf16":
+        weight, x = torch.nn.Parameter(weight.detach().bfloat16()), x.detach().bfloat16().requires_grad_()
+    if case == "sequence parallel":  # its forward all-gathers over the group first: only the decision here
+        assert not onednn_training._takes(x, weight, sequence_parallel=True)
+        assert onednn_training._takes(x, weight, sequence_parallel=False)
+        return
+    outputs = []
+    ops = _ops(lambda: outputs.append(ours.apply(x, weight, None, False, *FUNCTION_ARGS)))
+    assert "mkldnn::_linear_pointwise" not in ops
+    torch.testing.assert_close(outputs[0].float(), (x @ weight.t()).detach().float(), rtol=1e-2, atol=1e-2)
+    outputs[0].sum().backward()
+    assert weight.grad is not None and x.grad is not None
+
+
+_STEP_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from megatron_grm.parallel import ParallelLayout, init_parallel, onednn_training
+    init_parallel(ParallelLayout())
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8, use_cpu_initialization=True,
+                               gradient_accumulation_fusion=True)
+    layer = layers.ColumnParallelLinear(512, 768, config=config, init_method=torch.nn.init.xavier_normal_,
+                                        bias=False, gather_output=False)
+    layer.weight.main_grad = torch.zeros_like(layer.weight)  # as Megatron's DDP sets a parameter up
+    layer.weight.grad_added_to_main_grad = False
+    x = torch.randn(16, 2, 512, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, _ = layer(x)
+    ops = {e.key for e in prof.key_averages()}
+    (out.float() ** 2).sum().backward()
+    want = x.detach().double() @ layer.weight.detach().double().t()
+    want_grad = 2 * want.reshape(-1, 768).t() @ x.detach().double().reshape(-1, 512)
+    print(json.dumps({
+        "installed": hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons"),
+        "onednn_in_forward": "mkldnn::_linear_pointwise" in ops,
+        "output_error": (out.double() - want).abs().max().item(),
+        "weight_grad_error": (layer.weight.main_grad.double() - want_grad).abs().max().item(),
+        "flagged_for_ddp": layer.weight.grad_added_to_main_grad,
+        "weight_grad_scale": want_grad.abs().max().item(),
+        "installed_again": onednn_training.install(cuda=False),
+    }))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA processes keep Megatron's matmul")
+def test_init_parallel_puts_megatrons_column_parallel_linear_forward_on_onednn():
+    env = {"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["installed"] and report["onednn_in_forward"] and report["installed_again"]
+    assert report["flagged_for_ddp"]  # Megatron's backward ran: the weight gradient went into main_grad
+    assert report["output_error"] < 1e-4
+    assert report["weight_grad_error"] < 1e-5 * report["weight_grad_scale"]
