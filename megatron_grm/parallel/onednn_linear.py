@@ -11,9 +11,10 @@ compiler uses for frozen linear layers. The arithmetic stays fp32; only the summ
 (relative differences ~1e-6). Megatron's module code, its tensor-parallel collectives and
 its bias handling stay as they are: only ``_forward_impl``, the GEMM itself, is swapped for the wave.
 
-Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training),
-sequence-parallel layers (their GEMM gathers the sequence first), non-fp32 weights or inputs, and weights
-under :data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's, exceeds what it saves).
+Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training, whose
+forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder), sequence-parallel layers
+(their GEMM gathers the sequence first), non-fp32 weights or inputs, and weights under
+:data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's, exceeds what it saves).
 """
 
 from __future__ import annotations

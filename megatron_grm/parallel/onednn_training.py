@@ -32,13 +32,15 @@ def _takes(input: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool) -
 
 
 def _forward_class() -> type:
-    """Megatron's autograd function for its linear layers with the forward's GEMM on oneDNN (built on first
-    use: importing Megatron's layers module needs the CPU compatibility layer in place)."""
+    """Megatron's autograd function for its linear layers with the forward's GEMM on oneDNN (built when
+    installed, so that importing this module does not import Megatron)."""
     from megatron.core.tensor_parallel import layers
 
     megatrons = layers.LinearWithGradAccumulationAndAsyncCommunication
 
     class OneDNNForwardLinear(megatrons):
+        """Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` with this forward; its backward."""
+
         @staticmethod
         @layers.custom_fwd
         def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
