@@ -1,4 +1,5 @@
-"""Shared test helpers: run a script under torchrun (real gloo processes) and read its JSON result."""
+"""Shared test helpers: run a script under torchrun (real gloo processes) or a snippet in a fresh Python, and
+read its JSON result."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def python_json(code: str, timeout: int = 300) -> dict:
+    """Run ``code`` in a fresh Python process (one that may call ``init_parallel``, which the test process
+    must not) and return the JSON object it printed last; fail with its stderr on error."""
+    env = {"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+    if proc.returncode != 0:
+        pytest.fail(f"python -c exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def read_json(path: str | Path):

@@ -8,9 +8,6 @@ process where ``init_parallel`` installed them.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +15,7 @@ import torch
 from megatron.core.utils import local_multi_tensor_scale
 
 from megatron_grm.parallel.multi_tensor import multi_tensor_l2norm, multi_tensor_scale
-from tests.conftest import REPO, REPO_PYTHONPATH
+from tests.conftest import python_json
 
 
 def _tensors(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -94,11 +91,7 @@ _CLIP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU process; the GPU tests run the same ops in the Trainer")
 def test_megatrons_grad_norm_and_clipping_go_through_ours_after_init_parallel():
-    env = {"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", _CLIP_SCRIPT], capture_output=True, text=True, timeout=300,
-                         env=env, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = python_json(_CLIP_SCRIPT)
     assert report["uses_ours"] == [True, True, True]
     assert report["installed_again"] == []  # idempotent
     assert report["want"] > 10

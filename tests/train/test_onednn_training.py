@@ -6,16 +6,13 @@ real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from megatron_grm.parallel import onednn_linear, onednn_training, wgrad_gemm
-from tests.conftest import REPO, REPO_PYTHONPATH
+from tests.conftest import python_json
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 
@@ -136,11 +133,7 @@ _STEP_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA processes keep Megatron's matmul")
 def test_init_parallel_puts_megatrons_column_parallel_linear_forward_on_onednn():
-    env = {"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], capture_output=True, text=True, timeout=300,
-                         env=env, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = python_json(_STEP_SCRIPT)
     assert report["installed"] and report["onednn_in_forward"] and report["installed_again"]
     assert report["flagged_for_ddp"]  # Megatron's backward ran: the weight gradient went into main_grad
     assert report["output_error"] < 1e-4
