@@ -2,20 +2,23 @@
 oneDNN. Against Megatron's own function: the same output and the same gradients (input, bias, the weight
 gradient into ``main_grad`` or ``.grad``) up to fp32 round-off, with oneDNN's op in the forward; Megatron's
 forward for small, non-fp32 and sequence-parallel cases; and installed by ``init_parallel`` for Megatron's
-real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`` as under Megatron's DDP."""
+real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`` as under Megatron's DDP; at
+TP=2 (torchrun) an MLP's column and row parallel shards, the input gradient all-reduced by Megatron's backward."""
 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_grm.parallel import onednn_linear, onednn_training, wgrad_gemm
-from tests.conftest import python_json
+from tests.conftest import python_json, read_json, torchrun
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 
+SCRIPTS = Path(__file__).parent / "scripts"
 FUNCTION_ARGS = (False, False, None, 0, None)  # allreduce_dgrad, sequence_parallel, grad buffer, deferral, group
 
 
@@ -138,3 +141,14 @@ def test_init_parallel_puts_megatrons_column_parallel_linear_forward_on_onednn()
     assert report["flagged_for_ddp"]  # Megatron's backward ran: the weight gradient went into main_grad
     assert report["output_error"] < 1e-4
     assert report["weight_grad_error"] < 1e-5 * report["weight_grad_scale"]
+
+
+def test_under_tensor_parallelism_the_inherited_backward_all_reduces_the_input_gradient(tmp_path):
+    out = tmp_path / "tp2.json"
+    torchrun(SCRIPTS / "onednn_forward_tp2.py", 2, [str(out)], timeout=180)
+    r = read_json(out)
+    assert r["onednn_calls"] == 2  # both shards' forwards (fc1 512 x 512, fc2 512 x 512 per rank)
+    assert r["output_max"] > 1 and r["output_diff"] <= 1e-5
+    # Without the all-reduce each rank would keep only its shard's part of the input gradient.
+    assert r["input_grad_max"] > 1 and r["input_grad_diff"] <= 1e-5
+    assert r["weight_grad_max"] > 1 and max(r["fc1_grad_diff"], r["fc2_grad_diff"]) <= 1e-6 * r["weight_grad_max"]
