@@ -180,6 +180,7 @@ class Side:
 
 def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_dir: str, clock) -> tuple[Side, str]:
     from megatron_grm.models.provider import build_model
+    from megatron_grm.parallel import onednn_training
     from megatron_grm.stages.common import prepare_run
     from megatron_grm.stages.sft import SupervisedObjective
     from megatron_grm.train.loop import Trainer
@@ -188,18 +189,18 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     cluster = "h200_1gpu" if torch.cuda.is_available() else "local_cpu"
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
-    if not args.onednn_forward:  # init_parallel (in prepare_run) put CPU forward GEMMs on oneDNN
-        from megatron_grm.parallel import onednn_training
-
-        onednn_training.uninstall()
     weights = copy_hf_into_megatron(hf_model, raw)
     trainer = Trainer(run, model=raw)
     side = Side("megatron", clock)
     wrap_phases(trainer, side)
     objective = SupervisedObjective(run.trainer.loss_tokens_only)
 
+    # init_parallel (in prepare_run) put CPU forward GEMMs on oneDNN; --no-onednn-forward steps without it
+    forward = contextlib.nullcontext if args.onednn_forward else onednn_training.megatrons_forward
+
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
-        return trainer.train_step(batches, objective).loss
+        with forward():
+            return trainer.train_step(batches, objective).loss
 
     side.step = step
     return side, weights

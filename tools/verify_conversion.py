@@ -54,16 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_grm.models import hf_parity as parity
     from megatron_grm.models.hf_convert import load_megatron_model
-    from megatron_grm.parallel import onednn_training
     from megatron_grm.parallel.distributed import ParallelLayout, destroy_parallel, init_parallel
 
     torch.set_grad_enabled(False)
     hf_model = parity.load_hf_model(args.hf)
     init_parallel(ParallelLayout())
-    # transformers multiplies with torch's matmul; so does our model here (init_parallel puts CPU forwards
-    # on oneDNN): what is measured is the conversion. SmolLM2-135M, 3 chat prompts: 5.8e-5 this way,
-    # 1.3e-4 with oneDNN's summation order.
-    onednn_training.uninstall()
     try:
         model, cfg, _, folder = load_megatron_model(args.ckpt)
         batches = [parity.random_tokens(cfg.vocab_size, args.batch, args.seq, args.seed)]

@@ -27,10 +27,15 @@ def causal_mask(seq: int) -> Tensor:
 
 @torch.no_grad()
 def megatron_logits(model: torch.nn.Module, tokens: Tensor, vocab_size: int) -> Tensor:
-    """[b, s, vocab] fp32 logits of a TP=1/PP=1 GPTModel."""
+    """[b, s, vocab] fp32 logits of a TP=1/PP=1 GPTModel, its GEMMs on torch's matmul as transformers' are
+    (on a CPU, training forwards go through oneDNN, whose summation order alone moves SmolLM2-135M's logits
+    by 1.3e-4; 5.8e-5 on torch's matmul: docs/conversion.md)."""
+    from megatron_grm.parallel.onednn_training import megatrons_forward
+
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).expand(b, s)
-    logits = model(tokens, position_ids, causal_mask(s).to(tokens.device))
+    with megatrons_forward():
+        logits = model(tokens, position_ids, causal_mask(s).to(tokens.device))
     return logits[..., :vocab_size].float()
 
 

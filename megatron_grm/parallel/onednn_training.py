@@ -17,7 +17,9 @@ fp32; only the summation order differs from torch's matmul (relative differences
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -83,9 +85,15 @@ def install(cuda: bool) -> bool:
     return True
 
 
-def uninstall() -> None:
-    """Back to Megatron's own autograd function (tests compare the two)."""
+@contextlib.contextmanager
+def megatrons_forward() -> Iterator[None]:
+    """Megatron's own forward GEMM (torch's matmul) while the block runs: comparisons with ``transformers``,
+    which multiplies with torch's matmul too, then measure the model and not the GEMM's summation order."""
     from megatron.core.tensor_parallel import layers
 
     current = layers.LinearWithGradAccumulationAndAsyncCommunication
     layers.LinearWithGradAccumulationAndAsyncCommunication = getattr(current, "megatrons", current)
+    try:
+        yield
+    finally:
+        layers.LinearWithGradAccumulationAndAsyncCommunication = current

@@ -119,12 +119,18 @@ _STEP_SCRIPT = textwrap.dedent("""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out, _ = layer(x)
     ops = {e.key for e in prof.key_averages()}
+    with onednn_training.megatrons_forward(), torch.no_grad():  # what the conversion check compares with
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as plain:
+            plain_out, _ = layer(x)
     (out.float() ** 2).sum().backward()
     want = x.detach().double() @ layer.weight.detach().double().t()
     want_grad = 2 * want.reshape(-1, 768).t() @ x.detach().double().reshape(-1, 512)
     print(json.dumps({
         "installed": hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons"),
         "onednn_in_forward": "mkldnn::_linear_pointwise" in ops,
+        "onednn_in_megatrons_forward": "mkldnn::_linear_pointwise" in {e.key for e in plain.key_averages()},
+        "plain_output_error": (plain_out.double() - want).abs().max().item(),
+        "installed_after_block": hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons"),
         "output_error": (out.double() - want).abs().max().item(),
         "weight_grad_error": (layer.weight.main_grad.double() - want_grad).abs().max().item(),
         "flagged_for_ddp": layer.weight.grad_added_to_main_grad,
@@ -140,6 +146,9 @@ def test_init_parallel_puts_megatrons_column_parallel_linear_forward_on_onednn()
     assert report["installed"] and report["onednn_in_forward"] and report["installed_again"]
     assert report["flagged_for_ddp"]  # Megatron's backward ran: the weight gradient went into main_grad
     assert report["output_error"] < 1e-4
+    # megatrons_forward: torch's matmul inside the block, oneDNN again after it
+    assert not report["onednn_in_megatrons_forward"] and report["installed_after_block"]
+    assert report["plain_output_error"] < 1e-4
     assert report["weight_grad_error"] < 1e-5 * report["weight_grad_scale"]
 
 
