@@ -1,9 +1,11 @@
 """Reading and writing judgments: principles, critique and ``Scores: \\boxed{s1, ..., sn}`` (paper §2.1-3.1).
 
 A judgment is the text the GRM generates. The scores are extracted as the paper's ``f_extract``: the last
-``\\boxed{...}`` after the ``Scores`` label, one integer per response. Scores are 1-10 for n >= 2 and 0/1
-for the single-response template; anything else (wrong count, out of range, not an integer, missing) makes
-the judgment unparseable, which Eq. 10 counts as incorrect. Parsing never raises.
+``\\boxed{...}`` after the ``Scores`` label, one integer per response. The label is "Scores" opening a line
+or "scores:" anywhere, so the verb in "Response 1 scores higher" is not one. Scores are 1-10 for n >= 2
+and 0/1 for the single-response template; anything else (wrong count, out of range, not an integer,
+missing, or a last ``\\boxed`` that is malformed, which must not fall back to an earlier draft) makes the
+judgment unparseable, which Eq. 10 counts as incorrect. Parsing never raises.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 MULTI_SCORE_RANGE = (1, 10)
 SINGLE_SCORE_RANGE = (0, 1)
 
-_SCORES_LABEL = re.compile(r"\bscores\b[ \t]*:?", re.IGNORECASE)
+# "Scores" opening a line (after Markdown's '#', '*' or '>'), with or without a colon; or "scores:" anywhere.
+_SCORES_LABEL = re.compile(r"(?:^[ \t#*>]*scores\b[ \t*]*:?|\bscores[ \t*]*:)", re.IGNORECASE | re.MULTILINE)
 _BOXED = re.compile(r"\\boxed[ \t]*\{([^{}]*)\}")
+_BOXED_OPENING = re.compile(r"\\boxed[ \t]*\{")
 _PRINCIPLES_LABEL = re.compile(r"specific criteria[ \t]*:", re.IGNORECASE)
 _ANALYSIS_LABEL = re.compile(r"\banalysis[ \t]*:", re.IGNORECASE)
 _BEST_LABEL = re.compile(r"\bbest\b", re.IGNORECASE)
@@ -73,10 +77,13 @@ def _parse(text: str, num_responses: int, allowed: tuple[int, int] | None) -> Ju
     labels = list(_SCORES_LABEL.finditer(text))
     if not labels:
         return Judgment(None, *_sections(text, len(text)), "no 'Scores' label")
-    boxes = list(_BOXED.finditer(text, labels[0].end()))
-    if not boxes:
+    openings = list(_BOXED_OPENING.finditer(text, labels[0].end()))
+    if not openings:
         return Judgment(None, *_sections(text, labels[-1].start()), "no \\boxed{...} after 'Scores'")
-    box = boxes[-1]
+    box = _BOXED.match(text, openings[-1].start())
+    if box is None:
+        return Judgment(None, *_sections(text, labels[-1].start()),
+                        "no \\boxed{...} of plain scores after 'Scores': the last \\boxed is malformed")
     marker = [m for m in labels if m.start() < box.start()][-1]
     principles, critique = _sections(text, marker.start())
 

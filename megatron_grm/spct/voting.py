@@ -11,6 +11,7 @@ Permutation convention: ``perm[k]`` is the original index of the response shown 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -48,15 +49,14 @@ def _check_perm(perm: Sequence[int], n: int) -> None:
         raise ValueError(f"perm must be a permutation of 0..{n - 1}, got {list(perm)}")
 
 
-def voted_scores(score_lists: Sequence[ScoreList], num_responses: int | None = None) -> list[int]:
+def voted_scores(score_lists: Sequence[ScoreList], num_responses: int) -> list[int]:
     """Summed scores per response over the parseable judgments (paper §4.1, S*_i = sum_j S_ij).
 
+    ``num_responses`` is required so that k unparseable judgments are an all-zero (tied) vote, not an error.
     For n = 1 this is the voted reward of the single response (used for ROC-AUC).
     """
     valid = [list(s) for s in score_lists if s is not None]
-    n = num_responses if num_responses is not None else (len(valid[0]) if valid else None)
-    if n is None:
-        raise ValueError("no parseable judgment: pass num_responses to vote over zero judgments")
+    n = num_responses
     totals = [0] * n
     for scores in valid:
         if len(scores) != n:
@@ -74,7 +74,7 @@ def argmax_random_tie(values: Sequence[float], rng: random.Random) -> int:
     return rng.choice([i for i, v in enumerate(values) if v == top])
 
 
-def vote(score_lists: Sequence[ScoreList], rng: random.Random, num_responses: int | None = None) -> int:
+def vote(score_lists: Sequence[ScoreList], rng: random.Random, num_responses: int) -> int:
     """Voting@k: the index of the response with the highest summed score, ties broken at random."""
     return argmax_random_tie(voted_scores(score_lists, num_responses), rng)
 
@@ -90,7 +90,8 @@ def meta_filter(
     """The k_meta judgments with the highest meta scores (paper §4.2).
 
     Equal meta scores keep the earlier-sampled judgment (a stable sort), so the result is deterministic.
-    Unparseable judgments are ranked like any other; if kept, they add nothing to the vote.
+    Unparseable judgments are ranked like any other; if kept, they add nothing to the vote. A NaN meta score
+    (e.g. a low-precision overflow) ranks last: NaN compares false with everything and would scramble the sort.
     """
     k = len(score_lists)
     if len(meta_scores) != k:
@@ -100,7 +101,7 @@ def meta_filter(
     keep = default_k_meta(k) if k_meta is None else k_meta
     if not 1 <= keep <= k:
         raise ValueError(f"k_meta must be in [1, {k}], got {keep}")
-    order = sorted(range(k), key=lambda j: -meta_scores[j])
+    order = sorted(range(k), key=lambda j: (math.isnan(meta_scores[j]), -meta_scores[j]))
     return [score_lists[j] for j in order[:keep]]
 
 
@@ -109,7 +110,7 @@ def meta_guided_vote(
     meta_scores: Sequence[float],
     k_meta: int | None,
     rng: random.Random,
-    num_responses: int | None = None,
+    num_responses: int,
 ) -> int:
     """MetaRM@k: vote over the k_meta judgments the MetaRM rates highest (default k/2, at least 1)."""
     return vote(meta_filter(score_lists, meta_scores, k_meta), rng, num_responses)

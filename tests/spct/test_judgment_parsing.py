@@ -127,6 +127,32 @@ def test_boxed_before_scores_label_is_ignored():
     assert "boxed" in judgment.error
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Analysis: Response 1 scores higher, I'd say \\boxed{9, 2}.\nScores: none",
+        "Analysis: it scores \\boxed{9, 2} on my scale.",
+    ],
+)
+def test_scores_used_as_a_verb_is_not_the_label(text):
+    judgment = parse_judgment(text, 2)
+    assert judgment.scores is None
+    assert "Scores" in judgment.error
+
+
+@pytest.mark.parametrize(
+    "text", ["Final scores: \\boxed{7, 3}", "**Scores:** \\boxed{7, 3}", "## Scores\n\\boxed{7,3}"]
+)
+def test_markdown_and_prefixed_labels_are_accepted(text):
+    assert parse_judgment(text, 2).scores == [7, 3]
+
+
+def test_a_malformed_last_box_does_not_fall_back_to_an_earlier_one():
+    judgment = parse_judgment("Scores: \\boxed{7, 3} then \\boxed{\\frac{1}{2}, 9}", 2)
+    assert judgment.scores is None
+    assert "the last \\boxed is malformed" in judgment.error
+
+
 def test_sections_are_extracted():
     text = "Specific Criteria: correctness (70%).\nAnalysis: R1 right, R2 wrong.\nScores: \\boxed{9, 2}"
     judgment = parse_judgment(text, 2)

@@ -52,44 +52,43 @@ def test_unpermute_rejects_a_non_permutation():
 
 def test_vote_sums_scores_per_response():
     judgments = [[8, 3, 5], [4, 6, 5], [2, 9, 1]]
-    assert voted_scores(judgments) == [14, 18, 11]
-    assert vote(judgments, random.Random(0)) == 1
+    assert voted_scores(judgments, 3) == [14, 18, 11]
+    assert vote(judgments, random.Random(0), 3) == 1
 
 
 def test_vote_ignores_unparseable_judgments():
-    assert voted_scores([None, [3, 8], None, [6, 4]]) == [9, 12]
-    assert vote([None, [3, 8], None, [6, 4]], random.Random(0)) == 1
+    assert voted_scores([None, [3, 8], None, [6, 4]], 2) == [9, 12]
+    assert vote([None, [3, 8], None, [6, 4]], random.Random(0), 2) == 1
 
 
 def test_vote_single_response_sums_its_verdicts():
-    assert voted_scores([[1], [0], [1], None]) == [2]
-    assert vote([[1], [0]], random.Random(0)) == 0
+    assert voted_scores([[1], [0], [1], None], 1) == [2]
+    assert vote([[1], [0]], random.Random(0), 1) == 0
 
 
 def test_vote_ties_are_broken_by_a_seeded_random_choice():
     tied = [[7, 3, 7], [5, 9, 5]]
-    assert voted_scores(tied) == [12, 12, 12]
-    picks = Counter(vote(tied, random.Random(seed)) for seed in range(300))
+    assert voted_scores(tied, 3) == [12, 12, 12]
+    picks = Counter(vote(tied, random.Random(seed), 3) for seed in range(300))
     assert set(picks) == {0, 1, 2}
     assert min(picks.values()) > 60  # roughly uniform, not always the first position
-    assert vote(tied, random.Random(42)) == vote(tied, random.Random(42))
+    assert vote(tied, random.Random(42), 3) == vote(tied, random.Random(42), 3)
 
 
 def test_vote_tie_only_among_the_maxima():
-    picks = {vote([[9, 2, 9]], random.Random(seed)) for seed in range(100)}
+    picks = {vote([[9, 2, 9]], random.Random(seed), 3) for seed in range(100)}
     assert picks == {0, 2}
 
 
-def test_vote_over_zero_parseable_judgments_needs_n():
-    with pytest.raises(ValueError):
-        vote([None, None], random.Random(0))
+def test_vote_over_zero_parseable_judgments_is_a_random_tie_not_an_error():
+    assert voted_scores([None, None], 2) == [0, 0]
     picks = {vote([None, None], random.Random(seed), num_responses=2) for seed in range(50)}
     assert picks == {0, 1}
 
 
 def test_vote_rejects_judgments_of_different_sizes():
     with pytest.raises(ValueError):
-        voted_scores([[1, 2], [1, 2, 3]])
+        voted_scores([[1, 2], [1, 2, 3]], 2)
 
 
 @pytest.mark.parametrize(("k", "expected"), [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (8, 4), (32, 16)])
@@ -113,23 +112,33 @@ META = [0.9, 0.1, 0.2, 0.8]
 )
 def test_meta_guided_vote_hand_cases(k_meta, kept, winner):
     assert meta_filter(JUDGMENTS, META, k_meta) == kept
-    assert meta_guided_vote(JUDGMENTS, META, k_meta, random.Random(0)) == winner
+    assert meta_guided_vote(JUDGMENTS, META, k_meta, random.Random(0), 2) == winner
 
 
 def test_meta_guided_vote_with_k_meta_equal_k_is_plain_voting():
     rng_a, rng_b = random.Random(5), random.Random(5)
     judgments = [[3, 3], [5, 5], [2, 2]]  # every vote ties: both paths must draw the same tie-break
-    assert meta_guided_vote(judgments, [0.3, 0.1, 0.2], 3, rng_a) == vote(judgments, rng_b)
+    assert meta_guided_vote(judgments, [0.3, 0.1, 0.2], 3, rng_a, 2) == vote(judgments, rng_b, 2)
 
 
 def test_meta_filter_equal_meta_scores_keep_the_earlier_judgment():
     assert meta_filter([[1, 9], [9, 1], [5, 5]], [0.5, 0.5, 0.5], 1) == [[1, 9]]
 
 
+@pytest.mark.parametrize("nan_at", [0, 1, 2, 3])
+def test_meta_filter_ranks_a_nan_meta_score_last(nan_at):
+    meta = [0.9, 0.1, 0.5, 0.95]
+    meta[nan_at] = float("nan")
+    kept = meta_filter(JUDGMENTS, meta, 2)
+    finite = sorted((j for j in range(4) if j != nan_at), key=lambda j: -meta[j])[:2]
+    assert kept == [JUDGMENTS[j] for j in finite]
+    assert meta_filter(JUDGMENTS, meta, 4)[-1] == JUDGMENTS[nan_at]
+
+
 def test_meta_filter_keeps_unparseable_judgments_by_rank_and_they_add_nothing():
     kept = meta_filter([None, [2, 8], [9, 1]], [0.9, 0.8, 0.1], 2)
     assert kept == [None, [2, 8]]
-    assert meta_guided_vote([None, [2, 8], [9, 1]], [0.9, 0.8, 0.1], 2, random.Random(0)) == 1
+    assert meta_guided_vote([None, [2, 8], [9, 1]], [0.9, 0.8, 0.1], 2, random.Random(0), 2) == 1
 
 
 @pytest.mark.parametrize("k_meta", [0, 5])
@@ -169,7 +178,7 @@ def test_shuffled_voting_maps_every_score_back_to_its_response(n):
         score_lists = voting_at_k(responses, k=8, rng=rng)
         for scores in score_lists:
             assert scores == [9 if i == longest else 2 for i in range(n)]
-        assert vote(score_lists, rng) == longest, f"trial {trial}"
+        assert vote(score_lists, rng, len(responses)) == longest, f"trial {trial}"
 
 
 def test_without_unpermuting_the_shown_position_leaks_into_the_vote():
@@ -180,7 +189,7 @@ def test_without_unpermuting_the_shown_position_leaks_into_the_vote():
     for _ in range(40):
         responses = ["x" * length for length in rng.sample(range(1, 60), 4)]
         longest = max(range(4), key=lambda i: len(responses[i]))
-        wrong += vote(voting_at_k(responses, k=8, rng=rng, unshuffle=False), rng) != longest
+        wrong += vote(voting_at_k(responses, k=8, rng=rng, unshuffle=False), rng, len(responses)) != longest
     assert wrong >= 10
 
 
