@@ -13,14 +13,18 @@ import logging
 from pathlib import Path
 
 from megatron_grm.data.examples import Example
+from megatron_grm.data.readers.common import ReadResult
 
 log = logging.getLogger(__name__)
 
 
 def load_examples(spec: str, on_error: str = "fail", seed: int = 0) -> list[Example]:
     """Examples named by ``spec``; skipped bad records (``on_error='skip'``) are logged with their place."""
-    from megatron_grm.data.readers.common import ReadResult
+    return list(read_examples(spec, on_error, seed).examples)
 
+
+def read_examples(spec: str, on_error: str = "fail", seed: int = 0) -> ReadResult:
+    """:func:`load_examples` with the skipped bad records kept, for callers that report how many there were."""
     kind, _, rest = str(spec).partition(":")
     if kind == "arithmetic":
         from megatron_grm.data.arithmetic import arithmetic_examples
@@ -28,12 +32,13 @@ def load_examples(spec: str, on_error: str = "fail", seed: int = 0) -> list[Exam
         parts = rest.split(":")
         if len(parts) not in (2, 3):
             raise ValueError(f"data spec {spec!r}: expected arithmetic:<train|heldout>:<num>[:<seed>]")
-        return arithmetic_examples(parts[0], int(parts[1]), seed=int(parts[2]) if len(parts) == 3 else seed)
+        return ReadResult(arithmetic_examples(parts[0], int(parts[1]),
+                                              seed=int(parts[2]) if len(parts) == 3 else seed))
     if kind == "rmb":
         from megatron_grm.data.readers.rmb import read_rmb
 
         root, _, subset = rest.rpartition(":") if rest.endswith((":pairwise", ":bon")) else (rest, "", "")
-        result: ReadResult = read_rmb(root, (subset,) if subset else ("pairwise", "bon"), on_error=on_error)
+        result = read_rmb(root, (subset,) if subset else ("pairwise", "bon"), on_error=on_error)
     elif kind == "reasoning_gym":
         from megatron_grm.data.readers.verifiable_math import read_reasoning_gym
 
@@ -54,4 +59,4 @@ def load_examples(spec: str, on_error: str = "fail", seed: int = 0) -> list[Exam
         log.warning("skipped bad record: %s", err)
     if result.errors:
         log.warning("%s: %d examples, %d bad records skipped", spec, len(result.examples), len(result.errors))
-    return list(result.examples)
+    return result

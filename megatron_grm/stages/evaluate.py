@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -37,6 +38,7 @@ import hydra
 import torch
 
 from megatron_grm.data.examples import Example, permute_example
+from megatron_grm.data.readers.common import ReadResult
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.rollout.judgments import render_prompt
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -135,15 +137,19 @@ class Benchmark:
 def load_benchmark(spec: BenchmarkSpec, unusable: Callable[[Example], str | None], seed: int) -> Benchmark:
     """A benchmark's usable examples (in file order, the first ``limit``) and counts of the ones skipped.
 
-    An example is skipped when the tokenizer cannot encode it (the demo's character tokenizer knows only
-    ASCII) or its prompt plus ``max_new_tokens`` does not fit the model's context: the policy is
-    skip-and-count, and the counts are reported next to the results.
+    An example is skipped when its record is malformed ("bad_record"), the tokenizer cannot encode it (the
+    demo's character tokenizer knows only ASCII) or its prompt plus ``max_new_tokens`` does not fit the
+    model's context: the policy is skip-and-count, and the counts are reported next to the results. Draws
+    are keyed by example id, so a repeated id is an error rather than two examples sharing judgments.
     """
-    from megatron_grm.data.sources import load_examples
+    from megatron_grm.data.sources import read_examples
 
-    examples = _read_rmb_files(spec) if spec.files else load_examples(spec.data, on_error="skip", seed=seed)
+    result = _read_rmb_files(spec) if spec.files else read_examples(spec.data, on_error="skip", seed=seed)
+    _check_unique_ids(spec, result.examples)
     usable, skipped = [], Counter()
-    for example in examples:
+    if result.errors:
+        skipped["bad_record"] = len(result.errors)
+    for example in result.examples:
         if spec.limit is not None and len(usable) >= spec.limit:
             break
         reason = unusable(example)
@@ -158,17 +164,31 @@ def load_benchmark(spec: BenchmarkSpec, unusable: Callable[[Example], str | None
     return Benchmark(spec.name, usable, skipped)
 
 
-def _read_rmb_files(spec: BenchmarkSpec) -> list[Example]:
+def _check_unique_ids(spec: BenchmarkSpec, examples: Sequence[Example]) -> None:
+    first: dict[str, int] = {}
+    for index, example in enumerate(examples):
+        earlier = first.setdefault(example.id, index)
+        if earlier != index:
+            raise ValueError(f"benchmark {spec.name} ({spec.data}): example id {example.id!r} is used by examples "
+                             f"#{earlier} and #{index} (0-based, in reading order); ids must be unique because "
+                             "judgments are stored and matched by id")
+
+
+def _read_rmb_files(spec: BenchmarkSpec) -> ReadResult:
     from megatron_grm.data.readers.rmb import SUBSET_DIRS, read_rmb_file
 
     kind, _, rest = spec.data.partition(":")
     root, _, subset = rest.rpartition(":")
     if kind != "rmb" or subset not in SUBSET_DIRS:
         raise ValueError(f"benchmark {spec.name}: 'files' needs data=rmb:<root>:<pairwise|bon>, got {spec.data!r}")
-    examples: list[Example] = []
+    result = ReadResult()
     for name in spec.files or []:
-        examples.extend(read_rmb_file(Path(root) / SUBSET_DIRS[subset] / name, subset, on_error="skip").examples)
-    return examples
+        part = read_rmb_file(Path(root) / SUBSET_DIRS[subset] / name, subset, on_error="skip")
+        for err in part.errors:
+            log.warning("skipped bad record: %s", err)
+        result.examples.extend(part.examples)
+        result.errors.extend(part.errors)
+    return result
 
 
 def prompt_check(tokenizer: Tokenizer, s: EvalSettings, context_limit: int) -> Callable[[Example], str | None]:
@@ -267,6 +287,9 @@ def _draw_from_record(record: Any, where: str) -> Draw:
     scores = record["scores"]
     if scores is not None and not (isinstance(scores, list) and all(isinstance(x, int) for x in scores)):
         raise ValueError(f"{where}: field 'scores' must be a list of integers or null")
+    meta = record.get("meta_score")
+    if meta is not None and (isinstance(meta, bool) or not isinstance(meta, (int, float)) or not math.isfinite(meta)):
+        raise ValueError(f"{where}: field 'meta_score' must be a finite number or null, got {meta!r}")
     known = set(Draw.__dataclass_fields__)
     return Draw(**{k: v for k, v in record.items() if k in known})
 

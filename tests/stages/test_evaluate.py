@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,56 @@ def test_examples_the_model_cannot_read_are_skipped_and_counted(tmp_path):
     assert [e.id for e in limited.examples] == ["ok1", "ok2"]  # the first usable ones
     with pytest.raises(ValueError, match="eval.ks"):
         EvalSettings.from_dict({"benchmarks": [{"name": "b", "data": str(path)}], "ks": [0, 2]})
+
+
+def _settings(data: str):
+    from megatron_grm.stages.evaluate import EvalSettings
+
+    return EvalSettings.from_dict({"benchmarks": [{"name": "b", "data": data}], "variant": "compact",
+                                   "chat": False, "max_new_tokens": 16, "judge_baseline": False})
+
+
+def test_bad_records_are_counted_with_the_skipped_examples(tmp_path):
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.evaluate import load_benchmark, prompt_check
+
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps({"id": "ok", "context": "2+2?", "responses": ["4", "5"], "label": 0}) + "\n"
+                    + json.dumps({"id": "bad", "context": "2+2?", "responses": ["4", "5"], "label": 7}) + "\n"
+                    + "{not json\n")
+    s = _settings(str(path))
+    bench = load_benchmark(s.benchmarks[0], prompt_check(load_tokenizer("char"), s, context_limit=512), seed=0)
+    assert [e.id for e in bench.examples] == ["ok"]
+    assert bench.skipped == {"bad_record": 2}
+
+
+def test_a_repeated_example_id_across_files_is_an_error_not_shared_judgments(tmp_path):
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.evaluate import BenchmarkSpec, load_benchmark, prompt_check
+
+    folder = tmp_path / "Pairwise_set" / "Helpfulness"
+    folder.mkdir(parents=True)
+    for name, (chosen, reject) in {"a.json": ("4", "5"), "b.json": ("5", "4")}.items():
+        (folder / name).write_text(json.dumps([{
+            "pair_uid": "same", "conversation_input": [{"role": "user", "content": "2+2?"}],
+            "chosen": {"llm_name": "m1", "answer": chosen}, "reject": {"llm_name": "m2", "answer": reject},
+            "category_path": "Pairwise_set/Helpfulness/Chat"}]))
+    spec = BenchmarkSpec("b", f"rmb:{tmp_path}:pairwise", files=["Helpfulness/a.json", "Helpfulness/b.json"])
+    check = prompt_check(load_tokenizer("char"), _settings(str(tmp_path)), context_limit=512)
+    with pytest.raises(ValueError, match=r"example id 'rmb/pairwise/same' is used by examples #0 and #1"):
+        load_benchmark(spec, check, seed=0)
+    one = load_benchmark(BenchmarkSpec("b", f"rmb:{tmp_path}:pairwise", files=["Helpfulness/a.json"]), check, 0)
+    assert [e.id for e in one.examples] == ["rmb/pairwise/same"]
+
+
+@pytest.mark.parametrize("meta", [float("nan"), "0.5", True])
+def test_a_samples_file_with_a_non_finite_or_non_numeric_meta_score_names_the_line(tmp_path, meta):
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+
+    path = tmp_path / "draws.jsonl"
+    good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": 0.5}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "draw": 1, "meta_score": meta}) + "\n")
+    bench = Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())
+    with pytest.raises(ValueError, match=rf"{path}:2: field 'meta_score' must be a finite number"):
+        DrawStore().read(str(path), [bench])
