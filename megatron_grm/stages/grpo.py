@@ -19,13 +19,14 @@ from typing import Any
 import hydra
 import torch
 
+from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.sources import load_examples
-from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.device import use_cuda
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
-from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
+from megatron_grm.rollout.judgments import JudgmentSample, render_prompt, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
@@ -142,8 +143,12 @@ class RolloutProducer:
         if s.filter_zero_variance and len(adv.zero_variance_groups) < len(examples):
             dropped = set(adv.zero_variance_groups)
             keep = [i for i in keep if i // s.group_size not in dropped]
-        microbatches = self._microbatches([judged[i] for i in keep], [adv.advantages[i] for i in keep],
-                                          t.seq_length, t.micro_batch_size)
+        rows, advantages, too_long = fit_rows([judged[i] for i in keep], [adv.advantages[i] for i in keep],
+                                              t.seq_length)
+        if too_long:
+            log.warning("rollout %d: %d judgment(s) with their prompt exceed trainer.seq_length=%d and are left "
+                        "out of the update (zero weight)", self.rollouts, too_long, t.seq_length)
+        microbatches = self._microbatches(rows, advantages, t.seq_length, t.micro_batch_size)
         new_tokens = sum(len(j.token_ids) for j in judged)
         self.last_stats = _all_reduce_mean({
             "reward_mean": sum(rewards) / len(rewards),
@@ -152,6 +157,7 @@ class RolloutProducer:
             "truncated_fraction": sum(j.finish_reason == "length" for j in judged) / len(judged),
             "response_length": new_tokens / len(judged),
             "zero_variance_groups": len(adv.zero_variance_groups) / len(examples),
+            "too_long_fraction": too_long / len(judged),
             "rollout_tokens_per_s": new_tokens / max(rollout_seconds, 1e-9),
         })
         if self.engine.last_logprob_diff is not None:
@@ -161,9 +167,9 @@ class RolloutProducer:
     def _microbatches(self, judged: list[JudgmentSample], advantages: list[float], seq_length: int,
                       mbs: int) -> list[Batch]:
         """Training micro-batches with old-policy and reference log-probabilities and advantages attached."""
-        # Pad the rollout to whole micro-batches with zero-weight copies so every rank runs the same count.
-        while len(judged) % mbs or len(judged) < mbs * self.s.updates_per_rollout:
-            judged, advantages = judged + [judged[-1]], advantages + [None]
+        # Pad the rollout with zero-weight copies to whole micro-batches, as many for each of the U updates.
+        pad = padded_rows(len(judged), mbs, self.s.updates_per_rollout) - len(judged)
+        judged, advantages = judged + [judged[-1]] * pad, advantages + [None] * pad
         batches = []
         for k in range(0, len(judged), mbs):
             chunk = judged[k:k + mbs]
@@ -206,9 +212,53 @@ class RolloutProducer:
         self.cache, self.last_stats = state["cache"], state["last_stats"]
 
 
+def padded_rows(rows: int, micro_batch_size: int, updates: int) -> int:
+    """Rows after padding: a positive multiple of ``micro_batch_size * updates``, so the rollout splits into
+    ``updates`` equal sets of whole micro-batches (zero-variance filtering leaves any number of rows)."""
+    unit = micro_batch_size * updates
+    return max(1, -(-rows // unit)) * unit
+
+
+def fit_rows(judged: list[JudgmentSample], advantages: list[float | None], seq_length: int
+             ) -> tuple[list[JudgmentSample], list[float | None], int]:
+    """Rows whose prompt plus judgment exceed ``seq_length`` become zero-weight copies of a row that fits.
+
+    Examples are filtered on their prompt's length at load time, but a shuffled response order can
+    tokenize a little longer; such a row is counted and left out of the update rather than ending the run.
+    """
+    fits = [len(j.prompt_ids) + len(j.token_ids) <= seq_length for j in judged]
+    if all(fits):
+        return judged, advantages, 0
+    if not any(fits):
+        raise ValueError(f"every judgment of this rollout with its prompt exceeds trainer.seq_length={seq_length}")
+    donor = judged[fits.index(True)]
+    rows = [j if ok else donor for j, ok in zip(judged, fits)]
+    return rows, [a if ok else None for a, ok in zip(advantages, fits)], fits.count(False)
+
+
 def _split_steps(microbatches: list[Batch], steps: int) -> list[list[Batch]]:
+    if len(microbatches) % steps:
+        raise ValueError(f"{len(microbatches)} micro-batches do not split into {steps} updates")
     per = len(microbatches) // steps
     return [microbatches[i * per:(i + 1) * per] for i in range(steps)]
+
+
+def fitting_examples(examples: list[Example], tokenizer: Tokenizer, s: GRPOSettings, seq_length: int
+                     ) -> list[Example]:
+    """The examples whose prompt (responses in file order) leaves room for ``max_new_tokens`` judgment
+    tokens within ``seq_length``; the rest are counted and left out, never discovered after a rollout."""
+    def fits(example: Example) -> bool:
+        prompt = render_prompt(example, list(range(example.num_responses)), s.template, False, tokenizer, s.chat)
+        return len(tokenizer.encode(prompt, add_bos=tokenizer.uses_bos)) + s.max_new_tokens <= seq_length
+
+    kept = [e for e in examples if fits(e)]
+    if len(kept) < len(examples):
+        log.warning("GRPO: %d of %d examples leave no room for grpo.max_new_tokens=%d within trainer.seq_length=%d "
+                    "and are left out", len(examples) - len(kept), len(examples), s.max_new_tokens, seq_length)
+    if not kept:
+        raise ValueError(f"no example's prompt fits trainer.seq_length={seq_length} with "
+                         f"grpo.max_new_tokens={s.max_new_tokens}")
+    return kept
 
 
 def _all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
@@ -256,6 +306,7 @@ def train_grpo(cfg: Any) -> Trainer:
     tokenizer_id = tokenizer_name(run)
     tokenizer = load_tokenizer(tokenizer_id)
     examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
+    examples = fitting_examples(examples, tokenizer, s, run.trainer.seq_length)
     trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "grpo",
                                      "grpo": dataclasses.asdict(s)})
     from megatron_grm.rollout.engine import RolloutEngine

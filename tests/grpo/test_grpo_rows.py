@@ -1,0 +1,66 @@
+"""How a GRPO rollout becomes update rows: padding to U equal sets of micro-batches after zero-variance
+filtering, rows that outgrow ``trainer.seq_length``, and examples whose prompt leaves no room to judge."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_grm.data.examples import Example, Turn
+from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.rollout.judgments import JudgmentSample
+from megatron_grm.stages.grpo import GRPOSettings, _split_steps, fit_rows, fitting_examples, padded_rows
+
+
+@pytest.mark.parametrize(("rows", "mbs", "updates", "expected"),
+                         [(16, 2, 1, 16), (6, 2, 2, 8), (3, 2, 1, 4), (5, 1, 4, 8), (12, 4, 3, 12), (1, 4, 2, 8)])
+def test_padded_rows_split_into_equal_updates_of_whole_micro_batches(rows, mbs, updates, expected):
+    padded = padded_rows(rows, mbs, updates)
+    assert padded == expected
+    microbatches = list(range(padded // mbs))
+    steps = _split_steps(microbatches, updates)
+    assert [m for step in steps for m in step] == microbatches  # nothing left over
+    assert len({len(step) for step in steps}) == 1
+
+
+def test_filtered_rollout_keeps_every_group_across_updates():
+    # G=2, mbs=2, U=2: a filtered group leaves 6 rows = 3 micro-batches, which used to split as 1 + 1 (one
+    # whole group never trained on).
+    rows = list(range(6))
+    padded = rows + [None] * (padded_rows(len(rows), 2, 2) - len(rows))
+    microbatches = [padded[i:i + 2] for i in range(0, len(padded), 2)]
+    trained = [r for step in _split_steps(microbatches, 2) for mb in step for r in mb if r is not None]
+    assert trained == rows
+
+
+def test_split_steps_refuses_to_drop_micro_batches():
+    with pytest.raises(ValueError, match="3 micro-batches do not split into 2 updates"):
+        _split_steps(["a", "b", "c"], 2)
+
+
+def _judgment(prompt: int, judgment: int, tag: str) -> JudgmentSample:
+    return JudgmentSample(example_index=0, permutation=[0, 1], hinted=False, prompt=tag, prompt_ids=[1] * prompt,
+                          token_ids=[2] * judgment, logprobs=[-0.1] * judgment, text=tag, scores=[9, 1],
+                          shown_scores=[9, 1], correct=True, parse_error=None, finish_reason="stop")
+
+
+def test_rows_longer_than_seq_length_get_zero_weight_instead_of_ending_the_run():
+    judged = [_judgment(10, 5, "a"), _judgment(10, 7, "b"), _judgment(12, 5, "c")]
+    rows, advantages, too_long = fit_rows(judged, [1.0, -1.0, 0.5], seq_length=16)
+    assert too_long == 2
+    assert [r.text for r in rows] == ["a", "a", "a"]
+    assert advantages == [1.0, None, None]
+    assert fit_rows(judged, [1.0, -1.0, 0.5], seq_length=17) == (judged, [1.0, -1.0, 0.5], 0)
+    with pytest.raises(ValueError, match="seq_length=14"):
+        fit_rows(judged, [1.0, -1.0, 0.5], seq_length=14)
+
+
+def test_examples_whose_prompt_leaves_no_room_to_judge_are_left_out_and_counted(caplog):
+    tokenizer = load_tokenizer("char")
+    short = Example([Turn("user", "2+2?")], ["4", "5"], 0, source="t", id="short")
+    long = Example([Turn("user", "x" * 300)], ["4", "5"], 0, source="t", id="long")
+    s = GRPOSettings(max_new_tokens=64, template="compact", chat=False)
+    kept = fitting_examples([short, long, short], tokenizer, s, seq_length=256)
+    assert [e.id for e in kept] == ["short", "short"]
+    assert "1 of 3 examples leave no room" in caplog.text
+    with pytest.raises(ValueError, match="no example's prompt fits"):
+        fitting_examples([long], tokenizer, s, seq_length=256)
