@@ -94,6 +94,36 @@ class TrainState:
     history: list[float] = field(default_factory=list)
 
 
+def choose_distributed_optimizer(requested: bool, dp_size: int, saved: bool | None) -> bool:
+    """Megatron's distributed optimizer when asked for and there is more than one data-parallel rank —
+    unless the run resumes a checkpoint, whose optimizer kind is kept.
+
+    With one DP rank the distributed optimizer shards nothing and only adds a one-rank reduce-scatter +
+    all-gather with full-buffer copies per step (docs/performance.md: ~6% of a step). But the two kinds
+    store their state under different keys, so a run resumed on another number of DP ranks (a requeue on
+    fewer nodes, a one-GPU debug run continued on a node) keeps the kind its checkpoint was written with:
+    the distributed one loads at any DP size, and the plain one fits wherever the one-rank run fitted.
+    """
+    default = requested and dp_size > 1
+    if saved is None or saved == default:
+        return default
+    log.warning("resuming a checkpoint written with the %s optimizer at %d data-parallel rank(s): keeping it",
+                "distributed" if saved else "plain (non-distributed)", dp_size)
+    return saved
+
+
+def saved_optimizer_kind(ckpt_root: str) -> bool | None:
+    """Whether the checkpoint this run would resume used the distributed optimizer (None: nothing to resume,
+    a weights-only step-0 checkpoint, or one written before the kind was recorded)."""
+    folder = ckpt.latest_checkpoint(ckpt_root)
+    if folder is None:
+        return None
+    metadata = ckpt.read_metadata(folder)
+    if int(metadata.get("step", 0)) == 0:
+        return None
+    return metadata.get("distributed_optimizer")
+
+
 class Trainer:
     """Owns the model chunk, DDP wrapper, optimizer, scheduler, logger and checkpoints of one run."""
 
@@ -116,9 +146,9 @@ class Trainer:
         raw = model if model is not None else build_model(cfg.model, cfg.parallel, cfg.precision, t.recompute,
                                                           wgrad_fusion=True)
         self.config = raw.config
-        # With one data-parallel rank the distributed optimizer shards nothing and only adds a one-rank
-        # reduce-scatter + all-gather with full-buffer copies per step (docs/performance.md: ~6% of a step).
-        self.distributed_optimizer = o.use_distributed_optimizer and _dp_size() > 1
+        self.ckpt_root = os.path.join(t.run_dir, "checkpoints")
+        self.distributed_optimizer = choose_distributed_optimizer(
+            o.use_distributed_optimizer, _dp_size(), saved_optimizer_kind(self.ckpt_root))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -161,7 +191,6 @@ class Trainer:
         self.config.no_sync_func = self.model.no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.state = TrainState()
-        self.ckpt_root = os.path.join(t.run_dir, "checkpoints")
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.logger = RunLogger(t.run_dir, enabled=rank == world - 1)  # the last PP stage holds the loss
@@ -344,9 +373,9 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.ckpt_root, self.state.step,
             self._sharded_state(producer, loading=False, with_optimizer=with_optimizer), rank_state,
-            {**self.metadata, "step": self.state.step, "layout": {
-                "tensor_parallel": self.cfg.parallel.tensor_parallel,
-                "pipeline_parallel": self.cfg.parallel.pipeline_parallel}},
+            {**self.metadata, "step": self.state.step, "distributed_optimizer": self.distributed_optimizer,
+             "layout": {"tensor_parallel": self.cfg.parallel.tensor_parallel,
+                        "pipeline_parallel": self.cfg.parallel.pipeline_parallel}},
         )
 
     def resume(self, producer: BatchProducer | None = None) -> bool:
@@ -368,7 +397,10 @@ class Trainer:
         if producer is not None:
             producer.load_state_dict(loaded["producer"])
         rank_state = ckpt.load_rank_state(folder)
-        if rank_state is not None:
+        if rank_state is None:
+            log.warning("%s was written by another number of ranks: RNG states start afresh and per-rank producer "
+                        "state (GRPO: the remaining updates of the last rollout) is not restored", folder)
+        else:
             from megatron.core import tensor_parallel
 
             random.setstate(rank_state["python"])

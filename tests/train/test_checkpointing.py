@@ -79,6 +79,24 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
     assert not (run / "checkpoints" / "iter_0000006.tmp").exists()
 
 
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(1, 2), (2, 1)])
+def test_resume_on_another_number_of_dp_ranks_continues_the_straight_run(init_ckpt, straight, tmp_path, saved_on,
+                                                                         resumed_on):
+    # One DP rank trains with the plain optimizer, two with the distributed one; their states differ, so
+    # the resumed run must keep the kind its checkpoint was written with (a requeue on fewer nodes, a debug
+    # run continued wider).
+    run = tmp_path / "run"
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    common = ["--run-dir", str(run), "--init", str(init_ckpt), "--steps", "6"]
+    torchrun(SCRIPT, saved_on, [*common, "--exit-after", "3", "--out", str(first)])
+    metadata = read_json(run / "checkpoints" / "iter_0000003" / "model_config.json")
+    assert metadata["distributed_optimizer"] is (saved_on > 1)
+    torchrun(SCRIPT, resumed_on, [*common, "--resume", "--out", str(second)])
+    losses = read_json(first)["losses"] + read_json(second)["losses"]
+    assert losses == pytest.approx(straight[0]["losses"], abs=1e-5, rel=0)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+
 def test_tp2_checkpoint_loads_as_tp1_with_the_same_loss(init_ckpt, tmp_path):
     run = tmp_path / "tp2"
     torchrun(SCRIPT, 2, ["--tp", "2", "--run-dir", str(run), "--init", str(init_ckpt), "--steps", "3",
