@@ -82,8 +82,8 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     seconds: float
-    tokens: int
-    seq_length: int
+    tokens: int  # over all data-parallel ranks, padding included
+    flops: float  # model FLOPs of those tokens at each micro-batch's own width (ModelConfig.flops_per_token)
 
 
 @dataclass
@@ -268,13 +268,27 @@ class Trainer:
             else:  # inf/NaN gradients (grad_guard.py, or a grad scaler's check)
                 skipped = True
                 self._count_nonfinite(f"non-finite gradients (norm {grad_norm})")
-        tokens = sum(int(b["tokens"].numel()) for b in microbatches) * _dp_size()
+        tokens, flops = self._step_work(microbatches)
         values = {n: float(v[0] / v[1].clamp(min=1)) for n, v in metrics.items()}
         return StepResult(
             step=self.state.step + 1, loss=loss, metrics=values,
             grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
-            seconds=time.perf_counter() - start, tokens=tokens, seq_length=microbatches[0]["tokens"].shape[1],
+            seconds=time.perf_counter() - start, tokens=tokens, flops=flops,
         )
+
+    def _step_work(self, microbatches: list[Batch]) -> tuple[int, float]:
+        """Tokens and model FLOPs of a step, summed over the data-parallel ranks: length-bucketed
+        micro-batches differ in width from rank to rank, and attention's cost grows with the width."""
+        from megatron.core import parallel_state
+
+        model = self.cfg.model
+        work = torch.tensor([
+            sum(float(b["tokens"].numel()) for b in microbatches),
+            sum(model.flops_per_token(b["tokens"].shape[1]) * b["tokens"].numel() for b in microbatches),
+        ], dtype=torch.float64, device=device())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(work, group=parallel_state.get_data_parallel_group())
+        return int(work[0]), float(work[1])
 
     def _count_nonfinite(self, what: str) -> None:
         self.state.nonfinite_in_a_row += 1
@@ -321,8 +335,7 @@ class Trainer:
         t = self.cfg.trainer
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         tokens_per_s = r.tokens / max(r.seconds, 1e-9)
-        flops = self.cfg.model.flops_per_token(r.seq_length)
-        tflops_per_device = flops * tokens_per_s / world / 1e12
+        tflops_per_device = r.flops / max(r.seconds, 1e-9) / world / 1e12
         values: dict[str, float] = {
             "loss": r.loss,
             "lr": self.optimizer.param_groups[0]["lr"],
