@@ -144,6 +144,7 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
     unhinted, at inference.
     """
     out: list[LabelledJudgment] = []
+    without_id = 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -166,8 +167,15 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
                 correct = is_correct(record["scores"], label=record["label"])
             else:
                 raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
-            example_id = str(record.get("example_id", record.get("id", record.get("example", where))))
-            out.append(LabelledJudgment(example_id, record["prompt"], record["text"], correct, "rft"))
+            example_id = record.get("example_id", record.get("id", record.get("example")))
+            if example_id is None:
+                without_id += 1
+            out.append(LabelledJudgment(str(where if example_id is None else example_id), record["prompt"],
+                                        record["text"], correct, "rft"))
+    if without_id:
+        log.warning("%s: %d judgment(s) name no example (example_id, id or example): each counts as an example of "
+                    "its own in the held-out split, so judgments of one example may land on both sides", path,
+                    without_id)
     return out
 
 

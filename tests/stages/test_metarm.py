@@ -153,6 +153,17 @@ def test_rft_sample_reader_labels_by_eq10_and_skips_hinted(tmp_path):
         read_rft_samples(str(path))
 
 
+def test_judgments_without_an_example_id_are_kept_and_reported(tmp_path, caplog):
+    from megatron_grm.stages.metarm import read_rft_samples
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "P", "text": t, "correct": True}) + "\n" for t in ("T1", "T2"))
+                    + json.dumps({"id": "x", "prompt": "P", "text": "T3", "correct": False}) + "\n")
+    read = read_rft_samples(str(path))
+    assert [j.example_id for j in read] == [f"{path}:1", f"{path}:2", "x"]
+    assert "2 judgment(s) name no example" in caplog.text
+
+
 def test_sample_folder_leaves_out_unfinished_rft_shards(tmp_path):
     from megatron_grm.stages.metarm import sample_files
 
