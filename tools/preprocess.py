@@ -59,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = report.counts
     print(f"complete: {counts['documents']} documents, {counts['tokens']} tokens "
           f"({counts['response_tokens']} response), {counts['rejects']} rejects -> {args.output_dir}")
+    rejects = Path(args.output_dir) / "rejects.jsonl"
     if counts["rejects"]:
-        rejects = Path(args.output_dir) / "rejects.jsonl"
         print(f"rejected records are listed with file, line and field in {rejects}")
+    if counts["documents"] == 0:
+        print(f"error: the run produced no documents from {', '.join(map(str, args.input))}; nothing to "
+              f"train on (inputs empty or every record rejected, see {rejects})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,16 +18,21 @@ the ids and is 1 on response tokens. The batch contract the trainer consumes (di
 
 Packing puts whole documents into rows in the order they come (next-fit), so the order — and with a
 resumable sampler, the whole stream — is deterministic. The batchers count padding so the waste of a
-configuration is visible (``padding_waste``).
+configuration is visible (``padding_waste``). With ``truncate=True`` a document longer than
+``seq_length`` is cut rather than refused; that loses its tail (often the response and its EOS), so every
+cut is logged and the batchers count cut documents in ``stats["truncated"]``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 Document = tuple[Any, Any]  # (token ids, response mask), array-likes of equal length
 
@@ -42,7 +47,10 @@ class IndexSampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _as_document(doc: Document, index: Any, seq_length: int | None, truncate: bool) -> tuple[np.ndarray, ...]:
+def _as_document(doc: Document, index: Any, seq_length: int | None, truncate: bool,
+                 truncated: list[tuple[Any, int]] | None = None) -> tuple[np.ndarray, ...]:
+    """Validated (ids, mask) arrays; a document cut to ``seq_length`` is recorded in ``truncated`` as
+    (index, original length) so callers can report it."""
     ids = np.asarray(doc[0], dtype=np.int64).reshape(-1)
     mask = np.asarray(doc[1]).reshape(-1)
     if ids.shape != mask.shape:
@@ -53,8 +61,18 @@ def _as_document(doc: Document, index: Any, seq_length: int | None, truncate: bo
         if not truncate:
             raise ValueError(f"document {index}: {ids.size} tokens exceed seq_length={seq_length} "
                              "(preprocess with max_tokens, raise seq_length or pass truncate=True)")
+        if truncated is not None:
+            truncated.append((index, int(ids.size)))
         ids, mask = ids[:seq_length], mask[:seq_length]
     return ids, mask
+
+
+def _warn_truncated(truncated: Sequence[tuple[Any, int]], seq_length: int | None, where: str) -> None:
+    if truncated:
+        index, length = truncated[0]
+        log.warning("%s: truncated %d document(s) to seq_length=%s (first: document %s, %d tokens); their "
+                    "tails, often the response's end and EOS, are not trained on", where, len(truncated),
+                    seq_length, index, length)
 
 
 def plan_rows(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
@@ -113,7 +131,9 @@ def collate_padded(items: Sequence[Document], seq_length: int | None = None, pad
     """One document per row, right-padded to ``seq_length`` (default: the longest item)."""
     if not items:
         raise ValueError("collate_padded: no documents")
-    docs = [_as_document(item, i, seq_length, truncate) for i, item in enumerate(items)]
+    truncated: list[tuple[Any, int]] = []
+    docs = [_as_document(item, i, seq_length, truncate, truncated) for i, item in enumerate(items)]
+    _warn_truncated(truncated, seq_length, "collate_padded")
     length = seq_length if seq_length is not None else max(d[0].size for d in docs)
     return _assemble([[d] for d in docs], length, pad_id)[0]
 
@@ -122,7 +142,9 @@ def pack_documents(documents: Sequence[Document], seq_length: int, pad_id: int =
                    num_rows: int | None = None, truncate: bool = False) -> dict[str, torch.Tensor]:
     """Pack documents in order into rows of ``seq_length`` (next-fit); ``num_rows`` fixes the batch size
     (all-padding rows fill up; too many documents is an error)."""
-    docs = [_as_document(d, i, seq_length, truncate) for i, d in enumerate(documents)]
+    truncated: list[tuple[Any, int]] = []
+    docs = [_as_document(d, i, seq_length, truncate, truncated) for i, d in enumerate(documents)]
+    _warn_truncated(truncated, seq_length, "pack_documents")
     rows = [[docs[i] for i in row] for row in plan_rows([d[0].size for d in docs], seq_length)]
     if num_rows is not None:
         if len(rows) > num_rows:
@@ -139,7 +161,15 @@ class _Batcher:
             raise ValueError("micro_batch_size must be positive")
         self.dataset, self.sampler = dataset, sampler
         self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
-        self.stats = {"batches": 0, "documents": 0, "tokens": 0, "pad_tokens": 0}
+        self.stats = {"batches": 0, "documents": 0, "tokens": 0, "pad_tokens": 0, "truncated": 0}
+
+    def _note_truncated(self, index: Any, length: int, seq_length: int | None) -> None:
+        """Count a document cut to ``seq_length`` in an emitted batch, and log it: the first cut, then
+        whenever the count doubles, so a long run's log stays readable."""
+        self.stats["truncated"] = count = self.stats.get("truncated", 0) + 1
+        if count & (count - 1) == 0:
+            log.warning("%s: truncated document %s (%d tokens) to seq_length=%s; %d document(s) truncated "
+                        "so far (stats['truncated'])", type(self).__name__, index, length, seq_length, count)
 
     @property
     def padding_waste(self) -> float:
@@ -172,6 +202,7 @@ class PackedBatcher(_Batcher):
         super().__init__(dataset, sampler, micro_batch_size, pad_id)
         self.seq_length, self.truncate = seq_length, truncate
         self._pending: tuple[np.ndarray, np.ndarray] | None = None
+        self._pending_cut: list[tuple[Any, int]] = []  # (index, length) if the pending document was cut
         self._exhausted = False
 
     def _next_document(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -181,7 +212,9 @@ class PackedBatcher(_Batcher):
             except StopIteration:
                 self._exhausted = True
                 return None
-            self._pending = _as_document(self.dataset[index], index, self.seq_length, self.truncate)
+            self._pending_cut = []
+            self._pending = _as_document(self.dataset[index], index, self.seq_length, self.truncate,
+                                         self._pending_cut)
         return self._pending
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -195,6 +228,8 @@ class PackedBatcher(_Batcher):
                 used = 0
             rows[-1].append(doc)
             used += doc[0].size
+            for index, length in self._pending_cut:  # counted once it is in a batch (exact on resume)
+                self._note_truncated(index, length, self.seq_length)
             self._pending = None
         if not rows[0]:
             raise StopIteration
@@ -209,7 +244,7 @@ class PackedBatcher(_Batcher):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.stats = dict(state["stats"])
+        self.stats = {"truncated": 0, **state["stats"]}  # checkpoints from before the count have none
         self._pending, self._exhausted = None, False
 
 
@@ -259,7 +294,12 @@ class PaddedBatcher(_Batcher):
         return self._batches[self._emitted - 1]
 
     def documents(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [_as_document(self.dataset[i], i, self.seq_length, self.truncate) for i in indices]
+        """Validated documents of one batch about to be emitted (cut ones are counted and logged)."""
+        cut: list[tuple[Any, int]] = []
+        docs = [_as_document(self.dataset[i], i, self.seq_length, self.truncate, cut) for i in indices]
+        for index, length in cut:
+            self._note_truncated(index, length, self.seq_length)
+        return docs
 
     def __next__(self) -> dict[str, torch.Tensor]:
         docs = self.documents(self.next_indices())
@@ -278,4 +318,4 @@ class PaddedBatcher(_Batcher):
         self._window = state["window"]
         self._fill_window()
         self._emitted = state["emitted"]
-        self.stats = dict(state["stats"])
+        self.stats = {"truncated": 0, **state["stats"]}  # checkpoints from before the count have none

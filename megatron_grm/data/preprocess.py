@@ -5,6 +5,10 @@ Instruction data and sampled judgments both reduce to one record shape::
     {"prompt": "text" | [{"role", "content"}, ...], "response": "text"}
     {"messages": [..., {"role": "assistant", "content": "the response"}]}
 
+Any other field (say a top-level ``"system"``) or a message key besides ``role`` and ``content`` makes
+the record a reject (``rejects.jsonl``, naming the field) instead of being silently ignored. Input is
+UTF-8; a BOM at the start of a file is ignored, anywhere else it is an error.
+
 On-disk layout of an output folder (``PreprocessedDataset`` reads it)::
 
     manifest.json       written last: sources (sha256), tokenizer, settings, counts, rejects by field
@@ -38,6 +42,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_grm.data.readers.common import UTF8_BOM
 from megatron_grm.data.tokenizer import (
     Message,
     TokenizationError,
@@ -72,13 +77,36 @@ def _message_error(err: ValueError) -> RecordError:
     return RecordError(field_name, reason)
 
 
+PROMPT_FORM = ("prompt", "response")
+MESSAGES_FORM = ("messages",)
+MESSAGE_KEYS = ("role", "content")
+
+
+def _check_keys(record: dict[str, Any], allowed: Sequence[str], where: str = "") -> None:
+    """Unknown keys are errors: a misspelt "respones" or a "system" field the format has no place for
+    must not silently vanish from the training data."""
+    for key in record:
+        if key not in allowed:
+            raise RecordError(f"{where}{key}", f"unknown field (allowed: {', '.join(allowed)})")
+
+
+def _check_message_keys(messages: Any, name: str) -> None:
+    if isinstance(messages, list):
+        for i, message in enumerate(messages):
+            if isinstance(message, dict):
+                _check_keys(message, MESSAGE_KEYS, f"{name}[{i}].")
+
+
 def parse_record(record: Any) -> tuple[str | list[Message], str]:
-    """(prompt, response) of one record in either accepted form; raises :class:`RecordError`."""
+    """(prompt, response) of one record in either accepted form; raises :class:`RecordError`, also for
+    a field or message key that neither form has."""
     if not isinstance(record, dict):
         raise RecordError("$", f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record and "prompt" in record:
         raise RecordError("$", "has both 'prompt' and 'messages'; use one form")
     if "messages" in record:
+        _check_keys(record, MESSAGES_FORM)
+        _check_message_keys(record["messages"], "messages")
         try:
             messages = validate_messages(record["messages"])
         except ValueError as err:
@@ -95,8 +123,10 @@ def parse_record(record: Any) -> tuple[str | list[Message], str]:
         return prompt, response
     if "prompt" not in record:
         raise RecordError("$", "expected 'prompt' and 'response', or a 'messages' list")
+    _check_keys(record, PROMPT_FORM)
     prompt = record["prompt"]
     if isinstance(prompt, list):
+        _check_message_keys(prompt, "prompt")
         try:
             prompt = validate_messages(prompt, "prompt")
         except ValueError as err:
@@ -227,11 +257,29 @@ def _init_worker(tokenizer: Tokenizer, shard_dir: str, token_dtype: type, chat: 
 
 
 def _iter_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a chunk's lines; a UTF-8 BOM at the start of the file is dropped (the
+    ``utf-8-sig`` convention, as the example readers do)."""
     with open(chunk.path, "rb") as f:
         f.seek(chunk.start)
         data = f.read(chunk.end - chunk.start)
+    if chunk.start == 0 and data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
     for i, raw in enumerate(data.split(b"\n")[: chunk.lines]):
         yield chunk.first_line + i, raw.rstrip(b"\r")
+
+
+def _decode_line(raw: bytes) -> Any:
+    """One line's JSON value. The bytes are decoded as UTF-8 here (``json.loads`` would guess UTF-16 or
+    accept a BOM on any line), so bad bytes are named as such."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError("$", f"not valid UTF-8: byte(s) {raw[err.start:err.end]!r} at byte {err.start} of "
+                               f"the line ({err.reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError("$", f"not valid JSON ({err})") from None
 
 
 def _convert_chunk(chunk: Chunk) -> dict[str, Any]:
@@ -249,10 +297,7 @@ def _convert_chunk(chunk: Chunk) -> dict[str, Any]:
                 continue
             stats["records"] += 1
             try:
-                try:
-                    record = json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise RecordError("$", f"not valid JSON ({err})") from None
+                record = _decode_line(raw)
                 ids, mask = encode_record(record, tokenizer, _WORKER["chat"], _WORKER["max_tokens"])
             except RecordError as err:
                 stats["rejects"] += 1
@@ -380,6 +425,7 @@ def _merge(out: Path, chunks: list[Chunk], sources: list[_Source], tokenizer: To
     shard_dir = out / SHARDS
     counts: Counter[str] = Counter()
     by_field: Counter[str] = Counter()
+    per_source: list[Counter[str]] = [Counter() for _ in sources]  # records, documents per input
     token_builder = IndexedDatasetBuilder(str(out / f"{TOKENS}.bin"), dtype=token_dtype)
     mask_builder = IndexedDatasetBuilder(str(out / f"{LOSS_MASK}.bin"), dtype=MASK_DTYPE)
     with open(out / REJECTS, "wb") as rejects:
@@ -387,6 +433,7 @@ def _merge(out: Path, chunks: list[Chunk], sources: list[_Source], tokenizer: To
             stats = json.loads((shard_dir / f"{chunk.name}.done.json").read_text())
             by_field.update(stats.pop("rejects_by_field"))
             counts.update({k: v for k, v in stats.items() if isinstance(v, int)})
+            per_source[chunk.file_index].update({k: stats.get(k, 0) for k in ("records", "documents")})
             _append_shard(token_builder, shard_dir / f"{chunk.name}.{TOKENS}")
             _append_shard(mask_builder, shard_dir / f"{chunk.name}.{LOSS_MASK}")
             with open(shard_dir / f"{chunk.name}.{REJECTS}", "rb") as f:
@@ -397,8 +444,8 @@ def _merge(out: Path, chunks: list[Chunk], sources: list[_Source], tokenizer: To
         "format": FORMAT,
         "fingerprint": fingerprint,
         "created_unix": int(time.time()),
-        "sources": [{"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "lines": s.lines}
-                    for s in sources],
+        "sources": [{"path": s.path, "sha256": s.sha256, "bytes": s.bytes, "lines": s.lines,
+                     "records": n["records"], "documents": n["documents"]} for s, n in zip(sources, per_source)],
         "tokenizer": tokenizer.describe(),
         "settings": {"chunk_size": config.chunk_size, "max_tokens": config.max_tokens, "chat": config.chat},
         "layout": {"tokens": TOKENS, "loss_mask": LOSS_MASK, "rejects": REJECTS,
@@ -408,6 +455,11 @@ def _merge(out: Path, chunks: list[Chunk], sources: list[_Source], tokenizer: To
         "rejects_by_field": dict(sorted(by_field.items())),
         "chunks": len(chunks),
     }
+    for source, n in zip(sources, per_source):
+        if n["records"] == 0:
+            log.warning("%s: input has no records (empty or only blank lines)", source.path)
+        elif n["documents"] == 0:
+            log.warning("%s: all %d records were rejected (see %s)", source.path, n["records"], out / REJECTS)
     _write_json_atomic(out / MANIFEST, manifest)
     if not config.keep_shards:
         shutil.rmtree(shard_dir, ignore_errors=True)

@@ -9,7 +9,10 @@ three places invites three slightly different BOS/EOS and chat conventions, so t
   such as Gemma's and Llama-3's write the BOS themselves), so BOS is never doubled.
 * :meth:`Tokenizer.encode_example` encodes prompt and response separately, so the response mask is
   exact, and makes sure the response ends with EOS (once: templates that close the assistant turn
-  with the EOS token already carry it).
+  with the EOS token already carry it, and what the template writes after that EOS, such as ChatML's
+  newline, is dropped: generation stops at EOS, so the model must not learn to go on). SentencePiece
+  models cut the response out of the prompt+response encoding, so it has no dummy-prefix ``▁`` that
+  the model would never produce right after the prompt.
 * ``padded_vocab_size(tp)`` rounds the vocabulary up the way Megatron does (multiple of 128 x TP).
 
 ``load_tokenizer`` picks the implementation from what is on disk.
@@ -40,6 +43,11 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> 
                          f"{divisible_by}")
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
+
+
+class ChatTemplateError(ValueError):
+    """A chat template refused a conversation (e.g. Gemma's "System role not supported"); a ValueError,
+    so per-record handling that catches bad values names the record instead of crashing."""
 
 
 class TokenizationError(ValueError):
@@ -160,12 +168,18 @@ class Tokenizer(ABC):
     ) -> tuple[list[int], list[int]]:
         """(ids, response_mask) of one training example; the mask is 1 on exactly the response tokens,
         which end with EOS. Raises :class:`TokenizationError` naming the part that failed."""
-        prompt_text = self.prompt_text(prompt, chat)
+        try:
+            prompt_text = self.prompt_text(prompt, chat)
+        except ValueError as err:  # ChatTemplateError too: the template refused this conversation
+            raise TokenizationError("prompt", str(err)) from err
         if isinstance(prompt, str) and not chat:
             response_text = response
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            full = self.apply_chat([*messages, {"role": "assistant", "content": response}], False)
+            try:
+                full = self.apply_chat([*messages, {"role": "assistant", "content": response}], False)
+            except ValueError as err:
+                raise TokenizationError("prompt", str(err)) from err
             if not full.startswith(prompt_text):
                 raise TokenizationError(
                     "response", "the chat template renders the prompt differently once a response follows, "
@@ -176,12 +190,23 @@ class Tokenizer(ABC):
         except ValueError as err:
             raise TokenizationError("prompt", str(err)) from err
         try:
-            response_ids = self.encode(response_text)
+            response_ids = self._encode_response(prompt_text, response_text)
         except ValueError as err:
             raise TokenizationError("response", str(err)) from err
-        if self.eos_id not in response_ids:
+        if self.eos_id in response_ids:
+            # The template closed the turn with EOS. Whatever it writes after that EOS (ChatML's "\n"
+            # after <|im_end|>) only separates turns; generation stops at EOS and never produces it.
+            last = len(response_ids) - 1 - response_ids[::-1].index(self.eos_id)
+            if not self.decode(response_ids[last + 1:]).strip():
+                response_ids = response_ids[:last + 1]
+        else:
             response_ids.append(self.eos_id)
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+    def _encode_response(self, prompt_text: str, response_text: str) -> list[int]:
+        """The response's ids as they follow the prompt; encoding it on its own is exact for byte-level
+        and character vocabularies (SentencePiece overrides this)."""
+        return self.encode(response_text)
 
 
 def _sha256_files(paths: Sequence[Path]) -> str:
@@ -226,8 +251,13 @@ class HFTokenizer(Tokenizer):
     def apply_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         if not self.hf.chat_template:
             return PLAIN_CHAT.render(messages, add_generation_prompt)
-        return self.hf.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.hf.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as err:  # raise_exception(...) in the template, or a broken template
+            raise ChatTemplateError(f"the chat template of {self.path} refused the conversation: {err}") from err
 
     def save(self, folder: str | os.PathLike) -> None:
         self.hf.save_pretrained(str(folder))
@@ -261,9 +291,39 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = pad if pad >= 0 else (unk if unk >= 0 else eos)
         self.vocab_size = self.sp.get_piece_size()
         self.uses_bos = self.bos_id is not None
+        self._sp_without_dummy_prefix: Any = None
 
     def _encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
+
+    def _encode_response(self, prompt_text: str, response_text: str) -> list[int]:
+        """The response's ids as the tokenizer gives them in context. Encoded on its own, a text gets the
+        dummy prefix (Llama-2 / Mistral models): "Four." becomes "▁Four" where after the prompt's "\n"
+        it is "F", "our" — a first token the model would never produce after the prompt. So the response
+        is cut out of the prompt+response encoding. Where prompt and response merge into one piece at
+        the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the response is
+        encoded without the dummy prefix."""
+        prompt_ids = self._encode(prompt_text)
+        full_ids = self._encode(prompt_text + response_text)
+        if full_ids[:len(prompt_ids)] == prompt_ids:
+            return full_ids[len(prompt_ids):]
+        return list(self._without_dummy_prefix().encode(response_text, out_type=int))
+
+    def _without_dummy_prefix(self) -> Any:
+        """This model with ``add_dummy_prefix`` off (built once; the model itself if it is already off)."""
+        if self._sp_without_dummy_prefix is None:
+            import sentencepiece
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.sp.serialized_model_proto())
+            if proto.normalizer_spec.add_dummy_prefix:
+                proto.normalizer_spec.add_dummy_prefix = False
+                self._sp_without_dummy_prefix = sentencepiece.SentencePieceProcessor(
+                    model_proto=proto.SerializeToString())
+            else:
+                self._sp_without_dummy_prefix = self.sp
+        return self._sp_without_dummy_prefix
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]

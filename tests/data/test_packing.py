@@ -171,3 +171,42 @@ def test_documents_that_do_not_fit_are_an_error_naming_them():
         pack_documents(docs, seq_length=max(len(d[0]) for d in docs), num_rows=1)
     with pytest.raises(ValueError, match="loss-mask entries"):
         collate_padded([(np.arange(3), np.ones(2))])
+
+
+def test_truncation_is_counted_and_logged(caplog: pytest.LogCaptureFixture):
+    docs = make_documents(30, seed=10)
+    seq = 20
+    too_long = sum(len(ids) > seq for ids, _ in docs)
+    assert 0 < too_long < len(docs)
+    with caplog.at_level("WARNING", logger="megatron_grm.data.packing"):
+        collate_padded(docs[:5], seq_length=seq, truncate=True)
+    expected = sum(len(ids) > seq for ids, _ in docs[:5])
+    assert f"collate_padded: truncated {expected} document(s) to seq_length={seq}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_grm.data.packing"):
+        padded = PaddedBatcher(docs, ResumableSampler(30, num_epochs=1), 4, seq_length=seq, truncate=True)
+        packed = PackedBatcher(docs, ResumableSampler(30, num_epochs=1), 2, seq_length=seq, truncate=True)
+        list(padded), list(packed)
+    assert padded.stats["truncated"] == packed.stats["truncated"] == too_long
+    assert "PaddedBatcher: truncated document" in caplog.text and "PackedBatcher: truncated document" in caplog.text
+    untouched = PaddedBatcher(docs, ResumableSampler(30, num_epochs=1), 4, seq_length=64)
+    list(untouched)
+    assert untouched.stats["truncated"] == 0
+
+
+def test_truncation_count_survives_resume_exactly():
+    docs = make_documents(40, seed=11)
+    reference = PackedBatcher(docs, ResumableSampler(40, num_epochs=1), 2, 24, truncate=True)
+    list(reference)
+    first = PackedBatcher(docs, ResumableSampler(40, num_epochs=1), 2, 24, truncate=True)
+    for _ in range(3):
+        next(first)
+    assert first._pending_cut, "a truncated document is read but not yet in a batch: counted once, after resume"
+    resumed = PackedBatcher(docs, ResumableSampler(40, num_epochs=1), 2, 24, truncate=True)
+    resumed.load_state_dict(first.state_dict())
+    list(resumed)
+    assert resumed.stats == reference.stats and reference.stats["truncated"] > 0
+    old = {k: v for k, v in first.state_dict()["stats"].items() if k != "truncated"}  # a pre-count checkpoint
+    legacy = PackedBatcher(docs, ResumableSampler(40, num_epochs=1), 2, 24, truncate=True)
+    legacy.load_state_dict({**first.state_dict(), "stats": old})
+    assert legacy.stats["truncated"] == 0

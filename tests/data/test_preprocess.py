@@ -35,6 +35,13 @@ BAD_RECORDS = [
     (json.dumps({"messages": [{"role": "user", "content": "q"},
                               {"role": "assistant", "content": "caf\u00e9"}]}), "messages[1].content"),
     (json.dumps({"prompt": "q", "messages": []}), "$"),
+    (json.dumps({"system": "Be brief.", "prompt": "q", "response": "a"}), "system"),
+    (json.dumps({"messages": [{"role": "user", "content": "q", "name": "bob"},
+                              {"role": "assistant", "content": "a"}]}), "messages[0].name"),
+    (json.dumps({"prompt": [{"role": "user", "content": "q", "weight": 0}], "response": "a"}),
+     "prompt[0].weight"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                 "response": "b"}), "response"),
 ]
 
 
@@ -166,14 +173,16 @@ def test_hf_preprocessing_masks_exactly_the_response(tmp_path: Path, smollm2_tok
     assert report.counts["documents"] == 200 and report.manifest["tokenizer"]["kind"] == "hf"
     for record, (ids, mask) in zip(records, read_all(tmp_path / "out")):
         response = [i for i, m in zip(ids, mask) if m]
-        assert tokenizer.decode(response) == record["response"] + "<|im_end|>\n"
+        assert tokenizer.decode(response) == record["response"] + "<|im_end|>"  # the turn ends at EOS
         assert tokenizer.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant\n")
 
 
 def test_parse_record_accepts_both_forms_and_names_bad_fields():
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert parse_record({"messages": messages}) == ([messages[0]], "a")
-    assert parse_record({"prompt": "q", "response": "a", "extra": 1}) == ("q", "a")
+    with pytest.raises(RecordError) as err:
+        parse_record({"prompt": "q", "response": "a", "extra": 1})
+    assert err.value.field == "extra" and "unknown field" in err.value.reason
     with pytest.raises(RecordError) as err:
         parse_record({"messages": [{"role": "assistant", "content": "a"}]})
     assert err.value.field == "messages"
@@ -185,11 +194,7 @@ def test_parse_record_accepts_both_forms_and_names_bad_fields():
 
 
 def test_command_line_tool_preprocesses_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    path = Path(__file__).resolve().parents[2] / "tools" / "preprocess.py"
-    spec = importlib.util.spec_from_file_location("tools_preprocess_cli", path)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_tool()
     good, _ = write_dataset(tmp_path / "a.jsonl", 600)
     args = ["--input", str(tmp_path / "a.jsonl"), "--output-dir", str(tmp_path / "out"),
             "--tokenizer", "char", "--chunk-size", "200", "--workers", "2", "--no-progress"]
@@ -200,3 +205,73 @@ def test_command_line_tool_preprocesses_and_resumes(tmp_path: Path, capsys: pyte
     assert "1 done before, 2 run now" in out and f"complete: {len(good)} documents" in out
     assert np.array_equal(PreprocessedDataset(tmp_path / "out").sequence_lengths,
                           [len(encode_record(r, CharTokenizer())[0]) for r in good])
+
+
+def test_invalid_utf8_is_a_reject_naming_it_and_only_a_leading_bom_is_accepted(tmp_path: Path):
+    good = [json.dumps({"prompt": f"q{i}", "response": "a"}).encode() for i in range(3)]
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + good[0] + b"\n" + b'{"prompt": "caf\xe9", "response": "a"}\n'
+                                       + good[1] + b"\n" + b"\xef\xbb\xbf" + good[2] + b"\n")
+    report = preprocess(PreprocessConfig([tmp_path / "a.jsonl"], tmp_path / "out", "char", progress=False))
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert report.counts["documents"] == 2
+    assert [(r["line"], r["field"]) for r in rejects] == [(2, "$"), (4, "$")]
+    assert rejects[0]["reason"].startswith("not valid UTF-8: byte(s) b'\\xe9' at byte 15 of the line")
+    assert "BOM" in rejects[1]["reason"]  # a BOM inside the file (e.g. after cat a b) is not silently eaten
+    assert [CharTokenizer().decode(ids) for ids, _ in read_all(tmp_path / "out")][0].startswith("<bos><|user|>\nq0")
+
+
+def test_a_chat_template_error_is_a_reject_naming_the_prompt(tmp_path: Path, smollm2_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    from tests.data.test_tokenizer import GEMMA2_STYLE_TEMPLATE
+
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    library.chat_template = GEMMA2_STYLE_TEMPLATE
+    library.save_pretrained(str(tmp_path / "tok"))
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    for record, field in (({"prompt": system, "response": "a"}, "prompt"),
+                          ({"messages": [*system, {"role": "assistant", "content": "a"}]}, "messages")):
+        with pytest.raises(RecordError) as err:
+            encode_record(record, tokenizer)
+        assert err.value.field == field and "System role not supported" in err.value.reason
+    records = [{"prompt": "q", "response": "a"}, {"prompt": system, "response": "a"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = preprocess(PreprocessConfig([tmp_path / "r.jsonl"], tmp_path / "out", tmp_path / "tok",
+                                         progress=False))
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert report.counts["documents"] == 1 and [(r["line"], r["field"]) for r in rejects] == [(2, "prompt")]
+
+
+def _load_tool():
+    path = Path(__file__).resolve().parents[2] / "tools" / "preprocess.py"
+    spec = importlib.util.spec_from_file_location("tools_preprocess_cli", path)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_empty_inputs_are_warned_about_and_no_documents_is_a_failure(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture):
+    tool = _load_tool()
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "q"}) + "\n")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    common = ["--tokenizer", "char", "--no-progress"]
+    with caplog.at_level("WARNING", logger="megatron_grm.data.preprocess"):
+        assert tool.main(["--input", str(tmp_path / "empty.jsonl"), "--output-dir", str(tmp_path / "o1"),
+                          *common]) == 1
+    assert "error: the run produced no documents" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty.jsonl'}: input has no records" in caplog.text
+    assert tool.main(["--input", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "o2"),
+                      *common]) == 1
+    assert "all 1 records were rejected" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_grm.data.preprocess"):
+        assert tool.main(["--input", str(tmp_path / "empty.jsonl"), str(tmp_path / "good.jsonl"),
+                          "--output-dir", str(tmp_path / "o3"), *common]) == 0
+    assert "empty.jsonl: input has no records" in caplog.text and "good.jsonl" not in caplog.text
+    manifest = json.loads((tmp_path / "o3" / "manifest.json").read_text())
+    assert [(Path(s["path"]).name, s["records"], s["documents"]) for s in manifest["sources"]] == [
+        ("empty.jsonl", 0, 0), ("good.jsonl", 1, 1)]

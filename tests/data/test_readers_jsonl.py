@@ -104,6 +104,10 @@ GOOD = json.dumps({"context": "q", "responses": ["a", "b"], "label": 0})
             "preference_strength",
             ">= 0",
         ),
+        ('{"id": null, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got null"),
+        ('{"id": true, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got true"),
+        ('{"id": {"a": 1}, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got dict"),
+        ('{"id": 1.5, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got float"),
     ],
 )
 def test_a_malformed_record_is_reported_with_its_line_number_and_field(tmp_path, bad_line, field, reason):
@@ -132,3 +136,62 @@ def test_skip_policy_counts_and_logs_bad_records(tmp_path, caplog):
 def test_unknown_policy_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         read_jsonl(_write(tmp_path / "d.jsonl", [GOOD]), on_error="ignore")  # type: ignore[arg-type]
+
+
+def _line(**fields):
+    return json.dumps({"context": "q", "responses": ["a", "b"], "label": 0, **fields})
+
+
+def test_integer_ids_become_their_decimal_string(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [_line(id=7), _line(id="x")])
+    assert [ex.id for ex in read_jsonl(path).examples] == ["7", "x"]
+
+
+def test_a_line_of_invalid_utf8_is_one_bad_record_naming_its_line(tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + b'{"context": "caf\xe9", "responses": ["a"], "label": 0}\n'
+                     + GOOD.encode() + b"\n")
+    with pytest.raises(RecordError) as info:
+        read_jsonl(path)
+    assert info.value.line == 2 and str(info.value).startswith(f"{path}:2: not valid UTF-8")
+    with caplog.at_level(logging.WARNING):
+        result = read_jsonl(path, on_error="skip")
+    assert len(result.examples) == 2 and [e.line for e in result.errors] == [2]
+    assert "skipped 1 bad record(s)" in caplog.text and "not valid UTF-8" in caplog.text
+
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_ignored(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (_line(id="first") + "\n" + _line(id="second") + "\n").encode())
+    result = read_jsonl(path)
+    assert [ex.id for ex in result.examples] == ["first", "second"] and result.errors == []
+
+
+def test_a_repeated_id_is_a_bad_record_naming_the_first_line(tmp_path, caplog):
+    path = _write(tmp_path / "d.jsonl", [_line(id="x"), _line(id="y"), _line(id="x"), _line(id=1), _line(id="1")])
+    with pytest.raises(RecordError) as info:
+        read_jsonl(path)
+    assert info.value.line == 3 and info.value.field == "id"
+    assert str(info.value) == f"{path}:3: field 'id': duplicate id 'x': duplicate of line 1"
+    with caplog.at_level(logging.WARNING):
+        result = read_jsonl(path, on_error="skip")
+    assert [ex.id for ex in result.examples] == ["x", "y", "1"]
+    assert [(e.line, e.field) for e in result.errors] == [(3, "id"), (5, "id")]
+    assert "duplicate of line 4" in str(result.errors[1])  # the integer 1 and the string "1" are one id
+    assert "skipped 2 bad record(s)" in caplog.text
+
+
+def test_default_ids_of_same_named_files_collide_and_seen_ids_names_both_files(tmp_path):
+    from megatron_grm.data.readers.common import SeenIds
+
+    a = _write((tmp_path / "a").mkdir() or tmp_path / "a" / "train.jsonl", [GOOD])
+    b = _write((tmp_path / "b").mkdir() or tmp_path / "b" / "train.jsonl", [GOOD, _line(id="own")])
+    assert read_jsonl(a).examples[0].id == read_jsonl(b).examples[0].id == "train:1"
+    seen = SeenIds()
+    read_jsonl(a, seen_ids=seen)
+    with pytest.raises(RecordError) as info:
+        read_jsonl(b, seen_ids=seen)
+    assert str(info.value) == f"{b}:1: field 'id': duplicate id 'train:1': duplicate of {a}:1"
+    seen = SeenIds()
+    read_jsonl(a, seen_ids=seen)
+    assert [ex.id for ex in read_jsonl(b, on_error="skip", seen_ids=seen).examples] == ["own"]

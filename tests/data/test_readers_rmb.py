@@ -116,3 +116,60 @@ def test_invalid_json_file_reports_the_line(tmp_path):
 def test_missing_subset_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="Pairwise_set"):
         read_rmb(tmp_path)
+
+
+def _pairwise_file(tmp_path):
+    return tmp_path / "Pairwise_set" / "Helpfulness" / "Chat" / "Discussion.json"
+
+
+def test_invalid_utf8_names_the_file_line_and_byte_offset_even_when_skipping(tmp_path):
+    _rmb_tree(tmp_path, [], [])
+    path = _pairwise_file(tmp_path)
+    data = json.dumps([_pair("1"), _pair("2", chosen="caf\u00e9")], indent=1, ensure_ascii=False).encode()
+    offset = data.index("\u00e9".encode())
+    path.write_bytes(data.replace("\u00e9".encode(), b"\xe9"))  # Latin-1, not UTF-8
+    line = data[:offset].count(b"\n") + 1
+    for policy in ("fail", "skip"):
+        with pytest.raises(RecordError) as info:
+            read_rmb(tmp_path, on_error=policy)
+        assert info.value.path == str(path) and info.value.line == line
+        assert f"not valid UTF-8: byte(s) b'\\xe9' at byte offset {offset}" in str(info.value)
+
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_ignored(tmp_path):
+    _rmb_tree(tmp_path, [], [])
+    _pairwise_file(tmp_path).write_bytes(b"\xef\xbb\xbf" + json.dumps([_pair("1")]).encode())
+    assert [ex.id for ex in read_rmb(tmp_path, subsets=("pairwise",)).examples] == ["rmb/pairwise/1"]
+
+
+def test_a_repeated_uid_in_one_file_is_a_bad_record_naming_the_first(tmp_path):
+    _rmb_tree(tmp_path, [_pair("1"), _pair("2"), _pair("1", chosen="other")], [_bon("7", ["w"]), _bon("7", ["v"])])
+    path = _pairwise_file(tmp_path)
+    with pytest.raises(RecordError) as info:
+        read_rmb_file(path, "pairwise")
+    assert str(info.value) == f"{path}: record 2: field 'pair_uid': duplicate uid '1': duplicate of record 0"
+    result = read_rmb(tmp_path, on_error="skip")
+    assert [ex.id for ex in result.examples] == ["rmb/pairwise/1", "rmb/pairwise/2", "rmb/bon/7"]
+    assert {(e.record, e.field) for e in result.errors} == {(2, "pair_uid"), (1, "bon_uid")}
+
+
+def test_a_uid_repeated_in_another_file_names_both_files(tmp_path):
+    _rmb_tree(tmp_path, [_pair("1"), _pair("2")], [])
+    other = tmp_path / "Pairwise_set" / "Helpfulness" / "Chat" / "Other.json"
+    other.write_text(json.dumps([_pair("3"), _pair("2")]))
+    first = _pairwise_file(tmp_path)
+    with pytest.raises(RecordError) as info:
+        read_rmb(tmp_path, subsets=("pairwise",))
+    assert str(info.value) == (f"{other}: record 1: field 'pair_uid': duplicate uid '2': "
+                               f"duplicate of {first}: record 1")
+    result = read_rmb(tmp_path, subsets=("pairwise",), on_error="skip")
+    assert len(result.examples) == 3 and [(e.path, e.record) for e in result.errors] == [(str(other), 1)]
+
+
+@pytest.mark.parametrize(("uid", "got"), [(None, "got null"), (True, "got true"), ({"a": 1}, "got dict")])
+def test_a_uid_that_is_not_a_string_or_integer_is_named(tmp_path, uid, got):
+    _rmb_tree(tmp_path, [_pair(uid)], [])
+    with pytest.raises(RecordError, match=rf"record 0: field 'pair_uid': must be a string or an integer, {got}"):
+        read_rmb(tmp_path, subsets=("pairwise",))
+    _pairwise_file(tmp_path).write_text(json.dumps([_pair(12)]))
+    assert read_rmb(tmp_path, subsets=("pairwise",)).examples[0].id == "rmb/pairwise/12"

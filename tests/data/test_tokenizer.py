@@ -91,10 +91,13 @@ def test_hf_training_example_equals_template_tokenization_and_masks_the_response
     ids, mask = ours.encode_example(prompt, response)
     full = [*prompt, {"role": "assistant", "content": response}]
     # Prompt and response are encoded separately (exact mask) yet equal the template's own tokenization
-    # whenever the response does not start with whitespace.
-    assert ids == _ids(library.apply_chat_template(full))
+    # whenever the response does not start with whitespace — up to the EOS that closes the turn: the
+    # "\n" ChatML writes after <|im_end|> only separates turns, and generation stops at EOS.
+    template_ids = _ids(library.apply_chat_template(full))
+    assert ids == template_ids[: len(ids)] and ours.decode(template_ids[len(ids):]) == "\n"
     response_ids = [i for i, m in zip(ids, mask) if m]
-    assert ours.decode(response_ids) == response + "<|im_end|>\n"
+    assert ours.decode(response_ids) == response + "<|im_end|>"
+    assert response_ids[-1] == ours.eos_id
     assert response_ids.count(ours.eos_id) == 1  # the template's <|im_end|> is the EOS: not added twice
     assert ids[: mask.index(1)] == ours.encode_prompt(prompt)
 
@@ -177,3 +180,55 @@ def test_padded_vocab_size_follows_megatron_rule(smollm2_tokenizer_dir: Path):
         assert CharTokenizer().padded_vocab_size(tp) % (128 * tp) == 0
     with pytest.raises(ValueError):
         padded_vocab_size(100, tp=0)
+
+
+def test_sentencepiece_response_ids_are_the_in_context_ids(mistral_sentencepiece_models: list[Path]):
+    """Llama-2/Mistral models add a dummy-prefix "▁" to a text encoded on its own; after the prompt the
+    response has none, so the trained ids must be the in-context ones."""
+    for model in mistral_sentencepiece_models:
+        sp = load_tokenizer(model)
+        library = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        for response in ["Four.", *MULTILINGUAL]:
+            ids, mask = sp.encode_example(CONVERSATIONS[1], response)
+            prompt_text = sp.prompt_text(CONVERSATIONS[1])
+            in_context = library.encode(prompt_text + response + "<end_of_turn>\n", add_bos=True)
+            assert ids == in_context + [sp.eos_id], (model.name, response)
+            assert ids[: mask.index(1)] == sp.encode_prompt(CONVERSATIONS[1])
+            assert sum(mask) == len(ids) - mask.index(1) and mask[-1] == 1
+        ids, mask = sp.encode_example(CONVERSATIONS[0], "Four.")
+        assert library.id_to_piece(ids[mask.index(1)]) == "F"  # not "▁Four", the piece encoded alone
+
+
+def test_sentencepiece_response_merging_into_the_prompt_keeps_the_prompt_and_drops_the_dummy_prefix(
+        mistral_sentencepiece_models: list[Path]):
+    sp = load_tokenizer(mistral_sentencepiece_models[0])
+    library = sentencepiece.SentencePieceProcessor(model_file=str(mistral_sentencepiece_models[0]))
+    prompt, response = "The answer is", "n't known"  # in context "is" + "n" merge into "▁isn"
+    assert library.encode(prompt + response, out_type=str)[:3] == ["▁The", "▁answer", "▁isn"]
+    ids, mask = sp.encode_example(prompt, response, chat=False)
+    start = mask.index(1)
+    assert ids[:start] == sp.encode_prompt(prompt, chat=False)  # what rollout conditions on
+    assert [library.id_to_piece(i) for i in ids[start:start + 2]] == ["n", "'"]
+    assert sp.decode(ids) == prompt + response and ids[-1] == sp.eos_id
+
+
+GEMMA2_STYLE_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_chat_template_refusing_the_conversation_is_a_prompt_error(tmp_path: Path, smollm2_tokenizer_dir: Path):
+    from megatron_grm.data.tokenizer import ChatTemplateError
+
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    library.chat_template = GEMMA2_STYLE_TEMPLATE  # like Gemma-2's: no system role
+    library.save_pretrained(str(tmp_path / "no-system"))
+    tokenizer = load_tokenizer(tmp_path / "no-system")
+    assert tokenizer.encode_example(CONVERSATIONS[0], "4")[0]  # user-only conversations still work
+    with pytest.raises(ChatTemplateError, match="System role not supported"):
+        tokenizer.apply_chat(CONVERSATIONS[1])
+    with pytest.raises(TokenizationError) as err:
+        tokenizer.encode_example(CONVERSATIONS[1], "Paris is right.")
+    assert err.value.part == "prompt" and "System role not supported" in err.value.reason

@@ -6,7 +6,7 @@ Formats: our JSONL (``jsonl``), RMB (``rmb``), verifiable math from CHAMP and re
 (``verifiable_math``). See docs/data_format.md.
 """
 
-from megatron_grm.data.readers.common import ReadResult, RecordError
+from megatron_grm.data.readers.common import ReadResult, RecordError, SeenIds
 from megatron_grm.data.readers.jsonl import read_jsonl, write_jsonl
 from megatron_grm.data.readers.rmb import read_rmb, read_rmb_file
 from megatron_grm.data.readers.verifiable_math import read_champ, read_reasoning_gym
@@ -14,6 +14,7 @@ from megatron_grm.data.readers.verifiable_math import read_champ, read_reasoning
 __all__ = [
     "ReadResult",
     "RecordError",
+    "SeenIds",
     "read_champ",
     "read_jsonl",
     "read_reasoning_gym",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatron_grm.data.examples import Example
+from megatron_grm.data.examples import Example, ExampleError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,66 @@ class ReadResult:
         self.examples.extend(other.examples)
         self.errors.extend(other.errors)
         self.excluded.update(other.excluded)
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_utf8(data: bytes, path: str | Path, *, line: int | None = None, start_of_file: bool = False) -> str:
+    """Decode one line (or a whole file) as UTF-8, dropping a BOM at the start of the file (``utf-8-sig``,
+    as Windows editors write it). Bad bytes raise :class:`RecordError` with their line and byte offset
+    instead of a bare ``UnicodeDecodeError`` that names no file."""
+    skip = len(UTF8_BOM) if start_of_file and data.startswith(UTF8_BOM) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + skip
+        bad = data[offset:exc.end + skip]
+        if line is None:  # a whole file: say where, as line and byte offset
+            line_of_offset = data.count(b"\n", 0, offset) + 1
+            raise RecordError(path, f"not valid UTF-8: byte(s) {bad!r} at byte offset {offset} "
+                                    f"({exc.reason})", line=line_of_offset) from None
+        raise RecordError(path, f"not valid UTF-8: byte(s) {bad!r} at byte {offset} of the line ({exc.reason})",
+                          line=line) from None
+
+
+class SeenIds:
+    """Where each example id was first read, across one file or several read together.
+
+    Results, judgments and resume state are keyed by ``Example.id``, so two examples sharing an id would
+    silently overwrite each other; a reader reports the second one instead, naming the first.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str, int | None, int | None]] = {}
+
+    def duplicate_of(
+        self, example_id: str, path: str | Path, *, line: int | None = None, record: int | None = None
+    ) -> str | None:
+        """Remember where ``example_id`` is; if it was seen before, return that place instead
+        ("line 3" / "record 3" in the same file, "other.jsonl:3" / "other.json: record 3" elsewhere)."""
+        first = self._first.get(example_id)
+        if first is None:
+            self._first[example_id] = (str(path), line, record)
+            return None
+        first_path, first_line, first_record = first
+        if first_path == str(path):
+            return f"line {first_line}" if first_line is not None else f"record {first_record}"
+        return f"{first_path}:{first_line}" if first_line is not None else f"{first_path}: record {first_record}"
+
+
+def check_example_id(value: object, field_name: str = "id") -> str:
+    """An id given in a file: a string, or an integer written as its decimal string. Anything else
+    (``null``, ``true``, an object) would become ``'None'``/``'True'``/``"{'a': 1}"`` — an error instead."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None or isinstance(value, bool):
+        shown = {None: "null", True: "true", False: "false"}[value]
+    else:
+        shown = type(value).__name__
+    raise ExampleError(field_name, f"must be a string or an integer, got {shown}")
 
 
 def check_policy(on_error: str) -> None:

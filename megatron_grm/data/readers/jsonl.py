@@ -14,7 +14,7 @@ field                  required  meaning
 ``preference_strength`` no       number >= 0: how much better the best response is
 ``category``           no        '/'-separated path for per-category metrics (default ``""``)
 ``source``             no        dataset name (default: the file's stem)
-``id``                 no        unique id (default ``"<file stem>:<line>"``)
+``id``                 no        unique id, a string or an integer (default ``"<file stem>:<line>"``)
 ``metadata``           no        object, kept as is and never interpreted
 =====================  ========  ==============================================================
 
@@ -23,7 +23,8 @@ Example line::
     {"id": "q1", "context": [{"role": "user", "content": "What is 2+2?"}],
      "responses": ["4", "5"], "label": 0}
 
-Unknown fields are errors (a misspelt ``"lable"`` must not silently drop the label).
+Unknown fields are errors (a misspelt ``"lable"`` must not silently drop the label), and so is an id
+that an earlier line of the file already used. The file is UTF-8; a leading BOM is ignored.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from megatron_grm.data.readers.common import (
     OnError,
     ReadResult,
     RecordError,
+    SeenIds,
+    check_example_id,
     check_policy,
+    decode_utf8,
     handle_bad_record,
     log_skipped,
 )
@@ -74,7 +78,7 @@ def example_from_record(record: Any, *, default_source: str, default_id: str) ->
         responses=tuple(responses),
         label=record["label"],
         source=record.get("source", default_source),
-        id=str(record["id"]) if "id" in record else default_id,
+        id=check_example_id(record["id"]) if "id" in record else default_id,
         ranking=None if ranking is None else tuple(ranking),
         preference_strength=record.get("preference_strength"),
         category=record.get("category", ""),
@@ -103,14 +107,25 @@ def parse_context(value: Any, field_name: str = "context") -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def read_jsonl(path: str | Path, on_error: OnError = "fail") -> ReadResult:
+def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds | None = None) -> ReadResult:
     """Read examples from one JSONL file in our format. Bad lines raise :class:`RecordError`
-    (``file:line: field 'x': why``) or, with ``on_error="skip"``, are counted in the result's errors."""
+    (``file:line: field 'x': why``) or, with ``on_error="skip"``, are counted in the result's errors.
+
+    Lines are decoded one by one (a BOM at the start of the file is dropped), so a line of bad UTF-8 is
+    one bad record, not a crash that loses the rest. A repeated ``id`` is a bad record naming the line
+    that had it first; pass one ``seen_ids`` to several calls to catch repeats across files too.
+    """
     check_policy(on_error)
     path = Path(path)
     result = ReadResult()
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    seen = SeenIds() if seen_ids is None else seen_ids
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = decode_utf8(raw, path, line=line_number, start_of_file=line_number == 1)
+            except RecordError as error:
+                handle_bad_record(result, error, on_error)
+                continue
             if not line.strip():
                 continue
             try:
@@ -127,6 +142,12 @@ def read_jsonl(path: str | Path, on_error: OnError = "fail") -> ReadResult:
                 handle_bad_record(
                     result, RecordError(path, exc.reason, line=line_number, field_name=exc.field), on_error
                 )
+                continue
+            first = seen.duplicate_of(example.id, path, line=line_number)
+            if first is not None:
+                error = RecordError(path, f"duplicate id {example.id!r}: duplicate of {first}", line=line_number,
+                                    field_name="id")
+                handle_bad_record(result, error, on_error)
                 continue
             result.examples.append(example)
     log_skipped(path, result, 0)

@@ -22,13 +22,17 @@ from megatron_grm.data.readers.common import (
     OnError,
     ReadResult,
     RecordError,
+    SeenIds,
+    check_example_id,
     check_policy,
+    decode_utf8,
     handle_bad_record,
     log_skipped,
 )
 
 Subset = Literal["pairwise", "bon"]
 SUBSET_DIRS: dict[str, str] = {"pairwise": "Pairwise_set", "bon": "BoN_set"}
+UID_FIELDS: dict[str, str] = {"pairwise": "pair_uid", "bon": "bon_uid"}
 
 
 def rmb_files(root: str | Path, subset: Subset) -> list[Path]:
@@ -46,24 +50,35 @@ def rmb_files(root: str | Path, subset: Subset) -> list[Path]:
 def read_rmb(
     root: str | Path, subsets: tuple[Subset, ...] = ("pairwise", "bon"), on_error: OnError = "fail"
 ) -> ReadResult:
-    """Read every file of the given RMB subsets (pairwise and/or best-of-N)."""
+    """Read every file of the given RMB subsets (pairwise and/or best-of-N); a uid repeated in another
+    file is a bad record naming both files."""
     check_policy(on_error)
     result = ReadResult()
+    seen_ids = SeenIds()
     for subset in subsets:
         if subset not in SUBSET_DIRS:
             raise ValueError(f"unknown RMB subset {subset!r}; choose from {tuple(SUBSET_DIRS)}")
         for path in rmb_files(root, subset):
-            result.extend(read_rmb_file(path, subset, on_error=on_error))
+            result.extend(read_rmb_file(path, subset, on_error=on_error, seen_ids=seen_ids))
     return result
 
 
-def read_rmb_file(path: str | Path, subset: Subset, on_error: OnError = "fail") -> ReadResult:
-    """Read one RMB JSON file; bad records are reported as ``file: record i: field 'x': why``."""
+def read_rmb_file(
+    path: str | Path, subset: Subset, on_error: OnError = "fail", seen_ids: SeenIds | None = None
+) -> ReadResult:
+    """Read one RMB JSON file; bad records are reported as ``file: record i: field 'x': why``.
+
+    The file is one JSON document, so bad UTF-8 or bad JSON fails the whole file (naming line and byte
+    offset); a BOM at its start is ignored. A repeated uid is a bad record naming the first record with
+    it; pass one ``seen_ids`` to several calls to catch repeats across files too.
+    """
     check_policy(on_error)
     path = Path(path)
     result = ReadResult()
+    seen = SeenIds() if seen_ids is None else seen_ids
+    text = decode_utf8(path.read_bytes(), path, start_of_file=True)
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
     if not isinstance(records, list):
@@ -71,11 +86,20 @@ def read_rmb_file(path: str | Path, subset: Subset, on_error: OnError = "fail") 
     convert = _pairwise_example if subset == "pairwise" else _bon_example
     for index, record in enumerate(records):
         try:
-            result.examples.append(convert(record))
+            example = convert(record)
         except ExampleError as exc:
             handle_bad_record(
                 result, RecordError(path, exc.reason, record=index, field_name=exc.field), on_error
             )
+            continue
+        first = seen.duplicate_of(example.id, path, record=index)
+        if first is not None:
+            uid = example.id.removeprefix(f"rmb/{subset}/")
+            error = RecordError(path, f"duplicate uid {uid!r}: duplicate of {first}", record=index,
+                                field_name=UID_FIELDS[subset])
+            handle_bad_record(result, error, on_error)
+            continue
+        result.examples.append(example)
     log_skipped(path, result, 0)
     return result
 
@@ -123,7 +147,7 @@ def _category(record: Any) -> str:
 def _pairwise_example(record: Any) -> Example:
     chosen, chosen_model = _answer(_field(record, "chosen"), "chosen")
     rejected, rejected_model = _answer(_field(record, "reject"), "reject")
-    uid = str(_field(record, "pair_uid"))
+    uid = check_example_id(_field(record, "pair_uid"), "pair_uid")
     return Example(
         context=_context(record),
         responses=(chosen, rejected),
@@ -142,7 +166,7 @@ def _bon_example(record: Any) -> Example:
     if not isinstance(losers, list) or not losers:
         raise ExampleError("loser_list", "must be a non-empty list")
     answers = [_answer(loser, f"loser_list[{i}]") for i, loser in enumerate(losers)]
-    uid = str(_field(record, "bon_uid"))
+    uid = check_example_id(_field(record, "bon_uid"), "bon_uid")
     return Example(
         context=_context(record),
         responses=(best, *(a for a, _ in answers)),
