@@ -44,11 +44,18 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
         raise ValueError(f"data.bad_records={bad_records!r}; choose 'fail' or 'skip'")
     samples: list[Sample] = []
     skipped: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a bad byte is one bad record, not a crash naming no line
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark, as Windows editors write it
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"not valid UTF-8: byte(s) {raw[exc.start:exc.end]!r} at byte {exc.start} "
+                                     "of the line") from None
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("record is not a JSON object")
