@@ -42,7 +42,7 @@ from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
-from megatron_grm.stages.sft import SupervisedObjective, read_sft_jsonl
+from megatron_grm.stages.sft import SupervisedObjective, read_sft_samples
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Trainer
 from megatron_grm.train.producers import Sample, SampleBatchProducer, global_batch_indices
@@ -106,13 +106,14 @@ def read_examples(spec: str, bad_records: str = "fail") -> list[Example]:
 
 def read_instruction_samples(spec: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail",
                              chat: bool = False) -> list[Sample]:
-    """General instruction data for the SFT mix: a prompt/response JSONL, or for the demo
-    ``digit_facts:<num>[:<seed>]``, questions "What is a+b?" (single digits) answered "a+b = c."."""
+    """General instruction data for the SFT mix: a prompt/response JSONL, a folder written by
+    ``tools/preprocess.py``, or for the demo ``digit_facts:<num>[:<seed>]``, questions "What is a+b?"
+    (single digits) answered "a+b = c."."""
     match = _FACTS_SPEC.fullmatch(spec)
     if match and not os.path.exists(spec):
         lines = digit_facts(int(match.group(1)), int(match.group(2) or 0))
         return [tokenizer.encode_example(f"What is {line.split(' = ')[0]}?\n", line, chat=chat) for line in lines]
-    return read_sft_jsonl(spec, tokenizer, seq_length, bad_records)
+    return read_sft_samples(spec, tokenizer, seq_length, bad_records)
 
 
 def mix_with_instruction(judgments: Sequence[Sample], instruction: Sequence[Sample], ratio: float,

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import hydra
 import torch
 
+from megatron_grm.data.preprocess import MANIFEST, PreprocessedDataset
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.loop import Batch, Trainer, token_nll_forward
@@ -81,6 +83,34 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
     return samples
 
 
+def read_sft_samples(spec: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail"
+                     ) -> Sequence[Sample]:
+    """SFT samples from a prompt/response JSONL (tokenized here) or from a folder written by
+    ``tools/preprocess.py`` (Megatron indexed datasets, memory-mapped: large mixes are tokenized once)."""
+    if os.path.isdir(spec):
+        return open_preprocessed(spec, tokenizer, seq_length)
+    return read_sft_jsonl(spec, tokenizer, seq_length, bad_records)
+
+
+def open_preprocessed(folder: str, tokenizer: Tokenizer, seq_length: int) -> PreprocessedDataset:
+    """A preprocessed folder, refused unless its tokenizer is this run's and its documents fit."""
+    dataset = PreprocessedDataset(folder)
+    manifest = os.path.join(folder, MANIFEST)
+    theirs, ours = dataset.manifest.get("tokenizer", {}), tokenizer.describe()
+    if theirs.get("sha256") != ours["sha256"]:
+        raise ValueError(f"{manifest}: field 'tokenizer' is {theirs.get('path')!r} (sha256 "
+                         f"{str(theirs.get('sha256'))[:12]}), not this run's tokenizer {ours['path']!r} (sha256 "
+                         f"{ours['sha256'][:12]}); preprocess the data again with the run's tokenizer")
+    lengths = dataset.sequence_lengths
+    too_long = int((lengths > seq_length + 1).sum())
+    if too_long:
+        raise ValueError(f"{folder}: {too_long} of {len(dataset)} documents exceed trainer.seq_length+1="
+                         f"{seq_length + 1} tokens (longest {int(lengths.max())}); preprocess with "
+                         f"--max-tokens {seq_length + 1} or raise trainer.seq_length")
+    log.info("%s: %d preprocessed samples (%d tokens)", folder, len(dataset), int(lengths.sum()))
+    return dataset
+
+
 def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
     """Build the trainer, resume if the run has a checkpoint, fit, and return the trainer."""
     run = prepare_run(cfg)
@@ -89,8 +119,10 @@ def train_sft(cfg: Any, samples: Sequence[Sample] | None = None) -> Trainer:
     data = run.extra.get("data", {})
     if samples is None:
         if not data.get("train"):
-            raise ValueError("data.train is not set: give a JSONL file of prompt/response records")
-        samples = read_sft_jsonl(data["train"], tokenizer, run.trainer.seq_length, data.get("bad_records", "fail"))
+            raise ValueError("data.train is not set: give a JSONL file of prompt/response records or a folder "
+                             "written by tools/preprocess.py")
+        samples = read_sft_samples(data["train"], tokenizer, run.trainer.seq_length,
+                                   data.get("bad_records", "fail"))
     trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "sft"})
     t = run.trainer
     producer = SampleBatchProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,

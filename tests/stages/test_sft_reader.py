@@ -20,3 +20,56 @@ def test_bom_and_invalid_utf8_lines(tmp_path):
     assert len(samples) == 2 and samples[0] == samples[1]
     with pytest.raises(ValueError, match=rf"{path}:2: not valid UTF-8: byte\(s\) b'\\xe9' at byte 15"):
         read_sft_jsonl(str(path), tokenizer, seq_length=64)
+
+
+def _preprocessed(tmp_path, records):
+    from megatron_grm.data.preprocess import PreprocessConfig, preprocess
+
+    source = tmp_path / "sft.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    preprocess(PreprocessConfig([source], tmp_path / "pre", "char", progress=False))
+    return source, tmp_path / "pre"
+
+
+RECORDS = [{"prompt": f"What is {a}+{b}?", "response": f"{a + b}."} for a in range(4) for b in range(3)]
+
+
+def test_a_preprocessed_folder_gives_the_samples_the_jsonl_gives(tmp_path):
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.sft import read_sft_samples
+
+    source, folder = _preprocessed(tmp_path, RECORDS)
+    tokenizer = load_tokenizer("char")
+    from_jsonl = read_sft_samples(str(source), tokenizer, seq_length=64)
+    from_folder = read_sft_samples(str(folder), tokenizer, seq_length=64)
+    assert len(from_folder) == len(from_jsonl) == len(RECORDS)
+    for (ids, mask), (want_ids, want_mask) in zip((from_folder[i] for i in range(len(from_folder))), from_jsonl):
+        assert ids.tolist() == want_ids and mask.tolist() == want_mask
+
+
+def test_a_preprocessed_folder_of_another_tokenizer_or_too_long_documents_is_refused(tmp_path):
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.stages.sft import read_sft_samples
+
+    _, folder = _preprocessed(tmp_path, RECORDS)
+    tokenizer = load_tokenizer("char")
+    with pytest.raises(ValueError, match=r"documents exceed trainer.seq_length\+1=9 tokens .*--max-tokens 9"):
+        read_sft_samples(str(folder), tokenizer, seq_length=8)
+    manifest = folder / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["tokenizer"]["sha256"] = "0" * 64  # as if written with another vocabulary
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"manifest.json: field 'tokenizer' .* not this run's tokenizer"):
+        read_sft_samples(str(folder), tokenizer, seq_length=64)
+
+
+def test_the_sft_stage_trains_on_a_preprocessed_folder(tmp_path):
+    from tests.conftest import REPO, torchrun
+
+    _, folder = _preprocessed(tmp_path, RECORDS)
+    run = tmp_path / "run"
+    torchrun(REPO / "megatron_grm" / "stages" / "sft.py", 1, [
+        "model=tiny", f"data.train={folder}", f"trainer.run_dir={run}", "trainer.max_steps=2",
+        "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.seq_length=64",
+        "optimizer.warmup_steps=0"])
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
