@@ -22,8 +22,8 @@ except ImportError:  # run from a checkout without an installed package
 
 from megatron_grm.models.conversion_launch import relaunch_under_torchrun, under_torchrun
 from megatron_grm.models.hf_adapter import ConfigError
-from megatron_grm.models.hf_convert import open_hf
-from megatron_grm.models.hf_io import TOKENIZER_FILES, HFFolderError
+from megatron_grm.models.hf_convert import HFSource, open_hf
+from megatron_grm.models.hf_io import CONFIG_FILE, TOKENIZER_FILES, HFFolderError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +37,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_layout(src: HFSource, tp: int, pp: int) -> None:
+    """Megatron splits heads, KV heads and the MLP evenly over TP ranks and layers evenly over PP stages;
+    refuse a layout that cannot hold this model before any process starts (not as an assertion in each of them)."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp {tp} --pp {pp}: parallel sizes must be >= 1")
+    cfg, where = src.cfg, src.folder / CONFIG_FILE
+    splits = (("num_attention_heads", cfg.num_attention_heads, "--tp", tp),
+              ("num_key_value_heads", cfg.num_query_groups, "--tp", tp),
+              ("intermediate_size", cfg.ffn_hidden_size, "--tp", tp),
+              ("num_hidden_layers", cfg.num_layers, "--pp", pp))
+    for field, value, flag, size in splits:
+        if value % size:
+            raise ConfigError(f"{where}: {field}={value} is not divisible by {flag} {size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -46,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tokenizer and not any((src.folder / f).is_file() for f in TOKENIZER_FILES):
             raise HFFolderError(f"{src.folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                 "pass --no-tokenizer to convert the weights alone")
+        check_layout(src, args.tp, args.pp)
     except (HFFolderError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ Runs transformers (fp32, eager attention) and our Megatron model (TP=1/PP=1, res
 on a seeded random token batch and on the given prompts. With --greedy-tokens N, also decodes N tokens
 greedily on both sides (transformers' ``generate`` vs. a full-recompute argmax loop; EOS does not stop
 either) and requires the same continuation. The last line printed is ``max_abs_logit_diff=<float>``;
-the exit code is 1 when it exceeds --tol or a greedy continuation differs.
+the exit code is 1 when it exceeds --tol or a greedy continuation differs, and 2 when --hf or --ckpt
+cannot be read (the message names the file).
 """
 
 from __future__ import annotations
@@ -53,14 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_grm.models import hf_parity as parity
-    from megatron_grm.models.hf_convert import load_megatron_model
+    from megatron_grm.models.hf_convert import load_megatron_model, open_hf
     from megatron_grm.parallel.distributed import ParallelLayout, destroy_parallel, init_parallel
 
     torch.set_grad_enabled(False)
-    hf_model = parity.load_hf_model(args.hf)
+    try:  # bad input is exit 2 with the message, never 1 (which means: the models differ)
+        open_hf(args.hf)  # names the broken file/field; transformers' own errors would not
+        hf_model = parity.load_hf_model(args.hf)
+    except (ValueError, KeyError, OSError) as exc:  # HFFolderError, ConfigError, FileNotFoundError, ...
+        print(f"error (--hf): {exc}", file=sys.stderr)
+        return 2
     init_parallel(ParallelLayout())
     try:
-        model, cfg, _, folder = load_megatron_model(args.ckpt)
+        try:
+            model, cfg, _, folder = load_megatron_model(args.ckpt)
+        except (ValueError, KeyError, OSError) as exc:  # CheckpointError, FileNotFoundError, bad JSON, ...
+            print(f"error (--ckpt): {exc}", file=sys.stderr)
+            return 2
         batches = [parity.random_tokens(cfg.vocab_size, args.batch, args.seq, args.seed)]
         prompts = encode_prompts(args.hf, args.prompt, args.chat) if args.prompt else []
         batches += [torch.tensor([p]) for p in prompts]

@@ -301,8 +301,11 @@ class Gemma2Adapter(LlamaAdapter):
     family = "gemma2"
     model_type = "gemma2"
     architecture = "Gemma2ForCausalLM"
+    # sliding_window_size: google's gemma-2-9b/27b configs repeat the window under this name (transformers
+    # reads sliding_window); accepted only when the two agree.
     mapped_keys = LLAMA_MAPPED_KEYS | {"query_pre_attn_scalar", "attn_logit_softcapping",
-                                       "final_logit_softcapping", "sliding_window", "layer_types"}
+                                       "final_logit_softcapping", "sliding_window", "layer_types",
+                                       "sliding_window_size"}
     required_values = {
         "hidden_activation": ("gelu_pytorch_tanh",),
         "attention_bias": (False,),
@@ -313,6 +316,10 @@ class Gemma2Adapter(LlamaAdapter):
     ignored_keys = frozenset({"hidden_act", "cache_implementation"})
 
     def model_config_fields(self, hf, where: str) -> dict[str, Any]:
+        size = getattr(hf, "sliding_window_size", None)
+        if size is not None and size != hf.sliding_window:
+            raise ConfigError(f"{where}: sliding_window_size={size!r} differs from sliding_window="
+                              f"{hf.sliding_window!r}; which window the model was trained with is ambiguous")
         kinds = list(hf.layer_types or [])
         alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(kinds))]
         if kinds == alternating and hf.sliding_window is not None:

@@ -23,6 +23,7 @@ GENERIC_CONFIG_KEYS = frozenset({
     "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
     "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "initializer_range",
     "_attn_implementation_autoset", "attn_implementation",
+    "transformers.js_config",  # transformers.js runtime hints (e.g. its ONNX KV-cache dtype), as in SmolLM2's
 })
 
 

@@ -38,6 +38,7 @@ from megatron_grm.models.hf_io import (
     copy_files,
     copy_tokenizer,
     read_hf_config,
+    remove_weight_files,
     write_safetensors,
 )
 from megatron_grm.models.llama import LlamaAdapter
@@ -51,6 +52,8 @@ METARM_PREFIX = "metarm_head."
 METARM_FILE = "metarm_head.safetensors"
 TOKENIZER_DIR = "tokenizer"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# config.json dtype names an export may default to (the source model's dtype, recorded at import)
+SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def adapter_for_model_type(model_type: Any, where: str) -> StateDictAdapter:
@@ -86,8 +89,10 @@ class HFSource:
         return rule.merge([self.weights.get(n) for n in rule.hf])
 
     def hf_dtype(self) -> torch.dtype | None:
+        """The dtype config.json declares (``dtype``, or ``torch_dtype`` before transformers 5), if any."""
         name = self.raw_config.get("dtype") or self.raw_config.get("torch_dtype")
-        return getattr(torch, name, None) if isinstance(name, str) else None
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def open_hf(folder: str | os.PathLike) -> HFSource:
@@ -203,8 +208,11 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, l
     model = build_model(cfg, layout, PrecisionConfig(params_dtype=params_dtype), use_te=False)
     fill_model_from_hf(model, src)
     barrier()
+    source = {"hf": str(src.folder.resolve()), "model_type": src.adapter.model_type}
+    if src.hf_dtype() is not None:  # the export's default dtype (export_dtype)
+        source["dtype"] = str(src.hf_dtype()).removeprefix("torch.")
     metadata = {"model": cfg.to_dict(), "tokenizer": str(tokenizer_dir) if with_tokenizer else None,
-                "stage": "convert", "source": {"hf": str(src.folder.resolve()), "model_type": src.adapter.model_type},
+                "stage": "convert", "source": source,
                 "layout": {"tensor_parallel": layout.tensor_parallel, "pipeline_parallel": layout.pipeline_parallel}}
     return save_checkpoint(str(out), 0, {"model": model.sharded_state_dict()}, {}, metadata)
 
@@ -367,6 +375,26 @@ def write_metarm_head(out: Path, head: dict[str, Tensor], hidden_size: int) -> N
         "input": "final hidden state after the final norm, last token", "output": "logit of P(judgment correct)"})
 
 
+def export_dtype(dtype: str | None, metadata: dict[str, Any], stored: torch.dtype) -> torch.dtype:
+    """``--dtype`` if given, else the HF source's dtype recorded at import, else the checkpoint's own.
+
+    A bf16 model converted with the defaults is stored in fp32 (exact); without the recorded source dtype its
+    export would silently come back at twice the size. Checkpoints without the record keep their stored dtype.
+    """
+    if dtype:
+        return DTYPES[dtype]
+    source = metadata.get("source")
+    name = source.get("dtype") if isinstance(source, dict) else None
+    if name in SOURCE_DTYPES:
+        log.info("exporting in %s, the dtype of the Hugging Face model it was converted from (--dtype overrides)",
+                 name)
+        return SOURCE_DTYPES[name]
+    if name is not None:
+        log.info("source dtype %r is not an export dtype (%s); exporting as stored (%s)", name,
+                 ", ".join(SOURCE_DTYPES), stored)
+    return stored
+
+
 def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str | None = None,
                        with_tokenizer: bool = True) -> Path:
@@ -375,10 +403,11 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     _, root = resolve_checkpoint(ckpt)
     adapter = adapter_for_family(cfg.family)
     tensors = megatron_state_to_hf(model.state_dict(), cfg)
-    out_dtype = DTYPES[dtype] if dtype else next(iter(tensors.values())).dtype
+    out_dtype = export_dtype(dtype, metadata, next(iter(tensors.values())).dtype)
     tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_weight_files(out, extra=(METARM_FILE,))  # an earlier export's weights must not outlive this one
     tokenizer_dir = find_tokenizer(metadata, cfg, root) if with_tokenizer else None
     if with_tokenizer and tokenizer_dir is None:
         raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="

@@ -7,7 +7,9 @@ reported by file and tensor name before any conversion starts, and so the writer
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +25,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# The shards write_safetensors (and transformers' save_pretrained) name: model-00001-of-00003.safetensors
+SAFETENSORS_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+log = logging.getLogger(__name__)
 
 
 class HFFolderError(ValueError):
@@ -59,6 +65,12 @@ class HFWeights:
 
     def _discover(self) -> str:
         f = self.folder
+        if (f / SAFETENSORS_INDEX).exists() and (f / SAFETENSORS_FILE).exists():
+            # transformers loads model.safetensors and ignores the index; reading the index here would check
+            # (and convert) other weights than the ones transformers runs.
+            raise HFFolderError(f"{f}: holds both {SAFETENSORS_FILE} and {SAFETENSORS_INDEX}, so it is ambiguous "
+                                "which weights are the model's (transformers would load the single file); remove "
+                                "the stale one")
         if (f / SAFETENSORS_INDEX).exists():
             self._read_index(f / SAFETENSORS_INDEX)
             for file in sorted(set(self.file_of.values())):
@@ -147,12 +159,34 @@ class HFWeights:
             raise HFFolderError(f"{self.folder / file}: cannot read tensor {name} ({exc})") from exc
 
 
+def remove_weight_files(folder: str | os.PathLike, extra: Iterable[str] = ()) -> list[str]:
+    """Delete the safetensors weight files an earlier export left (and ``extra`` names); returns what was removed.
+
+    Without this, an unsharded export over a sharded one (or the reverse) leaves both, and transformers
+    (which prefers model.safetensors) and an index reader would load different weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    owned = {SAFETENSORS_FILE, SAFETENSORS_INDEX, *extra}
+    removed = sorted(p.name for p in folder.iterdir()
+                     if p.is_file() and (p.name in owned or SAFETENSORS_SHARD.fullmatch(p.name)))
+    for name in removed:
+        (folder / name).unlink()
+        log.info("removed %s left by an earlier export", folder / name)
+    return removed
+
+
 def write_safetensors(folder: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index when over the threshold."""
+    """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index when over the threshold.
+
+    Weight files already in ``folder`` are removed first, so the folder holds exactly this model's weights.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    remove_weight_files(folder)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in tensors:

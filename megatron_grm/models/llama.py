@@ -39,7 +39,12 @@ class LlamaAdapter(StateDictAdapter):
         "mlp_bias": (False,),
         "pretraining_tp": (1, None),
         "attention_dropout": (0.0, 0, None),
+        # nanotron's exports (SmolLM2) say false; true would be GPT-J-style interleaved RoPE, which transformers'
+        # Llama (and Megatron's, with this config) does not compute
+        "rope_interleaved": (False, None),
     }
+    # nanotron's exports (SmolLM2) mark their configs with it; it names the format, not an architecture choice
+    ignored_keys = frozenset({"is_llama_config"})
 
     # ------------------------------------------------------------------ config
     def model_config_fields(self, hf, where: str) -> dict[str, Any]:
@@ -85,7 +90,12 @@ class LlamaAdapter(StateDictAdapter):
         hf = AutoConfig.for_model(self.model_type, **self.hf_config_values(cfg), **token_ids)
         hf.architectures = [self.architecture]
         hf.dtype = dtype
-        return hf.to_dict()
+        values = hf.to_dict()
+        # transformers 4 reads rope_theta, not rope_parameters (without it: RoPE base 10000, silently), and its
+        # releases before 4.56 read torch_dtype, not dtype.
+        values["rope_theta"] = float(cfg.rotary_base)
+        values["torch_dtype"] = values["dtype"]
+        return values
 
     # ------------------------------------------------------------------ weights
     def attention_rules(self, cfg: ModelConfig, i: int) -> list[WeightRule]:

@@ -169,7 +169,7 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(cfg.rotary_base),
+        rotary_base=float(cfg.rotary_base),  # RotaryEmbedding computes base ** (2i/d) in float: no need to truncate
     )
     if use_te:
         refuse_masks_the_core_ignores(model)

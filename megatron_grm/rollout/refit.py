@@ -73,7 +73,7 @@ def build_inference_model(cfg: ModelConfig, precision: PrecisionConfig, tensor_p
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(cfg.rotary_base),
+        rotary_base=float(cfg.rotary_base),
         pg_collection=inference_process_groups(tensor_parallel),
     )
     return model.to(device())

@@ -134,3 +134,14 @@ def test_tied_model_with_a_different_lm_head_is_refused(tmp_path):
     edit_tensors(folder, lambda t: t.update({"lm_head.weight": torch.randn(300, 64)}))
     with pytest.raises(HFFolderError, match="lm_head.weight differs"):
         open_hf(folder)
+
+
+def test_folder_with_both_a_single_file_and_an_index_is_refused(llama_dir, tmp_path):
+    """transformers would load model.safetensors and ignore the shards; converting the shards could differ."""
+    folder = tmp_path / "both"
+    random_model("llama", seed=1).save_pretrained(folder, max_shard_size="100KB")
+    shutil.copy2(llama_dir / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(HFFolderError) as err:
+        open_hf(folder)
+    message = str(err.value)
+    assert message.startswith(f"{folder}: holds both model.safetensors and model.safetensors.index.json")
