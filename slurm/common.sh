@@ -50,13 +50,15 @@ grm_hydra_overrides() {
         GRM_RUN_DIR=$user_run_dir
     fi
     if [[ $cluster_chosen = 0 && -n "${GRM_CLUSTER-a100_16node}" ]]; then
-        GRM_OVERRIDES=("cluster=${GRM_CLUSTER-a100_16node}" "${GRM_OVERRIDES[@]}")
+        # ${a[@]+"${a[@]}"}: an empty array is "unbound" to `set -u` in bash < 4.4.
+        GRM_OVERRIDES=("cluster=${GRM_CLUSTER-a100_16node}" ${GRM_OVERRIDES[@]+"${GRM_OVERRIDES[@]}"})
     fi
     GRM_USER_RUN_DIR=$user_run_dir
 }
 
 # grm_prepare STAGE — check the allocation, create the run folder, set rendezvous and communication
-# variables. Sets GRM_STAGE, GRM_RESTART, GRM_RUN_DIR (absolute), GRM_LOG_DIR, GRM_LAUNCH_LOG.
+# variables. Sets GRM_STAGE, GRM_RESTART, GRM_RUN_DIR (absolute), GRM_LOG_DIR, GRM_LAUNCH_LOG,
+# GRM_CPUS_PER_TASK and GRM_TASK_VARS.
 grm_prepare() {
     GRM_STAGE=$1
     [[ -n "${SLURM_JOB_ID:-}" ]] || grm_die "not inside a Slurm job: submit with 'sbatch slurm/${GRM_STAGE}.sh ...'"
@@ -70,12 +72,12 @@ grm_prepare() {
     GRM_LAUNCH_LOG=$GRM_LOG_DIR/launcher-${SLURM_JOB_ID}.log
     GRM_STEP_LOG=$GRM_LOG_DIR/${GRM_STAGE}-${SLURM_JOB_ID}.${GRM_RESTART}.log
     export GRM_RUN_DIR
-    # The checkout whose script was submitted is the code that runs (also inside a container).
-    export PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH}
+    GRM_CPUS_PER_TASK=$(grm_cpus_per_task)
 
     grm_rendezvous
     grm_comm_env
     grm_log "stage=$GRM_STAGE nodes=${SLURM_JOB_NUM_NODES:-1} (${SLURM_JOB_NODELIST:-?}) tasks=${SLURM_NTASKS:-1}" \
+        "cpus/task=$GRM_CPUS_PER_TASK" \
         "restart=$GRM_RESTART/$GRM_MAX_RESTARTS run_dir=$GRM_RUN_DIR master=$MASTER_ADDR:$MASTER_PORT" \
         "image=${GRM_CONTAINER_IMAGE:-none} log=$GRM_STEP_LOG"
 }
@@ -90,11 +92,38 @@ grm_rendezvous() {
     export MASTER_PORT=${GRM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 }
 
-# Communication and threading defaults; whatever the user exported before sbatch wins.
+# grm_cpus_per_task — CPUs for each task of a step: SLURM_CPUS_PER_TASK when the job was submitted with
+# --cpus-per-task, else the allocated CPUs of a node (the fewest of any node of the job; whole nodes under
+# --exclusive) divided by the tasks per node. The scripts ask for whole nodes rather than a CPU count
+# per task, so that they fit 8-GPU nodes of 96 CPUs as well as of 128 or more.
+grm_cpus_per_task() {
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        echo "$SLURM_CPUS_PER_TASK"
+        return
+    fi
+    local cpus="" count tasks
+    # SLURM_JOB_CPUS_PER_NODE looks like "96(x16)" or "128(x2),96".
+    for count in ${SLURM_JOB_CPUS_PER_NODE//,/ }; do
+        count=${count%%(*}
+        [[ $count =~ ^[0-9]+$ ]] || continue
+        if [[ -z "$cpus" ]] || ((count < cpus)); then
+            cpus=$count
+        fi
+    done
+    cpus=${cpus:-${SLURM_CPUS_ON_NODE:-1}}
+    tasks=${SLURM_NTASKS_PER_NODE:-$(((${SLURM_NTASKS:-1} + ${SLURM_JOB_NUM_NODES:-1} - 1) / ${SLURM_JOB_NUM_NODES:-1}))}
+    ((tasks >= 1)) || tasks=1
+    count=$((cpus / tasks))
+    echo $((count >= 1 ? count : 1))
+}
+
+# Communication and threading defaults; whatever the user exported before sbatch wins. GRM_TASK_VARS
+# names them: every task gets them on its command line (grm_task_env), because inside a container the
+# image's own ENV values would otherwise beat the exported ones (pyxis keeps the image's value).
 grm_comm_env() {
     export PYTHONUNBUFFERED=1
     export HYDRA_FULL_ERROR=1
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$GRM_CPUS_PER_TASK}
     # Megatron-Core: TP/SP communication kernels must be queued in program order (one hardware queue).
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
     # A rank that dies or hangs in a collective must end the job, not idle 128 GPUs until the time limit.
@@ -103,9 +132,26 @@ grm_comm_env() {
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # InfiniBand (8 HCAs per DGX A100): a longer retry timeout rides out transient fabric hiccups.
     export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    GRM_TASK_VARS=(PYTHONUNBUFFERED HYDRA_FULL_ERROR OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS
+        TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG NCCL_IB_TIMEOUT
+        MASTER_ADDR MASTER_PORT GRM_RUN_DIR)
     if [[ -n "${GRM_SOCKET_IFNAME:-}" ]]; then
         export NCCL_SOCKET_IFNAME=$GRM_SOCKET_IFNAME GLOO_SOCKET_IFNAME=$GRM_SOCKET_IFNAME
+        GRM_TASK_VARS+=(NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME)
     fi
+}
+
+# grm_task_env SCRIPT — the words that start a task's command: `env` with GRM_REPO and every GRM_TASK_VARS
+# value, then `bash -c SCRIPT grm-task` (SCRIPT puts the checkout first on PYTHONPATH and ends in
+# `exec "$@"`). It runs where the task runs, inside the container too, so these values hold there.
+# Into the array GRM_TASK_CMD.
+grm_task_env() {
+    local name
+    GRM_TASK_CMD=(env "GRM_REPO=$GRM_REPO")
+    for name in "${GRM_TASK_VARS[@]}"; do
+        GRM_TASK_CMD+=("$name=${!name}")
+    done
+    GRM_TASK_CMD+=(bash -c "$1" grm-task)
 }
 
 grm_python() {
@@ -126,7 +172,7 @@ grm_python() {
 # outlive one that crashed. All ranks' output goes, rank-labelled, into the run folder.
 grm_srun_args() {
     GRM_SRUN=(srun
-        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
+        --cpus-per-task="$GRM_CPUS_PER_TASK"
         --kill-on-bad-exit=0
         --wait="${GRM_SRUN_WAIT:-300}"
         --label
@@ -149,7 +195,7 @@ grm_container_mounts() {
     local mounts="" path kept
     local -a paths=()
     for path in "$GRM_REPO" "$GRM_SUBMIT_DIR" "$GRM_RUN_DIR"; do
-        for kept in "${paths[@]}"; do
+        for kept in ${paths[@]+"${paths[@]}"}; do
             [[ "$path" = "$kept" || "$path" = "$kept"/* ]] && continue 2
         done
         paths+=("$path")
@@ -161,14 +207,22 @@ grm_container_mounts() {
     echo "$mounts"
 }
 
-# Every task gets the variables torchrun would give it, taken from Slurm's (expanded inside each task).
+# What every task (and tool) runs first, inside the container when there is one: the checkout whose
+# script was submitted goes first on the PYTHONPATH the task sees (the image's, inside a container),
+# and PYTHONSAFEPATH (Python >= 3.11) keeps `python -m` from putting the working directory (the submit folder) ahead of it,
+# where a stray megatron_grm/ folder would shadow the checkout. Expanded inside each task.
 # shellcheck disable=SC2016
-GRM_TASK_ENV='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
-    LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}; exec "$@"'
+GRM_TOOL_ENV='export PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1; exec "$@"'
+# A stage's tasks also get the variables torchrun would give them, taken from Slurm's.
+# shellcheck disable=SC2016
+GRM_TASK_ENV='export PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1 RANK=$SLURM_PROCID \
+    LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}; exec "$@"'
 
 # grm_run_step COMMAND... — run one srun step in the background, so that this shell can take signals
-# while it waits: USR1/TERM sent to the batch shell (sbatch --signal=B:USR1@T, scancel --batch) is
-# forwarded to srun, which passes it to every rank. Sets GRM_STEP_RC.
+# while it waits: USR1 sent to the batch shell (sbatch --signal=B:USR1@T, scancel --batch) is forwarded
+# to srun, which passes it to every rank. A TERM to the batch shell is recorded (no requeue then) and
+# forwarded as USR1: srun answers a SIGTERM by SIGKILLing every task ("forcing job termination"), which
+# would leave the ranks no time to checkpoint. Sets GRM_STEP_RC.
 grm_run_step() {
     GRM_BATCH_TERMINATED=0
     GRM_STEP_RC=0
@@ -178,8 +232,8 @@ grm_run_step() {
     fi
     "$@" &
     GRM_STEP_PID=$!
-    trap 'grm_forward USR1' USR1
-    trap 'GRM_BATCH_TERMINATED=1; grm_forward TERM' TERM
+    trap 'grm_forward USR1 USR1' USR1
+    trap 'GRM_BATCH_TERMINATED=1; grm_forward TERM USR1' TERM
     while :; do
         GRM_STEP_RC=0
         wait "$GRM_STEP_PID" || GRM_STEP_RC=$?
@@ -192,9 +246,14 @@ grm_run_step() {
     trap - USR1 TERM
 }
 
+# grm_forward GOT SEND — the batch shell got SIG<GOT>: send SIG<SEND> to srun, which passes it to the ranks.
 grm_forward() {
-    grm_log "batch shell got SIG$1: forwarding it to the ranks (srun pid $GRM_STEP_PID)"
-    kill -s "$1" "$GRM_STEP_PID" 2>/dev/null || true
+    if [[ $1 = "$2" ]]; then
+        grm_log "batch shell got SIG$1: forwarding it to the ranks (srun pid $GRM_STEP_PID)"
+    else
+        grm_log "batch shell got SIG$1: forwarding SIG$2 to the ranks (srun pid $GRM_STEP_PID), so that they checkpoint"
+    fi
+    kill -s "$2" "$GRM_STEP_PID" 2>/dev/null || true
 }
 
 # grm_finish — what the step's exit code means for the job. 75: every rank saved a checkpoint on a
@@ -275,8 +334,10 @@ grm_launch_stage() {
     grm_prepare "$stage"
     [[ -n "$GRM_USER_RUN_DIR" ]] || GRM_OVERRIDES+=("trainer.run_dir=$GRM_RUN_DIR")
     grm_srun_args
+    grm_task_env "$GRM_TASK_ENV"
     python=$(grm_python)
-    grm_run_step "${GRM_SRUN[@]}" bash -c "$GRM_TASK_ENV" grm-task "$python" -m "$module" "${GRM_OVERRIDES[@]}"
+    grm_run_step "${GRM_SRUN[@]}" "${GRM_TASK_CMD[@]}" "$python" -m "$module" \
+        ${GRM_OVERRIDES[@]+"${GRM_OVERRIDES[@]}"}
     grm_finish
 }
 
@@ -287,6 +348,7 @@ grm_launch_tool() {
     shift
     grm_prepare "$name"
     grm_srun_args --nodes=1 --ntasks=1
-    grm_run_step "${GRM_SRUN[@]}" "$@"
+    grm_task_env "$GRM_TOOL_ENV"
+    grm_run_step "${GRM_SRUN[@]}" "${GRM_TASK_CMD[@]}" "$@"
     grm_finish
 }

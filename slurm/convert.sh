@@ -28,4 +28,27 @@ case $direction in
 esac
 # Conversion is CPU work: hide any GPU so that every worker takes the CPU (gloo) path.
 export CUDA_VISIBLE_DEVICES=""
+# hf_to_mcore runs TP*PP worker processes on this task's CPUs (mcore_to_hf runs one): each worker gets
+# its share as OMP_NUM_THREADS, not all of them, unless OMP_NUM_THREADS was exported before sbatch.
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    workers=1
+    if [[ $direction = hf_to_mcore ]]; then
+        tp=1 pp=1 previous=""
+        for arg in "$@"; do
+            case $previous in
+                --tp) tp=$arg ;;
+                --pp) pp=$arg ;;
+            esac
+            case $arg in
+                --tp=*) tp=${arg#--tp=} ;;
+                --pp=*) pp=${arg#--pp=} ;;
+            esac
+            previous=$arg
+        done
+        # Anything but a positive number is left to the tool to refuse.
+        [[ $tp =~ ^[1-9][0-9]*$ && $pp =~ ^[1-9][0-9]*$ ]] && workers=$((tp * pp))
+    fi
+    threads=$(($(grm_cpus_per_task) / workers))
+    export OMP_NUM_THREADS=$((threads >= 1 ? threads : 1))
+fi
 grm_launch_tool convert "$(grm_python)" "$GRM_REPO/tools/convert_${direction}.py" "$@"

@@ -7,7 +7,6 @@
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=16
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=04:00:00

@@ -1,13 +1,12 @@
 #!/bin/bash
 # Supervised fine-tuning on prompt/response JSONL (RFT's training half).
 # Defaults: 16 nodes x 8 A100, one task per GPU; Hydra overrides pass through, e.g.
-#   sbatch slurm/sft.sh model=gemma2_27b parallel=tp8_pp2_sp precision=bf16 data.train=/data/sft.jsonl
+#   sbatch slurm/sft.sh +experiment=sft_gemma2_27b trainer.load=/ckpt/gemma2-27b data.train=/data/sft.jsonl
 # Checkpoints on the USR1 warning (10 min before the limit) and requeues itself; see docs/slurm.md.
 #SBATCH --job-name=grm-sft
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=16
 #SBATCH --mem=0
 #SBATCH --exclusive
 #SBATCH --time=04:00:00

@@ -114,7 +114,60 @@ def prepare_run(cfg: Any) -> RunConfig:
     check_cuda_matches_cluster(run)
     init_parallel(run.parallel, seed=run.trainer.seed)
     os.makedirs(run.trainer.run_dir, exist_ok=True)
+    if dist_env().rank == 0:
+        save_run_config(cfg, run.trainer.run_dir)
     return run
+
+
+def save_run_config(cfg: Any, run_dir: str) -> str:
+    """Write the composed, resolved config and the command-line overrides (when Hydra's app runs) into
+    ``<run_dir>/hydra/`` as ``config.yaml`` and ``overrides.yaml``. A later attempt of the same run (a
+    requeue, a resubmission) overwrites them; when its config or overrides differ, the previous pair is
+    kept first as ``config.<n>.yaml`` / ``overrides.<n>.yaml`` (n = 1, 2, ...). Returns the folder."""
+    from omegaconf import OmegaConf
+
+    folder = os.path.join(run_dir, "hydra")
+    os.makedirs(folder, exist_ok=True)
+    texts = {"config": OmegaConf.to_yaml(to_plain(cfg))}
+    overrides = _hydra_overrides()
+    if overrides is not None:
+        texts["overrides"] = OmegaConf.to_yaml(overrides)
+    paths = {name: os.path.join(folder, f"{name}.yaml") for name in ("config", "overrides")}
+    previous = {name: _read(path) for name, path in paths.items()}
+    if previous["config"] is not None and any(previous[name] != texts.get(name) for name in paths):
+        n = 1
+        while any(os.path.exists(os.path.join(folder, f"{name}.{n}.yaml")) for name in paths):
+            n += 1
+        for name, path in paths.items():
+            if previous[name] is not None:
+                os.replace(path, os.path.join(folder, f"{name}.{n}.yaml"))
+    for name, text in texts.items():
+        tmp = f"{paths[name]}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, paths[name])
+    if overrides is None and os.path.exists(paths["overrides"]):
+        os.remove(paths["overrides"])  # this attempt's overrides are unknown: keep no stale ones beside its config
+    return folder
+
+
+def _hydra_overrides() -> list[str] | None:
+    """The command-line overrides of the running Hydra app; None when the config was composed otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover
+        return None
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def check_cuda_matches_cluster(run: RunConfig) -> None:

@@ -123,6 +123,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if p.sequence_parallel and p.tensor_parallel == 1:
         raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+    if p.sequence_parallel and t.seq_length % p.tensor_parallel:
+        raise ValueError(f"trainer.seq_length={t.seq_length} must be divisible by parallel.tensor_parallel="
+                         f"{p.tensor_parallel} with parallel.sequence_parallel (each TP rank holds an equal slice "
+                         "of the sequence)")
     gpu = cfg.cluster.gpu is not None
     if (p.sequence_parallel or p.context_parallel > 1) and not gpu:
         raise ValueError(

@@ -79,12 +79,13 @@ class Jobs:
         self.cluster = cluster
         self.root = root
 
-    def submit(self, script: str, args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None,
+    def submit(self, script: str, args: list[str] | tuple[str, ...] = (), env: dict[str, str | None] | None = None,
                sbatch: tuple[str, ...] = CPU_ALLOCATION, runs_root: Path | None = None) -> int:
         runs_root = runs_root or self.root / "runs"
         runs_root.mkdir(parents=True, exist_ok=True)
         full_env = {**clean_env(), **CPU_ENV, "SLURM_CONF": str(self.cluster.conf), "GRM_RUNS_ROOT": str(runs_root),
                     "OMP_NUM_THREADS": "1", **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"NAME": None}: not exported
         full_env["PATH"] = self.cluster.env["PATH"]
         cmd = ["sbatch", "--parsable", f"--output={self.root}/slurm-%x-%j.out", *sbatch, str(SLURM_DIR / script),
                *args]

@@ -69,7 +69,8 @@ class LocalSlurm:
         return self
 
     def start_gpu_controller(self, munge_socket: Path, nodes: int = 16, gpus: int = 8) -> LocalSlurm:
-        """A controller-only cluster of ``nodes`` fake DGX-A100 nodes (8 GPUs, 128 cores, 1 TiB each)."""
+        """A controller-only cluster of ``nodes`` fake DGX-A100 nodes (8 GPUs, 128 cores, 1 TiB each), and in
+        partition ``cpu96`` as many 8-GPU nodes of 96 cores."""
         self._folders()
         self.munge_socket = munge_socket
         devices = self.root / "dev"
@@ -82,8 +83,13 @@ class LocalSlurm:
         names = f"gpu[{1:03d}-{nodes:03d}]"
         node = (f"NodeName={names} NodeAddr=127.0.0.1 CPUs=128 Sockets=2 CoresPerSocket=64 ThreadsPerCore=1 "
                 f"RealMemory=1000000 Gres=gpu:a100:{gpus} State=CLOUD")
+        # The same GPUs on nodes of 96 CPUs (p4de.24xlarge, ND96amsr_A100_v4, a2-ultragpu-8g), partition "cpu96".
+        names96 = f"p4d[{1:03d}-{nodes:03d}]"
+        node96 = (f"NodeName={names96} NodeAddr=127.0.0.1 CPUs=96 Sockets=2 CoresPerSocket=48 ThreadsPerCore=1 "
+                  f"RealMemory=1000000 Gres=gpu:a100:{gpus} State=CLOUD")
         self.conf = self._write_conf(
-            node, f"PartitionName=gpu Nodes={names} Default=YES MaxTime=INFINITE State=UP",
+            f"{node}\n{node96}", f"PartitionName=gpu Nodes={names} Default=YES MaxTime=INFINITE State=UP\n"
+            f"PartitionName=cpu96 Nodes={names96} MaxTime=INFINITE State=UP",
             # No slurmd answers for these nodes: declared as powered-down cloud nodes, the scheduler counts
             # them as available (it would "resume" them), which is what --test-only needs.
             extra=["GresTypes=gpu", "SuspendProgram=/bin/true", "ResumeProgram=/bin/true", "SuspendTime=3600",

@@ -8,11 +8,22 @@ path, container flags) use stand-in programs or real stage failures; Slurm itsel
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import pytest
 
-from .harness import PROGRAMS, REPO, STAGES, compare_checkpoints, launcher_times, tensorboard_scalars, wait_for_path
+from .harness import (
+    PROGRAMS,
+    REPO,
+    STAGES,
+    Jobs,
+    compare_checkpoints,
+    launcher_times,
+    tensorboard_scalars,
+    wait_for_path,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
@@ -47,6 +58,8 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, f
 
     launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
     assert "exited 75: requeuing (restart 1" in launcher
+    # The requeued attempt ran the same config: one config.yaml, no earlier one kept beside it.
+    assert sorted(p.name for p in (run_dir / "hydra").glob("*.yaml")) == ["config.yaml", "overrides.yaml"]
     # The requeued attempt started within seconds, not after Slurm's 120 s requeue delay.
     requeued_at = launcher_times(launcher, r"requeuing")[0]
     restarted_at = launcher_times(launcher, r"job \d+\.1\] stage=")[0]
@@ -119,6 +132,26 @@ def test_a_usr1_to_the_batch_shell_is_forwarded_to_the_ranks(jobs, tmp_path):
     assert "0: rank 0: got SIGUSR1" in first and "1: rank 1: got SIGUSR1" in first, first
 
 
+def test_a_term_to_the_batch_shell_makes_the_ranks_checkpoint_and_the_job_is_not_requeued(jobs, tmp_path):
+    """srun answers SIGTERM by SIGKILLing every task: the batch shell forwards SIGUSR1 instead, so the ranks
+    checkpoint and exit 75; a terminated batch shell does not requeue."""
+    job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
+                      env={"GRM_PYTHON": str(PROGRAMS / "preempted_once.sh")})
+    run_dir = tmp_path / f"sft-{job}"
+    wait_for_path(jobs, job, run_dir / "ready.0", timeout=60)
+    wait_for_path(jobs, job, run_dir / "ready.1", timeout=30)
+    jobs.cluster.run(["scancel", "--batch", "--signal=TERM", str(job)])
+    info = jobs.wait(job, timeout=90)
+    logs = jobs.logs(job, tmp_path)
+    first = (run_dir / "logs" / f"sft-{job}.0.log").read_text()
+    # Forwarding SIGTERM instead, the ranks die of srun's SIGKILL (exit 137) and print nothing.
+    assert "0: rank 0: got SIGUSR1" in first and "1: rank 1: got SIGUSR1" in first, logs + first
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", logs
+    launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
+    assert "batch shell got SIGTERM: forwarding SIGUSR1 to the ranks" in launcher
+    assert "exited 75 while Slurm was terminating the job: not requeuing" in launcher
+
+
 def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path):
     job = jobs.submit("grpo.sh", ["model=tiny", "trainer.max_steps=3"], runs_root=tmp_path, env={
         "GRM_DRY_RUN": "1", "GRM_CONTAINER_IMAGE": "/images/megatron-grm.sqsh",
@@ -134,11 +167,47 @@ def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path
     assert " python -m megatron_grm.stages.grpo cluster=a100_16node model=tiny trainer.max_steps=3 " \
            f"trainer.run_dir={run_dir}" in command
     assert "--cpus-per-task=1" in command and "--wait=" in command
+    # The task's settings are given on its command line, so that the image's ENV cannot beat them, and the
+    # checkout goes first on PYTHONPATH inside the container, with PYTHONSAFEPATH (no submit dir ahead of it).
+    words = command.split()
+    task = words[words.index("env"):]
+    assert task[1] == f"GRM_REPO={REPO}", command
+    for setting in ("OMP_NUM_THREADS=1", "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_IB_TIMEOUT=22", "PYTHONUNBUFFERED=1",
+                    f"GRM_RUN_DIR={run_dir}"):
+        assert setting in task[:task.index("bash")], (setting, command)
+    assert words.index("--container-image=/images/megatron-grm.sqsh") < words.index("env")
+    assert "PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1" in command, command
     # An experiment preset names its own cluster: the script must not add one that would beat it.
     preset = jobs.submit("grpo.sh", ["+experiment=grpo_tiny"], runs_root=tmp_path, env={"GRM_DRY_RUN": "1"})
     assert jobs.wait(preset, timeout=60)["JobState"] == "COMPLETED"
     command = next(line for line in jobs.output(preset).splitlines() if "dry run: " in line)
     assert "+experiment=grpo_tiny" in command and "cluster=" not in command
+
+
+def test_a_megatron_grm_folder_in_the_submit_dir_does_not_shadow_the_checkout(jobs, tmp_path):
+    decoy = tmp_path / "megatron_grm"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text('raise SystemExit("the decoy megatron_grm of the submit folder")\n')
+    submit_dir = Jobs(jobs.cluster, tmp_path)  # submits from tmp_path, the decoy's folder
+    job = submit_dir.submit("sft.sh", ["cluster=local_cpu"], env={
+        "GRM_PYTHON": str(PROGRAMS / "which_package.sh"), "GRM_TEST_PYTHON": sys.executable})
+    info = submit_dir.wait(job, timeout=60)
+    log = (tmp_path / "runs" / f"sft-{job}" / "logs" / f"sft-{job}.0.log").read_text()
+    assert info["JobState"] == "COMPLETED", submit_dir.logs(job) + log
+    for rank in (0, 1):
+        assert f"rank {rank}: megatron_grm from {REPO}/megatron_grm/__init__.py" in log, log
+
+
+def test_cpus_per_task_come_from_the_node_when_the_job_asks_for_whole_nodes(jobs, tmp_path):
+    """No --cpus-per-task at submission (as the scripts' headers): the node's CPUs, split among its tasks (the
+    local node declares os.cpu_count() CPUs)."""
+    job = jobs.submit("grpo.sh", ["model=tiny"], runs_root=tmp_path, env={"GRM_DRY_RUN": "1", "OMP_NUM_THREADS": None},
+                      sbatch=("--nodes=1", "--ntasks-per-node=1", "--time=30"))
+    info = jobs.wait(job, timeout=60)
+    assert info["JobState"] == "COMPLETED", jobs.logs(job, tmp_path)
+    command = next(line for line in jobs.output(job).splitlines() if "dry run: " in line)
+    cpus = os.cpu_count()
+    assert f"--cpus-per-task={cpus} " in command and f" OMP_NUM_THREADS={cpus} " in command, command
 
 
 def test_convert_script_runs_the_tool_as_one_task(jobs, tmp_path):
@@ -150,6 +219,17 @@ def test_convert_script_runs_the_tool_as_one_task(jobs, tmp_path):
     command = next(line for line in jobs.output(job).splitlines() if "dry run: " in line)
     assert "--ntasks=1" in command and "tools/convert_hf_to_mcore.py --hf /models/x --out /ckpt/x --tp 2" in command
     assert "RANK=" not in command, "the tool starts its own workers: no per-task rank variables"
+    assert "PYTHONSAFEPATH=1" in command and f"GRM_REPO={REPO} " in command
+    # Each of the tool's TP*PP workers gets its share of the task's CPUs as OMP_NUM_THREADS, not all of them.
+    two_cpus = ("--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--time=30")
+    for args, threads in ((["hf_to_mcore", "--hf", "/m", "--out", "/c", "--tp", "2"], 1),
+                          (["hf_to_mcore", "--hf", "/m", "--out", "/c", "--tp=2", "--pp=2"], 1),
+                          (["mcore_to_hf", "--ckpt", "/c", "--out", "/m"], 2)):
+        shared = jobs.submit("convert.sh", args, runs_root=tmp_path, sbatch=two_cpus,
+                             env={"GRM_DRY_RUN": "1", "OMP_NUM_THREADS": None})
+        assert jobs.wait(shared, timeout=60)["JobState"] == "COMPLETED", jobs.logs(shared, tmp_path)
+        command = next(line for line in jobs.output(shared).splitlines() if "dry run: " in line)
+        assert f" OMP_NUM_THREADS={threads} " in command, (args, command)
     bad = jobs.submit("convert.sh", ["sideways"], runs_root=tmp_path,
                       sbatch=("--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=30"))
     info = jobs.wait(bad, timeout=60)

@@ -78,6 +78,21 @@ def test_sbatch_test_only_accepts_the_16_node_request(gpu_slurm, stage):
     assert m.group(2) == "gpu[001-016]" and int(m.group(1)) == 16 * 128, out
 
 
+@pytest.mark.parametrize("stage", GPU_STAGES)
+def test_sbatch_test_only_accepts_the_16_node_request_on_nodes_of_96_cpus(gpu_slurm, stage):
+    """8 x A100 nodes with 96 CPUs (p4de, ND96amsr, a2-ultragpu-8g): the scripts ask for whole nodes, not for
+    8 tasks x 16 CPUs, which such a node cannot give."""
+    assert "cpus-per-task" not in sbatch_directives(f"{stage}.sh")
+    proc = _test_only(gpu_slurm, f"{stage}.sh", "--partition=cpu96")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    m = re.search(r"to start at \S+ using (\d+) processors on nodes (\S+)", out)
+    assert m and m.group(2) == "p4d[001-016]" and int(m.group(1)) == 16 * 96, out
+    # What the header used to ask for does not fit there.
+    old = _test_only(gpu_slurm, f"{stage}.sh", "--partition=cpu96", "--cpus-per-task=16")
+    assert old.returncode != 0, old.stdout + old.stderr
+
+
 def test_sbatch_test_only_accepts_the_convert_request(gpu_slurm):
     proc = _test_only(gpu_slurm, "convert.sh")
     assert proc.returncode == 0, proc.stdout + proc.stderr

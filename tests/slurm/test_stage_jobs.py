@@ -8,6 +8,7 @@ still runs rollouts, the update and checkpoints end to end).
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from .harness import STAGES, tensorboard_scalars
 
@@ -33,6 +34,11 @@ def test_stage_script_completes_with_checkpoint_and_tensorboard(jobs, finished_r
     assert (run_dir / "logs" / f"{stage}-{job}.0.log").is_file()
     launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
     assert "step finished (exit 0)" in launcher
+    # Rank 0 recorded the composed config and the overrides the script passed (the run folder among them).
+    overrides = yaml.safe_load((run_dir / "hydra" / "overrides.yaml").read_text())
+    assert f"trainer.max_steps={steps}" in overrides and f"trainer.run_dir={run_dir}" in overrides, overrides
+    config = yaml.safe_load((run_dir / "hydra" / "config.yaml").read_text())
+    assert config["trainer"]["max_steps"] == steps and config["trainer"]["run_dir"] == str(run_dir)
     # Two ranks, numbered from Slurm's variables, talking gloo.
     step_log = (run_dir / "logs" / f"{stage}-{job}.0.log").read_text()
     assert "rank 0/2" in step_log and "backend=gloo" in step_log

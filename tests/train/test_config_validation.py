@@ -38,6 +38,9 @@ def test_shipped_configs_validate():
         (["precision=fp8", "cluster=h200_1gpu", "model=llama3_8b", "trainer.seq_length=1020",
           "trainer.global_batch_size=4"], 1, "trainer.seq_length=1020 must be a multiple of 8"),
         (["parallel=tp2", "parallel.sequence_parallel=true"], 2, "has no GPU: sequence/context parallelism"),
+        (["model=gemma2_27b", "parallel=tp8_pp2_sp", "cluster=a100_16node", "precision=bf16",
+          "trainer.global_batch_size=1024", "trainer.seq_length=4100"], None,
+         "trainer.seq_length=4100 must be divisible by parallel.tensor_parallel=8 with parallel.sequence_parallel"),
         (["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "global_batch_size=6 is not divisible"),
         (["trainer.seq_length=4096"], 1, "exceeds model.max_position_embeddings=1024"),
         (["trainer.recompute=partial"], 1, "trainer.recompute='partial'"),
@@ -77,3 +80,48 @@ def test_the_trainer_refuses_context_parallelism_it_does_not_implement():
     validate(run, world_size=2)  # a valid layout for the planner
     with pytest.raises(NotImplementedError, match="context_parallel=2: the Trainer does not split"):
         Trainer(run)
+
+
+STAGE_CONFIGS = {"sft": "sft", "rft": "rft", "grpo": "grpo", "metarm": "metarm", "eval": "evaluate"}
+
+
+def _documented_cluster_commands() -> list[tuple[str, str, list[str]]]:
+    """Every `sbatch slurm/<stage>.sh OVERRIDES...` line of docs/slurm.md and of the scripts' headers."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    found = []
+    for path in [repo / "docs" / "slurm.md", *sorted((repo / "slurm").glob("*.sh"))]:
+        for line in path.read_text().splitlines():
+            m = re.match(r"\s*(?:#\s+)?sbatch slurm/(\w+)\.sh((?:\s+\S+)*)\s*$", line)
+            if m and m.group(1) in STAGE_CONFIGS:
+                found.append((str(path.relative_to(repo)), m.group(1), m.group(2).split()))
+    return found
+
+
+def test_the_documented_cluster_commands_validate_on_128_gpus():
+    """What `sbatch slurm/<stage>.sh ...` runs as written in the docs: the script adds cluster=a100_16node unless
+    the overrides choose a cluster or an experiment preset (slurm/common.sh), and starts 16 x 8 = 128 ranks."""
+    commands = _documented_cluster_commands()
+    assert {stage for _, stage, _ in commands} == set(STAGE_CONFIGS), commands
+    for where, stage, overrides in commands:
+        if not any(o.lstrip("+").startswith(("cluster=", "experiment=")) for o in overrides):
+            overrides = ["cluster=a100_16node", *overrides]
+        run = RunConfig.from_dict(load_config(STAGE_CONFIGS[stage], overrides))
+        try:
+            validate(run, world_size=128)
+        except ValueError as err:
+            raise AssertionError(f"{where}: sbatch slurm/{stage}.sh {' '.join(overrides)}: {err}") from err
+        assert run.cluster.world_size == 128 and run.cluster.gpu == "A100-80GB", (where, overrides)
+
+
+def test_the_27b_sft_preset_trains_like_rft():
+    sft = RunConfig.from_dict(load_config("sft", ["+experiment=sft_gemma2_27b"]))
+    rft = RunConfig.from_dict(load_config("rft"))
+    validate(sft, world_size=128)
+    assert sft.model == rft.model and sft.parallel == rft.parallel and sft.cluster == rft.cluster
+    for name in ("micro_batch_size", "global_batch_size", "seq_length", "recompute", "peak_tflops"):
+        assert getattr(sft.trainer, name) == getattr(rft.trainer, name), name
+    assert sft.optimizer == rft.optimizer
+    assert sft.precision == rft.precision
