@@ -318,11 +318,13 @@ grm_requeue() {
         done
         echo "requeue helper: job $1 was not PENDING for restart $2 within 300 polls; Slurm starts it itself"
         ' grm-requeue-helper "$job" "$next" "${GRM_REQUEUE_START_DELAY:-5}" >>"$GRM_LAUNCH_LOG" 2>&1 </dev/null &)
-    if ! scontrol requeue "$job"; then
-        grm_log "scontrol requeue $job failed (submitted with --no-requeue?): resubmit with GRM_RUN_DIR=$GRM_RUN_DIR"
-        exit "$GRM_EXIT_PREEMPTED"
-    fi
-    exit 0
+    local attempt
+    for attempt in 1 2 3; do  # a busy controller may time out: the checkpoint is there, so ask again
+        scontrol requeue "$job" && exit 0
+        ((attempt < 3)) && sleep 10
+    done
+    grm_log "scontrol requeue $job failed 3 times (submitted with --no-requeue?): resubmit with GRM_RUN_DIR=$GRM_RUN_DIR"
+    exit "$GRM_EXIT_PREEMPTED"
 }
 
 # grm_launch_stage STAGE MODULE OVERRIDES... — a Hydra stage: one Python process per task (per GPU),

@@ -37,6 +37,16 @@ def test_every_stage_has_an_executable_script():
         assert 'source "$GRM_REPO/slurm/common.sh"' in path.read_text(), f"{path} does not use slurm/common.sh"
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_script_that_cannot_find_its_checkout_says_so(name, tmp_path):
+    # Outside a job, with GRM_REPO pointing nowhere: the message names the fix instead of a bare `source` error.
+    proc = subprocess.run(["bash", str(SLURM_DIR / f"{name}.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**clean_env(), "GRM_REPO": str(tmp_path / "nowhere")}, timeout=30)
+    assert proc.returncode == 1
+    assert f"no slurm/common.sh under GRM_REPO={tmp_path / 'nowhere'}" in proc.stderr
+    assert "export GRM_REPO=<the checkout>" in proc.stderr
+
+
 def test_bash_parses_every_script():
     for rel in shell_files():
         proc = subprocess.run(["bash", "-n", rel], cwd=REPO, capture_output=True, text=True)
