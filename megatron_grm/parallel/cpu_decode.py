@@ -316,6 +316,16 @@ def _supported(model: torch.nn.Module) -> str | None:
     kinds = {type(m) for m in model.modules() if isinstance(m, SelfAttention)}
     if kinds != {SelfAttention}:
         return f"attention modules {sorted(k.__name__ for k in kinds)} are not Megatron's SelfAttention"
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_grm.models.sdpa_attention import sdpa_core_attention_class
+
+    # Flash-decode bypasses the core attention: one that does more than softmax(QK^T)V (Gemma-2's
+    # soft-capping) would silently lose it.
+    plain = (DotProductAttention, sdpa_core_attention_class())
+    cores = {type(m.core_attention) for m in model.modules() if isinstance(m, SelfAttention)}
+    if not all(core in plain for core in cores):
+        return f"core attention {sorted(k.__name__ for k in cores)} is not a plain softmax(QK^T)V"
     return None
 
 

@@ -153,30 +153,33 @@ class DynamicBackend:
         params.termination_id = -1 if eos_id is None else eos_id
         if sampling.stop:
             params.stop_words = list(sampling.stop)  # token-level early stop; the exact cut is made afterwards
-        for i, prompt in enumerate(prompts):
-            engine.add_request(i, list(prompt), params)
-        records = []
-        while engine.has_unfinished_requests():
-            result = engine.step_modern()
-            finished = result["finished_request_records"]
-            records.extend(finished)
-            if on_step is not None:
-                on_step(len(result["active_request_ids"]) + len(finished), len(finished))
-        merged = {r.request_id: r.merge() for r in records}
-        out = []
-        for i in range(len(prompts)):
-            request = merged[i]
-            if request.failed() or request.generated_log_probs is None:
-                raise RuntimeError(f"dynamic engine: request {i} (prompt of {len(prompts[i])} tokens) ended "
-                                   f"{request.status}; its KV budget is {budget_tokens} tokens "
-                                   "(rollout.max_tokens_in_flight)")
-            tokens = request.generated_tokens
-            tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-            out.append((tokens, [float(x) for x in request.generated_log_probs]))
-        # The context, its block allocator and the engine's callbacks refer to each other: free the KV
-        # buffer explicitly, then collect the cycle, so training gets the memory back now.
-        context.deallocate_all_tensors()
-        del engine, controller, wrapper, context
-        gc.collect()
-        torch.cuda.empty_cache()
+        try:
+            for i, prompt in enumerate(prompts):
+                engine.add_request(i, list(prompt), params)
+            records = []
+            while engine.has_unfinished_requests():
+                result = engine.step_modern()
+                finished = result["finished_request_records"]
+                records.extend(finished)
+                if on_step is not None:
+                    on_step(len(result["active_request_ids"]) + len(finished), len(finished))
+            merged = {r.request_id: r.merge() for r in records}
+            out = []
+            for i in range(len(prompts)):
+                request = merged[i]
+                if request.failed() or request.generated_log_probs is None:
+                    raise RuntimeError(f"dynamic engine: request {i} (prompt of {len(prompts[i])} tokens) ended "
+                                       f"{request.status}; its KV budget is {budget_tokens} tokens "
+                                       "(rollout.max_tokens_in_flight)")
+                tokens = request.generated_tokens
+                tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+                out.append((tokens, [float(x) for x in request.generated_log_probs]))
+        finally:
+            # The context, its block allocator and the engine's callbacks refer to each other: free the KV
+            # buffer explicitly, then collect the cycle, so training gets the memory back now (also after
+            # a failed request, when the caller may carry on or checkpoint).
+            context.deallocate_all_tensors()
+            del engine, controller, wrapper, context
+            gc.collect()
+            torch.cuda.empty_cache()
         return out

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from megatron_grm.models.precision import fp8_suspended
+from megatron_grm.parallel.inference_layout import sequence_parallel_off
 from megatron_grm.rollout.controller import TokenizerShim
-from megatron_grm.rollout.finish import finish, stop_window, tail_has_stop
+from megatron_grm.rollout.finish import finish, stop_text_decoder, stop_window, tail_has_stop
 from megatron_grm.rollout.logprobs import training_logprobs
 from megatron_grm.rollout.progress import RolloutProgress
 from megatron_grm.rollout.sampling import Sample, SamplingConfig
@@ -145,11 +147,13 @@ class RolloutEngine:
         bar = RolloutProgress(len(requests), enabled=self.progress)
         try:
             self.backend.seed(sampling.seed_for_rank(self._data_parallel_rank()))
-            for wave in waves:
-                out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave], sampling, eos,
-                                                 stop_check, bar.step)
-                for r, result in zip(wave, out):
-                    raw[r] = result
+            # Decode steps of a few rows can run neither TE's FP8 GEMMs nor Megatron's sequence parallelism.
+            with fp8_suspended(self.model), sequence_parallel_off(self.model):
+                for wave in waves:
+                    out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave], sampling, eos,
+                                                     stop_check, bar.step)
+                    for r, result in zip(wave, out):
+                        raw[r] = result
         finally:
             bar.close()
             self.model.train(was_training)
@@ -195,11 +199,12 @@ class RolloutEngine:
         if self.tokenizer is None:
             raise ValueError("sampling.stop needs a tokenizer (stop strings are matched on decoded text)")
         window = stop_window(stop)
-        return lambda generated: tail_has_stop(generated[-window:], stop, self._decode)
+        decode = stop_text_decoder(self.tokenizer)
+        return lambda generated: tail_has_stop(generated[-window:], stop, decode)
 
     def _to_sample(self, prompts, i: int, j: int, raw, eos: int | None, sampling: SamplingConfig) -> Sample:
         tokens, logprobs = raw
-        decode = self._decode if self.tokenizer is not None else None
+        decode = stop_text_decoder(self.tokenizer) if self.tokenizer is not None else None
         keep, reason = finish(tokens, eos, sampling.stop, decode)
         tokens, logprobs = tokens[:keep], logprobs[:keep]
         if len(logprobs) != len(tokens):

@@ -12,6 +12,12 @@ from collections.abc import Callable, Sequence
 Decode = Callable[[Sequence[int]], str]
 
 
+def stop_text_decoder(tokenizer) -> Decode:
+    """The text stop strings are matched on: special tokens written out, so that a stop string that is a
+    special token (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``) matches as well as plain text."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special=False)
+
+
 def first_stop_end(token_ids: Sequence[int], stop: Sequence[str], decode: Decode) -> int | None:
     """The smallest k such that ``decode(token_ids[:k])`` contains a stop string, or None.
 

@@ -54,7 +54,7 @@ def build_inference_model(cfg: ModelConfig, precision: PrecisionConfig, tensor_p
     """
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_grm.models.provider import layer_spec, transformer_config
+    from megatron_grm.models.provider import layer_spec, params_to_dtype, transformer_config
     from megatron_grm.parallel.device import device, use_te_spec
 
     if cfg.family not in ("llama", "qwen2"):
@@ -76,6 +76,9 @@ def build_inference_model(cfg: ModelConfig, precision: PrecisionConfig, tensor_p
         rotary_base=float(cfg.rotary_base),
         pg_collection=inference_process_groups(tensor_parallel),
     )
+    # As build_model does: the local spec leaves its norm weights fp32 in a bf16 model, and a cross-rank
+    # refit receives into buffers of the target's dtype.
+    params_to_dtype(model, model.config.params_dtype)
     return model.to(device())
 
 

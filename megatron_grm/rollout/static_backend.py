@@ -165,12 +165,15 @@ class StaticBackend:
         from megatron.core.inference.inference_request import InferenceRequest
 
         max_len = max(len(p) for p in prompts) + sampling.max_new_tokens
+        # Rows share a prefill only when their prompts are equal before padding: after it, a prompt that
+        # starts with the pad token and a shorter one it ends with look alike but are masked differently.
+        shared_rows = identical_rows(prompts) if self.share_identical_prompts else None
         key_padding = None
         if self.align_prompts and len({len(p) for p in prompts}) > 1:
             prompts, key_padding = left_pad(prompts, self.pad_id, max_len)
             key_padding = key_padding.to(device())
         self.wrapper.key_padding = key_padding
-        self.wrapper.shared_rows = identical_rows(prompts) if self.share_identical_prompts else None
+        self.wrapper.shared_rows = shared_rows
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
         self.controller.begin_wave([len(p) for p in prompts], eos_id, sampling.max_new_tokens, stop_check, on_step)
         params = sampling.megatron_params()

@@ -230,7 +230,9 @@ def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index
         if not any(j.correct for j in group) and rng.random() < settings.hinted_fraction:
             hard.append(i)
     if hard:
-        hinted = sample_judgments(engine, tokenizer, [examples[i] for i in hard], 1, sampling, rng,
+        # Its own stream: with the plain pass's seed the hinted rows would reuse that pass's first draws.
+        hinted_sampling = dataclasses.replace(sampling, seed=sampling.seed + 1)
+        hinted = sample_judgments(engine, tokenizer, [examples[i] for i in hard], 1, hinted_sampling, rng,
                                   settings.variant, settings.chat, hint=True)
         for i, j in zip(hard, hinted):
             records.append(judgment_record(examples[i], first_index + i, shard, n, j, j.correct, False))
@@ -486,11 +488,15 @@ def starting_checkpoint(load: str | None, phase: str) -> str | None:
 
 
 def pad_multiple_for(run, pad_multiple: int) -> int:
-    """Sequence lengths must split evenly under sequence parallelism (TP) and context parallelism (2·CP)."""
+    """Sequence lengths must split evenly under sequence parallelism (TP) and context parallelism (2·CP);
+    under FP8 with sequence parallelism each rank's slice must itself hold a multiple of 8 rows (TE runs
+    the GEMM on the local slice before its all-gather)."""
     p = run.parallel
     multiple = pad_multiple
     if p.sequence_parallel:
         multiple = math.lcm(multiple, p.tensor_parallel)
+        if run.precision.fp8 is not None:
+            multiple = math.lcm(multiple, 8 * p.tensor_parallel)
     if p.context_parallel > 1:
         multiple = math.lcm(multiple, 2 * p.context_parallel)
     return multiple

@@ -125,6 +125,34 @@ def test_waves_run_without_the_cpu_layers_torch_function_mode(run):
     assert check["outside"] == [True]
 
 
+def test_a_prompt_that_pads_like_another_does_not_share_its_prefill(run):
+    """[EOS] + Y left-padded beside Y is the same row of tokens as Y padded, but its first position is a
+    real token: it must get its own prefill (its log-probabilities then match a training forward)."""
+    check = run["padded_lookalike"]
+    assert check["tokens"] == 16
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
+def test_waves_run_with_fp8_off_and_restore_it(run):
+    """A model configured for FP8 decodes in bf16 (TE's FP8 GEMMs need rows in multiples of 8; a decode
+    step has one per sequence) and is FP8 again for training after the call."""
+    check = run["fp8_in_wave"]
+    assert check["forwards"] >= 1
+    assert check["in_wave"] == ["None"]
+    assert check["after"] == "hybrid"
+
+
+def test_waves_run_without_sequence_parallelism_and_restore_it(tp2):
+    """Megatron-Core's static generation raises for a sequence-parallel dense model (the shipped TP8 + SP
+    layouts); a rollout turns it off for its forwards, gives the tokens it gives without, and turns it back
+    on for training (the config and the layers' own flags)."""
+    check = tp2["sp_in_wave"]
+    assert check["forwards"] >= 1
+    assert check["in_wave"] == [False]
+    assert check["after"] == [True, True]
+    assert check["tokens_equal"]
+
+
 def test_tp2_greedy_equals_tp1(tp1, tp2):
     assert tp2["greedy"] == tp1["greedy"]
     # Same weights and math in both layouts (not merely the same argmax).
@@ -223,6 +251,11 @@ def test_refit_rollout_layout_follows_training_weights(tp2):
     assert after["logprob_sum"] == pytest.approx(tp2["after_step"]["logprob_sum_after"], abs=1e-4)
 
 
+def test_a_bf16_rollout_copy_holds_every_weight_in_bf16(tp2):
+    # The local spec leaves norm weights fp32; a cross-rank refit receives into the target's dtype.
+    assert tp2["refit_bf16_dtypes"] == ["torch.bfloat16"]
+
+
 def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):
     """Megatron's dynamic engine sends q/k/v straight to flash-attn: fp32 weights would fail there and
     Gemma-2's soft-cap / sliding window / query scale would be dropped, so those stay on the static path."""
@@ -231,3 +264,6 @@ def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):
     assert "bf16/fp16" in routing["fp32_llama"]
     assert routing["bf16_llama"] is None
     assert "sliding window" in routing["bf16_gemma2"]
+    flash = tp1["flash_decode_routing"]
+    assert flash["llama"] is None
+    assert "core attention ['Gemma2CoreAttention']" in flash["gemma2_softcap_only"]

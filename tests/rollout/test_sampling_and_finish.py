@@ -137,3 +137,18 @@ def test_one_wave_when_everything_fits():
     assert plan_waves([3, 1, 2], 4, 10_000, 8) == [[1, 2, 0]]
     with pytest.raises(ValueError):
         plan_waves([3], 4, 0, 8)
+
+
+def test_a_stop_string_that_is_a_special_token_ends_the_sample(smollm2_tokenizer_dir):
+    # Matched on text with the specials skipped, "<|im_end|>" never matched: the static engine ran to
+    # max_new_tokens, and a sample the dynamic engine stopped there was reported as 'length'.
+    from megatron_grm.data.tokenizer import load_tokenizer
+    from megatron_grm.rollout.finish import stop_text_decoder
+
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    ids = tokenizer.encode("Scores: \\boxed{3, 7}<|im_end|>\nmore text")
+    end = ids.index(tokenizer.encode("<|im_end|>")[0]) + 1
+    assert finish(ids, None, ("<|im_end|>",), stop_text_decoder(tokenizer)) == (end, "stop")
+    assert tail_has_stop(ids[:end], ("<|im_end|>",), stop_text_decoder(tokenizer))
+    skipped = lambda t: tokenizer.decode(list(t), skip_special=True)  # noqa: E731  what the engine used before
+    assert finish(ids, None, ("<|im_end|>",), skipped)[1] == "length"

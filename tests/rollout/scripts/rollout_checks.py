@@ -230,6 +230,48 @@ def main() -> None:
     out["torch_function_in_wave"] = {"in_wave": sorted(set(in_wave)), "forwards_in_wave": len(in_wave),
                                      "outside": sorted(set(seen)), "cuda": torch.cuda.is_available()}
 
+    # 1f'. Rows share a prefill only when their prompts are equal before left-padding: a prompt that starts
+    # with the pad token (EOS) and the shorter prompt it ends with pad to the same row, masked differently.
+    y = prompts[0]
+    x = [tok.eos_id] + y
+    pair = engine.generate([x, y], n=1, sampling=SamplingConfig(greedy=True, max_new_tokens=8, ignore_eos=True))
+    recomputed = training_logprobs(model, [s.sequence for s in pair], [len(x), len(y)])
+    out["padded_lookalike"] = {"logprob_max_abs_diff": max(abs(a - b) for s, r in zip(pair, recomputed)
+                                                             for a, b in zip(s.logprobs, r)),
+                               "tokens": sum(len(s.token_ids) for s in pair)}
+
+    # 1g. FP8 is off while a wave runs (models/precision.fp8_suspended): Transformer Engine runs a GEMM in
+    # FP8 only on a multiple of 8 rows, which decode steps are not. The model is marked FP8 here only around
+    # the call; every forward inside must see it cleared, and the mark must be back afterwards.
+    fp8_seen = []
+    hook = model.register_forward_hook(lambda module, *_: fp8_seen.append(str(module.config.fp8)))
+    model.config.fp8 = "hybrid"
+    try:
+        engine.generate(prompts[:1], n=1, sampling=greedy)
+        fp8_after = model.config.fp8
+    finally:
+        model.config.fp8 = None
+        hook.remove()
+    out["fp8_in_wave"] = {"in_wave": sorted(set(fp8_seen)), "forwards": len(fp8_seen), "after": fp8_after}
+
+    # 1h. Sequence parallelism is off while a wave runs (parallel/inference_layout.py): Megatron-Core's
+    # static generation refuses a dense model with it on. A TP=2 model is made sequence-parallel for the
+    # call only; its forwards inside must see it off, the same tokens come out, and it is back on after.
+    if args.tp == 2:
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        sp_seen = []
+        hook = model.register_forward_hook(lambda module, *_: sp_seen.append(module.config.sequence_parallel))
+        set_model_to_sequence_parallel(model, True)
+        try:
+            sp_tokens = [s.token_ids for s in engine.generate(prompts, n=1, sampling=greedy)]
+            sp_after = [model.config.sequence_parallel, model.decoder.layers[0].mlp.linear_fc1.sequence_parallel]
+        finally:
+            set_model_to_sequence_parallel(model, False)
+            hook.remove()
+        out["sp_in_wave"] = {"in_wave": sorted(set(sp_seen)), "forwards": len(sp_seen), "after": sp_after,
+                             "tokens_equal": sp_tokens == out["greedy"]}
+
     # 2. Sampled tokens' logprobs match a training forward (plain softmax, whatever the sampling knobs).
     settings = {
         "temperature_1": SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=7),
@@ -295,6 +337,12 @@ def main() -> None:
         rollout_model = build_inference_model(run.model, run.precision, tensor_parallel=1,
                                               vocab_size=model.vocab_size)
         refit_engine = RolloutEngine(rollout_model, tok, source_model=model)
+        from megatron_grm.models.precision import PrecisionConfig
+
+        bf16_copy = build_inference_model(run.model, PrecisionConfig("bf16"), tensor_parallel=1,
+                                          vocab_size=model.vocab_size)
+        out["refit_bf16_dtypes"] = sorted({str(p.dtype) for p in bf16_copy.parameters()})
+        del bf16_copy
         r = refit_engine.generate(prompts, sampling=greedy)
         out["refit_before"] = {"tokens": [s.token_ids for s in r],
                                "logprob_diff_vs_tp2": max(abs(x - y) for s, t in zip(r, g)
@@ -334,6 +382,14 @@ def main() -> None:
             "fp32_llama": model_unsupported(model),
             "bf16_llama": model_unsupported(built("llama")),
             "bf16_gemma2": model_unsupported(built("gemma2", **gemma2)),
+        }
+        # The CPU flash-decode path bypasses the core attention too: Gemma-2's soft-capping core must keep
+        # it off even where nothing else (a custom softmax scale, a window) would.
+        from megatron_grm.parallel.cpu_decode import _supported
+
+        out["flash_decode_routing"] = {
+            "llama": _supported(built("llama")),
+            "gemma2_softcap_only": _supported(built("gemma2", attn_logit_softcapping=50.0)),
         }
 
     # All model-parallel ranks drew the same tokens.
