@@ -51,6 +51,7 @@ class PlanSettings:
     loss_positions: int = 0
     reference_model: bool | None = None  # None: only GRPO keeps one (for its KL term)
     reference_offloaded: bool = False  # kept in CPU memory between uses: on the GPU only for its forward
+    old_logprobs_forward: bool | None = None  # GRPO's recompute_old_logprobs (its default: on for grpo)
     states_resident_during_rollout: bool = True  # grads/optimizer stay on the GPU while sampling
     kernels: str = "auto"  # auto | local | te: which implementation's saved tensors to count
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
@@ -66,6 +67,11 @@ class PlanSettings:
     @property
     def keeps_reference(self) -> bool:
         return self.stage == "grpo" if self.reference_model is None else self.reference_model
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """GRPO takes the old policy's log-probabilities from one more training forward by default."""
+        return self.stage == "grpo" if self.old_logprobs_forward is None else self.old_logprobs_forward
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> PlanSettings:
@@ -127,7 +133,8 @@ def stage_defaults(run: RunConfig) -> dict[str, Any]:
         return {"stage": "grpo", "rollout_tokens_in_flight": int(g.get("max_tokens_in_flight", 0)),
                 "max_new_tokens": new, "max_prompt_tokens": max(0, t.seq_length - new),
                 "rollout_sequences_per_step": t.global_batch_size, "reference_model": True,
-                "reference_offloaded": bool(g.get("offload_reference", False))}
+                "reference_offloaded": bool(g.get("offload_reference", False)),
+                "old_logprobs_forward": bool(g.get("recompute_old_logprobs", True))}
     if isinstance(run.extra.get("rft"), dict):
         r = run.extra["rft"]
         new = int((r.get("sampling") or {}).get("max_new_tokens", 0))
@@ -345,11 +352,18 @@ class Plan:
 
 
 def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernels]:
-    """TE's kernels on a GPU cluster (NGC images carry TE), the local spec's elsewhere; Gemma-2 caps softly."""
+    """TE's kernels on a GPU cluster (NGC images carry TE), the local spec's elsewhere; Gemma-2 caps softly.
+
+    The MLP's activation follows the model (models/provider.py): on a GPU Llama and Qwen2 take Megatron's
+    fused SwiGLU (2 ffn-sized tensors), on the CPU the local spec's SwiGLU (3); Gemma-2's tanh-GELU GLU is
+    Megatron's unfused one on every device (fc1 output, GELU output, the offset-added linear half: 4).
+    """
     name = settings.kernels if settings.kernels != "auto" else ("te" if run.cluster.gpu else "local")
     k = TE if name == "te" else LOCAL
     if run.model.family == "gemma2":  # its own unfused core attention on both specs (soft-capping)
-        k = dataclasses.replace(k, attention="softcap")
+        k = dataclasses.replace(k, attention="softcap", glu_tensors=4.0)
+    elif run.cluster.gpu:
+        k = dataclasses.replace(k, glu_tensors=2.0)
     return name, k
 
 
@@ -367,7 +381,8 @@ def stage_memory(run: RunConfig, settings: PlanSettings, k: Kernels, distributed
     working = 0.0
     if rollout_tokens:  # prefilling a wave: upper bound = everything one layer's forward produces
         wave = max(1, rollout_tokens // max(1, settings.max_prompt_tokens + settings.max_new_tokens))
-        prefill = Shape(s=max(1, settings.max_prompt_tokens), b=wave, t=tp, sp=p.sequence_parallel)
+        # Rollouts run without sequence parallelism (parallel/inference_layout.py): nothing split over TP.
+        prefill = Shape(s=max(1, settings.max_prompt_tokens), b=wave, t=tp, sp=False)
         working = sum(layer_activation_terms(m, prefill, e, None, k).values())
     out = []
     for i, params in enumerate(stage_parameters(m, tp, pp)):
@@ -393,9 +408,13 @@ def step_times(run: RunConfig, settings: PlanSettings, peak_flops: float | None)
     if not peak_flops:
         return out
     cluster = run.cluster.world_size * peak_flops
-    out["train_s"] = train_flops / (cluster * settings.mfu)
+    # Full recompute runs every layer's forward twice: 4 forwards' worth instead of 3 (forward + backward).
+    recompute_factor = 4 / 3 if t.recompute == "full" else 1.0
+    out["train_s"] = train_flops * recompute_factor / (cluster * settings.mfu)
     if settings.keeps_reference:
         out["reference_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
+    if settings.recomputes_old_logprobs:  # GRPO's recompute_old_logprobs: one more policy forward per step
+        out["old_logprobs_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
     if settings.rollout_sequences_per_step and settings.max_new_tokens:
         ctx = settings.max_prompt_tokens + settings.max_new_tokens // 2
         prefill = settings.rollout_sequences_per_step * settings.max_prompt_tokens
@@ -412,6 +431,10 @@ def make_plan(cfg: dict[str, Any] | RunConfig, memory_gb: float | None = None) -
     settings = PlanSettings.from_dict(run.extra.get("plan"), defaults=stage_defaults(run))
     world = run.cluster.world_size
     validate(run, world_size=world)
+    if run.parallel.context_parallel > 1:
+        raise ValueError(f"parallel.context_parallel={run.parallel.context_parallel}: the Trainer does not split "
+                         "micro-batches across context-parallel ranks yet (it refuses such a run), so there is "
+                         "no layout to plan; use context_parallel=1")
     if run.trainer.recompute not in RECOMPUTE:
         raise ValueError(f"trainer.recompute={run.trainer.recompute!r}")
     name, k = resolve_kernels(run, settings)
@@ -475,6 +498,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         parts = [f"train {tm['train_s']:.1f} s (MFU {s.mfu:.0%})"]
         if "reference_forward_s" in tm:
             parts.append(f"reference forward {tm['reference_forward_s']:.1f} s")
+        if "old_logprobs_forward_s" in tm:
+            parts.append(f"old-policy forward {tm['old_logprobs_forward_s']:.1f} s")
         if "rollout_s" in tm:
             parts.append(f"rollout {tm['rollout_s']:.1f} s (decode at MFU {s.rollout_mfu:.0%})")
         lines.append(f"  step time ≈ {tm['step_s']:.1f} s = " + " + ".join(parts))

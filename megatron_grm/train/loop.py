@@ -138,8 +138,7 @@ class Trainer:
             # this loop feeds whole sequences and reduces over DP. Refuse rather than train wrongly.
             raise NotImplementedError(
                 f"parallel.context_parallel={cfg.parallel.context_parallel}: the Trainer does not split "
-                "micro-batches across context-parallel ranks yet; use context_parallel=1 (tools/plan.py "
-                "still plans CP layouts)")
+                "micro-batches across context-parallel ranks yet; use context_parallel=1")
         self.cfg = cfg
         t, o = cfg.trainer, cfg.optimizer
         self.metadata = {"model": cfg.model.to_dict(), **(metadata or {})}

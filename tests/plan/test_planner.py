@@ -19,6 +19,7 @@ from megatron_grm.plan import (
     make_plan,
 )
 from megatron_grm.stages.common import load_config
+from megatron_grm.train.config import RunConfig
 from tests.conftest import REPO, read_json, torchrun
 
 A100_PLANS = ("gemma2_27b_rft_a100", "gemma2_27b_grpo_a100")
@@ -105,6 +106,50 @@ def test_invalid_layout_exits_2(capsys):
     code, _, err = plan_tool(capsys, "gemma2_27b_rft_a100", "parallel.tensor_parallel=32")  # 16 KV heads
     assert code == 2
     assert "num_query_groups=16 (KV heads) is not divisible by parallel.tensor_parallel=32" in err
+
+
+def test_context_parallel_layouts_are_refused_like_the_trainer_refuses_them(capsys):
+    code, _, err = plan_tool(capsys, "gemma2_27b_rft_a100", "parallel.context_parallel=2")
+    assert code == 2
+    assert "parallel.context_parallel=2: the Trainer does not split micro-batches" in err
+
+
+def test_grpo_step_counts_the_old_policy_forward_and_full_recompute_a_second_forward():
+    grpo = make_plan(load_config("plan/gemma2_27b_grpo_a100"))
+    tm = grpo.times
+    assert tm["old_logprobs_forward_s"] == pytest.approx(tm["reference_forward_s"])  # one policy forward each
+    assert tm["step_s"] == pytest.approx(tm["train_s"] + tm["reference_forward_s"] + tm["old_logprobs_forward_s"]
+                                         + tm["rollout_s"])
+    off = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["++plan.old_logprobs_forward=false"]))
+    assert "old_logprobs_forward_s" not in off.times
+    full = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["trainer.recompute=full"]))
+    assert full.times["train_s"] == pytest.approx(tm["train_s"] * 4 / 3)
+
+
+def test_rollouts_are_planned_without_sequence_parallelism():
+    # parallel/inference_layout.py switches SP off for rollouts: the prefill is not split over TP ranks.
+    from megatron_grm.plan import resolve_kernels
+
+    plan = make_plan(load_config("plan/gemma2_27b_grpo_a100"))
+    m, s = plan.run.model, plan.settings
+    _, k = resolve_kernels(plan.run, s)
+    wave = s.rollout_tokens_in_flight // (s.max_prompt_tokens + s.max_new_tokens)
+    unsplit = sum(layer_activation_terms(m, Shape(s=s.max_prompt_tokens, b=wave, t=8, sp=False), 2.0, None, k).values())
+    split = sum(layer_activation_terms(m, Shape(s=s.max_prompt_tokens, b=wave, t=8, sp=True), 2.0, None, k).values())
+    assert plan.worst.rollout_working == pytest.approx(unsplit) and unsplit > split
+
+
+@pytest.mark.parametrize(("family", "cluster", "glu"), [("llama", "local_cpu", 3.0), ("llama", "h200_1gpu", 2.0),
+                                                        ("gemma2", "local_cpu", 4.0), ("gemma2", "a100_16node", 4.0)])
+def test_the_mlp_keeps_what_its_activation_kernel_keeps(family, cluster, glu):
+    # CPU SwiGLU (models/swiglu.py): 3 ffn-sized tensors; Megatron's fused SwiGLU on a GPU: 2; Gemma-2's
+    # unfused tanh-GELU GLU: 4 everywhere (measured on a tiny Gemma-2 by a review: one ffn tensor per layer
+    # more than the local spec's 3).
+    from megatron_grm.plan import PlanSettings, resolve_kernels
+
+    model = {"llama": "tiny", "gemma2": "gemma2_27b"}[family]
+    run = RunConfig.from_dict(load_config("sft", [f"model={model}", f"cluster={cluster}"]))
+    assert resolve_kernels(run, PlanSettings())[1].glu_tensors == glu
 
 
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
