@@ -16,20 +16,13 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-# Slurm runs a spooled copy of this file: find the checkout from the submitted path (or GRM_REPO).
-# A busy controller may not answer at once: ask three times before falling back.
-for _ in 1 2 3; do
-    GRM_SCRIPT=$(scontrol show job -o "${SLURM_JOB_ID:-0}" 2>/dev/null | grep -o 'Command=[^ ]*' | cut -d= -f2-) &&
-        break
-    [[ -n "${SLURM_JOB_ID:-}" ]] || break
-    sleep 5
-done
+# Slurm runs a spooled copy of this file: find the checkout from the submitted path (or GRM_REPO), asking a
+# busy controller up to three times.
+for _ in 1 2 3; do GRM_SCRIPT=$(scontrol show job -o "${SLURM_JOB_ID:-0}" 2>/dev/null | grep -o 'Command=[^ ]*' |
+    cut -d= -f2-) && break; [[ -n "${SLURM_JOB_ID:-}" ]] || break; sleep 5; done
 GRM_REPO=${GRM_REPO:-$(cd "$(dirname "${GRM_SCRIPT:-${BASH_SOURCE[0]}}")/.." && pwd)}
-[[ -f "$GRM_REPO/slurm/common.sh" ]] || {
-    echo "grm: no slurm/common.sh under GRM_REPO=$GRM_REPO (scontrol did not give the submitted script's path):" \
-        "export GRM_REPO=<the checkout> and resubmit" >&2
-    exit 1
-}
+[[ -f "$GRM_REPO/slurm/common.sh" ]] || { echo "grm: no slurm/common.sh under GRM_REPO=$GRM_REPO:" \
+    "export GRM_REPO=<the checkout> and resubmit" >&2; exit 1; }
 # shellcheck source=slurm/common.sh
 source "$GRM_REPO/slurm/common.sh"
 

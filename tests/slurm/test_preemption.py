@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,14 +116,20 @@ def test_a_real_error_is_not_requeued(jobs, tmp_path):
     assert "missing.jsonl" in out, "the batch output should end with the failing rank's error"
 
 
-def test_a_usr1_to_the_batch_shell_is_forwarded_to_the_ranks(jobs, tmp_path):
-    """`sbatch --signal=B:USR1@T` / `scancel --batch --signal=USR1` reach only the batch shell: it forwards."""
+def _signal_the_batch_shell(jobs, tmp_path, signal: str) -> tuple[str, Path]:
+    """A job of two stand-in ranks that checkpoint on SIGUSR1; once both are up, ``signal`` to the batch shell."""
     job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
                       env={"GRM_PYTHON": str(PROGRAMS / "preempted_once.sh")})
     run_dir = tmp_path / f"sft-{job}"
     wait_for_path(jobs, job, run_dir / "ready.0", timeout=60)
     wait_for_path(jobs, job, run_dir / "ready.1", timeout=30)
-    jobs.cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    jobs.cluster.run(["scancel", "--batch", f"--signal={signal}", str(job)])
+    return job, run_dir
+
+
+def test_a_usr1_to_the_batch_shell_is_forwarded_to_the_ranks(jobs, tmp_path):
+    """`sbatch --signal=B:USR1@T` / `scancel --batch --signal=USR1` reach only the batch shell: it forwards."""
+    job, run_dir = _signal_the_batch_shell(jobs, tmp_path, "USR1")
     info = jobs.wait(job, timeout=90)
     logs = jobs.logs(job, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
@@ -135,12 +142,7 @@ def test_a_usr1_to_the_batch_shell_is_forwarded_to_the_ranks(jobs, tmp_path):
 def test_a_term_to_the_batch_shell_makes_the_ranks_checkpoint_and_the_job_is_not_requeued(jobs, tmp_path):
     """srun answers SIGTERM by SIGKILLing every task: the batch shell forwards SIGUSR1 instead, so the ranks
     checkpoint and exit 75; a terminated batch shell does not requeue."""
-    job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
-                      env={"GRM_PYTHON": str(PROGRAMS / "preempted_once.sh")})
-    run_dir = tmp_path / f"sft-{job}"
-    wait_for_path(jobs, job, run_dir / "ready.0", timeout=60)
-    wait_for_path(jobs, job, run_dir / "ready.1", timeout=30)
-    jobs.cluster.run(["scancel", "--batch", "--signal=TERM", str(job)])
+    job, run_dir = _signal_the_batch_shell(jobs, tmp_path, "TERM")
     info = jobs.wait(job, timeout=90)
     logs = jobs.logs(job, tmp_path)
     first = (run_dir / "logs" / f"sft-{job}.0.log").read_text()
