@@ -18,6 +18,7 @@
 #   GRM_DRY_RUN=1        log the srun command instead of running it
 
 GRM_EXIT_PREEMPTED=75  # megatron_grm/train/signals.py EXIT_CODE_PREEMPTED: checkpoint saved, requeue me
+GRM_STOPPED_MARKER=stopped_on_signal  # signals.py STOPPED_MARKER: every rank saved on a signal (in $GRM_RUN_DIR)
 
 grm_log() {
     local line
@@ -265,6 +266,13 @@ grm_finish() {
         grm_log "step finished (exit 0); run folder $GRM_RUN_DIR"
         exit 0
     fi
+    if ((rc != GRM_EXIT_PREEMPTED)) && [[ -f "$GRM_RUN_DIR/$GRM_STOPPED_MARKER" ]]; then
+        # Every rank had checkpointed on the signal (rank 0 writes the marker after that), but the step
+        # still ended otherwise: a rank hung in teardown and srun killed it after --wait (137), say.
+        grm_log "step exited $rc after checkpointing on a signal ($GRM_RUN_DIR/$GRM_STOPPED_MARKER:" \
+            "$(head -c 200 "$GRM_RUN_DIR/$GRM_STOPPED_MARKER")): treating it as $GRM_EXIT_PREEMPTED"
+        rc=$GRM_EXIT_PREEMPTED
+    fi
     if ((rc != GRM_EXIT_PREEMPTED)); then
         grm_log "step failed (exit $rc): not requeuing. Last lines of $GRM_STEP_LOG:"
         tail -n 40 "$GRM_STEP_LOG" 2>/dev/null || true
@@ -337,6 +345,7 @@ grm_launch_stage() {
     [[ -n "$GRM_USER_RUN_DIR" ]] || GRM_OVERRIDES+=("trainer.run_dir=$GRM_RUN_DIR")
     grm_srun_args
     grm_task_env "$GRM_TASK_ENV"
+    rm -f "$GRM_RUN_DIR/$GRM_STOPPED_MARKER"  # an earlier attempt's; the stage writes it anew when it stops
     python=$(grm_python)
     grm_run_step "${GRM_SRUN[@]}" "${GRM_TASK_CMD[@]}" "$python" -m "$module" \
         ${GRM_OVERRIDES[@]+"${GRM_OVERRIDES[@]}"}

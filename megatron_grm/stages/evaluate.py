@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import random
-import sys
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -58,7 +57,7 @@ from megatron_grm.spct import (
     voted_scores,
 )
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
-from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
+from megatron_grm.train.signals import StopRequest, exit_for_requeue
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +395,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
         if _stop_requested(stop):
             log.warning("stopping on signal: %d draws are in %s; rerun the same command to continue",
                         len(store.all()), samples_path)
-            sys.exit(EXIT_CODE_PREEMPTED)
+            exit_for_requeue(f"evaluation: draws in {samples_path}")
     bar.close()
     del engine, model
     gc.collect()

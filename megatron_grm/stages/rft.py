@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from megatron_grm.stages.sft import SupervisedObjective, read_sft_samples
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Trainer
 from megatron_grm.train.producers import Sample, SampleBatchProducer, global_batch_indices
-from megatron_grm.train.signals import EXIT_CODE_PREEMPTED
+from megatron_grm.train.signals import exit_for_requeue
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +306,7 @@ def sample_shards(engine, tokenizer, examples: Sequence[Example], settings: RFTS
         if stop_requested is not None and _on_any_rank(stop_requested()):
             log.warning("stop requested: finished shards are kept; exiting for requeue")
             barrier()
-            sys.exit(EXIT_CODE_PREEMPTED)
+            exit_for_requeue("rejective sampling: finished shards written")
     barrier()
     return mine
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from megatron_grm.train.config import RunConfig
 from megatron_grm.train.grad_guard import skip_nonfinite_updates
 from megatron_grm.train.logger import RunLogger
 from megatron_grm.train.losses import LossOutput
-from megatron_grm.train.signals import EXIT_CODE_PREEMPTED, StopRequest
+from megatron_grm.train.signals import StopRequest, exit_for_requeue
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +317,7 @@ class Trainer:
             if stop:
                 log.warning("stopping on signal after step %d (checkpoint saved)", self.state.step)
                 self.logger.close()
-                sys.exit(EXIT_CODE_PREEMPTED)
+                exit_for_requeue(f"checkpoint of step {self.state.step}")
             if early_exit and not last:
                 break
         self.logger.close()

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
 EXIT_CODE_PREEMPTED = 75  # EX_TEMPFAIL: the job stopped on request after checkpointing; requeue it
+# Written into $GRM_RUN_DIR (the Slurm scripts' run folder) once every rank's state is on disk: a rank
+# that then hangs in teardown and is killed makes srun report 137, and the script still knows to requeue.
+STOPPED_MARKER = "stopped_on_signal"
+
+
+def exit_for_requeue(detail: str = "") -> NoReturn:
+    """Exit 75 after a stop signal, once this stage's state is saved on every rank (the caller's barrier or
+    collective save). Rank 0 first marks the Slurm run folder, when there is one."""
+    import torch.distributed
+
+    run_dir = os.environ.get("GRM_RUN_DIR")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if run_dir and rank == 0 and os.path.isdir(run_dir):
+        marker = os.path.join(run_dir, STOPPED_MARKER)
+        with open(marker + ".tmp", "w") as f:
+            f.write(f"{detail}\n")
+        os.replace(marker + ".tmp", marker)
+    sys.exit(EXIT_CODE_PREEMPTED)
 
 
 def _shield_checkpoint_helpers(signals: tuple[int, ...]) -> None:

@@ -116,10 +116,11 @@ def test_a_real_error_is_not_requeued(jobs, tmp_path):
     assert "missing.jsonl" in out, "the batch output should end with the failing rank's error"
 
 
-def _signal_the_batch_shell(jobs, tmp_path, signal: str) -> tuple[str, Path]:
+def _signal_the_batch_shell(jobs, tmp_path, signal: str, program: str = "preempted_once.sh",
+                            env: dict[str, str] | None = None) -> tuple[str, Path]:
     """A job of two stand-in ranks that checkpoint on SIGUSR1; once both are up, ``signal`` to the batch shell."""
     job = jobs.submit("sft.sh", ["cluster=local_cpu"], runs_root=tmp_path,
-                      env={"GRM_PYTHON": str(PROGRAMS / "preempted_once.sh")})
+                      env={"GRM_PYTHON": str(PROGRAMS / program), **(env or {})})
     run_dir = tmp_path / f"sft-{job}"
     wait_for_path(jobs, job, run_dir / "ready.0", timeout=60)
     wait_for_path(jobs, job, run_dir / "ready.1", timeout=30)
@@ -236,3 +237,18 @@ def test_convert_script_runs_the_tool_as_one_task(jobs, tmp_path):
                       sbatch=("--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=30"))
     info = jobs.wait(bad, timeout=60)
     assert info["JobState"] == "FAILED" and "usage: sbatch slurm/convert.sh" in jobs.output(bad)
+
+
+def test_a_rank_hanging_in_teardown_after_the_checkpoint_still_gets_the_job_requeued(jobs, tmp_path):
+    """Rank 0 exits 75 after marking the run folder (every rank saved); rank 1 hangs until srun's --wait
+    kills it, so srun reports a kill, not 75. The marker tells the script the checkpoint is there."""
+    job, run_dir = _signal_the_batch_shell(jobs, tmp_path, "USR1", "preempted_then_hangs.sh", {"GRM_SRUN_WAIT": "3"})
+    info = jobs.wait(job, timeout=120)
+    logs = jobs.logs(job, tmp_path)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
+    launcher = (run_dir / "logs" / f"launcher-{job}.log").read_text()
+    assert "after checkpointing on a signal" in launcher and "treating it as 75" in launcher, launcher
+    assert "checkpoint of step 3" in launcher
+    first = (run_dir / "logs" / f"sft-{job}.0.log").read_text()
+    assert "1: rank 1: got SIGUSR1, hanging in teardown" in first, first
+    assert not (run_dir / "stopped_on_signal").exists()  # the requeued attempt cleared it before starting

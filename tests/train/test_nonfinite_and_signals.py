@@ -67,7 +67,8 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
            "megatron_grm.stages.sft", f"data.train={data}", f"trainer.run_dir={run}", "trainer.max_steps=100000",
            "trainer.seq_length=64", "parallel=tp2"]
-    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1"}
+    # GRM_RUN_DIR as the Slurm scripts set it: the stage marks the folder once every rank has saved.
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "GRM_RUN_DIR": str(run)}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     deadline = time.time() + 240
@@ -88,6 +89,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_resumes(tmp_path):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     saved_step = int(latest.split("_")[1])
     assert saved_step >= 3
+    assert (run / "stopped_on_signal").read_text().strip() == f"checkpoint of step {saved_step}"
     resumed = subprocess.run([*cmd[:-4], f"data.train={data}", f"trainer.run_dir={run}",
                               f"trainer.max_steps={saved_step + 2}", "trainer.seq_length=64", "parallel=tp2"],
                              env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
