@@ -79,12 +79,21 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
     assert not (run / "checkpoints" / "iter_0000006.tmp").exists()
 
 
-@pytest.mark.parametrize(("saved_on", "resumed_on"), [(1, 2), (2, 1)])
-def test_resume_on_another_number_of_dp_ranks_continues_the_straight_run(init_ckpt, straight, tmp_path, saved_on,
-                                                                         resumed_on):
-    # One DP rank trains with the plain optimizer, two with the distributed one; their states differ, so
-    # the resumed run must keep the kind its checkpoint was written with (a requeue on fewer nodes, a debug
-    # run continued wider).
+@pytest.mark.parametrize(("requested", "dp", "saved", "kind"), [
+    (True, 1, None, False), (True, 2, None, True), (False, 2, None, False),  # a fresh run: DP decides
+    (True, 1, True, True), (True, 2, False, False), (True, 4, True, True),  # a resume: the checkpoint does
+])
+def test_a_resumed_run_keeps_its_checkpoints_optimizer_kind(requested, dp, saved, kind):
+    from megatron_grm.train.loop import choose_distributed_optimizer
+
+    assert choose_distributed_optimizer(requested, dp, saved) is kind
+
+
+def test_resume_on_another_number_of_dp_ranks_continues_the_straight_run(init_ckpt, straight, tmp_path):
+    # Two DP ranks train with the distributed optimizer, one with the plain one; their states differ, so
+    # the run resumed on one rank (a requeue on fewer nodes) keeps the distributed optimizer, resharded to
+    # DP=1. (The other direction, plain kept at DP=2, is the decision above; both ran in session 17.)
+    saved_on, resumed_on = 2, 1
     run = tmp_path / "run"
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     common = ["--run-dir", str(run), "--init", str(init_ckpt), "--steps", "6"]
