@@ -15,6 +15,7 @@ import hydra
 import torch
 
 from megatron_grm.data.preprocess import MANIFEST, PreprocessedDataset
+from megatron_grm.data.readers.common import RecordError, decode_utf8
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.loop import Batch, Trainer, token_nll_forward
@@ -48,16 +49,13 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
     skipped: list[str] = []
     with open(path, "rb") as f:  # bytes: a bad byte is one bad record, not a crash naming no line
         for line_no, raw in enumerate(f, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a byte-order mark, as Windows editors write it
             if not raw.strip():
                 continue
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ValueError(f"not valid UTF-8: byte(s) {raw[exc.start:exc.end]!r} at byte {exc.start} "
-                                     "of the line") from None
+                try:  # the example readers' decoding: a leading BOM dropped, bad bytes named
+                    line = decode_utf8(raw, path, line=line_no, start_of_file=line_no == 1)
+                except RecordError as err:
+                    raise ValueError(err.reason) from None
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("record is not a JSON object")
