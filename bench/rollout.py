@@ -140,7 +140,7 @@ def main() -> None:
         model = build_model(src.cfg, layout, PrecisionConfig("fp32"))
         fill_model_from_hf(model, src)
 
-    engine = RolloutEngine(model, eos_id=2, vocab_size=args.vocab, max_tokens_in_flight=1 << 20, progress=False)
+    engine = RolloutEngine(model, end_ids=(2,), vocab_size=args.vocab, max_tokens_in_flight=1 << 20, progress=False)
     sampling = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens, ignore_eos=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "

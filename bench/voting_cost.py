@@ -64,7 +64,7 @@ def build_engine(args: argparse.Namespace):
     init_parallel(layout, seed=args.seed)
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
     model = build_model(cfg, layout, PrecisionConfig(dtype)).eval()
-    return RolloutEngine(model, eos_id=2, vocab_size=args.vocab, max_tokens_in_flight=1 << 22,
+    return RolloutEngine(model, end_ids=(2,), vocab_size=args.vocab, max_tokens_in_flight=1 << 22,
                          max_batch_size=args.max_batch, progress=False, backend=args.backend), cfg
 
 

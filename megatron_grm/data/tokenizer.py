@@ -7,10 +7,14 @@ three places invites three slightly different BOS/EOS and chat conventions, so t
   tokenizers, a fixed :class:`ChatFormat` for tokenizers that carry none (SentencePiece, char).
 * ``encode(text, add_bos=True)`` prepends BOS unless the text already starts with it (chat templates
   such as Gemma's and Llama-3's write the BOS themselves), so BOS is never doubled.
+* ``end_ids`` are the ids that end the model's turn: EOS, and the special token the chat template
+  closes an assistant turn with when that is another one (Gemma's ``<end_of_turn>``; ChatML's
+  ``<|im_end|>`` under a base model's ``<|endoftext|>``). Rollouts stop at any of them.
 * :meth:`Tokenizer.encode_example` encodes prompt and response separately, so the response mask is
-  exact, and makes sure the response ends with EOS (once: templates that close the assistant turn
-  with the EOS token already carry it, and what the template writes after that EOS, such as ChatML's
-  newline, is dropped: generation stops at EOS, so the model must not learn to go on). SentencePiece
+  exact, and makes sure the response ends with an end id (once: templates that close the assistant
+  turn with one already carry it, and what the template writes after it, such as the newline after
+  ChatML's ``<|im_end|>`` or Gemma's ``<end_of_turn>``, is dropped: generation stops there, so the
+  model must not learn to go on; otherwise EOS is appended). SentencePiece
   models cut the response out of the prompt+response encoding, so it has no dummy-prefix ``▁`` that
   the model would never produce right after the prompt.
 * ``padded_vocab_size(tp)`` rounds the vocabulary up the way Megatron does (multiple of 128 x TP).
@@ -27,6 +31,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +143,31 @@ class Tokenizer(ABC):
     def describe(self) -> dict[str, Any]:
         """Kind, source path, ids and a content hash, for manifests and resume checks."""
 
+    def _is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special (control) token rather than text; none by default."""
+        return False
+
+    @cached_property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids that end the model's turn, EOS first: rollouts stop at any of them."""
+        turn_end = self._turn_end_id()
+        return (self.eos_id,) if turn_end in (None, self.eos_id) else (self.eos_id, turn_end)
+
+    def _turn_end_id(self) -> int | None:
+        """The special token the chat template closes an assistant turn with, found by rendering one:
+        generation must stop there, since the template starts the next turn after it."""
+        probe = "Done."
+        try:
+            text = self.apply_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+            cut = text.rindex(probe) + len(probe)
+            tail = text[cut:]
+            ids = self._encode_response(text[:cut], tail) if tail else []  # as it follows the response
+        except ValueError:  # a template that refuses the probe, a vocabulary without its characters
+            return None
+        if ids and self._is_special(ids[0]) and tail.startswith(self.decode(ids[:1])):
+            return ids[0]
+        return None
+
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Encode ``text``; BOS is prepended only if asked and not already there, EOS appended if asked."""
         ids = self._encode(text)
@@ -167,7 +197,8 @@ class Tokenizer(ABC):
         self, prompt: str | Sequence[Message], response: str, chat: bool = True
     ) -> tuple[list[int], list[int]]:
         """(ids, response_mask) of one training example; the mask is 1 on exactly the response tokens,
-        which end with EOS. Raises :class:`TokenizationError` naming the part that failed."""
+        which end with an end id (EOS unless the template closes the turn with another special token).
+        Raises :class:`TokenizationError` naming the part that failed."""
         try:
             prompt_text = self.prompt_text(prompt, chat)
         except ValueError as err:  # ChatTemplateError too: the template refused this conversation
@@ -193,12 +224,13 @@ class Tokenizer(ABC):
             response_ids = self._encode_response(prompt_text, response_text)
         except ValueError as err:
             raise TokenizationError("response", str(err)) from err
-        if self.eos_id in response_ids:
-            # The template closed the turn with EOS. Whatever it writes after that EOS (ChatML's "\n"
-            # after <|im_end|>) only separates turns; generation stops at EOS and never produces it.
-            last = len(response_ids) - 1 - response_ids[::-1].index(self.eos_id)
-            if not self.decode(response_ids[last + 1:]).strip():
-                response_ids = response_ids[:last + 1]
+        ends = [k for k, token in enumerate(response_ids) if token in self.end_ids]
+        if ends:
+            # The template closed the turn with an end id. Whatever it writes after it (the "\n" after
+            # ChatML's <|im_end|> or Gemma's <end_of_turn>) only separates turns; generation stops at the
+            # end id and never produces it.
+            if not self.decode(response_ids[ends[-1] + 1:]).strip():
+                response_ids = response_ids[:ends[-1] + 1]
         else:
             response_ids.append(self.eos_id)
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
@@ -244,6 +276,10 @@ class HFTokenizer(Tokenizer):
 
     def _encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def _is_special(self, token_id: int) -> bool:
+        added = self.hf.added_tokens_decoder.get(token_id)
+        return added is not None and added.special
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
@@ -295,6 +331,20 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
+
+    def _is_special(self, token_id: int) -> bool:
+        return token_id in self._control_and_user_defined
+
+    @cached_property
+    def _control_and_user_defined(self) -> frozenset[int]:
+        """Control pieces and user-defined ones: Gemma's <start_of_turn>/<end_of_turn> are user-defined,
+        matched in text as one piece."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        kinds = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
+        return frozenset(i for i, piece in enumerate(proto.pieces) if piece.type in kinds)
 
     def _encode_response(self, prompt_text: str, response_text: str) -> list[int]:
         """The response's ids as the tokenizer gives them in context. Encoded on its own, a text gets the

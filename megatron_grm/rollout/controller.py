@@ -55,17 +55,17 @@ class RolloutController(TextGenerationController):
         super().__init__(inference_wrapped_model, tokenizer, pp_group)
         self.vocab_limit = vocab_limit
         self._prompt_lengths: list[int] = []
-        self._eos_id: int | None = None
+        self._end_ids = torch.zeros(0, dtype=torch.long)
         self._max_new_tokens = 0
         self._stop_check: StopCheck | None = None
         self._on_step: StepCallback | None = None
         self._step_logprobs: torch.Tensor | None = None
         self.logprobs = torch.zeros(0, 0)  # [rows, max_new_tokens] of the current wave
 
-    def begin_wave(self, prompt_lengths: Sequence[int], eos_id: int | None, max_new_tokens: int,
+    def begin_wave(self, prompt_lengths: Sequence[int], end_ids: Sequence[int], max_new_tokens: int,
                    stop_check: StopCheck | None = None, on_step: StepCallback | None = None) -> None:
         self._prompt_lengths = list(prompt_lengths)
-        self._eos_id = eos_id
+        self._end_ids = torch.tensor(list(end_ids), dtype=torch.long)
         self._max_new_tokens = max_new_tokens
         self._stop_check = stop_check
         self._on_step = on_step
@@ -95,8 +95,8 @@ class RolloutController(TextGenerationController):
         generated_sequence_lengths = generated_sequence_lengths + generating  # the new token counts, always
         ends = generated_sequence_lengths >= self._max_new_tokens
         latest = updated_prompts_tokens[:, current_context_end_position]
-        if self._eos_id is not None:
-            ends = ends | (latest == self._eos_id)
+        if len(self._end_ids):
+            ends = ends | torch.isin(latest, self._end_ids.to(latest.device))
         if self._stop_check is not None:
             for row in torch.nonzero(generating & ~ends).flatten().tolist():
                 start = self._prompt_lengths[row]

@@ -110,7 +110,7 @@ class DynamicBackend:
         self,
         prompts: Sequence[Sequence[int]],
         sampling: SamplingConfig,
-        eos_id: int | None,
+        end_ids: Sequence[int],
         stop_check,
         on_step: StepCallback | None,
     ) -> list[RawSample]:
@@ -150,12 +150,16 @@ class DynamicBackend:
         engine = DynamicInferenceEngine(controller, context, random_seed=self._seed)
 
         params = sampling.megatron_params()
-        params.termination_id = -1 if eos_id is None else eos_id
+        params.termination_id = end_ids[0] if end_ids else -1
         if sampling.stop:
             params.stop_words = list(sampling.stop)  # token-level early stop; the exact cut is made afterwards
         try:
             for i, prompt in enumerate(prompts):
                 engine.add_request(i, list(prompt), params)
+                # The engine takes one termination id; the other end ids (a turn-end token) stop a request
+                # as one-token stop words, which keep the token, like the termination id.
+                request = engine.get_request(i)
+                request.stop_word_ids = [*(request.stop_word_ids or []), *([t] for t in end_ids[1:])]
             records = []
             while engine.has_unfinished_requests():
                 result = engine.step_modern()

@@ -47,7 +47,7 @@ class RolloutEngine:
         model: torch.nn.Module,
         tokenizer=None,
         *,
-        eos_id: int | None = None,
+        end_ids: Sequence[int] | None = None,
         vocab_size: int | None = None,
         max_tokens_in_flight: int = 32768,
         max_batch_size: int = 256,
@@ -59,9 +59,10 @@ class RolloutEngine:
         """
         Args:
             model: the GPTModel to sample from (a DDP-wrapped one is unwrapped; the weights are shared).
-            tokenizer: a :class:`megatron_grm.data.tokenizer.Tokenizer`; gives text, EOS, stop strings and
-                the real vocabulary size (padding rows of the embedding are never sampled).
-            eos_id: the end-of-sequence id; defaults to the tokenizer's. None without a tokenizer: no EOS.
+            tokenizer: a :class:`megatron_grm.data.tokenizer.Tokenizer`; gives text, end ids, stop strings
+                and the real vocabulary size (padding rows of the embedding are never sampled).
+            end_ids: the ids that end a sample (EOS, a chat template's turn-end token); defaults to the
+                tokenizer's ``end_ids``. None without a tokenizer: samples end only at stop strings or length.
             vocab_size: real vocabulary size (ids >= it are never sampled); defaults to the tokenizer's.
             max_tokens_in_flight: cap on KV-cache positions held at once (memory bound; static: waves).
             max_batch_size: cap on sequences decoded together.
@@ -84,7 +85,9 @@ class RolloutEngine:
         self.model = unwrap_model(model)
         self.source_model = source_model
         self.tokenizer = tokenizer
-        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        if end_ids is None:
+            end_ids = tokenizer.end_ids if tokenizer is not None else ()
+        self.end_ids = tuple(int(t) for t in end_ids)
         self.vocab_limit = vocab_size if vocab_size is not None else (
             tokenizer.vocab_size if tokenizer is not None else None)
         if self.vocab_limit is not None and self.vocab_limit > self.model.vocab_size:
@@ -95,7 +98,7 @@ class RolloutEngine:
         self.progress = progress
         self.last_logprob_diff: float | None = None
 
-        pad_id = self.eos_id if self.eos_id is not None else 0
+        pad_id = self.end_ids[0] if self.end_ids else 0
         shim = TokenizerShim(pad_id, getattr(tokenizer, "bos_id", None),
                              tokenizer.encode if tokenizer is not None else None)
         unsupported = (dynamic_unsupported(self.model, flash_attn_required=backend == "auto")
@@ -140,7 +143,7 @@ class RolloutEngine:
                 log.warning("a prompt of %d tokens + max_new_tokens=%d exceeds max_tokens_in_flight=%d; it runs "
                             "in a wave of its own", max(lengths), sampling.max_new_tokens, self.max_tokens_in_flight)
 
-        eos = None if sampling.ignore_eos else self.eos_id
+        end_ids = () if sampling.ignore_eos else self.end_ids
         stop_check = self._stop_check(sampling.stop)
         raw: list[tuple[list[int], list[float]] | None] = [None] * len(requests)
         was_training = self.model.training
@@ -150,7 +153,7 @@ class RolloutEngine:
             # Decode steps of a few rows can run neither TE's FP8 GEMMs nor Megatron's sequence parallelism.
             with fp8_suspended(self.model), sequence_parallel_off(self.model):
                 for wave in waves:
-                    out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave], sampling, eos,
+                    out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave], sampling, end_ids,
                                                      stop_check, bar.step)
                     for r, result in zip(wave, out):
                         raw[r] = result
@@ -158,7 +161,7 @@ class RolloutEngine:
             bar.close()
             self.model.train(was_training)
 
-        samples = [self._to_sample(prompts, i, j, raw[k], eos, sampling) for k, (i, j) in enumerate(requests)]
+        samples = [self._to_sample(prompts, i, j, raw[k], end_ids, sampling) for k, (i, j) in enumerate(requests)]
         if self.debug_logprobs:
             self.check_logprobs(samples)
         return samples
@@ -202,14 +205,16 @@ class RolloutEngine:
         decode = stop_text_decoder(self.tokenizer)
         return lambda generated: tail_has_stop(generated[-window:], stop, decode)
 
-    def _to_sample(self, prompts, i: int, j: int, raw, eos: int | None, sampling: SamplingConfig) -> Sample:
+    def _to_sample(self, prompts, i: int, j: int, raw, end_ids: Sequence[int], sampling: SamplingConfig) -> Sample:
         tokens, logprobs = raw
         decode = stop_text_decoder(self.tokenizer) if self.tokenizer is not None else None
-        keep, reason = finish(tokens, eos, sampling.stop, decode)
+        keep, reason = finish(tokens, end_ids, sampling.stop, decode)
         tokens, logprobs = tokens[:keep], logprobs[:keep]
         if len(logprobs) != len(tokens):
             raise RuntimeError(f"prompt {i}: {len(tokens)} tokens but {len(logprobs)} log-probabilities")
-        text = self._decode(tokens) if self.tokenizer is not None else None
+        # The text leaves out the end id (a SentencePiece turn-end piece would otherwise read as text).
+        ended = bool(tokens) and tokens[-1] in end_ids
+        text = self._decode(tokens[:-1] if ended else tokens) if self.tokenizer is not None else None
         return Sample(prompt_index=i, sample_index=j, prompt_ids=list(prompts[i]), token_ids=tokens,
                       logprobs=logprobs, finish_reason=reason, text=text)
 

@@ -1,4 +1,4 @@
-"""Where a sample ends: at EOS, at the first stop string, or at max_new_tokens.
+"""Where a sample ends: at an end id (EOS, a turn-end token), at the first stop string, or at max_new_tokens.
 
 Pure functions over token ids and a ``decode`` callable, so the rule is the same for every backend and
 testable without a model. Stop strings are matched on decoded text (a stop string can span several
@@ -7,7 +7,7 @@ tokens, or end inside one); the sample keeps every token up to and including the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -43,12 +43,14 @@ def first_stop_end(token_ids: Sequence[int], stop: Sequence[str], decode: Decode
 
 
 def finish(
-    token_ids: Sequence[int], eos_id: int | None, stop: Sequence[str], decode: Decode | None
+    token_ids: Sequence[int], end_ids: Collection[int], stop: Sequence[str], decode: Decode | None
 ) -> tuple[int, str]:
-    """(number of generated tokens to keep, finish reason "stop" | "length")."""
+    """(number of generated tokens to keep, finish reason "stop" | "length"); the sample ends at its first
+    end id (kept), or where a stop string first completes."""
     keep, reason = len(token_ids), "length"
-    if eos_id is not None and eos_id in token_ids:
-        keep, reason = list(token_ids).index(eos_id) + 1, "stop"
+    first_end = next((k for k, token in enumerate(token_ids) if token in end_ids), None)
+    if first_end is not None:
+        keep, reason = first_end + 1, "stop"
     if stop and decode is not None:
         k = first_stop_end(token_ids[:keep], stop, decode)
         if k is not None:

@@ -21,8 +21,8 @@ class SamplingConfig:
     ``top_p`` = 1.0 mean "off"; Megatron-Core's sampler applies one of the two, never both, so setting
     both is an error here rather than a silent choice there. ``stop`` strings end a sample once its
     decoded text contains one (the string is kept, like EOS); they need a tokenizer. ``ignore_eos``
-    generates past EOS (benchmarks). ``seed`` makes a call reproducible: the same prompts, settings and
-    seed give the same samples.
+    generates past EOS and every other end id (benchmarks). ``seed`` makes a call reproducible: the same
+    prompts, settings and seed give the same samples.
     """
 
     max_new_tokens: int = 256

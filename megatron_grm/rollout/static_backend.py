@@ -157,7 +157,7 @@ class StaticBackend:
         self,
         prompts: Sequence[Sequence[int]],
         sampling: SamplingConfig,
-        eos_id: int | None,
+        end_ids: Sequence[int],
         stop_check: StopCheck | None,
         on_step: StepCallback | None,
     ) -> list[RawSample]:
@@ -175,7 +175,7 @@ class StaticBackend:
         self.wrapper.key_padding = key_padding
         self.wrapper.shared_rows = shared_rows
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
-        self.controller.begin_wave([len(p) for p in prompts], eos_id, sampling.max_new_tokens, stop_check, on_step)
+        self.controller.begin_wave([len(p) for p in prompts], end_ids, sampling.max_new_tokens, stop_check, on_step)
         params = sampling.megatron_params()
         params.return_log_probs = False  # the controller takes them per step (see controller.py)
         requests = OrderedDict(

@@ -232,3 +232,61 @@ def test_a_chat_template_refusing_the_conversation_is_a_prompt_error(tmp_path: P
     with pytest.raises(TokenizationError) as err:
         tokenizer.encode_example(CONVERSATIONS[1], "Paris is right.")
     assert err.value.part == "prompt" and "System role not supported" in err.value.reason
+
+
+GEMMA_STYLE_TURNS = (
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("layout", ["gemma-it", "chatml-base"])
+def test_a_turn_end_token_other_than_eos_ends_the_trained_response(tmp_path: Path, smollm2_tokenizer_dir: Path,
+                                                                    layout: str):
+    """Gemma-2-it closes a turn with <end_of_turn>, a base ChatML model's EOS is <|endoftext|> while its
+    template closes turns with <|im_end|>: the response must end there (where rollouts stop), not go on
+    with the template's newline and an appended EOS that generation would never reach."""
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    library.eos_token = "<|endoftext|>"
+    turn_end = "<|im_end|>"
+    if layout == "gemma-it":
+        library.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        library.chat_template = GEMMA_STYLE_TURNS
+        turn_end = "<end_of_turn>"
+    library.save_pretrained(str(tmp_path / layout))
+    tokenizer = load_tokenizer(tmp_path / layout)
+    turn_end_id = library.convert_tokens_to_ids(turn_end)
+    assert tokenizer.eos_id == library.convert_tokens_to_ids("<|endoftext|>") != turn_end_id
+    assert tokenizer.end_ids == (tokenizer.eos_id, turn_end_id)
+
+    conversation = CONVERSATIONS[0]
+    ids, mask = tokenizer.encode_example(conversation, "Four.")
+    response = [i for i, m in zip(ids, mask) if m]
+    assert tokenizer.decode(response) == "Four." + turn_end
+    assert tokenizer.eos_id not in response
+    # The template's own tokenization, less the newline that separates turns.
+    template_ids = _ids(library.apply_chat_template([*conversation, {"role": "assistant", "content": "Four."}]))
+    assert ids == template_ids[:-1] and library.decode(template_ids[-1:]) == "\n"
+
+
+def test_plain_text_turn_ends_add_no_end_id(mistral_sentencepiece_models: list[Path]):
+    # A Mistral vocabulary spells Gemma's <end_of_turn> in several plain pieces: only EOS ends a turn.
+    assert load_tokenizer(mistral_sentencepiece_models[0]).end_ids == (load_tokenizer(
+        mistral_sentencepiece_models[0]).eos_id,)
+    assert CharTokenizer().end_ids == (CharTokenizer().eos_id,)
+
+
+def test_a_sentencepiece_turn_end_piece_ends_the_trained_response(tmp_path: Path):
+    """Gemma's tokenizer.model holds <end_of_turn> as a user-defined piece, which the Gemma chat format
+    closes each turn with: like EOS, it ends the response and rollouts."""
+    text = ["The quick brown fox jumps over the lazy dog.", "Four is the answer.", "What is two plus two?"] * 40
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(tmp_path / "gemma-like"), vocab_size=40,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], bos_id=2, eos_id=1, pad_id=0, unk_id=3)
+    tokenizer = load_tokenizer(tmp_path / "gemma-like.model")
+    end_of_turn = tokenizer.sp.piece_to_id("<end_of_turn>")
+    assert tokenizer.end_ids == (tokenizer.eos_id, end_of_turn)
+    ids, mask = tokenizer.encode_example(CONVERSATIONS[0], "Four.")
+    response = [i for i, m in zip(ids, mask) if m]
+    assert response[-1] == end_of_turn and tokenizer.eos_id not in response
+    assert tokenizer.decode(response) == "Four.<end_of_turn>"

@@ -28,3 +28,6 @@ def test_dynamic_engine_samples_with_logprobs_that_match_training(tmp_path):
     # Same argmax as the static engine at least for the first tokens (bf16 near-ties may flip later ones).
     for dyn, sta in zip(out["dynamic_greedy"], out["static_greedy"]):
         assert dyn[:4] == sta[:4]
+    ended = out["second_end_id"]
+    assert ended["got"] == ended["expected"] and ended["finish"] == "stop"
+    assert ended["n_logprobs"] == len(ended["got"])

@@ -202,12 +202,13 @@ def test_token_capped_waves_give_the_same_greedy_output(run):
     assert run["waves_greedy"] == [g for g in run["greedy"] for _ in range(2)]
 
 
-def test_eos_ends_a_sample_and_is_kept(run):
-    eos = run["eos"]
+def test_an_end_id_ends_a_sample_and_is_kept_out_of_its_text(run):
+    eos = run["eos"]  # the engine stops at EOS or at a second end id, here a token greedy decoding reaches
     assert eos["got"] == eos["expected"]
     assert eos["got"][-1] == eos["token"]
     assert eos["finish"] == "stop"
     assert eos["n_logprobs"] == len(eos["got"])
+    assert eos["text"] == eos["text_before_end"]  # a plain-text end piece is not read as the judgment's text
 
 
 def test_stop_string_ends_a_sample_where_it_completes(run):

@@ -67,27 +67,33 @@ def test_sample_sequence_and_logprob_sum():
 
 # ------------------------------------------------------------------------------------------ finish
 def test_eos_cuts_after_its_first_occurrence():
-    assert finish([5, 6, 2, 7, 2], eos_id=2, stop=(), decode=None) == (3, "stop")
+    assert finish([5, 6, 2, 7, 2], end_ids=(2,), stop=(), decode=None) == (3, "stop")
+
+
+def test_the_first_of_several_end_ids_ends_the_sample():
+    # Gemma-2-it: EOS and <end_of_turn> both end a turn, whichever comes first.
+    assert finish([5, 107, 6, 1], end_ids=(1, 107), stop=(), decode=None) == (2, "stop")
+    assert finish([5, 6, 1, 107], end_ids=(1, 107), stop=(), decode=None) == (3, "stop")
 
 
 def test_no_eos_and_no_stop_means_length():
-    assert finish([5, 6, 7], eos_id=2, stop=(), decode=None) == (3, "length")
-    assert finish([5, 6, 7], eos_id=None, stop=("zz",), decode=chars) == (3, "length")
+    assert finish([5, 6, 7], end_ids=(2,), stop=(), decode=None) == (3, "length")
+    assert finish([5, 6, 7], end_ids=(), stop=("zz",), decode=chars) == (3, "length")
 
 
 def test_stop_string_spanning_tokens_is_kept_whole():
     ids = codes("Scores: \\boxed{3, 7} trailing")
-    keep, reason = finish(ids, eos_id=None, stop=("}",), decode=chars)
+    keep, reason = finish(ids, end_ids=(), stop=("}",), decode=chars)
     assert (chars(ids[:keep]), reason) == ("Scores: \\boxed{3, 7}", "stop")
-    keep, _ = finish(ids, eos_id=None, stop=("7} t", "xyz"), decode=chars)
+    keep, _ = finish(ids, end_ids=(), stop=("7} t", "xyz"), decode=chars)
     assert chars(ids[:keep]) == "Scores: \\boxed{3, 7} t"
 
 
 def test_earliest_of_eos_and_stop_wins():
     ids = codes("ab") + [2] + codes("cd")
-    assert finish(ids, eos_id=2, stop=("c",), decode=chars) == (3, "stop")
+    assert finish(ids, end_ids=(2,), stop=("c",), decode=chars) == (3, "stop")
     ids = codes("abcd") + [2]
-    assert finish(ids, eos_id=2, stop=("bc",), decode=chars) == (3, "stop")
+    assert finish(ids, end_ids=(2,), stop=("bc",), decode=chars) == (3, "stop")
 
 
 def test_stop_inside_a_multi_character_token():
@@ -148,7 +154,7 @@ def test_a_stop_string_that_is_a_special_token_ends_the_sample(smollm2_tokenizer
     tokenizer = load_tokenizer(smollm2_tokenizer_dir)
     ids = tokenizer.encode("Scores: \\boxed{3, 7}<|im_end|>\nmore text")
     end = ids.index(tokenizer.encode("<|im_end|>")[0]) + 1
-    assert finish(ids, None, ("<|im_end|>",), stop_text_decoder(tokenizer)) == (end, "stop")
+    assert finish(ids, (), ("<|im_end|>",), stop_text_decoder(tokenizer)) == (end, "stop")
     assert tail_has_stop(ids[:end], ("<|im_end|>",), stop_text_decoder(tokenizer))
     skipped = lambda t: tokenizer.decode(list(t), skip_special=True)  # noqa: E731  what the engine used before
-    assert finish(ids, None, ("<|im_end|>",), skipped)[1] == "length"
+    assert finish(ids, (), ("<|im_end|>",), skipped)[1] == "length"

@@ -44,7 +44,14 @@ def main() -> None:
     s = static.generate(prompts, sampling=greedy)
     sampled = dynamic.generate(prompts, n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
     again = dynamic.generate(prompts, n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    # A second end id (a turn-end token) ends a request too, as Megatron's one-token stop word.
+    k = max(range(len(d)), key=lambda i: len(d[i].token_ids))
+    turn_end = d[k].token_ids[3]
+    ended = RolloutEngine(model, tok, backend="dynamic", end_ids=(tok.eos_id, turn_end)).generate(
+        prompts[k:k + 1], sampling=greedy)[0]
     out = {
+        "second_end_id": {"expected": d[k].token_ids[:d[k].token_ids.index(turn_end) + 1], "got": ended.token_ids,
+                          "finish": ended.finish_reason, "n_logprobs": len(ended.logprobs)},
         "backend": dynamic.backend.name,
         "dynamic_greedy": [x.token_ids for x in d], "static_greedy": [x.token_ids for x in s],
         "lengths_match_logprobs": all(len(x.token_ids) == len(x.logprobs) for x in d + sampled),

@@ -311,10 +311,11 @@ def main() -> None:
     # 5. EOS and stop strings end a sample (the terminating token / string is kept); else "length".
     k = next(i for i, t in enumerate(out["greedy"]) if len(t) >= 6)
     eos_tok = out["greedy"][k][4]
-    eos_engine = RolloutEngine(model, tok, eos_id=eos_tok)
+    eos_engine = RolloutEngine(model, tok, end_ids=(tok.eos_id, eos_tok))  # EOS and a turn-end id
     e = eos_engine.generate(prompts[k:k + 1], sampling=greedy)[0]
     out["eos"] = {"token": eos_tok, "expected": out["greedy"][k][: out["greedy"][k].index(eos_tok) + 1],
-                  "got": e.token_ids, "finish": e.finish_reason, "n_logprobs": len(e.logprobs)}
+                  "got": e.token_ids, "finish": e.finish_reason, "n_logprobs": len(e.logprobs), "text": e.text,
+                  "text_before_end": tok.decode(e.token_ids[:-1], skip_special=True)}
     decode = lambda ids: tok.decode(ids, skip_special=True)  # noqa: E731
     k = max(range(len(prompts)), key=lambda i: len(decode(out["greedy"][i])))
     text = decode(out["greedy"][k])
