@@ -1,0 +1,39 @@
+"""parallel/lazy_compile.py: Megatron-Core imports without TorchDynamo; its fused kernels still compile, with
+their own options, at their first call."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from megatron_grm.parallel.lazy_compile import lazy_compile
+from tests.conftest import REPO, REPO_PYTHONPATH
+
+
+def test_importing_the_package_imports_megatron_core_but_not_torchdynamo():
+    code = ("import sys, megatron_grm; from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
+            "from megatron.core.jit import jit_fuser; "
+            "print('megatron.core' in sys.modules, 'torch._dynamo' in sys.modules, jit_fuser.__qualname__)")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": REPO_PYTHONPATH, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "lazy_compile.<locals>.compile_later"]
+
+
+def test_a_deferred_function_is_compiled_once_at_its_first_call_with_its_options():
+    compiled: list[tuple[object, dict]] = []
+
+    def real_compile(fn, **options):
+        compiled.append((fn, options))
+        return lambda *args, **kwargs: ("compiled", fn(*args, **kwargs))
+
+    def add(x, y=1):
+        return x + y
+
+    deferred = lazy_compile(real_compile)
+    plain = deferred(add)
+    decorated = deferred(fullgraph=True)(add)  # the @torch.compile(...) form
+    assert compiled == [] and plain.__name__ == "add"
+    assert plain(2, y=3) == ("compiled", 5) and plain(1) == ("compiled", 2)
+    assert decorated(4) == ("compiled", 5)
+    assert compiled == [(add, {}), (add, {"fullgraph": True})]
