@@ -72,6 +72,18 @@ def read_json(path: str | Path):
 PIPELINE_FILES = ("tests/grpo/test_grpo_stage.py", "tests/pipeline/test_demo.py", "tests/stages/test_rft.py")
 
 
+# Seconds a file took in a full run on 2 cores (pytest --durations=0, 2026-12-01), for the files over 40 s.
+LONG_FILES = {
+    "tests/train/test_checkpointing.py": 238, "tests/tools/test_convert_smollm2.py": 161,
+    "tests/models/test_hf_conversion_families.py": 130, "tests/tools/test_export_defaults_and_inputs.py": 128,
+    "tests/train/test_parallel_equivalence.py": 122, "tests/stages/test_metarm.py": 114,
+    "tests/train/test_nonfinite_and_signals.py": 113, "tests/rollout/test_rollout_engine.py": 83,
+    "tests/tools/test_convert_cli.py": 81, "tests/stages/test_evaluate.py": 59,
+    "tests/train/test_loss_positions.py": 53, "tests/plan/test_planner.py": 53, "tests/tools/test_gpu_check.py": 43,
+    "tests/grpo/test_grpo_math.py": 40,
+}
+
+
 def scheduling_unit(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     if path in PIPELINE_FILES or path.startswith("tests/slurm/"):
@@ -99,9 +111,11 @@ def pytest_collection_modifyitems(config, items):
     if readers:
         raise pytest.UsageError(f"{readers} use the `pipeline` fixture: add them to PIPELINE_FILES in "
                                 "tests/conftest.py (else each xdist worker would run the demo pipeline)")
-    # The pipeline unit first, and in it the tests that take the demo run first; stable otherwise.
+    # The pipeline unit first, and in it the tests that take the demo run first; then the longest files, so
+    # that the files left when one worker runs dry are short ones; stable otherwise.
     items.sort(key=lambda item: (scheduling_unit(item.nodeid) != "pipeline",
-                                 "pipeline" not in getattr(item, "fixturenames", ())))
+                                 "pipeline" not in getattr(item, "fixturenames", ()),
+                                 -LONG_FILES.get(scheduling_unit(item.nodeid), 0)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (GPU-only path)")
