@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,8 +53,9 @@ def compile_deferred() -> Iterator[None]:
 
 
 def import_megatron_core() -> None:
-    """Import Megatron-Core with its fused kernels compiled lazily; a no-op once it is imported."""
-    if "megatron.core" in sys.modules:
+    """Import Megatron-Core with its fused kernels compiled lazily; a no-op once it is imported, or where it
+    is not installed (the parts that need it then fail on their own import, naming it)."""
+    if "megatron.core" in sys.modules or importlib.util.find_spec("megatron") is None:
         return
     with compile_deferred():
         import megatron.core  # noqa: F401
