@@ -36,10 +36,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
 from megatron_grm.data.readers.common import UTF8_BOM
@@ -52,6 +51,19 @@ from megatron_grm.data.tokenizer import (
 )
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+
+def _indexed() -> Any:
+    """Megatron-Core's indexed_dataset module, imported on first use (through parallel/lazy_compile.py)."""
+    from megatron_grm.parallel.lazy_compile import import_megatron_core
+
+    import_megatron_core()
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
 
 FORMAT = "megatron-grm/prompt-response/v1"
 TOKENS = "tokens"
@@ -286,8 +298,8 @@ def _convert_chunk(chunk: Chunk) -> dict[str, Any]:
     """Worker: one chunk → one shard pair + rejects file, then the done marker (last, atomically)."""
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     shard = _WORKER["shard_dir"] / chunk.name
-    token_builder = IndexedDatasetBuilder(f"{shard}.{TOKENS}.bin", dtype=_WORKER["token_dtype"])
-    mask_builder = IndexedDatasetBuilder(f"{shard}.{LOSS_MASK}.bin", dtype=MASK_DTYPE)
+    token_builder = _indexed().IndexedDatasetBuilder(f"{shard}.{TOKENS}.bin", dtype=_WORKER["token_dtype"])
+    mask_builder = _indexed().IndexedDatasetBuilder(f"{shard}.{LOSS_MASK}.bin", dtype=MASK_DTYPE)
     stats: Counter[str] = Counter()
     by_field: Counter[str] = Counter()
     with open(f"{shard}.{REJECTS}", "w") as rejects:
@@ -374,7 +386,7 @@ def preprocess(config: PreprocessConfig, max_chunks: int | None = None) -> Prepr
         log.info("resuming %s: %d of %d chunks already converted", out, len(done), len(chunks))
     if max_chunks is not None:
         pending = pending[:max_chunks]
-    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    token_dtype = _indexed().DType.optimal_dtype(tokenizer.vocab_size)
     init_args = (tokenizer, str(shard_dir), token_dtype, config.chat, config.max_tokens)
     records_run = tokens_run = 0
     total_lines = sum(s.lines for s in sources)
@@ -408,7 +420,7 @@ def _run_chunks(pending: list[Chunk], workers: int, init_args: tuple) -> Iterato
 def _append_shard(builder: IndexedDatasetBuilder, prefix: Path) -> None:
     """``IndexedDatasetBuilder.add_index`` without its per-call ``gc.collect()``, which costs ~0.2 s
     with torch loaded — minutes over thousands of shards."""
-    shard = IndexedDataset(str(prefix), mmap=False)  # an all-rejects chunk has an empty .bin: no mmap
+    shard = _indexed().IndexedDataset(str(prefix), mmap=False)  # an all-rejects chunk has an empty .bin: no mmap
     if shard.index.dtype != builder.dtype:
         raise ValueError(f"{prefix}: dtype {shard.index.dtype} differs from {builder.dtype}")
     offset = len(builder.sequence_lengths)
@@ -426,8 +438,8 @@ def _merge(out: Path, chunks: list[Chunk], sources: list[_Source], tokenizer: To
     counts: Counter[str] = Counter()
     by_field: Counter[str] = Counter()
     per_source: list[Counter[str]] = [Counter() for _ in sources]  # records, documents per input
-    token_builder = IndexedDatasetBuilder(str(out / f"{TOKENS}.bin"), dtype=token_dtype)
-    mask_builder = IndexedDatasetBuilder(str(out / f"{LOSS_MASK}.bin"), dtype=MASK_DTYPE)
+    token_builder = _indexed().IndexedDatasetBuilder(str(out / f"{TOKENS}.bin"), dtype=token_dtype)
+    mask_builder = _indexed().IndexedDatasetBuilder(str(out / f"{LOSS_MASK}.bin"), dtype=MASK_DTYPE)
     with open(out / REJECTS, "wb") as rejects:
         for chunk in chunks:
             stats = json.loads((shard_dir / f"{chunk.name}.done.json").read_text())
@@ -480,8 +492,8 @@ class PreprocessedDataset:
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest}: field 'format' is {self.manifest.get('format')!r}, "
                              f"expected {FORMAT!r}")
-        self.tokens = IndexedDataset(str(self.folder / self.manifest["layout"]["tokens"]))
-        self.loss_mask = IndexedDataset(str(self.folder / self.manifest["layout"]["loss_mask"]))
+        self.tokens = _indexed().IndexedDataset(str(self.folder / self.manifest["layout"]["tokens"]))
+        self.loss_mask = _indexed().IndexedDataset(str(self.folder / self.manifest["layout"]["loss_mask"]))
         if not np.array_equal(self.tokens.sequence_lengths, self.loss_mask.sequence_lengths):
             raise ValueError(f"{self.folder}: tokens and loss_mask sequence lengths differ")
 

@@ -10,8 +10,8 @@ from megatron_grm.parallel.lazy_compile import lazy_compile
 from tests.conftest import REPO, REPO_PYTHONPATH
 
 
-def test_importing_the_package_imports_megatron_core_but_not_torchdynamo():
-    code = ("import sys, megatron_grm; from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
+def test_importing_the_parallel_package_imports_megatron_core_but_not_torchdynamo():
+    code = ("import sys, megatron_grm.parallel; from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
             "from megatron.core.jit import jit_fuser; "
             "print('megatron.core' in sys.modules, 'torch._dynamo' in sys.modules, jit_fuser.__qualname__)")
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO,
@@ -37,3 +37,13 @@ def test_a_deferred_function_is_compiled_once_at_its_first_call_with_its_options
     assert plain(2, y=3) == ("compiled", 5) and plain(1) == ("compiled", 2)
     assert decorated(4) == ("compiled", 5)
     assert compiled == [(add, {}), (add, {"fullgraph": True})]
+
+
+def test_stage_and_preprocessing_entry_points_import_megatron_core_lazily():
+    modules = ["megatron_grm.stages.sft", "megatron_grm.stages.grpo", "megatron_grm.stages.evaluate",
+               "megatron_grm.models.hf_convert", "megatron_grm.data.preprocess"]
+    code = f"import sys, {', '.join(modules)}; print('torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": REPO_PYTHONPATH, "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False"]
