@@ -96,7 +96,9 @@ class RolloutController(TextGenerationController):
         ends = generated_sequence_lengths >= self._max_new_tokens
         latest = updated_prompts_tokens[:, current_context_end_position]
         if len(self._end_ids):
-            ends = ends | torch.isin(latest, self._end_ids.to(latest.device))
+            if self._end_ids.device != latest.device:  # once per wave, not a host-to-device copy per step
+                self._end_ids = self._end_ids.to(latest.device)
+            ends = ends | torch.isin(latest, self._end_ids)
         if self._stop_check is not None:
             for row in torch.nonzero(generating & ~ends).flatten().tolist():
                 start = self._prompt_lengths[row]

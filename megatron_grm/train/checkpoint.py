@@ -43,7 +43,8 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return folder
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -76,9 +77,9 @@ def save_checkpoint(
     torch.save(per_rank_state, os.path.join(tmp, f"rank_state_{rank:05d}.pt"))
     barrier()
     if is_rank0():
-        _write_atomically(os.path.join(tmp, MODEL_CONFIG), json.dumps(metadata, indent=2, sort_keys=True))
+        write_atomically(os.path.join(tmp, MODEL_CONFIG), json.dumps(metadata, indent=2, sort_keys=True))
         os.rename(tmp, final)
-        _write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
+        write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
         log.info("saved checkpoint %s", final)
     barrier()
     return final

@@ -24,10 +24,9 @@ def exit_for_requeue(detail: str = "") -> NoReturn:
     run_dir = os.environ.get("GRM_RUN_DIR")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if run_dir and rank == 0 and os.path.isdir(run_dir):
-        marker = os.path.join(run_dir, STOPPED_MARKER)
-        with open(marker + ".tmp", "w") as f:
-            f.write(f"{detail}\n")
-        os.replace(marker + ".tmp", marker)
+        from megatron_grm.train.checkpoint import write_atomically
+
+        write_atomically(os.path.join(run_dir, STOPPED_MARKER), f"{detail}\n")
     sys.exit(EXIT_CODE_PREEMPTED)
 
 
