@@ -17,6 +17,10 @@ three places invites three slightly different BOS/EOS and chat conventions, so t
   model must not learn to go on; otherwise EOS is appended). SentencePiece
   models cut the response out of the prompt+response encoding, so it has no dummy-prefix ``▁`` that
   the model would never produce right after the prompt.
+* Message content is data. A special token's string inside it (a judged response that contains
+  ``<|im_end|>``) is encoded as ordinary text, so it cannot close the turn or start a new one; only
+  what the chat template writes becomes special tokens. ``encode(text, literal=True)`` does the same
+  for a whole text. Where no content holds such a string, the ids are exactly the library's.
 * ``padded_vocab_size(tp)`` rounds the vocabulary up the way Megatron does (multiple of 128 x TP).
 
 ``load_tokenizer`` picks the implementation from what is on disk.
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -35,7 +41,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 Message = dict[str, str]
+Span = tuple[int, int]  # [start, end) character offsets of message content in a rendered text
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -147,6 +156,18 @@ class Tokenizer(ABC):
         """Whether ``token_id`` is a special (control) token rather than text; none by default."""
         return False
 
+    def _special_strings(self) -> Sequence[str]:
+        """The strings the library turns into special tokens wherever they occur in a text; none by default."""
+        return ()
+
+    def _encode_literal(self, text: str) -> list[int]:
+        """``text`` with special-token strings encoded as ordinary text."""
+        return self._encode(text)
+
+    def _encode_continuation(self, text: str) -> list[int]:
+        """``text`` as it is encoded after other text (no SentencePiece dummy prefix)."""
+        return self._encode(text)
+
     @cached_property
     def end_ids(self) -> tuple[int, ...]:
         """The ids that end the model's turn, EOS first: rollouts stop at any of them."""
@@ -168,9 +189,10 @@ class Tokenizer(ABC):
             return ids[0]
         return None
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Encode ``text``; BOS is prepended only if asked and not already there, EOS appended if asked."""
-        ids = self._encode(text)
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, literal: bool = False) -> list[int]:
+        """Encode ``text``; BOS is prepended only if asked and not already there, EOS appended if asked.
+        With ``literal`` the whole text is data: special-token strings in it are encoded as text."""
+        ids = self._encode_marked(text, [(0, len(text))] if literal else [])
         if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -189,15 +211,21 @@ class Tokenizer(ABC):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         return self.apply_chat(messages, add_generation_prompt=True)
 
-    def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = True) -> list[int]:
-        """Token ids of a generation prompt (for rollout), with this family's BOS convention."""
-        return self.encode(self.prompt_text(prompt, chat), add_bos=self.uses_bos)
+    def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = True, literal: bool = False) -> list[int]:
+        """Token ids of a generation prompt (for rollout), with this family's BOS convention. Chat-formatted,
+        message content is data (see the module docstring); a plain string with ``chat`` False is the model's
+        input as given, special-token strings included, unless ``literal``."""
+        if isinstance(prompt, str) and not chat:
+            return self.encode(prompt, add_bos=self.uses_bos, literal=literal)
+        text, spans = self._render_marked(self._as_messages(prompt), add_generation_prompt=True)
+        return self._with_bos(self._encode_marked(text, spans))
 
     def encode_example(
-        self, prompt: str | Sequence[Message], response: str, chat: bool = True
+        self, prompt: str | Sequence[Message], response: str, chat: bool = True, literal: bool = False
     ) -> tuple[list[int], list[int]]:
         """(ids, response_mask) of one training example; the mask is 1 on exactly the response tokens,
         which end with an end id (EOS unless the template closes the turn with another special token).
+        Special-token strings are read as in :meth:`encode_prompt`, in the response as in the prompt.
         Raises :class:`TokenizationError` naming the part that failed."""
         try:
             prompt_text = self.prompt_text(prompt, chat)
@@ -205,10 +233,12 @@ class Tokenizer(ABC):
             raise TokenizationError("prompt", str(err)) from err
         if isinstance(prompt, str) and not chat:
             response_text = response
+            prompt_spans = [(0, len(prompt_text))] if literal else []
+            response_spans = [(0, len(response_text))] if literal else []
         else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages = [*self._as_messages(prompt), {"role": "assistant", "content": response}]
             try:
-                full = self.apply_chat([*messages, {"role": "assistant", "content": response}], False)
+                full, spans = self._render_marked(messages, add_generation_prompt=False)
             except ValueError as err:
                 raise TokenizationError("prompt", str(err)) from err
             if not full.startswith(prompt_text):
@@ -216,12 +246,15 @@ class Tokenizer(ABC):
                     "response", "the chat template renders the prompt differently once a response follows, "
                     "so prompt and response cannot be split")
             response_text = full[len(prompt_text):]
+            cut = len(prompt_text)
+            prompt_spans = [(a, b) for a, b in spans if b <= cut]
+            response_spans = [(a - cut, b - cut) for a, b in spans if a >= cut]
         try:
-            prompt_ids = self.encode(prompt_text, add_bos=self.uses_bos)
+            prompt_ids = self._with_bos(self._encode_marked(prompt_text, prompt_spans))
         except ValueError as err:
             raise TokenizationError("prompt", str(err)) from err
         try:
-            response_ids = self._encode_response(prompt_text, response_text)
+            response_ids = self._encode_response(prompt_text, response_text, prompt_spans, response_spans)
         except ValueError as err:
             raise TokenizationError("response", str(err)) from err
         ends = [k for k, token in enumerate(response_ids) if token in self.end_ids]
@@ -235,10 +268,95 @@ class Tokenizer(ABC):
             response_ids.append(self.eos_id)
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
-    def _encode_response(self, prompt_text: str, response_text: str) -> list[int]:
+    def _encode_response(self, prompt_text: str, response_text: str, prompt_spans: Sequence[Span] = (),
+                         response_spans: Sequence[Span] = ()) -> list[int]:
         """The response's ids as they follow the prompt; encoding it on its own is exact for byte-level
         and character vocabularies (SentencePiece overrides this)."""
-        return self.encode(response_text)
+        return self._encode_marked(response_text, response_spans, at_start=False)
+
+    # ------------------------------------------------------------------ message content is data
+    @staticmethod
+    def _as_messages(prompt: str | Sequence[Message]) -> list[Message]:
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.uses_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        strings = sorted({s for s in self._special_strings() if s}, key=len, reverse=True)  # longest match wins
+        return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+    def _encode_marked(self, text: str, literal_spans: Sequence[Span], at_start: bool = True) -> list[int]:
+        """Encode ``text`` reading special-token strings inside ``literal_spans`` as ordinary text; a text
+        with no such string inside a span takes the library's own path, so its ids are the library's.
+        ``at_start`` says whether the text opens the sequence (SentencePiece's dummy prefix goes only there)."""
+        pattern = self._special_pattern
+        matches = [] if pattern is None or not literal_spans else list(pattern.finditer(text))
+        injected = [m for m in matches if any(a <= m.start() and m.end() <= b for a, b in literal_spans)]
+        if not injected:
+            return self._encode(text) if at_start else self._encode_continuation(text)
+        return self._encode_injected(text, [m for m in matches if m not in injected], at_start)
+
+    def _encode_injected(self, text: str, template: Sequence[re.Match[str]], at_start: bool) -> list[int]:
+        """Encode ``text`` with only the ``template`` special-token strings read as special tokens. The
+        library splits a text at special-token strings and encodes the pieces between them on their own;
+        this does the same, splitting only at the template's."""
+        ids: list[int] = []
+        pos = 0
+        for m in template:
+            if m.start() > pos:
+                ids += self._encode_literal(text[pos:m.start()])
+            ids += self._encode_continuation(m.group())  # the special token itself
+            pos = m.end()
+        if pos < len(text):
+            ids += self._encode_literal(text[pos:])
+        return ids
+
+    def _render_marked(self, messages: Sequence[Message], add_generation_prompt: bool) -> tuple[str, list[Span]]:
+        """The rendered conversation and where each message's content lies in it.
+
+        Only needed when some content holds a special-token string; the template's layout is found by
+        rendering the conversation with placeholders for the contents. A template that rewrites content
+        beyond trimming it cannot be aligned: its special-token strings are then read as the library reads
+        them, with a warning.
+        """
+        text = self.apply_chat(messages, add_generation_prompt)
+        pattern = self._special_pattern
+        if pattern is None or not any(pattern.search(m["content"]) for m in messages):
+            return text, []
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        layout = self.apply_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        pieces = re.split("\ue000(\\d+)\ue001", layout)  # template text, message index, template text, ...
+        spans = self._align(text, pieces, messages)
+        if spans is not None:
+            return text, spans
+        log.warning("the chat template rewrites message content, so special-token strings inside it cannot be "
+                    "told from the template's own and are encoded as special tokens")
+        return text, []
+
+    @staticmethod
+    def _align(text: str, pieces: Sequence[str], messages: Sequence[Message]) -> list[Span] | None:
+        """Content spans of ``text`` given the template's layout ``pieces`` (template text, message index,
+        template text, ...), each content as given or trimmed; None when ``text`` does not fit the layout."""
+        if len(pieces) < 3 or not text.startswith(pieces[0]):
+            return None
+        spans: list[Span] = []
+        pos = len(pieces[0])
+        for k in range(1, len(pieces), 2):
+            content, template = messages[int(pieces[k])]["content"], pieces[k + 1]
+            last = k + 2 == len(pieces)
+            for shown in (content, content.strip()):
+                end = pos + len(shown)
+                if text.startswith(shown, pos) and (text[end:] == template if last else text.startswith(template, end)):
+                    break
+            else:
+                return None
+            spans.append((pos, end))
+            pos = end + len(template)
+        return spans
 
 
 def _sha256_files(paths: Sequence[Path]) -> str:
@@ -280,6 +398,12 @@ class HFTokenizer(Tokenizer):
     def _is_special(self, token_id: int) -> bool:
         added = self.hf.added_tokens_decoder.get(token_id)
         return added is not None and added.special
+
+    def _special_strings(self) -> Sequence[str]:
+        return [token.content for token in self.hf.added_tokens_decoder.values() if token.special]
+
+    def _encode_literal(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
@@ -328,6 +452,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self.sp.get_piece_size()
         self.uses_bos = self.bos_id is not None
         self._sp_without_dummy_prefix: Any = None
+        self._sp_literal: Any = None
 
     def _encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
@@ -346,18 +471,63 @@ class SentencePieceTokenizer(Tokenizer):
         kinds = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
         return frozenset(i for i, piece in enumerate(proto.pieces) if piece.type in kinds)
 
-    def _encode_response(self, prompt_text: str, response_text: str) -> list[int]:
+    def _special_strings(self) -> Sequence[str]:
+        # Control pieces (<s>, </s>) are never matched in text; user-defined ones always are.
+        return [self.sp.id_to_piece(i) for i in self._control_and_user_defined if not self.sp.is_control(i)]
+
+    def _encode_injected(self, text: str, template: Sequence[re.Match[str]], at_start: bool) -> list[int]:
+        """The library's encoding of ``text``, with each user-defined piece that is not the template's
+        spelled out by a copy of the model that has those pieces marked unused (which encoding never
+        produces). Splitting the text instead would change how SentencePiece treats the whitespace at
+        each cut."""
+        model = self.sp if at_start else self._without_dummy_prefix()
+        offsets = {m.start() for m in template}
+        byte_at = [0]
+        for char in text:
+            byte_at.append(byte_at[-1] + len(char.encode()))
+        char_at = {b: i for i, b in enumerate(byte_at)}
+        ids: list[int] = []
+        for piece in model.encode(text, return_type="proto").pieces:
+            start = char_at.get(piece.begin)
+            if piece.id in self._control_and_user_defined and start is not None and start not in offsets:
+                ids += self._literal_model().encode(text[start:char_at[piece.end]], out_type=int)
+            else:
+                ids.append(piece.id)
+        return ids
+
+    def _encode_continuation(self, text: str) -> list[int]:
+        return list(self._without_dummy_prefix().encode(text, out_type=int))
+
+    def _encode_response(self, prompt_text: str, response_text: str, prompt_spans: Sequence[Span] = (),
+                         response_spans: Sequence[Span] = ()) -> list[int]:
         """The response's ids as the tokenizer gives them in context. Encoded on its own, a text gets the
         dummy prefix (Llama-2 / Mistral models): "Four." becomes "▁Four" where after the prompt's "\n"
         it is "F", "our" — a first token the model would never produce after the prompt. So the response
         is cut out of the prompt+response encoding. Where prompt and response merge into one piece at
         the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the response is
         encoded without the dummy prefix."""
-        prompt_ids = self._encode(prompt_text)
-        full_ids = self._encode(prompt_text + response_text)
+        shift = len(prompt_text)
+        prompt_ids = self._encode_marked(prompt_text, prompt_spans)
+        full_ids = self._encode_marked(prompt_text + response_text,
+                                       [*prompt_spans, *((a + shift, b + shift) for a, b in response_spans)])
         if full_ids[:len(prompt_ids)] == prompt_ids:
             return full_ids[len(prompt_ids):]
-        return list(self._without_dummy_prefix().encode(response_text, out_type=int))
+        return self._encode_marked(response_text, response_spans, at_start=False)
+
+    def _literal_model(self) -> Any:
+        """This model reading user-defined pieces as text, without the dummy prefix; built once."""
+        if self._sp_literal is None:
+            import sentencepiece
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.sp.serialized_model_proto())
+            for piece in proto.pieces:
+                if piece.type == proto.SentencePiece.USER_DEFINED:
+                    piece.type = proto.SentencePiece.UNUSED
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_literal = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._sp_literal
 
     def _without_dummy_prefix(self) -> Any:
         """This model with ``add_dummy_prefix`` off (built once; the model itself if it is already off)."""

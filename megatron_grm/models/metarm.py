@@ -146,12 +146,14 @@ def load_model_weights(model: torch.nn.Module, path: str) -> str:
 def metarm_input_ids(tokenizer, prompt: str, judgment: str, max_tokens: int) -> tuple[list[int], bool]:
     """Token ids of the MetaRM input for one judgment, and whether they had to be cut to ``max_tokens``.
 
-    ``prompt`` is the GRM prompt the judgment answered (as shown, chat formatting included). Too long an
-    input keeps its *end* (the judgment and the question), behind the BOS token when the family uses one.
+    ``prompt`` is the GRM prompt the judgment answered (as shown, chat formatting included). The whole
+    input is data the MetaRM reads, so special-token strings in it (the chat template's included) are
+    encoded as text: a judged response cannot end or restart the input. Too long an input keeps its *end*
+    (the judgment and the question), behind the BOS token when the family uses one.
     """
     from megatron_grm.spct import metarm_prompt
 
-    ids = tokenizer.encode(metarm_prompt(prompt, judgment), add_bos=tokenizer.uses_bos)
+    ids = tokenizer.encode(metarm_prompt(prompt, judgment), add_bos=tokenizer.uses_bos, literal=True)
     if len(ids) <= max_tokens:
         return ids, False
     head = ids[:1] if tokenizer.uses_bos and ids[:1] == [tokenizer.bos_id] else []

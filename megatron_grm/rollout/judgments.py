@@ -4,6 +4,9 @@ For each example and each of its ``n`` samples the responses are shown in a fres
 model cannot learn or exploit position), the judgment is generated with the rollout engine, parsed, its
 scores are mapped back to the original order and judged by Eq. 10. A malformed judgment is an incorrect
 judgment (reward −1), never an exception.
+
+The judged conversation and responses are data: a special token's string inside them (a response that
+writes ``<|im_end|>``) is encoded as text (:func:`encode_grm_prompt`), so it cannot end the GRM's turn.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ class JudgmentSample:
     example_index: int
     permutation: list[int]  # position k showed original response permutation[k]
     hinted: bool
-    prompt: str  # the prompt text shown (without the hint when hinted: what SFT trains on)
+    prompt: str  # the prompt text shown, chat formatting included (without the hint when hinted)
+    grm_prompt: str  # the same before chat formatting: what SFT trains on, encoded by encode_grm_prompt
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
@@ -34,11 +38,22 @@ class JudgmentSample:
     finish_reason: str
 
 
+def grm_prompt_text(example: Example, perm: Sequence[int], variant: str, hint: bool) -> str:
+    """The GRM template on the example with its responses in order ``perm`` (before chat formatting)."""
+    return build_prompt(permute_example(example, perm), variant=variant, hint=hint)
+
+
 def render_prompt(example: Example, perm: Sequence[int], variant: str, hint: bool, tokenizer, chat: bool) -> str:
-    """The text the model continues: the GRM template on the permuted example, chat-formatted if asked."""
-    shown = permute_example(example, perm)
-    text = build_prompt(shown, variant=variant, hint=hint)
+    """The text the model continues, chat-formatted if asked: for people and records; the ids come from
+    :func:`encode_grm_prompt`."""
+    text = grm_prompt_text(example, perm, variant, hint)
     return tokenizer.prompt_text(text, chat=chat) if chat else text
+
+
+def encode_grm_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a GRM prompt (or the judge baseline's): the conversation and responses in it are
+    data, so special-token strings inside them are encoded as text."""
+    return tokenizer.encode_prompt(text, chat=chat, literal=True)
 
 
 def sample_judgments(
@@ -61,8 +76,8 @@ def sample_judgments(
             if shuffle:
                 rng.shuffle(perm)
             requests.append((i, perm))
-    prompts = [render_prompt(examples[i], perm, variant, hint, tokenizer, chat) for i, perm in requests]
-    prompt_ids = [tokenizer.encode(p, add_bos=tokenizer.uses_bos) for p in prompts]
+    texts = [grm_prompt_text(examples[i], perm, variant, hint) for i, perm in requests]
+    prompt_ids = [encode_grm_prompt(tokenizer, text, chat) for text in texts]
     # Every request has its own prompt (own permutation): generate one sample each.
     samples: list[Sample] = engine.generate(prompt_ids, n=1, sampling=sampling)
     out = []
@@ -72,10 +87,10 @@ def sample_judgments(
         judgment = parse_judgment(text, example.num_responses)
         scores = unpermute_scores(judgment.scores, perm)
         correct = is_correct(scores, label=example.label)
-        plain_prompt = render_prompt(example, perm, variant, False, tokenizer, chat) if hint else None
+        trained = grm_prompt_text(example, perm, variant, False) if hint else texts[k]
         out.append(JudgmentSample(
             example_index=i, permutation=perm, hinted=hint,
-            prompt=plain_prompt if hint else prompts[k], prompt_ids=ids,
+            prompt=tokenizer.prompt_text(trained, chat=chat), grm_prompt=trained, prompt_ids=ids,
             token_ids=list(sample.token_ids), logprobs=list(sample.logprobs), text=text, scores=scores,
             shown_scores=judgment.scores, correct=correct, parse_error=judgment.error,
             finish_reason=sample.finish_reason,

@@ -39,7 +39,7 @@ import torch
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.rollout.judgments import render_prompt
+from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
     choice_scores,
@@ -195,11 +195,11 @@ def prompt_check(tokenizer: Tokenizer, s: EvalSettings, context_limit: int) -> C
 
     def unusable(example: Example) -> str | None:
         identity = list(range(example.num_responses))
-        prompts = [render_prompt(example, identity, s.variant, False, tokenizer, s.chat)]
+        prompts = [grm_prompt_text(example, identity, s.variant, False)]
         if s.judge_baseline and example.num_responses >= 2:
-            prompts.append(judge_prompt(example, identity, tokenizer, s.chat))
+            prompts.append(judge_prompt_text(example, identity))
         try:
-            lengths = [len(tokenizer.encode(p, add_bos=tokenizer.uses_bos)) for p in prompts]
+            lengths = [len(encode_grm_prompt(tokenizer, p, s.chat)) for p in prompts]
         except ValueError:
             return "untokenizable"
         return "too_long" if max(lengths) + s.max_new_tokens > context_limit else None
@@ -207,11 +207,11 @@ def prompt_check(tokenizer: Tokenizer, s: EvalSettings, context_limit: int) -> C
     return unusable
 
 
-def judge_prompt(example: Example, perm: Sequence[int], tokenizer: Tokenizer, chat: bool) -> str:
-    """The LLM-as-a-judge baseline's prompt (paper §5 baselines) on the responses in order ``perm``."""
+def judge_prompt_text(example: Example, perm: Sequence[int]) -> str:
+    """The LLM-as-a-judge baseline's prompt (paper §5 baselines) on the responses in order ``perm``, before
+    chat formatting (encoded like the GRM's, by ``encode_grm_prompt``)."""
     shown = permute_example(example, perm)
-    text = judge_baseline_prompt(shown.context, shown.responses)
-    return tokenizer.prompt_text(text, chat=chat) if chat else text
+    return judge_baseline_prompt(shown.context, shown.responses)
 
 
 # ------------------------------------------------------------------------------------------ draws
@@ -353,7 +353,7 @@ def _judge_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Exam
         perm = list(range(e.num_responses))
         rng.shuffle(perm)
         perms.append(perm)
-    prompts = [tokenizer.encode(judge_prompt(e, p, tokenizer, s.chat), add_bos=tokenizer.uses_bos)
+    prompts = [encode_grm_prompt(tokenizer, judge_prompt_text(e, p), s.chat)
                for e, p in zip(examples, perms)]
     samples = engine.generate(prompts, n=1, sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, greedy=True,
                                                                     seed=call_seed))

@@ -26,7 +26,7 @@ from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.device import use_cuda
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
-from megatron_grm.rollout.judgments import JudgmentSample, render_prompt, sample_judgments
+from megatron_grm.rollout.judgments import JudgmentSample, encode_grm_prompt, grm_prompt_text, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
@@ -248,8 +248,8 @@ def fitting_examples(examples: list[Example], tokenizer: Tokenizer, s: GRPOSetti
     """The examples whose prompt (responses in file order) leaves room for ``max_new_tokens`` judgment
     tokens within ``seq_length``; the rest are counted and left out, never discovered after a rollout."""
     def fits(example: Example) -> bool:
-        prompt = render_prompt(example, list(range(example.num_responses)), s.template, False, tokenizer, s.chat)
-        return len(tokenizer.encode(prompt, add_bos=tokenizer.uses_bos)) + s.max_new_tokens <= seq_length
+        prompt = grm_prompt_text(example, list(range(example.num_responses)), s.template, False)
+        return len(encode_grm_prompt(tokenizer, prompt, s.chat)) + s.max_new_tokens <= seq_length
 
     kept = [e for e in examples if fits(e)]
     if len(kept) < len(examples):

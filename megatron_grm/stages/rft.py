@@ -197,16 +197,27 @@ class LengthBucketedProducer(SampleBatchProducer):
 
 # ------------------------------------------------------------------------------------ rejective sampling
 def judgment_record(example: Example, example_index: int, shard: int, sample_index: int, judgment: JudgmentSample,
-                    kept: bool, too_easy: bool) -> dict[str, Any]:
+                    kept: bool, too_easy: bool, chat: bool) -> dict[str, Any]:
     """One line of a sample shard (docs/rft.md)."""
     return {
         "example_id": example.id, "example_index": example_index, "shard": shard, "sample_index": sample_index,
         "hinted": judgment.hinted, "permutation": judgment.permutation, "prompt": judgment.prompt,
+        "grm_prompt": judgment.grm_prompt, "chat": chat,
         "text": judgment.text, "scores": judgment.scores, "parse_error": judgment.parse_error,
         "correct": judgment.correct, "kept": kept, "too_easy": too_easy, "label": example.label,
         "num_responses": example.num_responses, "num_tokens": len(judgment.token_ids),
         "finish_reason": judgment.finish_reason,
     }
+
+
+def kept_judgment_ids(tokenizer: Tokenizer, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(ids, response mask) SFT trains on for a kept judgment: its plain GRM prompt, chat-formatted as it
+    was sampled, with the judged conversation read as data (``encode_grm_prompt``). Shards written before
+    records carried ``grm_prompt`` hold only the formatted text, which is encoded as it stands."""
+    if "grm_prompt" in record:
+        return tokenizer.encode_example(record["grm_prompt"], record["text"], chat=bool(record["chat"]),
+                                        literal=True)
+    return tokenizer.encode_example(record["prompt"], record["text"], chat=False)
 
 
 def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index: int, shard: int,
@@ -225,7 +236,8 @@ def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index
         group = plain[i * n:(i + 1) * n]
         too_easy = all(j.correct for j in group)
         for k, j in enumerate(group):
-            records.append(judgment_record(example, first_index + i, shard, k, j, j.correct and not too_easy, too_easy))
+            records.append(judgment_record(example, first_index + i, shard, k, j, j.correct and not too_easy, too_easy,
+                                           settings.chat))
         if not any(j.correct for j in group) and rng.random() < settings.hinted_fraction:
             hard.append(i)
     if hard:
@@ -234,7 +246,7 @@ def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index
         hinted = sample_judgments(engine, tokenizer, [examples[i] for i in hard], 1, hinted_sampling, rng,
                                   settings.variant, settings.chat, hint=True)
         for i, j in zip(hard, hinted):
-            records.append(judgment_record(examples[i], first_index + i, shard, n, j, j.correct, False))
+            records.append(judgment_record(examples[i], first_index + i, shard, n, j, j.correct, False, settings.chat))
     return sorted(records, key=lambda r: (r["example_index"], r["sample_index"]))
 
 
@@ -434,7 +446,7 @@ def train_rft(cfg: Any) -> Trainer:
         return trainer
 
     # 3. SFT on the kept judgments mixed with general instruction data; loss on the response tokens only.
-    judgments = [tokenizer.encode_example(r["prompt"], r["text"], chat=False) for r in records if r["kept"]]
+    judgments = [kept_judgment_ids(tokenizer, r) for r in records if r["kept"]]
     judgments = drop_too_long(judgments, t.seq_length, "kept judgments")
     instruction = []
     if data.get("instruction"):

@@ -38,7 +38,8 @@ def test_split_steps_refuses_to_drop_micro_batches():
 
 
 def _judgment(prompt: int, judgment: int, tag: str) -> JudgmentSample:
-    return JudgmentSample(example_index=0, permutation=[0, 1], hinted=False, prompt=tag, prompt_ids=[1] * prompt,
+    return JudgmentSample(example_index=0, permutation=[0, 1], hinted=False, prompt=tag, grm_prompt=tag,
+                          prompt_ids=[1] * prompt,
                           token_ids=[2] * judgment, logprobs=[-0.1] * judgment, text=tag, scores=[9, 1],
                           shown_scores=[9, 1], correct=True, parse_error=None, finish_reason="stop")
 
