@@ -10,13 +10,14 @@ three places invites three slightly different BOS/EOS and chat conventions, so t
 * ``end_ids`` are the ids that end the model's turn: EOS, and the special token the chat template
   closes an assistant turn with when that is another one (Gemma's ``<end_of_turn>``; ChatML's
   ``<|im_end|>`` under a base model's ``<|endoftext|>``). Rollouts stop at any of them.
-* :meth:`Tokenizer.encode_example` encodes prompt and response separately, so the response mask is
-  exact, and makes sure the response ends with an end id (once: templates that close the assistant
+* :meth:`Tokenizer.encode_example` keeps the prompt's own ids (the ones rollout conditions on) and
+  cuts the response's out of the prompt+response encoding, so the response mask is exact and a
+  SentencePiece-style response (a ``.model`` file or its Hugging Face ``Metaspace`` conversion, as for
+  Llama-2 and Mistral) has no dummy-prefix ``▁`` that the model would never produce right after the
+  prompt. It makes sure the response ends with an end id (once: templates that close the assistant
   turn with one already carry it, and what the template writes after it, such as the newline after
   ChatML's ``<|im_end|>`` or Gemma's ``<end_of_turn>``, is dropped: generation stops there, so the
-  model must not learn to go on; otherwise EOS is appended). SentencePiece
-  models cut the response out of the prompt+response encoding, so it has no dummy-prefix ``▁`` that
-  the model would never produce right after the prompt.
+  model must not learn to go on; otherwise EOS is appended).
 * Message content is data. A special token's string inside it (a judged response that contains
   ``<|im_end|>``) is encoded as ordinary text, so it cannot close the turn or start a new one; only
   what the chat template writes becomes special tokens. ``encode(text, literal=True)`` does the same
@@ -250,13 +251,14 @@ class Tokenizer(ABC):
             prompt_spans = [(a, b) for a, b in spans if b <= cut]
             response_spans = [(a - cut, b - cut) for a, b in spans if a >= cut]
         try:
-            prompt_ids = self._with_bos(self._encode_marked(prompt_text, prompt_spans))
+            prompt_ids = self._encode_marked(prompt_text, prompt_spans)
         except ValueError as err:
             raise TokenizationError("prompt", str(err)) from err
         try:
-            response_ids = self._encode_response(prompt_text, response_text, prompt_spans, response_spans)
+            response_ids = self._encode_response(prompt_text, response_text, prompt_spans, response_spans, prompt_ids)
         except ValueError as err:
             raise TokenizationError("response", str(err)) from err
+        prompt_ids = self._with_bos(prompt_ids)
         ends = [k for k, token in enumerate(response_ids) if token in self.end_ids]
         if ends:
             # The template closed the turn with an end id. Whatever it writes after it (the "\n" after
@@ -269,9 +271,21 @@ class Tokenizer(ABC):
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
     def _encode_response(self, prompt_text: str, response_text: str, prompt_spans: Sequence[Span] = (),
-                         response_spans: Sequence[Span] = ()) -> list[int]:
-        """The response's ids as they follow the prompt; encoding it on its own is exact for byte-level
-        and character vocabularies (SentencePiece overrides this)."""
+                         response_spans: Sequence[Span] = (), prompt_ids: Sequence[int] | None = None) -> list[int]:
+        """The response's ids as the tokenizer gives them in context. Encoded on its own, a text gets the
+        dummy prefix of SentencePiece-style vocabularies (Llama-2 / Mistral ``.model`` files, and their
+        Hugging Face ``Metaspace`` conversions): "Four." becomes "▁Four" where after the prompt's "]" or
+        "\n" it is "F", "our" — a first token the model would never produce after the prompt. So the
+        response is cut out of the prompt+response encoding. Where prompt and response merge into one
+        piece at the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the
+        response is encoded on its own, without SentencePiece's dummy prefix."""
+        shift = len(prompt_text)
+        if prompt_ids is None:
+            prompt_ids = self._encode_marked(prompt_text, prompt_spans)
+        full_ids = self._encode_marked(prompt_text + response_text,
+                                       [*prompt_spans, *((a + shift, b + shift) for a, b in response_spans)])
+        if full_ids[:len(prompt_ids)] == list(prompt_ids):
+            return full_ids[len(prompt_ids):]
         return self._encode_marked(response_text, response_spans, at_start=False)
 
     # ------------------------------------------------------------------ message content is data
@@ -497,22 +511,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_continuation(self, text: str) -> list[int]:
         return list(self._without_dummy_prefix().encode(text, out_type=int))
-
-    def _encode_response(self, prompt_text: str, response_text: str, prompt_spans: Sequence[Span] = (),
-                         response_spans: Sequence[Span] = ()) -> list[int]:
-        """The response's ids as the tokenizer gives them in context. Encoded on its own, a text gets the
-        dummy prefix (Llama-2 / Mistral models): "Four." becomes "▁Four" where after the prompt's "\n"
-        it is "F", "our" — a first token the model would never produce after the prompt. So the response
-        is cut out of the prompt+response encoding. Where prompt and response merge into one piece at
-        the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the response is
-        encoded without the dummy prefix."""
-        shift = len(prompt_text)
-        prompt_ids = self._encode_marked(prompt_text, prompt_spans)
-        full_ids = self._encode_marked(prompt_text + response_text,
-                                       [*prompt_spans, *((a + shift, b + shift) for a, b in response_spans)])
-        if full_ids[:len(prompt_ids)] == prompt_ids:
-            return full_ids[len(prompt_ids):]
-        return self._encode_marked(response_text, response_spans, at_start=False)
 
     def _literal_model(self) -> Any:
         """This model reading user-defined pieces as text, without the dummy prefix; built once."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,30 @@ def test_sentencepiece_user_defined_piece_strings_in_content_are_text(tmp_path: 
     response = [i for i, m in zip(ids, mask) if m]
     assert tokenizer.decode(response) == tokenizer.sp.decode(tokenizer.sp.encode(injected + "<end_of_turn>"))
     assert _count(response, markers) == 1 and response[-1] == tokenizer.sp.piece_to_id("<end_of_turn>")
+
+
+LLAMA2_TURNS = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_metaspace_hf_tokenizer_trains_the_response_ids_the_template_gives(
+        tmp_path: Path, mistral_sentencepiece_models: list[Path], legacy: bool):
+    """A Llama-2 / Mistral tokenizer in Hugging Face form (Metaspace, "▁" prepended to a text) encodes
+    "Four." on its own as "▁Four", after "[/INST]" as "F", "our": the trained response must be the latter,
+    what the model produces after the prompt."""
+    folder = tmp_path / f"llama2-legacy-{legacy}"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(mistral_sentencepiece_models[0].read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "chat_template": LLAMA2_TURNS}))
+    library = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.kind == "hf" and library.convert_ids_to_tokens(tokenizer.encode("Four."))[0] == "▁Four"
+    conversation = CONVERSATIONS[0]
+    ids, mask = tokenizer.encode_example(conversation, "Four.")
+    template_ids = _ids(library.apply_chat_template([*conversation, {"role": "assistant", "content": "Four."}]))
+    assert ids == template_ids
+    response = [i for i, m in zip(ids, mask) if m]
+    assert library.convert_ids_to_tokens(response)[0] == "F" and tokenizer.decode(response) == "Four.</s>"
