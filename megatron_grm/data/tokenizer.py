@@ -278,7 +278,7 @@ class Tokenizer(ABC):
         "\n" it is "F", "our" — a first token the model would never produce after the prompt. So the
         response is cut out of the prompt+response encoding. Where prompt and response merge into one
         piece at the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the
-        response is encoded on its own, without SentencePiece's dummy prefix."""
+        response is encoded on its own (without the dummy prefix, for a ``.model`` file)."""
         shift = len(prompt_text)
         if prompt_ids is None:
             prompt_ids = self._encode_marked(prompt_text, prompt_spans)
@@ -342,7 +342,11 @@ class Tokenizer(ABC):
         if pattern is None or not any(pattern.search(m["content"]) for m in messages):
             return text, []
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-        layout = self.apply_chat([{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt)
+        try:
+            layout = self.apply_chat([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                     add_generation_prompt)
+        except ValueError:  # a template that inspects content and refuses the placeholders
+            layout = ""
         pieces = re.split("\ue000(\\d+)\ue001", layout)  # template text, message index, template text, ...
         spans = self._align(text, pieces, messages)
         if spans is not None:
