@@ -35,7 +35,7 @@ from megatron_grm.data.arithmetic import arithmetic_examples, digit_facts
 from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.readers.jsonl import read_jsonl
-from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -210,14 +210,20 @@ def judgment_record(example: Example, example_index: int, shard: int, sample_ind
     }
 
 
-def kept_judgment_ids(tokenizer: Tokenizer, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+def kept_judgment_ids(tokenizer: Tokenizer, record: dict[str, Any], where: str = "record"
+                      ) -> tuple[list[int], list[int]]:
     """(ids, response mask) SFT trains on for a kept judgment: its plain GRM prompt, chat-formatted as it
     was sampled, with the judged conversation read as data (``encode_grm_prompt``). Shards written before
-    records carried ``grm_prompt`` hold only the formatted text, which is encoded as it stands."""
-    if "grm_prompt" in record:
-        return tokenizer.encode_example(record["grm_prompt"], record["text"], chat=bool(record["chat"]),
-                                        literal=True)
-    return tokenizer.encode_example(record["prompt"], record["text"], chat=False)
+    records carried ``grm_prompt`` hold only the formatted text, which is encoded as it stands. A record
+    that cannot be encoded is an error naming ``where`` it came from."""
+    try:
+        if "grm_prompt" in record:
+            return tokenizer.encode_example(record["grm_prompt"], record["text"], chat=bool(record["chat"]),
+                                            literal=True)
+        return tokenizer.encode_example(record["prompt"], record["text"], chat=False)
+    except TokenizationError as err:
+        field = "text" if err.part == "response" else ("grm_prompt" if "grm_prompt" in record else "prompt")
+        raise ValueError(f"{where}: field {field!r}: {err.reason}") from err
 
 
 def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index: int, shard: int,
@@ -446,7 +452,8 @@ def train_rft(cfg: Any) -> Trainer:
         return trainer
 
     # 3. SFT on the kept judgments mixed with general instruction data; loss on the response tokens only.
-    judgments = [kept_judgment_ids(tokenizer, r) for r in records if r["kept"]]
+    judgments = [kept_judgment_ids(tokenizer, r, f"{shard_file(samples_dir, r['shard'])}: example {r['example_id']!r} "
+                                                 f"sample {r['sample_index']}") for r in records if r["kept"]]
     judgments = drop_too_long(judgments, t.seq_length, "kept judgments")
     instruction = []
     if data.get("instruction"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grm.data.examples import Example, Turn
-from megatron_grm.data.tokenizer import load_tokenizer
+from megatron_grm.data.tokenizer import CharTokenizer, load_tokenizer
 from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt
 from megatron_grm.stages.rft import kept_judgment_ids
 
@@ -47,3 +47,11 @@ def test_sft_trains_on_the_prompt_ids_a_judgment_was_sampled_from(smollm2_tokeni
     legacy = {k: v for k, v in record.items() if k not in ("grm_prompt", "chat")}
     legacy_ids, _ = kept_judgment_ids(tokenizer, legacy)
     assert legacy_ids[:len(sampled_from)] != sampled_from  # the hijack's markers are read as special tokens
+
+
+def test_a_kept_judgment_that_cannot_be_encoded_names_its_record():
+    tokenizer = CharTokenizer()  # the demo's vocabulary: no "✓"
+    record = {"prompt": "Which is better?", "grm_prompt": "Which is better?", "chat": False,
+              "text": "Scores: \\boxed{9, 2} ✓"}
+    with pytest.raises(ValueError, match=r"shard_00003.jsonl: example 'e7' sample 2: field 'text': .*'✓'"):
+        kept_judgment_ids(tokenizer, record, "shard_00003.jsonl: example 'e7' sample 2")
