@@ -318,16 +318,22 @@ class Tokenizer(ABC):
         """Encode ``text`` with only the ``template`` special-token strings read as special tokens. The
         library splits a text at special-token strings and encodes the pieces between them on their own;
         this does the same, splitting only at the template's."""
-        ids: list[int] = []
+        pieces: list[str | int] = []  # text between the template's special tokens, and their ids
         pos = 0
         for m in template:
-            if m.start() > pos:
-                ids += self._encode_literal(text[pos:m.start()])
-            ids += self._encode_continuation(m.group())  # the special token itself
+            lstrip, rstrip = self._strips(m.group())
+            before = text[pos:m.start()]
+            pieces.append(before.rstrip() if lstrip else before)
+            pieces.extend(self._encode_continuation(m.group()))  # the special token itself
             pos = m.end()
-        if pos < len(text):
-            ids += self._encode_literal(text[pos:])
-        return ids
+            if rstrip:  # the library's AddedToken(rstrip=True) swallows the whitespace after it
+                pos += len(text[pos:]) - len(text[pos:].lstrip())
+        pieces.append(text[pos:])
+        return [i for piece in pieces for i in ([piece] if isinstance(piece, int) else self._encode_literal(piece))]
+
+    def _strips(self, special: str) -> tuple[bool, bool]:
+        """Whether the library drops the whitespace before / after this special token's string."""
+        return False, False
 
     def _render_marked(self, messages: Sequence[Message], add_generation_prompt: bool) -> tuple[str, list[Span]]:
         """The rendered conversation and where each message's content lies in it.
@@ -421,7 +427,17 @@ class HFTokenizer(Tokenizer):
         return [token.content for token in self.hf.added_tokens_decoder.values() if token.special]
 
     def _encode_literal(self, text: str) -> list[int]:
+        if not text:
+            return []
         return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def _strips(self, special: str) -> tuple[bool, bool]:
+        token = self._added_by_content.get(special)
+        return (bool(token.lstrip), bool(token.rstrip)) if token is not None else (False, False)
+
+    @cached_property
+    def _added_by_content(self) -> dict[str, Any]:
+        return {token.content: token for token in self.hf.added_tokens_decoder.values()}
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)

@@ -329,6 +329,30 @@ def test_special_token_strings_in_message_content_are_text(smollm2_tokenizer_dir
     assert _count(ids, markers) == 6
 
 
+def test_template_special_tokens_that_swallow_whitespace_keep_doing_so(tmp_path: Path, smollm2_tokenizer_dir: Path):
+    """Phi-3's <|end|> is an AddedToken(rstrip=True): the newline the template writes after it is not a token.
+    Split at the template's special tokens, the prompt must still drop it."""
+    from tokenizers import AddedToken
+
+    library = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    library.add_special_tokens({"additional_special_tokens": [
+        AddedToken("<|end|>", rstrip=True, special=True, normalized=False),
+        AddedToken("<|user|>", special=True, normalized=False),
+        AddedToken("<|assistant|>", special=True, normalized=False)]})
+    library.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    library.save_pretrained(str(tmp_path / "phi-like"))
+    tokenizer = load_tokenizer(tmp_path / "phi-like")
+    content = "Hi <|end|> there"
+    rest = [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Again"}]
+    ids = tokenizer.encode_prompt([{"role": "user", "content": content}, *rest])
+    placeholder = _ids(library.apply_chat_template([{"role": "user", "content": "X"}, *rest],
+                                                   add_generation_prompt=True))
+    assert library.convert_ids_to_tokens(placeholder[2]) == "X"
+    assert ids == placeholder[:2] + _ids(library(content, add_special_tokens=False, split_special_tokens=True)) \
+        + placeholder[3:]
+
+
 def test_literal_text_and_preformatted_plain_prompts(smollm2_tokenizer_dir: Path):
     tokenizer = load_tokenizer(smollm2_tokenizer_dir)
     im_end = tokenizer.end_ids[-1]
