@@ -317,7 +317,9 @@ class Tokenizer(ABC):
     def _encode_injected(self, text: str, template: Sequence[re.Match[str]], at_start: bool) -> list[int]:
         """Encode ``text`` with only the ``template`` special-token strings read as special tokens. The
         library splits a text at special-token strings and encodes the pieces between them on their own;
-        this does the same, splitting only at the template's."""
+        this does the same, splitting only at the template's. Exact for byte-level vocabularies; a
+        ``Metaspace`` tokenizer that prepends "▁" only at the start of a text (``prepend_scheme="first"``)
+        gets one at the start of each piece here, which only happens when content holds such strings."""
         pieces: list[str | int] = []  # text between the template's special tokens, and their ids
         pos = 0
         for m in template:
