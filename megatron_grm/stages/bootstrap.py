@@ -39,7 +39,7 @@ from megatron_grm.stages.rft import (
     mix_with_instruction,
     pad_multiple_for,
     read_examples,
-    read_instruction_samples,
+    read_instruction_data,
 )
 from megatron_grm.stages.sft import SupervisedObjective
 from megatron_grm.train.loop import Trainer
@@ -88,14 +88,11 @@ def train_bootstrap(cfg: Any) -> Trainer:
     examples = read_examples(data["train"])
     judgments = teacher_samples(examples, tokenizer, settings.teacher_accuracy, settings.variant, settings.chat,
                                 t.seed)
-    instruction = []
-    if data.get("instruction"):
-        instruction = read_instruction_samples(data["instruction"], tokenizer, t.seq_length, chat=settings.chat)
-    samples = mix_with_instruction(drop_too_long(judgments, t.seq_length, "teacher judgments"),
-                                   drop_too_long(instruction, t.seq_length, "instruction data"),
-                                   settings.instruction_ratio, t.seed)
-    log.info("bootstrap mix: %d teacher judgments (teacher accuracy %.2f) + %d instruction samples", len(judgments),
-             settings.teacher_accuracy, len(samples) - len(judgments))
+    instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length, chat=settings.chat)
+    samples, per_source = mix_with_instruction(drop_too_long(judgments, t.seq_length, "teacher judgments"),
+                                               instruction, settings.instruction_ratio, t.seed)
+    log.info("bootstrap mix: %d teacher judgments (teacher accuracy %.2f) + %d instruction samples %s", len(judgments),
+             settings.teacher_accuracy, len(samples) - len(judgments), per_source)
 
     trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "bootstrap"})
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from megatron_grm.data.arithmetic import arithmetic_examples, digit_facts
+from megatron_grm.data.blend import BlendedDataset
 from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.readers.jsonl import read_jsonl
@@ -115,21 +116,90 @@ def read_instruction_samples(spec: str, tokenizer: Tokenizer, seq_length: int, b
     return read_sft_samples(spec, tokenizer, seq_length, bad_records)
 
 
-def mix_with_instruction(judgments: Sequence[Sample], instruction: Sequence[Sample], ratio: float,
-                         seed: int) -> list[Sample]:
+def instruction_sources(spec: Any) -> list[tuple[str, float]]:
+    """``data.instruction`` as (source, weight) pairs. One source is a string; several are a list of
+    sources (equal weights), of ``{path, weight}`` objects, or Megatron's ``--data-path`` form
+    ``[weight, source, weight, source, ...]``. Weights are relative, as in Megatron's blends."""
+    if isinstance(spec, str):
+        return [(spec, 1.0)]
+    items = list(spec) if isinstance(spec, (list, tuple)) else None
+    usage = ("data.instruction: expected a source, a list of sources, a list of {path, weight} objects or "
+             "[weight, source, weight, source, ...]")
+    if not items:
+        raise ValueError(f"{usage}, got {spec!r}")
+    if all(isinstance(item, dict) for item in items):
+        pairs = []
+        for i, item in enumerate(items):
+            if not isinstance(item.get("path"), str) or set(item) - {"path", "weight"}:
+                raise ValueError(f"data.instruction[{i}]: expected {{path, weight}}, got {item!r}")
+            pairs.append((item["path"], item.get("weight", 1.0)))
+    elif all(isinstance(item, str) for item in items):
+        pairs = [(item, 1.0) for item in items]
+    elif len(items) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
+                                     for w, p in zip(items[::2], items[1::2])):
+        pairs = list(zip(items[1::2], items[::2]))
+    else:
+        raise ValueError(f"{usage}, got {spec!r}")
+    for source, weight in pairs:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"data.instruction: the weight of {source} must be a non-negative number, got {weight!r}")
+    if sum(weight for _, weight in pairs) <= 0:
+        raise ValueError(f"data.instruction: the weights must not all be 0, got {spec!r}")
+    return [(source, float(weight)) for source, weight in pairs]
+
+
+@dataclass
+class InstructionData:
+    """General instruction data for the SFT mix, one sample list per source, with the blend's weights."""
+
+    names: list[str] = field(default_factory=list)
+    samples: list[list[Sample]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def read_instruction_data(spec: Any, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail",
+                          chat: bool = False) -> InstructionData:
+    """Every source of ``data.instruction`` (:func:`instruction_sources`), read and cut to ``seq_length``;
+    a source left with no sample but a positive weight is an error naming it."""
+    data = InstructionData()
+    if not spec:
+        return data
+    for source, weight in instruction_sources(spec):
+        samples = drop_too_long(read_instruction_samples(source, tokenizer, seq_length, bad_records, chat), seq_length,
+                                f"instruction data {source}")
+        if not samples and weight > 0:
+            raise ValueError(f"data.instruction: {source} has no sample that fits trainer.seq_length={seq_length} "
+                             f"but weight {weight}")
+        data.names.append(source)
+        data.samples.append(samples)
+        data.weights.append(weight)
+    return data
+
+
+def mix_with_instruction(judgments: Sequence[Sample], instruction: InstructionData, ratio: float,
+                         seed: int) -> tuple[list[Sample], dict[str, int]]:
     """Judgment samples plus general instruction samples so that ``ratio`` of the mix is instruction data
-    (paper App. C.1: 1070K of the 1256K RFT samples). Instruction samples are drawn without replacement
-    while they last, then the pool repeats; the draw is fixed by ``seed``."""
+    (paper App. C.1: 1070K of the 1256K RFT samples), and how many came from each source. Sources share
+    the instruction part by their weights, apportioned the way Megatron blends datasets (any prefix of the
+    blend follows the weights to within one sample). Within a source, samples are drawn without
+    replacement while they last, then the pool repeats; the draw is fixed by ``seed``."""
     if ratio <= 0:
-        return list(judgments)
-    if not instruction:
+        return list(judgments), {}
+    if not any(instruction.samples):
         raise ValueError(f"instruction ratio {ratio} needs instruction data (data.instruction), or set the ratio to 0")
     wanted = round(len(judgments) * ratio / (1.0 - ratio))
-    rng = np.random.default_rng([seed, 17])
-    picks: list[int] = []
-    while len(picks) < wanted:
-        picks.extend(rng.permutation(len(instruction))[: wanted - len(picks)].tolist())
-    return list(judgments) + [instruction[i] for i in picks]
+    if len(instruction.samples) == 1:
+        counts = [wanted]
+    else:
+        counts = BlendedDataset(instruction.samples, instruction.weights, size=wanted).counts().tolist()
+    mix = list(judgments)
+    for k, (samples, count) in enumerate(zip(instruction.samples, counts)):
+        rng = np.random.default_rng([seed, 17] if k == 0 else [seed, 17, k])
+        picks: list[int] = []
+        while len(picks) < count:
+            picks.extend(rng.permutation(len(samples))[: count - len(picks)].tolist())
+        mix += [samples[i] for i in picks]
+    return mix, dict(zip(instruction.names, map(int, counts)))
 
 
 def drop_too_long(samples: Sequence[Sample], seq_length: int, what: str) -> list[Sample]:
@@ -455,18 +525,17 @@ def train_rft(cfg: Any) -> Trainer:
     judgments = [kept_judgment_ids(tokenizer, r, f"{shard_file(samples_dir, r['shard'])}: example {r['example_id']!r} "
                                                  f"sample {r['sample_index']}") for r in records if r["kept"]]
     judgments = drop_too_long(judgments, t.seq_length, "kept judgments")
-    instruction = []
-    if data.get("instruction"):
-        instruction = read_instruction_samples(data["instruction"], tokenizer, t.seq_length,
-                                               data.get("bad_records", "fail"), settings.chat)
-        instruction = drop_too_long(instruction, t.seq_length, "instruction data")
-    samples = mix_with_instruction(judgments, instruction, settings.instruction_ratio, t.seed)
+    instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length,
+                                        data.get("bad_records", "fail"), settings.chat)
+    samples, per_source = mix_with_instruction(judgments, instruction, settings.instruction_ratio, t.seed)
     if not samples:  # instruction data comes in proportion to the kept judgments: none without them
         raise RuntimeError(f"rejective sampling kept no judgment of {len(records)}: nothing to train on (instruction "
                            f"data is mixed in at rft.instruction_ratio={settings.instruction_ratio} of the kept "
                            "judgments). Is trainer.load a model that writes judgments? See stages/bootstrap.py")
-    log.info("SFT mix: %d kept judgments + %d instruction samples", len(judgments), len(samples) - len(judgments))
-    results.update(sft_judgments=len(judgments), sft_instruction=len(samples) - len(judgments))
+    log.info("SFT mix: %d kept judgments + %d instruction samples %s", len(judgments), len(samples) - len(judgments),
+             per_source)
+    results.update(sft_judgments=len(judgments), sft_instruction=len(samples) - len(judgments),
+                   sft_instruction_sources=per_source)
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
                                       tokenizer.pad_id, t.seed, pad_multiple_for(run, settings.pad_multiple),
                                       uniform_length=run.parallel.pipeline_parallel > 1)

@@ -28,13 +28,14 @@ def bootstrap(pipeline) -> dict:
 
 
 EXAMPLES, SHARD = 48, 16
+INSTRUCTION_BLEND = "[0.75,digit_facts:1024,0.25,digit_facts:256:1]"  # Megatron's --data-path form
 
 
 def rft_args(run_dir: Path, load: str, *extra: str) -> list[str]:
     """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1)."""
     return ["+experiment=rft_tiny", f"trainer.run_dir={run_dir}", f"trainer.load={load}",
             f"data.train=arithmetic:train:{EXAMPLES}", "data.heldout=null", f"rft.shard_size={SHARD}",
-            "rft.eval_before=false",
+            "rft.eval_before=false", f"data.instruction={INSTRUCTION_BLEND}",
             "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
             "trainer.log_interval=1", *extra]
 
@@ -128,6 +129,10 @@ def test_rft_end_to_end_filter_statistics_in_tensorboard_equal_the_jsonl(rft_run
     results = read_json(rft_run / "rft_results.json")
     assert results["sft_judgments"] == kept
     assert results["sft_instruction"] == round(kept * 0.3 / 0.7)
+    per_source = results["sft_instruction_sources"]  # the blend, shared out 3:1
+    assert list(per_source) == ["digit_facts:1024", "digit_facts:256:1"]
+    assert sum(per_source.values()) == results["sft_instruction"]
+    assert abs(per_source["digit_facts:1024"] - 0.75 * results["sft_instruction"]) <= 1
     assert (rft_run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert (rft_run / "checkpoints" / "iter_0000004" / "model_config.json").exists()
 
