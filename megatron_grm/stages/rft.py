@@ -145,6 +145,9 @@ def instruction_sources(spec: Any) -> list[tuple[str, float]]:
             raise ValueError(f"data.instruction: the weight of {source} must be a non-negative number, got {weight!r}")
     if sum(weight for _, weight in pairs) <= 0:
         raise ValueError(f"data.instruction: the weights must not all be 0, got {spec!r}")
+    repeated = sorted({source for source, _ in pairs if [p for p, _ in pairs].count(source) > 1})
+    if repeated:
+        raise ValueError(f"data.instruction: {', '.join(repeated)} listed more than once; give it one weight")
     return [(source, float(weight)) for source, weight in pairs]
 
 

@@ -32,6 +32,7 @@ def test_instruction_sources_accept_megatron_style_blends(spec, expected):
     ([0, "a.jsonl", 0, "b"], "must not all be 0"),
     ([{"path": "a.jsonl", "wieght": 2}], r"data.instruction\[0\]: expected \{path, weight\}"),
     ([], "expected a source"),
+    ([1, "a.jsonl", 2, "a.jsonl"], "a.jsonl listed more than once"),
 ])
 def test_a_malformed_instruction_blend_is_named(spec, message):
     with pytest.raises(ValueError, match=message):
