@@ -5,11 +5,14 @@
     rmb:/path/to/rmb[:pairwise|bon] the RMB benchmark, read in place
     reasoning_gym:gsm_symbolic:200  verifiable math pairs from a reasoning-gym generator
     champ                           verifiable math pairs from champ-dataset
+
+A list of such strings reads them all, in order (``data.train=[a.jsonl,rmb:/data/rmb:pairwise]``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_grm.data.examples import Example
@@ -18,9 +21,31 @@ from megatron_grm.data.readers.common import ReadResult
 log = logging.getLogger(__name__)
 
 
-def load_examples(spec: str, on_error: str = "fail", seed: int = 0) -> list[Example]:
-    """Examples named by ``spec``; skipped bad records (``on_error='skip'``) are logged with their place."""
-    return list(read_examples(spec, on_error, seed).examples)
+def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int = 0) -> list[Example]:
+    """Examples named by ``spec``, one string or a list of them (read in order); skipped bad records
+    (``on_error='skip'``) are logged with their place. Example ids must be unique across the list too: a
+    repeated one is an error naming both sources, or under ``on_error='skip'`` a skipped, logged record."""
+    if isinstance(spec, str):
+        return list(read_examples(spec, on_error, seed).examples)
+    if not isinstance(spec, Sequence) or not spec or not all(isinstance(s, str) for s in spec):
+        raise ValueError(f"data spec {spec!r}: expected a string or a non-empty list of strings")
+    examples: list[Example] = []
+    first_seen: dict[str, str] = {}
+    for source in spec:
+        skipped = 0
+        for example in read_examples(source, on_error, seed).examples:
+            if example.id in first_seen:
+                message = f"{source}: example id {example.id!r} is also in {first_seen[example.id]}"
+                if on_error != "skip":
+                    raise ValueError(f"{message}; ids must be unique across data sources")
+                log.warning("skipped bad record: %s", message)
+                skipped += 1
+                continue
+            first_seen[example.id] = source
+            examples.append(example)
+        if skipped:
+            log.warning("%s: %d examples skipped, their ids are in an earlier source", source, skipped)
+    return examples
 
 
 def read_examples(spec: str, on_error: str = "fail", seed: int = 0) -> ReadResult:

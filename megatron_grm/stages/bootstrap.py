@@ -27,6 +27,7 @@ import hydra
 
 from megatron_grm.data.arithmetic import teacher_judgment
 from megatron_grm.data.examples import Example
+from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -38,7 +39,6 @@ from megatron_grm.stages.rft import (
     drop_too_long,
     mix_with_instruction,
     pad_multiple_for,
-    read_examples,
     read_instruction_data,
 )
 from megatron_grm.stages.sft import SupervisedObjective
@@ -85,7 +85,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
     data = run.extra.get("data", {}) or {}
     tokenizer_id = tokenizer_name(run)
     tokenizer = load_tokenizer(tokenizer_id)
-    examples = read_examples(data["train"])
+    examples = load_examples(data["train"])
     judgments = teacher_samples(examples, tokenizer, settings.teacher_accuracy, settings.variant, settings.chat,
                                 t.seed)
     instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length, chat=settings.chat)
@@ -100,7 +100,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
                                       uniform_length=run.parallel.pipeline_parallel > 1)
     if not trainer.resume(producer) and t.load:
         trainer.load_weights(t.load)
-    heldout = read_examples(data["heldout"]) if data.get("heldout") else []
+    heldout = load_examples(data["heldout"]) if data.get("heldout") else []
     greedy = SamplingConfig(greedy=True, max_new_tokens=settings.max_new_tokens)
     results: dict[str, Any] = {"heldout_accuracy": [], "train_seconds": 0.0}
 

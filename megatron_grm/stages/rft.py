@@ -31,11 +31,11 @@ import hydra
 import numpy as np
 import torch
 
-from megatron_grm.data.arithmetic import arithmetic_examples, digit_facts
+from megatron_grm.data.arithmetic import digit_facts
 from megatron_grm.data.blend import BlendedDataset
 from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
-from megatron_grm.data.readers.jsonl import read_jsonl
+from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 PHASES = ("sample", "train", "all")
 MANIFEST = "manifest.json"
-_EXAMPLES_SPEC = re.compile(r"arithmetic:(train|heldout):(\d+)(?::(\d+))?")
 _FACTS_SPEC = re.compile(r"digit_facts:(\d+)(?::(\d+))?")
 
 
@@ -96,14 +95,6 @@ class RFTSettings:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def read_examples(spec: str, bad_records: str = "fail") -> list[Example]:
-    """Examples from ``arithmetic:<split>:<num>[:<seed>]`` (the demo task) or from a JSONL file (our format)."""
-    match = _EXAMPLES_SPEC.fullmatch(spec)
-    if match and not os.path.exists(spec):
-        return arithmetic_examples(match.group(1), int(match.group(2)), int(match.group(3) or 0))
-    return read_jsonl(spec, on_error=bad_records).examples
-
-
 def read_instruction_samples(spec: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail",
                              chat: bool = False) -> list[Sample]:
     """General instruction data for the SFT mix: a prompt/response JSONL, a folder written by
@@ -479,7 +470,7 @@ def train_rft(cfg: Any) -> Trainer:
     if load:
         trainer.load_weights(load)  # the policy that samples, and where SFT starts
     results: dict[str, Any] = {"samples_dir": samples_dir}
-    heldout = read_examples(data["heldout"], data.get("bad_records", "fail")) if data.get("heldout") else []
+    heldout = load_examples(data["heldout"], data.get("bad_records", "fail")) if data.get("heldout") else []
     greedy = SamplingConfig(**{**settings.sampling, "greedy": True})
 
     def evaluate(step: int, name: str) -> None:
@@ -494,10 +485,11 @@ def train_rft(cfg: Any) -> Trainer:
     # 1. Rejective sampling: N judgments per example (+1 hinted for the hard ones), written shard by shard.
     if settings.phase in ("sample", "all"):
         if not data.get("train"):
-            raise ValueError("data.train is not set: give a JSONL file of examples or arithmetic:train:<num>")
+            raise ValueError("data.train is not set: give a data spec (a JSONL file of examples, rmb:, reasoning_gym:, "
+                             "champ, arithmetic:train:<num>) or a list of them")
         from megatron_grm.rollout.engine import RolloutEngine
 
-        examples = read_examples(data["train"], data.get("bad_records", "fail"))
+        examples = load_examples(data["train"], data.get("bad_records", "fail"))
         check_manifest(samples_dir, {
             "data": data["train"], "num_examples": len(examples), "shard_size": settings.shard_size,
             "num_shards": math.ceil(len(examples) / settings.shard_size), "num_samples": settings.num_samples,

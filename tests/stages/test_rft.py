@@ -32,9 +32,10 @@ INSTRUCTION_BLEND = "[0.75,digit_facts:1024,0.25,digit_facts:256:1]"  # Megatron
 
 
 def rft_args(run_dir: Path, load: str, *extra: str) -> list[str]:
-    """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1)."""
+    """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1).
+    ``data.train`` and ``data.instruction`` are lists, as a blend of sources is written."""
     return ["+experiment=rft_tiny", f"trainer.run_dir={run_dir}", f"trainer.load={load}",
-            f"data.train=arithmetic:train:{EXAMPLES}", "data.heldout=null", f"rft.shard_size={SHARD}",
+            f"data.train=[arithmetic:train:{EXAMPLES}]", "data.heldout=null", f"rft.shard_size={SHARD}",
             "rft.eval_before=false", f"data.instruction={INSTRUCTION_BLEND}",
             "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
             "trainer.log_interval=1", *extra]

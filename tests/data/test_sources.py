@@ -1,0 +1,40 @@
+"""One data spec names a stage's examples; a list of specs reads them all, with ids unique across them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from megatron_grm.data.sources import load_examples
+
+
+def _jsonl(path: Path, ids: list[str]) -> str:
+    path.write_text("".join(json.dumps({"id": i, "context": f"q {i}", "responses": ["a", "b"], "label": 0}) + "\n"
+                            for i in ids))
+    return str(path)
+
+
+def test_a_list_of_specs_reads_every_source_in_order(tmp_path: Path):
+    first = _jsonl(tmp_path / "a.jsonl", ["x", "y"])
+    examples = load_examples([first, "arithmetic:train:3"])
+    assert [e.id for e in examples][:2] == ["x", "y"] and len(examples) == 5
+    assert examples[2:] == load_examples("arithmetic:train:3")
+
+
+def test_an_id_in_two_sources_is_named_or_skipped_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    first, second = _jsonl(tmp_path / "a.jsonl", ["x", "y"]), _jsonl(tmp_path / "b.jsonl", ["z", "y"])
+    with pytest.raises(ValueError, match=f"{second}: example id 'y' is also in {first}"):
+        load_examples([first, second])
+    with caplog.at_level(logging.WARNING):
+        examples = load_examples([first, second], on_error="skip")
+    assert [e.id for e in examples] == ["x", "y", "z"]
+    assert f"{second}: example id 'y' is also in {first}" in caplog.text
+
+
+@pytest.mark.parametrize("spec", [[], [3], {"path": "a.jsonl"}])
+def test_a_spec_that_is_not_a_string_or_list_of_strings_is_an_error(spec):
+    with pytest.raises(ValueError, match="expected a string or a non-empty list of strings"):
+        load_examples(spec)
