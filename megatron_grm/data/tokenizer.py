@@ -161,8 +161,9 @@ class Tokenizer(ABC):
         """The strings the library turns into special tokens wherever they occur in a text; none by default."""
         return ()
 
-    def _encode_literal(self, text: str) -> list[int]:
-        """``text`` with special-token strings encoded as ordinary text."""
+    def _encode_literal(self, text: str, at_start: bool = True) -> list[int]:
+        """``text`` with special-token strings encoded as ordinary text; ``at_start`` is False for a piece
+        that follows a special token (which is how the library encodes it)."""
         return self._encode(text)
 
     def _encode_continuation(self, text: str) -> list[int]:
@@ -317,21 +318,18 @@ class Tokenizer(ABC):
     def _encode_injected(self, text: str, template: Sequence[re.Match[str]], at_start: bool) -> list[int]:
         """Encode ``text`` with only the ``template`` special-token strings read as special tokens. The
         library splits a text at special-token strings and encodes the pieces between them on their own;
-        this does the same, splitting only at the template's. Exact for byte-level vocabularies; a
-        ``Metaspace`` tokenizer that prepends "▁" only at the start of a text (``prepend_scheme="first"``)
-        gets one at the start of each piece here, which only happens when content holds such strings."""
-        pieces: list[str | int] = []  # text between the template's special tokens, and their ids
+        this does the same, splitting only at the template's."""
+        ids: list[int] = []
         pos = 0
         for m in template:
             lstrip, rstrip = self._strips(m.group())
             before = text[pos:m.start()]
-            pieces.append(before.rstrip() if lstrip else before)
-            pieces.extend(self._encode_continuation(m.group()))  # the special token itself
+            ids += self._encode_literal(before.rstrip() if lstrip else before, at_start and pos == 0)
+            ids += self._encode_continuation(m.group())  # the special token itself
             pos = m.end()
             if rstrip:  # the library's AddedToken(rstrip=True) swallows the whitespace after it
                 pos += len(text[pos:]) - len(text[pos:].lstrip())
-        pieces.append(text[pos:])
-        return [i for piece in pieces for i in ([piece] if isinstance(piece, int) else self._encode_literal(piece))]
+        return ids + self._encode_literal(text[pos:], at_start and pos == 0)
 
     def _strips(self, special: str) -> tuple[bool, bool]:
         """Whether the library drops the whitespace before / after this special token's string."""
@@ -428,10 +426,37 @@ class HFTokenizer(Tokenizer):
     def _special_strings(self) -> Sequence[str]:
         return [token.content for token in self.hf.added_tokens_decoder.values() if token.special]
 
-    def _encode_literal(self, text: str) -> list[int]:
+    def _encode_literal(self, text: str, at_start: bool = True) -> list[int]:
         if not text:
             return []
+        if not at_start and self._after_special_backend is not None:
+            return list(self._after_special_backend.encode(text, add_special_tokens=False).ids)
         return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    @cached_property
+    def _after_special_backend(self) -> Any:
+        """For a ``Metaspace`` tokenizer that prepends "▁" only at the start of a text (``prepend_scheme=
+        "first"``, Mistral v3 and non-legacy Llama conversions): a copy that prepends none and reads
+        special-token strings as text, to encode a piece that follows a special token as the library
+        does. None for every other tokenizer, whose pieces encode alike wherever they are."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        spec = json.loads(backend.to_str())
+        stack, changed = [spec.get("pre_tokenizer")], False
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                    node["prepend_scheme"], changed = "never", True
+                stack.extend(node.get("pretokenizers") or [])
+        if not changed:
+            return None
+        from tokenizers import Tokenizer as Backend
+
+        copy = Backend.from_str(json.dumps(spec))
+        copy.encode_special_tokens = True
+        return copy
 
     def _strips(self, special: str) -> tuple[bool, bool]:
         token = self._added_by_content.get(special)

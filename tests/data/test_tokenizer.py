@@ -431,3 +431,29 @@ def test_a_metaspace_hf_tokenizer_trains_the_response_ids_the_template_gives(
     assert ids == template_ids
     response = [i for i, m in zip(ids, mask) if m]
     assert library.convert_ids_to_tokens(response)[0] == "F" and tokenizer.decode(response) == "Four.</s>"
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_content_with_special_strings_under_a_metaspace_hf_tokenizer(
+        tmp_path: Path, mistral_sentencepiece_models: list[Path], legacy: bool):
+    """Mistral/Llama conversions prepend "▁" to every piece between special tokens (legacy) or only at the
+    start of the text (prepend_scheme="first"): either way the template's text keeps the library's ids
+    when content holds "</s>", and that "</s>" is text."""
+    folder = tmp_path / f"mistral-legacy-{legacy}"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(mistral_sentencepiece_models[0].read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "chat_template": "{{ bos_token }}" + LLAMA2_TURNS}))
+    library = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
+    content = "A says </s> ok"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                    {"role": "user", "content": content}]
+    ids = tokenizer.encode_prompt(conversation)
+    text = tokenizer.apply_chat(conversation, add_generation_prompt=True)
+    reference = library(text, add_special_tokens=False, return_offsets_mapping=True)
+    before_content = sum(end <= text.index(content) for _, end in reference["offset_mapping"])
+    assert ids[:before_content] == reference["input_ids"][:before_content]  # <s> [INST] Hi [/INST] Yo </s> [INST]
+    assert ids.count(tokenizer.eos_id) == 1 == reference["input_ids"].count(tokenizer.eos_id) - 1
+    assert tokenizer.decode(ids) == library.decode(reference["input_ids"])
