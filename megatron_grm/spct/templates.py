@@ -191,6 +191,9 @@ def apply_chat_template(prompt: str, tokenizer: Any = None) -> str:
 
     ``tokenizer`` is any Hugging Face-style object with ``apply_chat_template``. Without one (or when it
     has no chat template, e.g. a base model or the demo's character tokenizer) the raw prompt is used.
+    This is text for people: encoded by the library, a special token's string inside a judged response
+    becomes that control token. Token ids for the model come from ``Tokenizer.encode_prompt(prompt,
+    literal=True)`` (``megatron_grm.data.tokenizer``), which reads the responses as text.
     """
     render = getattr(tokenizer, "apply_chat_template", None)
     if tokenizer is None or not callable(render):
