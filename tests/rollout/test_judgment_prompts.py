@@ -55,3 +55,14 @@ def test_a_kept_judgment_that_cannot_be_encoded_names_its_record():
               "text": "Scores: \\boxed{9, 2} ✓"}
     with pytest.raises(ValueError, match=r"shard_00003.jsonl: example 'e7' sample 2: field 'text': .*'✓'"):
         kept_judgment_ids(tokenizer, record, "shard_00003.jsonl: example 'e7' sample 2")
+
+
+def test_the_metarm_reads_its_whole_input_as_data(smollm2_tokenizer_dir: Path):
+    from megatron_grm.models.metarm import metarm_input_ids
+
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    markers = {tokenizer.hf.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    shown = render_prompt(_example(), [0, 1], "default", False, tokenizer, chat=True)
+    ids, truncated = metarm_input_ids(tokenizer, shown, "Scores: \\boxed{10, 1}", max_tokens=4096)
+    assert not truncated and not markers & set(ids)
+    assert tokenizer.decode(ids).startswith(shown)
