@@ -279,7 +279,7 @@ class Tokenizer(ABC):
         "\n" it is "F", "our" — a first token the model would never produce after the prompt. So the
         response is cut out of the prompt+response encoding. Where prompt and response merge into one
         piece at the boundary, the prompt keeps its own ids (the ones rollout conditions on) and the
-        response is encoded on its own (without the dummy prefix, for a ``.model`` file)."""
+        response is encoded as text that goes on from the prompt, with no "▁" of its own."""
         shift = len(prompt_text)
         if prompt_ids is None:
             prompt_ids = self._encode_marked(prompt_text, prompt_spans)
@@ -433,29 +433,52 @@ class HFTokenizer(Tokenizer):
             return list(self._after_special_backend.encode(text, add_special_tokens=False).ids)
         return list(self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
+    def _encode_continuation(self, text: str) -> list[int]:
+        if self._continuation_backend is None:
+            return self._encode(text)
+        return list(self._continuation_backend.encode(text, add_special_tokens=False).ids)
+
     @cached_property
     def _after_special_backend(self) -> Any:
         """For a ``Metaspace`` tokenizer that prepends "▁" only at the start of a text (``prepend_scheme=
         "first"``, Mistral v3 and non-legacy Llama conversions): a copy that prepends none and reads
         special-token strings as text, to encode a piece that follows a special token as the library
         does. None for every other tokenizer, whose pieces encode alike wherever they are."""
+        return self._backend_without_prepend(("first",), literal=True)
+
+    @cached_property
+    def _continuation_backend(self) -> Any:
+        """For a tokenizer that prepends "▁" to a text (``Metaspace``, a ``Prepend`` normalizer): a copy that
+        does not, to encode text that goes on from other text. None for every other tokenizer."""
+        return self._backend_without_prepend(("first", "always"), literal=False)
+
+    def _backend_without_prepend(self, schemes: tuple[str, ...], literal: bool) -> Any:
         backend = getattr(self.hf, "backend_tokenizer", None)
         if backend is None:
             return None
         spec = json.loads(backend.to_str())
-        stack, changed = [spec.get("pre_tokenizer")], False
+        changed = False
+        stack = [spec.get("pre_tokenizer")]
         while stack:
             node = stack.pop()
             if isinstance(node, dict):
-                if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                if node.get("type") == "Metaspace" and node.get("prepend_scheme") in schemes:
                     node["prepend_scheme"], changed = "never", True
                 stack.extend(node.get("pretokenizers") or [])
+        normalizer = spec.get("normalizer")
+        if "always" in schemes and isinstance(normalizer, dict):  # Prepend("▁") runs on every piece
+            if normalizer.get("type") == "Prepend":
+                spec["normalizer"], changed = None, True
+            elif normalizer.get("type") == "Sequence":
+                kept = [n for n in normalizer.get("normalizers", []) if n.get("type") != "Prepend"]
+                changed = changed or len(kept) < len(normalizer.get("normalizers", []))
+                normalizer["normalizers"] = kept
         if not changed:
             return None
         from tokenizers import Tokenizer as Backend
 
         copy = Backend.from_str(json.dumps(spec))
-        copy.encode_special_tokens = True
+        copy.encode_special_tokens = literal
         return copy
 
     def _strips(self, special: str) -> tuple[bool, bool]:

@@ -432,6 +432,13 @@ def test_a_metaspace_hf_tokenizer_trains_the_response_ids_the_template_gives(
     response = [i for i, m in zip(ids, mask) if m]
     assert library.convert_ids_to_tokens(response)[0] == "F" and tokenizer.decode(response) == "Four.</s>"
 
+    # A plain prompt that merges with the response ("Fo" + "ur." is "▁Four" in one piece): the prompt keeps
+    # its ids and the response goes on from it, with no "▁" of its own.
+    ids, mask = tokenizer.encode_example("Q: What is 2+2?\nA: Fo", "ur.", chat=False)
+    response = [i for i, m in zip(ids, mask) if m]
+    assert library.convert_ids_to_tokens(response)[0] == "ur"
+    assert tokenizer.decode(ids) == "Q: What is 2+2?\nA: Four.</s>"
+
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_content_with_special_strings_under_a_metaspace_hf_tokenizer(
