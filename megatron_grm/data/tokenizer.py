@@ -325,7 +325,7 @@ class Tokenizer(ABC):
             lstrip, rstrip = self._strips(m.group())
             before = text[pos:m.start()]
             ids += self._encode_literal(before.rstrip() if lstrip else before, at_start and pos == 0)
-            ids += self._encode_continuation(m.group())  # the special token itself
+            ids += self._encode(m.group())  # the special token itself: its own piece, nothing prepended
             pos = m.end()
             if rstrip:  # the library's AddedToken(rstrip=True) swallows the whitespace after it
                 pos += len(text[pos:]) - len(text[pos:].lstrip())
@@ -454,8 +454,9 @@ class HFTokenizer(Tokenizer):
 
     def _backend_without_prepend(self, schemes: tuple[str, ...], literal: bool) -> Any:
         backend = getattr(self.hf, "backend_tokenizer", None)
-        if backend is None:
-            return None
+        if backend is None or not any(kind in f"{backend.pre_tokenizer}{backend.normalizer}"
+                                      for kind in ("Metaspace", "Prepend")):
+            return None  # byte-level and most others: no copy (a large vocabulary's JSON takes a second)
         spec = json.loads(backend.to_str())
         changed = False
         stack = [spec.get("pre_tokenizer")]
