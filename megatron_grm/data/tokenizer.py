@@ -536,8 +536,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = pad if pad >= 0 else (unk if unk >= 0 else eos)
         self.vocab_size = self.sp.get_piece_size()
         self.uses_bos = self.bos_id is not None
-        self._sp_without_dummy_prefix: Any = None
-        self._sp_literal: Any = None
 
     def _encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text, out_type=int))
@@ -549,10 +547,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _control_and_user_defined(self) -> frozenset[int]:
         """Control pieces and user-defined ones: Gemma's <start_of_turn>/<end_of_turn> are user-defined,
         matched in text as one piece."""
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.sp.serialized_model_proto())
+        proto = self._proto()
         kinds = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
         return frozenset(i for i, piece in enumerate(proto.pieces) if piece.type in kinds)
 
@@ -565,7 +560,7 @@ class SentencePieceTokenizer(Tokenizer):
         spelled out by a copy of the model that has those pieces marked unused (which encoding never
         produces). Splitting the text instead would change how SentencePiece treats the whitespace at
         each cut."""
-        model = self.sp if at_start else self._without_dummy_prefix()
+        model = self.sp if at_start else self._without_dummy_prefix
         offsets = {m.start() for m in template}
         byte_at = [0]
         for char in text:
@@ -575,44 +570,47 @@ class SentencePieceTokenizer(Tokenizer):
         for piece in model.encode(text, return_type="proto").pieces:
             start = char_at.get(piece.begin)
             if piece.id in self._control_and_user_defined and start is not None and start not in offsets:
-                ids += self._literal_model().encode(text[start:char_at[piece.end]], out_type=int)
+                ids += self._literal_model.encode(text[start:char_at[piece.end]], out_type=int)
             else:
                 ids.append(piece.id)
         return ids
 
     def _encode_continuation(self, text: str) -> list[int]:
-        return list(self._without_dummy_prefix().encode(text, out_type=int))
+        return list(self._without_dummy_prefix.encode(text, out_type=int))
 
+    def _proto(self) -> Any:
+        """A fresh, editable copy of this model's ``ModelProto``."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        return proto
+
+    @staticmethod
+    def _processor(proto: Any) -> Any:
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    @cached_property
     def _literal_model(self) -> Any:
-        """This model reading user-defined pieces as text, without the dummy prefix; built once."""
-        if self._sp_literal is None:
-            import sentencepiece
-            from sentencepiece import sentencepiece_model_pb2
+        """This model reading user-defined pieces as text (marked unused, which encoding never produces),
+        without the dummy prefix."""
+        proto = self._proto()
+        for piece in proto.pieces:
+            if piece.type == proto.SentencePiece.USER_DEFINED:
+                piece.type = proto.SentencePiece.UNUSED
+        proto.normalizer_spec.add_dummy_prefix = False
+        return self._processor(proto)
 
-            proto = sentencepiece_model_pb2.ModelProto()
-            proto.ParseFromString(self.sp.serialized_model_proto())
-            for piece in proto.pieces:
-                if piece.type == proto.SentencePiece.USER_DEFINED:
-                    piece.type = proto.SentencePiece.UNUSED
-            proto.normalizer_spec.add_dummy_prefix = False
-            self._sp_literal = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        return self._sp_literal
-
+    @cached_property
     def _without_dummy_prefix(self) -> Any:
-        """This model with ``add_dummy_prefix`` off (built once; the model itself if it is already off)."""
-        if self._sp_without_dummy_prefix is None:
-            import sentencepiece
-            from sentencepiece import sentencepiece_model_pb2
-
-            proto = sentencepiece_model_pb2.ModelProto()
-            proto.ParseFromString(self.sp.serialized_model_proto())
-            if proto.normalizer_spec.add_dummy_prefix:
-                proto.normalizer_spec.add_dummy_prefix = False
-                self._sp_without_dummy_prefix = sentencepiece.SentencePieceProcessor(
-                    model_proto=proto.SerializeToString())
-            else:
-                self._sp_without_dummy_prefix = self.sp
-        return self._sp_without_dummy_prefix
+        """This model with ``add_dummy_prefix`` off (the model itself if it is already off)."""
+        proto = self._proto()
+        if not proto.normalizer_spec.add_dummy_prefix:
+            return self.sp
+        proto.normalizer_spec.add_dummy_prefix = False
+        return self._processor(proto)
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
