@@ -76,7 +76,7 @@ def run_config(model: ModelConfig, args: argparse.Namespace, run_dir: str, preci
         "trainer": {**base["trainer"], "micro_batch_size": args.batch,
                     "global_batch_size": args.batch * args.microbatches, "seq_length": args.seq,
                     "max_steps": args.steps + args.warmup, "run_dir": run_dir, "recompute": args.recompute,
-                    "loss_tokens_only": args.loss_tokens_only},
+                    "loss_tokens_only": args.loss_tokens_only, "lazy_grad_zeroing": args.lazy_grad_zeroing},
         "optimizer": {**base["optimizer"], "lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0,
                       "decay_style": "constant", "use_distributed_optimizer": args.distributed_optimizer,
                       "fused_kernel": args.fused_adam},
@@ -263,7 +263,7 @@ def wrap_phases(trainer, side: Side) -> None:
                 return fn(*a, **k)
         return call
 
-    trainer.model.zero_grad_buffer = timed("zero grads", trainer.model.zero_grad_buffer)
+    trainer.zero_grads = timed("zero grads", trainer.zero_grads)
     trainer.forward_backward = timed("forward+backward", trainer.forward_backward)
     trainer.optimizer.step = timed("optimizer step (clip, Adam, param sync)", trainer.optimizer.step)
 
@@ -426,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="loss on each sequence's last N tokens only (RFT-shaped); 0 = every token")
     p.add_argument("--loss-tokens-only", action=argparse.BooleanOptionalAction, default=True,
                    help="our output layer projects only the loss's tokens (trainer.loss_tokens_only)")
+    p.add_argument("--lazy-grad-zeroing", action=argparse.BooleanOptionalAction, default=True,
+                   help="our side: weight-gradient GEMMs overwrite main_grad instead of a zeroed buffer "
+                        "(trainer.lazy_grad_zeroing)")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -19,12 +19,30 @@ import torch
 log = logging.getLogger(__name__)
 
 
+_OVERWRITE = "_grm_overwrite"
+
+
+def mark_overwrite(main_grad: torch.Tensor) -> None:
+    """Make the next GEMM into ``main_grad`` overwrite it instead of adding (parallel/grad_zeroing.py)."""
+    setattr(main_grad, _OVERWRITE, True)
+
+
+def take_overwrite(main_grad: torch.Tensor) -> bool:
+    """Whether ``main_grad`` was marked for overwriting; clears the mark."""
+    marked = getattr(main_grad, _OVERWRITE, False)
+    if marked:
+        setattr(main_grad, _OVERWRITE, False)
+    return marked
+
+
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """``main_grad += grad_output^T @ total_input`` (2-D operands, as Megatron passes them)."""
+    """``main_grad += grad_output^T @ total_input`` (2-D operands, as Megatron passes them); ``=`` when
+    ``main_grad`` is marked for overwriting (beta 0: what it held is not read, NaN included)."""
+    beta = 0 if take_overwrite(main_grad) else 1
     if main_grad.is_cuda and total_input.dtype != main_grad.dtype:
-        torch.addmm(main_grad, grad_output.t(), total_input, main_grad.dtype, out=main_grad)
+        torch.addmm(main_grad, grad_output.t(), total_input, main_grad.dtype, beta=beta, out=main_grad)
     else:
-        main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
+        main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype), beta=beta)
 
 
 wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32  # a bf16/fp16 main_grad: operands of its own dtype, plain addmm_

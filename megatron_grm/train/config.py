@@ -42,6 +42,7 @@ class TrainerSettings:
     peak_tflops: float | None = None  # per device; for MFU. null = cluster.peak_tflops_bf16 (none: not reported)
     exit_after_steps: int | None = None  # stop (with a checkpoint) after this many steps of this process
     loss_tokens_only: bool = True  # output layer + cross-entropy only where the loss reads (parallel/loss_positions.py)
+    lazy_grad_zeroing: bool = True  # GEMMs overwrite main_grad instead of a zeroed buffer (parallel/grad_zeroing.py)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.device import device, to_device
 from megatron_grm.parallel.fused_adam import use_fused_adam
+from megatron_grm.parallel.grad_zeroing import GradZeroing
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.config import RunConfig
@@ -153,6 +154,7 @@ class Trainer:
             use_distributed_optimizer=self.distributed_optimizer,
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
+        self.zero_grads = GradZeroing(self.model, enabled=t.lazy_grad_zeroing)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -185,7 +187,7 @@ class Trainer:
             wd_incr_steps=max(t.max_steps, 1),
             wd_incr_style="constant",
         )
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = self.zero_grads.finalize_after(finalize_model_grads)
         self.config.no_sync_func = self.model.no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.state = TrainState()
@@ -250,7 +252,7 @@ class Trainer:
 
     def train_step(self, microbatches: list[Batch], objective: Objective) -> StepResult:
         start = time.perf_counter()
-        self.model.zero_grad_buffer()
+        self.zero_grads()
         self.optimizer.zero_grad()
         loss_pair, metrics = self.forward_backward(microbatches, objective)
         loss = float(loss_pair[0] / loss_pair[1].clamp(min=1))

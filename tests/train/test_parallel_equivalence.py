@@ -87,6 +87,15 @@ def test_output_layer_on_loss_tokens_only_trains_like_projecting_every_position(
     assert full["weight_sums"] == pytest.approx(reference["weight_sums"], abs=1e-5, rel=0)
 
 
+def test_gemms_overwriting_main_grad_train_like_a_zeroed_buffer(init_ckpt, reference, tmp_path):
+    """trainer.lazy_grad_zeroing (the default, parallel/grad_zeroing.py): the linears' weight-gradient GEMMs
+    overwrite main_grad on a step's first micro-batch (4 here) instead of adding into a zeroed buffer."""
+    zeroed = _train(tmp_path, "zeroed", 1, init_ckpt, ["--steps", "3", "--lazy-grad-zeroing", "0"])
+    assert reference["overwritten_weights"] == 17 and zeroed["overwritten_weights"] == 0  # 4 x 4 + output layer
+    _assert_same_training(zeroed, reference)
+    assert zeroed["weight_sums"] == pytest.approx(reference["weight_sums"], abs=1e-6, rel=0)
+
+
 def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_layer(tmp_path):
     """With tied embeddings the shared weight gets the output layer's gradient inside the GEMM and the
     embedding lookup's through .grad; both must reach main_grad (Megatron zeroes the dummy wgrad, and the
@@ -95,5 +104,7 @@ def test_fused_weight_gradients_keep_the_embedding_gradient_of_a_tied_output_lay
                       for flag in ("1", "0"))
     # The shared table counts once: set by the output layer's GEMM.
     assert fused["weights_accumulated_in_main_grad"] == 17 and unfused["weights_accumulated_in_main_grad"] == 0
+    # The tied output layer has no weight of its own: the table is zeroed, the 16 layer weights overwritten.
+    assert fused["overwritten_weights"] == 16 and unfused["overwritten_weights"] == 0
     _assert_same_training(fused, unfused)
     assert fused["weight_sums"] == pytest.approx(unfused["weight_sums"], abs=1e-4, rel=0)

@@ -55,3 +55,14 @@ def test_bf16_operands_accumulate_in_fp32_on_a_gpu():
     print(f"max error fused {error:.2e}, bf16-rounded gradient {rounded_error:.2e}")
     assert error < 1e-3
     assert error < rounded_error / 10
+
+
+@pytest.mark.gpu
+def test_a_marked_main_grad_is_overwritten_by_the_mixed_precision_gemm():
+    """parallel/grad_zeroing.py's mark on a GPU: beta 0 in cuBLAS's bf16-into-fp32 GEMM, NaN not read."""
+    total_input, grad_output, _ = _operands("cuda", torch.bfloat16)
+    main_grad = torch.full((grad_output.shape[1], total_input.shape[1]), float("nan"), device="cuda")
+    wgrad_gemm.mark_overwrite(main_grad)
+    wgrad_gemm.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    want = grad_output.double().t() @ total_input.double()
+    assert (main_grad.double() - want).abs().max().item() < 1e-3

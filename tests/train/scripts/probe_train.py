@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
     ap.add_argument("--loss-tokens-only", type=int, default=1, help="0: the output layer projects every position")
     ap.add_argument("--precision", default="fp32", help="conf/precision choice: fp32 or bf16")
+    ap.add_argument("--lazy-grad-zeroing", type=int, default=1, help="0: Megatron zeroes the whole grad buffer")
     args = ap.parse_args()
 
     from megatron_grm.parallel.fused_adam import inner_torch_optimizers
@@ -86,6 +87,8 @@ def main() -> None:
         overrides.append("trainer.loss_tokens_only=false")
     if args.tied:
         overrides.append("model.tie_word_embeddings=true")
+    if not args.lazy_grad_zeroing:
+        overrides.append("trainer.lazy_grad_zeroing=false")
     if args.save_interval:
         overrides.append(f"trainer.save_interval={args.save_interval}")
     if args.exit_after:
@@ -174,6 +177,7 @@ def main() -> None:
         result = {"losses": losses, "grad_norms": grad_norms, "skipped": skipped, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
+                  "overwritten_weights": len(trainer.zero_grads.weights),
                   "output_layer_rows": output_rows[0] if output_rows else None,
                   "loss_tokens": float(sum(b["loss_mask"].sum() for b in producer_log)),
                   "fused_adam": [group["fused"] for opt in inner_torch_optimizers(trainer.optimizer)
