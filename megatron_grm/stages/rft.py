@@ -182,10 +182,7 @@ def mix_with_instruction(judgments: Sequence[Sample], instruction: InstructionDa
     if not any(instruction.samples):
         raise ValueError(f"instruction ratio {ratio} needs instruction data (data.instruction), or set the ratio to 0")
     wanted = round(len(judgments) * ratio / (1.0 - ratio))
-    if len(instruction.samples) == 1:
-        counts = [wanted]
-    else:
-        counts = BlendedDataset(instruction.samples, instruction.weights, size=wanted).counts().tolist()
+    counts = BlendedDataset(instruction.samples, instruction.weights, size=wanted).counts().tolist()
     mix = list(judgments)
     for k, (samples, count) in enumerate(zip(instruction.samples, counts)):
         rng = np.random.default_rng([seed, 17] if k == 0 else [seed, 17, k])
