@@ -263,7 +263,7 @@ def wrap_phases(trainer, side: Side) -> None:
                 return fn(*a, **k)
         return call
 
-    trainer.zero_grads = timed("zero grads", trainer.zero_grads)
+    trainer.model.zero_grad_buffer = timed("zero grads", trainer.model.zero_grad_buffer)
     trainer.forward_backward = timed("forward+backward", trainer.forward_backward)
     trainer.optimizer.step = timed("optimizer step (clip, Adam, param sync)", trainer.optimizer.step)
 

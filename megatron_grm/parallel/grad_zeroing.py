@@ -3,9 +3,10 @@
 Megatron's DDP zeroes its whole fp32 ``main_grad`` buffer before every step (``zero_grad_buffer``): one pass
 over four bytes per parameter, which ``transformers`` never pays (it drops its ``.grad`` tensors). Most of
 that buffer belongs to the weights of Megatron's own linear layers, whose gradient the weight-gradient GEMM
-writes in full (parallel/wgrad_gemm.py). :class:`GradZeroing` marks those weights' ``main_grad`` instead, and
-the GEMM overwrites a marked one (beta 0) and clears the mark, so later micro-batches add as before. The rest
-of the buffer (embedding rows, norms, biases, padding) is zeroed as Megatron does.
+writes in full (parallel/wgrad_gemm.py). :class:`GradZeroing` has each buffer's reset (what DDP's own
+``zero_grad_buffer`` calls) mark those weights' ``main_grad`` instead; the GEMM overwrites a marked one
+(beta 0) and clears the mark, so later micro-batches add as before. The rest of the buffer (embedding rows,
+norms, biases, padding) is zeroed as Megatron does.
 
 A marked weight that got no gradient in the backward (a layer the loss never reached, such as the LM head
 under a MetaRM) still holds the last step's gradient: :meth:`GradZeroing.finalize_after` zeroes it before
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,44 +61,37 @@ def _spans_to_zero(size: int, skipped: list[tuple[int, int]]) -> list[tuple[int,
 
 
 class GradZeroing:
-    """``zero_grad_buffer`` for a Megatron DDP model that leaves the overwritable weights' gradients to the
-    GEMM (``enabled=False``: Megatron's own zeroing)."""
+    """Makes each of a Megatron DDP model's gradient buffers, when ``zero_grad_buffer`` resets it, zero only
+    what no GEMM overwrites and mark the weights a GEMM does (``enabled=False``: Megatron's reset)."""
 
     def __init__(self, ddp: Any, enabled: bool = True) -> None:
-        self.ddp = ddp
         shared = getattr(ddp.ddp_config, "reuse_grad_buf_for_mxfp8_param_ag", False)
         candidates = set(overwritable_weights(ddp.module)) if enabled and not shared else set()
         self.weights: list[torch.nn.Parameter] = []
-        self.rest: list[torch.Tensor] = []  # views of the buffers that are zeroed as before
-        for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+        buffers = ddp.buffers + ddp.expert_parallel_buffers
+        for buffer in buffers:
             mine = [p for p in buffer.params if p in candidates]
+            if not mine:
+                continue
+            spans = _spans_to_zero(buffer.grad_data.numel(), [buffer.param_index_map[p][:2] for p in mine])
+            buffer.reset = partial(self._reset, [buffer.grad_data[a:b] for a, b in spans], mine)
             self.weights += mine
-            skipped = [buffer.param_index_map[p][:2] for p in mine]
-            self.rest += [buffer.grad_data[a:b] for a, b in _spans_to_zero(buffer.grad_data.numel(), skipped)]
+        total = sum(b.grad_data.numel() for b in buffers)
+        self.zeroed_fraction = 1.0 - sum(w.numel() for w in self.weights) / max(total, 1)
         if self.weights:
-            total = sum(b.grad_data.numel() for b in ddp.buffers + ddp.expert_parallel_buffers)
-            left = sum(view.numel() for view in self.rest)
             log.info("gradient zeroing: %d weight(s) overwritten by their first weight-gradient GEMM, "
                      "%.1f%% of the buffer zeroed per step (parallel/grad_zeroing.py)", len(self.weights),
-                     100.0 * left / max(total, 1))
+                     100.0 * self.zeroed_fraction)
         else:
             log.info("gradient zeroing: Megatron's, the whole buffer per step")
 
-    def __call__(self) -> None:
-        """Prepare every ``main_grad`` for the next step's backward."""
-        if not self.weights:
-            self.ddp.zero_grad_buffer()
-            return
-        ddp = self.ddp
-        if getattr(ddp.config, "cuda_graph_impl", "none") != "transformer_engine":
-            for param in ddp.params_with_grad:  # as zero_grad_buffer does
-                param.grad_added_to_main_grad = False
-        for view in self.rest:
+    @staticmethod
+    def _reset(rest: list[torch.Tensor], weights: list[torch.nn.Parameter]) -> None:
+        """A buffer's reset: zero the views no GEMM overwrites, mark the weights one does."""
+        for view in rest:
             view.zero_()
-        for weight in self.weights:
+        for weight in weights:
             wgrad_gemm.mark_overwrite(weight.main_grad)
-        for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
-            group.reset()
 
     def zero_unwritten(self) -> int:
         """Zero the marked gradients no GEMM wrote in this backward; returns how many there were."""

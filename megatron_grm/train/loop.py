@@ -154,7 +154,7 @@ class Trainer:
             use_distributed_optimizer=self.distributed_optimizer,
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
-        self.zero_grads = GradZeroing(self.model, enabled=t.lazy_grad_zeroing)
+        self.grad_zeroing = GradZeroing(self.model, enabled=t.lazy_grad_zeroing)  # through zero_grad_buffer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -187,7 +187,7 @@ class Trainer:
             wd_incr_steps=max(t.max_steps, 1),
             wd_incr_style="constant",
         )
-        self.config.finalize_model_grads_func = self.zero_grads.finalize_after(finalize_model_grads)
+        self.config.finalize_model_grads_func = self.grad_zeroing.finalize_after(finalize_model_grads)
         self.config.no_sync_func = self.model.no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.state = TrainState()
@@ -252,7 +252,7 @@ class Trainer:
 
     def train_step(self, microbatches: list[Batch], objective: Objective) -> StepResult:
         start = time.perf_counter()
-        self.zero_grads()
+        self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_pair, metrics = self.forward_backward(microbatches, objective)
         loss = float(loss_pair[0] / loss_pair[1].clamp(min=1))

@@ -32,7 +32,7 @@ def test_only_megatrons_own_gemm_weights_skip_the_zeroing(report):
     # The subclass with its own forward and the scale get their gradient through .grad: zeroed as before.
     assert report["overwritten"] == ["a.weight", "b.weight"]
     assert 0.0 < report["zeroed_fraction"] < 1.0
-    assert report["disabled"] == {"overwritten": 0, "buffer_zero": True}
+    assert report["disabled"] == {"overwritten": 0, "megatrons_reset": True}
 
 
 def test_two_micro_batches_sum_as_with_a_zeroed_buffer(report):

@@ -177,7 +177,7 @@ def main() -> None:
         result = {"losses": losses, "grad_norms": grad_norms, "skipped": skipped, "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
-                  "overwritten_weights": len(trainer.zero_grads.weights),
+                  "overwritten_weights": len(trainer.grad_zeroing.weights),
                   "output_layer_rows": output_rows[0] if output_rows else None,
                   "loss_tokens": float(sum(b["loss_mask"].sum() for b in producer_log)),
                   "fused_adam": [group["fused"] for opt in inner_torch_optimizers(trainer.optimizer)
