@@ -12,9 +12,11 @@ loop, KV cache and sampling stay Megatron's; this subclass only overrides:
   counted. A sample also ends at ``max_new_tokens`` and when a stop string completes (early termination,
   the exact cut is made afterwards by :func:`megatron_grm.rollout.finish.finish`), and every step is
   reported to the progress bar.
-* ``_torch_sampling_func`` (static and dynamic batching): tokens the tokenizer does not have (the rows
-  Megatron pads the vocabulary with) are never *drawn*. Log-probabilities still come from the unmasked
-  logits, i.e. the plain softmax the training forward computes.
+* ``_torch_sampling_func`` (static batching) and ``_dynamic_step_sample_logits`` (dynamic batching): each
+  row draws from its request's own random stream (:mod:`megatron_grm.rollout.streams`) instead of one
+  generator shared by the batch, so a sample does not depend on its neighbours. Tokens the tokenizer does
+  not have (the rows Megatron pads the vocabulary with) are never *drawn*. Log-probabilities still come
+  from the unmasked logits, i.e. the plain softmax the training forward computes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from megatron.core.inference.text_generation_controllers.text_generation_controller import (
     TextGenerationController,
 )
+
+from megatron_grm.rollout.streams import draw_tokens, stream_uniforms
 
 StepCallback = Callable[[int, int], None]  # (tokens generated this step, samples finished this step)
 StopCheck = Callable[[Sequence[int]], bool]  # generated tokens so far -> a stop string just completed?
@@ -61,10 +65,24 @@ class RolloutController(TextGenerationController):
         self._on_step: StepCallback | None = None
         self._step_logprobs: torch.Tensor | None = None
         self.logprobs = torch.zeros(0, 0)  # [rows, max_new_tokens] of the current wave
+        self._keys = torch.zeros(0, dtype=torch.long)  # per row (static) or per request id (dynamic)
+        self._drawn = torch.zeros(0, dtype=torch.long)  # static: tokens each row has generated so far
+        self._request_prompt_lengths = torch.zeros(0, dtype=torch.long)  # dynamic: per request id
+
+    def set_streams(self, keys: Sequence[int], prompt_lengths: Sequence[int]) -> None:
+        """The random-stream key (``streams.request_keys``) and prompt length of each request, indexed by
+        the request id the engine is given (dynamic batching; static waves pass them to begin_wave)."""
+        self._keys = torch.tensor(list(keys), dtype=torch.long)
+        self._request_prompt_lengths = torch.tensor(list(prompt_lengths), dtype=torch.long)
 
     def begin_wave(self, prompt_lengths: Sequence[int], end_ids: Sequence[int], max_new_tokens: int,
-                   stop_check: StopCheck | None = None, on_step: StepCallback | None = None) -> None:
+                   keys: Sequence[int], stop_check: StopCheck | None = None,
+                   on_step: StepCallback | None = None) -> None:
+        if len(keys) != len(prompt_lengths):
+            raise ValueError(f"{len(keys)} stream keys for a wave of {len(prompt_lengths)} rows")
         self._prompt_lengths = list(prompt_lengths)
+        self._keys = torch.tensor(list(keys), dtype=torch.long)
+        self._drawn = torch.zeros(len(keys), dtype=torch.long)
         self._end_ids = torch.tensor(list(end_ids), dtype=torch.long)
         self._max_new_tokens = max_new_tokens
         self._stop_check = stop_check
@@ -105,14 +123,47 @@ class RolloutController(TextGenerationController):
                 if self._stop_check(updated_prompts_tokens[row, start:current_context_end_position + 1].tolist()):
                     ends[row] = True
         done = was_done | (generating & ends)
+        self._drawn = generated_sequence_lengths.long()  # the next draw of each row is its token number
         if self._on_step is not None:
             self._on_step(int(generating.sum()), int((done & ~was_done).sum()))
         return done, generated_sequence_lengths.int()
 
-    # -- static and dynamic batching: never draw a padding row of the vocabulary ----------------------
+    # -- static batching: each row from its own stream ------------------------------------------------
     def _torch_sampling_func(self, last_token_logits: torch.Tensor, temperature: float, top_k: int,
                              top_p: float, vocab_size: int | None = None):
-        if self.vocab_limit is not None and self.vocab_limit < last_token_logits.size(-1):
-            last_token_logits = last_token_logits.clone()
-            last_token_logits[..., self.vocab_limit:] = float("-inf")
-        return super()._torch_sampling_func(last_token_logits, temperature, top_k, top_p, vocab_size)
+        rows = last_token_logits.size(0)
+        if rows != len(self._keys):
+            raise RuntimeError(f"static sampling of {rows} rows with {len(self._keys)} stream keys (begin_wave)")
+        return self._draw(last_token_logits, temperature, top_k, top_p, self._keys, self._drawn)
+
+    # -- dynamic batching: each active request from its own stream ----------------------------------------
+    def _dynamic_step_sample_logits(self, logits: torch.Tensor) -> None:
+        if self._sampling_backend != "torch":
+            raise RuntimeError(f"rollout sampling needs Megatron's torch sampler, not {self._sampling_backend!r}")
+        context = self.inference_wrapped_model.inference_context
+        if context.materialize_only_last_token_logits:
+            last_token_logits = logits.squeeze(0)
+        else:
+            last_token_logits = context.last_token_logits(logits)
+        active = slice(context.paused_request_count, context.total_request_count)
+        ids = context.request_ids[active].long()
+        keys = self._keys.to(ids.device)[ids]
+        # Tokens generated so far: the position being predicted minus the prompt (negative while a chunked
+        # prefill is unfinished; that row's token is not kept).
+        position = context.request_kv_length_offsets[active] + context.request_query_lengths[active]
+        drawn = (position.long() - self._request_prompt_lengths.to(ids.device)[ids]).clamp_(min=0)
+        tokens, rows = [], []
+        for indices, temperature, top_k, top_p in self._torch_sampling_buckets:
+            index = torch.tensor(indices, device=last_token_logits.device)
+            tokens.append(self._draw(last_token_logits[index], temperature, top_k, top_p, keys[index], drawn[index]))
+            rows.append(index)
+        self._sampled_tokens_cuda[torch.cat(rows)] = torch.cat(tokens)
+
+    def _draw(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float, keys: torch.Tensor,
+              drawn: torch.Tensor) -> torch.Tensor:
+        """Rows' tokens from their streams; padding rows of the vocabulary are never drawn."""
+        if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
+            logits = logits.clone()
+            logits[..., self.vocab_limit:] = float("-inf")
+        return draw_tokens(logits, temperature, top_k, top_p, stream_uniforms(keys.to(logits.device),
+                                                                              drawn.to(logits.device)))

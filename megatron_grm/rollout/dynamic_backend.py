@@ -100,15 +100,12 @@ class DynamicBackend:
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight
         self.vocab_limit = vocab_limit
-        self._seed = 0
         paged_attention.install()  # torch's attention over the paged cache, only where flash-attn is absent
-
-    def seed(self, seed: int) -> None:
-        self._seed = seed
 
     def generate_wave(
         self,
         prompts: Sequence[Sequence[int]],
+        keys: Sequence[int],
         sampling: SamplingConfig,
         end_ids: Sequence[int],
         stop_check,
@@ -146,8 +143,8 @@ class DynamicBackend:
         wrapper.prep_model_for_inference()
         controller = RolloutController(wrapper, self.shim, pp_group=parallel_state.get_pipeline_model_parallel_group(),
                                        vocab_limit=self.vocab_limit)
-        controller.sampling_rng.manual_seed(self._seed)
-        engine = DynamicInferenceEngine(controller, context, random_seed=self._seed)
+        controller.set_streams(keys, [len(p) for p in prompts])  # request i is prompts[i]
+        engine = DynamicInferenceEngine(controller, context, random_seed=0)  # asserted an int; draws use the streams
 
         params = sampling.megatron_params()
         params.termination_id = end_ids[0] if end_ids else -1

@@ -28,6 +28,7 @@ from megatron_grm.rollout.finish import finish, stop_text_decoder, stop_window, 
 from megatron_grm.rollout.logprobs import training_logprobs
 from megatron_grm.rollout.progress import RolloutProgress
 from megatron_grm.rollout.sampling import Sample, SamplingConfig
+from megatron_grm.rollout.streams import request_keys
 from megatron_grm.rollout.waves import plan_waves
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ class RolloutEngine:
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1,
                  sampling: SamplingConfig | None = None) -> list[Sample]:
         """``n`` samples per prompt, grouped: [p0s0, p0s1, ..., p1s0, ...]. Prompts are token ids and may
-        differ in length. The same prompts, settings and seed give the same samples."""
+        differ in length. Each sample draws from its own stream (``rollout/streams.py``): the m-th sample
+        of a prompt (its earlier copies in ``prompts`` counted) depends on the seed, the settings and that
+        prompt only, not on the other prompts, their order, the wave caps or the parallel layout."""
         sampling = sampling or SamplingConfig()
         if n < 1:
             raise ValueError(f"n={n}; must be >= 1")
@@ -133,6 +136,7 @@ class RolloutEngine:
             self.sync_weights()
 
         requests = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        keys = request_keys(sampling.seed, prompts, n)
         lengths = [len(prompts[i]) for i, _ in requests]
         if self.backend.name == "dynamic":
             waves = [sorted(range(len(requests)), key=lambda r: lengths[r])]
@@ -149,12 +153,12 @@ class RolloutEngine:
         was_training = self.model.training
         bar = RolloutProgress(len(requests), enabled=self.progress)
         try:
-            self.backend.seed(sampling.seed_for_rank(self._data_parallel_rank()))
             # Decode steps of a few rows can run neither TE's FP8 GEMMs nor Megatron's sequence parallelism.
             with fp8_suspended(self.model), sequence_parallel_off(self.model):
                 for wave in waves:
-                    out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave], sampling, end_ids,
-                                                     stop_check, bar.step)
+                    out = self.backend.generate_wave([prompts[requests[r][0]] for r in wave],
+                                                     [keys[r] for r in wave], sampling, end_ids, stop_check,
+                                                     bar.step)
                     for r, result in zip(wave, out):
                         raw[r] = result
         finally:
@@ -231,7 +235,7 @@ class RolloutEngine:
 
     def _check_same_call_across_model_parallel(self, prompts, n: int, sampling: SamplingConfig) -> None:
         """TP/PP ranks that disagree on the call would deadlock or decode garbage: fail loudly instead."""
-        group = self._group("mp")
+        group = self._model_parallel_group()
         if group is None or torch.distributed.get_world_size(group) == 1:
             return
         digest = zlib.crc32(repr((prompts, n, sampling)).encode())
@@ -241,19 +245,14 @@ class RolloutEngine:
             raise RuntimeError("RolloutEngine.generate was called with different prompts or settings on the ranks "
                                "of one model-parallel group; every TP/PP rank must pass the same call")
 
-    def _group(self, name: str):
-        """The rollout model's own process group (``mp`` or ``dp``): a refit rollout model has its own."""
+    def _model_parallel_group(self):
+        """The rollout model's own model-parallel group: a refit rollout model has its own."""
         if not torch.distributed.is_initialized():
             return None
         groups = getattr(self.model, "pg_collection", None)
-        group = getattr(groups, name, None) if groups is not None else None
+        group = getattr(groups, "mp", None) if groups is not None else None
         if group is None:
             from megatron.core import parallel_state
 
-            group = (parallel_state.get_model_parallel_group() if name == "mp"
-                     else parallel_state.get_data_parallel_group())
+            group = parallel_state.get_model_parallel_group()
         return group
-
-    def _data_parallel_rank(self) -> int:
-        group = self._group("dp")
-        return 0 if group is None else torch.distributed.get_rank(group)

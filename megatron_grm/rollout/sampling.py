@@ -21,8 +21,9 @@ class SamplingConfig:
     ``top_p`` = 1.0 mean "off"; Megatron-Core's sampler applies one of the two, never both, so setting
     both is an error here rather than a silent choice there. ``stop`` strings end a sample once its
     decoded text contains one (the string is kept, like EOS); they need a tokenizer. ``ignore_eos``
-    generates past EOS and every other end id (benchmarks). ``seed`` makes a call reproducible: the same
-    prompts, settings and seed give the same samples.
+    generates past EOS and every other end id (benchmarks). ``seed`` keys every sample's own random stream
+    (``rollout/streams.py``): the same prompt, settings and seed give the same samples, whatever else is in
+    the call and on whichever data-parallel rank.
     """
 
     max_new_tokens: int = 256
@@ -70,11 +71,6 @@ class SamplingConfig:
             skip_prompt_log_probs=True,
             num_tokens_to_generate=self.max_new_tokens,
         )
-
-    def seed_for_rank(self, data_parallel_rank: int) -> int:
-        """Tensor-parallel ranks must draw identically; data-parallel replicas should not (different prompts
-        but correlated draws would bias a GRPO group built across ranks)."""
-        return (self.seed + 1_000_003 * data_parallel_rank) % (2**63 - 1)
 
 
 @dataclass

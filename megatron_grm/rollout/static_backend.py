@@ -150,12 +150,10 @@ class StaticBackend:
                      "torch's matmul for %d (small or non-fp32 weights, sequence parallel; "
                      "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
 
-    def seed(self, seed: int) -> None:
-        self.controller.sampling_rng.manual_seed(seed)
-
     def generate_wave(
         self,
         prompts: Sequence[Sequence[int]],
+        keys: Sequence[int],
         sampling: SamplingConfig,
         end_ids: Sequence[int],
         stop_check: StopCheck | None,
@@ -175,7 +173,8 @@ class StaticBackend:
         self.wrapper.key_padding = key_padding
         self.wrapper.shared_rows = shared_rows
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
-        self.controller.begin_wave([len(p) for p in prompts], end_ids, sampling.max_new_tokens, stop_check, on_step)
+        self.controller.begin_wave([len(p) for p in prompts], end_ids, sampling.max_new_tokens, keys, stop_check,
+                                   on_step)
         params = sampling.megatron_params()
         params.return_log_probs = False  # the controller takes them per step (see controller.py)
         requests = OrderedDict(

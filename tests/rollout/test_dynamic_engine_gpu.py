@@ -25,6 +25,11 @@ def test_dynamic_engine_samples_with_logprobs_that_match_training(tmp_path):
     assert out["debug_logprob_diff"] <= BF16_LOGPROB_TOL
     assert out["sampled_logprob_diff"] <= BF16_LOGPROB_TOL
     assert out["same_seed_equal"] is True
+    # Per-request streams: a wrong token counter or key would make these agree only by chance. bf16 logits
+    # differ between batch shapes and backends, which can move a draw across a CDF boundary now and then.
+    streams = out["streams"]
+    assert min(streams.values()) >= 0.75, streams
+    assert streams["reversed_first_token"] >= 0.9 and streams["static_first_token"] >= 0.9, streams
     # Same argmax as the static engine at least for the first tokens (bf16 near-ties may flip later ones).
     for dyn, sta in zip(out["dynamic_greedy"], out["static_greedy"]):
         assert dyn[:4] == sta[:4]

@@ -197,6 +197,13 @@ def test_tp2_ranks_draw_the_same_tokens_as_tp1(tp1, tp2):
     assert tp2["seed11"] == tp1["seed11"]  # sampling, not only greedy, is layout-independent
 
 
+def test_a_sample_depends_on_its_seed_prompt_and_number_not_its_company(run):
+    """Per-request streams: the same draws beside other prompts, in another order, as copies of the prompt
+    instead of n samples, and in token-capped waves (rollout/streams.py)."""
+    assert run["streams"] == {"other_company_and_order": True, "copies_equal_n": True, "capped_waves": True,
+                              "samples_of_a_prompt_differ": True}
+
+
 def test_token_capped_waves_give_the_same_greedy_output(run):
     assert run["small_cap_waves"] > 1
     assert run["waves_greedy"] == [g for g in run["greedy"] for _ in range(2)]

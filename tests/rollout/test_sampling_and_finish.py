@@ -53,12 +53,6 @@ def test_a_single_stop_string_becomes_a_tuple():
     assert SamplingConfig(stop="}").stop == ("}",)
 
 
-def test_data_parallel_replicas_draw_with_different_seeds():
-    cfg = SamplingConfig(seed=5)
-    assert cfg.seed_for_rank(0) == 5
-    assert len({cfg.seed_for_rank(r) for r in range(8)}) == 8
-
-
 def test_sample_sequence_and_logprob_sum():
     s = Sample(0, 1, [1, 2], [3, 4], [-0.5, -0.25], "length")
     assert s.sequence == [1, 2, 3, 4]

@@ -2,8 +2,10 @@
 
 The tiny model in bf16 (flash-attn has no fp32 kernels): the dynamic backend is the one that runs, its
 samples have one log-probability per token, and those agree with a training forward and with the static
-backend's greedy output to bf16 precision. One prompt spans two KV-cache pages. Without flash-attn the
-engine's attention runs through parallel/paged_attention.py. Writes the outcomes to --out (rank 0).
+backend's greedy output to bf16 precision. Each request draws from its own stream, so reversing the
+prompts or sampling on the static backend gives the same draws up to bf16 round-off. One prompt spans two
+KV-cache pages. Without flash-attn the engine's attention runs through parallel/paged_attention.py.
+Writes the outcomes to --out (rank 0).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def main() -> None:
     s = static.generate(prompts, sampling=greedy)
     sampled = dynamic.generate(prompts, n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
     again = dynamic.generate(prompts, n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    # Per-request streams: the same draws with the prompts reversed, and on the static backend.
+    reversed_ = dynamic.generate(prompts[::-1], n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    reversed_ = [x for i in range(len(prompts) - 1, -1, -1) for x in reversed_[4 * i:4 * i + 4]]
+    static_sampled = static.generate(prompts, n=4, sampling=SamplingConfig(max_new_tokens=16, seed=3))
+
+    def prefix_agreement(a, b, tokens: int) -> float:
+        return sum(x.token_ids[:tokens] == y.token_ids[:tokens] for x, y in zip(a, b)) / len(a)
+
     # A second end id (a turn-end token) ends a request too, as Megatron's one-token stop word.
     k = max(range(len(d)), key=lambda i: len(d[i].token_ids))
     turn_end = d[k].token_ids[3]
@@ -59,6 +69,10 @@ def main() -> None:
         "sampled_logprob_diff": dynamic.check_logprobs(sampled),
         "same_seed_equal": [x.token_ids for x in sampled] == [x.token_ids for x in again],
         "n_samples": len(sampled),
+        "streams": {"reversed_first_token": prefix_agreement(sampled, reversed_, 1),
+                    "reversed_first_4": prefix_agreement(sampled, reversed_, 4),
+                    "static_first_token": prefix_agreement(sampled, static_sampled, 1),
+                    "static_first_4": prefix_agreement(sampled, static_sampled, 4)},
         "attention": ("torch" if attention.Attention.flash_decode_and_prefill is paged_attention._decode_and_prefill
                       else "flash-attn"),
     }

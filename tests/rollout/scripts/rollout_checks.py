@@ -308,6 +308,21 @@ def main() -> None:
     out["small_cap_waves"] = len(plan_waves([len(p) for p in prompts for _ in range(2)], MAX_NEW, 2 * widest, 256))
     out["waves_greedy"] = [s.token_ids for s in small.generate(prompts, n=2, sampling=greedy)]
 
+    # 4b. Per-request streams: a sample depends on its seed, its prompt and its number only. The same
+    #     prompts sampled in other company, another order, as copies instead of n, and in capped waves.
+    sampled = SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=11)
+    by_prompt = {i: out["seed11"][2 * i:2 * i + 2] for i in range(len(prompts))}
+    last, first = len(prompts) - 1, 0
+    reordered = [s.token_ids for s in engine.generate([prompts[last], prompts[first]], n=2, sampling=sampled)]
+    copies = [s.token_ids for s in engine.generate([prompts[last], prompts[last]], n=1, sampling=sampled)]
+    capped = [s.token_ids for s in small.generate(prompts, n=2, sampling=sampled)]
+    out["streams"] = {
+        "other_company_and_order": reordered == by_prompt[last] + by_prompt[first],
+        "copies_equal_n": copies == by_prompt[last],
+        "capped_waves": capped == out["seed11"],
+        "samples_of_a_prompt_differ": all(a != b for a, b in by_prompt.values()),
+    }
+
     # 5. EOS and stop strings end a sample (the terminating token / string is kept); else "length".
     k = next(i for i, t in enumerate(out["greedy"]) if len(t) >= 6)
     eos_tok = out["greedy"][k][4]
