@@ -62,19 +62,25 @@ def sample_judgments(
     examples: Sequence[Example],
     n: int,
     sampling: SamplingConfig,
-    rng: random.Random,
+    rng: random.Random | str,
     variant: str = "default",
     chat: bool = True,
     hint: bool = False,
     shuffle: bool = True,
 ) -> list[JudgmentSample]:
-    """``n`` judgments per example, grouped by example (the order GRPO's groups need)."""
+    """``n`` judgments per example, grouped by example (the order GRPO's groups need).
+
+    ``rng`` shuffles the responses: one generator for the whole call, or a seed string that gives each
+    example its own (``Random(f"{rng}:{example.id}")``), so that with the engine's per-request streams an
+    example's judgments do not depend on which other examples share the call (evaluation chunks, ranks).
+    """
     requests: list[tuple[int, list[int]]] = []
     for i, example in enumerate(examples):
+        orders = random.Random(f"{rng}:{example.id}") if isinstance(rng, str) else rng
         for _ in range(n):
             perm = list(range(example.num_responses))
             if shuffle:
-                rng.shuffle(perm)
+                orders.shuffle(perm)
             requests.append((i, perm))
     texts = [grm_prompt_text(examples[i], perm, variant, hint) for i, perm in requests]
     prompt_ids = [encode_grm_prompt(tokenizer, text, chat) for text in texts]

@@ -333,25 +333,26 @@ def generate_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Ex
 
     if not examples:
         return []
-    tag = f"{seed}:{job.benchmark}:{job.method}:{job.first}:{examples[0].id}"
-    rng = random.Random(tag)  # response orders: reproducible per chunk, whatever ran before it
+    # An example's response orders and token draws depend on the seed, the benchmark, the method, the
+    # draw number it starts at and the example itself, not on the chunk or rank it lands in.
+    tag = f"{seed}:{job.benchmark}:{job.method}:{job.first}"
     call_seed = zlib.crc32(tag.encode())
     if job.method == JUDGE:
-        return _judge_draws(engine, tokenizer, job, examples, s, rng, call_seed)
+        return _judge_draws(engine, tokenizer, job, examples, s, tag, call_seed)
     sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                               greedy=job.method == GREEDY, seed=call_seed)
-    judged = sample_judgments(engine, tokenizer, examples, job.n, sampling, rng, variant=s.variant, chat=s.chat)
+    judged = sample_judgments(engine, tokenizer, examples, job.n, sampling, tag, variant=s.variant, chat=s.chat)
     return [Draw(job.benchmark, examples[j.example_index].id, job.method, job.first + k % job.n, j.scores,
                  j.permutation, j.text) for k, j in enumerate(judged)]
 
 
 def _judge_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Example], s: EvalSettings,
-                 rng: random.Random, call_seed: int) -> list[Draw]:
+                 tag: str, call_seed: int) -> list[Draw]:
     """The LLM-as-a-judge baseline: greedy, on shuffled responses, its choice read by parse_best_choice."""
     perms = []
     for e in examples:
         perm = list(range(e.num_responses))
-        rng.shuffle(perm)
+        random.Random(f"{tag}:{e.id}").shuffle(perm)  # as sample_judgments orders an example's responses
         perms.append(perm)
     prompts = [encode_grm_prompt(tokenizer, judge_prompt_text(e, p), s.chat)
                for e, p in zip(examples, perms)]

@@ -191,6 +191,15 @@ def test_rmb_end_to_end_with_the_tiny_model(tmp_path):
     image = plt.imread(str(png))
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 0  # lines were drawn, not a blank canvas
+    # Chunks of one example per rank: every example's response orders and judgments are the same draws.
+    rechunked = [json.loads(line) for line in (Path(got["rechunked_dir"]) / "samples.jsonl").read_text().splitlines()]
+
+    def by_draw(rows):
+        return {(d["benchmark"], d["example_id"], d["method"], d["draw"]): (d["permutation"], d["text"]) for d in rows}
+
+    assert len(rechunked) == len(draws)
+    assert by_draw(rechunked) == by_draw(draws)
+    assert len({d["text"] for d in sampled}) > 1  # sampled at temperature: the texts are not all one
 
 
 def test_a_run_folder_refuses_draws_made_with_other_settings(tmp_path):

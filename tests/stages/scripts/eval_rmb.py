@@ -2,7 +2,8 @@
 
 The tiny model's context is raised to 2048 positions (rotary: no weights change) so that a handful of
 RMB's shorter examples fit; the rest are skipped and counted by the evaluation. The MetaRM checkpoint
-serves both as the GRM (its backbone) and as the MetaRM (its head).
+serves both as the GRM (its backbone) and as the MetaRM (its head). The evaluation runs twice, in chunks
+of 4 and of 1 example(s) per rank.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def main() -> None:
     ckpt = os.path.join(metarm_dir, "checkpoints")
     benchmarks = (f"[{{name:rmb_pairwise,data:'rmb:{args.rmb}:pairwise',files:['{FILE}'],limit:8}},"
                   f"{{name:rmb_bon,data:'rmb:{args.rmb}:bon',files:['{FILE}'],limit:4}}]")
-    evaluate(load_config("evaluate", [
-        "+experiment=eval_tiny", *TINY, f"trainer.run_dir={eval_dir}", f"trainer.load={ckpt}",
-        f"eval.metarm={ckpt}", f"eval.benchmarks={benchmarks}", "eval.ks=[1,2,4]", "eval.max_new_tokens=24",
-        "eval.judge_baseline=true", "eval.chunk_examples=4"]))
+    settings = ["+experiment=eval_tiny", *TINY, f"trainer.load={ckpt}", f"eval.metarm={ckpt}",
+                f"eval.benchmarks={benchmarks}", "eval.ks=[1,2,4]", "eval.max_new_tokens=24",
+                "eval.judge_baseline=true"]
+    evaluate(load_config("evaluate", [*settings, f"trainer.run_dir={eval_dir}", "eval.chunk_examples=4"]))
+    # The same evaluation in chunks of one example per rank: other company in every generate call.
+    rechunked_dir = os.path.join(args.root, "eval_rechunked")
+    evaluate(load_config("evaluate", [*settings, f"trainer.run_dir={rechunked_dir}", "eval.chunk_examples=1"]))
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"run_dir": eval_dir, "metarm_dir": metarm_dir}, f)
+            json.dump({"run_dir": eval_dir, "rechunked_dir": rechunked_dir, "metarm_dir": metarm_dir}, f)
 
 
 if __name__ == "__main__":
