@@ -6,7 +6,10 @@ greedily from the same prompts (mixed lengths, EOS ignored so every row makes ``
 script checks that the generated tokens are identical or, where they part, that our token is the argmax of
 ``transformers``' own forward up to round-off (``greedy_shortfall``), and prints tokens/s for batch 1 and batch 32 and
 the ratio ours / HF. ``--copies 1 8`` (the default) also runs batch 32 as 4 prompts x 8 samples:
-identical prompts, which our engine prefills once and ``generate`` prefills per row.
+identical prompts, which our engine prefills once and ``generate`` prefills per row. ``--temperature T``
+samples instead (both sides over the whole vocabulary at temperature T: ``generate`` with
+``torch.multinomial``, ours from per-request streams); sampled tokens cannot be compared, so that check
+is skipped.
 
     .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
@@ -42,6 +45,8 @@ def parse_args() -> argparse.Namespace:
                          "in voting@8 or RFT's N judgments); HF generates the repeated rows, as "
                          "num_return_sequences does, ours gets the distinct prompts with n=copies")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy, compared token by token (default); > 0: both sides sample at it")
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=48)
     ap.add_argument("--equal-lengths", action="store_true",
@@ -76,16 +81,19 @@ def make_prompts(args: argparse.Namespace, count: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """transformers greedy generate; left padding with an attention mask for mixed prompt lengths."""
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
+    """transformers generate, greedy or sampled at ``temperature`` (no top-k / top-p); left padding with an
+    attention mask for mixed prompt lengths."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(
+        do_sample=False)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
+                         pad_token_id=0, **sampling)
     return out[:, width:].tolist()
 
 
@@ -141,12 +149,15 @@ def main() -> None:
         fill_model_from_hf(model, src)
 
     engine = RolloutEngine(model, end_ids=(2,), vocab_size=args.vocab, max_tokens_in_flight=1 << 20, progress=False)
-    sampling = SamplingConfig(greedy=True, max_new_tokens=args.new_tokens, ignore_eos=True)
+    sampled = args.temperature > 0
+    how = f"sampled at temperature {args.temperature}" if sampled else "greedy"
+    sampling = SamplingConfig(greedy=not sampled, temperature=args.temperature if sampled else 1.0,
+                              max_new_tokens=args.new_tokens, ignore_eos=True, seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
           f"ffn {args.ffn}, vocab {args.vocab} ({params / 1e6:.1f}M params, fp32); prompts "
           f"{args.max_prompt if args.equal_lengths else f'{args.min_prompt}-{args.max_prompt}'} tokens, "
-          f"{args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}; "
+          f"{args.new_tokens} new tokens, {how}; torch threads {torch.get_num_threads()}; "
           f"{args.repeats} alternating timed runs per side after a warm-up (best reported)")
 
     from megatron_grm.parallel.cpu_compat import without_cpu_compat
@@ -154,7 +165,7 @@ def main() -> None:
     def run_hf(case: tuple[int, int]):
         rows = [p for p in prompts[case] for _ in range(case[1])]
         with without_cpu_compat():
-            return hf_generate(hf, rows, args.new_tokens)
+            return hf_generate(hf, rows, args.new_tokens, args.temperature)
 
     def run_ours(case: tuple[int, int]):
         return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=sampling)]
@@ -168,11 +179,16 @@ def main() -> None:
             for name in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
                 wall, cpu, _ = timed(sides[name])
                 times[name].append((wall, cpu))
+        for name, rows_out in outputs.items():
+            if any(len(tokens) != args.new_tokens for tokens in rows_out):
+                raise SystemExit(f"{name}: a row did not generate --new-tokens={args.new_tokens} tokens")
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
         row_prompts = [p for p in prompts[case] for _ in range(case[1])]
-        with without_cpu_compat():
-            shortfalls = [greedy_shortfall(hf, p, a, h)
-                    for p, a, h in zip(row_prompts, outputs["ours"], outputs["hf"]) if a != h]
+        shortfalls = []
+        if not sampled:
+            with without_cpu_compat():
+                shortfalls = [greedy_shortfall(hf, p, a, h)
+                              for p, a, h in zip(row_prompts, outputs["ours"], outputs["hf"]) if a != h]
         paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
         rows.append((case, times, same, paired[len(paired) // 2], shortfalls))
 
@@ -186,8 +202,9 @@ def main() -> None:
         all_same &= all(gap <= TIE_TOLERANCE for gap in shortfalls)
         ties = f" (others: our token within {max(shortfalls):.1e} of the best logit)" if shortfalls else ""
         n = b * args.new_tokens
+        agree = "n/a (sampled)" if sampled else f"{same}/{b}{ties}"
         print(f"{b:>5}  {copies:>6}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  "
-              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {same}/{b}{ties}")
+              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {agree}")
     destroy_parallel()
     if not all_same:
         raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "

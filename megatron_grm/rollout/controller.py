@@ -165,5 +165,7 @@ class RolloutController(TextGenerationController):
         if self.vocab_limit is not None and self.vocab_limit < logits.size(-1):
             logits = logits.clone()
             logits[..., self.vocab_limit:] = float("-inf")
+        if top_k == 1:  # greedy: nothing to draw
+            return logits.argmax(dim=-1)
         return draw_tokens(logits, temperature, top_k, top_p, stream_uniforms(keys.to(logits.device),
                                                                               drawn.to(logits.device)))

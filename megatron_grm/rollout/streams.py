@@ -99,7 +99,9 @@ def draw_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if top_k == 1:
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
-    cdf = filter_logits(scaled, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+    filtered = filter_logits(scaled, top_k, top_p)
+    # Unnormalised: the draw compares the target with the running sum scaled by its own total.
+    cdf = (filtered - filtered.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
     total = cdf[..., -1:]
     target = (uniforms.to(cdf.device).unsqueeze(-1) * total).float()
     # Below the total even where rounding reaches it, so the first token whose cumulative probability
