@@ -308,7 +308,8 @@ def rejective_sample(engine, tokenizer, examples: Sequence[Example], first_index
         if not any(j.correct for j in group) and rng.random() < settings.hinted_fraction:
             hard.append(i)
     if hard:
-        # Its own stream: with the plain pass's seed the hinted rows would reuse that pass's first draws.
+        # A seed of its own for the hinted pass (its prompts, and so its streams, differ from the plain pass's
+        # anyway).
         hinted_sampling = dataclasses.replace(sampling, seed=sampling.seed + 1)
         hinted = sample_judgments(engine, tokenizer, [examples[i] for i in hard], 1, hinted_sampling, rng,
                                   settings.variant, settings.chat, hint=True)

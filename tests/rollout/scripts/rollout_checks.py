@@ -110,9 +110,10 @@ def main() -> None:
     }
 
     # 1c. Left-aligned prompts (one prefill for the whole wave) against Megatron's own mixed-length handling
-    # (prefill to the shortest prompt, then a step per position): same greedy tokens and log-probabilities
-    # (sampled draws differ: Megatron's path also draws for rows still reading their prompt), and the forward
-    # count shows which ran (EOS ignored, so every row makes MAX_NEW tokens).
+    # (prefill to the shortest prompt, then a step per position): same greedy and sampled tokens and
+    # log-probabilities (a row's draws are numbered by its generated tokens, so the draws Megatron's path
+    # makes for rows still reading their prompt use up none), and the forward count shows which ran (EOS
+    # ignored, so every row makes MAX_NEW tokens).
     forwards = []
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
     full = SamplingConfig(greedy=True, max_new_tokens=MAX_NEW, ignore_eos=True)
@@ -123,6 +124,8 @@ def main() -> None:
         runs[aligned] = [engine.generate(prompts, n=1, sampling=full)]
         runs[f"forwards_{aligned}"] = len(forwards)
         runs[aligned].append(engine.generate(prompts[::-1], n=2, sampling=full))
+        runs[aligned].append(engine.generate(prompts, n=2, sampling=SamplingConfig(
+            temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=21)))
     engine.backend.align_prompts = True
     hook.remove()
     out["aligned_vs_megatron_mixed_lengths"] = {
