@@ -40,12 +40,12 @@ def request_keys(seed: int, prompts: Sequence[Sequence[int]], n: int) -> list[in
     seen: dict[bytes, int] = {}
     keys = []
     for prompt in prompts:
-        content = array("q", prompt).tobytes()
+        content = hashlib.blake2b(array("q", prompt).tobytes(), digest_size=16).digest()
         first = seen.get(content, 0)
         seen[content] = first + n
         for m in range(first, first + n):
-            digest = hashlib.blake2b(content, digest_size=8, key=f"{seed}:{m}".encode()[:64])
-            keys.append(_signed(int.from_bytes(digest.digest(), "little")))
+            digest = hashlib.blake2b(f"{seed}:{m}:".encode() + content, digest_size=8).digest()
+            keys.append(_signed(int.from_bytes(digest, "little")))
     return keys
 
 
