@@ -134,6 +134,8 @@ class RolloutController(TextGenerationController):
         rows = last_token_logits.size(0)
         if rows != len(self._keys):
             raise RuntimeError(f"static sampling of {rows} rows with {len(self._keys)} stream keys (begin_wave)")
+        if self._keys.device != last_token_logits.device:  # once per wave, not a copy per step
+            self._keys = self._keys.to(last_token_logits.device)
         return self._draw(last_token_logits, temperature, top_k, top_p, self._keys, self._drawn)
 
     # -- dynamic batching: each active request from its own stream ----------------------------------------
@@ -147,11 +149,14 @@ class RolloutController(TextGenerationController):
             last_token_logits = context.last_token_logits(logits)
         active = slice(context.paused_request_count, context.total_request_count)
         ids = context.request_ids[active].long()
-        keys = self._keys.to(ids.device)[ids]
+        if self._keys.device != ids.device:  # once per generate call, not a copy per step
+            self._keys = self._keys.to(ids.device)
+            self._request_prompt_lengths = self._request_prompt_lengths.to(ids.device)
+        keys = self._keys[ids]
         # Tokens generated so far: the position being predicted minus the prompt (negative while a chunked
         # prefill is unfinished; that row's token is not kept).
         position = context.request_kv_length_offsets[active] + context.request_query_lengths[active]
-        drawn = (position.long() - self._request_prompt_lengths.to(ids.device)[ids]).clamp_(min=0)
+        drawn = (position.long() - self._request_prompt_lengths[ids]).clamp_(min=0)
         tokens, rows = [], []
         for indices, temperature, top_k, top_p in self._torch_sampling_buckets:
             index = torch.tensor(indices, device=last_token_logits.device)
@@ -167,5 +172,4 @@ class RolloutController(TextGenerationController):
             logits[..., self.vocab_limit:] = float("-inf")
         if top_k == 1:  # greedy: nothing to draw
             return logits.argmax(dim=-1)
-        return draw_tokens(logits, temperature, top_k, top_p, stream_uniforms(keys.to(logits.device),
-                                                                              drawn.to(logits.device)))
+        return draw_tokens(logits, temperature, top_k, top_p, stream_uniforms(keys, drawn.to(keys.device)))
