@@ -198,10 +198,14 @@ def test_tp2_ranks_draw_the_same_tokens_as_tp1(tp1, tp2):
 
 
 def test_a_sample_depends_on_its_seed_prompt_and_number_not_its_company(run):
-    """Per-request streams: the same draws beside other prompts, in another order, as copies of the prompt
-    instead of n samples, and in token-capped waves (rollout/streams.py)."""
-    assert run["streams"] == {"other_company_and_order": True, "copies_equal_n": True, "capped_waves": True,
-                              "samples_of_a_prompt_differ": True}
+    """Per-request streams: every token is the one its stream prescribes for that step, and the draws are
+    the same beside other prompts, in another order, as copies of the prompt instead of n samples, and in
+    token-capped waves (rollout/streams.py)."""
+    streams = dict(run["streams"])
+    # Each token is the one its stream's uniform for that step picks from a full forward's logits.
+    assert all(streams.pop("tokens_as_prescribed"))
+    assert streams == {"other_company_and_order": True, "copies_equal_n": True, "capped_waves": True,
+                       "samples_of_a_prompt_differ": True}
 
 
 def test_token_capped_waves_give_the_same_greedy_output(run):

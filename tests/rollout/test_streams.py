@@ -119,7 +119,7 @@ def test_filters_keep_what_megatrons_sampler_draws_from(top_k, top_p):
         assert bool(((freq - probs[row]).abs() <= 4 * se + 1e-12).all())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_streams_give_the_cpu_uniforms_and_tokens():
     keys = torch.tensor(request_keys(9, [[i, i + 1] for i in range(64)], 4))
     counters = torch.arange(keys.numel()) * 7

@@ -9,6 +9,7 @@ checks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -41,6 +42,22 @@ def reference_greedy(model, prompt: list[int], max_new: int, vocab: int, eos: in
     return ids[len(prompt):]
 
 
+@torch.no_grad()
+def reference_draws(model, prompt: list[int], tokens: list[int], key: int, temperature: float, vocab: int) -> list[int]:
+    """The tokens a sample's stream prescribes: at each step, ``draw_tokens`` on a full forward's logits of
+    the prefix with the uniform ``stream_uniforms(key, step)``."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_grm.rollout.streams import draw_tokens, stream_uniforms
+
+    ids = list(prompt) + list(tokens)
+    logits = model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), causal_mask(len(ids)))
+    logits = gather_from_tensor_model_parallel_region(logits)[0, len(prompt) - 1:len(ids) - 1, :vocab].float()
+    steps = torch.arange(len(tokens))
+    return draw_tokens(logits, temperature, 0, 1.0, stream_uniforms(torch.tensor(key).expand(len(tokens)),
+                                                                   steps)).tolist()
+
+
 def first_k_containing(tokens: list[int], stop: str, decode) -> int:
     """Linear scan (the engine uses a binary search): shortest prefix whose text contains ``stop``."""
     for k in range(1, len(tokens) + 1):
@@ -59,6 +76,7 @@ def main() -> None:
     from megatron_grm.data.packing import collate_padded
     from megatron_grm.data.tokenizer import load_tokenizer
     from megatron_grm.rollout import RolloutEngine, SamplingConfig, training_logprobs
+    from megatron_grm.rollout.streams import request_keys
     from megatron_grm.rollout.waves import plan_waves
     from megatron_grm.stages.common import load_config, prepare_run
     from megatron_grm.stages.sft import SupervisedObjective
@@ -319,7 +337,12 @@ def main() -> None:
     reordered = [s.token_ids for s in engine.generate([prompts[last], prompts[first]], n=2, sampling=sampled)]
     copies = [s.token_ids for s in engine.generate([prompts[last], prompts[last]], n=1, sampling=sampled)]
     capped = [s.token_ids for s in small.generate(prompts, n=2, sampling=sampled)]
+    keys = request_keys(11, prompts, 2)
+    drawn = engine.generate(prompts, n=2, sampling=dataclasses.replace(sampled, temperature=0.7))
+    prescribed = [reference_draws(model, s.prompt_ids, s.token_ids, keys[k], 0.7, tok.vocab_size)
+                  for k, s in enumerate(drawn)]
     out["streams"] = {
+        "tokens_as_prescribed": [s.token_ids == p for s, p in zip(drawn, prescribed)],
         "other_company_and_order": reordered == by_prompt[last] + by_prompt[first],
         "copies_equal_n": copies == by_prompt[last],
         "capped_waves": capped == out["seed11"],
