@@ -30,7 +30,7 @@ def base_ckpt(pipeline) -> Path:
 
 
 def test_a_bounded_grpo_run_raises_mean_reward(pipeline):
-    """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 30 steps of 16 examples x G=4)
+    """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 60 steps of 16 examples x G=4)
     on the learnable arithmetic task: the rollouts' mean reward, read back from its TensorBoard, trends up."""
     rewards = read_scalars(pipeline.run_dir / "grpo", "train/rollout/reward_mean")
     steps = list(range(len(rewards)))
