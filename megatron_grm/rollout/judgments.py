@@ -56,6 +56,20 @@ def encode_grm_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer.encode_prompt(text, chat=chat, literal=True)
 
 
+def response_orders(example: Example, n: int, rng: random.Random | str, shuffle: bool = True) -> list[list[int]]:
+    """The ``n`` orders an example's responses are shown in: drawn from ``rng``, one generator shared with
+    other examples, or from the example's own, ``Random(f"{rng}:{example.id}")`` when ``rng`` is a seed
+    string (then they do not depend on which other examples share the call)."""
+    orders = random.Random(f"{rng}:{example.id}") if isinstance(rng, str) else rng
+    perms = []
+    for _ in range(n):
+        perm = list(range(example.num_responses))
+        if shuffle:
+            orders.shuffle(perm)
+        perms.append(perm)
+    return perms
+
+
 def sample_judgments(
     engine,
     tokenizer,
@@ -70,18 +84,11 @@ def sample_judgments(
 ) -> list[JudgmentSample]:
     """``n`` judgments per example, grouped by example (the order GRPO's groups need).
 
-    ``rng`` shuffles the responses: one generator for the whole call, or a seed string that gives each
-    example its own (``Random(f"{rng}:{example.id}")``), so that with the engine's per-request streams an
-    example's judgments do not depend on which other examples share the call (evaluation chunks, ranks).
+    ``rng`` shuffles the responses (:func:`response_orders`); with a seed string, and the engine's
+    per-request streams, an example's judgments do not depend on which other examples share the call
+    (evaluation chunks, ranks).
     """
-    requests: list[tuple[int, list[int]]] = []
-    for i, example in enumerate(examples):
-        orders = random.Random(f"{rng}:{example.id}") if isinstance(rng, str) else rng
-        for _ in range(n):
-            perm = list(range(example.num_responses))
-            if shuffle:
-                orders.shuffle(perm)
-            requests.append((i, perm))
+    requests = [(i, perm) for i, example in enumerate(examples) for perm in response_orders(example, n, rng, shuffle)]
     texts = [grm_prompt_text(examples[i], perm, variant, hint) for i, perm in requests]
     prompt_ids = [encode_grm_prompt(tokenizer, text, chat) for text in texts]
     # Every request has its own prompt (own permutation): generate one sample each.

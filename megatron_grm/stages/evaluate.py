@@ -39,7 +39,7 @@ import torch
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt
+from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
     choice_scores,
@@ -349,11 +349,7 @@ def generate_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Ex
 def _judge_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Example], s: EvalSettings,
                  tag: str, call_seed: int) -> list[Draw]:
     """The LLM-as-a-judge baseline: greedy, on shuffled responses, its choice read by parse_best_choice."""
-    perms = []
-    for e in examples:
-        perm = list(range(e.num_responses))
-        random.Random(f"{tag}:{e.id}").shuffle(perm)  # as sample_judgments orders an example's responses
-        perms.append(perm)
+    perms = [response_orders(e, 1, tag)[0] for e in examples]
     prompts = [encode_grm_prompt(tokenizer, judge_prompt_text(e, p), s.chat)
                for e, p in zip(examples, perms)]
     samples = engine.generate(prompts, n=1, sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, greedy=True,
