@@ -166,3 +166,23 @@ def barrier() -> None:
 
 def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    """This process's data-parallel rank and the group's size; (0, 1) without torch.distributed."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def sum_over_data_parallel(*tensors: torch.Tensor) -> None:
+    """In place: each tensor becomes its sum over the data-parallel group (tensor/pipeline peers hold
+    the same values, so they are not counted twice)."""
+    if not torch.distributed.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    for t in tensors:
+        torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())

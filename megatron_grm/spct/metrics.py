@@ -5,7 +5,8 @@
 - best-of-N accuracy (RMB): the best response scores strictly higher than every loser;
 - ROC-AUC for single-response sets (0/1 labels), computed here as the Mann-Whitney statistic with ties
   counted one half;
-- per-category breakdowns over '/'-separated category paths, and macro averages over categories.
+- per-category breakdowns over '/'-separated category paths, and macro averages over categories;
+- the paired difference of two models' per-example values on the same examples, with its standard error.
 Accuracies are fractions in [0, 1]; the markdown table shows them in percent like the paper.
 """
 
@@ -111,6 +112,23 @@ def per_category(
 def macro_average(by_category: Mapping[str, float]) -> float:
     """Unweighted mean over categories, so small categories count as much as large ones."""
     return _mean(list(by_category.values()))
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``after[i] - before[i]`` and its standard error (sample standard deviation / sqrt(n)).
+
+    Pairing by example removes the between-example variance from the comparison; when both sides also
+    drew the same random numbers (the rollout's per-request streams), most of the sampling noise cancels
+    as well, so a small change in a model stands out of far fewer samples than two unpaired means need.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_difference: {len(before)} values before but {len(after)} after")
+    if len(before) < 2:
+        raise ValueError("paired_difference: needs at least 2 pairs for a standard error")
+    diffs = [b - a for a, b in zip(before, after)]
+    mean = _mean(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
 
 
 Results = Mapping[str, Mapping[str, float]]

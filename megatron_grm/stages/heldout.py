@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from megatron_grm.data.examples import Example, shuffle_responses
+from megatron_grm.parallel.distributed import data_parallel_rank_and_size, sum_over_data_parallel
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 
@@ -42,7 +43,7 @@ def greedy_judgments(
 
     model = getattr(trainer_or_model, "unwrapped", trainer_or_model)
     sampling = dataclasses.replace(sampling or SamplingConfig(), greedy=True)
-    rank, size = _data_parallel_rank_and_size()
+    rank, size = data_parallel_rank_and_size()
     # Example i is shown in the same (seeded) response order whatever the DP size and rank.
     shown = [shuffle_responses(ex, random.Random(f"heldout:{seed}:{i}")) for i, ex in enumerate(examples)]
     engine = RolloutEngine(model, tokenizer, **{"progress": False, **engine_options})
@@ -72,20 +73,10 @@ def heldout_accuracy(
     judgments = greedy_judgments(trainer_or_model, tokenizer, examples, variant, chat, sampling, seed,
                                  **engine_options)
     counts = torch.tensor([sum(j.correct for j in judgments), len(judgments)], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        from megatron.core import parallel_state
-
-        torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    sum_over_data_parallel(counts)
     if int(counts[1]) != len(examples):
         raise RuntimeError(f"heldout_accuracy: {int(counts[1])} judgments for {len(examples)} examples")
     accuracy = float(counts[0] / counts[1])
     log.info("held-out Eq. 10 accuracy (greedy): %.4f on %d examples", accuracy, len(examples))
     return accuracy
 
-
-def _data_parallel_rank_and_size() -> tuple[int, int]:
-    if not torch.distributed.is_initialized():
-        return 0, 1
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -2,6 +2,7 @@
 
 import json
 import random
+import statistics
 
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -11,6 +12,7 @@ from megatron_grm.spct import (
     best_of_n_accuracy,
     category_prefix,
     macro_average,
+    paired_difference,
     pairwise_accuracy,
     per_category,
     prediction_accuracy,
@@ -125,3 +127,24 @@ def test_write_results_json_and_markdown(tmp_path):
     write_results(RESULTS, tmp_path / "out" / "results.json", tmp_path / "out" / "results.md")
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == RESULTS
     assert (tmp_path / "out" / "results.md").read_text() == results_markdown(RESULTS)
+
+
+def test_paired_difference_matches_the_standard_error_of_the_per_pair_differences():
+    rng = random.Random(3)
+    before = [rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0]) for _ in range(200)]
+    after = [b + rng.choice([0.0, 0.0, 0.5, -0.5, 1.0]) for b in before]
+    diffs = [a - b for a, b in zip(after, before)]
+    mean, se = paired_difference(before, after)
+    assert mean == pytest.approx(statistics.fmean(diffs))
+    assert se == pytest.approx(statistics.stdev(diffs) / len(diffs) ** 0.5)
+    # Pairing removes the spread between pairs: the unpaired standard error of the same means is larger.
+    unpaired = (statistics.variance(before) / len(before) + statistics.variance(after) / len(after)) ** 0.5
+    assert se < unpaired
+    assert paired_difference([0.5, -1.0, 1.0], [0.5, -1.0, 1.0]) == (0.0, 0.0)
+    assert paired_difference([0.0, 0.0], [1.0, 0.0]) == pytest.approx((0.5, 0.5))
+
+
+@pytest.mark.parametrize(("before", "after"), [([0.0, 1.0], [1.0]), ([1.0], [0.0])])
+def test_paired_difference_rejects_unpaired_or_single_values(before, after):
+    with pytest.raises(ValueError, match="paired_difference"):
+        paired_difference(before, after)
