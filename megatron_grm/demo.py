@@ -134,12 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     table = final_table(results, sc.ks)
     (run / "demo_results.md").write_text(table + "\n")
     grpo_reward = read_scalars(run / "grpo", "train/rollout/reward_mean")
+    validation = {tag: read_scalars(run / "grpo", f"val/{tag}") for tag in ("reward_mean", "reward_gain",
+                                                                             "reward_gain_se")}
     (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total,
-                                                       "grpo_reward_mean": grpo_reward}, indent=2, default=str))
+                                                       "grpo_reward_mean": grpo_reward,
+                                                       "grpo_validation": validation}, indent=2, default=str))
     print("\n" + table)
     third = max(1, len(grpo_reward) // 3)
     print(f"\nGRPO mean reward of its rollouts: first {third} steps {fmean(grpo_reward[:third]):+.3f}, "
           f"last {third} steps {fmean(grpo_reward[-third:]):+.3f}")
+    if validation["reward_mean"]:
+        print(f"GRPO validation reward (held-out, sampled): {validation['reward_mean'][0]:+.3f} at step 0, "
+              f"{validation['reward_mean'][-1]:+.3f} at the end; paired gain {validation['reward_gain'][-1]:+.3f} "
+              f"± {validation['reward_gain_se'][-1]:.3f}")
     print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\n"
           f"HF export:    {hf / 'grm'} (the GRM; README: score an example), {hf / 'metarm'} (MetaRM)\n"
           f"total time:   {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")

@@ -2,6 +2,8 @@
 
 Every rollout: sample G judgments per example from the current policy → reward +1 if correct by Eq. 10,
 else −1 → group advantages → clipped policy gradient + β·KL(policy ‖ frozen reference) → optimizer step(s).
+With ``data.val`` set, the same reward on held-out examples is measured at step 0, every
+``grpo.val_interval`` steps and at the end, paired across steps (:mod:`megatron_grm.stages.reward_validation`).
 
     torchrun --nproc-per-node 2 -m megatron_grm.stages.grpo +experiment=grpo_tiny trainer.load=<RFT ckpt>
 """
@@ -31,6 +33,7 @@ from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.reward_validation import RewardValidation
 from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
 from megatron_grm.train.losses import LossOutput, grpo_loss
 
@@ -57,6 +60,8 @@ class GRPOSettings:
     recompute_old_logprobs: bool = True  # old-policy logprobs from a training forward, not the sampler's
     offload_reference: bool = False  # keep the reference model in CPU memory between uses (GPU runs)
     max_tokens_in_flight: int = 32768
+    val_samples: int = 4  # judgments per data.val example at each validation (stages/reward_validation.py)
+    val_interval: int = 50  # validate every this many steps (and at step 0 and the last step); 0: those two only
 
 
 class GRPOObjective:
@@ -100,12 +105,12 @@ class RolloutProducer:
     """Each rollout samples G judgments for this DP rank's examples and yields U optimizer steps of it."""
 
     def __init__(self, trainer: Trainer, engine, reference: torch.nn.Module, tokenizer, examples, s: GRPOSettings,
-                 seed: int) -> None:
+                 seed: int, validation: RewardValidation | None = None) -> None:
         from megatron.core import parallel_state
 
         t = trainer.cfg.trainer
         self.trainer, self.engine, self.reference, self.tokenizer = trainer, engine, reference, tokenizer
-        self.examples, self.s, self.seed = examples, s, seed
+        self.examples, self.s, self.seed, self.validation = examples, s, seed, validation
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.sequences_per_step = t.global_batch_size // self.dp_size
@@ -129,8 +134,7 @@ class RolloutProducer:
         start = (self.rollouts * self.examples_per_rank * self.dp_size + self.dp_rank * self.examples_per_rank)
         examples = [self.examples[(start + i) % len(self.examples)] for i in range(self.examples_per_rank)]
         rng = random.Random(f"grpo:{self.seed}:{self.rollouts}:{self.dp_rank}")
-        sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, seed=self.seed + 7919 * self.rollouts)
+        sampling = rollout_sampling(s, seed=self.seed + 7919 * self.rollouts)
         began = time.perf_counter()
         judged = sample_judgments(self.engine, self.tokenizer, examples, s.group_size, sampling, rng,
                                   variant=s.template, chat=s.chat)
@@ -194,13 +198,18 @@ class RolloutProducer:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {"rollouts": self.rollouts, "seed": self.seed, "num_examples": len(self.examples)}
+        state = {"rollouts": self.rollouts, "seed": self.seed, "num_examples": len(self.examples)}
+        if self.validation is not None:
+            state["validation"] = self.validation.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_examples") not in (None, len(self.examples)):
             raise ValueError(f"resuming GRPO with {len(self.examples)} examples; the checkpoint had "
                              f"{state['num_examples']}")
         self.rollouts = int(state["rollouts"])
+        if self.validation is not None and "validation" in state:
+            self.validation.load_state_dict(state["validation"])
 
     def rank_state_dict(self) -> dict[str, Any]:
         # Host copies: the cached log-probabilities come off the GPU, and a resume may see other devices.
@@ -210,6 +219,18 @@ class RolloutProducer:
 
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.cache, self.last_stats = state["cache"], state["last_stats"]
+
+
+def rollout_sampling(s: GRPOSettings, seed: int) -> SamplingConfig:
+    """How rollouts (and validation) sample: the settings' temperature, top-p/top-k and judgment length."""
+    return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          seed=seed)
+
+
+def validation_due(step: int, interval: int, max_steps: int) -> bool:
+    """After ``step`` steps: validate every ``interval`` steps and after the last (step 0 is validated
+    before training starts)."""
+    return step == max_steps or (interval > 0 and step % interval == 0)
 
 
 def padded_rows(rows: int, micro_batch_size: int, updates: int) -> int:
@@ -320,14 +341,33 @@ def train_grpo(cfg: Any) -> Trainer:
     reference = build_reference(trainer)
     if s.offload_reference and use_cuda():
         reference.to("cpu")  # parked from the start; moved to the GPU only for its forward passes
-    producer = RolloutProducer(trainer, engine, reference, tokenizer, examples, s, seed=run.trainer.seed)
+    validation = None
+    if data.get("val"):
+        val_examples = load_examples(data["val"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
+        validation = RewardValidation(engine, tokenizer, fitting_examples(val_examples, tokenizer, s,
+                                                                          run.trainer.seq_length),
+                                      s.val_samples, rollout_sampling(s, seed=run.trainer.seed), s.template, s.chat,
+                                      seed=run.trainer.seed)
+    producer = RolloutProducer(trainer, engine, reference, tokenizer, examples, s, seed=run.trainer.seed,
+                               validation=validation)
     trainer.resume(producer)
 
-    def rollout_stats(tr: Trainer, result) -> dict[str, float]:
+    def validate(tr: Trainer) -> None:
+        tr.logger.scalars(tr.state.step, validation.run(tr.state.step), prefix="val/")
+
+    if validation is not None and validation.baseline is None:
+        if trainer.state.step:
+            log.warning("GRPO validation: the checkpoint holds no step-0 validation; gains are measured from step %d",
+                        trainer.state.step)
+        validate(trainer)
+
+    def after_step(tr: Trainer, result) -> dict[str, float]:
         stats, producer.last_stats = producer.last_stats, {}
+        if validation is not None and validation_due(tr.state.step, s.val_interval, run.trainer.max_steps):
+            validate(tr)
         return {f"rollout/{k}": v for k, v in stats.items()}
 
-    trainer.fit(producer, GRPOObjective(s, run.trainer.loss_tokens_only), on_step=rollout_stats)
+    trainer.fit(producer, GRPOObjective(s, run.trainer.loss_tokens_only), on_step=after_step)
     return trainer
 
 

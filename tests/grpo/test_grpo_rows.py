@@ -8,7 +8,14 @@ import pytest
 from megatron_grm.data.examples import Example, Turn
 from megatron_grm.data.tokenizer import load_tokenizer
 from megatron_grm.rollout.judgments import JudgmentSample
-from megatron_grm.stages.grpo import GRPOSettings, _split_steps, fit_rows, fitting_examples, padded_rows
+from megatron_grm.stages.grpo import (
+    GRPOSettings,
+    _split_steps,
+    fit_rows,
+    fitting_examples,
+    padded_rows,
+    validation_due,
+)
 
 
 @pytest.mark.parametrize(("rows", "mbs", "updates", "expected"),
@@ -65,3 +72,10 @@ def test_examples_whose_prompt_leaves_no_room_to_judge_are_left_out_and_counted(
     assert "1 of 3 examples leave no room" in caplog.text
     with pytest.raises(ValueError, match="no example's prompt fits"):
         fitting_examples([long], tokenizer, s, seq_length=256)
+
+
+@pytest.mark.parametrize(("interval", "max_steps", "due"), [(30, 60, [30, 60]), (0, 60, [60]), (25, 60, [25, 50, 60]),
+                                                             (50, 3, [3]), (1, 3, [1, 2, 3])])
+def test_validation_runs_every_interval_and_after_the_last_step(interval, max_steps, due):
+    # Step 0 is validated before training starts; these are the steps validated after an update.
+    assert [s for s in range(1, max_steps + 1) if validation_due(s, interval, max_steps)] == due

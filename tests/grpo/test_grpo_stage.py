@@ -29,29 +29,34 @@ def base_ckpt(pipeline) -> Path:
     return pipeline.checkpoint("rft")
 
 
-def test_a_bounded_grpo_run_raises_mean_reward(pipeline):
+def test_a_bounded_grpo_run_raises_the_validation_reward(pipeline):
     """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 60 steps of 16 examples x G=4)
-    on the learnable arithmetic task: the rollouts' mean reward, read back from its TensorBoard, trends up."""
-    rewards = read_scalars(pipeline.run_dir / "grpo", "train/rollout/reward_mean")
-    steps = list(range(len(rewards)))
-    assert len(rewards) >= 12
-    third = len(rewards) // 3
-    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
-    mean_step, mean_reward = sum(steps) / len(steps), sum(rewards) / len(rewards)
-    slope = sum((s - mean_step) * (r - mean_reward) for s, r in zip(steps, rewards)) / sum(
-        (s - mean_step) ** 2 for s in steps)
-    print(f"GRPO mean reward: first {third} steps {first:+.3f}, last {third} steps {last:+.3f}, "
-          f"least-squares slope {slope:+.4f} per step")
-    assert last > first and slope > 0
+    on the learnable arithmetic task: the mean rule reward of 4 sampled judgments per held-out example
+    (``data.val``, 256 examples) rises from step 0 to the last step by more than twice its paired standard
+    error. Every validation draws the same random numbers (per-request streams, same response orders), so
+    a policy that did not change would score a gain of exactly 0."""
+    run = pipeline.run_dir / "grpo"
+    gains, ses = read_scalars(run, "val/reward_gain"), read_scalars(run, "val/reward_gain_se")
+    rewards = read_scalars(run, "val/reward_mean")
+    assert len(gains) == len(ses) == len(rewards) == 3  # steps 0, 30 and 60 (grpo.val_interval=30)
+    assert gains[0] == 0.0 and ses[0] == 0.0
+    assert gains[-1] == pytest.approx(rewards[-1] - rewards[0])
+    train = read_scalars(run, "train/rollout/reward_mean")
+    third = len(train) // 3
+    print(f"GRPO validation reward {rewards[0]:+.3f} -> {rewards[1]:+.3f} -> {rewards[-1]:+.3f}, gain "
+          f"{gains[-1]:+.3f} ± {ses[-1]:.3f}; rollouts: first {third} steps {sum(train[:third]) / third:+.3f}, "
+          f"last {third} steps {sum(train[-third:]) / third:+.3f}")
+    assert gains[-1] > 2 * ses[-1] > 0
 
 
 GRPO = ["+experiment=grpo_tiny", "trainer.global_batch_size=16", "trainer.micro_batch_size=8",
         "grpo.max_new_tokens=128", "grpo.temperature=0.7"]
+SMALL_VAL = ["data.val=arithmetic:heldout:8:7", "grpo.val_samples=2"]
 
 
 def test_grpo_with_tp2_trains_and_logs_its_metrics(base_ckpt, tmp_path):
     run = tmp_path / "tp2"
-    _stage("grpo", 2, [*GRPO, "parallel=tp2", f"trainer.run_dir={run}", f"trainer.load={base_ckpt}",
+    _stage("grpo", 2, [*GRPO, *SMALL_VAL, "parallel=tp2", f"trainer.run_dir={run}", f"trainer.load={base_ckpt}",
                        "trainer.max_steps=2"])
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     for tag in ("train/loss", "train/kl", "train/entropy", "train/clip_fraction", "train/rollout/reward_mean",
@@ -61,11 +66,31 @@ def test_grpo_with_tp2_trains_and_logs_its_metrics(base_ckpt, tmp_path):
     rewards = read_scalars(run, "train/rollout/reward_mean")
     assert all(-1.0 <= r <= 1.0 for r in rewards)
     assert all(e > 0 for e in read_scalars(run, "train/entropy"))
+    # Validation before the first step and after the last (grpo_tiny validates every 30 steps).
+    for tag in ("val/reward_mean", "val/accuracy", "val/unparseable_fraction", "val/response_length",
+                "val/reward_gain", "val/reward_gain_se"):
+        assert len(read_scalars(run, tag)) == 2, tag
+    assert all(-1.0 <= r <= 1.0 for r in read_scalars(run, "val/reward_mean"))
+    assert read_scalars(run, "val/reward_gain")[0] == 0.0
+
+
+def test_grpo_validation_is_the_same_on_one_and_two_data_parallel_ranks(base_ckpt, tmp_path):
+    """Each rank judges its share of data.val and the per-example rewards are summed over the group: the
+    step-0 validation of the same weights reads the same on 1 and 2 data-parallel ranks."""
+    runs = {nproc: tmp_path / f"dp{nproc}" for nproc in (1, 2)}
+    for nproc, run in runs.items():
+        _stage("grpo", nproc, [*GRPO, *SMALL_VAL, f"trainer.run_dir={run}", f"trainer.load={base_ckpt}",
+                               "trainer.max_steps=1"])
+    for tag in ("val/reward_mean", "val/accuracy", "val/unparseable_fraction", "val/response_length"):
+        one, two = (read_scalars(runs[n], tag) for n in (1, 2))
+        assert len(one) == len(two) == 2, tag
+        assert one[0] == two[0], tag
 
 
 def test_grpo_resume_continues_exactly(base_ckpt, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = [*GRPO, f"trainer.load={base_ckpt}", "trainer.max_steps=3", "grpo.updates_per_rollout=1"]
+    common = [*GRPO, *SMALL_VAL, "grpo.val_interval=2", f"trainer.load={base_ckpt}", "trainer.max_steps=3",
+              "grpo.updates_per_rollout=1"]
     _stage("grpo", 2, [*common, f"trainer.run_dir={straight}"])
     _stage("grpo", 2, [*common, f"trainer.run_dir={split}", "trainer.exit_after_steps=2"])
     assert (split / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
@@ -73,6 +98,10 @@ def test_grpo_resume_continues_exactly(base_ckpt, tmp_path):
     # Same rollouts after the restart (sampled lengths, rewards) and the same updates (loss, KL, entropy).
     for tag in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/rollout/reward_mean",
                 "train/rollout/response_length", "train/rollout/unparseable_fraction"):
+        got, want = read_scalars(split, tag), read_scalars(straight, tag)
+        assert len(want) == 3 and got == want, tag
+    # Validation at steps 0, 2 and 3; the resumed process measures its gain from the checkpoint's step 0.
+    for tag in ("val/reward_mean", "val/reward_gain", "val/reward_gain_se"):
         got, want = read_scalars(split, tag), read_scalars(straight, tag)
         assert len(want) == 3 and got == want, tag
     # Rewards varied within groups, so the resumed steps really updated the policy (not a zero gradient).
