@@ -142,7 +142,12 @@ class Pipeline:
 def pipeline(tmp_path_factory) -> Pipeline:
     """The README's demo at its test scale, run once per session and shared: its checkpoints are the
     starting models of the RFT, GRPO and Slurm tests (a model that already writes judgments), its
-    evaluations and TensorBoard files are what the pipeline tests assert on."""
+    evaluations and TensorBoard files are what the pipeline tests assert on.
+
+    ``GRM_TEST_PIPELINE=<run dir>`` reuses a finished ``python -m megatron_grm.demo --scale test --run-dir
+    <run dir>`` instead (a developer's shortcut when iterating on the tests that read it)."""
+    if os.environ.get("GRM_TEST_PIPELINE"):
+        return Pipeline(Path(os.environ["GRM_TEST_PIPELINE"]))
     run_dir = tmp_path_factory.mktemp("pipeline") / "demo"
     cmd = [sys.executable, "-m", "megatron_grm.demo", "--scale", "test", "--run-dir", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=REPO,
