@@ -20,10 +20,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
 
+from megatron_grm.stages.eval_compare import compare_runs, comparison_markdown
 from megatron_grm.train.logger import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,14 +133,24 @@ def main(argv: list[str] | None = None) -> None:
                        stdout=subprocess.DEVNULL)
     total = time.perf_counter() - began
     table = final_table(results, sc.ks)
-    (run / "demo_results.md").write_text(table + "\n")
+    # Paired by example and by random draw (same seed): does each stage beat the one before beyond noise?
+    pairs = {"RFT vs Base": ("eval_base", "eval_rft", "Base", "RFT"), "GRPO vs RFT": ("eval_rft", "eval_grpo", "RFT",
+                                                                                      "GRPO")}
+    comparisons = {label: compare_runs(run / a, run / b) for label, (a, b, _, _) in pairs.items()}
+    paired = "\n".join(comparison_markdown(comparisons[label], name_a, name_b)
+                       for label, (_, _, name_a, name_b) in pairs.items())
+    (run / "demo_results.md").write_text(f"{table}\n\nPaired comparisons (the same {sc.heldout} examples, response "
+                                         f"orders and random draws):\n\n{paired}")
     grpo_reward = read_scalars(run / "grpo", "train/rollout/reward_mean")
     validation = {tag: read_scalars(run / "grpo", f"val/{tag}") for tag in ("reward_mean", "reward_gain",
                                                                              "reward_gain_se")}
     (run / "demo_results.json").write_text(json.dumps({"results": results, "seconds": times, "total": total,
                                                        "grpo_reward_mean": grpo_reward,
-                                                       "grpo_validation": validation}, indent=2, default=str))
-    print("\n" + table)
+                                                       "grpo_validation": validation,
+                                                       "paired": {label: [asdict(c) for c in cs]
+                                                                  for label, cs in comparisons.items()}},
+                                                      indent=2, default=str))
+    print("\n" + table + "\n\n" + paired)
     third = max(1, len(grpo_reward) // 3)
     print(f"\nGRPO mean reward of its rollouts: first {third} steps {fmean(grpo_reward[:third]):+.3f}, "
           f"last {third} steps {fmean(grpo_reward[-third:]):+.3f}")

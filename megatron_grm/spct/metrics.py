@@ -6,7 +6,8 @@
 - ROC-AUC for single-response sets (0/1 labels), computed here as the Mann-Whitney statistic with ties
   counted one half;
 - per-category breakdowns over '/'-separated category paths, and macro averages over categories;
-- the paired difference of two models' per-example values on the same examples, with its standard error.
+- the paired difference of two models' per-example values on the same examples, with its standard error,
+  and McNemar's exact test for paired right/wrong verdicts.
 Accuracies are fractions in [0, 1]; the markdown table shows them in percent like the paper.
 """
 
@@ -129,6 +130,22 @@ def paired_difference(before: Sequence[float], after: Sequence[float]) -> tuple[
     mean = _mean(diffs)
     variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     return mean, math.sqrt(variance / len(diffs))
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test for paired right/wrong verdicts: the probability, if both models were
+    equally good, of a split of the discordant examples (right by one model only) at least this uneven.
+
+    Under that hypothesis each of the ``only_a + only_b`` discordant examples falls to either side with
+    probability 1/2; the p-value is twice the smaller binomial tail, at most 1.
+    """
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"mcnemar_p: counts must be >= 0, got {only_a} and {only_b}")
+    n, low = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 Results = Mapping[str, Mapping[str, float]]

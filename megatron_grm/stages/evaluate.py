@@ -11,7 +11,9 @@ sample → meta-score → vote → score → tables:
 3. vote: voting@k sums the first k draws' scores, MetaRM@k sums the k_meta (default k/2) best-rated ones;
    the argmax is the predicted best response (ties at random, seeded). Greedy is judged by Eq. 10.
 4. score: accuracy per benchmark and category, ROC-AUC on single-response sets → ``results.json``,
-   ``results.md`` (the paper's table: rows = methods, columns = benchmarks) and ``scaling.png``.
+   ``results.md`` (the paper's table: rows = methods, columns = benchmarks), ``scaling.png`` and
+   ``outcomes.jsonl`` (each example's verdict per method, for paired comparisons of two runs:
+   ``python tools/compare_evals.py RUN_A RUN_B``).
 
 Every draw goes to ``<run_dir>/samples.jsonl`` as it is made (a restarted run samples only what is
 missing). ``eval.samples_in=FILE`` supplies draws in that format, e.g. from another run: whatever it
@@ -57,6 +59,7 @@ from megatron_grm.spct import (
     voted_scores,
 )
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.eval_compare import OUTCOMES_FILE
 from megatron_grm.train.signals import StopRequest, exit_for_requeue
 
 log = logging.getLogger(__name__)
@@ -507,12 +510,15 @@ def score_benchmarks(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalS
     categories: dict[str, dict[str, dict[str, float]]] = {}
     aucs: dict[str, dict[str, float]] = {}
     ties: dict[str, dict[str, float]] = {}
+    per_example: list[dict[str, Any]] = []
     for row, method, k in method_rows(s):
         for b in benchmarks:
             outcome = method_outcome(method, k, b, store, s, seed)
             if outcome is None:
                 continue
             accuracy.setdefault(row, {})[b.name] = sum(outcome.correct) / len(outcome.correct)
+            per_example += [{"benchmark": b.name, "method": row, "example_id": e.id, "correct": bool(c)}
+                            for e, c in zip(b.examples, outcome.correct)]
             if method in ("voting", "metarm"):
                 ties.setdefault(row, {})[b.name] = outcome.ties / len(outcome.correct)
             by_category = per_category(outcome.correct, [e.category or b.name for e in b.examples],
@@ -524,7 +530,7 @@ def score_benchmarks(benchmarks: Sequence[Benchmark], store: DrawStore, s: EvalS
     names = [b.name for b in benchmarks]
     overall = {row: (macro_average(per) if all(n in per for n in names) else None) for row, per in accuracy.items()}
     return {"accuracy": accuracy, "overall": overall, "per_category": categories, "roc_auc": aucs,
-            "tie_rate": ties}
+            "tie_rate": ties, "per_example": per_example}
 
 
 def scaling_curves(scores: dict[str, Any], s: EvalSettings) -> dict[str, Any]:
@@ -549,10 +555,11 @@ def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[st
     names = [b.name for b in benchmarks]
     curves = scaling_curves(scores, s)
     examples = {b.name: {"used": len(b.examples), "skipped": dict(b.skipped)} for b in benchmarks}
-    report = {**scores, "scaling": curves, "examples": examples,
+    report = {**{k: v for k, v in scores.items() if k != "per_example"}, "scaling": curves, "examples": examples,
               "settings": {k: v for k, v in asdict(s).items() if k != "benchmarks"}
               | {"benchmarks": [asdict(b) for b in s.benchmarks]}, **extra}
     Path(run_dir, RESULTS_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    Path(run_dir, OUTCOMES_FILE).write_text("".join(json.dumps(r) + "\n" for r in scores["per_example"]))
 
     note = "Accuracy (%): greedy is judged by Eq. 10 (a tie is wrong); voting picks the argmax of the summed scores"
     note += " (ties at random: how often, below)"

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, read_json
 
 
@@ -45,6 +47,29 @@ def test_rft_raises_heldout_accuracy_over_the_base_and_grpo_keeps_it(pipeline):
     print(f"held-out greedy accuracy: base {base:.3f}, RFT {rft:.3f}, GRPO {grpo:.3f}")
     assert rft > base
     assert grpo >= rft - NOISE_MARGIN
+
+
+def test_paired_comparisons_agree_with_each_evaluations_own_results(pipeline):
+    """Every evaluation's outcomes.jsonl gives back its results.json accuracies, and the demo's paired
+    comparisons (RFT vs Base, GRPO vs RFT, by example) are differences of exactly those accuracies."""
+    from megatron_grm.stages.eval_compare import read_outcomes
+
+    for stage in ("eval_base", "eval_rft", "eval_grpo"):
+        accuracies = read_json(pipeline.run_dir / stage / "results.json")["accuracy"]
+        outcomes = read_outcomes(pipeline.run_dir / stage)
+        assert {m for m, _ in outcomes} == set(accuracies), stage
+        for (method, benchmark), verdicts in outcomes.items():
+            assert len(verdicts) == 400
+            assert sum(verdicts.values()) / len(verdicts) == pytest.approx(accuracies[method][benchmark], abs=1e-12)
+    for label, (a, b) in (("RFT vs Base", ("Base", "RFT")), ("GRPO vs RFT", ("RFT", "GRPO"))):
+        cells = {c["method"]: c for c in pipeline.results["paired"][label]}
+        assert "Greedy" in cells and "Voting@1" in cells, label
+        greedy = cells["Greedy"]
+        assert greedy["difference"] == pytest.approx(accuracy(pipeline, b) - accuracy(pipeline, a), abs=1e-12)
+        assert greedy["only_b"] - greedy["only_a"] == round(400 * greedy["difference"])
+        assert 0 < greedy["standard_error"] < 0.05 and 0 <= greedy["p_value"] <= 1
+    table = (pipeline.run_dir / "demo_results.md").read_text()
+    assert "| method | benchmark | examples | RFT | GRPO | GRPO − RFT (± SE) |" in table
 
 
 def readme_snippet() -> str:

@@ -12,6 +12,7 @@ from megatron_grm.spct import (
     best_of_n_accuracy,
     category_prefix,
     macro_average,
+    mcnemar_p,
     paired_difference,
     pairwise_accuracy,
     per_category,
@@ -148,3 +149,17 @@ def test_paired_difference_matches_the_standard_error_of_the_per_pair_difference
 def test_paired_difference_rejects_unpaired_or_single_values(before, after):
     with pytest.raises(ValueError, match="paired_difference"):
         paired_difference(before, after)
+
+
+@pytest.mark.parametrize(("only_a", "only_b"), [(0, 0), (3, 3), (10, 2), (2, 10), (0, 7), (25, 40), (1, 0)])
+def test_mcnemar_p_is_scipys_exact_two_sided_binomial_test_on_the_discordant_examples(only_a, only_b):
+    from scipy.stats import binomtest
+
+    expected = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+    assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+    assert mcnemar_p(only_a, only_b) == mcnemar_p(only_b, only_a)
+
+
+def test_mcnemar_p_rejects_negative_counts():
+    with pytest.raises(ValueError, match="mcnemar_p"):
+        mcnemar_p(-1, 3)

@@ -27,16 +27,19 @@ def bootstrap(pipeline) -> dict:
     return {"checkpoint": str(pipeline.checkpoint("bootstrap"))}
 
 
-EXAMPLES, SHARD = 48, 16
+EXAMPLES, SHARD, HELDOUT = 48, 16, 15
 INSTRUCTION_BLEND = "[0.75,digit_facts:1024,0.25,digit_facts:256:1]"  # Megatron's --data-path form
 
 
-def rft_args(run_dir: Path, load: str, *extra: str) -> list[str]:
+def rft_args(run_dir: Path, load: str, *extra: str, heldout: int = 0) -> list[str]:
     """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1).
-    ``data.train`` and ``data.instruction`` are lists, as a blend of sources is written."""
+    ``data.train`` and ``data.instruction`` are lists, as a blend of sources is written. ``heldout``:
+    greedy held-out accuracy on that many examples before and after training (0: none)."""
+    evaluation = ([f"data.heldout=arithmetic:heldout:{heldout}", "rft.eval_before=true"] if heldout else
+                  ["data.heldout=null", "rft.eval_before=false"])
     return ["+experiment=rft_tiny", f"trainer.run_dir={run_dir}", f"trainer.load={load}",
-            f"data.train=[arithmetic:train:{EXAMPLES}]", "data.heldout=null", f"rft.shard_size={SHARD}",
-            "rft.eval_before=false", f"data.instruction={INSTRUCTION_BLEND}",
+            f"data.train=[arithmetic:train:{EXAMPLES}]", f"rft.shard_size={SHARD}", *evaluation,
+            f"data.instruction={INSTRUCTION_BLEND}",
             "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
             "trainer.log_interval=1", *extra]
 
@@ -46,7 +49,7 @@ def rft_run(bootstrap, tmp_path_factory) -> Path:
     """One uninterrupted ``rft.phase=all`` run: sample → filter → 4 SFT steps → checkpoint."""
     run_dir = tmp_path_factory.mktemp("rft") / "run"
     checkpoints = str(Path(bootstrap["checkpoint"]).parent)  # a checkpoints folder: its latest is loaded
-    proc = torchrun(RFT, 2, rft_args(run_dir, checkpoints), timeout=1200)
+    proc = torchrun(RFT, 2, rft_args(run_dir, checkpoints, heldout=HELDOUT), timeout=1200)
     (run_dir / "stage_output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
@@ -136,6 +139,19 @@ def test_rft_end_to_end_filter_statistics_in_tensorboard_equal_the_jsonl(rft_run
     assert abs(per_source["digit_facts:1024"] - 0.75 * results["sft_instruction"]) <= 1
     assert (rft_run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert (rft_run / "checkpoints" / "iter_0000004" / "model_config.json").exists()
+
+
+def test_heldout_accuracy_before_and_after_training(rft_run: Path):
+    """Greedy Eq. 10 accuracy on 15 held-out examples, split over the 2 DP ranks (8 + 7 judgments, summed):
+    logged at step 0 and the last step and written to rft_results.json."""
+    logged = scalars(rft_run, "eval/heldout_accuracy")
+    results = read_json(rft_run / "rft_results.json")
+    assert sorted(logged) == [0, 4]
+    assert logged[0] == pytest.approx(results["heldout_accuracy_before"])
+    assert logged[4] == pytest.approx(results["heldout_accuracy_after"])
+    for accuracy in logged.values():
+        assert 0.0 <= accuracy <= 1.0
+        assert accuracy * HELDOUT == pytest.approx(round(accuracy * HELDOUT), abs=1e-6)  # counts over all 15
 
 
 def test_resumed_sampling_resamples_only_the_unfinished_shard(rft_run: Path, bootstrap, tmp_path: Path):
