@@ -14,11 +14,11 @@ would hide.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.spct import mcnemar_p, paired_difference
 
 OUTCOMES_FILE = "outcomes.jsonl"  # written by stages/evaluate.py
@@ -49,16 +49,7 @@ def read_outcomes(run_dir: str | os.PathLike) -> Outcomes:
         raise FileNotFoundError(f"{path}: no such file (megatron_grm.stages.evaluate writes it; re-running an older "
                                 "evaluation with its run folder reuses its samples.jsonl and writes it)")
     outcomes: Outcomes = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    for where, record in json_object_lines(path):
         for field, kind in (("benchmark", str), ("method", str), ("example_id", str), ("correct", bool)):
             if not isinstance(record.get(field), kind):
                 raise ValueError(f"{where}: field {field!r} must be a {kind.__name__}, got {record.get(field)!r}")

@@ -39,7 +39,7 @@ import hydra
 import torch
 
 from megatron_grm.data.examples import Example, permute_example
-from megatron_grm.data.readers.common import ReadResult
+from megatron_grm.data.readers.common import ReadResult, json_object_lines
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
 from megatron_grm.rollout.sampling import SamplingConfig
@@ -260,27 +260,22 @@ class DrawStore:
         """Add the draws of a sample file that belong to these benchmarks' examples; returns how many."""
         wanted = {(b.name, e.id): e.num_responses for b in benchmarks for e in b.examples}
         added, ignored = 0, 0
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                draw = _draw_from_record(json.loads(line), f"{path}:{line_no}")
-                n = wanted.get((draw.benchmark, draw.example_id))
-                if n is None:
-                    ignored += 1
-                    continue
-                if draw.scores is not None and len(draw.scores) != n:
-                    raise ValueError(f"{path}:{line_no}: {len(draw.scores)} scores for an example with {n} responses")
-                self.add([draw])
-                added += 1
+        for where, record in json_object_lines(path):
+            draw = _draw_from_record(record, where)
+            n = wanted.get((draw.benchmark, draw.example_id))
+            if n is None:
+                ignored += 1
+                continue
+            if draw.scores is not None and len(draw.scores) != n:
+                raise ValueError(f"{where}: {len(draw.scores)} scores for an example with {n} responses")
+            self.add([draw])
+            added += 1
         if ignored:
             log.warning("%s: ignored %d draws of examples not evaluated here", path, ignored)
         return added
 
 
-def _draw_from_record(record: Any, where: str) -> Draw:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+def _draw_from_record(record: dict[str, Any], where: str) -> Draw:
     for name in ("benchmark", "example_id", "method", "draw", "scores"):
         if name not in record:
             raise ValueError(f"{where}: field {name!r} is missing")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_grm.data.examples import Example
+from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.models.metarm import (
@@ -145,33 +146,23 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
     """
     out: list[LabelledJudgment] = []
     without_id = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            for name in ("prompt", "text"):
-                if not isinstance(record.get(name), str):
-                    raise ValueError(f"{where}: field {name!r} is missing or not a string")
-            if record.get("hinted") and not include_hinted:
-                continue
-            if "correct" in record:
-                correct = bool(record["correct"])
-            elif "scores" in record and "label" in record:
-                correct = is_correct(record["scores"], label=record["label"])
-            else:
-                raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
-            example_id = record.get("example_id", record.get("id", record.get("example")))
-            if example_id is None:
-                without_id += 1
-            out.append(LabelledJudgment(str(where if example_id is None else example_id), record["prompt"],
-                                        record["text"], correct, "rft"))
+    for where, record in json_object_lines(path):
+        for name in ("prompt", "text"):
+            if not isinstance(record.get(name), str):
+                raise ValueError(f"{where}: field {name!r} is missing or not a string")
+        if record.get("hinted") and not include_hinted:
+            continue
+        if "correct" in record:
+            correct = bool(record["correct"])
+        elif "scores" in record and "label" in record:
+            correct = is_correct(record["scores"], label=record["label"])
+        else:
+            raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
+        example_id = record.get("example_id", record.get("id", record.get("example")))
+        if example_id is None:
+            without_id += 1
+        out.append(LabelledJudgment(str(where if example_id is None else example_id), record["prompt"],
+                                    record["text"], correct, "rft"))
     if without_id:
         log.warning("%s: %d judgment(s) name no example (example_id, id or example): each counts as an example of "
                     "its own in the held-out split, so judgments of one example may land on both sides", path,

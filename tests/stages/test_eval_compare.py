@@ -56,8 +56,8 @@ def test_runs_on_different_examples_are_not_compared(tmp_path):
 
 
 @pytest.mark.parametrize(("line", "message"), [
-    ("{not json", "not JSON"),
-    ('["a"]', "expected an object"),
+    ("{not json", "invalid JSON"),
+    ('["a"]', "expected a JSON object, got list"),
     ('{"benchmark": "b", "method": "Greedy", "example_id": "x"}', "field 'correct' must be a bool, got None"),
     ('{"benchmark": "b", "method": "Greedy", "example_id": 7, "correct": true}', "field 'example_id' must be a str"),
     ('{"benchmark": "b", "method": "Greedy", "example_id": "b/0", "correct": true}',

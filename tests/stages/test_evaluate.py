@@ -287,3 +287,16 @@ def test_a_samples_file_with_a_non_finite_or_non_numeric_meta_score_names_the_li
     bench = Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())
     with pytest.raises(ValueError, match=rf"{path}:2: field 'meta_score' must be a finite number"):
         DrawStore().read(str(path), [bench])
+
+
+@pytest.mark.parametrize(("line", "message"), [("{truncated", "invalid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_a_samples_file_line_that_is_not_a_json_object_names_the_line(tmp_path, line, message):
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+
+    path = tmp_path / "draws.jsonl"
+    good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": None}
+    path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+    bench = Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())
+    with pytest.raises(ValueError, match=rf"{path}:3: {message}"):
+        DrawStore().read(str(path), [bench])

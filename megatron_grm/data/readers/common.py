@@ -7,8 +7,10 @@ records are collected in :attr:`ReadResult.errors`, counted, and logged once per
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -149,3 +151,20 @@ def log_skipped(path: str | Path, result: ReadResult, first_error_index: int) ->
     skipped = result.errors[first_error_index:]
     if skipped:
         logger.warning("%s: skipped %d bad record(s); first: %s", path, len(skipped), skipped[0])
+
+
+def json_object_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """``("<path>:<line>", object)`` for every non-blank line of a JSON-lines file (run outputs: sample,
+    judgment and outcome files); a line that is not a JSON object raises a ValueError naming file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
