@@ -36,8 +36,9 @@ class RewardValidation:
 
     def __init__(self, engine, tokenizer, examples: Sequence[Example], samples: int, sampling: SamplingConfig,
                  variant: str, chat: bool, seed: int) -> None:
-        if not examples:
-            raise ValueError("GRPO validation: data.val holds no usable example")
+        if len(examples) < 2:
+            raise ValueError(f"GRPO validation: data.val holds {len(examples)} usable example(s); the paired "
+                             "standard error of the gain needs at least 2")
         if samples < 1:
             raise ValueError(f"grpo.val_samples must be >= 1, got {samples}")
         self.engine, self.tokenizer, self.examples, self.samples = engine, tokenizer, list(examples), samples

@@ -79,3 +79,14 @@ def test_examples_whose_prompt_leaves_no_room_to_judge_are_left_out_and_counted(
 def test_validation_runs_every_interval_and_after_the_last_step(interval, max_steps, due):
     # Step 0 is validated before training starts; these are the steps validated after an update.
     assert [s for s in range(1, max_steps + 1) if validation_due(s, interval, max_steps)] == due
+
+
+def test_validation_refuses_fewer_than_two_examples_or_samples():
+    from megatron_grm.rollout.sampling import SamplingConfig
+    from megatron_grm.stages.reward_validation import RewardValidation
+
+    one = [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="one")]
+    with pytest.raises(ValueError, match="holds 1 usable example"):
+        RewardValidation(None, None, one, 4, SamplingConfig(), "compact", False, seed=0)
+    with pytest.raises(ValueError, match="val_samples must be >= 1"):
+        RewardValidation(None, None, one * 2, 0, SamplingConfig(), "compact", False, seed=0)
