@@ -41,6 +41,7 @@ import torch
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult, json_object_lines
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.parallel.distributed import data_parallel_rank_and_size
 from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
@@ -376,7 +377,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
         log.warning("trainer.load is not set: evaluating a randomly initialised GRM")
     engine = RolloutEngine(model, tokenizer, max_batch_size=s.max_batch_size,
                            max_tokens_in_flight=s.max_tokens_in_flight)
-    dp_rank, dp_size = _dp()
+    dp_rank, dp_size = data_parallel_rank_and_size()
     stop = StopRequest()
     chunks = [(job, c) for job in jobs for c in range(0, len(job.examples), s.chunk_examples * dp_size)]
     bar = _progress(len(chunks), "evaluate: sampling")
@@ -633,14 +634,6 @@ def check_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
                          "use another trainer.run_dir, or pass its samples.jsonl as eval.samples_in")
     if old is None and _rank0():
         Path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-def _dp() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
-    if not torch.distributed.is_initialized():
-        return 0, 1
-    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
 def _gather(draws: list[Draw]) -> list[Draw]:
     """Every data-parallel replica's draws, on every rank (TP/PP ranks of a replica hold the same ones)."""
     from megatron.core import parallel_state
