@@ -40,7 +40,7 @@ from megatron_grm.models.metarm import (
     metarm_logits,
 )
 from megatron_grm.models.provider import build_model
-from megatron_grm.parallel.distributed import barrier, is_rank0
+from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import is_correct, roc_auc
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
@@ -181,19 +181,33 @@ def sample_fresh_judgments(model: torch.nn.Module, tokenizer: Tokenizer, example
     from megatron_grm.rollout import RolloutEngine
     from megatron_grm.rollout.judgments import sample_judgments
 
-    distributed = torch.distributed.is_initialized()
-    dp_rank = parallel_state.get_data_parallel_rank() if distributed else 0
-    dp_size = parallel_state.get_data_parallel_world_size() if distributed else 1
+    dp_rank, dp_size = data_parallel_rank_and_size()
     shard = examples[dp_rank::dp_size]
     engine = RolloutEngine(model, tokenizer)
     rng = random.Random(f"metarm-fresh:{seed}:{dp_rank}")
     judged = sample_judgments(engine, tokenizer, shard, n, sampling, rng, variant=variant, chat=chat)
     mine = [LabelledJudgment(shard[j.example_index].id, j.prompt, j.text, j.correct, "fresh") for j in judged]
-    if not distributed:
+    if dp_size == 1:
         return mine
     parts: list[Any] = [None] * dp_size
     torch.distributed.all_gather_object(parts, mine, group=parallel_state.get_data_parallel_group())
     return [j for part in parts for j in part]
+
+
+def read_judgments_file(path: str) -> list[LabelledJudgment]:
+    """The labelled judgments a run wrote to ``metarm_judgments.jsonl``; a line that is not one (a broken
+    write, an edit by hand) is an error naming the file, the line and the field, never a judgment lost."""
+    types = {"example_id": str, "prompt": str, "text": str, "correct": bool, "origin": str}
+    out = []
+    for where, record in json_object_lines(path):
+        for name, kind in types.items():
+            if not isinstance(record.get(name), kind):
+                raise ValueError(f"{where}: field {name!r} is missing or not a {kind.__name__}")
+        extra = sorted(set(record) - set(types))
+        if extra:
+            raise ValueError(f"{where}: unknown field(s) {extra}")
+        out.append(LabelledJudgment(**record))
+    return out
 
 
 def is_heldout(example_id: str, fraction: float) -> bool:
@@ -209,8 +223,7 @@ def collect_judgments(run, model: torch.nn.Module, tokenizer: Tokenizer) -> list
     cached = os.path.exists(cache)
     barrier()  # every rank has looked before rank 0 may write it: all take the same branch
     if cached:
-        with open(cache, encoding="utf-8") as f:
-            judgments = [LabelledJudgment(**json.loads(line)) for line in f if line.strip()]
+        judgments = read_judgments_file(cache)
         log.info("%s: %d labelled judgments (written by an earlier attempt of this run)", cache, len(judgments))
         return judgments
     if ckpt.latest_checkpoint(os.path.join(run.trainer.run_dir, "checkpoints")) is not None:

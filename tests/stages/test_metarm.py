@@ -164,6 +164,25 @@ def test_judgments_without_an_example_id_are_kept_and_reported(tmp_path, caplog)
     assert "2 judgment(s) name no example" in caplog.text
 
 
+def test_judgments_file_reads_back_what_the_run_wrote_and_names_a_broken_line(tmp_path):
+    from dataclasses import asdict
+
+    from megatron_grm.stages.metarm import LabelledJudgment, read_judgments_file
+
+    written = [LabelledJudgment("a", "P", "T1", True, "rft"), LabelledJudgment("b", "P2", "T2 \u00e9", False, "fresh")]
+    path = tmp_path / "metarm_judgments.jsonl"
+    path.write_text("".join(json.dumps(asdict(j), ensure_ascii=False) + "\n" for j in written), encoding="utf-8")
+    assert read_judgments_file(str(path)) == written
+    good = json.dumps(asdict(written[0]))
+    for line, error in [("{not json", r"metarm_judgments.jsonl:2: invalid JSON"),
+                        (json.dumps({**asdict(written[1]), "correct": "yes"}), r":2: field 'correct' .* not a bool"),
+                        (json.dumps({k: v for k, v in asdict(written[1]).items() if k != "text"}), r":2: field 'text'"),
+                        (json.dumps({**asdict(written[1]), "score": 1}), r":2: unknown field\(s\) \['score'\]")]:
+        path.write_text(good + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=error):
+            read_judgments_file(str(path))
+
+
 def test_sample_folder_leaves_out_unfinished_rft_shards(tmp_path):
     from megatron_grm.stages.metarm import sample_files
 

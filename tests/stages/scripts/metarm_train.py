@@ -30,7 +30,7 @@ def main() -> None:
 
     from megatron_grm.models.metarm import has_metarm_head, metarm_logits
     from megatron_grm.stages.common import load_config
-    from megatron_grm.stages.metarm import JUDGMENTS_FILE, LabelledJudgment, is_heldout, to_samples, train_metarm
+    from megatron_grm.stages.metarm import JUDGMENTS_FILE, is_heldout, read_judgments_file, to_samples, train_metarm
 
     overrides = ["+experiment=metarm_tiny", "model=tiny", "trainer.load=null", "data.train=null",
                  f"parallel.tensor_parallel={args.tp}", f"trainer.run_dir={args.run_dir}",
@@ -41,8 +41,7 @@ def main() -> None:
     from megatron_grm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("char")
-    with open(os.path.join(args.run_dir, JUDGMENTS_FILE)) as f:
-        judgments = [LabelledJudgment(**json.loads(line)) for line in f]
+    judgments = read_judgments_file(os.path.join(args.run_dir, JUDGMENTS_FILE))
     heldout = [j for j in judgments if is_heldout(j.example_id, 0.2)]
     samples = to_samples(heldout, tok, trainer.cfg.trainer.seq_length)
     logits = metarm_logits(trainer.model, [ids for ids, _ in samples], 4, tok.pad_id)
