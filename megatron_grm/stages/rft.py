@@ -35,6 +35,7 @@ from megatron_grm.data.arithmetic import digit_facts
 from megatron_grm.data.blend import BlendedDataset
 from megatron_grm.data.examples import Example
 from megatron_grm.data.packing import collate_padded
+from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0
@@ -424,8 +425,7 @@ def read_shards(samples_dir: str) -> list[dict[str, Any]]:
                            f"{missing[0]}); run rft.phase=sample (or all) to finish them")
     records: list[dict[str, Any]] = []
     for k in range(num_shards):
-        with open(shard_file(samples_dir, k), encoding="utf-8") as f:
-            records.extend(json.loads(line) for line in f if line.strip())
+        records.extend(record for _, record in json_object_lines(shard_file(samples_dir, k)))
     return records
 
 

@@ -191,3 +191,19 @@ def test_resumed_rft_sft_continues_exactly(rft_run: Path, bootstrap, tmp_path: P
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
     assert read_json(run_dir / "rft_results.json")["padding_waste"] == pytest.approx(
         read_json(rft_run / "rft_results.json")["padding_waste"], abs=1e-12)
+
+
+def test_reading_the_samples_names_a_broken_shard_line_and_an_unfinished_shard(tmp_path: Path):
+    from megatron_grm.stages.rft import MANIFEST, done_marker, read_shards, shard_file
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"num_shards": 2}))
+    Path(shard_file(str(tmp_path), 0)).write_text(json.dumps({"example_index": 0}) + "\n\n")
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps({"example_index": 1}) + "\n")
+    Path(done_marker(str(tmp_path), 0)).write_text("")
+    with pytest.raises(RuntimeError, match="1 of 2 shards .* unfinished \\(first: 1\\)"):
+        read_shards(str(tmp_path))
+    Path(done_marker(str(tmp_path), 1)).write_text("")
+    assert [r["example_index"] for r in read_shards(str(tmp_path))] == [0, 1]
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps({"example_index": 1}) + "\n" + '{"example_index": 2, "te')
+    with pytest.raises(ValueError, match=r"shard_00001.jsonl:2: invalid JSON"):
+        read_shards(str(tmp_path))
