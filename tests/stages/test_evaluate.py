@@ -149,6 +149,24 @@ def test_injected_run_writes_the_table_and_keeps_every_draw(injected):
     assert (injected / "scaling.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+
+def test_the_plot_tool_reads_the_evaluations_curves_overall_and_per_benchmark(injected, tmp_path):
+    """tools/plot.py on a real evaluation folder: the curves it draws are the hand-computed accuracies."""
+    from megatron_grm.stages.plots import plot_runs, read_scaling
+
+    overall = read_scaling(injected)
+    assert overall["k"] == [1, 2, 4] and "LLM-as-a-judge" not in overall  # no overall judge accuracy
+    assert overall["Voting"] == pytest.approx([(1 / 3 + .75) / 2, (1 + .75) / 2, (2 / 3 + .5) / 2])
+    pairs = read_scaling(injected, "pairs")
+    assert pairs["Voting"] == pytest.approx([EXPECTED[f"Voting@{k}"]["pairs"] for k in (1, 2, 4)])
+    assert pairs["MetaRM"] == pytest.approx([EXPECTED[f"MetaRM@{k}"]["pairs"] for k in (1, 2, 4)])
+    assert (pairs["Greedy"], pairs["LLM-as-a-judge"]) == pytest.approx((1 / 3, 2 / 3))
+    assert "LLM-as-a-judge" not in read_scaling(injected, "single")
+    drawn = plot_runs({"overall": overall, "pairs": pairs}, str(tmp_path / "two.png"))
+    assert drawn["pairs MetaRM@k"] == ([1, 2, 4], pytest.approx([100 / 3, 200 / 3, 100.0]))
+    assert drawn["pairs LLM-as-a-judge"] == ([1, 2, 4], pytest.approx([200 / 3] * 3))
+    assert (tmp_path / "two.png").read_bytes()[:8] == PNG_SIGNATURE
+
 @pytest.mark.skipif(not RMB.is_dir(), reason="RMB data not present in shared/data")
 def test_rmb_end_to_end_with_the_tiny_model(tmp_path):
     """MetaRM stage (a few steps) then evaluation on 8 pairwise + 4 best-of-N RMB examples, 2 processes."""
