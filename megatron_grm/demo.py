@@ -25,6 +25,7 @@ from pathlib import Path
 from statistics import fmean
 
 from megatron_grm.stages.eval_compare import compare_runs, comparison_markdown
+from megatron_grm.stages.plots import plot_runs, read_scaling
 from megatron_grm.train.logger import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - began
     table = final_table(results, sc.ks)
     # Paired by example and by random draw (same seed): does each stage beat the one before beyond noise?
-    pairs = {"RFT vs Base": ("eval_base", "eval_rft", "Base", "RFT"), "GRPO vs RFT": ("eval_rft", "eval_grpo", "RFT",
-                                                                                      "GRPO")}
-    comparisons = {label: compare_runs(run / a, run / b) for label, (a, b, _, _) in pairs.items()}
-    paired = "\n".join(comparison_markdown(comparisons[label], name_a, name_b)
-                       for label, (_, _, name_a, name_b) in pairs.items())
+    pairs = [("Base", "RFT"), ("RFT", "GRPO")]
+    comparisons = {f"{b} vs {a}": compare_runs(run / f"eval_{a.lower()}", run / f"eval_{b.lower()}") for a, b in pairs}
+    paired = "\n".join(comparison_markdown(comparisons[f"{b} vs {a}"], a, b) for a, b in pairs)
+    plot_runs({name: read_scaling(run / f"eval_{name.lower()}") for name in results}, str(run / "scaling.png"),
+              "Held-out arithmetic pairs: Base, RFT and GRPO against k")
     (run / "demo_results.md").write_text(f"{table}\n\nPaired comparisons (the same {sc.heldout} examples, response "
                                          f"orders and random draws):\n\n{paired}")
     grpo_reward = read_scalars(run / "grpo", "train/rollout/reward_mean")
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GRPO validation reward (held-out, sampled): {validation['reward_mean'][0]:+.3f} at step 0, "
               f"{validation['reward_mean'][-1]:+.3f} at the end; paired gain {validation['reward_gain'][-1]:+.3f} "
               f"± {validation['reward_gain_se'][-1]:.3f}")
-    print(f"\nrun folder:   {run}\nTensorBoard:  tensorboard --logdir {run}\n"
+    print(f"\nrun folder:   {run}\nfigure:       {run / 'scaling.png'} (accuracy against k, the three models)\n"
+          f"TensorBoard:  tensorboard --logdir {run}\n"
           f"HF export:    {hf / 'grm'} (the GRM; README: score an example), {hf / 'metarm'} (MetaRM)\n"
           f"total time:   {total / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
 

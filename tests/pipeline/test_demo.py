@@ -72,6 +72,15 @@ def test_paired_comparisons_agree_with_each_evaluations_own_results(pipeline):
     assert "| method | benchmark | examples | RFT | GRPO | GRPO − RFT (± SE) |" in table
 
 
+def test_the_demo_draws_the_three_models_against_k(pipeline):
+    from megatron_grm.stages.plots import read_scaling
+
+    assert (pipeline.run_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_scaling(pipeline.run_dir / "eval_grpo")["k"] == [1, 2]  # the test scale's ks: a curve, not a point
+    for model in ("Base", "RFT", "GRPO"):
+        assert read_scaling(pipeline.run_dir / f"eval_{model.lower()}")["Greedy"] == accuracy(pipeline, model)
+
+
 def readme_snippet() -> str:
     """The README's "score an example with the exported model" code block."""
     text = (REPO / "README.md").read_text()
