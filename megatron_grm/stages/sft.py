@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import torch
 
-from megatron_grm.data.preprocess import MANIFEST, PreprocessedDataset
+from megatron_grm.data.preprocess import MANIFEST, PreprocessedDataset, encode_record
 from megatron_grm.data.readers.common import RecordError, decode_utf8
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
@@ -42,39 +42,45 @@ class SupervisedObjective:
 
 
 def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records: str = "fail") -> list[Sample]:
-    """Tokenize ``{"prompt": ..., "response": ...}`` lines; a bad line fails (or is skipped and counted)."""
+    """Tokenize a JSONL of ``{"prompt", "response"}`` or ``{"messages"}`` records, by the rules a
+    ``tools/preprocess.py`` folder is built with (``data.preprocess.encode_record``: unknown fields,
+    empty responses and malformed turns are bad records), plus an optional per-record ``"chat": false``
+    for a prompt given as the model's raw input. A bad line fails, naming file, line and field, or with
+    ``bad_records=skip`` is skipped and counted. A document must fit in ``seq_length`` tokens: the
+    batcher shifts the labels inside the row."""
     if bad_records not in ("fail", "skip"):
         raise ValueError(f"data.bad_records={bad_records!r}; choose 'fail' or 'skip'")
     samples: list[Sample] = []
     skipped: list[str] = []
     with open(path, "rb") as f:  # bytes: a bad byte is one bad record, not a crash naming no line
         for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
             try:
                 try:  # the example readers' decoding: a leading BOM dropped, bad bytes named
                     line = decode_utf8(raw, path, line=line_no, start_of_file=line_no == 1)
                 except RecordError as err:
                     raise ValueError(err.reason) from None
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("record is not a JSON object")
-                for field in ("prompt", "response"):
-                    if field not in record:
-                        raise ValueError(f"field {field!r} is missing")
-                if not isinstance(record["response"], str):
-                    raise ValueError("field 'response' is not a string")
-                ids, mask = tokenizer.encode_example(record["prompt"], record["response"],
-                                                     chat=bool(record.get("chat", True)))
-                if len(ids) > seq_length + 1:
-                    raise ValueError(f"{len(ids)} tokens exceed trainer.seq_length+1={seq_length + 1}")
-            except (ValueError, json.JSONDecodeError) as err:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"invalid JSON ({err.msg})") from None
+                chat = True
+                if isinstance(record, dict) and "chat" in record:
+                    record = dict(record)
+                    chat = record.pop("chat")
+                    if not isinstance(chat, bool):
+                        raise ValueError(f"chat: expected true or false, got {chat!r}")
+                ids, mask = encode_record(record, tokenizer, chat=chat)
+                if len(ids) > seq_length:
+                    raise ValueError(f"{len(ids)} tokens exceed trainer.seq_length={seq_length}")
+            except ValueError as err:  # RecordError (field: why) included
                 message = f"{path}:{line_no}: {err}"
                 if bad_records == "fail":
-                    raise ValueError(message) from err
+                    raise ValueError(message) from None
                 skipped.append(message)
                 continue
-            samples.append((ids, mask))
+            samples.append((ids.tolist(), mask.tolist()))
     if skipped:
         log.warning("skipped %d bad record(s) in %s:\n  %s", len(skipped), path, "\n  ".join(skipped[:20]))
     log.info("%s: %d samples, %d skipped", path, len(samples), len(skipped))
@@ -100,11 +106,11 @@ def open_preprocessed(folder: str, tokenizer: Tokenizer, seq_length: int) -> Pre
                          f"{str(theirs.get('sha256'))[:12]}), not this run's tokenizer {ours['path']!r} (sha256 "
                          f"{ours['sha256'][:12]}); preprocess the data again with the run's tokenizer")
     lengths = dataset.sequence_lengths
-    too_long = int((lengths > seq_length + 1).sum())
+    too_long = int((lengths > seq_length).sum())
     if too_long:
-        raise ValueError(f"{folder}: {too_long} of {len(dataset)} documents exceed trainer.seq_length+1="
-                         f"{seq_length + 1} tokens (longest {int(lengths.max())}); preprocess with "
-                         f"--max-tokens {seq_length + 1} or raise trainer.seq_length")
+        raise ValueError(f"{folder}: {too_long} of {len(dataset)} documents exceed trainer.seq_length="
+                         f"{seq_length} tokens (longest {int(lengths.max())}); preprocess with "
+                         f"--max-tokens {seq_length} or raise trainer.seq_length")
     log.info("%s: %d preprocessed samples (%d tokens)", folder, len(dataset), int(lengths.sum()))
     return dataset
 
