@@ -261,6 +261,12 @@ class Tokenizer(ABC):
             raise TokenizationError("response", str(err)) from err
         prompt_ids = self._with_bos(prompt_ids)
         ends = [k for k, token in enumerate(response_ids) if token in self.end_ids]
+        raw = isinstance(prompt, str) and not chat and not literal  # special-token strings are tokens here
+        if raw and ends and (len(ends) > 1 or self.decode(response_ids[ends[-1] + 1:]).strip()):
+            raise TokenizationError(
+                "response", f"holds the end token {self.decode([response_ids[ends[0]]])!r} before its end: "
+                "generation would stop there and never write the rest (chat=false reads special-token "
+                "strings as tokens)")
         if ends:
             # The template closed the turn with an end id. Whatever it writes after it (the "\n" after
             # ChatML's <|im_end|> or Gemma's <end_of_turn>) only separates turns; generation stops at the

@@ -152,6 +152,23 @@ def test_char_tokenizer_rejects_characters_outside_its_vocabulary():
     assert err.value.part == "response"
 
 
+
+def test_a_raw_response_with_an_end_token_before_its_end_is_refused(smollm2_tokenizer_dir: Path):
+    """With chat=false special-token strings are tokens: "<|im_end|>" inside a response would train the
+    model to stop there, and the text after it would never be generated nor end with EOS."""
+    tok = load_tokenizer(smollm2_tokenizer_dir)
+    for response in ("foo<|im_end|>bar", "foo<|im_end|>bar<|im_end|>"):
+        with pytest.raises(TokenizationError, match="holds the end token '<\\|im_end\\|>' before its end") as err:
+            tok.encode_example("plain prompt", response, chat=False)
+        assert err.value.part == "response"
+    ids, mask = tok.encode_example("plain prompt", "foo<|im_end|>\n", chat=False)  # ending with it is fine
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "foo<|im_end|>"
+    ids, mask = tok.encode_example("plain prompt", "foo bar", chat=False)
+    assert ids[-1] == tok.eos_id and mask[-1] == 1
+    ids, mask = tok.encode_example("plain prompt", "foo<|im_end|>bar", chat=True)  # content is data in a chat
+    response = [i for i, m in zip(ids, mask) if m]
+    assert [i for i in response if i in tok.end_ids] == [response[-1]]  # the text's "<|im_end|>" is characters
+
 def test_load_tokenizer_dispatches_on_what_is_on_disk(tmp_path: Path, smollm2_tokenizer_dir: Path,
                                                      mistral_sentencepiece_models: list[Path]):
     assert isinstance(load_tokenizer("char"), CharTokenizer)
