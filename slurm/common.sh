@@ -7,7 +7,7 @@
 #                        $GRM_RUNS_ROOT/<stage>-<jobid>; a requeued job keeps its id, hence its folder, and resumes
 #   GRM_RUNS_ROOT        parent of the default run folders (default: <submit dir>/runs)
 #   GRM_CLUSTER          Hydra cluster config added unless the overrides choose one (default a100_16node; empty: none)
-#   GRM_MAX_RESTARTS     how many times a job may requeue itself after checkpointing on a signal (default 10)
+#   GRM_MAX_RESTARTS     restarts (SLURM_RESTART_COUNT, Slurm's own requeues included) after which a checkpointed stop is not requeued (default 10)
 #   GRM_REQUEUE_START_DELAY  seconds from a self-requeue to the restart (default 5; Slurm's own: 120)
 #   GRM_PYTHON           interpreter (default: <repo>/.venv/bin/python if present, else python3; python in a container)
 #   GRM_CONTAINER_IMAGE  run the tasks in this image with pyxis/enroot (a .sqsh file or a registry image)

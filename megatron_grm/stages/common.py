@@ -10,6 +10,7 @@ from typing import Any
 
 from megatron_grm.parallel.distributed import destroy_parallel, dist_env, init_parallel
 from megatron_grm.train.config import RunConfig, validate
+from megatron_grm.train.signals import stop_request
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 
@@ -57,7 +58,9 @@ def setup_logging() -> None:
 def run_stage(stage: Callable[[Any], Any], cfg: Any) -> None:
     """A stage's Hydra entry point: run it, then release the process groups (NCCL communicators left
     alive can hang a rank at exit), also on the preemption exit (``SystemExit`` 75). After an exception
-    the groups are left alone: other ranks may still wait in a collective."""
+    the groups are left alone: other ranks may still wait in a collective. The stop signals' handlers are
+    installed first, so SIGTERM/SIGUSR1 at any point become a checkpoint-and-requeue at the next step."""
+    stop_request()
     try:
         stage(cfg)
     except SystemExit:

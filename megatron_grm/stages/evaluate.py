@@ -61,7 +61,7 @@ from megatron_grm.spct import (
 )
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.eval_compare import OUTCOMES_FILE
-from megatron_grm.train.signals import StopRequest, exit_for_requeue
+from megatron_grm.train.signals import StopRequest, exit_for_requeue, stop_request
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
     engine = RolloutEngine(model, tokenizer, max_batch_size=s.max_batch_size,
                            max_tokens_in_flight=s.max_tokens_in_flight)
     dp_rank, dp_size = data_parallel_rank_and_size()
-    stop = StopRequest()
+    stop = stop_request()
     chunks = [(job, c) for job in jobs for c in range(0, len(job.examples), s.chunk_examples * dp_size)]
     bar = _progress(len(chunks), "evaluate: sampling")
     for job, start in chunks:

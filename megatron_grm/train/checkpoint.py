@@ -43,6 +43,15 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return folder
 
 
+def fsync(path: str) -> None:
+    """Flush a file's (or a folder's entries') data from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -74,11 +83,20 @@ def save_checkpoint(
     barrier()
     dist_checkpointing.save(sharded_state, tmp)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save(per_rank_state, os.path.join(tmp, f"rank_state_{rank:05d}.pt"))
+    rank_file = os.path.join(tmp, f"rank_state_{rank:05d}.pt")
+    torch.save(per_rank_state, rank_file)
+    fsync(rank_file)
     barrier()
     if is_rank0():
         write_atomically(os.path.join(tmp, MODEL_CONFIG), json.dumps(metadata, indent=2, sort_keys=True))
+        # On disk before `latest` may name the folder: a node lost after the rename must not leave `latest`
+        # naming a folder whose common.pt (scheduler, data position) was still in the page cache.
+        for entry in os.scandir(tmp):
+            if entry.is_file():
+                fsync(entry.path)
+        fsync(tmp)
         os.rename(tmp, final)
+        fsync(ckpt_root)
         write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
         log.info("saved checkpoint %s", final)
     barrier()
@@ -135,13 +153,19 @@ def _set_path(state: dict, path: tuple, value: Any) -> None:
     state[path[-1]] = value
 
 
-def load_rank_state(folder: str) -> dict[str, Any] | None:
-    """This rank's RNG/data state, when the checkpoint was written by the same number of ranks."""
+def load_rank_state(folder: str, layout: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """This rank's RNG/data state, when the checkpoint was written by the same number of ranks in the same
+    ``layout`` (tensor/pipeline parallel sizes, as ``save`` records them). Under another layout rank r
+    is another model shard with other data (TP=1 x DP=2 -> TP=2: two former data-parallel peers would
+    feed different batches into one tensor-parallel group), so nothing per rank carries over."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     files = glob.glob(os.path.join(folder, "rank_state_*.pt"))
     path = os.path.join(folder, f"rank_state_{rank:05d}.pt")
     if len(files) != world or not os.path.exists(path):
+        return None
+    saved_layout = read_metadata(folder).get("layout")
+    if layout is not None and saved_layout is not None and saved_layout != layout:
         return None
     return torch.load(path, weights_only=False, map_location="cpu")  # batches move to the device when used
 

@@ -32,7 +32,7 @@ from megatron_grm.train.config import RunConfig
 from megatron_grm.train.grad_guard import skip_nonfinite_updates
 from megatron_grm.train.logger import RunLogger
 from megatron_grm.train.losses import LossOutput
-from megatron_grm.train.signals import StopRequest, exit_for_requeue
+from megatron_grm.train.signals import exit_for_requeue, shield_checkpoint_helpers, stop_request
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ class Trainer:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.logger = RunLogger(t.run_dir, enabled=rank == world - 1)  # the last PP stage holds the loss
-        self.stop = StopRequest()
+        self.stop = stop_request()  # installed when the stage started (stages.common.run_stage), else now
+        shield_checkpoint_helpers()
 
     # ----------------------------------------------------------------- one step
     @property
@@ -316,7 +317,12 @@ class Trainer:
             early_exit = t.exit_after_steps is not None and steps_this_process >= t.exit_after_steps
             if periodic or last or stop or early_exit:
                 self.save(producer)
-            if stop:
+                # A signal that came during the save stops here too: its checkpoint is on disk, and another
+                # step (a rollout, a validation) could outlast Slurm's grace period.
+                stop = stop or self._stop_requested()
+            if stop and last:
+                log.warning("signal after the last step %d: the run is complete (checkpoint saved)", self.state.step)
+            elif stop:
                 log.warning("stopping on signal after step %d (checkpoint saved)", self.state.step)
                 self.logger.close()
                 exit_for_requeue(f"checkpoint of step {self.state.step}")
@@ -365,7 +371,7 @@ class Trainer:
             state["scheduler"] = self.scheduler.state_dict()
             state["train_state"] = {
                 "step": self.state.step, "consumed_samples": self.state.consumed_samples,
-                "history": list(self.state.history),
+                "history": list(self.state.history), "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
             }
             state["producer"] = producer.state_dict() if producer is not None else {}
         return state
@@ -387,9 +393,14 @@ class Trainer:
             self.ckpt_root, self.state.step,
             self._sharded_state(producer, loading=False, with_optimizer=with_optimizer), rank_state,
             {**self.metadata, "step": self.state.step, "distributed_optimizer": self.distributed_optimizer,
-             "layout": {"tensor_parallel": self.cfg.parallel.tensor_parallel,
-                        "pipeline_parallel": self.cfg.parallel.pipeline_parallel}},
+             "layout": self.layout},
         )
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """The model-parallel layout a checkpoint records (data parallel follows from the world size)."""
+        return {"tensor_parallel": self.cfg.parallel.tensor_parallel,
+                "pipeline_parallel": self.cfg.parallel.pipeline_parallel}
 
     def resume(self, producer: BatchProducer | None = None) -> bool:
         """Continue this run from ``latest`` (model, optimizer, scheduler, data position, RNG)."""
@@ -407,12 +418,14 @@ class Trainer:
         ts = loaded["train_state"]
         self.state.step, self.state.consumed_samples = int(ts["step"]), int(ts["consumed_samples"])
         self.state.history = list(ts.get("history", []))
+        self.state.nonfinite_in_a_row = int(ts.get("nonfinite_in_a_row", 0))  # older checkpoints: not recorded
         if producer is not None:
             producer.load_state_dict(loaded["producer"])
-        rank_state = ckpt.load_rank_state(folder)
+        rank_state = ckpt.load_rank_state(folder, self.layout)
         if rank_state is None:
-            log.warning("%s was written by another number of ranks: RNG states start afresh and per-rank producer "
-                        "state (GRPO: the remaining updates of the last rollout) is not restored", folder)
+            log.warning("%s was written by another number of ranks or another tensor/pipeline layout: RNG states "
+                        "start afresh and per-rank producer state (GRPO: the remaining updates of the last "
+                        "rollout) is not restored", folder)
         else:
             from megatron.core import tensor_parallel
 

@@ -30,7 +30,23 @@ def exit_for_requeue(detail: str = "") -> NoReturn:
     sys.exit(EXIT_CODE_PREEMPTED)
 
 
-def _shield_checkpoint_helpers(signals: tuple[int, ...]) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_shielded = False
+_installed: StopRequest | None = None
+
+
+def stop_request() -> StopRequest:
+    """The process's stop request, its handlers installed on the first call. A stage installs it before
+    any work (``stages.common.run_stage``): a signal during data loading, the model build or MetaRM's
+    judgment sampling is then a request the loop honours after its next step, not Python's default
+    action for SIGUSR1/SIGTERM, which kills the rank with no checkpoint and no requeue."""
+    global _installed
+    if _installed is None:
+        _installed = StopRequest()
+    return _installed
+
+
+def shield_checkpoint_helpers(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
     """Start Megatron-Core's checkpoint-writer helper process with our stop signals ignored.
 
     Slurm signals every process of a job step; the spawned multiprocessing Manager that
@@ -40,21 +56,25 @@ def _shield_checkpoint_helpers(signals: tuple[int, ...]) -> None:
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    global _shielded
+    if _shielded:
+        return
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         filesystem_async._get_write_results_queue()
+        _shielded = True
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 class StopRequest:
-    """Set by a signal handler; the training loop checks it between steps (never mid-step)."""
+    """Set by a signal handler; the training loop checks it between steps (never mid-step). Use
+    :func:`stop_request` for the process's one instance: a second would take the handlers from the first."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self.requested = False
         self.signum: int | None = None
-        _shield_checkpoint_helpers(signals)
         for sig in signals:
             signal.signal(sig, self._handle)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -156,3 +157,21 @@ def test_bf16_on_one_rank_saves_and_resumes_exactly(tmp_path):
     assert weights and {v.dtype for v in weights.values()} == {torch.bfloat16}
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_per_rank_state_is_restored_only_into_the_layout_that_wrote_it(tmp_path):
+    """Same world size, other TP/PP: rank r is another model shard with other data, so its saved RNG and
+    cached rollout must not be loaded (a TP=1 x DP=2 GRPO run resumed at TP=2 would feed two different
+    batches into one tensor-parallel group)."""
+    from megatron_grm.train.checkpoint import MODEL_CONFIG, load_rank_state
+
+    layout = {"tensor_parallel": 1, "pipeline_parallel": 1}
+    torch.save({"producer": "cached rollout of rank 0"}, tmp_path / "rank_state_00000.pt")
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({"layout": layout}))
+    assert load_rank_state(str(tmp_path), layout) == {"producer": "cached rollout of rank 0"}
+    assert load_rank_state(str(tmp_path), {**layout, "tensor_parallel": 2}) is None
+    assert load_rank_state(str(tmp_path), {**layout, "pipeline_parallel": 2}) is None
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({}))  # written before layouts were recorded
+    assert load_rank_state(str(tmp_path), layout) is not None
+    torch.save({}, tmp_path / "rank_state_00001.pt")  # two ranks wrote it, one reads it
+    assert load_rank_state(str(tmp_path), layout) is None

@@ -46,12 +46,50 @@ def test_nonfinite_gradients_under_a_finite_loss_skip_the_update(tmp_path):
     assert all(math.isfinite(g) for i, g in enumerate(got["grad_norms"]) if i != 1)
 
 
-def test_three_nonfinite_losses_in_a_row_abort(tmp_path):
-    out = tmp_path / "abort.json"
-    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "run"), "--steps", "6", "--nan-at", "2,3,4", "--out", str(out)])
+def test_three_nonfinite_losses_in_a_row_abort_also_across_a_resume(tmp_path):
+    """Steps 2 and 3 are skipped and the run stops at step 3 (a requeue); the resumed run's NaN at step 4
+    is the third in a row: the counter is part of the checkpoint, so preemptions cannot reset it."""
+    run, first, out = tmp_path / "run", tmp_path / "first.json", tmp_path / "abort.json"
+    torchrun(SCRIPT, 1, ["--run-dir", str(run), "--steps", "6", "--nan-at", "2,3", "--exit-after", "3",
+                         "--out", str(first)])
+    assert read_json(first)["skipped"] == [False, True, True]
+    torchrun(SCRIPT, 1, ["--run-dir", str(run), "--steps", "6", "--nan-at", "4", "--resume", "--out", str(out)])
     got = read_json(out)
-    assert got["error"] is not None and "non-finite" in got["error"]
-    assert got["step"] == 3  # steps 2 and 3 skipped, the third NaN (step 4) aborts before counting
+    assert got["error"] is not None and "3 non-finite steps in a row" in got["error"]
+    assert got["step"] == 3  # the third NaN (step 4) aborts before counting
+
+
+def test_a_signal_during_a_save_stops_at_that_checkpoint_and_after_the_last_step_the_run_completes(tmp_path):
+    """SIGUSR1 while the step-2 checkpoint is written: the run exits 75 at once with that checkpoint,
+    rather than running step 3 (a rollout can outlast Slurm's grace period) and saving again. The same
+    signal during the final save does not ask for a requeue: nothing is left to run."""
+    run = tmp_path / "run"
+    args = ["--tp", "2", "--steps", "4", "--save-interval", "2", "--run-dir", str(run)]
+    stopped = torchrun(SCRIPT, 2, [*args, "--signal-in-save-of", "2", "--out", str(tmp_path / "a.json")], check=False)
+    assert f"exitcode  : {EXIT_CODE_PREEMPTED}" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert not (run / "checkpoints" / "iter_0000003").exists()
+    done = torchrun(SCRIPT, 2, [*args, "--resume", "--signal-in-save-of", "4", "--out", str(tmp_path / "b.json")])
+    assert read_json(tmp_path / "b.json")["step"] == 4
+    assert "the run is complete" in done.stdout + done.stderr
+
+
+def test_the_stop_signals_are_handled_from_the_start_of_a_stage():
+    """SIGUSR1's default action kills the process: before a stage builds its Trainer (data loading, MetaRM's
+    judgment sampling) a Slurm warning would end the job with no checkpoint and no requeue."""
+    code = (
+        "import os, signal\n"
+        "from megatron_grm.stages.common import run_stage\n"
+        "from megatron_grm.train.signals import stop_request\n"
+        "def stage(cfg):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    print('still running; stop requested:', stop_request().requested, stop_request().signum)\n"
+        "run_stage(stage, None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"still running; stop requested: True {int(signal.SIGUSR1)}" in proc.stdout
 
 
 def _sft_jsonl(path: Path, n: int = 32) -> Path:

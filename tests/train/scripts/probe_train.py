@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--save-interval", type=int, default=0)
     ap.add_argument("--hang-in-save-of", type=int, default=None,
                     help="block inside the save of this step, after the files are written (kill test)")
+    ap.add_argument("--signal-in-save-of", type=int, default=None,
+                    help="send this process SIGUSR1 right after the checkpoint of this step is written")
     ap.add_argument("--nan-at", default="", help="comma-separated steps whose loss is made NaN")
     ap.add_argument("--nan-grad-at", default="", help="comma-separated steps with a finite loss and NaN gradients")
     ap.add_argument("--wgrad-fusion", type=int, default=1, help="0: weight gradients through .grad and DDP's hook")
@@ -131,6 +133,18 @@ def main() -> None:
                 return out
 
             dc.save = hanging_save
+        if args.signal_in_save_of is not None:  # as Slurm's time-limit warning arriving during that save
+            import signal
+
+            real_save_checkpoint = trainer.save
+
+            def signalled_save(producer=None):
+                folder = real_save_checkpoint(producer)
+                if trainer.state.step == args.signal_in_save_of:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                return folder
+
+            trainer.save = signalled_save
         grad_norms: list[float] = []
         losses: list[float] = []
 
