@@ -171,9 +171,13 @@ class RolloutProducer:
     def _microbatches(self, judged: list[JudgmentSample], advantages: list[float], seq_length: int,
                       mbs: int) -> list[Batch]:
         """Training micro-batches with old-policy and reference log-probabilities and advantages attached."""
-        # Pad the rollout with zero-weight copies to whole micro-batches, as many for each of the U updates.
-        pad = padded_rows(len(judged), mbs, self.s.updates_per_rollout) - len(judged)
-        judged, advantages = judged + [judged[-1]] * pad, advantages + [None] * pad
+        # Pad the rollout with zero-weight copies to whole micro-batches, as many for each of the U updates,
+        # with the real rows dealt out over the updates (padding appended at the end would leave the last
+        # updates of a filtered rollout empty).
+        order = rows_by_update(len(judged), padded_rows(len(judged), mbs, self.s.updates_per_rollout),
+                               self.s.updates_per_rollout)
+        judged = [judged[i] if i >= 0 else judged[-1] for i in order]
+        advantages = [advantages[i] if i >= 0 else None for i in order]
         batches = []
         for k in range(0, len(judged), mbs):
             chunk = judged[k:k + mbs]
@@ -238,6 +242,15 @@ def padded_rows(rows: int, micro_batch_size: int, updates: int) -> int:
     ``updates`` equal sets of whole micro-batches (zero-variance filtering leaves any number of rows)."""
     unit = micro_batch_size * updates
     return max(1, -(-rows // unit)) * unit
+
+
+def rows_by_update(rows: int, total: int, updates: int) -> list[int]:
+    """The order of a rollout's ``rows`` real rows in ``total`` update rows that split into ``updates``
+    consecutive equal slices: real rows dealt round-robin, so every update gets ``rows // updates`` or one
+    more; ``-1`` marks a zero-weight padding row. With one update the real rows keep their order."""
+    per = total // updates
+    slices = [list(range(u, rows, updates)) for u in range(updates)]
+    return [i for part in slices for i in part + [-1] * (per - len(part))]
 
 
 def fit_rows(judged: list[JudgmentSample], advantages: list[float | None], seq_length: int

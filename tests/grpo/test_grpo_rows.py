@@ -14,6 +14,7 @@ from megatron_grm.stages.grpo import (
     fit_rows,
     fitting_examples,
     padded_rows,
+    rows_by_update,
     validation_due,
 )
 
@@ -37,6 +38,22 @@ def test_filtered_rollout_keeps_every_group_across_updates():
     microbatches = [padded[i:i + 2] for i in range(0, len(padded), 2)]
     trained = [r for step in _split_steps(microbatches, 2) for mb in step for r in mb if r is not None]
     assert trained == rows
+
+
+@pytest.mark.parametrize(("rows", "mbs", "updates", "real_per_update"),
+                         [(5, 1, 4, [2, 1, 1, 1]), (3, 4, 2, [2, 1]), (9, 4, 4, [3, 2, 2, 2]), (6, 2, 2, [3, 3]),
+                          (16, 2, 1, [16]), (3, 2, 1, [3])])
+def test_a_filtered_rollout_gives_every_update_its_share_of_real_rows(rows, mbs, updates, real_per_update):
+    """Zero-variance filtering leaves any number of rows; padding them at the end used to leave the last
+    updates with padding only (5 rows, U = 4: 2, 2, 1 and 0 real rows), an Adam step on momentum alone."""
+    total = padded_rows(rows, mbs, updates)
+    order = rows_by_update(rows, total, updates)
+    assert len(order) == total and sorted(i for i in order if i >= 0) == list(range(rows))
+    microbatches = [order[i:i + mbs] for i in range(0, total, mbs)]
+    steps = _split_steps(microbatches, updates)
+    assert [sum(i >= 0 for mb in step for i in mb) for step in steps] == real_per_update
+    if updates == 1:
+        assert order[:rows] == list(range(rows))  # one update: the rollout's own order, padding after it
 
 
 def test_split_steps_refuses_to_drop_micro_batches():
