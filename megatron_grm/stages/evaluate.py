@@ -41,7 +41,7 @@ import torch
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult, json_object_lines
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.parallel.distributed import data_parallel_rank_and_size
+from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size
 from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
@@ -590,6 +590,12 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     check_manifest(run_dir, sampling_manifest(run, s))
     store = DrawStore()
     samples_path = os.path.join(run_dir, SAMPLES_FILE)
+    if _rank0() and os.path.exists(samples_path):
+        dropped = drop_torn_tail(samples_path)
+        if dropped:
+            log.warning("%s: cut %d bytes of a line an earlier attempt did not finish writing; its draws are "
+                        "sampled again", samples_path, dropped)
+    barrier()  # every rank reads the file as rank 0 left it
     for path in (s.samples_in, samples_path):
         if path and os.path.exists(path):
             log.info("%s: %d draws reused", path, store.read(path, benchmarks))
@@ -647,6 +653,28 @@ def _gather(draws: list[Draw]) -> list[Draw]:
 
 def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def drop_torn_tail(path: str, block: int = 1 << 16) -> int:
+    """Cut a JSON-lines file back to its last complete line; returns the bytes cut. An append killed
+    mid-write (SIGKILL after ``scancel``'s KillWait, the OOM killer, a lost node) leaves a line without
+    its newline, which would fail every rerun and run into the next append."""
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            f.truncate(keep)
+        return size - keep
 
 
 def _append(path: str, draws: Sequence[Draw]) -> None:

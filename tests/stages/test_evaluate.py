@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -101,18 +102,21 @@ def _write_draws(path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _injected_args(root: Path, run_dir: Path) -> list[str]:
+    pairs, single = root / "pairs.jsonl", root / "single.jsonl"
+    return ["+experiment=eval_tiny", "model=tiny", "trainer.load=null", "eval.metarm=null",
+            "eval.judge_baseline=true", f"trainer.run_dir={run_dir}", "eval.ks=[4,1,2]", "eval.max_new_tokens=16",
+            f"eval.benchmarks=[{{name:pairs,data:'{pairs}'}},{{name:single,data:'{single}'}}]",
+            f"eval.samples_in={root / 'draws.jsonl'}", "eval.per_category_depth=1"]
+
+
 @pytest.fixture(scope="module")
 def injected(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_injected")
-    pairs, single = _write_examples(root)
+    assert _write_examples(root) == (root / "pairs.jsonl", root / "single.jsonl")
     _write_draws(root / "draws.jsonl")
     run_dir = root / "run"
-    torchrun(STAGE, 1, [
-        "+experiment=eval_tiny", "model=tiny", "trainer.load=null", "eval.metarm=null", "eval.judge_baseline=true",
-        f"trainer.run_dir={run_dir}", "eval.ks=[4,1,2]", "eval.max_new_tokens=16",
-        f"eval.benchmarks=[{{name:pairs,data:'{pairs}'}},{{name:single,data:'{single}'}}]",
-        f"eval.samples_in={root / 'draws.jsonl'}", "eval.per_category_depth=1",
-    ], timeout=240)
+    torchrun(STAGE, 1, _injected_args(root, run_dir), timeout=240)
     return run_dir
 
 
@@ -132,6 +136,29 @@ def test_injected_judgments_give_hand_computed_accuracies(injected):
     assert results["scaling"]["MetaRM"] == pytest.approx([(1 / 3 + .75) / 2, (2 / 3 + .75) / 2, (1 + .5) / 2])
     assert results["examples"] == {"pairs": {"used": 3, "skipped": {}}, "single": {"used": 4, "skipped": {}}}
     assert results["tie_rate"]["Voting@4"] == {"pairs": 0.0, "single": 0.0}  # no coin was tossed
+
+
+def test_a_line_torn_by_a_killed_append_is_cut_and_the_rerun_completes(injected, tmp_path):
+    """A SIGKILL mid-append leaves samples.jsonl ending in half a line: the rerun of the same command cuts
+    it (those draws are taken again) instead of failing on it at every attempt."""
+    from megatron_grm.stages.evaluate import drop_torn_tail
+
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
+    assert drop_torn_tail(str(path), block=4) == 6 and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    assert drop_torn_tail(str(path)) == 0 and path.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    path.write_bytes(b'{"half')
+    assert drop_torn_tail(str(path)) == 6 and path.read_bytes() == b""
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(injected, run_dir)
+    samples = run_dir / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    proc = torchrun(STAGE, 1, _injected_args(injected.parent, run_dir), timeout=240)
+    assert "did not finish writing" in proc.stdout + proc.stderr
+    assert read_json(run_dir / "results.json")["accuracy"] == read_json(injected / "results.json")["accuracy"]
+    assert samples.read_text() == "".join(lines)  # the cut draw is back, the file whole again
 
 
 def test_injected_run_writes_the_table_and_keeps_every_draw(injected):
