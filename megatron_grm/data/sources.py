@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_grm.data.examples import Example
-from megatron_grm.data.readers.common import ReadResult
+from megatron_grm.data.readers.common import ReadResult, SeenIds
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,10 @@ def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int =
         raise ValueError(f"data spec {spec!r}: expected a string or a non-empty list of strings")
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
+    jsonl_ids = SeenIds()  # JSONL files share it: a repeat in another file is named with both lines
     for source in spec:
         skipped = 0
-        for example in read_examples(source, on_error, seed).examples:
+        for example in read_examples(source, on_error, seed, jsonl_ids).examples:
             if example.id in first_seen:
                 message = f"{source}: example id {example.id!r} is also in {first_seen[example.id]}"
                 if on_error != "skip":
@@ -48,8 +49,9 @@ def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int =
     return examples
 
 
-def read_examples(spec: str, on_error: str = "fail", seed: int = 0) -> ReadResult:
-    """:func:`load_examples` with the skipped bad records kept, for callers that report how many there were."""
+def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: SeenIds | None = None) -> ReadResult:
+    """:func:`load_examples` with the skipped bad records kept, for callers that report how many there were.
+    ``seen_ids``: the ids a JSONL file's records must not repeat (other JSONL files read before it)."""
     kind, _, rest = str(spec).partition(":")
     if kind == "arithmetic":
         from megatron_grm.data.arithmetic import arithmetic_examples
@@ -79,7 +81,7 @@ def read_examples(spec: str, on_error: str = "fail", seed: int = 0) -> ReadResul
         if not Path(spec).is_file():
             raise FileNotFoundError(f"data spec {spec!r}: no such file, and not one of arithmetic:, rmb:, "
                                     "reasoning_gym:, champ")
-        result = read_jsonl(spec, on_error=on_error)
+        result = read_jsonl(spec, on_error=on_error, seen_ids=seen_ids)
     for err in result.errors:
         log.warning("skipped bad record: %s", err)
     if result.errors:

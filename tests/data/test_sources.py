@@ -24,14 +24,23 @@ def test_a_list_of_specs_reads_every_source_in_order(tmp_path: Path):
     assert examples[2:] == load_examples("arithmetic:train:3")
 
 
-def test_an_id_in_two_sources_is_named_or_skipped_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_an_id_in_two_files_is_named_by_both_lines_or_skipped_and_logged(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
     first, second = _jsonl(tmp_path / "a.jsonl", ["x", "y"]), _jsonl(tmp_path / "b.jsonl", ["z", "y"])
-    with pytest.raises(ValueError, match=f"{second}: example id 'y' is also in {first}"):
+    with pytest.raises(ValueError, match=f"{second}:2: field 'id': duplicate id 'y': duplicate of {first}:2"):
         load_examples([first, second])
     with caplog.at_level(logging.WARNING):
         examples = load_examples([first, second], on_error="skip")
     assert [e.id for e in examples] == ["x", "y", "z"]
-    assert f"{second}: example id 'y' is also in {first}" in caplog.text
+    assert f"{second}:2: field 'id': duplicate id 'y': duplicate of {first}:2" in caplog.text
+    assert f"{second}: 1 examples, 1 bad records skipped" in caplog.text
+
+
+def test_an_id_a_file_shares_with_a_generated_source_is_named_with_both_sources(tmp_path: Path):
+    generated = load_examples("arithmetic:train:2")[1].id
+    file = _jsonl(tmp_path / "a.jsonl", [generated])
+    with pytest.raises(ValueError, match=f"arithmetic:train:2: example id '{generated}' is also in {file}"):
+        load_examples([file, "arithmetic:train:2"])
 
 
 @pytest.mark.parametrize("spec", [[], [3], {"path": "a.jsonl"}])
