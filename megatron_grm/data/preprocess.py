@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from megatron_grm.data.readers.common import UTF8_BOM
+from megatron_grm.data.readers.common import UTF8_BOM, DuplicateKeyError, load_record
 from megatron_grm.data.tokenizer import (
     Message,
     TokenizationError,
@@ -289,9 +289,11 @@ def _decode_line(raw: bytes) -> Any:
         raise RecordError("$", f"not valid UTF-8: byte(s) {raw[err.start:err.end]!r} at byte {err.start} of "
                                f"the line ({err.reason})") from None
     try:
-        return json.loads(text)
+        return load_record(text)
     except json.JSONDecodeError as err:
         raise RecordError("$", f"not valid JSON ({err})") from None
+    except DuplicateKeyError as err:
+        raise RecordError(err.key, str(err)) from None
 
 
 def _convert_chunk(chunk: Chunk) -> dict[str, Any]:

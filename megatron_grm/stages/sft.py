@@ -15,7 +15,7 @@ import hydra
 import torch
 
 from megatron_grm.data.preprocess import MANIFEST, PreprocessedDataset, encode_record
-from megatron_grm.data.readers.common import RecordError, decode_utf8
+from megatron_grm.data.readers.common import RecordError, decode_utf8, load_record
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.train.loop import Batch, Trainer, token_nll_forward
@@ -62,7 +62,7 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = load_record(line)  # a repeated key is a ValueError naming it
                 except json.JSONDecodeError as err:
                     raise ValueError(f"invalid JSON ({err.msg})") from None
                 chat = True

@@ -42,6 +42,7 @@ BAD_RECORDS = [
      "prompt[0].weight"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                  "response": "b"}), "response"),
+    ('{"prompt": "q", "response": "a", "response": "b"}', "response"),  # JSON would keep "b" without a word
 ]
 
 

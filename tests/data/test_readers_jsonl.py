@@ -108,6 +108,9 @@ GOOD = json.dumps({"context": "q", "responses": ["a", "b"], "label": 0})
         ('{"id": true, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got true"),
         ('{"id": {"a": 1}, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got dict"),
         ('{"id": 1.5, "context": "q", "responses": ["a", "b"], "label": 0}', "id", "got float"),
+        ('{"context": "q", "responses": ["a", "b"], "label": 0, "label": 1}', "label", "appears twice"),
+        ('{"context": [{"role": "user", "content": "q", "content": "r"}], "responses": ["a"], "label": 0}',
+         "content", "appears twice"),
     ],
 )
 def test_a_malformed_record_is_reported_with_its_line_number_and_field(tmp_path, bad_line, field, reason):

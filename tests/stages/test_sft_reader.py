@@ -42,6 +42,7 @@ BAD_SFT_RECORDS = [  # (record, the field and reason the error names); none may 
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "response": "x"},
      r"prompt\[1\].role: the prompt must end with a user or system turn"),
     ([1, 2], r"\$: expected a JSON object"),
+    ('{"prompt": "q", "response": "x", "response": "y"}', "the key 'response' appears twice"),
 ]
 
 
@@ -52,7 +53,8 @@ def test_a_bad_sft_record_is_named_by_line_and_field_and_skipping_counts_it(tmp_
 
     good = json.dumps({"prompt": "2+2?", "response": "4", "chat": False})
     path = tmp_path / "sft.jsonl"
-    path.write_text(good + "\n" + json.dumps(record) + "\n" + good + "\n")
+    line = record if isinstance(record, str) else json.dumps(record)  # a string: the line as written
+    path.write_text(good + "\n" + line + "\n" + good + "\n")
     tokenizer = load_tokenizer("char")
     with pytest.raises(ValueError, match=rf"sft.jsonl:2: {reason}"):
         read_sft_jsonl(str(path), tokenizer, seq_length=64)

@@ -153,6 +153,29 @@ def log_skipped(path: str | Path, result: ReadResult, first_error_index: int) ->
         logger.warning("%s: skipped %d bad record(s); first: %s", path, len(skipped), skipped[0])
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that names one key twice: parsers keep the last value without a word, so a record
+    with "label" twice would be read with whichever came last."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key {key!r} appears twice in one object (JSON would keep only the last value)")
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    record: dict[str, object] = {}
+    for key, value in pairs:
+        if key in record:
+            raise DuplicateKeyError(key)
+        record[key] = value
+    return record
+
+
+def load_record(text: str) -> object:
+    """``json.loads`` for input records: an object with a repeated key raises :class:`DuplicateKeyError`."""
+    return json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+
+
 def json_object_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
     """``("<path>:<line>", object)`` for every non-blank line of a JSON-lines file (run outputs: sample,
     judgment and outcome files); a line that is not a JSON object raises a ValueError naming file and line."""

@@ -36,6 +36,7 @@ from typing import Any
 
 from megatron_grm.data.examples import Example, ExampleError, Turn
 from megatron_grm.data.readers.common import (
+    DuplicateKeyError,
     OnError,
     ReadResult,
     RecordError,
@@ -44,6 +45,7 @@ from megatron_grm.data.readers.common import (
     check_policy,
     decode_utf8,
     handle_bad_record,
+    load_record,
     log_skipped,
 )
 
@@ -129,10 +131,13 @@ def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds |
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = load_record(line)
             except json.JSONDecodeError as exc:
                 error = RecordError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", line=line_number)
                 handle_bad_record(result, error, on_error)
+                continue
+            except DuplicateKeyError as exc:
+                handle_bad_record(result, RecordError(path, str(exc), line=line_number, field_name=exc.key), on_error)
                 continue
             try:
                 example = example_from_record(
