@@ -135,6 +135,16 @@ class Benchmark:
     name: str
     examples: list[Example]
     skipped: Counter[str]  # reason -> examples left out (never silently)
+    best_identical: int = 0  # used examples whose best response is, text for text, also a losing one
+
+
+def best_is_identical_to_another(example: Example) -> bool:
+    """Whether the labelled best response equals another response (whitespace aside): Eq. 10 needs the best
+    to score strictly higher, so no judgment of such an example can count as correct (RMB has a few)."""
+    if example.num_responses < 2:
+        return False
+    best = example.responses[example.label].strip()
+    return any(r.strip() == best for i, r in enumerate(example.responses) if i != example.label)
 
 
 def load_benchmark(spec: BenchmarkSpec, unusable: Callable[[Example], str | None], seed: int) -> Benchmark:
@@ -164,7 +174,12 @@ def load_benchmark(spec: BenchmarkSpec, unusable: Callable[[Example], str | None
         raise ValueError(f"benchmark {spec.name}: no usable example in {spec.data} (skipped: {dict(skipped)})")
     if skipped:
         log.warning("benchmark %s: %d usable examples, skipped %s", spec.name, len(usable), dict(skipped))
-    return Benchmark(spec.name, usable, skipped)
+    identical = [e.id for e in usable if best_is_identical_to_another(e)]
+    if identical:
+        log.warning("benchmark %s: in %d example(s) the best response is identical to another (first: %s); Eq. 10 "
+                    "(a tie is wrong) never counts them correct. Kept, as the benchmark has them; results.json "
+                    "counts them", spec.name, len(identical), ", ".join(identical[:3]))
+    return Benchmark(spec.name, usable, skipped, len(identical))
 
 
 def _check_unique_ids(spec: BenchmarkSpec, examples: Sequence[Example]) -> None:
@@ -550,7 +565,8 @@ def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[st
 
     names = [b.name for b in benchmarks]
     curves = scaling_curves(scores, s)
-    examples = {b.name: {"used": len(b.examples), "skipped": dict(b.skipped)} for b in benchmarks}
+    examples = {b.name: {"used": len(b.examples), "skipped": dict(b.skipped)}
+                | ({"best_identical_to_another": b.best_identical} if b.best_identical else {}) for b in benchmarks}
     report = {**{k: v for k, v in scores.items() if k != "per_example"}, "scaling": curves, "examples": examples,
               "settings": {k: v for k, v in asdict(s).items() if k != "benchmarks"}
               | {"benchmarks": [asdict(b) for b in s.benchmarks]}, **extra}
@@ -571,6 +587,8 @@ def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[st
                   results_markdown(scores["roc_auc"], single, overall=False)]
     lines += ["Examples: " + "; ".join(
         f"{n}: {e['used']} used" + "".join(f", {c} {r}" for r, c in sorted(e["skipped"].items()))
+        + (f" ({e['best_identical_to_another']} with the best response identical to another: never correct)"
+           if "best_identical_to_another" in e else "")
         for n, e in examples.items()), ""]
     Path(run_dir, RESULTS_MD).write_text("\n".join(lines))
     plot_scaling(curves, str(Path(run_dir, SCALING_PNG)), title=f"Inference-time scaling ({', '.join(names)})")

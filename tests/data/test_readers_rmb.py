@@ -173,3 +173,21 @@ def test_a_uid_that_is_not_a_string_or_integer_is_named(tmp_path, uid, got):
         read_rmb(tmp_path, subsets=("pairwise",))
     _pairwise_file(tmp_path).write_text(json.dumps([_pair(12)]))
     assert read_rmb(tmp_path, subsets=("pairwise",)).examples[0].id == "rmb/pairwise/12"
+
+
+@pytest.mark.skipif(not RMB_ROOT.is_dir(), reason=f"RMB not present at {RMB_ROOT}")
+def test_the_examples_whose_best_response_is_also_a_losing_one_are_found():
+    """Eq. 10 can never count them correct; the evaluation keeps and reports them. Reference: the raw files."""
+    from megatron_grm.stages.evaluate import best_is_identical_to_another
+
+    expected = set()
+    for path in RMB_ROOT.rglob("*.json"):
+        for record in json.loads(path.read_text()):
+            if "pair_uid" in record:
+                if record["chosen"]["answer"].strip() == record["reject"]["answer"].strip():
+                    expected.add(f"rmb/pairwise/{record['pair_uid']}")
+            elif any(loser["answer"].strip() == record["bon_best"]["answer"].strip() for loser in record["loser_list"]):
+                expected.add(f"rmb/bon/{record['bon_uid']}")
+    found = {ex.id for ex in read_rmb(RMB_ROOT).examples if best_is_identical_to_another(ex)}
+    assert found == expected and len(found) == 20  # the copy in shared/data
+    assert "rmb/pairwise/17030" in found

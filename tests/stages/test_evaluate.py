@@ -345,3 +345,15 @@ def test_a_samples_file_line_that_is_not_a_json_object_names_the_line(tmp_path, 
     bench = Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())
     with pytest.raises(ValueError, match=rf"{path}:3: {message}"):
         DrawStore().read(str(path), [bench])
+
+
+def test_a_benchmark_counts_the_examples_whose_best_response_is_also_a_losing_one(tmp_path, caplog):
+    from megatron_grm.stages.evaluate import BenchmarkSpec, load_benchmark
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "context": "q", "responses": r, "label": best}) + "\n"
+                            for i, r, best in [("same", ["yes ", "yes"], 0), ("fine", ["a", "b"], 1),
+                                               ("bon", ["x", "y", "x"], 2), ("single", ["x"], 1)]))
+    benchmark = load_benchmark(BenchmarkSpec("b", str(path)), lambda example: None, seed=0)
+    assert len(benchmark.examples) == 4 and benchmark.best_identical == 2
+    assert "in 2 example(s) the best response is identical to another (first: same, bon)" in caplog.text
