@@ -75,6 +75,15 @@ def test_champ_pairs_pair_a_correct_with_an_incorrect_solution(champ_raw):
         assert ex.responses[ex.label] == correct_text
 
 
+def test_champ_pairs_past_the_cap_are_counted_not_lost(small_champ):
+    """Every correct x incorrect combination of a problem is either an example or counted as excluded."""
+    capped = read_champ(small_champ, max_pairs_per_problem=1)
+    all_pairs = read_champ(small_champ, max_pairs_per_problem=10**6)
+    assert "pairs beyond max_pairs_per_problem" not in all_pairs.excluded
+    beyond = capped.excluded["pairs beyond max_pairs_per_problem"]
+    assert beyond > 0 and len(capped.examples) + beyond == len(all_pairs.examples)
+
+
 def test_champ_pairs_are_deterministic_from_the_seed(small_champ):
     first = [(e.id, e.label) for e in read_champ(small_champ).examples]
     assert first and first == [(e.id, e.label) for e in read_champ(small_champ).examples]

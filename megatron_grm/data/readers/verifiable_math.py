@@ -112,6 +112,8 @@ def read_champ(
         rng = random.Random(f"{seed}:{problem_id}")
         combos = [(c, w) for c in correct for w in wrong]
         rng.shuffle(combos)
+        if len(combos) > max_pairs_per_problem:
+            result.excluded["pairs beyond max_pairs_per_problem"] += len(combos) - max_pairs_per_problem
         for (ck, ct), (wk, wt) in combos[:max_pairs_per_problem]:
             result.examples.append(
                 _pair(
