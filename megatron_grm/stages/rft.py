@@ -584,9 +584,8 @@ def pad_multiple_for(run, pad_multiple: int) -> int:
 
 def _write_results(run_dir: str, results: dict[str, Any]) -> None:
     """``<run_dir>/rft_results.json``: filter statistics, SFT mix, held-out accuracy, timings (rank 0)."""
-    if is_rank0():
-        with open(os.path.join(run_dir, "rft_results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+    if is_rank0():  # whole or not at all: a rank killed mid-write must not leave half a file
+        ckpt.write_atomically(os.path.join(run_dir, "rft_results.json"), json.dumps(results, indent=2, sort_keys=True))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="rft", version_base="1.3")
