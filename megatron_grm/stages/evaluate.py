@@ -257,6 +257,7 @@ class DrawStore:
 
     def __init__(self) -> None:
         self.draws: dict[tuple[str, str, str], dict[int, Draw]] = defaultdict(dict)
+        self.others: list[dict[str, Any]] = []  # the run file's records of examples not evaluated this time
 
     def add(self, draws: Sequence[Draw]) -> None:
         for d in draws:
@@ -272,22 +273,33 @@ class DrawStore:
     def all(self) -> list[Draw]:
         return [d for key in sorted(self.draws) for _, d in sorted(self.draws[key].items())]
 
-    def read(self, path: str, benchmarks: Sequence[Benchmark]) -> int:
-        """Add the draws of a sample file that belong to these benchmarks' examples; returns how many."""
+    def read(self, path: str, benchmarks: Sequence[Benchmark], keep_others: bool = False,
+             meta_scores: bool = True) -> int:
+        """Add the draws of a sample file that belong to these benchmarks' examples; returns how many.
+        ``keep_others``: hold the file's other records in :attr:`others` (the run's own file is rewritten,
+        and a rerun over fewer examples must not delete the rest). ``meta_scores=False``: read the draws
+        without their MetaRM logits, so the run's MetaRM scores them."""
         wanted = {(b.name, e.id): e.num_responses for b in benchmarks for e in b.examples}
-        added, ignored = 0, 0
+        added, ignored, unscored = 0, 0, 0
         for where, record in json_object_lines(path):
             draw = _draw_from_record(record, where)
             n = wanted.get((draw.benchmark, draw.example_id))
             if n is None:
                 ignored += 1
+                if keep_others:
+                    self.others.append(record)
                 continue
             if draw.scores is not None and len(draw.scores) != n:
                 raise ValueError(f"{where}: {len(draw.scores)} scores for an example with {n} responses")
+            if not meta_scores and draw.meta_score is not None:
+                draw.meta_score, unscored = None, unscored + 1
             self.add([draw])
             added += 1
         if ignored:
-            log.warning("%s: ignored %d draws of examples not evaluated here", path, ignored)
+            log.warning("%s: %s %d draws of examples not evaluated here", path,
+                        "kept, unused," if keep_others else "ignored", ignored)
+        if unscored:
+            log.info("%s: %d imported MetaRM scores set aside; eval.metarm scores those draws", path, unscored)
         return added
 
 
@@ -614,15 +626,16 @@ def evaluate(cfg: Any) -> dict[str, Any]:
             log.warning("%s: cut %d bytes of a line an earlier attempt did not finish writing; its draws are "
                         "sampled again", samples_path, dropped)
     barrier()  # every rank reads the file as rank 0 left it
-    for path in (s.samples_in, samples_path):
-        if path and os.path.exists(path):
-            log.info("%s: %d draws reused", path, store.read(path, benchmarks))
+    if s.samples_in and os.path.exists(s.samples_in):  # an import: its meta scores may be another MetaRM's
+        log.info("%s: %d draws reused", s.samples_in, store.read(s.samples_in, benchmarks, meta_scores=not s.metarm))
+    if os.path.exists(samples_path):  # this run's own draws (the manifest vouches for their settings)
+        log.info("%s: %d draws reused", samples_path, store.read(samples_path, benchmarks, keep_others=True))
 
     jobs = missing_jobs(benchmarks, store, s)
     if jobs:
         sample_missing(run, tokenizer, jobs, store, s, samples_path)
     truncated = meta_score_missing(run, tokenizer, benchmarks, store, s) if s.metarm else 0
-    _rewrite(samples_path, store.all())
+    _rewrite(samples_path, store.all(), store.others)
 
     scores = score_benchmarks(benchmarks, store, s, run.trainer.seed)
     if _rank0():
@@ -695,18 +708,29 @@ def drop_torn_tail(path: str, block: int = 1 << 16) -> int:
         return size - keep
 
 
+def _line(draw: Draw) -> str:
+    """A draw as a line of the sample file. A MetaRM logit that overflowed (NaN, inf: ranked last in
+    this run) is written as null, so the file stays JSON and a rerun scores that draw again."""
+    record = asdict(draw)
+    if record["meta_score"] is not None and not math.isfinite(record["meta_score"]):
+        record["meta_score"] = None
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 def _append(path: str, draws: Sequence[Draw]) -> None:
     if _rank0() and draws:
         with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in draws)
+            f.writelines(_line(d) for d in draws)
 
 
-def _rewrite(path: str, draws: Sequence[Draw]) -> None:
-    """The complete, sorted sample file (meta scores included), replaced atomically."""
+def _rewrite(path: str, draws: Sequence[Draw], others: Sequence[dict[str, Any]] = ()) -> None:
+    """The complete, sorted sample file (meta scores included), then the records of examples not
+    evaluated this time as they were; replaced atomically."""
     if _rank0():
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in draws)
+            f.writelines(_line(d) for d in draws)
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in others)
         os.replace(tmp, path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -357,3 +357,51 @@ def test_a_benchmark_counts_the_examples_whose_best_response_is_also_a_losing_on
     benchmark = load_benchmark(BenchmarkSpec("b", str(path)), lambda example: None, seed=0)
     assert len(benchmark.examples) == 4 and benchmark.best_identical == 2
     assert "in 2 example(s) the best response is identical to another (first: same, bon)" in caplog.text
+
+
+def _draws_file(path: Path, draws) -> None:
+    from dataclasses import asdict
+
+    path.write_text("".join(json.dumps(asdict(d)) + "\n" for d in draws))
+
+
+def test_a_rerun_over_fewer_examples_keeps_the_other_draws_in_the_run_file(tmp_path):
+    """Evaluating only benchmark A in a folder that also holds B's draws used to rewrite samples.jsonl with
+    A's alone: B's judgments were gone for good."""
+    from collections import Counter
+
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import SAMPLE, Benchmark, Draw, DrawStore, _rewrite
+
+    draws = [Draw(b, "e1", SAMPLE, k, [7, 3], [0, 1], f"{b} judgment {k}", 0.5) for b in ("A", "B") for k in range(2)]
+    path = tmp_path / "samples.jsonl"
+    _draws_file(path, draws)
+    store = DrawStore()
+    only_a = [Benchmark("A", [Example((Turn("user", "q"),), ("x", "y"), 0, "s", "e1")], Counter())]
+    assert store.read(str(path), only_a, keep_others=True) == 2
+    _rewrite(str(path), store.all(), store.others)
+    again = DrawStore()
+    both = [*only_a, Benchmark("B", only_a[0].examples, Counter())]
+    assert again.read(str(path), both) == 4 and again.all() == draws
+
+
+def test_imported_meta_scores_are_rescored_by_the_runs_metarm_and_an_overflowed_one_stays_json(tmp_path):
+    from collections import Counter
+
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import SAMPLE, Benchmark, Draw, DrawStore, _rewrite
+
+    bench = [Benchmark("A", [Example((Turn("user", "q"),), ("x", "y"), 0, "s", "e1")], Counter())]
+    path = tmp_path / "imported.jsonl"
+    _draws_file(path, [Draw("A", "e1", SAMPLE, 0, [7, 3], [0, 1], "j", 2.5)])
+    store = DrawStore()
+    store.read(str(path), bench, meta_scores=False)  # eval.metarm set: another MetaRM's logit is not reused
+    assert store.all()[0].meta_score is None
+    store = DrawStore()
+    store.read(str(path), bench)  # eval.metarm null: the imported logits are the MetaRM scores
+    assert store.all()[0].meta_score == 2.5
+    store.all()[0].meta_score = float("nan")  # a low-precision overflow
+    _rewrite(str(path), store.all())
+    again = DrawStore()
+    assert again.read(str(path), bench) == 1 and again.all()[0].meta_score is None  # scored again next run
+    assert "NaN" not in path.read_text() and json.loads(path.read_text())["meta_score"] is None
