@@ -11,6 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "gemma2")
+# Settings with no tensor of their own: a checkpoint loads under any value of them, and means only one.
+FUNCTION_FIELDS = ("family", "rotary_base", "norm_epsilon", "tie_word_embeddings", "attn_logit_softcapping",
+                   "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")
+
+
+def check_checkpoint_model(folder: str, cfg: ModelConfig) -> None:
+    """Refuse to load a checkpoint into a model whose function-only settings differ from the ones it was
+    saved (or converted from Hugging Face) with; the error lists each, with both values."""
+    from megatron_grm.train.checkpoint import read_metadata
+
+    recorded = read_metadata(folder).get("model")
+    mismatches = cfg.function_mismatches(recorded) if isinstance(recorded, dict) else []
+    if mismatches:
+        raise ValueError(f"{folder} was saved for another model configuration; its weights would compute "
+                         f"something else here:\n  " + "\n  ".join(mismatches) +
+                         "\nset these model.* overrides to the checkpoint's values (or choose its conf/model)")
 
 
 @dataclass
@@ -78,6 +94,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def function_mismatches(self, recorded: dict[str, Any]) -> list[str]:
+        """The settings that change what the model computes without changing any tensor's shape, where
+        ``recorded`` (the ``model`` a checkpoint's metadata holds) says otherwise: loading those weights
+        under this config would run them with another RoPE base, norm epsilon, soft cap or window."""
+        return [f"model.{name}: the checkpoint has {recorded[name]!r}, this run {getattr(self, name)!r}"
+                for name in FUNCTION_FIELDS if name in recorded and recorded[name] != getattr(self, name)]
 
     def num_parameters(self, padded_vocab: int | None = None) -> int:
         """Exact parameter count of the built model (used by the planner and MFU)."""

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from megatron_grm.models.config import ModelConfig, check_checkpoint_model
+
 HEAD_NAME = "metarm_head"
 
 
@@ -126,15 +128,18 @@ def checkpoint_has_metarm_head(folder: str) -> bool:
     return f"{HEAD_NAME}.weight" in dist_checkpointing.load_tensors_metadata(folder)
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> str:
+def load_model_weights(model: torch.nn.Module, path: str, model_cfg: ModelConfig | None = None) -> str:
     """Load a checkpoint's model weights (any TP/PP layout) into a bare model; returns the folder.
 
     Tensors the model does not have are ignored, so a GRM loads from a MetaRM checkpoint too. A model
-    with a MetaRM head needs a checkpoint that has one.
+    with a MetaRM head needs a checkpoint that has one. With ``model_cfg`` (what the model was built
+    from) a checkpoint saved for other function-only settings (RoPE base, norm epsilon, ...) is refused.
     """
     from megatron_grm.train.checkpoint import load_checkpoint
 
     folder = checkpoint_folder(path)
+    if model_cfg is not None:
+        check_checkpoint_model(folder, model_cfg)
     if has_metarm_head(model) and not checkpoint_has_metarm_head(folder):
         raise ValueError(f"{folder} has no MetaRM head ({HEAD_NAME}.*): train one with megatron_grm.stages.metarm")
     loaded = load_checkpoint(folder, {"model": unwrap(model).sharded_state_dict()})

@@ -399,7 +399,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
 
     model = build_model(run.model, run.parallel, run.precision)
     if run.trainer.load:
-        log.info("GRM weights from %s", load_model_weights(model, run.trainer.load))
+        log.info("GRM weights from %s", load_model_weights(model, run.trainer.load, run.model))
     else:
         log.warning("trainer.load is not set: evaluating a randomly initialised GRM")
     engine = RolloutEngine(model, tokenizer, max_batch_size=s.max_batch_size,
@@ -439,7 +439,7 @@ def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark
     if any(d.permutation is None for d, _ in todo):
         raise ValueError("draws without 'permutation' cannot be meta-scored: the MetaRM reads the prompt they answered")
     model = attach_metarm_head(build_model(run.model, run.parallel, run.precision), seed=run.trainer.seed)
-    log.info("MetaRM weights from %s", load_model_weights(model, s.metarm))
+    log.info("MetaRM weights from %s", load_model_weights(model, s.metarm, run.model))
     limit = run.model.max_position_embeddings
     inputs = [metarm_input_ids(tokenizer, render_prompt(e, d.permutation, s.variant, False, tokenizer, s.chat),
                                d.text, limit) for d, e in todo]

@@ -295,7 +295,7 @@ def train_metarm(cfg: Any) -> Trainer:
     model = build_model(run.model, run.parallel, run.precision, t.recompute, wgrad_fusion=True)  # for the Trainer
     resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
     if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)
-        log.info("loaded the GRM backbone from %s", load_model_weights(model, t.load))
+        log.info("loaded the GRM backbone from %s", load_model_weights(model, t.load, run.model))
 
     judgments = collect_judgments(run, model, tokenizer)
     train = [j for j in judgments if not is_heldout(j.example_id, mc.heldout_fraction)]

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from megatron_grm.models.config import check_checkpoint_model
 from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.device import device, to_device
 from megatron_grm.parallel.fused_adam import use_fused_adam
@@ -410,6 +411,7 @@ class Trainer:
         if int(ckpt.read_metadata(folder).get("step", 0)) == 0:
             self.load_weights(folder)
             return True
+        check_checkpoint_model(folder, self.cfg.model)
         self._materialize_optimizer_state()
         loaded = ckpt.load_checkpoint(folder, self._sharded_state(producer, loading=True))
         self.unwrapped.load_state_dict(loaded["model"])
@@ -459,6 +461,7 @@ class Trainer:
 
     def load_weights(self, folder: str) -> None:
         """Start from another run's weights (any TP/PP layout); optimizer and step start fresh."""
+        check_checkpoint_model(folder, self.cfg.model)
         loaded = ckpt.load_checkpoint(folder, {"model": self.unwrapped.sharded_state_dict()})
         self.unwrapped.load_state_dict(loaded["model"])
         # DDP keeps its own main-param copy for the distributed optimizer: refresh it from the model.

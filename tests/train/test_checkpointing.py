@@ -175,3 +175,22 @@ def test_per_rank_state_is_restored_only_into_the_layout_that_wrote_it(tmp_path)
     assert load_rank_state(str(tmp_path), layout) is not None
     torch.save({}, tmp_path / "rank_state_00001.pt")  # two ranks wrote it, one reads it
     assert load_rank_state(str(tmp_path), layout) is None
+
+
+def test_a_checkpoint_saved_for_other_function_only_settings_is_refused(tmp_path):
+    """RoPE base, norm epsilon, tying, Gemma-2's caps and window have no tensor of their own: weights load
+    under any value, so a Qwen2 checkpoint with rope_theta 1e4 would train (and export) as 1e6 unnoticed."""
+    from megatron_grm.models.config import ModelConfig, check_checkpoint_model
+    from megatron_grm.train.checkpoint import MODEL_CONFIG
+
+    saved = ModelConfig(family="qwen2", rotary_base=10000.0, norm_epsilon=1e-6, add_qkv_bias=True)
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({"model": saved.to_dict()}))
+    check_checkpoint_model(str(tmp_path), ModelConfig.from_dict(saved.to_dict()))  # the same: loads
+    check_checkpoint_model(str(tmp_path), ModelConfig(**{**saved.to_dict(), "max_position_embeddings": 64,
+                                                         "tokenizer": "elsewhere"}))  # no effect on the weights
+    other = ModelConfig(**{**saved.to_dict(), "rotary_base": 1e6, "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match=r"model.rotary_base: the checkpoint has 10000.0, this run 1000000.0\n"
+                                         r"  model.tie_word_embeddings: the checkpoint has False, this run True"):
+        check_checkpoint_model(str(tmp_path), other)
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({"step": 3}))  # a checkpoint that records no model
+    check_checkpoint_model(str(tmp_path), other)
