@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         worst = 0.0
         for tokens in batches:
             diff = (parity.megatron_logits(model, tokens, cfg.vocab_size) - parity.hf_logits(hf_model, tokens))
-            worst = max(worst, float(diff.abs().max()))
+            # NaN or inf anywhere is a failure: max(0.0, nan) would be 0.0 and let a broken checkpoint pass.
+            worst = max(worst, float(diff.abs().max()) if bool(diff.isfinite().all()) else math.inf)
         print(f"checkpoint {folder} ({cfg.family}) vs {args.hf}: {len(batches)} batch(es) compared")
         same = True
         if args.greedy_tokens:

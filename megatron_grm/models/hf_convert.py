@@ -405,13 +405,13 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     tensors = megatron_state_to_hf(model.state_dict(), cfg)
     out_dtype = export_dtype(dtype, metadata, next(iter(tensors.values())).dtype)
     tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
+    tokenizer_dir = find_tokenizer(metadata, cfg, root) if with_tokenizer else None
+    if with_tokenizer and tokenizer_dir is None:  # refused before anything in --out is touched
+        raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="
+                            f"{metadata.get('tokenizer')!r}); pass --no-tokenizer to export weights only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_weight_files(out, extra=(METARM_FILE,))  # an earlier export's weights must not outlive this one
-    tokenizer_dir = find_tokenizer(metadata, cfg, root) if with_tokenizer else None
-    if with_tokenizer and tokenizer_dir is None:
-        raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="
-                            f"{metadata.get('tokenizer')!r}); pass --no-tokenizer to export weights only")
     ids = token_ids(tokenizer_dir)
     hf_config = adapter.hf_config(cfg, out_dtype, ids)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

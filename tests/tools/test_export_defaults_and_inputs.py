@@ -99,6 +99,34 @@ def test_export_over_an_earlier_export_leaves_only_its_own_weights(converted, tm
     assert sorted(back) == sorted(original) and all(torch.equal(original[n], back[n]) for n in original)
 
 
+def test_an_export_refused_for_want_of_a_tokenizer_leaves_the_earlier_export_whole(converted, tmp_path):
+    out = tmp_path / "out"
+    assert run_tool("convert_mcore_to_hf", "--ckpt", str(converted["ckpt_other"]), "--out", str(out)).returncode == 0
+    before = sorted(p.name for p in out.iterdir())
+    ckpt = Path(shutil.copytree(converted["ckpt_other"], tmp_path / "ckpt"))
+    shutil.rmtree(ckpt / "tokenizer")
+    metadata = ckpt / "iter_0000000" / "model_config.json"
+    recorded = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**recorded, "tokenizer": None, "model": {**recorded["model"], "tokenizer": None}}))
+    proc = run_tool("convert_mcore_to_hf", "--ckpt", str(ckpt), "--out", str(out))
+    assert proc.returncode == 2 and "has no Hugging Face tokenizer folder" in proc.stderr, describe(proc)
+    assert sorted(p.name for p in out.iterdir()) == before  # its weights were deleted before the refusal
+    assert torch.equal(logits(out), logits(converted["hf_other"]))
+
+
+def test_verify_fails_when_the_logits_are_not_finite(converted, tmp_path):
+    """max(0.0, nan) is 0.0 in Python: NaN logits used to print a difference of 0 and pass."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(converted["hf_other"])
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # as an overflowed or corrupted weight would
+    model.save_pretrained(tmp_path / "hf_nan")
+    proc = run_tool("verify_conversion", "--hf", str(tmp_path / "hf_nan"), "--ckpt", str(converted["ckpt_other"]))
+    assert proc.returncode == 1, describe(proc)
+    assert "max_abs_logit_diff=inf" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_verify_names_a_missing_hf_folder_with_exit_2(converted, tmp_path):
     missing = tmp_path / "no_such_model"
