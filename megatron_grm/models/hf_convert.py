@@ -418,7 +418,14 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     write_safetensors(out, tensors, max_shard_bytes)
     write_generation_config(out, tokenizer_dir, ids)
     if tokenizer_dir is not None:
-        copy_files(tokenizer_dir, out, TOKENIZER_FILES)
+        copied = copy_files(tokenizer_dir, out, TOKENIZER_FILES)
+        # An earlier export's tokenizer files this tokenizer lacks would be read in its place (AutoTokenizer
+        # prefers a stale tokenizer.json to this one's tokenizer.model).
+        stale = [] if out.resolve() == tokenizer_dir.resolve() else \
+            [name for name in TOKENIZER_FILES if name not in copied and (out / name).is_file()]
+        for name in stale:
+            (out / name).unlink()
+            log.info("removed %s: an earlier export's, not a file of this tokenizer", out / name)
     head = load_metarm_head(folder)
     if head:
         write_metarm_head(out, {k: v.to(out_dtype) for k, v in head.items()}, cfg.hidden_size)

@@ -92,9 +92,11 @@ def test_export_over_an_earlier_export_leaves_only_its_own_weights(converted, tm
     assert len(shards) > 1
     assert torch.equal(logits(out), logits(converted["hf_bf16"]))  # transformers runs the second export
 
+    (out / "tokenizer.model").write_bytes(b"an earlier SentencePiece model's")  # a file this tokenizer lacks
     proc = run_tool("convert_mcore_to_hf", "--ckpt", str(converted["ckpt_other"]), "--out", str(out))
     assert proc.returncode == 0, describe(proc)
     assert not (out / SAFETENSORS_INDEX).exists() and not list(out.glob("model-*-of-*.safetensors"))
+    assert not (out / "tokenizer.model").exists() and (out / "tokenizer.json").is_file()
     original, back = tensors(converted["hf_other"]), tensors(out)
     assert sorted(back) == sorted(original) and all(torch.equal(original[n], back[n]) for n in original)
 
