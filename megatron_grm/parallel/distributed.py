@@ -168,6 +168,15 @@ def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def true_on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a stop request one rank's handler saw): every rank then takes
+    the same branch, so none is left waiting in a collective the others skipped."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def data_parallel_rank_and_size() -> tuple[int, int]:
     """This process's data-parallel rank and the group's size; (0, 1) without torch.distributed."""
     if not torch.distributed.is_initialized():

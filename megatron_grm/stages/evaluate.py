@@ -41,7 +41,7 @@ import torch
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult, json_object_lines
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size
+from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, true_on_any_rank
 from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
@@ -61,7 +61,7 @@ from megatron_grm.spct import (
 )
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.eval_compare import OUTCOMES_FILE
-from megatron_grm.train.signals import StopRequest, exit_for_requeue, stop_request
+from megatron_grm.train.signals import exit_for_requeue, stop_request
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
         store.add(draws)
         _append(samples_path, draws)
         bar.update(1)
-        if _stop_requested(stop):
+        if true_on_any_rank(stop.requested):
             log.warning("stopping on signal: %d draws are in %s; rerun the same command to continue",
                         len(store.all()), samples_path)
             exit_for_requeue(f"evaluation: draws in {samples_path}")
@@ -735,12 +735,6 @@ def _rewrite(path: str, draws: Sequence[Draw], others: Sequence[dict[str, Any]] 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
-
-def _stop_requested(stop: StopRequest) -> bool:
-    flag = torch.tensor([1.0 if stop.requested else 0.0])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _progress(total: int, desc: str):

@@ -38,7 +38,7 @@ from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
-from megatron_grm.parallel.distributed import barrier, is_rank0
+from megatron_grm.parallel.distributed import barrier, is_rank0, true_on_any_rank
 from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
@@ -384,7 +384,7 @@ def sample_shards(engine, tokenizer, examples: Sequence[Example], settings: RFTS
             mine.append(k)
             log.info("shard %d: examples %d-%d, %d judgments, %d kept", k, start, end - 1, len(records),
                      sum(r["kept"] for r in records))
-        if stop_requested is not None and _on_any_rank(stop_requested()):
+        if stop_requested is not None and true_on_any_rank(stop_requested()):
             log.warning("stop requested: finished shards are kept; exiting for requeue")
             barrier()
             exit_for_requeue("rejective sampling: finished shards written")
@@ -404,12 +404,6 @@ def write_shard(samples_dir: str, shard: int, records: Sequence[dict[str, Any]])
     with open(done_marker(samples_dir, shard), "w") as f:
         f.write(f"{len(records)}\n")
 
-
-def _on_any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def read_shards(samples_dir: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import torch
 from megatron_grm.models.config import check_checkpoint_model
 from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.device import device, to_device
+from megatron_grm.parallel.distributed import true_on_any_rank
 from megatron_grm.parallel.fused_adam import use_fused_adam
 from megatron_grm.parallel.grad_zeroing import GradZeroing
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
@@ -312,7 +313,7 @@ class Trainer:
             self.state.history.append(result.loss)
             steps_this_process += 1
             self._log(result, extra=on_step(self, result) if on_step else None)
-            stop = self._stop_requested()
+            stop = true_on_any_rank(self.stop.requested)
             periodic = t.save_interval and self.state.step % t.save_interval == 0
             last = self.state.step >= t.max_steps
             early_exit = t.exit_after_steps is not None and steps_this_process >= t.exit_after_steps
@@ -320,7 +321,7 @@ class Trainer:
                 self.save(producer)
                 # A signal that came during the save stops here too: its checkpoint is on disk, and another
                 # step (a rollout, a validation) could outlast Slurm's grace period.
-                stop = stop or self._stop_requested()
+                stop = stop or true_on_any_rank(self.stop.requested)
             if stop and last:
                 log.warning("signal after the last step %d: the run is complete (checkpoint saved)", self.state.step)
             elif stop:
@@ -332,11 +333,6 @@ class Trainer:
         self.logger.close()
         return self.state
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
     def _log(self, r: StepResult, extra: dict[str, float] | None = None) -> None:
         t = self.cfg.trainer
