@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_grm.data.readers.common import json_object_lines
+from megatron_grm.data.readers.common import json_object_lines, require_types
 from megatron_grm.spct import mcnemar_p, paired_difference
 
 OUTCOMES_FILE = "outcomes.jsonl"  # written by stages/evaluate.py
@@ -50,9 +50,7 @@ def read_outcomes(run_dir: str | os.PathLike) -> Outcomes:
                                 "evaluation with its run folder reuses its samples.jsonl and writes it)")
     outcomes: Outcomes = {}
     for where, record in json_object_lines(path):
-        for field, kind in (("benchmark", str), ("method", str), ("example_id", str), ("correct", bool)):
-            if not isinstance(record.get(field), kind):
-                raise ValueError(f"{where}: field {field!r} must be a {kind.__name__}, got {record.get(field)!r}")
+        require_types(record, where, {"benchmark": str, "method": str, "example_id": str, "correct": bool})
         cell = outcomes.setdefault((record["method"], record["benchmark"]), {})
         if record["example_id"] in cell:
             raise ValueError(f"{where}: example {record['example_id']!r} appears twice for method "

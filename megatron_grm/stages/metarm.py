@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_grm.data.examples import Example
-from megatron_grm.data.readers.common import json_object_lines
+from megatron_grm.data.readers.common import json_object_lines, require_types
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.models.metarm import (
@@ -147,9 +147,7 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
     out: list[LabelledJudgment] = []
     without_id = 0
     for where, record in json_object_lines(path):
-        for name in ("prompt", "text"):
-            if not isinstance(record.get(name), str):
-                raise ValueError(f"{where}: field {name!r} is missing or not a string")
+        require_types(record, where, {"prompt": str, "text": str})
         if record.get("hinted") and not include_hinted:
             continue
         if "correct" in record:
@@ -200,9 +198,7 @@ def read_judgments_file(path: str) -> list[LabelledJudgment]:
     types = {"example_id": str, "prompt": str, "text": str, "correct": bool, "origin": str}
     out = []
     for where, record in json_object_lines(path):
-        for name, kind in types.items():
-            if not isinstance(record.get(name), kind):
-                raise ValueError(f"{where}: field {name!r} is missing or not a {kind.__name__}")
+        require_types(record, where, types)
         extra = sorted(set(record) - set(types))
         if extra:
             raise ValueError(f"{where}: unknown field(s) {extra}")

@@ -175,8 +175,10 @@ def test_judgments_file_reads_back_what_the_run_wrote_and_names_a_broken_line(tm
     assert read_judgments_file(str(path)) == written
     good = json.dumps(asdict(written[0]))
     for line, error in [("{not json", r"metarm_judgments.jsonl:2: invalid JSON"),
-                        (json.dumps({**asdict(written[1]), "correct": "yes"}), r":2: field 'correct' .* not a bool"),
-                        (json.dumps({k: v for k, v in asdict(written[1]).items() if k != "text"}), r":2: field 'text'"),
+                        (json.dumps({**asdict(written[1]), "correct": "yes"}),
+                         r":2: field 'correct' must be a bool, got 'yes'"),
+                        (json.dumps({k: v for k, v in asdict(written[1]).items() if k != "text"}),
+                         r":2: field 'text' must be a str, got None"),
                         (json.dumps({**asdict(written[1]), "score": 1}), r":2: unknown field\(s\) \['score'\]")]:
         path.write_text(good + "\n" + line + "\n")
         with pytest.raises(ValueError, match=error):

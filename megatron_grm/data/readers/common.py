@@ -176,6 +176,14 @@ def load_record(text: str) -> object:
     return json.loads(text, object_pairs_hook=_refuse_repeated_keys)
 
 
+def require_types(record: dict, where: str, types: dict[str, type]) -> None:
+    """Each named field present with the given type, else a ValueError naming the place and the field."""
+    for name, kind in types.items():
+        value = record.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: field {name!r} must be a {kind.__name__}, got {value!r}")
+
+
 def json_object_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
     """``("<path>:<line>", object)`` for every non-blank line of a JSON-lines file (run outputs: sample,
     judgment and outcome files); a line that is not a JSON object raises a ValueError naming file and line."""
