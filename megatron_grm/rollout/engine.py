@@ -128,12 +128,12 @@ class RolloutEngine:
         if n < 1:
             raise ValueError(f"n={n}; must be >= 1")
         prompts = [list(map(int, p)) for p in prompts]
+        if self.source_model is not None:  # collective over every rank: before anything that may return early
+            self.sync_weights()
         if not prompts:
             return []
         self._check_prompts(prompts, sampling)
         self._check_same_call_across_model_parallel(prompts, n, sampling)
-        if self.source_model is not None:
-            self.sync_weights()
 
         requests = [(i, j) for i in range(len(prompts)) for j in range(n)]
         keys = request_keys(sampling.seed, prompts, n)
@@ -222,8 +222,13 @@ class RolloutEngine:
         return Sample(prompt_index=i, sample_index=j, prompt_ids=list(prompts[i]), token_ids=tokens,
                       logprobs=logprobs, finish_reason=reason, text=text)
 
+    @property
+    def context_limit(self) -> int:
+        """Positions a prompt and its continuation may fill together: the model's max_position_embeddings."""
+        return int(self.model.max_sequence_length)
+
     def _check_prompts(self, prompts: list[list[int]], sampling: SamplingConfig) -> None:
-        limit = self.model.max_sequence_length
+        limit = self.context_limit
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompts[{i}] is empty")

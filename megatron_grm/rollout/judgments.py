@@ -7,10 +7,15 @@ judgment (reward −1), never an exception.
 
 The judged conversation and responses are data: a special token's string inside them (a response that
 writes ``<|im_end|>``) is encoded as text (:func:`encode_grm_prompt`), so it cannot end the GRM's turn.
+
+Stages leave out examples whose prompt leaves no room for the judgment (:func:`split_by_prompt_room`). A
+shown order that tokenizes a few tokens longer than the checked one is not sent to the engine: its judgment
+is an incorrect one with ``finish_reason="prompt_too_long"`` and no tokens, so one prompt cannot end a run.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +23,10 @@ from dataclasses import dataclass
 from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.rollout.sampling import Sample, SamplingConfig
 from megatron_grm.spct import build_prompt, is_correct, parse_judgment, unpermute_scores
+
+log = logging.getLogger(__name__)
+
+PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of a judgment whose prompt left no room to write it
 
 
 @dataclass
@@ -91,11 +100,16 @@ def sample_judgments(
     requests = [(i, perm) for i, example in enumerate(examples) for perm in response_orders(example, n, rng, shuffle)]
     texts = [grm_prompt_text(examples[i], perm, variant, hint) for i, perm in requests]
     prompt_ids = [encode_grm_prompt(tokenizer, text, chat) for text in texts]
+    room = [len(ids) + sampling.max_new_tokens <= engine.context_limit for ids in prompt_ids]
     # Every request has its own prompt (own permutation): generate one sample each.
-    samples: list[Sample] = engine.generate(prompt_ids, n=1, sampling=sampling)
+    generated = iter(engine.generate([ids for ids, ok in zip(prompt_ids, room) if ok], n=1, sampling=sampling))
+    samples: list[Sample | None] = [next(generated) if ok else None for ok in room]
     out = []
     for k, ((i, perm), ids, sample) in enumerate(zip(requests, prompt_ids, samples)):
         example = examples[i]
+        if sample is None:
+            sample = Sample(prompt_index=k, sample_index=0, prompt_ids=ids, token_ids=[], logprobs=[],
+                            finish_reason=PROMPT_TOO_LONG, text="")
         text = sample.text if sample.text is not None else tokenizer.decode(sample.token_ids, skip_special=True)
         judgment = parse_judgment(text, example.num_responses)
         scores = unpermute_scores(judgment.scores, perm)
@@ -109,3 +123,30 @@ def sample_judgments(
             finish_reason=sample.finish_reason,
         ))
     return out
+
+
+def prompt_length(tokenizer, example: Example, variant: str, chat: bool, hint: bool = False) -> int:
+    """Tokens of the example's GRM prompt with its responses in file order (``hint``: with the hint)."""
+    identity = list(range(example.num_responses))
+    return len(encode_grm_prompt(tokenizer, grm_prompt_text(example, identity, variant, hint), chat))
+
+
+def split_by_prompt_room(examples: Sequence[Example], tokenizer, variant: str, chat: bool, max_new_tokens: int,
+                         limit: int, hint: bool = False) -> tuple[list[Example], list[Example]]:
+    """(examples whose prompt leaves ``max_new_tokens`` within ``limit`` positions, the others).
+
+    ``hint``: measure the hinted prompt, the longer of the two an example may be sampled with."""
+    fit, too_long = [], []
+    for example in examples:
+        room = prompt_length(tokenizer, example, variant, chat, hint) + max_new_tokens <= limit
+        (fit if room else too_long).append(example)
+    return fit, too_long
+
+
+def report_too_long(stage: str, too_long: Sequence[Example], total: int, max_new_tokens: int, limit: int,
+                    limit_name: str) -> None:
+    """One warning naming the examples left out for length (up to 5 ids), so none vanishes unseen."""
+    if too_long:
+        ids = ", ".join(repr(e.id) for e in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+        log.warning("%s: %d of %d examples leave no room for %d judgment tokens within %s=%d and are left out: %s",
+                    stage, len(too_long), total, max_new_tokens, limit_name, limit, ids)

@@ -87,7 +87,8 @@ class Sample:
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens reached); see also
+    # rollout.judgments.PROMPT_TOO_LONG, a judgment that was never generated
     text: str | None = None
 
     @property

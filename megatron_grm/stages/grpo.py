@@ -28,7 +28,13 @@ from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.device import use_cuda
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
-from megatron_grm.rollout.judgments import JudgmentSample, encode_grm_prompt, grm_prompt_text, sample_judgments
+from megatron_grm.rollout.judgments import (
+    PROMPT_TOO_LONG,
+    JudgmentSample,
+    report_too_long,
+    sample_judgments,
+    split_by_prompt_room,
+)
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
@@ -258,9 +264,11 @@ def fit_rows(judged: list[JudgmentSample], advantages: list[float | None], seq_l
     """Rows whose prompt plus judgment exceed ``seq_length`` become zero-weight copies of a row that fits.
 
     Examples are filtered on their prompt's length at load time, but a shuffled response order can
-    tokenize a little longer; such a row is counted and left out of the update rather than ending the run.
+    tokenize a little longer; such a row (or one the engine had no room to generate) is counted and left
+    out of the update rather than ending the run.
     """
-    fits = [len(j.prompt_ids) + len(j.token_ids) <= seq_length for j in judged]
+    fits = [len(j.prompt_ids) + len(j.token_ids) <= seq_length and j.finish_reason != PROMPT_TOO_LONG
+            for j in judged]
     if all(fits):
         return judged, advantages, 0
     if not any(fits):
@@ -281,14 +289,8 @@ def fitting_examples(examples: list[Example], tokenizer: Tokenizer, s: GRPOSetti
                      ) -> list[Example]:
     """The examples whose prompt (responses in file order) leaves room for ``max_new_tokens`` judgment
     tokens within ``seq_length``; the rest are counted and left out, never discovered after a rollout."""
-    def fits(example: Example) -> bool:
-        prompt = grm_prompt_text(example, list(range(example.num_responses)), s.template, False)
-        return len(encode_grm_prompt(tokenizer, prompt, s.chat)) + s.max_new_tokens <= seq_length
-
-    kept = [e for e in examples if fits(e)]
-    if len(kept) < len(examples):
-        log.warning("GRPO: %d of %d examples leave no room for grpo.max_new_tokens=%d within trainer.seq_length=%d "
-                    "and are left out", len(examples) - len(kept), len(examples), s.max_new_tokens, seq_length)
+    kept, too_long = split_by_prompt_room(examples, tokenizer, s.template, s.chat, s.max_new_tokens, seq_length)
+    report_too_long("GRPO", too_long, len(examples), s.max_new_tokens, seq_length, "trainer.seq_length")
     if not kept:
         raise ValueError(f"no example's prompt fits trainer.seq_length={seq_length} with "
                          f"grpo.max_new_tokens={s.max_new_tokens}")

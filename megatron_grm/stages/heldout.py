@@ -19,7 +19,7 @@ import torch
 
 from megatron_grm.data.examples import Example, shuffle_responses
 from megatron_grm.parallel.distributed import data_parallel_rank_and_size, sum_over_data_parallel
-from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
+from megatron_grm.rollout.judgments import JudgmentSample, report_too_long, sample_judgments, split_by_prompt_room
 from megatron_grm.rollout.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ def heldout_accuracy(
     seed: int = 0,
     **engine_options: Any,
 ) -> float:
-    """Fraction of ``examples`` whose greedy judgment is correct by Eq. 10 (unparseable = incorrect).
+    """Fraction of ``examples`` whose greedy judgment is correct by Eq. 10 (unparseable = incorrect);
+    examples whose prompt leaves no room for the judgment are left out, with a warning naming them.
 
     ``trainer_or_model`` is a :class:`~megatron_grm.train.loop.Trainer` or its (unwrapped) GPTModel;
     ``sampling`` sets ``max_new_tokens`` and stop strings (greedy is forced); ``engine_options`` go to the
@@ -70,6 +71,13 @@ def heldout_accuracy(
     """
     if not examples:
         raise ValueError("heldout_accuracy: no examples")
+    model = getattr(trainer_or_model, "unwrapped", trainer_or_model)
+    max_new = (sampling or SamplingConfig()).max_new_tokens
+    examples, too_long = split_by_prompt_room(examples, tokenizer, variant, chat, max_new, model.max_sequence_length)
+    report_too_long("held-out accuracy", too_long, len(examples) + len(too_long), max_new, model.max_sequence_length,
+                    "model.max_position_embeddings")
+    if not examples:
+        raise ValueError("heldout_accuracy: no example leaves room for the judgment")
     judgments = greedy_judgments(trainer_or_model, tokenizer, examples, variant, chat, sampling, seed,
                                  **engine_options)
     counts = torch.tensor([sum(j.correct for j in judgments), len(judgments)], dtype=torch.float64)

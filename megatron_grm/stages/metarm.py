@@ -175,16 +175,23 @@ def sample_fresh_judgments(model: torch.nn.Module, tokenizer: Tokenizer, example
     Data-parallel replicas sample disjoint shards of the examples; every rank returns all judgments.
     """
     from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
 
     from megatron_grm.rollout import RolloutEngine
-    from megatron_grm.rollout.judgments import sample_judgments
+    from megatron_grm.rollout.judgments import PROMPT_TOO_LONG, report_too_long, sample_judgments, split_by_prompt_room
 
+    limit = unwrap_model(model).max_sequence_length
+    fit, too_long = split_by_prompt_room(examples, tokenizer, variant, chat, sampling.max_new_tokens, limit)
+    report_too_long("MetaRM fresh judgments", too_long, len(examples), sampling.max_new_tokens, limit,
+                    "model.max_position_embeddings")
     dp_rank, dp_size = data_parallel_rank_and_size()
-    shard = examples[dp_rank::dp_size]
+    shard = fit[dp_rank::dp_size]
     engine = RolloutEngine(model, tokenizer)
     rng = random.Random(f"metarm-fresh:{seed}:{dp_rank}")
     judged = sample_judgments(engine, tokenizer, shard, n, sampling, rng, variant=variant, chat=chat)
-    mine = [LabelledJudgment(shard[j.example_index].id, j.prompt, j.text, j.correct, "fresh") for j in judged]
+    # A judgment never written (its shown order tokenized too long) says nothing about the GRM: not data.
+    mine = [LabelledJudgment(shard[j.example_index].id, j.prompt, j.text, j.correct, "fresh") for j in judged
+            if j.finish_reason != PROMPT_TOO_LONG]
     if dp_size == 1:
         return mine
     parts: list[Any] = [None] * dp_size

@@ -39,7 +39,7 @@ from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0, true_on_any_rank
-from megatron_grm.rollout.judgments import JudgmentSample, sample_judgments
+from megatron_grm.rollout.judgments import JudgmentSample, report_too_long, sample_judgments, split_by_prompt_room
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
@@ -482,6 +482,16 @@ def train_rft(cfg: Any) -> Trainer:
         from megatron_grm.rollout.engine import RolloutEngine
 
         examples = load_examples(data["train"], data.get("bad_records", "fail"))
+        # Left out before sharding (the engine would refuse them mid-shard, on every rerun).
+        limit, max_new = run.model.max_position_embeddings, settings.sampling_config(t.seed).max_new_tokens
+        examples, too_long = split_by_prompt_room(examples, tokenizer, settings.variant, settings.chat, max_new,
+                                                  limit, hint=settings.hinted_fraction > 0)
+        report_too_long("RFT", too_long, len(examples) + len(too_long), max_new, limit,
+                        "model.max_position_embeddings")
+        results["too_long_examples"] = len(too_long)
+        if not examples:
+            raise ValueError(f"no example of data.train leaves room for {max_new} judgment tokens within "
+                             f"model.max_position_embeddings={limit}")
         check_manifest(samples_dir, {
             "data": data["train"], "num_examples": len(examples), "shard_size": settings.shard_size,
             "num_shards": math.ceil(len(examples) / settings.shard_size), "num_samples": settings.num_samples,

@@ -3,11 +3,13 @@ filtering, rows that outgrow ``trainer.seq_length``, and examples whose prompt l
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from megatron_grm.data.examples import Example, Turn
 from megatron_grm.data.tokenizer import load_tokenizer
-from megatron_grm.rollout.judgments import JudgmentSample
+from megatron_grm.rollout.judgments import PROMPT_TOO_LONG, JudgmentSample, prompt_length, split_by_prompt_room
 from megatron_grm.stages.grpo import (
     GRPOSettings,
     _split_steps,
@@ -79,6 +81,23 @@ def test_rows_longer_than_seq_length_get_zero_weight_instead_of_ending_the_run()
         fit_rows(judged, [1.0, -1.0, 0.5], seq_length=14)
 
 
+def test_a_judgment_the_engine_had_no_room_to_write_gets_zero_weight():
+    never_written = dataclasses.replace(_judgment(10, 0, "b"), finish_reason=PROMPT_TOO_LONG)
+    rows, advantages, too_long = fit_rows([_judgment(10, 5, "a"), never_written], [1.0, -1.0], seq_length=64)
+    assert too_long == 1 and [r.text for r in rows] == ["a", "a"] and advantages == [1.0, None]
+
+
+def test_the_hinted_prompt_is_measured_when_hinted_sampling_may_use_it():
+    tokenizer = load_tokenizer("char")
+    example = Example([Turn("user", "2+2?")], ["4", "5"], 0, source="t", id="e")
+    plain = prompt_length(tokenizer, example, "compact", chat=False)
+    hinted = prompt_length(tokenizer, example, "compact", chat=False, hint=True)
+    assert hinted > plain
+    limit = hinted + 3  # room for 4 tokens after the plain prompt, 3 after the hinted one
+    assert split_by_prompt_room([example], tokenizer, "compact", False, 4, limit) == ([example], [])
+    assert split_by_prompt_room([example], tokenizer, "compact", False, 4, limit, hint=True) == ([], [example])
+
+
 def test_examples_whose_prompt_leaves_no_room_to_judge_are_left_out_and_counted(caplog):
     tokenizer = load_tokenizer("char")
     short = Example([Turn("user", "2+2?")], ["4", "5"], 0, source="t", id="short")
@@ -86,7 +105,7 @@ def test_examples_whose_prompt_leaves_no_room_to_judge_are_left_out_and_counted(
     s = GRPOSettings(max_new_tokens=64, template="compact", chat=False)
     kept = fitting_examples([short, long, short], tokenizer, s, seq_length=256)
     assert [e.id for e in kept] == ["short", "short"]
-    assert "1 of 3 examples leave no room" in caplog.text
+    assert "1 of 3 examples leave no room" in caplog.text and "'long'" in caplog.text
     with pytest.raises(ValueError, match="no example's prompt fits"):
         fitting_examples([long], tokenizer, s, seq_length=256)
 

@@ -253,6 +253,15 @@ def test_engine_leaves_the_model_in_training_mode(run):
     assert run["model_training_after_generate"] is True
 
 
+def test_a_judgment_prompt_with_no_room_is_an_incorrect_judgment_not_an_engine_error(run):
+    r = run["too_long_judgments"]
+    assert r["finish"][2:] == ["prompt_too_long"] * 2 and "prompt_too_long" not in r["finish"][:2]
+    assert all(n + run["max_new"] > r["context_limit"] for n in r["prompt_lengths"][2:])
+    assert r["tokens"][2:] == [[], []] and r["texts"][2:] == ["", ""] and r["scores"][2:] == [None, None]
+    assert r["correct"][2:] == [False, False]
+    assert r["tokens"][:2] == r["alone"] and all(r["tokens"][:2])  # the rest sampled as if alone
+
+
 def test_refit_rollout_layout_follows_training_weights(tp2):
     before, after = tp2["refit_before"], tp2["refit_after"]
     assert before["tokens"] == tp2["greedy"]  # TP=1 rollout copy == TP=2 training model

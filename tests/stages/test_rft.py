@@ -22,23 +22,29 @@ N = 3
 
 
 @pytest.fixture(scope="module")
-def bootstrap(pipeline) -> dict:
-    """The pipeline's bootstrapped tiny GRM: {"checkpoint": its final iter_* folder}."""
-    return {"checkpoint": str(pipeline.checkpoint("bootstrap"))}
+def bootstrap(pipeline, tmp_path_factory) -> dict:
+    """The pipeline's bootstrapped tiny GRM: {"checkpoint": its final iter_* folder, "too_long": a JSONL
+    file of one example whose prompt alone fills the tiny model's 1024 positions}."""
+    too_long = tmp_path_factory.mktemp("rft_data") / "too_long.jsonl"
+    too_long.write_text(json.dumps({"id": TOO_LONG_ID, "context": "x" * 1100, "responses": ["1", "2"],
+                                    "label": 0}) + "\n")
+    return {"checkpoint": str(pipeline.checkpoint("bootstrap")), "too_long": str(too_long)}
 
 
 EXAMPLES, SHARD, HELDOUT = 48, 16, 15
+TOO_LONG_ID = "too-long-1"
 INSTRUCTION_BLEND = "[0.75,digit_facts:1024,0.25,digit_facts:256:1]"  # Megatron's --data-path form
 
 
-def rft_args(run_dir: Path, load: str, *extra: str, heldout: int = 0) -> list[str]:
-    """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1).
-    ``data.train`` and ``data.instruction`` are lists, as a blend of sources is written. ``heldout``:
-    greedy held-out accuracy on that many examples before and after training (0: none)."""
+def rft_args(run_dir: Path, load: str, too_long: str, *extra: str, heldout: int = 0) -> list[str]:
+    """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1),
+    plus the ``too_long`` file's example, which is left out before sharding. ``data.train`` and
+    ``data.instruction`` are lists, as a blend of sources is written. ``heldout``: greedy held-out accuracy
+    on that many examples before and after training (0: none)."""
     evaluation = ([f"data.heldout=arithmetic:heldout:{heldout}", "rft.eval_before=true"] if heldout else
                   ["data.heldout=null", "rft.eval_before=false"])
     return ["+experiment=rft_tiny", f"trainer.run_dir={run_dir}", f"trainer.load={load}",
-            f"data.train=[arithmetic:train:{EXAMPLES}]", f"rft.shard_size={SHARD}", *evaluation,
+            f"data.train=[arithmetic:train:{EXAMPLES},{too_long}]", f"rft.shard_size={SHARD}", *evaluation,
             f"data.instruction={INSTRUCTION_BLEND}",
             "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
             "trainer.log_interval=1", *extra]
@@ -49,7 +55,7 @@ def rft_run(bootstrap, tmp_path_factory) -> Path:
     """One uninterrupted ``rft.phase=all`` run: sample → filter → 4 SFT steps → checkpoint."""
     run_dir = tmp_path_factory.mktemp("rft") / "run"
     checkpoints = str(Path(bootstrap["checkpoint"]).parent)  # a checkpoints folder: its latest is loaded
-    proc = torchrun(RFT, 2, rft_args(run_dir, checkpoints, heldout=HELDOUT), timeout=1200)
+    proc = torchrun(RFT, 2, rft_args(run_dir, checkpoints, bootstrap["too_long"], heldout=HELDOUT), timeout=1200)
     (run_dir / "stage_output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
@@ -139,6 +145,11 @@ def test_rft_end_to_end_filter_statistics_in_tensorboard_equal_the_jsonl(rft_run
     assert abs(per_source["digit_facts:1024"] - 0.75 * results["sft_instruction"]) <= 1
     assert (rft_run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     assert (rft_run / "checkpoints" / "iter_0000004" / "model_config.json").exists()
+    # The example with no room for a judgment was left out before sharding, counted and named.
+    assert results["too_long_examples"] == 1
+    assert TOO_LONG_ID not in {r["example_id"] for r in records}
+    log = (rft_run / "stage_output.txt").read_text()
+    assert f"RFT: 1 of {EXAMPLES + 1} examples leave no room" in log and repr(TOO_LONG_ID) in log
 
 
 def test_heldout_accuracy_before_and_after_training(rft_run: Path):
@@ -161,7 +172,7 @@ def test_resumed_sampling_resamples_only_the_unfinished_shard(rft_run: Path, boo
     assert sorted(before) == ["shard_00000.jsonl", "shard_00001.jsonl", "shard_00002.jsonl"]
     (samples / "shard_00001.done").unlink()  # shard 1 was interrupted: its file is not trusted
 
-    torchrun(RFT, 2, rft_args(tmp_path / "run", bootstrap["checkpoint"], "rft.phase=sample",
+    torchrun(RFT, 2, rft_args(tmp_path / "run", bootstrap["checkpoint"], bootstrap["too_long"], "rft.phase=sample",
                               f"rft.samples_dir={samples}"), timeout=900)
 
     after = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in samples.glob("shard_*.jsonl")}
@@ -180,7 +191,8 @@ def test_resumed_rft_sft_continues_exactly(rft_run: Path, bootstrap, tmp_path: P
     """A train-only job on the same samples, stopped after 2 of 4 steps and resumed, matches the
     uninterrupted run that sampled in-process: same losses, same padding accounting."""
     run_dir = tmp_path / "run"
-    args = rft_args(run_dir, bootstrap["checkpoint"], "rft.phase=train", f"rft.samples_dir={rft_run / 'samples'}")
+    args = rft_args(run_dir, bootstrap["checkpoint"], bootstrap["too_long"], "rft.phase=train",
+                    f"rft.samples_dir={rft_run / 'samples'}")
     torchrun(RFT, 2, [*args, "trainer.exit_after_steps=2"], timeout=900)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
     torchrun(RFT, 2, args, timeout=900)

@@ -434,6 +434,24 @@ def main() -> None:
             "gemma2_softcap_only": _supported(built("gemma2", attn_logit_softcapping=50.0)),
         }
 
+    # 8. sample_judgments never hands the engine a prompt without room for the judgment: that request is an
+    #    incorrect judgment with finish_reason "prompt_too_long"; the others are sampled as they would be alone.
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.rollout.judgments import sample_judgments
+
+    short = Example((Turn("user", "2+2?"),), ("4", "5"), 0, source="t", id="short")
+    long = Example((Turn("user", "x" * (engine.context_limit - 10)),), ("4", "5"), 0, source="t", id="long")
+    judging = SamplingConfig(max_new_tokens=MAX_NEW, seed=5)
+    both = sample_judgments(engine, tok, [short, long], 2, judging, "too-long", variant="compact", chat=False)
+    alone = sample_judgments(engine, tok, [short], 2, judging, "too-long", variant="compact", chat=False)
+    out["too_long_judgments"] = {
+        "context_limit": engine.context_limit,
+        "prompt_lengths": [len(j.prompt_ids) for j in both],
+        "finish": [j.finish_reason for j in both], "correct": [j.correct for j in both],
+        "tokens": [j.token_ids for j in both], "texts": [j.text for j in both],
+        "scores": [j.scores for j in both], "alone": [j.token_ids for j in alone],
+    }
+
     # All model-parallel ranks drew the same tokens.
     mine = [out["greedy"], out["seed11"], out["after_step"]["tokens_after"]]
     gathered = [None] * torch.distributed.get_world_size()
