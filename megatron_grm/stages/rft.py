@@ -180,8 +180,7 @@ def mix_with_instruction(judgments: Sequence[Sample], instruction: InstructionDa
     replacement while they last, then the pool repeats; the draw is fixed by ``seed``."""
     if ratio <= 0:
         return list(judgments), {}
-    if not any(instruction.samples):
-        raise ValueError(f"instruction ratio {ratio} needs instruction data (data.instruction), or set the ratio to 0")
+    require_instruction_data(instruction, ratio)
     wanted = round(len(judgments) * ratio / (1.0 - ratio))
     counts = BlendedDataset(instruction.samples, instruction.weights, size=wanted).counts().tolist()
     mix = list(judgments)
@@ -192,6 +191,13 @@ def mix_with_instruction(judgments: Sequence[Sample], instruction: InstructionDa
             picks.extend(rng.permutation(len(samples))[: count - len(picks)].tolist())
         mix += [samples[i] for i in picks]
     return mix, dict(zip(instruction.names, map(int, counts)))
+
+
+def require_instruction_data(instruction: InstructionData, ratio: float) -> None:
+    """A positive ``rft.instruction_ratio`` with no instruction data is an error (checked before sampling)."""
+    if ratio > 0 and not any(instruction.samples):
+        raise ValueError(f"rft.instruction_ratio={ratio} needs instruction data: set data.instruction (see "
+                         "conf/rft.yaml), or set rft.instruction_ratio=0")
 
 
 def drop_too_long(samples: Sequence[Sample], seq_length: int, what: str) -> list[Sample]:
@@ -471,6 +477,12 @@ def train_rft(cfg: Any) -> Trainer:
         trainer.logger.scalars(step, {"heldout_accuracy": acc}, prefix="eval/")
         results[f"heldout_accuracy_{name}"] = acc
 
+    instruction = InstructionData()
+    if settings.phase != "sample":  # read before sampling: a bad path fails now, not after hours of sampling
+        instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length,
+                                            data.get("bad_records", "fail"), settings.chat)
+        require_instruction_data(instruction, settings.instruction_ratio)
+
     if heldout and settings.eval_before and fresh:
         evaluate(0, "before")
 
@@ -522,8 +534,6 @@ def train_rft(cfg: Any) -> Trainer:
     judgments = [kept_judgment_ids(tokenizer, r, f"{shard_file(samples_dir, r['shard'])}: example {r['example_id']!r} "
                                                  f"sample {r['sample_index']}") for r in records if r["kept"]]
     judgments = drop_too_long(judgments, t.seq_length, "kept judgments")
-    instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length,
-                                        data.get("bad_records", "fail"), settings.chat)
     samples, per_source = mix_with_instruction(judgments, instruction, settings.instruction_ratio, t.seed)
     if not samples:  # instruction data comes in proportion to the kept judgments: none without them
         raise RuntimeError(f"rejective sampling kept no judgment of {len(records)}: nothing to train on (instruction "

@@ -152,6 +152,16 @@ def test_rft_end_to_end_filter_statistics_in_tensorboard_equal_the_jsonl(rft_run
     assert f"RFT: 1 of {EXAMPLES + 1} examples leave no room" in log and repr(TOO_LONG_ID) in log
 
 
+def test_instruction_data_is_checked_before_sampling(bootstrap, tmp_path: Path):
+    """A positive rft.instruction_ratio with no data.instruction fails at start-up, not after the sampling."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(RFT, 1, rft_args(run_dir, bootstrap["checkpoint"], bootstrap["too_long"],
+                                     "data.instruction=null", "rft.instruction_ratio=0.5"), check=False)
+    assert proc.returncode != 0
+    assert "rft.instruction_ratio=0.5 needs instruction data: set data.instruction" in proc.stdout + proc.stderr
+    assert not list((run_dir / "samples").glob("shard_*"))
+
+
 def test_heldout_accuracy_before_and_after_training(rft_run: Path):
     """Greedy Eq. 10 accuracy on 15 held-out examples, split over the 2 DP ranks (8 + 7 judgments, summed):
     logged at step 0 and the last step and written to rft_results.json."""
