@@ -83,6 +83,7 @@ class MetaRMSettings:
     heldout_fraction: float = 0.05  # share of the examples (with all their judgments) held out
     eval_interval: int = 0  # held-out metrics every this many steps (0: only before and after training)
     include_hinted: bool = False  # hinted RFT samples are not what the GRM writes at inference
+    random_backbone: bool = False  # allow trainer.load=null: a randomly initialised backbone (tests only)
     fresh: FreshSampling = field(default_factory=FreshSampling)
 
     @classmethod
@@ -295,6 +296,9 @@ def train_metarm(cfg: Any) -> Trainer:
     t, mc = run.trainer, MetaRMSettings.from_dict(run.extra.get("metarm", {}))
     tokenizer_id = tokenizer_name(run)
     tokenizer = load_tokenizer(tokenizer_id)
+    if not t.load and not mc.random_backbone:
+        raise ValueError("trainer.load is not set: the MetaRM's backbone is the trained GRM (an RFT/GRPO checkpoint "
+                         "folder); metarm.random_backbone=true starts from random weights (tests only)")
     model = build_model(run.model, run.parallel, run.precision, t.recompute, wgrad_fusion=True)  # for the Trainer
     resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
     if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)

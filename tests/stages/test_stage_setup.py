@@ -56,3 +56,19 @@ def test_a_gpu_cluster_config_without_cuda_is_refused():
     with pytest.raises(RuntimeError, match="cluster=h200_1gpu names H200 GPUs but this process sees no CUDA"):
         check_cuda_matches_cluster(_run(["cluster=h200_1gpu", "model=llama3_8b", "precision=bf16",
                                          "trainer.global_batch_size=4"]))
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ("grpo", "trainer.load is not set: GRPO starts from the RFT checkpoint"),
+    ("metarm", "trainer.load is not set: the MetaRM's backbone is the trained GRM"),
+])
+def test_a_stage_that_improves_a_trained_grm_refuses_to_start_from_random_weights(tmp_path, stage, message):
+    from tests.conftest import REPO, torchrun
+
+    proc = torchrun(REPO / "megatron_grm" / "stages" / f"{stage}.py", 1,
+                    [f"+experiment={stage}_tiny", "trainer.load=null", "data.train=arithmetic:train:8",
+                     f"trainer.run_dir={tmp_path / 'run'}"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+

@@ -34,7 +34,8 @@ def main() -> None:
 
     metarm_dir = os.path.join(args.root, "metarm")
     train_metarm(load_config("metarm", [
-        "+experiment=metarm_tiny", *TINY, f"trainer.run_dir={metarm_dir}", "trainer.load=null", "trainer.max_steps=2",
+        "+experiment=metarm_tiny", *TINY, f"trainer.run_dir={metarm_dir}", "trainer.load=null",
+        "metarm.random_backbone=true", "trainer.max_steps=2",
         "optimizer.warmup_steps=0", "trainer.seq_length=544", f"data.samples=[{args.samples}]",
         "data.train=arithmetic:train:4", "metarm.fresh.n=2", "metarm.fresh.max_new_tokens=32"]))
     eval_dir = os.path.join(args.root, "eval")

@@ -32,7 +32,8 @@ def main() -> None:
     from megatron_grm.stages.common import load_config
     from megatron_grm.stages.metarm import JUDGMENTS_FILE, is_heldout, read_judgments_file, to_samples, train_metarm
 
-    overrides = ["+experiment=metarm_tiny", "model=tiny", "trainer.load=null", "data.train=null",
+    overrides = ["+experiment=metarm_tiny", "model=tiny", "trainer.load=null", "metarm.random_backbone=true",
+                 "data.train=null",
                  f"parallel.tensor_parallel={args.tp}", f"trainer.run_dir={args.run_dir}",
                  f"trainer.max_steps={args.steps}", f"trainer.seq_length={args.seq_length}",
                  f"data.samples=[{args.samples}]", "metarm.eval_interval=20", *args.extra]
