@@ -426,8 +426,12 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
 
 # ------------------------------------------------------------------------------------------ 2. meta-score
 def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark], store: DrawStore,
-                       s: EvalSettings) -> int:
-    """Rate the first max(k) draws of every example with the MetaRM; returns how many inputs were cut."""
+                       s: EvalSettings, samples_path: str) -> int:
+    """Rate the first max(k) draws of every example with the MetaRM; returns how many inputs were cut.
+
+    Each scored chunk's draws are appended to the sample file again, now with their ``meta_score`` (a later
+    line of a draw replaces an earlier one when the file is read), so a preempted run keeps what it
+    scored, and a stop signal ends the stage with exit code 75 between chunks."""
     from megatron_grm.models.metarm import attach_metarm_head, load_model_weights, metarm_input_ids, metarm_logits
     from megatron_grm.models.provider import build_model
 
@@ -443,14 +447,21 @@ def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark
     limit = run.model.max_position_embeddings
     inputs = [metarm_input_ids(tokenizer, render_prompt(e, d.permutation, s.variant, False, tokenizer, s.chat),
                                d.text, limit) for d, e in todo]
-    step = max(1, s.chunk_examples * s.max_k)
+    _, dp_size = data_parallel_rank_and_size()
+    step = max(1, s.chunk_examples * s.max_k * dp_size)
+    stop = stop_request()
     bar = _progress(-(-len(todo) // step), "evaluate: MetaRM")
     for start in range(0, len(todo), step):
         ids = [i for i, _ in inputs[start:start + step]]
         logits = metarm_logits(model, ids, run.trainer.micro_batch_size, tokenizer.pad_id)
         for (draw, _), logit in zip(todo[start:start + step], logits):
             draw.meta_score = logit
+        _append(samples_path, [draw for draw, _ in todo[start:start + step]])
         bar.update(1)
+        if true_on_any_rank(stop.requested):
+            log.warning("stopping on signal: %d of %d draws meta-scored, kept in %s; rerun the same command to "
+                        "continue", min(start + step, len(todo)), len(todo), samples_path)
+            exit_for_requeue(f"evaluation: meta scores in {samples_path}")
     bar.close()
     del model
     gc.collect()
@@ -634,7 +645,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     jobs = missing_jobs(benchmarks, store, s)
     if jobs:
         sample_missing(run, tokenizer, jobs, store, s, samples_path)
-    truncated = meta_score_missing(run, tokenizer, benchmarks, store, s) if s.metarm else 0
+    truncated = meta_score_missing(run, tokenizer, benchmarks, store, s, samples_path) if s.metarm else 0
     _rewrite(samples_path, store.all(), store.others)
 
     scores = score_benchmarks(benchmarks, store, s, run.trainer.seed)

@@ -246,6 +246,22 @@ def test_rmb_end_to_end_with_the_tiny_model(tmp_path):
     assert by_draw(rechunked) == by_draw(draws)
     assert len({d["text"] for d in sampled}) > 1  # sampled at temperature: the texts are not all one
 
+    # A stop signal during meta-scoring: exit 75 after the chunk, whose scores are already in the file; the
+    # rerun scores only the rest and ends with every draw once, scored as the uninterrupted run scored it.
+    assert got["stop_exit_code"] == 75
+    step = 2 * 4  # eval.chunk_examples=1 x max(k)=4 draws, for each of the 2 data-parallel ranks
+    assert got["scored_before_stop"] == [step]
+    assert got["scored_after"] and sum(got["scored_after"]) == len(sampled) - step
+    scored_at_stop = [d for d in got["kept_at_stop"] if d.get("meta_score") is not None]
+    assert len(scored_at_stop) == step
+    final = [json.loads(line) for line in (Path(got["stopped_dir"]) / "samples.jsonl").read_text().splitlines()]
+    assert len(final) == len(draws)
+    reference = {(d["benchmark"], d["example_id"], d["draw"]): d["meta_score"] for d in sampled}
+    finals = {(d["benchmark"], d["example_id"], d["draw"]): d["meta_score"] for d in final if d["method"] == "sample"}
+    assert finals.keys() == reference.keys()
+    for key, meta in finals.items():
+        assert meta == pytest.approx(reference[key], abs=1e-4), key
+
 
 def test_a_run_folder_refuses_draws_made_with_other_settings(tmp_path):
     from megatron_grm.stages.evaluate import MANIFEST_FILE, check_manifest

@@ -3,7 +3,7 @@
 The tiny model's context is raised to 2048 positions (rotary: no weights change) so that a handful of
 RMB's shorter examples fit; the rest are skipped and counted by the evaluation. The MetaRM checkpoint
 serves both as the GRM (its backbone) and as the MetaRM (its head). The evaluation runs twice, in chunks
-of 4 and of 1 example(s) per rank.
+of 4 and of 1 example(s) per rank, then once more meta-scoring only, stopped by a signal and rerun.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -49,9 +50,41 @@ def main() -> None:
     # The same evaluation in chunks of one example per rank: other company in every generate call.
     rechunked_dir = os.path.join(args.root, "eval_rechunked")
     evaluate(load_config("evaluate", [*settings, f"trainer.run_dir={rechunked_dir}", "eval.chunk_examples=1"]))
+    # Meta-scoring the first run's draws again (imported: their meta scores are set aside), with a stop
+    # signal arriving during the first chunk: the stage exits 75 keeping that chunk; the rerun scores the rest.
+    import megatron_grm.models.metarm as metarm_module
+    from megatron_grm.train.signals import stop_request
+
+    stopped_dir = os.path.join(args.root, "eval_stopped")
+    scored: list[int] = []
+    real_logits = metarm_module.metarm_logits
+
+    def counting_logits(model, sequences, *rest):
+        if not scored and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        scored.append(len(sequences))
+        return real_logits(model, sequences, *rest)
+
+    metarm_module.metarm_logits = counting_logits
+    stopped = [*settings, f"trainer.run_dir={stopped_dir}", "eval.chunk_examples=1",
+               f"eval.samples_in={os.path.join(eval_dir, 'samples.jsonl')}"]
+    stop_request()
+    exit_code = None
+    try:
+        evaluate(load_config("evaluate", stopped))
+    except SystemExit as stop:
+        exit_code = stop.code
+    first_call = list(scored)
+    with open(os.path.join(stopped_dir, "samples.jsonl")) as f:
+        kept = [json.loads(line) for line in f]
+    stop_request().requested = False
+    evaluate(load_config("evaluate", stopped))
+    metarm_module.metarm_logits = real_logits
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"run_dir": eval_dir, "rechunked_dir": rechunked_dir, "metarm_dir": metarm_dir}, f)
+            json.dump({"run_dir": eval_dir, "rechunked_dir": rechunked_dir, "metarm_dir": metarm_dir,
+                       "stopped_dir": stopped_dir, "stop_exit_code": exit_code, "scored_before_stop": first_call,
+                       "scored_after": scored[len(first_call):], "kept_at_stop": kept}, f)
 
 
 if __name__ == "__main__":
