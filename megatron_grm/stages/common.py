@@ -115,7 +115,7 @@ def prepare_run(cfg: Any) -> RunConfig:
     run = RunConfig.from_dict(to_plain(cfg))
     validate(run, world_size=dist_env().world_size)
     check_cuda_matches_cluster(run)
-    init_parallel(run.parallel, seed=run.trainer.seed)
+    init_parallel(run.parallel, seed=run.trainer.seed, timeout_minutes=run.cluster.distributed_timeout_minutes)
     os.makedirs(run.trainer.run_dir, exist_ok=True)
     if dist_env().rank == 0:
         save_run_config(cfg, run.trainer.run_dir)

@@ -54,6 +54,9 @@ class ClusterSettings:
     compute_capability: tuple[int, int] | None = None
     memory_gb_per_device: float | None = None
     peak_tflops_bf16: float | None = None
+    # How long a rank may wait in a collective: replicas idle while another samples an RFT shard or a
+    # rank writes a checkpoint wait this long before the job fails (Megatron-LM's --distributed-timeout-minutes).
+    distributed_timeout_minutes: int = 30
 
     @property
     def world_size(self) -> int:
@@ -103,6 +106,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     world = world_size if world_size is not None else cfg.cluster.world_size
     if min(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) < 1:
         raise ValueError("parallel sizes must be >= 1")
+    if cfg.cluster.distributed_timeout_minutes < 1:
+        raise ValueError(f"cluster.distributed_timeout_minutes={cfg.cluster.distributed_timeout_minutes}; "
+                         "must be >= 1")
     if world % p.model_parallel:
         raise ValueError(
             f"TP*CP*PP = {p.tensor_parallel}*{p.context_parallel}*{p.pipeline_parallel} = {p.model_parallel} "

@@ -72,3 +72,23 @@ def test_a_stage_that_improves_a_trained_grm_refuses_to_start_from_random_weight
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+
+def test_the_collective_timeout_comes_from_the_cluster_config(tmp_path):
+    from tests.conftest import python_json
+
+    got = python_json(f"""
+import json, torch
+from megatron.core import parallel_state
+from megatron_grm.stages.common import load_config, prepare_run
+prepare_run(load_config("sft", ["model=tiny", "cluster.distributed_timeout_minutes=7",
+                                "trainer.run_dir={tmp_path / 'run'}"]))
+cpu = torch.device("cpu")
+world = torch.distributed.group.WORLD._get_backend(cpu).options._timeout
+dp = parallel_state.get_data_parallel_group()._get_backend(cpu).options._timeout
+print(json.dumps([world.total_seconds(), dp.total_seconds()]))
+""")
+    assert got == [7 * 60, 7 * 60]
+    with pytest.raises(ValueError, match="cluster.distributed_timeout_minutes=0"):
+        from megatron_grm.train.config import validate
+
+        validate(_run(["cluster.distributed_timeout_minutes=0"]))
