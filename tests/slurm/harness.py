@@ -62,7 +62,8 @@ STAGES = {
                                 "data.heldout=null", "rft.eval_before=false", "rft.shard_size=16",
                                 "trainer.global_batch_size=8", "trainer.micro_batch_size=4"),
                      max_steps=3, save_interval=1),
-    "grpo": StageCase("grpo.sh", ("+experiment=grpo_tiny", "data.val=null"), max_steps=3, save_interval=1),
+    "grpo": StageCase("grpo.sh", ("+experiment=grpo_tiny", "trainer.load={bootstrap}", "data.val=null"), max_steps=3,
+                      save_interval=1),
 }
 
 

@@ -1,8 +1,8 @@
 """Each stage script, submitted to the live local Slurm with the tiny CPU config (2 tasks), runs to the end.
 
 `rft` samples judgments with the bootstrapped model of the session's ``pipeline`` fixture, then trains on
-the kept ones; `grpo` starts from its seeded initial weights (every judgment unparseable, reward −1: the job
-still runs rollouts, the update and checkpoints end to end).
+the kept ones; `grpo` starts from the same model (GRPO refuses random weights): rollouts, the update and
+checkpoints end to end.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .harness import STAGES, tensorboard_scalars
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
-# rft starts from the session pipeline's bootstrapped model (sampling needs a model that writes judgments).
+# rft and grpo start from the session pipeline's bootstrapped model (a model that writes judgments).
 @pytest.mark.parametrize("stage", ["sft", "rft", "grpo"])
 def test_stage_script_completes_with_checkpoint_and_tensorboard(jobs, finished_run, stage):
     job, info, run_dir = finished_run(stage)
