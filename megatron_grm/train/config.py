@@ -54,6 +54,7 @@ class ClusterSettings:
     compute_capability: tuple[int, int] | None = None
     memory_gb_per_device: float | None = None
     peak_tflops_bf16: float | None = None
+    memory_bandwidth_gb_s: float | None = None  # HBM bandwidth per device (the planner's decode floor)
     # How long a rank may wait in a collective: replicas idle while another samples an RFT shard or a
     # rank writes a checkpoint wait this long before the job fails (Megatron-LM's --distributed-timeout-minutes).
     distributed_timeout_minutes: int = 30
