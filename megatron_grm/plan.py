@@ -17,11 +17,14 @@ Per GPU, for the heaviest pipeline stage:
 - the rollout engine's KV cache, and the frozen reference model GRPO's KL term needs.
 
 Step time is model FLOPs (:meth:`ModelConfig.flops_per_token`) over ``devices × peak × MFU`` at a stated MFU.
+Sampling runs one pipeline stage at a time (the engine does not micro-batch across stages), and a decode
+step cannot beat reading the stage's weights and KV cache from HBM (``cluster.memory_bandwidth_gb_s``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +44,7 @@ class PlanSettings:
 
     stage: str = "sft"  # sft | rft | grpo | metarm
     mfu: float = 0.40  # model FLOP utilisation assumed for training and teacher-forced forwards
-    rollout_mfu: float = 0.10  # decoding is memory-bound: a much lower FLOP utilisation is realistic
+    rollout_mfu: float = 0.10  # decode's FLOP utilisation (small per-step GEMMs); HBM reads are a floor on top
     rollout_tokens_in_flight: int = 0  # KV-cache positions per model replica (the engine's max_tokens_in_flight)
     rollout_sequences_per_step: int = 0  # judgments sampled per optimizer step (GRPO: the global batch)
     max_prompt_tokens: int = 0
@@ -124,24 +127,39 @@ class Shape:
     sp: bool = False
 
 
+# What a stage does when its config leaves a setting out (stages/grpo.py GRPOSettings, stages/rft.py
+# RFTSettings, rollout SamplingConfig and RolloutEngine): tests/plan checks them against those classes.
+STAGE_FALLBACKS = {"max_tokens_in_flight": 32768, "grpo_max_new_tokens": 512, "rft_max_new_tokens": 256,
+                   "rft_num_samples": 3, "rft_instruction_ratio": 0.0, "offload_reference": False,
+                   "recompute_old_logprobs": True}
+
+
 def stage_defaults(run: RunConfig) -> dict[str, Any]:
-    """What a stage config (conf/rft.yaml, conf/grpo.yaml) already says about sampling: the plan's defaults."""
-    t = run.trainer
+    """What a stage config (conf/rft.yaml, conf/grpo.yaml) says about sampling, or what the stage does when
+    it says nothing: the plan's defaults.
+
+    RFT samples N judgments per example over its whole data set before training; per optimizer step that is
+    N for each judgment row of the batch (the rest is instruction data, ``rft.instruction_ratio``), which
+    assumes about one kept judgment per sampled example."""
+    t, f = run.trainer, STAGE_FALLBACKS
     if isinstance(run.extra.get("grpo"), dict):
         g = run.extra["grpo"]
-        new = int(g.get("max_new_tokens", 0))
-        return {"stage": "grpo", "rollout_tokens_in_flight": int(g.get("max_tokens_in_flight", 0)),
-                "max_new_tokens": new, "max_prompt_tokens": max(0, t.seq_length - new),
+        new = int(g.get("max_new_tokens", f["grpo_max_new_tokens"]))
+        in_flight = int(g.get("max_tokens_in_flight", f["max_tokens_in_flight"]))
+        return {"stage": "grpo", "rollout_tokens_in_flight": in_flight, "max_new_tokens": new,
+                "max_prompt_tokens": max(0, t.seq_length - new),
                 "rollout_sequences_per_step": t.global_batch_size, "reference_model": True,
-                "reference_offloaded": bool(g.get("offload_reference", False)),
-                "old_logprobs_forward": bool(g.get("recompute_old_logprobs", True))}
+                "reference_offloaded": bool(g.get("offload_reference", f["offload_reference"])),
+                "old_logprobs_forward": bool(g.get("recompute_old_logprobs", f["recompute_old_logprobs"]))}
     if isinstance(run.extra.get("rft"), dict):
         r = run.extra["rft"]
-        new = int((r.get("sampling") or {}).get("max_new_tokens", 0))
-        in_flight = int((r.get("rollout") or {}).get("max_tokens_in_flight", 0))
+        new = int((r.get("sampling") or {}).get("max_new_tokens", f["rft_max_new_tokens"]))
+        in_flight = int((r.get("rollout") or {}).get("max_tokens_in_flight", f["max_tokens_in_flight"]))
+        judgment_rows = t.global_batch_size * (1.0 - float(r.get("instruction_ratio", f["rft_instruction_ratio"])))
+        samples = int(r.get("num_samples", f["rft_num_samples"]))
         return {"stage": "rft", "rollout_tokens_in_flight": in_flight, "max_new_tokens": new,
                 "max_prompt_tokens": max(0, t.seq_length - new),
-                "rollout_sequences_per_step": int(r.get("num_samples", 1)) * t.global_batch_size}
+                "rollout_sequences_per_step": math.ceil(samples * judgment_rows)}
     return {}
 
 
@@ -169,6 +187,23 @@ def stage_parameters(m: ModelConfig, t: int, p: int) -> list[float]:
     return per_stage
 
 
+def gemm_parameters(m: ModelConfig, t: int) -> float:
+    """Parameters of one layer's four GEMMs on one TP rank (what Transformer Engine runs in FP8)."""
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    return (m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size) / t
+
+
+# Bytes per GEMM parameter of Transformer Engine's FP8 weight copies: on Hopper it keeps the weight in FP8
+# row-wise (forward) and column-wise (the data gradient's transposed GEMM). A planning figure from how TE
+# caches FP8 weights, not yet measured on a GPU.
+FP8_WEIGHT_COPIES = 2.0
+
+
+def kv_bytes_per_token(m: ModelConfig, tp: int, pp: int, e: float) -> float:
+    """KV-cache bytes per token on one GPU: K and V of its stage's layers and its TP share of the KV heads."""
+    return 2 * (m.num_layers // pp) * (m.num_query_groups // tp) * m.kv_channels * e
+
+
 def state_bytes(params: float, params_dtype: str, dp: int, distributed_optimizer: bool) -> dict[str, float]:
     """Weights, fp32 main_grad buffer, and Adam (m, v, plus fp32 master weights when params are bf16)."""
     weight = {"bf16": 2, "fp32": 4}[params_dtype]
@@ -179,9 +214,13 @@ def state_bytes(params: float, params_dtype: str, dp: int, distributed_optimizer
 
 # ------------------------------------------------------------------------------------------ activations
 def layer_activation_terms(m: ModelConfig, x: Shape, e: float, recompute: str | None, k: Kernels,
-                           windowed_fraction: float = 0.0) -> dict[str, float]:
-    """Bytes one transformer layer keeps for backward on one GPU, by tensor (Korthikanti Sec. 4.1)."""
+                           windowed_fraction: float = 0.0, fp8: bool = False) -> dict[str, float]:
+    """Bytes one transformer layer keeps for backward on one GPU, by tensor (Korthikanti Sec. 4.1).
+
+    ``fp8``: Transformer Engine's FP8 GEMMs keep their inputs cast to FP8 (1 byte) for the weight gradient.
+    """
     s, b, t = x.s, x.b, x.t
+    g = 1.0 if fp8 else e  # bytes per element of a GEMM input kept for backward
     h, f, a = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
     q_dim, kv_dim = a * m.kv_channels, m.num_query_groups * m.kv_channels
     sbh = s * b * h
@@ -192,10 +231,10 @@ def layer_activation_terms(m: ModelConfig, x: Shape, e: float, recompute: str | 
     n_norms = 4 if m.family == "gemma2" else 2
     terms: dict[str, float] = {
         "norms": n_norms * norm * sbh / rep,
-        "qkv input": e * sbh / rep,
-        "fc1 input": e * sbh / rep,
-        "proj input": e * s * b * q_dim / t,
-        "fc2 input": e * s * b * f / t,
+        "qkv input": g * sbh / rep,
+        "fc1 input": g * sbh / rep,
+        "proj input": g * s * b * q_dim / t,
+        "fc2 input": g * s * b * f / t,
         "mlp activation": k.glu_tensors * e * s * b * f / t,
     }
     if k.rope:
@@ -266,21 +305,27 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool
 
 
 def activation_bytes(m: ModelConfig, x: Shape, e: float, recompute: str | None, k: Kernels,
-                     layers: int, in_flight: int, last_stage: bool, loss_positions: int = 0) -> float:
+                     layers: int, in_flight: int, last_stage: bool, loss_positions: int = 0,
+                     fp8: bool = False) -> float:
     """Peak saved-activation bytes of one pipeline stage running 1F1B with ``in_flight`` micro-batches.
 
     Full recompute keeps every layer's input and, during backward, one layer's activations at a time.
+    Selective recompute rebuilds one layer's core attention during its backward: an unfused core's scores
+    are alive again then.
     """
     windowed = 0.5 if m.sliding_window else 0.0
-    per_layer = sum(layer_activation_terms(m, x, e, recompute, k, windowed).values())
+    per_layer = sum(layer_activation_terms(m, x, e, recompute, k, windowed, fp8).values())
     # The SDPA core keeps the batch's mask for backward, converted once per forward to an additive
     # float mask shared by all layers; under recompute the checkpoints keep the boolean mask instead.
     mask = 0.0 if k.attention != "sdpa" else x.b * x.s * x.s * (e if recompute is None else 1)
     stored = in_flight * (layers * per_layer + mask)
     head = sum(head_activation_terms(m, x, e, k, loss_positions).values()) if last_stage else 0.0
     if recompute == "full":
-        one_layer = sum(layer_activation_terms(m, x, e, None, k, windowed).values())
+        one_layer = sum(layer_activation_terms(m, x, e, None, k, windowed, fp8).values())
         return stored + max(head, one_layer)
+    if recompute == "selective":
+        rebuilt = layer_activation_terms(m, x, e, None, k, windowed, fp8).get("scores", 0.0)
+        return stored + max(head, rebuilt)
     return stored + head
 
 
@@ -293,6 +338,7 @@ class StageMemory:
     gradients: float
     optimizer: float
     activations: float
+    fp8_weights: float = 0.0  # Transformer Engine's cached FP8 copies of the GEMM weights (FP8 runs)
     kv_cache: float = 0.0
     rollout_working: float = 0.0
     reference: float = 0.0
@@ -301,7 +347,7 @@ class StageMemory:
 
     @property
     def training(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
+        return self.weights + self.fp8_weights + self.gradients + self.optimizer + self.activations + self.reference
 
     @property
     def rollout(self) -> float:
@@ -309,7 +355,8 @@ class StageMemory:
             return 0.0
         states = self.gradients + self.optimizer if self.states_in_rollout else 0.0
         reference = self.reference if self.reference_in_rollout else 0.0
-        return self.weights + states + reference + self.kv_cache + self.rollout_working
+        # TE keeps its FP8 weight copies between steps; sampling itself runs in bf16.
+        return self.weights + self.fp8_weights + states + reference + self.kv_cache + self.rollout_working
 
     @property
     def peak(self) -> float:
@@ -376,8 +423,11 @@ def stage_memory(run: RunConfig, settings: PlanSettings, k: Kernels, distributed
     e = {"bf16": 2.0, "fp32": 4.0}[run.precision.params_dtype]
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     x = Shape(s=t.seq_length // p.context_parallel, b=t.micro_batch_size, t=tp, sp=p.sequence_parallel)
-    kv_per_token = 2 * (m.num_layers // pp) * (m.num_query_groups // tp) * m.kv_channels * e
+    kv_per_token = kv_bytes_per_token(m, tp, pp, e)
     rollout_tokens = settings.rollout_tokens_in_flight
+    if rollout_tokens:  # the engine holds at least one whole sequence, whatever the cap
+        rollout_tokens = max(rollout_tokens, settings.max_prompt_tokens + settings.max_new_tokens)
+    fp8 = run.precision.fp8 is not None
     working = 0.0
     if rollout_tokens:  # prefilling a wave: upper bound = everything one layer's forward produces
         wave = max(1, rollout_tokens // max(1, settings.max_prompt_tokens + settings.max_new_tokens))
@@ -390,7 +440,9 @@ def stage_memory(run: RunConfig, settings: PlanSettings, k: Kernels, distributed
         out.append(StageMemory(
             weights=states["weights"], gradients=states["gradients"], optimizer=states["optimizer"],
             activations=activation_bytes(m, x, e, recompute, k, m.num_layers // pp, min(pp - i, microbatches),
-                                         last_stage=i == pp - 1, loss_positions=projected_positions(run, settings)),
+                                         last_stage=i == pp - 1, loss_positions=projected_positions(run, settings),
+                                         fp8=fp8),
+            fp8_weights=FP8_WEIGHT_COPIES * gemm_parameters(m, tp) * (m.num_layers // pp) if fp8 else 0.0,
             kv_cache=rollout_tokens * kv_per_token, rollout_working=working,
             reference=states["weights"] if settings.keeps_reference else 0.0,
             states_in_rollout=settings.states_resident_during_rollout,
@@ -416,13 +468,42 @@ def step_times(run: RunConfig, settings: PlanSettings, peak_flops: float | None)
     if settings.recomputes_old_logprobs:  # GRPO's recompute_old_logprobs: one more policy forward per step
         out["old_logprobs_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
     if settings.rollout_sequences_per_step and settings.max_new_tokens:
-        ctx = settings.max_prompt_tokens + settings.max_new_tokens // 2
-        prefill = settings.rollout_sequences_per_step * settings.max_prompt_tokens
-        decode = settings.rollout_sequences_per_step * settings.max_new_tokens
-        out["rollout_s"] = (m.flops_per_token(settings.max_prompt_tokens) / 3 * prefill / (cluster * settings.mfu)
-                            + m.flops_per_token(ctx) / 3 * decode / (cluster * settings.rollout_mfu))
+        out.update(rollout_times(run, settings, peak_flops))
     out["step_s"] = sum(v for k, v in out.items() if k.endswith("_s"))
     return out
+
+
+def rollout_times(run: RunConfig, settings: PlanSettings, peak_flops: float) -> dict[str, float]:
+    """Seconds to sample one step's judgments: prefill, then ``max_new_tokens`` decode steps per wave.
+
+    The engine runs a replica's pipeline stages one after another (no micro-batching across them), so a
+    pass costs the sum of its stages and only 1/PP of the GPUs compute at a time. A decode step on a stage
+    costs its FLOPs at ``plan.rollout_mfu`` but never less than reading the stage's weights and the wave's
+    KV cache from HBM (``cluster.memory_bandwidth_gb_s``; no floor when it is not given).
+    """
+    m, p, s = run.model, run.parallel, settings
+    world, pp, tp = run.cluster.world_size, p.pipeline_parallel, p.tensor_parallel
+    dp = p.data_parallel(world)
+    e = {"bf16": 2.0, "fp32": 4.0}[run.precision.params_dtype]
+    computing = world / pp  # GPUs busy at any moment while sampling
+    prefill_flops = m.flops_per_token(s.max_prompt_tokens) / 3 * s.rollout_sequences_per_step * s.max_prompt_tokens
+    per_replica = math.ceil(s.rollout_sequences_per_step / dp)
+    width = s.max_prompt_tokens + s.max_new_tokens
+    rows = min(per_replica, max(1, s.rollout_tokens_in_flight // width)) if s.rollout_tokens_in_flight else per_replica
+    waves = math.ceil(per_replica / rows)
+    context = s.max_prompt_tokens + s.max_new_tokens // 2  # the mean context a decode step attends to
+    stage_flops = rows * m.flops_per_token(context) / 3 / (tp * pp)  # one decode step, one GPU of one stage
+    compute = stage_flops / (peak_flops * s.rollout_mfu)
+    bandwidth = run.cluster.memory_bandwidth_gb_s
+    if bandwidth:
+        weights = max(stage_parameters(m, tp, pp)) * e
+        memory = (weights + rows * context * kv_bytes_per_token(m, tp, pp, e)) / (bandwidth * 1e9)
+    else:
+        memory = 0.0
+    step = pp * max(compute, memory)
+    return {"rollout_prefill_s": prefill_flops / (computing * peak_flops * s.mfu),
+            "rollout_decode_s": waves * s.max_new_tokens * step,
+            "decode_step_ms": 1e3 * step, "decode_rows": float(rows), "decode_bandwidth_bound": float(memory > compute)}
 
 
 def make_plan(cfg: dict[str, Any] | RunConfig, memory_gb: float | None = None) -> Plan:
@@ -500,9 +581,15 @@ def format_plan(plan: Plan, title: str = "") -> str:
             parts.append(f"reference forward {tm['reference_forward_s']:.1f} s")
         if "old_logprobs_forward_s" in tm:
             parts.append(f"old-policy forward {tm['old_logprobs_forward_s']:.1f} s")
-        if "rollout_s" in tm:
-            parts.append(f"rollout {tm['rollout_s']:.1f} s (decode at MFU {s.rollout_mfu:.0%})")
+        if "rollout_decode_s" in tm:
+            parts.append(f"rollout prefill {tm['rollout_prefill_s']:.1f} s + decode {tm['rollout_decode_s']:.1f} s")
         lines.append(f"  step time ≈ {tm['step_s']:.1f} s = " + " + ".join(parts))
+        if "rollout_decode_s" in tm:
+            bound = ("HBM-bound: weights + KV cache at cluster.memory_bandwidth_gb_s" if tm["decode_bandwidth_bound"]
+                     else f"FLOP-bound at plan.rollout_mfu={s.rollout_mfu:.0%}")
+            lines.append(f"  decode: {tm['decode_rows']:.0f} sequences per replica at once, "
+                         f"{tm['decode_step_ms']:.1f} ms per token step over {p.pipeline_parallel} stage(s) in turn "
+                         f"({bound})")
     if p.pipeline_parallel > 1:
         lines.append(f"  pipeline bubble (1F1B): {(p.pipeline_parallel - 1) / plan.microbatches:.1%} of a step")
     verdict = plan.refusal()

@@ -73,11 +73,103 @@ def test_stage_config_sampling_sections_feed_the_plan():
     assert halved.worst.kv_cache == pytest.approx(plan.worst.kv_cache / 2)
 
 
+@pytest.mark.parametrize(("plan_name", "stage"), [("gemma2_27b_grpo_a100", "grpo"), ("gemma2_27b_rft_a100", "rft")])
+def test_a_shipped_plan_is_the_stage_config_the_slurm_script_runs(plan_name, stage):
+    planned, runs = load_config(f"plan/{plan_name}"), load_config(stage)
+    assert {k: v for k, v in planned.items() if k != "plan"} == runs
+    assert make_plan(planned).times == make_plan(runs).times
+
+
+def test_what_a_stage_does_with_a_setting_left_out_is_what_the_plan_assumes():
+    import inspect
+
+    from megatron_grm.plan import STAGE_FALLBACKS
+    from megatron_grm.rollout.engine import RolloutEngine
+    from megatron_grm.rollout.sampling import SamplingConfig
+    from megatron_grm.stages.grpo import GRPOSettings
+    from megatron_grm.stages.rft import RFTSettings
+
+    engine_default = inspect.signature(RolloutEngine.__init__).parameters["max_tokens_in_flight"].default
+    assert STAGE_FALLBACKS == {
+        "max_tokens_in_flight": engine_default, "grpo_max_new_tokens": GRPOSettings().max_new_tokens,
+        "rft_max_new_tokens": SamplingConfig().max_new_tokens, "rft_num_samples": RFTSettings().num_samples,
+        "rft_instruction_ratio": RFTSettings().instruction_ratio,
+        "offload_reference": GRPOSettings().offload_reference,
+        "recompute_old_logprobs": GRPOSettings().recompute_old_logprobs}
+    assert GRPOSettings().max_tokens_in_flight == engine_default
+    bare = make_plan(load_config("grpo", ["~grpo.max_tokens_in_flight", "~grpo.max_new_tokens"]))
+    assert (bare.settings.rollout_tokens_in_flight, bare.settings.max_new_tokens) == (engine_default, 512)
+    assert bare.worst.kv_cache > 0 and bare.times["rollout_decode_s"] > 0
+
+
+def test_rft_samples_n_judgments_for_each_judgment_row_of_a_batch():
+    # conf/rft.yaml: batch 1024, 85% instruction data, N = 3: 154 judgment rows, 461 judgments sampled.
+    plan = make_plan(load_config("rft"))
+    assert plan.settings.rollout_sequences_per_step == 461
+    none = make_plan(load_config("rft", ["rft.instruction_ratio=0.0", "rft.num_samples=2"]))
+    assert none.settings.rollout_sequences_per_step == 2048
+
+
+def test_decode_steps_run_the_pipeline_stages_in_turn_and_read_weights_and_kv_cache_from_hbm():
+    from megatron_grm.plan import stage_parameters
+
+    # GRPO as shipped: 64 judgments per replica (262144 positions / 4096), each step attending to a mean
+    # context of 3072 + 1024/2 positions; a stage's KV cache per token on one GPU: K and V x 23 layers x
+    # 2 of the 16 KV heads x 128 x 2 bytes.
+    slow_hbm = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["cluster.memory_bandwidth_gb_s=100"]))
+    m = slow_hbm.run.model
+    kv_per_token = 2 * 23 * 2 * 128 * 2
+    read = max(stage_parameters(m, 8, 2)) * 2 + 64 * 3584 * kv_per_token
+    tm = slow_hbm.times
+    assert tm["decode_rows"] == 64 and tm["decode_bandwidth_bound"] == 1.0
+    assert tm["decode_step_ms"] == pytest.approx(2 * read / 100e9 * 1e3)  # two stages, one after the other
+    assert tm["rollout_decode_s"] == pytest.approx(1024 * tm["decode_step_ms"] / 1e3)  # one wave of 1024 steps
+    fast_hbm = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["cluster.memory_bandwidth_gb_s=1e9"]))
+    assert fast_hbm.times["decode_bandwidth_bound"] == 0.0
+    flops = 64 * m.flops_per_token(3584) / 3 / 16  # one decode step on one GPU of one stage (TP 8 x PP 2)
+    assert fast_hbm.times["decode_step_ms"] == pytest.approx(2 * flops / (312e12 * 0.10) * 1e3)
+    # Prefill: only one stage of each replica computes at a time, so half the cluster's GPUs.
+    prefill = m.flops_per_token(3072) / 3 * 512 * 3072
+    assert tm["rollout_prefill_s"] == pytest.approx(prefill / (64 * 312e12 * 0.40))
+
+
+def test_a_kv_cache_cap_narrower_than_one_sequence_still_holds_one_sequence():
+    narrow = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["grpo.max_tokens_in_flight=2048"]))
+    assert narrow.worst.kv_cache == pytest.approx(4096 * 2 * 23 * 2 * 128 * 2)
+    assert narrow.times["decode_rows"] == 1
+
+
+def test_fp8_keeps_te_weight_copies_and_fp8_gemm_inputs():
+    common = ["model=llama3_8b", "cluster=h200_1gpu", "parallel=single", "trainer.micro_batch_size=1",
+              "trainer.global_batch_size=1", "trainer.seq_length=4096", "trainer.recompute=null"]
+    bf16, fp8 = (make_plan(load_config("sft", [*common, f"precision={p}"])).stages[0] for p in ("bf16", "fp8"))
+    # Llama-3-8B's GEMMs per layer: QKV 4096 x (4096 + 2 x 1024), proj 4096 x 4096, MLP 3 x 4096 x 14336;
+    # 32 layers, row-wise and column-wise FP8 copies (1 byte each).
+    gemm = 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336
+    assert fp8.fp8_weights == pytest.approx(2 * 32 * gemm) and bf16.fp8_weights == 0
+    # The four GEMM inputs each layer keeps (h, h, h, ffn per token) drop from 2 bytes to 1.
+    assert bf16.activations - fp8.activations == pytest.approx(32 * 4096 * (3 * 4096 + 14336))
+    assert fp8.weights == bf16.weights
+
+
+def test_selective_recompute_rebuilds_one_layers_soft_capped_scores_during_backward():
+    from megatron_grm.plan import resolve_kernels
+
+    plan = make_plan(load_config("plan/gemma2_27b_rft_a100"))
+    m, x = plan.run.model, Shape(s=4096, b=1, t=8, sp=True)
+    _, k = resolve_kernels(plan.run, plan.settings)
+    scores = layer_activation_terms(m, x, 2.0, None, k, windowed_fraction=0.5)["scores"]
+    kept = sum(layer_activation_terms(m, x, 2.0, "selective", k).values())
+    assert plan.stages[0].activations == pytest.approx(2 * 23 * kept + scores)  # 2 micro-batches in flight
+
+
 def test_the_last_stage_keeps_logits_for_the_judgment_only_under_loss_tokens_only():
     """trainer.loss_tokens_only (default): GRPO's output layer projects max_new_tokens positions per sequence,
     not seq_length; the first stage (no output layer) is unchanged."""
     name = "plan/gemma2_27b_grpo_a100"
-    only, every = (make_plan(load_config(name, [f"++trainer.loss_tokens_only={flag}"])) for flag in ("true", "false"))
+    # No recompute: under selective recompute the head's peak overlaps with a layer's rebuilt attention scores.
+    only, every = (make_plan(load_config(name, [f"++trainer.loss_tokens_only={flag}", "trainer.recompute=null"]))
+                   for flag in ("true", "false"))
     m, t, s = only.run.model, only.run.trainer, only.run.trainer.seq_length
     new = only.settings.max_new_tokens
     assert 0 < new < s
@@ -119,7 +211,7 @@ def test_grpo_step_counts_the_old_policy_forward_and_full_recompute_a_second_for
     tm = grpo.times
     assert tm["old_logprobs_forward_s"] == pytest.approx(tm["reference_forward_s"])  # one policy forward each
     assert tm["step_s"] == pytest.approx(tm["train_s"] + tm["reference_forward_s"] + tm["old_logprobs_forward_s"]
-                                         + tm["rollout_s"])
+                                         + tm["rollout_prefill_s"] + tm["rollout_decode_s"])
     off = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["++plan.old_logprobs_forward=false"]))
     assert "old_logprobs_forward_s" not in off.times
     full = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["trainer.recompute=full"]))
