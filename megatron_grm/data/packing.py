@@ -243,9 +243,20 @@ class PackedBatcher(_Batcher):
                 "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        _require_same_data_parallel_layout(state["sampler"], self.sampler, "packed rows")
         self.sampler.load_state_dict(state["sampler"])
         self.stats = {"truncated": 0, **state["stats"]}  # checkpoints from before the count have none
         self._pending, self._exhausted = None, False
+
+
+def _require_same_data_parallel_layout(saved: dict[str, Any], sampler: Any, what: str) -> None:
+    """Ranks draw at their own pace (packing) or stopped inside a window of batches: the saved position is
+    exact only for the rank that wrote it. Another DP layout would repeat and skip documents: refuse."""
+    here = (getattr(sampler, "dp_rank", 0), getattr(sampler, "dp_size", 1))
+    if (saved.get("dp_rank", 0), saved.get("dp_size", 1)) != here:
+        raise ValueError(f"cannot resume {what} written by data-parallel rank {saved.get('dp_rank')} of "
+                         f"{saved.get('dp_size')} on rank {here[0]} of {here[1]}: resume with the same data-parallel "
+                         "size")
 
 
 class PaddedBatcher(_Batcher):
@@ -314,6 +325,8 @@ class PaddedBatcher(_Batcher):
                 "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["emitted"]:  # mid-window: the same window must be refilled, on the same rank
+            _require_same_data_parallel_layout(state["sampler"], self.sampler, "a length-sorted window")
         self.sampler.load_state_dict(state["sampler"])
         self._window = state["window"]
         self._fill_window()

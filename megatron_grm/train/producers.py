@@ -81,4 +81,8 @@ class SampleBatchProducer:
                 f"resuming with {len(self.samples)} samples but the checkpoint was written with "
                 f"{state['num_samples']}: the data changed"
             )
+        if state.get("seed") not in (None, self.seed):
+            raise ValueError(f"resuming with trainer.seed={self.seed} but the checkpoint was written with seed "
+                             f"{state['seed']}: the rest of the epoch would be another shuffle, repeating and "
+                             "skipping samples")
         self.consumed = int(state["consumed"])

@@ -210,3 +210,18 @@ def test_truncation_count_survives_resume_exactly():
     legacy = PackedBatcher(docs, ResumableSampler(40, num_epochs=1), 2, 24, truncate=True)
     legacy.load_state_dict({**first.state_dict(), "stats": old})
     assert legacy.stats["truncated"] == 0
+
+
+def test_batchers_refuse_to_resume_a_position_only_another_data_parallel_rank_can_continue():
+    docs = make_documents(64, seed=8)
+    packed = PackedBatcher(docs, ResumableSampler(64, dp_rank=0, dp_size=2, seed=1), 2, 64)
+    next(packed)
+    with pytest.raises(ValueError, match="written by data-parallel rank 0 of 2 on rank 0 of 1"):
+        PackedBatcher(docs, ResumableSampler(64, seed=1), 2, 64).load_state_dict(packed.state_dict())
+    padded = PaddedBatcher(docs, ResumableSampler(64, dp_rank=1, dp_size=2, seed=2), 4, bucket_size=4)
+    at_window_start = padded.state_dict()
+    next(padded)
+    with pytest.raises(ValueError, match="a length-sorted window written by data-parallel rank 1 of 2"):
+        PaddedBatcher(docs, ResumableSampler(64, seed=2), 4, bucket_size=4).load_state_dict(padded.state_dict())
+    # Between windows the sampler's consumed count is exact on any layout.
+    PaddedBatcher(docs, ResumableSampler(64, seed=2), 4, bucket_size=4).load_state_dict(at_window_start)
