@@ -86,6 +86,7 @@ class StepResult:
     seconds: float
     tokens: int  # over all data-parallel ranks, padding included
     flops: float  # model FLOPs of those tokens at each micro-batch's own width (ModelConfig.flops_per_token)
+    lr: float = 0.0  # the learning rate this step ran with (the scheduler has moved on by the time it is logged)
 
 
 @dataclass
@@ -255,6 +256,7 @@ class Trainer:
 
     def train_step(self, microbatches: list[Batch], objective: Objective) -> StepResult:
         start = time.perf_counter()
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_pair, metrics = self.forward_backward(microbatches, objective)
@@ -276,7 +278,7 @@ class Trainer:
         return StepResult(
             step=self.state.step + 1, loss=loss, metrics=values,
             grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
-            seconds=time.perf_counter() - start, tokens=tokens, flops=flops,
+            seconds=time.perf_counter() - start, tokens=tokens, flops=flops, lr=lr,
         )
 
     def _step_work(self, microbatches: list[Batch]) -> tuple[int, float]:
@@ -341,7 +343,7 @@ class Trainer:
         tflops_per_device = r.flops / max(r.seconds, 1e-9) / world / 1e12
         values: dict[str, float] = {
             "loss": r.loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": r.lr,
             "grad_norm": r.grad_norm,
             "tokens_per_s": tokens_per_s,
             "tflops_per_device": tflops_per_device,

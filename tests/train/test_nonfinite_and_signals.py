@@ -158,3 +158,5 @@ def test_tensorboard_events_hold_the_loss_of_every_step(tmp_path):
         assert e.value == pytest.approx(printed[e.step], rel=1e-3)
     for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops_per_device", "train/mfu"):
         assert len(acc.Scalars(tag)) == 5, tag
+    # The LR each step ran with: conf/sft.yaml warms up to 1e-3 over 2 steps from 0 (Megatron's schedule).
+    assert [e.value for e in acc.Scalars("train/lr")][:3] == pytest.approx([0.0, 5e-4, 1e-3])
