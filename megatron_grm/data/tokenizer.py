@@ -233,6 +233,7 @@ class Tokenizer(ABC):
             prompt_text = self.prompt_text(prompt, chat)
         except ValueError as err:  # ChatTemplateError too: the template refused this conversation
             raise TokenizationError("prompt", str(err)) from err
+        content_end = None  # where the response's own text ends in the rendered turn (chat formats)
         if isinstance(prompt, str) and not chat:
             response_text = response
             prompt_spans = [(0, len(prompt_text))] if literal else []
@@ -248,6 +249,8 @@ class Tokenizer(ABC):
                     "response", "the chat template renders the prompt differently once a response follows, "
                     "so prompt and response cannot be split")
             response_text = full[len(prompt_text):]
+            content_end = next((len(c) for c in (response, response.strip()) if c and response_text.startswith(c)),
+                               None)
             cut = len(prompt_text)
             prompt_spans = [(a, b) for a, b in spans if b <= cut]
             response_spans = [(a - cut, b - cut) for a, b in spans if a >= cut]
@@ -274,6 +277,15 @@ class Tokenizer(ABC):
             if not self.decode(response_ids[ends[-1] + 1:]).strip():
                 response_ids = response_ids[:ends[-1] + 1]
         else:
+            if content_end is not None and content_end < len(response_text):
+                # The template closes the turn in plain text (a template-less HF folder, the character
+                # tokenizer, Gemma's format on a vocabulary without <end_of_turn>): generation stops only at
+                # EOS, so the target is the response's own text, then EOS. Trained on the closing text too,
+                # the model would write it, and a kept judgment re-encoded from its sampled text would carry
+                # it twice (RFT round after round).
+                response_ids = self._encode_response(prompt_text, response_text[:content_end], prompt_spans,
+                                                     [(a, b) for a, b in response_spans if b <= content_end],
+                                                     prompt_ids)
             response_ids.append(self.eos_id)
         return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 

@@ -122,7 +122,9 @@ def test_sentencepiece_chat_uses_gemma_turns_and_masks_response(mistral_sentence
     assert rendered == "<start_of_turn>user\nx<end_of_turn>\n"
     ids, mask = sp.encode_example(CONVERSATIONS[0], "Four.")
     assert ids[0] == sp.bos_id and ids[-1] == sp.eos_id
-    assert sp.decode([i for i, m in zip(ids, mask) if m]) == "Four.<end_of_turn>\n"
+    # On this vocabulary <end_of_turn> is plain text, not an end id: the target is the answer, then EOS
+    # (generation stops only at EOS; trained on the closing text too, a kept judgment would carry it twice).
+    assert sp.decode([i for i, m in zip(ids, mask) if m]) == "Four."
 
 
 def test_char_tokenizer_round_trips_and_reloads_from_json(tmp_path: Path):
@@ -139,8 +141,8 @@ def test_char_tokenizer_round_trips_and_reloads_from_json(tmp_path: Path):
         assert again.encode(text) == tok.encode(text)
         assert again.describe()["sha256"] == tok.describe()["sha256"]
     ids, mask = tok.encode_example("2+2?", "4")
-    assert tok.decode(ids) == "<bos><|user|>\n2+2?\n<|assistant|>\n4\n<eos>"
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4\n<eos>"
+    assert tok.decode(ids) == "<bos><|user|>\n2+2?\n<|assistant|>\n4<eos>"  # the turn's plain "\n" is not trained
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4<eos>"
 
 
 def test_char_tokenizer_rejects_characters_outside_its_vocabulary():
@@ -209,7 +211,7 @@ def test_sentencepiece_response_ids_are_the_in_context_ids(mistral_sentencepiece
         for response in ["Four.", *MULTILINGUAL]:
             ids, mask = sp.encode_example(CONVERSATIONS[1], response)
             prompt_text = sp.prompt_text(CONVERSATIONS[1])
-            in_context = library.encode(prompt_text + response + "<end_of_turn>\n", add_bos=True)
+            in_context = library.encode(prompt_text + response, add_bos=True)
             assert ids == in_context + [sp.eos_id], (model.name, response)
             assert ids[: mask.index(1)] == sp.encode_prompt(CONVERSATIONS[1])
             assert sum(mask) == len(ids) - mask.index(1) and mask[-1] == 1
@@ -481,3 +483,32 @@ def test_content_with_special_strings_under_a_metaspace_hf_tokenizer(
     assert ids[:before_content] == reference["input_ids"][:before_content]  # <s> [INST] Hi [/INST] Yo </s> [INST]
     assert ids.count(tokenizer.eos_id) == 1 == reference["input_ids"].count(tokenizer.eos_id) - 1
     assert tokenizer.decode(ids) == library.decode(reference["input_ids"])
+
+
+@pytest.mark.parametrize("make", ["char", "template_less_hf", "gemma_format_on_mistral"])
+def test_a_kept_judgment_reencoded_from_its_sampled_text_is_the_same_target(make, smollm2_tokenizer_dir: Path,
+                                                                            mistral_sentencepiece_models, tmp_path):
+    """Where the chat format closes a turn in plain text, the trained target is the judgment and EOS, so
+    the text a rollout decodes (before EOS) encodes back to the same ids, RFT round after round."""
+    if make == "char":
+        tok = CharTokenizer()
+    elif make == "template_less_hf":
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+        hf.chat_template = None
+        hf.save_pretrained(tmp_path / "plain")
+        for leftover in (tmp_path / "plain").glob("chat_template.*"):
+            leftover.unlink()
+        tok = load_tokenizer(tmp_path / "plain")
+    else:
+        tok = load_tokenizer(mistral_sentencepiece_models[0])
+    text = "Scores: \\boxed{7, 3}"
+    first, mask = tok.encode_example("Judge these.", text, chat=True, literal=True)
+    for _ in range(3):
+        response = [i for i, m in zip(first, mask) if m]
+        assert response[-1] == tok.eos_id
+        sampled = tok.decode(response[:-1], skip_special=True)
+        assert sampled == text
+        again, mask = tok.encode_example("Judge these.", sampled, chat=True, literal=True)
+        assert again == first
