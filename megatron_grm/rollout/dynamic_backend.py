@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -100,6 +101,8 @@ class DynamicBackend:
         self.max_batch_size = max_batch_size
         self.max_tokens_in_flight = max_tokens_in_flight
         self.vocab_limit = vocab_limit
+        self.last_evictions = 0  # requests the engine evicted (KV blocks ran out) in the last wave
+        self.last_stop_words_restored = 0  # of those, the ones whose stop words keep_stop_words gave back
         paged_attention.install()  # torch's attention over the paged cache, only where flash-attn is absent
 
     def generate_wave(
@@ -151,19 +154,26 @@ class DynamicBackend:
         if sampling.stop:
             params.stop_words = list(sampling.stop)  # token-level early stop; the exact cut is made afterwards
         try:
+            stop_words: dict[int, list[list[int]]] = {}
             for i, prompt in enumerate(prompts):
                 engine.add_request(i, list(prompt), params)
                 # The engine takes one termination id; the other end ids (a turn-end token) stop a request
                 # as one-token stop words, which keep the token, like the termination id.
                 request = engine.get_request(i)
                 request.stop_word_ids = [*(request.stop_word_ids or []), *([t] for t in end_ids[1:])]
-            records = []
+                stop_words[i] = request.stop_word_ids
+            records, evictions, restored = [], 0, 0
             while engine.has_unfinished_requests():
                 result = engine.step_modern()
                 finished = result["finished_request_records"]
                 records.extend(finished)
+                if engine.evicted_request_count != evictions:
+                    evictions = engine.evicted_request_count
+                    restored += keep_stop_words(
+                        {i: engine.requests[i].record for i in stop_words if i in engine.requests}, stop_words)
                 if on_step is not None:
                     on_step(len(result["active_request_ids"]) + len(finished), len(finished))
+            self.last_evictions, self.last_stop_words_restored = evictions, restored
             merged = {r.request_id: r.merge() for r in records}
             out = []
             for i in range(len(prompts)):
@@ -184,3 +194,21 @@ class DynamicBackend:
             gc.collect()
             torch.cuda.empty_cache()
         return out
+
+
+def keep_stop_words(records: dict[int, Any], stop_words: dict[int, list[list[int]]]) -> int:
+    """Give evicted requests their stop words back.
+
+    Megatron-Core (0.16.1) re-queues an evicted request as a new request object (its record's
+    ``checkpoint``: prompt + tokens so far) without the stop words ``add_request`` tokenized, so it would
+    decode past a turn-end token or a stop string up to ``max_new_tokens``: no wrong output (``finish``
+    cuts at the first end), but the decode steps and KV blocks wasted are the ones that ran short.
+    Returns how many requests got them back.
+    """
+    restored = 0
+    for i, record in records.items():
+        latest = record[-1]
+        if not latest.stop_word_ids and stop_words.get(i):
+            latest.stop_word_ids = stop_words[i]
+            restored += 1
+    return restored

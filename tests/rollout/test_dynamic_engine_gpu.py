@@ -36,3 +36,7 @@ def test_dynamic_engine_samples_with_logprobs_that_match_training(tmp_path):
     ended = out["second_end_id"]
     assert ended["got"] == ended["expected"] and ended["finish"] == "stop"
     assert ended["n_logprobs"] == len(ended["got"])
+    evictions = out["evictions"]
+    assert evictions["evicted"] > 0, evictions  # the KV budget really ran out
+    assert evictions["restored"] == evictions["evicted"], evictions  # every re-queued request kept its stop words
+    assert evictions["lengths"] == [512] * 8 and evictions["finish"] == ["length"] * 8, evictions

@@ -59,7 +59,17 @@ def main() -> None:
     turn_end = d[k].token_ids[3]
     ended = RolloutEngine(model, tok, backend="dynamic", end_ids=(tok.eos_id, turn_end)).generate(
         prompts[k:k + 1], sampling=greedy)[0]
+    # Evictions: a KV budget of one full-length sequence (max_tokens_in_flight=1) for 8 requests of 512 new
+    # tokens runs out of blocks; each evicted request is re-queued by Megatron-Core without its stop words,
+    # which keep_stop_words gives back (a stop string no sample writes keeps all 8 running to the end).
+    crowded = RolloutEngine(model, tok, backend="dynamic", max_tokens_in_flight=1)
+    long_run = crowded.generate(prompts[:2], n=4, sampling=SamplingConfig(max_new_tokens=512, seed=11,
+                                                                          ignore_eos=True, stop=("~~~~~~~~",)))
     out = {
+        "evictions": {"evicted": crowded.backend.last_evictions,
+                      "restored": crowded.backend.last_stop_words_restored,
+                      "lengths": [len(x.token_ids) for x in long_run],
+                      "finish": [x.finish_reason for x in long_run]},
         "second_end_id": {"expected": d[k].token_ids[:d[k].token_ids.index(turn_end) + 1], "got": ended.token_ids,
                           "finish": ended.finish_reason, "n_logprobs": len(ended.logprobs)},
         "backend": dynamic.backend.name,
