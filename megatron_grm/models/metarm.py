@@ -178,13 +178,19 @@ def collate_metarm(items: Sequence[tuple[Sequence[int], Sequence[float]]], seq_l
 
 
 # ------------------------------------------------------------------------------------------ scoring
+# Micro-batches per forward-only schedule call: with one, a pipeline's stages take turns (with PP = 2 half
+# of each replica's GPUs idle); with m of them the 1F1B bubble is (PP - 1) / (m + PP - 1).
+MICRO_BATCHES_PER_CALL = 8
+
+
 @torch.no_grad()
 def metarm_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], micro_batch_size: int,
-                  pad_id: int) -> list[float]:
+                  pad_id: int, micro_batches_per_call: int = MICRO_BATCHES_PER_CALL) -> list[float]:
     """The MetaRM logit of every token sequence, returned on every rank.
 
     Collective over the world: every rank passes the same list. Data-parallel replicas score disjoint
-    shards; pipeline stages run Megatron's forward-only schedule, the last stage's logits are broadcast.
+    shards; pipeline stages run Megatron's forward-only schedule over up to ``micro_batches_per_call``
+    micro-batches of similar lengths at a time, and the last stage's logits are broadcast.
     """
     from megatron.core import parallel_state
 
@@ -194,21 +200,24 @@ def metarm_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], mi
     mine = list(range(dp_rank, len(sequences), dp_size))
     # Similar lengths together, so little of each micro-batch is padding.
     mine.sort(key=lambda i: len(sequences[i]))
+    batches = [mine[b:b + micro_batch_size] for b in range(0, len(mine), micro_batch_size)]
+    calls = schedule_calls(batches, micro_batches_per_call)
     gpt = unwrap(model)
     was_training = gpt.training
     gpt.eval()
     scores: dict[int, float] = {}
     try:
-        num_batches = -(-len(mine) // micro_batch_size)
+        num_calls = len(calls)
         if distributed:  # every replica runs the same number of schedule calls (PP sends pair up)
-            count = torch.tensor([num_batches])
+            count = torch.tensor([num_calls])
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX,
                                          group=parallel_state.get_data_parallel_group())
-            num_batches = int(count)
-        for b in range(num_batches):
-            chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-            logits = _forward_only(model, [(sequences[i], [0.0]) for i in chunk], pad_id) if chunk else []
-            scores.update(zip(chunk, logits))
+            num_calls = int(count)
+        for c in range(num_calls):
+            group = calls[c] if c < len(calls) else []
+            if group:
+                logits = _forward_only(model, [[(sequences[i], [0.0]) for i in chunk] for chunk in group], pad_id)
+                scores.update(zip([i for chunk in group for i in chunk], logits))
     finally:
         gpt.train(was_training)
     if distributed:
@@ -224,13 +233,30 @@ def metarm_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], mi
     return [scores[i] for i in range(len(sequences))]
 
 
-def _forward_only(model: torch.nn.Module, items: list[tuple[Sequence[int], list[float]]], pad_id: int) -> list[float]:
-    """One forward-only pass of Megatron's schedule over one micro-batch; logits on the last stage."""
+def schedule_calls(batches: list[list[int]], per_call: int) -> list[list[list[int]]]:
+    """Consecutive micro-batches in groups of up to ``per_call``; the pipeline sends one tensor shape per
+    call, so a shorter last micro-batch gets a call of its own."""
+    if per_call < 1:
+        raise ValueError(f"micro_batches_per_call={per_call}; must be >= 1")
+    calls: list[list[list[int]]] = []
+    for batch in batches:
+        if calls and len(calls[-1]) < per_call and len(calls[-1][0]) == len(batch):
+            calls[-1].append(batch)
+        else:
+            calls.append([batch])
+    return calls
+
+
+def _forward_only(model: torch.nn.Module, microbatches: list[list[tuple[Sequence[int], list[float]]]],
+                  pad_id: int) -> list[float]:
+    """One forward-only pass of Megatron's schedule over equally sized micro-batches, padded to one length;
+    logits on the last stage, in micro-batch order."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     # Padded to a multiple of 64: sequence parallelism splits the sequence over TP ranks.
-    longest = max(len(ids) for ids, _ in items)
-    batch = collate_metarm(items, seq_length=-(-longest // 64) * 64, pad_id=pad_id)
+    longest = max(len(ids) for items in microbatches for ids, _ in items)
+    length = -(-longest // 64) * 64
+    batches = [collate_metarm(items, seq_length=length, pad_id=pad_id) for items in microbatches]
     collected: list[float] = []
 
     def forward_step(data_iterator, chunk):
@@ -247,7 +273,7 @@ def _forward_only(model: torch.nn.Module, items: list[tuple[Sequence[int], list[
         return output, collect
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=batch["tokens"].shape[1], micro_batch_size=batch["tokens"].shape[0], forward_only=True,
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=length, micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
     )
     return collected

@@ -196,3 +196,15 @@ def test_sample_folder_leaves_out_unfinished_rft_shards(tmp_path):
     assert sample_files([str(tmp_path)]) == [str(tmp_path / "shard_00000.jsonl"), str(tmp_path / "shard_00002.jsonl")]
     with pytest.raises(FileNotFoundError, match="names no sample file"):
         sample_files([str(tmp_path / "missing.jsonl")])
+
+
+def test_metarm_scoring_fills_the_pipeline_with_several_micro_batches_per_call(tmp_path):
+    """PP = 2: 21 sequences in micro-batches of 2 (the last of 1) run as 8 + 2 + 1 micro-batches in three
+    schedule calls, not eleven, with the logits of one micro-batch per call."""
+    torchrun(REPO / "tests" / "stages" / "scripts" / "metarm_pp.py", 2,
+             ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out.json")], timeout=240)
+    got = read_json(tmp_path / "out.json")
+    assert got["stages"] == 2
+    assert got["calls_one"] == [1] * 11 and got["calls_grouped"] == [8, 2, 1]
+    assert len(got["grouped"]) == 21 and len(set(got["grouped"])) > 1
+    assert got["grouped"] == pytest.approx(got["one_by_one"], abs=1e-5)
