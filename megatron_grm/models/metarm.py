@@ -153,11 +153,16 @@ def metarm_input_ids(tokenizer, prompt: str, judgment: str, max_tokens: int) -> 
 
     ``prompt`` is the GRM prompt the judgment answered (as shown, chat formatting included). The whole
     input is data the MetaRM reads, so special-token strings in it (the chat template's included) are
-    encoded as text: a judged response cannot end or restart the input. Too long an input keeps its *end*
+    encoded as text: a judged response cannot end or restart the input; a BOS the template writes is the
+    BOS token, not its spelling. Too long an input keeps its *end*
     (the judgment and the question), behind the BOS token when the family uses one.
     """
     from megatron_grm.spct import metarm_prompt
 
+    if tokenizer.uses_bos:  # a template that writes BOS (Gemma, Llama-3): the BOS id stands for it, once
+        bos_text = tokenizer.decode([tokenizer.bos_id])
+        if bos_text and prompt.startswith(bos_text):
+            prompt = prompt[len(bos_text):]
     ids = tokenizer.encode(metarm_prompt(prompt, judgment), add_bos=tokenizer.uses_bos, literal=True)
     if len(ids) <= max_tokens:
         return ids, False

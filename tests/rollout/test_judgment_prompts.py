@@ -66,3 +66,27 @@ def test_the_metarm_reads_its_whole_input_as_data(smollm2_tokenizer_dir: Path):
     ids, truncated = metarm_input_ids(tokenizer, shown, "Scores: \\boxed{10, 1}", max_tokens=4096)
     assert not truncated and not markers & set(ids)
     assert tokenizer.decode(ids).startswith(shown)
+
+
+def test_a_bos_the_chat_template_writes_is_one_bos_token_in_the_metarm_input(smollm2_tokenizer_dir: Path, tmp_path):
+    """Gemma-2 and Llama-3 templates start with the BOS string; the MetaRM input starts with the BOS token
+    once, not the token followed by its spelling."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from megatron_grm.models.metarm import metarm_input_ids
+
+    lib = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)  # a Llama-3-like family on SmolLM2's vocabulary
+    lib.bos_token = "<|endoftext|>"
+    lib.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", 0)])
+    lib.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    lib.save_pretrained(tmp_path / "bos_template")
+    tokenizer = load_tokenizer(tmp_path / "bos_template")
+    assert tokenizer.uses_bos and tokenizer.bos_id == 0
+    shown = render_prompt(_example(), [0, 1], "default", False, tokenizer, chat=True)
+    assert shown.startswith("<|endoftext|><|im_start|>user")
+    ids, _ = metarm_input_ids(tokenizer, shown, "Scores: \\boxed{10, 1}", max_tokens=4096)
+    assert ids[0] == 0 and ids.count(0) == 1
+    assert tokenizer.decode(ids[1:]).startswith("<|im_start|>user")  # the template's markers, as text
