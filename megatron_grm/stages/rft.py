@@ -556,6 +556,9 @@ def train_rft(cfg: Any) -> Trainer:
     start = time.perf_counter()
     trainer.fit(producer, SupervisedObjective(t.loss_tokens_only), on_step=on_step)
     results["train_seconds"] = time.perf_counter() - start
+    if heldout and "heldout_accuracy_after" not in results and trainer.state.step == t.max_steps:
+        # Resumed at the last step (a job that ended between the final checkpoint and this file): no step ran.
+        evaluate(trainer.state.step, "after")
     fixed = 1.0 - producer.real_tokens / max(1, producer.consumed * t.seq_length)
     results["padding_waste"] = producer.padding_waste
     log.info("padding waste %.1f%% of batch positions (%.1f%% if every row were padded to trainer.seq_length=%d)",

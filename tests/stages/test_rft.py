@@ -162,6 +162,20 @@ def test_instruction_data_is_checked_before_sampling(bootstrap, tmp_path: Path):
     assert not list((run_dir / "samples").glob("shard_*"))
 
 
+def test_a_run_resumed_at_its_last_step_still_measures_heldout_accuracy_after(rft_run: Path, bootstrap,
+                                                                               tmp_path: Path):
+    """A job that ended between its final checkpoint and rft_results.json: the rerun trains no step but
+    measures the held-out accuracy of the final weights, as the uninterrupted run did."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(rft_run, run_dir, ignore=shutil.ignore_patterns("rft_results.json", "tensorboard"))
+    torchrun(RFT, 2, rft_args(run_dir, bootstrap["checkpoint"], bootstrap["too_long"], "rft.phase=train",
+                              heldout=HELDOUT), timeout=600)
+    results, reference = read_json(run_dir / "rft_results.json"), read_json(rft_run / "rft_results.json")
+    assert "heldout_accuracy_before" not in results  # not a fresh run
+    assert results["heldout_accuracy_after"] == pytest.approx(reference["heldout_accuracy_after"])
+    assert sorted(scalars(run_dir, "train/loss")) == []  # no step trained again
+
+
 def test_heldout_accuracy_before_and_after_training(rft_run: Path):
     """Greedy Eq. 10 accuracy on 15 held-out examples, split over the 2 DP ranks (8 + 7 judgments, summed):
     logged at step 0 and the last step and written to rft_results.json."""
