@@ -84,9 +84,23 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     seconds: float
-    tokens: int  # over all data-parallel ranks, padding included
-    flops: float  # model FLOPs of those tokens at each micro-batch's own width (ModelConfig.flops_per_token)
+    tokens: int  # non-padding tokens, over all data-parallel ranks
+    flops: float  # model FLOPs of those tokens, each document at its own length (ModelConfig.flops_per_token)
+    batch_tokens: int = 0  # every position of the micro-batches, padding included
     lr: float = 0.0  # the learning rate this step ran with (the scheduler has moved on by the time it is logged)
+
+
+def document_lengths(batch: Batch) -> list[int]:
+    """Lengths of the documents in a micro-batch, read from ``position_ids`` (which restart at 0 for each
+    document and are 0 on padding): a document ends where its positions stop rising. Padding counts for
+    nothing, nor does a one-token document (indistinguishable from padding; it does no real work). A batch
+    without position ids counts every position, one document per row."""
+    positions = batch.get("position_ids")
+    if positions is None:
+        return [int(batch["tokens"].shape[1])] * int(batch["tokens"].shape[0])
+    following = torch.cat([positions[:, 1:], torch.zeros_like(positions[:, :1])], dim=1)
+    ends = (positions > 0) & (following == 0)
+    return [int(p) + 1 for p in positions[ends].tolist()]
 
 
 @dataclass
@@ -273,27 +287,30 @@ class Trainer:
             else:  # inf/NaN gradients (grad_guard.py, or a grad scaler's check)
                 skipped = True
                 self._count_nonfinite(f"non-finite gradients (norm {grad_norm})")
-        tokens, flops = self._step_work(microbatches)
+        tokens, flops, batch_tokens = self._step_work(microbatches)
         values = {n: float(v[0] / v[1].clamp(min=1)) for n, v in metrics.items()}
         return StepResult(
             step=self.state.step + 1, loss=loss, metrics=values,
             grad_norm=None if grad_norm is None else float(grad_norm), skipped=skipped,
-            seconds=time.perf_counter() - start, tokens=tokens, flops=flops, lr=lr,
+            seconds=time.perf_counter() - start, tokens=tokens, flops=flops, lr=lr, batch_tokens=batch_tokens,
         )
 
-    def _step_work(self, microbatches: list[Batch]) -> tuple[int, float]:
-        """Tokens and model FLOPs of a step, summed over the data-parallel ranks: length-bucketed
-        micro-batches differ in width from rank to rank, and attention's cost grows with the width."""
+    def _step_work(self, microbatches: list[Batch]) -> tuple[int, float, int]:
+        """Non-padding tokens, their model FLOPs and all batch positions of a step, summed over the
+        data-parallel ranks: length-bucketed micro-batches differ from rank to rank, and attention's cost
+        grows with each document's length (:func:`document_lengths`)."""
         from megatron.core import parallel_state
 
         model = self.cfg.model
+        lengths = [n for b in microbatches for n in document_lengths(b)]
         work = torch.tensor([
+            float(sum(lengths)),
+            sum(model.flops_per_token(n) * n for n in lengths),
             sum(float(b["tokens"].numel()) for b in microbatches),
-            sum(model.flops_per_token(b["tokens"].shape[1]) * b["tokens"].numel() for b in microbatches),
         ], dtype=torch.float64, device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(work, group=parallel_state.get_data_parallel_group())
-        return int(work[0]), float(work[1])
+        return int(work[0]), float(work[1]), int(work[2])
 
     def _count_nonfinite(self, what: str) -> None:
         self.state.nonfinite_in_a_row += 1
@@ -346,6 +363,7 @@ class Trainer:
             "lr": r.lr,
             "grad_norm": r.grad_norm,
             "tokens_per_s": tokens_per_s,
+            "batch_tokens_per_s": r.batch_tokens / max(r.seconds, 1e-9),
             "tflops_per_device": tflops_per_device,
             "skipped": float(r.skipped),
         }

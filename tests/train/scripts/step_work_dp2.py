@@ -19,15 +19,23 @@ def main(run_dir: str, out: str) -> None:
                                           "trainer.global_batch_size=4", "trainer.seq_length=64"]))
     trainer = Trainer(run)
     widths = {0: [16, 48], 1: [32, 64]}
-    mine = [{"tokens": torch.zeros(1, w, dtype=torch.long)} for w in widths[torch.distributed.get_rank()]]
-    tokens, flops = trainer._step_work(mine)
-    reported = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
-    torch.distributed.all_gather(reported, torch.tensor([tokens, flops], dtype=torch.float64))
+    padding = 4  # each row: a document of width - 4 tokens, then padding (position ids 0)
+
+    def row(width: int) -> dict[str, torch.Tensor]:
+        positions = torch.zeros(1, width, dtype=torch.long)
+        positions[0, :width - padding] = torch.arange(width - padding)
+        return {"tokens": torch.zeros(1, width, dtype=torch.long), "position_ids": positions}
+
+    mine = [row(w) for w in widths[torch.distributed.get_rank()]]
+    tokens, flops, batch_tokens = trainer._step_work(mine)
+    reported = [torch.zeros(3, dtype=torch.float64) for _ in range(2)]
+    torch.distributed.all_gather(reported, torch.tensor([tokens, flops, batch_tokens], dtype=torch.float64))
     every = [w for ws in widths.values() for w in ws]
     write_on_rank0(out, {
         "reported": [r.tolist() for r in reported],
-        "expected_tokens": sum(every),
-        "expected_flops": sum(run.model.flops_per_token(w) * w for w in every),
+        "expected_tokens": sum(w - padding for w in every),
+        "expected_flops": sum(run.model.flops_per_token(w - padding) * (w - padding) for w in every),
+        "expected_batch_tokens": sum(every),
     })
 
 
