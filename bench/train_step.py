@@ -15,9 +15,10 @@ processes); MFU is that step's model FLOP/s over the best matmul probe. Paired p
 medians are in the JSON too.
 
 ``--response-tokens N`` puts the loss on each sequence's last N tokens only, as RFT/SFT on a judgment
-does: HF gets ``labels=-100`` on the prompt (TRL's completion-only loss) and still projects every position
-onto the vocabulary; our trainer projects only the N (``trainer.loss_tokens_only``; ``--no-loss-tokens-only``
-to switch it off). FLOPs for MFU then count the output layer at the loss tokens only, for both sides.
+does: HF gets ``labels=-100`` on the prompt (TRL's completion-only loss) and ``logits_to_keep=N + 1`` (its
+own way to project only the positions the loss reads; the labels are cut alike), our trainer projects only
+the N (``trainer.loss_tokens_only``). ``--no-loss-tokens-only`` switches both off, and
+``--no-hf-logits-to-keep`` HF's alone. FLOPs for MFU count the output layer at the loss tokens only.
 
 Prints one line per round and a final JSON summary (``--json`` writes it to a file too).
 """
@@ -163,12 +164,15 @@ class Side:
 
     @contextlib.contextmanager
     def phase(self, label: str):
-        """Time a part of the step on this side's clock, and label it for the profiler."""
+        """Time a part of the step on this side's clock (on a GPU: what it launched, synchronised), and
+        label it for the profiler."""
         from torch.profiler import record_function
 
+        _sync_cuda()
         start = self.clock()
         with record_function(f"phase: {label}"):
             yield
+        _sync_cuda()
         self.current[label] = self.current.get(label, 0.0) + self.clock() - start
 
     def close_step(self, timed: bool) -> None:
@@ -206,10 +210,11 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     return side, weights
 
 
-def hf_side(hf_model, clip: float, clock, adamw: str = "fused") -> Side:
+def hf_side(hf_model, clip: float, clock, adamw: str = "fused", logits_to_keep: int = 0) -> Side:
     """HF's usual loop: loss from the model, backward, clip, torch AdamW. ``fused`` is the kernel HF's
     Trainer picks by default on torch >= 2.8 (``optim="adamw_torch_fused"``); ``foreach`` is what a bare
-    ``torch.optim.AdamW(...)`` gets."""
+    ``torch.optim.AdamW(...)`` gets. ``logits_to_keep`` > 0: project only the last that many positions
+    (the loss's, with the one before its first target) and cut the labels alike."""
     opt = torch.optim.AdamW(hf_model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                             fused=adamw == "fused", foreach=adamw == "foreach")
     side = Side("transformers", clock)
@@ -220,7 +225,11 @@ def hf_side(hf_model, clip: float, clock, adamw: str = "fused") -> Side:
         total, count = 0.0, sum(float(b["loss_mask"].sum()) for b in batches)
         with side.phase("forward+backward"):
             for b in batches:
-                out = hf_model(input_ids=b["tokens"], labels=b["hf_labels"])
+                if logits_to_keep:
+                    out = hf_model(input_ids=b["tokens"], labels=b["hf_labels"][:, -logits_to_keep:],
+                                   logits_to_keep=logits_to_keep)
+                else:
+                    out = hf_model(input_ids=b["tokens"], labels=b["hf_labels"])
                 # HF averages over this micro-batch's targets; weight it to the step's token mean.
                 (out.loss * (float(b["loss_mask"].sum()) / count)).backward()
                 total += float(out.loss.detach()) * float(b["loss_mask"].sum())
@@ -231,6 +240,11 @@ def hf_side(hf_model, clip: float, clock, adamw: str = "fused") -> Side:
 
     side.step = step
     return side
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _sync(device: torch.device) -> None:
@@ -321,7 +335,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         hf_model = build_hf(model, torch.float32, torch.device("cpu"), args.seed)
         megatron, weights = megatron_side(args, model, hf_model, run_dir, clock)
         dev = run_device()
-        hf = hf_side(hf_model.to(device=dev, dtype=dtype), clip=1.0, clock=clock, adamw=args.hf_adamw)
+        hf = hf_side(hf_model.to(device=dev, dtype=dtype), clip=1.0, clock=clock, adamw=args.hf_adamw,
+                     logits_to_keep=hf_logits_to_keep(args))
         peak_dtype = torch.float32 if dev.type == "cpu" else dtype
         tokens = args.batch * args.microbatches * args.seq
         flops_per_token = useful_flops_per_token(model, args.seq, args.response_tokens)
@@ -352,6 +367,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             summary["profile"], summary["profile_top_ops"] = profile_sides([megatron, hf], batches)
             print_table("profiler: wall s per step by op (best of 2)", summary["profile"])
     return summary
+
+
+def hf_logits_to_keep(args: argparse.Namespace) -> int:
+    """Positions HF projects onto the vocabulary (0: all): the loss's, when ours projects only those too."""
+    if args.response_tokens and args.loss_tokens_only and args.hf_logits_to_keep:
+        return args.response_tokens + 1
+    return 0
 
 
 def useful_flops_per_token(model: ModelConfig, seq: int, response_tokens: int) -> float:
@@ -389,7 +411,9 @@ def summarise(args, model: ModelConfig, weights: str, megatron: Side, hf: Side, 
         "dtype": args.dtype, "recompute": args.recompute, "clock": args.clock,
         "distributed_optimizer": args.distributed_optimizer, "fused_adam": args.fused_adam,
         "hf_adamw": args.hf_adamw, "response_tokens": args.response_tokens,
-        "loss_tokens_only": args.loss_tokens_only,
+        "loss_tokens_only": args.loss_tokens_only, "hf_logits_to_keep": hf_logits_to_keep(args),
+        "precision": {"megatron": f"{args.dtype}" + (f" + fp8 {args.fp8}" if args.fp8 else ""),
+                      "transformers": args.dtype},
         "weights": weights, "matmul_peak_gflops": max(peaks), "matmul_probes_gflops": peaks,
         "megatron": m, "transformers": h,
         "ratio_tokens_per_s": m["tokens_per_s"] / h["tokens_per_s"],
@@ -426,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="loss on each sequence's last N tokens only (RFT-shaped); 0 = every token")
     p.add_argument("--loss-tokens-only", action=argparse.BooleanOptionalAction, default=True,
                    help="our output layer projects only the loss's tokens (trainer.loss_tokens_only)")
+    p.add_argument("--hf-logits-to-keep", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --response-tokens and --loss-tokens-only: HF projects only the loss's positions "
+                        "(logits_to_keep), as ours does")
     p.add_argument("--lazy-grad-zeroing", action=argparse.BooleanOptionalAction, default=True,
                    help="our side: weight-gradient GEMMs overwrite main_grad instead of a zeroed buffer "
                         "(trainer.lazy_grad_zeroing)")
@@ -458,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = measure(args)
     print(json.dumps(summary, indent=1))
+    if args.fp8:
+        print(f"NOTE: megatron runs {summary['precision']['megatron']}, transformers {args.dtype}: the ratio "
+              "compares two precisions")
     print(f"RATIO megatron/transformers tokens/s = {summary['ratio_tokens_per_s']:.3f} (best steps; paired "
           f"median {summary['ratio_paired_median']:.3f})  MFU (vs measured matmul peak "
           f"{summary['matmul_peak_gflops']:.0f} GFLOP/s): "
