@@ -557,7 +557,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         "",
         f"  {'per GPU, GiB':<26}" + "".join(f"{'stage ' + str(i):>10}" for i in range(len(plan.stages))),
     ]
-    rows = [("weights", "weights"), ("gradients (fp32)", "gradients"), ("optimizer states", "optimizer"),
+    fp8_rows = [("FP8 weight copies (TE)", "fp8_weights")] if any(st.fp8_weights for st in plan.stages) else []
+    rows = [("weights", "weights"), *fp8_rows, ("gradients (fp32)", "gradients"), ("optimizer states", "optimizer"),
             ("activations", "activations"), ("reference model", "reference"), ("KV cache (rollout)", "kv_cache"),
             ("rollout working set", "rollout_working"), ("= training phase", "training"),
             ("= rollout phase", "rollout"), ("= peak", "peak")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -150,6 +151,14 @@ def test_fp8_keeps_te_weight_copies_and_fp8_gemm_inputs():
     # The four GEMM inputs each layer keeps (h, h, h, ffn per token) drop from 2 bytes to 1.
     assert bf16.activations - fp8.activations == pytest.approx(32 * 4096 * (3 * 4096 + 14336))
     assert fp8.weights == bf16.weights
+
+
+def test_the_table_shows_the_fp8_weight_copies_only_for_fp8(capsys):
+    common = ["model=llama3_8b", "cluster=h200_1gpu", "parallel=single", "trainer.micro_batch_size=1",
+              "trainer.global_batch_size=1", "trainer.seq_length=4096"]
+    _, fp8, _ = plan_tool(capsys, "sft", *common, "precision=fp8")
+    _, bf16, _ = plan_tool(capsys, "sft", *common, "precision=bf16")
+    assert re.search(r"FP8 weight copies \(TE\) +13\.00\n", fp8) and "FP8 weight copies" not in bf16
 
 
 def test_selective_recompute_rebuilds_one_layers_soft_capped_scores_during_backward():
