@@ -71,10 +71,12 @@ def heldout_accuracy(
     """
     if not examples:
         raise ValueError("heldout_accuracy: no examples")
-    model = getattr(trainer_or_model, "unwrapped", trainer_or_model)
+    from megatron.core.utils import unwrap_model
+
+    limit = unwrap_model(getattr(trainer_or_model, "unwrapped", trainer_or_model)).max_sequence_length
     max_new = (sampling or SamplingConfig()).max_new_tokens
-    examples, too_long = split_by_prompt_room(examples, tokenizer, variant, chat, max_new, model.max_sequence_length)
-    report_too_long("held-out accuracy", too_long, len(examples) + len(too_long), max_new, model.max_sequence_length,
+    examples, too_long = split_by_prompt_room(examples, tokenizer, variant, chat, max_new, limit)
+    report_too_long("held-out accuracy", too_long, len(examples) + len(too_long), max_new, limit,
                     "model.max_position_embeddings")
     if not examples:
         raise ValueError("heldout_accuracy: no example leaves room for the judgment")
