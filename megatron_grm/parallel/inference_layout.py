@@ -1,13 +1,20 @@
-"""Sequence parallelism off for rollouts: Megatron-Core 0.16.1's static batching refuses it for dense
+"""How a rollout runs on a model's layout.
+
+Sequence parallelism off for rollouts: Megatron-Core 0.16.1's static batching refuses it for dense
 models ("Sequence parallellism is only supported for static batching with MoE models"), and a decode step
 of one token per sequence has no sequence to split. Training keeps it; a rollout turns it off on the same
 model for the duration of the call (Megatron's own ``set_model_to_sequence_parallel``, which flips the
-config and every module's flag) and back on afterwards."""
+config and every module's flag) and back on afterwards.
+
+The process groups a rollout communicates over are the model's own: a rollout copy in another layout
+(``rollout/refit.py``) has its own collection, which Megatron's inference wrappers would otherwise replace
+with the global (training) groups."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -26,3 +33,16 @@ def sequence_parallel_off(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         set_model_to_sequence_parallel(model, True)
+
+
+def inference_groups(model: torch.nn.Module) -> tuple[Any, Any]:
+    """(process-group collection, pipeline group) for a rollout of ``model`` (an unwrapped GPTModel): its
+    own collection when it has one, else Megatron's global groups (None, None before torch.distributed)."""
+    groups = getattr(model, "pg_collection", None)
+    if groups is not None:
+        return groups, groups.pp
+    if not torch.distributed.is_initialized():
+        return None, None
+    from megatron.core import parallel_state
+
+    return None, parallel_state.get_pipeline_model_parallel_group()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron_grm.parallel import paged_attention
+from megatron_grm.parallel.inference_layout import inference_groups
 from megatron_grm.rollout.controller import RolloutController, StepCallback, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.rollout.static_backend import RawSample, inference_wrapper_config
@@ -114,7 +115,6 @@ class DynamicBackend:
         stop_check,
         on_step: StepCallback | None,
     ) -> list[RawSample]:
-        from megatron.core import parallel_state
         from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
         from megatron.core.inference.engines import DynamicInferenceEngine
         from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
@@ -142,10 +142,10 @@ class DynamicBackend:
             pipeline_model_parallel_size=config.pipeline_model_parallel_size,
             materialize_only_last_token_logits=True,
         )
-        wrapper = GPTInferenceWrapper(self.model, inference_wrapper_config(self.model, max_requests), context)
+        groups, pp_group = inference_groups(self.model)
+        wrapper = GPTInferenceWrapper(self.model, inference_wrapper_config(self.model, max_requests), context, groups)
         wrapper.prep_model_for_inference()
-        controller = RolloutController(wrapper, self.shim, pp_group=parallel_state.get_pipeline_model_parallel_group(),
-                                       vocab_limit=self.vocab_limit)
+        controller = RolloutController(wrapper, self.shim, pp_group=pp_group, vocab_limit=self.vocab_limit)
         controller.set_streams(keys, [len(p) for p in prompts])  # request i is prompts[i]
         engine = DynamicInferenceEngine(controller, context, random_seed=0)  # asserted an int; draws use the streams
 

@@ -33,6 +33,7 @@ from megatron_grm.parallel.cpu_decode import (
     shared_prompts,
 )
 from megatron_grm.parallel.device import device, use_cuda
+from megatron_grm.parallel.inference_layout import inference_groups
 from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
@@ -117,7 +118,6 @@ class StaticBackend:
     name = "static"
 
     def __init__(self, model, shim: TokenizerShim, max_batch_size: int, vocab_limit: int | None) -> None:
-        from megatron.core import parallel_state
         from megatron.core.inference.contexts import StaticInferenceContext
 
         self.model = model
@@ -133,10 +133,10 @@ class StaticBackend:
         log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
                  else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
                       "take no padding mask")
+        groups, pp_group = inference_groups(model)
         self.wrapper = _wave_wrapper_class()(
-            model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1)
+            model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1), groups
         )
-        pp_group = parallel_state.get_pipeline_model_parallel_group() if torch.distributed.is_initialized() else None
         self.controller = RolloutController(self.wrapper, shim, pp_group=pp_group, vocab_limit=vocab_limit)
 
     def _log_gemms(self, gemms) -> None:

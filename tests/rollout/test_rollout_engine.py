@@ -288,3 +288,13 @@ def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):
     flash = tp1["flash_decode_routing"]
     assert flash["llama"] is None
     assert "core attention ['Gemma2CoreAttention']" in flash["gemma2_softcap_only"]
+
+
+def test_a_rollout_copy_refit_from_a_pipelined_model_runs_on_its_own_groups(tmp_path):
+    """Training PP = 2, rollouts on a one-stage copy: the copy must not talk over the training pipeline."""
+    torchrun(Path(__file__).parent / "scripts" / "refit_pp.py", 2,
+             ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out.json")], timeout=240)
+    out = read_json(tmp_path / "out.json")
+    assert out["stages"] == 2 and out["copy_pipeline"] == 1
+    assert all(len(t) > 0 for t in out["expected"])
+    assert out["refit_per_rank"] == [out["expected"], out["expected"]]  # each rank decodes with the whole copy
