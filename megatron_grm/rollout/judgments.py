@@ -100,10 +100,8 @@ def sample_judgments(
     requests = [(i, perm) for i, example in enumerate(examples) for perm in response_orders(example, n, rng, shuffle)]
     texts = [grm_prompt_text(examples[i], perm, variant, hint) for i, perm in requests]
     prompt_ids = [encode_grm_prompt(tokenizer, text, chat) for text in texts]
-    room = [len(ids) + sampling.max_new_tokens <= engine.context_limit for ids in prompt_ids]
     # Every request has its own prompt (own permutation): generate one sample each.
-    generated = iter(engine.generate([ids for ids, ok in zip(prompt_ids, room) if ok], n=1, sampling=sampling))
-    samples: list[Sample | None] = [next(generated) if ok else None for ok in room]
+    samples = generate_where_room(engine, prompt_ids, sampling)
     out = []
     for k, ((i, perm), ids, sample) in enumerate(zip(requests, prompt_ids, samples)):
         example = examples[i]
@@ -123,6 +121,15 @@ def sample_judgments(
             finish_reason=sample.finish_reason,
         ))
     return out
+
+
+def generate_where_room(engine, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+                        ) -> list[Sample | None]:
+    """One sample per prompt from ``engine``, None for a prompt that leaves no room for ``max_new_tokens``
+    in the model's context (it is not sent: the engine would refuse the whole call)."""
+    room = [len(ids) + sampling.max_new_tokens <= engine.context_limit for ids in prompt_ids]
+    generated = iter(engine.generate([ids for ids, ok in zip(prompt_ids, room) if ok], n=1, sampling=sampling))
+    return [next(generated) if ok else None for ok in room]
 
 
 def prompt_length(tokenizer, example: Example, variant: str, chat: bool, hint: bool = False) -> int:

@@ -42,7 +42,13 @@ from megatron_grm.data.examples import Example, permute_example
 from megatron_grm.data.readers.common import ReadResult, json_object_lines
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, true_on_any_rank
-from megatron_grm.rollout.judgments import encode_grm_prompt, grm_prompt_text, render_prompt, response_orders
+from megatron_grm.rollout.judgments import (
+    encode_grm_prompt,
+    generate_where_room,
+    grm_prompt_text,
+    render_prompt,
+    response_orders,
+)
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import (
     choice_scores,
@@ -378,10 +384,14 @@ def _judge_draws(engine, tokenizer: Tokenizer, job: Job, examples: Sequence[Exam
     perms = [response_orders(e, 1, tag)[0] for e in examples]
     prompts = [encode_grm_prompt(tokenizer, judge_prompt_text(e, p), s.chat)
                for e, p in zip(examples, perms)]
-    samples = engine.generate(prompts, n=1, sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, greedy=True,
-                                                                    seed=call_seed))
+    # A shown order that tokenizes longer than the checked one is not generated: no choice (incorrect).
+    samples = generate_where_room(engine, prompts, SamplingConfig(max_new_tokens=s.max_new_tokens, greedy=True,
+                                                                  seed=call_seed))
     draws = []
     for e, perm, sample in zip(examples, perms, samples):
+        if sample is None:
+            draws.append(Draw(job.benchmark, e.id, JUDGE, job.first, None, perm, ""))
+            continue
         shown = parse_best_choice(sample.text or "", e.num_responses)
         choice = None if shown is None else perm[shown]
         draws.append(Draw(job.benchmark, e.id, JUDGE, job.first, choice_scores(choice, e.num_responses), perm,

@@ -68,6 +68,7 @@ class GRPOSettings:
     max_tokens_in_flight: int = 32768
     val_samples: int = 4  # judgments per data.val example at each validation (stages/reward_validation.py)
     val_interval: int = 50  # validate every this many steps (and at step 0 and the last step); 0: those two only
+    random_policy: bool = False  # allow trainer.load=null: start (and the KL reference) from random weights (tests)
 
 
 class GRPOObjective:
@@ -339,9 +340,10 @@ def train_grpo(cfg: Any) -> Trainer:
     data = run.extra.get("data", {})
     if not data.get("train"):
         raise ValueError("data.train is not set (a JSONL path or e.g. arithmetic:train:512)")
-    if not run.trainer.load:  # the policy to improve and the KL reference: random weights are neither
+    if not run.trainer.load and not s.random_policy:  # the policy to improve and the KL reference
         raise ValueError("trainer.load is not set: GRPO starts from the RFT checkpoint (also the frozen KL "
-                         "reference); give its iter_* folder or its checkpoints folder")
+                         "reference); give its iter_* folder or its checkpoints folder (grpo.random_policy=true "
+                         "starts from random weights: tests only)")
     tokenizer_id = tokenizer_name(run)
     tokenizer = load_tokenizer(tokenizer_id)
     examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
@@ -352,9 +354,10 @@ def train_grpo(cfg: Any) -> Trainer:
 
     engine = RolloutEngine(trainer.model, tokenizer, max_tokens_in_flight=s.max_tokens_in_flight,
                            debug_logprobs=bool(data.get("debug_logprobs", False)))
-    # The reference is the *starting* policy: the loaded checkpoint. On a resumed run the policy weights
-    # are then replaced by the run's own latest checkpoint.
-    trainer.load_weights(run.trainer.load)
+    # The reference is the *starting* policy: the loaded checkpoint (or, for tests, the seeded initial
+    # weights). On a resumed run the policy weights are then replaced by the run's own latest checkpoint.
+    if run.trainer.load:
+        trainer.load_weights(run.trainer.load)
     reference = build_reference(trainer)
     if s.offload_reference and use_cuda():
         reference.to("cpu")  # parked from the start; moved to the GPU only for its forward passes

@@ -143,13 +143,19 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
 
     Needs ``prompt`` and ``text``; the label is ``correct`` or, without it, Eq. 10 on ``scores`` and
     ``label``. Hinted samples are left out unless asked for: the MetaRM rates the judgments the GRM writes
-    unhinted, at inference.
+    unhinted, at inference. So is a judgment that was never generated (its shown prompt left no room for
+    it, ``finish_reason`` ``prompt_too_long``): it says nothing about the GRM.
     """
+    from megatron_grm.rollout.judgments import PROMPT_TOO_LONG
+
     out: list[LabelledJudgment] = []
-    without_id = 0
+    without_id = never_written = 0
     for where, record in json_object_lines(path):
         require_types(record, where, {"prompt": str, "text": str})
         if record.get("hinted") and not include_hinted:
+            continue
+        if record.get("finish_reason") == PROMPT_TOO_LONG:
+            never_written += 1
             continue
         if "correct" in record:
             correct = bool(record["correct"])
@@ -162,6 +168,8 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
             without_id += 1
         out.append(LabelledJudgment(str(where if example_id is None else example_id), record["prompt"],
                                     record["text"], correct, "rft"))
+    if never_written:
+        log.info("%s: %d judgment(s) never generated (prompt too long) left out", path, never_written)
     if without_id:
         log.warning("%s: %d judgment(s) name no example (example_id, id or example): each counts as an example of "
                     "its own in the held-out split, so judgments of one example may land on both sides", path,

@@ -39,7 +39,13 @@ from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
 from megatron_grm.parallel.distributed import barrier, is_rank0, true_on_any_rank
-from megatron_grm.rollout.judgments import JudgmentSample, report_too_long, sample_judgments, split_by_prompt_room
+from megatron_grm.rollout.judgments import (
+    PROMPT_TOO_LONG,
+    JudgmentSample,
+    report_too_long,
+    sample_judgments,
+    split_by_prompt_room,
+)
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
@@ -432,10 +438,16 @@ def read_shards(samples_dir: str) -> list[dict[str, Any]]:
 def filter_statistics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """What rejective sampling kept and why it dropped the rest (TensorBoard ``rft/*``).
 
-    judgments = kept + rejected (incorrect) + too_easy_judgments (correct, in a too-easy example).
+    judgments = kept + rejected (incorrect) + too_easy_judgments (correct, in a too-easy example). A
+    judgment never generated (its shown prompt tokenized too long) is rejected, counted as
+    ``prompt_too_long`` and left out of the accuracies and the unparseable count.
     """
+    never = [r for r in records if r.get("finish_reason") == PROMPT_TOO_LONG]
+    generated = [r for r in records if r.get("finish_reason") != PROMPT_TOO_LONG]
     plain = [r for r in records if not r["hinted"]]
     hinted = [r for r in records if r["hinted"]]
+    plain_generated = [r for r in plain if r.get("finish_reason") != PROMPT_TOO_LONG]
+    hinted_generated = [r for r in hinted if r.get("finish_reason") != PROMPT_TOO_LONG]
     return {
         "examples": float(len({r["example_index"] for r in records})),
         "judgments": float(len(records)),
@@ -446,9 +458,12 @@ def filter_statistics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "hinted": float(len(hinted)),
         "hinted_kept": float(sum(r["kept"] for r in hinted)),
         "examples_kept": float(len({r["example_index"] for r in records if r["kept"]})),
-        "unparseable": float(sum(r["scores"] is None for r in records)),
-        "accuracy": sum(r["correct"] for r in plain) / len(plain) if plain else float("nan"),
-        "hinted_accuracy": sum(r["correct"] for r in hinted) / len(hinted) if hinted else float("nan"),
+        "unparseable": float(sum(r["scores"] is None for r in generated)),
+        "prompt_too_long": float(len(never)),
+        "accuracy": (sum(r["correct"] for r in plain_generated) / len(plain_generated) if plain_generated
+                     else float("nan")),
+        "hinted_accuracy": (sum(r["correct"] for r in hinted_generated) / len(hinted_generated) if hinted_generated
+                            else float("nan")),
     }
 
 

@@ -476,7 +476,10 @@ class Trainer:
                                           "exp_avg_sq": torch.zeros_like(p.data)}
 
     def load_weights(self, folder: str) -> None:
-        """Start from another run's weights (any TP/PP layout); optimizer and step start fresh."""
+        """Start from another run's weights (any TP/PP layout); optimizer and step start fresh. ``folder`` is
+        an ``iter_*`` folder, or a run's checkpoints folder, which means its ``latest``."""
+        if os.path.isfile(os.path.join(folder, ckpt.LATEST)):
+            folder = ckpt.latest_checkpoint(folder)
         check_checkpoint_model(folder, self.cfg.model)
         loaded = ckpt.load_checkpoint(folder, {"model": self.unwrapped.sharded_state_dict()})
         self.unwrapped.load_state_dict(loaded["model"])

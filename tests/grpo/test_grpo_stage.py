@@ -56,10 +56,11 @@ SMALL_VAL = ["data.val=arithmetic:heldout:8:7", "grpo.val_samples=2"]
 
 @pytest.fixture(scope="module")
 def tp2_run(base_ckpt, tmp_path_factory) -> Path:
-    """2 GRPO steps with TP 2 (so DP 1), validating 8 held-out examples x 2 judgments at steps 0 and 2."""
+    """2 GRPO steps with TP 2 (so DP 1), validating 8 held-out examples x 2 judgments at steps 0 and 2. It
+    starts from the RFT run's checkpoints folder, which means its ``latest``."""
     run = tmp_path_factory.mktemp("grpo_tp2") / "run"
-    _stage("grpo", 2, [*GRPO, *SMALL_VAL, "parallel=tp2", f"trainer.run_dir={run}", f"trainer.load={base_ckpt}",
-                       "trainer.max_steps=2"])
+    _stage("grpo", 2, [*GRPO, *SMALL_VAL, "parallel=tp2", f"trainer.run_dir={run}",
+                       f"trainer.load={base_ckpt.parent}", "trainer.max_steps=2"])
     return run
 
 

@@ -35,7 +35,7 @@ def test_grpo_runs_on_a_gpu_in_bf16_with_rollout_logprobs_that_match_training(tm
         f"cluster.gpu='{torch.cuda.get_device_name()}'", f"cluster.compute_capability=[{major},{minor}]",
         f"cluster.memory_gb_per_device={memory_gb:.0f}", "trainer.max_steps=2", "trainer.global_batch_size=16",
         "trainer.micro_batch_size=8", "grpo.max_new_tokens=32", "grpo.offload_reference=true",
-        "data.debug_logprobs=true", f"trainer.run_dir={run}",
+        "data.debug_logprobs=true", "grpo.random_policy=true", f"trainer.run_dir={run}",
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
            "megatron_grm.stages.grpo", *overrides]

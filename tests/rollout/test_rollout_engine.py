@@ -260,6 +260,9 @@ def test_a_judgment_prompt_with_no_room_is_an_incorrect_judgment_not_an_engine_e
     assert r["tokens"][2:] == [[], []] and r["texts"][2:] == ["", ""] and r["scores"][2:] == [None, None]
     assert r["correct"][2:] == [False, False]
     assert r["tokens"][:2] == r["alone"] and all(r["tokens"][:2])  # the rest sampled as if alone
+    judge = run["too_long_judge"]  # the LLM-as-a-judge baseline's prompts alike
+    assert [d["id"] for d in judge] == ["short", "long"]
+    assert judge[1] == {"id": "long", "scores": None, "text": ""} and judge[0]["text"]
 
 
 def test_refit_rollout_layout_follows_training_weights(tp2):

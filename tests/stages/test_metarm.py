@@ -153,6 +153,17 @@ def test_rft_sample_reader_labels_by_eq10_and_skips_hinted(tmp_path):
         read_rft_samples(str(path))
 
 
+def test_a_judgment_that_was_never_generated_is_not_metarm_data(tmp_path):
+    from megatron_grm.stages.metarm import read_rft_samples
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"example_id": "a", "prompt": "P", "text": "T1", "correct": True, "finish_reason": "stop"},
+        {"example_id": "b", "prompt": "P", "text": "", "correct": False, "finish_reason": "prompt_too_long"},
+    ]) + "\n")
+    assert [j.example_id for j in read_rft_samples(str(path))] == ["a"]
+
+
 def test_judgments_without_an_example_id_are_kept_and_reported(tmp_path, caplog):
     from megatron_grm.stages.metarm import read_rft_samples
 

@@ -243,3 +243,17 @@ def test_reading_the_samples_names_a_broken_shard_line_and_an_unfinished_shard(t
     Path(shard_file(str(tmp_path), 1)).write_text(json.dumps({"example_index": 1}) + "\n" + '{"example_index": 2, "te')
     with pytest.raises(ValueError, match=r"shard_00001.jsonl:2: invalid JSON"):
         read_shards(str(tmp_path))
+
+
+def test_filter_statistics_count_a_never_generated_judgment_apart_from_the_accuracy():
+    from megatron_grm.stages.rft import filter_statistics
+
+    def record(index: int, correct: bool, kept: bool, finish: str, scores=(8, 2)) -> dict:
+        return {"example_index": index, "hinted": False, "kept": kept, "correct": correct, "too_easy": False,
+                "scores": None if finish == "prompt_too_long" else list(scores), "finish_reason": finish}
+
+    stats = filter_statistics([record(0, True, True, "stop"), record(0, False, False, "stop", (2, 8)),
+                               record(0, False, False, "prompt_too_long")])
+    assert stats["judgments"] == 3 and stats["rejected"] == 2 and stats["kept"] == 1
+    assert stats["prompt_too_long"] == 1 and stats["unparseable"] == 0
+    assert stats["accuracy"] == 0.5  # of the two judgments generated

@@ -444,6 +444,13 @@ def main() -> None:
     judging = SamplingConfig(max_new_tokens=MAX_NEW, seed=5)
     both = sample_judgments(engine, tok, [short, long], 2, judging, "too-long", variant="compact", chat=False)
     alone = sample_judgments(engine, tok, [short], 2, judging, "too-long", variant="compact", chat=False)
+    # The same for the LLM-as-a-judge baseline's prompts (evaluation): no choice, not an engine error.
+    from megatron_grm.stages.evaluate import JUDGE, BenchmarkSpec, EvalSettings, Job, _judge_draws
+
+    judge_settings = EvalSettings(benchmarks=[BenchmarkSpec("b", "unused")], max_new_tokens=MAX_NEW, chat=False)
+    judge = _judge_draws(engine, tok, Job("b", JUDGE, 1, 0, [short, long]), [short, long], judge_settings,
+                         "too-long", 5)
+    out["too_long_judge"] = [{"id": d.example_id, "scores": d.scores, "text": d.text} for d in judge]
     out["too_long_judgments"] = {
         "context_limit": engine.context_limit,
         "prompt_lengths": [len(j.prompt_ids) for j in both],
