@@ -223,5 +223,5 @@ def test_batchers_refuse_to_resume_a_position_only_another_data_parallel_rank_ca
     next(padded)
     with pytest.raises(ValueError, match="a length-sorted window written by data-parallel rank 1 of 2"):
         PaddedBatcher(docs, ResumableSampler(64, seed=2), 4, bucket_size=4).load_state_dict(padded.state_dict())
-    # Between windows the sampler's consumed count is exact on any layout.
+    # At a window's start (nothing emitted from it yet) the sampler's consumed count is exact on any layout.
     PaddedBatcher(docs, ResumableSampler(64, seed=2), 4, bucket_size=4).load_state_dict(at_window_start)
