@@ -220,15 +220,11 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, l
 # ------------------------------------------------------------------------------------------ Megatron -> HF
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     """(iteration folder, checkpoint root) from either a root with ``latest`` or an ``iter_*`` folder."""
-    from megatron_grm.train.checkpoint import MODEL_CONFIG, latest_checkpoint
+    from megatron_grm.train.checkpoint import checkpoint_folder
 
     path = Path(path).resolve()
-    if (path / MODEL_CONFIG).is_file():
-        return path, path.parent
-    folder = latest_checkpoint(str(path))
-    if folder is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder ({MODEL_CONFIG}) nor a root with 'latest'")
-    return Path(folder), path
+    folder = Path(checkpoint_folder(str(path)))
+    return folder, (path.parent if folder == path else path)
 
 
 class CheckpointError(ValueError):

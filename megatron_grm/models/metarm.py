@@ -16,7 +16,6 @@ but not used.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -110,18 +109,6 @@ def metarm_forward(
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def checkpoint_folder(path: str) -> str:
-    """The ``iter_*`` folder a path names: itself, or the one a run's checkpoint root marks ``latest``."""
-    from megatron_grm.train.checkpoint import MODEL_CONFIG, latest_checkpoint
-
-    if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
-        return path
-    folder = latest_checkpoint(path)
-    if folder is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder ({MODEL_CONFIG}) nor a root with 'latest'")
-    return folder
-
-
 def checkpoint_has_metarm_head(folder: str) -> bool:
     from megatron.core import dist_checkpointing
 
@@ -135,7 +122,7 @@ def load_model_weights(model: torch.nn.Module, path: str, model_cfg: ModelConfig
     with a MetaRM head needs a checkpoint that has one. With ``model_cfg`` (what the model was built
     from) a checkpoint saved for other function-only settings (RoPE base, norm epsilon, ...) is refused.
     """
-    from megatron_grm.train.checkpoint import load_checkpoint
+    from megatron_grm.train.checkpoint import checkpoint_folder, load_checkpoint
 
     folder = checkpoint_folder(path)
     if model_cfg is not None:

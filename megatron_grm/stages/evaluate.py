@@ -669,7 +669,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 def sampling_manifest(run, s: EvalSettings) -> dict[str, Any]:
     """What the draws in a run's sample file are draws *of*: reusing them under other settings would mix
     two experiments in one table."""
-    from megatron_grm.models.metarm import checkpoint_folder
+    from megatron_grm.train.checkpoint import checkpoint_folder
 
     def where(path: str | None) -> str | None:
         return None if not path else os.path.abspath(checkpoint_folder(path))

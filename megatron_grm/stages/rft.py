@@ -588,15 +588,13 @@ def starting_checkpoint(load: str | None, phase: str) -> str | None:
     Sampling needs it: RFT samples with the model it starts from (paper §3.2: a pretrained GRM), and a
     randomly initialised model writes no judgment worth keeping.
     """
-    if load and os.path.isfile(os.path.join(load, ckpt.LATEST)):
-        load = ckpt.latest_checkpoint(load)
     if load and not os.path.isdir(load):
         raise FileNotFoundError(f"trainer.load={load} does not exist (the tiny demo starts from stages/bootstrap.py's "
                                 "runs/bootstrap/checkpoints: run that first)")
     if not load and phase != "train":
         raise ValueError("trainer.load is not set: rejective sampling needs the policy to sample from (a converted "
                          "base model, or for the tiny demo the checkpoints of stages/bootstrap.py)")
-    return load
+    return ckpt.checkpoint_folder(load) if load else None
 
 
 def pad_multiple_for(run, pad_multiple: int) -> int:

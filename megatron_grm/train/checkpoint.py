@@ -43,6 +43,16 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return folder
 
 
+def checkpoint_folder(path: str) -> str:
+    """The ``iter_*`` folder a path names: itself, or the one a run's checkpoint root marks ``latest``."""
+    if os.path.isfile(os.path.join(path, MODEL_CONFIG)):
+        return path
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder ({MODEL_CONFIG}) nor a root with 'latest'")
+    return folder
+
+
 def fsync(path: str) -> None:
     """Flush a file's (or a folder's entries') data from the page cache to the disk."""
     fd = os.open(path, os.O_RDONLY)

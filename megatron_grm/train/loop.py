@@ -478,8 +478,7 @@ class Trainer:
     def load_weights(self, folder: str) -> None:
         """Start from another run's weights (any TP/PP layout); optimizer and step start fresh. ``folder`` is
         an ``iter_*`` folder, or a run's checkpoints folder, which means its ``latest``."""
-        if os.path.isfile(os.path.join(folder, ckpt.LATEST)):
-            folder = ckpt.latest_checkpoint(folder)
+        folder = ckpt.checkpoint_folder(folder)
         check_checkpoint_model(folder, self.cfg.model)
         loaded = ckpt.load_checkpoint(folder, {"model": self.unwrapped.sharded_state_dict()})
         self.unwrapped.load_state_dict(loaded["model"])
