@@ -45,7 +45,7 @@ from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_si
 from megatron_grm.rollout.judgments import (
     encode_grm_prompt,
     generate_where_room,
-    grm_prompt_text,
+    prompt_length,
     render_prompt,
     response_orders,
 )
@@ -219,12 +219,11 @@ def prompt_check(tokenizer: Tokenizer, s: EvalSettings, context_limit: int) -> C
     """Why an example cannot be evaluated ("untokenizable", "too_long"), or None when it can."""
 
     def unusable(example: Example) -> str | None:
-        identity = list(range(example.num_responses))
-        prompts = [grm_prompt_text(example, identity, s.variant, False)]
-        if s.judge_baseline and example.num_responses >= 2:
-            prompts.append(judge_prompt_text(example, identity))
         try:
-            lengths = [len(encode_grm_prompt(tokenizer, p, s.chat)) for p in prompts]
+            lengths = [prompt_length(tokenizer, example, s.variant, s.chat)]
+            if s.judge_baseline and example.num_responses >= 2:
+                identity = list(range(example.num_responses))
+                lengths.append(len(encode_grm_prompt(tokenizer, judge_prompt_text(example, identity), s.chat)))
         except ValueError:
             return "untokenizable"
         return "too_long" if max(lengths) + s.max_new_tokens > context_limit else None

@@ -442,12 +442,11 @@ def filter_statistics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     judgment never generated (its shown prompt tokenized too long) is rejected, counted as
     ``prompt_too_long`` and left out of the accuracies and the unparseable count.
     """
-    never = [r for r in records if r.get("finish_reason") == PROMPT_TOO_LONG]
     generated = [r for r in records if r.get("finish_reason") != PROMPT_TOO_LONG]
     plain = [r for r in records if not r["hinted"]]
     hinted = [r for r in records if r["hinted"]]
-    plain_generated = [r for r in plain if r.get("finish_reason") != PROMPT_TOO_LONG]
-    hinted_generated = [r for r in hinted if r.get("finish_reason") != PROMPT_TOO_LONG]
+    plain_generated = [r for r in generated if not r["hinted"]]
+    hinted_generated = [r for r in generated if r["hinted"]]
     return {
         "examples": float(len({r["example_index"] for r in records})),
         "judgments": float(len(records)),
@@ -459,7 +458,7 @@ def filter_statistics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "hinted_kept": float(sum(r["kept"] for r in hinted)),
         "examples_kept": float(len({r["example_index"] for r in records if r["kept"]})),
         "unparseable": float(sum(r["scores"] is None for r in generated)),
-        "prompt_too_long": float(len(never)),
+        "prompt_too_long": float(len(records) - len(generated)),
         "accuracy": (sum(r["correct"] for r in plain_generated) / len(plain_generated) if plain_generated
                      else float("nan")),
         "hinted_accuracy": (sum(r["correct"] for r in hinted_generated) / len(hinted_generated) if hinted_generated
