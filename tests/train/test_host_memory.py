@@ -1,0 +1,71 @@
+"""parallel/host_memory.py: on a CPU run glibc's malloc keeps freed blocks, so reallocating a large tensor
+(as every training step does with its activations) faults no pages in again; the environment's own malloc
+tuning wins; ``init_parallel`` applies it on the CPU."""
+
+from __future__ import annotations
+
+import textwrap
+
+from megatron_grm.parallel import host_memory
+from tests.conftest import python_json
+
+# Faults taken by allocating, touching and freeing a 64 MiB tensor a second time (the first one warms up).
+REALLOCATION_FAULTS = textwrap.dedent("""
+    import resource
+    import torch
+
+    def faults_of_reallocating():
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+""")
+
+
+def test_freed_blocks_are_reused_without_faulting_pages_in():
+    out = python_json(REALLOCATION_FAULTS + textwrap.dedent("""
+        import json
+        from megatron_grm.parallel import host_memory
+        plain = faults_of_reallocating()
+        applied = host_memory.keep_freed_host_memory(cuda=False)
+        kept = faults_of_reallocating()
+        print(json.dumps({"plain": plain, "applied": applied, "kept": kept,
+                          "again": host_memory.keep_freed_host_memory(cuda=False)}))
+    """))
+    assert out["applied"] and out["again"]
+    assert out["plain"] >= 16  # glibc maps a 64 MiB block afresh: at least one fault per 4 MiB of it
+    assert out["kept"] * 10 < out["plain"], out
+
+
+def test_cuda_runs_and_the_environments_own_tuning_are_left_alone():
+    out = python_json(REALLOCATION_FAULTS + textwrap.dedent("""
+        import json, os
+        from megatron_grm.parallel import host_memory
+        on_cuda = host_memory.keep_freed_host_memory(cuda=True)
+        host_memory._applied = None
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = "131072"  # read by the test below only; glibc read it at start
+        tuned = host_memory.keep_freed_host_memory(cuda=False)
+        print(json.dumps({"on_cuda": on_cuda, "tuned": tuned, "faults": faults_of_reallocating()}))
+    """))
+    assert not out["on_cuda"] and not out["tuned"]
+    assert out["faults"] >= 16, out  # malloc as before: the block is mapped afresh
+
+
+def test_environment_tunes_malloc_names_the_variable():
+    assert host_memory.environment_tunes_malloc({}) is None
+    assert host_memory.environment_tunes_malloc({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}) is None
+    assert host_memory.environment_tunes_malloc(
+        {"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.mmap_max=0"}) == "GLIBC_TUNABLES"
+    assert host_memory.environment_tunes_malloc({"MALLOC_MMAP_THRESHOLD_": "1"}) == "MALLOC_MMAP_THRESHOLD_"
+
+
+def test_init_parallel_applies_it_on_the_cpu():
+    out = python_json(textwrap.dedent("""
+        import json
+        from megatron_grm.parallel import host_memory
+        from megatron_grm.parallel.distributed import ParallelLayout, destroy_parallel, init_parallel
+        init_parallel(ParallelLayout())
+        print(json.dumps({"applied": host_memory._applied}))
+        destroy_parallel()
+    """))
+    assert out == {"applied": True}
