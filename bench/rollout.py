@@ -6,7 +6,10 @@ greedily from the same prompts (mixed lengths, EOS ignored so every row makes ``
 script checks that the generated tokens are identical or, where they part, that our token is the argmax of
 ``transformers``' own forward up to round-off (``greedy_shortfall``), and prints tokens/s for batch 1 and batch 32 and
 the ratio ours / HF. ``--copies 1 8`` (the default) also runs batch 32 as 4 prompts x 8 samples:
-identical prompts, which our engine prefills once and ``generate`` prefills per row. ``--temperature T``
+identical prompts, which our engine prefills once and ``generate`` prefills per row. ``--responses R``
+shapes the prompts as the stages' are: a head (instructions and conversation) and R response blocks, which
+each of a prompt's copies shows in its own random order, so an example's rows are alike only where their
+orders agree (with R = 2, two distinct rows per example). ``--temperature T``
 samples instead (both sides over the whole vocabulary at temperature T: ``generate`` with
 ``torch.multinomial``, ours from per-request streams); sampled tokens cannot be compared, so that check
 is skipped.
@@ -14,6 +17,8 @@ is skipped.
     .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
     .venv/bin/python bench/rollout.py --batches 32 --min-prompt 960 --max-prompt 1200  # GRM-length prompts
+    .venv/bin/python bench/rollout.py --batches 32 --copies 8 --responses 2 --min-prompt 960 --max-prompt 1200 \
+        --new-tokens 256 --temperature 1.0   # as RFT / GRPO / voting@8 sample pairwise examples
 
 The sides alternate (who goes first rotates every repeat) so drifting load hits them alike; HF runs with
 the Megatron CPU compatibility layer's global torch-function mode disabled, as it would in a process of its
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import tempfile
 import time
@@ -46,6 +52,13 @@ def parse_args() -> argparse.Namespace:
                     help="samples per distinct prompt (a batch of 32 with 8 copies: 4 prompts x 8 samples, as "
                          "in voting@8 or RFT's N judgments); HF generates the repeated rows, as "
                          "num_return_sequences does, ours gets the distinct prompts with n=copies")
+    ap.add_argument("--responses", type=int, default=0,
+                    help="GRM-shaped prompts: each distinct prompt is a shared head followed by this many response "
+                         "blocks, and each of its --copies rows shows the blocks in its own random order, as "
+                         "RFT, GRPO and voting shuffle them (0: plain random prompts)")
+    ap.add_argument("--response-share", type=float, default=0.75,
+                    help="with --responses: the share of a prompt's tokens in its response blocks (RMB's "
+                         "conversations vs. responses: 0.74 pairwise, 0.83 best-of-N, by characters)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy, compared token by token (default); > 0: both sides sample at it")
@@ -82,6 +95,24 @@ def make_prompts(args: argparse.Namespace, count: int) -> list[list[int]]:
     if args.equal_lengths:
         lengths = [args.max_prompt] * count
     return [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def shown_rows(args: argparse.Namespace, prompts: list[list[int]], copies: int) -> list[list[int]]:
+    """Every row of a case: each distinct prompt ``copies`` times, or, with ``--responses R``, as a head
+    and R response blocks shown in a random order per row (a row's own shuffle, as the stages draw them)."""
+    if not args.responses:
+        return [p for p in prompts for _ in range(copies)]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        head = len(prompt) - round(len(prompt) * args.response_share)
+        size = -(-(len(prompt) - head) // args.responses)
+        blocks = [prompt[start:start + size] for start in range(head, len(prompt), size)]
+        orders = random.Random(f"{args.seed}:{i}")
+        for _ in range(copies):
+            order = list(range(len(blocks)))
+            orders.shuffle(order)
+            rows.append(prompt[:head] + [t for b in order for t in blocks[b]])
+    return rows
 
 
 @torch.inference_mode()
@@ -161,20 +192,25 @@ def main() -> None:
     sampling = SamplingConfig(greedy=not sampled, temperature=args.temperature if sampled else 1.0,
                               max_new_tokens=args.new_tokens, ignore_eos=True, seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
+    shape = (f"; {args.responses} response blocks ({args.response_share:.0%} of each prompt) in a random order per "
+             f"row" if args.responses else "")
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
           f"ffn {args.ffn}, vocab {args.vocab} ({params / 1e6:.1f}M params, fp32); prompts "
           f"{args.max_prompt if args.equal_lengths else f'{args.min_prompt}-{args.max_prompt}'} tokens, "
-          f"{args.new_tokens} new tokens, {how}; torch threads {torch.get_num_threads()}; "
+          f"{args.new_tokens} new tokens, {how}{shape}; torch threads {torch.get_num_threads()}; "
           f"{args.repeats} alternating timed runs per side after a warm-up (best reported)")
 
     from megatron_grm.parallel.cpu_compat import without_cpu_compat
 
+    rows_of = {case: shown_rows(args, prompts[case], case[1]) for case in cases}
+
     def run_hf(case: tuple[int, int], cache: str):
-        rows = [p for p in prompts[case] for _ in range(case[1])]
         with without_cpu_compat():
-            return hf_generate(hf, rows, args.new_tokens, args.temperature, cache)
+            return hf_generate(hf, rows_of[case], args.new_tokens, args.temperature, cache)
 
     def run_ours(case: tuple[int, int]):
+        if args.responses:  # every row as the stages pass them: shuffled orders, some alike
+            return [s.token_ids for s in engine.generate(rows_of[case], n=1, sampling=sampling)]
         return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=sampling)]
 
     rows = []
@@ -197,7 +233,7 @@ def main() -> None:
         best = min(names[:-1], key=lambda name: min(t[1] for t in times[name]))  # HF's faster cache here
         times["hf"], outputs["hf"] = times[best], outputs[best]
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
-        row_prompts = [p for p in prompts[case] for _ in range(case[1])]
+        row_prompts = rows_of[case]
         shortfalls = []
         if not sampled:
             with without_cpu_compat():

@@ -269,8 +269,10 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     attention).
 
     Each prompt's keys and values are gathered once per wave and layer into a compact copy laid out for
-    the matmul; the scores of all positions are assembled per row and go through one softmax, so the
-    result is the per-row path's up to summation order.
+    the matmul. The prompt part is attended with the queries of all its rows stacked (``prompts x slots``)
+    and reduced there to each query's running maximum, sum of exponentials and weighted values; only those
+    small results move to the rows, where they merge with the rows' own generated positions as a split
+    softmax does (log-sum-exp). The result is the per-row path's up to summation order.
     """
     b, _, h_q, d = q.shape
     groups = k_cache.shape[1]
@@ -285,23 +287,34 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     prompt_keys, prompt_values = shared.per_layer[layer]
     slot_rows, row_slots = shared.slot_rows.to(q.device), shared.row_slots.to(q.device)
 
+    # The prompt part, per prompt: [p, g, slots * rep, width] scores -> max, sum of exp, exp-weighted values.
     queries = q.reshape(b, groups, rep, d)
     stacked = queries.index_select(0, slot_rows).view(prompts, slots, groups, rep, d).transpose(1, 2)
-    prompt_scores = torch.matmul(stacked.reshape(prompts, groups, slots * rep, d), prompt_keys)
-    prompt_scores = prompt_scores.view(prompts, groups, slots, rep, width).transpose(1, 2)
-    own_keys = k_cache[:, :, width:length].transpose(2, 3).to(q.dtype)  # [b, g, d, generated]
-    scores = torch.cat((prompt_scores.reshape(prompts * slots, groups, rep, width).index_select(0, row_slots),
-                        torch.matmul(queries, own_keys)), dim=-1).float().mul_(scale)
-    if _key_padding_additive is not None:
-        scores += _key_padding_additive[:, None, None, :length].to(scores.device)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., width:], v_cache[:, :, width:length].to(q.dtype))  # [b, g, rep, d]
-    stacked_probs = probs[..., :width].index_select(0, slot_rows).view(prompts, slots, groups, rep, width)
-    prompt_out = torch.matmul(stacked_probs.transpose(1, 2).reshape(prompts, groups, slots * rep, width),
-                              prompt_values)  # [p, g, slots * rep, d]
-    prompt_out = prompt_out.view(prompts, groups, slots, rep, d).transpose(1, 2).reshape(prompts * slots, groups,
-                                                                                        rep, d)
-    return (out + prompt_out.index_select(0, row_slots)).reshape(b, 1, h_q, d)
+    scores = torch.matmul(stacked.reshape(prompts, groups, slots * rep, d), prompt_keys).float().mul_(scale)
+    if _key_padding_additive is not None:  # a prompt's rows share its padding
+        scores += _key_padding_additive.index_select(0, shared.first.to(
+            _key_padding_additive.device))[:, None, None, :width].to(scores.device)
+    prompt_max = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(prompt_max).exp_()
+    prompt_sum = weights.sum(dim=-1, keepdim=True)
+    prompt_out = torch.matmul(weights.to(q.dtype), prompt_values).float()  # [p, g, slots * rep, d]
+
+    def to_rows(t: torch.Tensor) -> torch.Tensor:  # [p, g, slots * rep, x] -> [b, g, rep, x]
+        t = t.view(prompts, groups, slots, rep, t.shape[-1]).transpose(1, 2)
+        return t.reshape(prompts * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
+
+    prompt_max, prompt_sum, prompt_out = to_rows(prompt_max), to_rows(prompt_sum), to_rows(prompt_out)
+    if length == width:  # nothing generated yet
+        return (prompt_out / prompt_sum).to(q.dtype).reshape(b, 1, h_q, d)
+    # The rows' own generated positions (never padding), merged with the prompt part.
+    own = torch.matmul(queries, k_cache[:, :, width:length].transpose(2, 3).to(q.dtype)).float().mul_(scale)
+    top = torch.maximum(prompt_max, own.amax(dim=-1, keepdim=True))
+    own_weights = own.sub_(top).exp_()
+    prompt_scale = (prompt_max - top).exp_()
+    total = prompt_sum.mul_(prompt_scale).add_(own_weights.sum(dim=-1, keepdim=True))
+    out = torch.matmul(own_weights.to(q.dtype), v_cache[:, :, width:length].to(q.dtype)).float()
+    out = out.add_(prompt_out.mul_(prompt_scale)).div_(total)
+    return out.to(q.dtype).reshape(b, 1, h_q, d)
 
 
 def _supported(model: torch.nn.Module) -> str | None:

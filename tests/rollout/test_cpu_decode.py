@@ -139,9 +139,15 @@ def test_shared_prompt_decode_reads_each_prompt_once_and_matches_the_per_row_pat
             k_cache[4, :width] = float("nan")
             again = flash_attn_with_kvcache(q, k_cache, v_cache, None, None, rotary_cos=cos, rotary_sin=sin,
                                             cache_seqlens=n + 1)
+            prompt_only = flash_attn_with_kvcache(q, k_cache, v_cache, None, None, rotary_cos=cos,
+                                                  rotary_sin=sin, cache_seqlens=width)  # nothing generated
+        k_cache[4, :width] = k_cache[0, :width]
+        want_prompt_only = flash_attn_with_kvcache(q, k_cache, v_cache, None, None, rotary_cos=cos, rotary_sin=sin,
+                                                   cache_seqlens=width)
     torch.testing.assert_close(k_cache[:, n], per_row_cache[0][:, n])  # the new key written in the same slot
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.isfinite(again).all()
+    torch.testing.assert_close(prompt_only, want_prompt_only, atol=1e-5, rtol=0)
 
 
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
