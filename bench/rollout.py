@@ -51,7 +51,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--copies", type=int, nargs="+", default=[1, 8],
                     help="samples per distinct prompt (a batch of 32 with 8 copies: 4 prompts x 8 samples, as "
                          "in voting@8 or RFT's N judgments); HF generates the repeated rows, as "
-                         "num_return_sequences does, ours gets the distinct prompts with n=copies")
+                         "num_return_sequences does, ours gets the distinct prompts with n=copies (with "
+                         "--responses, every row, as the stages pass their shuffled prompts)")
     ap.add_argument("--responses", type=int, default=0,
                     help="GRM-shaped prompts: each distinct prompt is a shared head followed by this many response "
                          "blocks, and each of its --copies rows shows the blocks in its own random order, as "
@@ -72,7 +73,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch (the best is reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.responses and (args.responses < 2 or not 0 < args.response_share < 1
+                           or round(args.min_prompt * args.response_share) < args.responses):
+        ap.error("--responses needs at least 2 blocks, --response-share in (0, 1), and at least one token per "
+                 "block in the shortest prompt")
+    return args
 
 
 def hf_llama(args: argparse.Namespace):
@@ -105,8 +111,8 @@ def shown_rows(args: argparse.Namespace, prompts: list[list[int]], copies: int) 
     rows = []
     for i, prompt in enumerate(prompts):
         head = len(prompt) - round(len(prompt) * args.response_share)
-        size = -(-(len(prompt) - head) // args.responses)
-        blocks = [prompt[start:start + size] for start in range(head, len(prompt), size)]
+        bounds = [head + (len(prompt) - head) * k // args.responses for k in range(args.responses + 1)]
+        blocks = [prompt[a:b] for a, b in zip(bounds, bounds[1:])]
         orders = random.Random(f"{args.seed}:{i}")
         for _ in range(copies):
             order = list(range(len(blocks)))

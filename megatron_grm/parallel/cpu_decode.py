@@ -294,10 +294,12 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if _key_padding_additive is not None:  # a prompt's rows share its padding
         scores += _key_padding_additive.index_select(0, shared.first.to(
             _key_padding_additive.device))[:, None, None, :width].to(scores.device)
-    prompt_max = scores.amax(dim=-1, keepdim=True)
-    weights = scores.sub_(prompt_max).exp_()
+    prompt_max = scores.amax(dim=-1, keepdim=True)  # -inf only where every prompt key is padding
+    weights = scores.sub_(prompt_max.nan_to_num(neginf=0.0)).exp_()
     prompt_sum = weights.sum(dim=-1, keepdim=True)
-    prompt_out = torch.matmul(weights.to(q.dtype), prompt_values).float()  # [p, g, slots * rep, d]
+    # Normalised before the matmul, so its result stays within the values' range in a 16-bit dtype too.
+    weights = weights.div_(prompt_sum.clamp(min=torch.finfo(weights.dtype).tiny)).to(q.dtype)
+    prompt_out = torch.matmul(weights, prompt_values).float()  # [p, g, slots * rep, d]
 
     def to_rows(t: torch.Tensor) -> torch.Tensor:  # [p, g, slots * rep, x] -> [b, g, rep, x]
         t = t.view(prompts, groups, slots, rep, t.shape[-1]).transpose(1, 2)
@@ -305,15 +307,16 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
     prompt_max, prompt_sum, prompt_out = to_rows(prompt_max), to_rows(prompt_sum), to_rows(prompt_out)
     if length == width:  # nothing generated yet
-        return (prompt_out / prompt_sum).to(q.dtype).reshape(b, 1, h_q, d)
-    # The rows' own generated positions (never padding), merged with the prompt part.
+        return prompt_out.to(q.dtype).reshape(b, 1, h_q, d)
+    # The rows' own generated positions (never padding), merged with the prompt part: each part's weighted
+    # values count by its sum of exponentials, rescaled to the common maximum.
     own = torch.matmul(queries, k_cache[:, :, width:length].transpose(2, 3).to(q.dtype)).float().mul_(scale)
     top = torch.maximum(prompt_max, own.amax(dim=-1, keepdim=True))
     own_weights = own.sub_(top).exp_()
-    prompt_scale = (prompt_max - top).exp_()
-    total = prompt_sum.mul_(prompt_scale).add_(own_weights.sum(dim=-1, keepdim=True))
-    out = torch.matmul(own_weights.to(q.dtype), v_cache[:, :, width:length].to(q.dtype)).float()
-    out = out.add_(prompt_out.mul_(prompt_scale)).div_(total)
+    prompt_weight = prompt_sum.mul_((prompt_max - top).exp_())
+    total = own_weights.sum(dim=-1, keepdim=True).add_(prompt_weight)
+    out = torch.matmul(own_weights, v_cache[:, :, width:length].float())
+    out = out.add_(prompt_out.mul_(prompt_weight)).div_(total)
     return out.to(q.dtype).reshape(b, 1, h_q, d)
 
 

@@ -11,8 +11,11 @@ separate gate/up projections stay under the threshold.
 
 :func:`keep_freed_host_memory` turns both off through ``mallopt`` (no mmap-served blocks, no trimming),
 which is what the CUDA caching allocator does for device memory: the process keeps its peak and reuses it.
-A process whose environment tunes glibc's malloc itself (``GLIBC_TUNABLES`` with ``glibc.malloc``, or the
-``MALLOC_*_`` variables) keeps those settings; on a C library without ``mallopt`` nothing changes.
+It covers the main thread's heap, where the training loop and the CPU backward allocate; glibc's other
+threads' arenas still map blocks over 64 MiB afresh. Forked children (data workers) inherit it. A process
+whose environment tunes the allocator itself (``GLIBC_TUNABLES`` with ``glibc.malloc``, the ``MALLOC_*_``
+variables, or another malloc in ``LD_PRELOAD`` such as jemalloc or tcmalloc) keeps its settings; on a C
+library without ``mallopt`` nothing changes.
 """
 
 from __future__ import annotations
@@ -21,19 +24,23 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
+GLIBC_MMAP_MAX_DEFAULT = 65536
 
 _applied: bool | None = None  # what the first call decided; later calls repeat it
 
 
-def environment_tunes_malloc(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
-    """The variable through which this process's environment already tunes glibc's malloc, if any."""
+def environment_tunes_malloc(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The variable through which this process's environment already tunes (or replaces) glibc's malloc."""
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES"
+    if "malloc" in environ.get("LD_PRELOAD", ""):  # libjemalloc.so, libtcmalloc.so, libmimalloc.so, ...
+        return "LD_PRELOAD"
     for name in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         if name in environ:
             return name
@@ -59,7 +66,11 @@ def keep_freed_host_memory(cuda: bool) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # -1 as the trim threshold disables trimming (mallopt(3)); 0 mmap-served blocks puts every block on the heap.
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, -1) != 1:
+    if mallopt(M_MMAP_MAX, 0) != 1:
+        log.warning("host memory: mallopt refused; freed blocks may go back to the kernel")
+        return False
+    if mallopt(M_TRIM_THRESHOLD, -1) != 1:
+        mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX_DEFAULT)  # all or nothing
         log.warning("host memory: mallopt refused; freed blocks may go back to the kernel")
         return False
     _applied = True

@@ -150,6 +150,31 @@ def test_shared_prompt_decode_reads_each_prompt_once_and_matches_the_per_row_pat
     torch.testing.assert_close(prompt_only, want_prompt_only, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_shared_prompt_decode_handles_large_values_and_an_all_padding_prompt(dtype, atol):
+    """The split softmax stays within the values' range (weighted values are normalised before leaving
+    fp32), and a prompt whose every key is padding contributes nothing instead of NaN."""
+    from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
+
+    g = torch.Generator().manual_seed(5)
+    h_q, h_kv, d, width, s_max, n = 4, 2, 8, 300, 310, 304
+    source, first = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2])
+    b = len(source)
+    k_cache = torch.randn(b, s_max, h_kv, d, generator=g)
+    v_cache = torch.randn(b, s_max, h_kv, d, generator=g) * 100
+    k_cache[:, :width], v_cache[:, :width] = k_cache[first[source], :width], v_cache[first[source], :width]
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    q = torch.randn(b, 1, h_q, d, generator=g).to(dtype)
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[2:, :width] = True  # prompt 1: nothing but padding
+    with masked_cache_positions(padding):
+        want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
+        with shared_prompts(first, source, width, min_width=0):
+            got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=atol * 100, rtol=atol)
+
+
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
     import megatron_grm.parallel.cpu_decode as cpu_decode
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+import torch
+
 from megatron_grm.parallel import host_memory
 from tests.conftest import python_json
 
@@ -57,8 +60,11 @@ def test_environment_tunes_malloc_names_the_variable():
     assert host_memory.environment_tunes_malloc(
         {"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.mmap_max=0"}) == "GLIBC_TUNABLES"
     assert host_memory.environment_tunes_malloc({"MALLOC_MMAP_THRESHOLD_": "1"}) == "MALLOC_MMAP_THRESHOLD_"
+    assert host_memory.environment_tunes_malloc({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == "LD_PRELOAD"
+    assert host_memory.environment_tunes_malloc({"LD_PRELOAD": "/usr/lib/libfoo.so"}) is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="init_parallel applies it on CPU runs only")
 def test_init_parallel_applies_it_on_the_cpu():
     out = python_json(textwrap.dedent("""
         import json
