@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 # backend sets it here for the duration of a wave.
 _key_padding: torch.Tensor | None = None
 _key_padding_additive: torch.Tensor | None = None  # the same as 0 / -inf, float32, for the decode path
-# Which rows' first cache positions are copies of one prompt (a group's samples, prefilled once by
-# megatron_grm.rollout.shared_prefill); None outside shared_prompts.
+# Which rows hold the same keys/values in which prompt positions (an example's samples, prefilled once
+# where they agree by megatron_grm.rollout.shared_prefill); None outside shared_prompts.
 _shared_prompts: _SharedPrompts | None = None
 # Per layer (keyed by its cache's address), a head-major copy of the KV cache for the decode steps of one
 # wave; None outside contiguous_decode_cache.
@@ -54,16 +55,27 @@ def masked_cache_positions(key_padding: torch.Tensor | None) -> Iterator[None]:
 
 
 @dataclass
-class _SharedPrompts:
-    """Rows grouped by prompt, laid out as ``prompts x slots`` (a group's rows, padded to the largest group
-    by repeating its first row), and each layer's prompt keys/values once per prompt."""
+class _SharedSegment:
+    """Prompt positions ``[start, end)`` read once per group of rows: the groups laid out as ``groups x
+    slots`` (a group's rows, padded to the largest group by repeating its first row), and each layer's
+    keys/values there once per group."""
 
-    width: int
-    first: torch.Tensor  # [prompts] a row holding each prompt
-    slot_rows: torch.Tensor  # [prompts * slots] the row in each slot
+    start: int
+    end: int
+    first: torch.Tensor  # [groups] a row of each group
+    slot_rows: torch.Tensor  # [groups * slots] the row in each slot
     row_slots: torch.Tensor  # [rows] the slot of each row
     slots: int
     per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _SharedPrompts:
+    """The wave's prompt width, and the segments from position 0 read once per group; the positions
+    after the last of them are read per row."""
+
+    width: int
+    segments: list[_SharedSegment]
 
 
 @dataclass
@@ -114,40 +126,50 @@ def _cache_views(layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, start
     return entry.keys, entry.values
 
 
-# Below this prompt length the per-row read is cheaper than the shared path's extra gathers: one decode
-# step's attention, 32 rows, 4 KV heads of 64, 4 prompts x 8 copies (session 6, 2-core CPU): 48 positions
-# 0.35 vs 0.55 ms, 256: 0.97 vs 1.01 ms, 1,100: 8.0 vs 1.8 ms (16 prompts x 2 copies: 3.5 ms).
+# Below this many shared positions the per-row read is cheaper than the shared path's extra gathers: one
+# decode step's attention, 32 rows, 4 KV heads of 64, 4 prompts x 8 copies (session 6, 2-core CPU): 48
+# positions 0.35 vs 0.55 ms, 256: 0.97 vs 1.01 ms, 1,100: 8.0 vs 1.8 ms (16 prompts x 2 copies: 3.5 ms).
 SHARED_PROMPT_MIN_WIDTH = 256
 
 
 @contextlib.contextmanager
-def shared_prompts(first: torch.Tensor | None, source: torch.Tensor | None, width: int,
+def shared_prompts(segments: Sequence[Any] | None, width: int,
                    min_width: int = SHARED_PROMPT_MIN_WIDTH) -> Iterator[None]:
-    """Declare that row ``r``'s KV-cache positions ``[0, width)`` hold the same prompt as row
-    ``first[source[r]]`` (the output of ``megatron_grm.rollout.shared_prefill.identical_rows``). Decode
-    steps then read each prompt's keys and values once for all its rows — one matmul with the rows'
-    queries stacked — instead of once per row: at GRM prompt lengths the cache, not the weights, is most
-    of what a decode step reads. Prompts shorter than ``min_width`` keep the per-row path."""
+    """Declare that in each segment's positions ``[start, end)`` row ``r`` holds the same keys and values
+    as row ``first[source[r]]`` (``megatron_grm.rollout.shared_prefill.PrefixSegment``s, in order from 0, of
+    a wave whose prompts are ``width`` positions). Decode steps then read a segment's keys and values
+    once per group, one matmul with its rows' queries stacked, instead of once per row: at GRM prompt
+    lengths the cache, not the weights, is most of what a decode step reads. Segments from the first
+    that does not at least halve the rows (and everything when fewer than ``min_width`` positions would
+    be shared) are read per row."""
     global _shared_prompts
     previous = _shared_prompts
-    _shared_prompts = None if first is None or width < min_width else _slot_layout(first, source, width)
+    leading = []
+    for segment in segments or ():
+        if 2 * len(segment.first) > len(segment.source):
+            break
+        leading.append(segment)
+    _shared_prompts = None
+    if leading and leading[-1].end >= min_width:
+        _shared_prompts = _SharedPrompts(width, [_slot_layout(seg.start, seg.end, seg.first, seg.source)
+                                                 for seg in leading])
     try:
         yield
     finally:
         _shared_prompts = previous
 
 
-def _slot_layout(first: torch.Tensor, source: torch.Tensor, width: int) -> _SharedPrompts:
+def _slot_layout(start: int, end: int, first: torch.Tensor, source: torch.Tensor) -> _SharedSegment:
     counts = torch.bincount(source, minlength=len(first))
     slots = int(counts.max())
-    slot_rows = first.repeat_interleave(slots)  # padding slots read the prompt's first row (output dropped)
+    slot_rows = first.repeat_interleave(slots)  # padding slots read the group's first row (output dropped)
     row_slots = torch.empty_like(source)
-    for prompt in range(len(first)):
-        rows = torch.nonzero(source == prompt).flatten()
-        positions = prompt * slots + torch.arange(len(rows))
+    for group in range(len(first)):
+        rows = torch.nonzero(source == group).flatten()
+        positions = group * slots + torch.arange(len(rows))
         slot_rows[positions] = rows
         row_slots[rows] = positions
-    return _SharedPrompts(width, first, slot_rows, row_slots, slots)
+    return _SharedSegment(start, end, first, slot_rows, row_slots, slots)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,
@@ -265,59 +287,82 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                                 softmax_scale: float | None, shared: _SharedPrompts, layer: int) -> torch.Tensor:
     """:func:`_decode_one_position`'s attention (caches ``[b, g, positions, d]``, ``length`` positions
-    filled) with the prompt part ``[0, width)`` read once per distinct prompt (cascade / shared-prefix
-    attention).
+    filled) with each shared segment read once per group of rows (cascade / shared-prefix attention).
 
-    Each prompt's keys and values are gathered once per wave and layer into a compact copy laid out for
-    the matmul. The prompt part is attended with the queries of all its rows stacked (``prompts x slots``)
-    and reduced there to each query's running maximum, sum of exponentials and weighted values; only those
-    small results move to the rows, where they merge with the rows' own generated positions as a split
+    Every part (a shared segment, then the rest of the positions per row) is reduced to each query's
+    maximum score, sum of exponentials and normalised weighted values; the parts then merge as a split
     softmax does (log-sum-exp). The result is the per-row path's up to summation order.
     """
     b, _, h_q, d = q.shape
     groups = k_cache.shape[1]
-    rep, width, prompts, slots = h_q // groups, shared.width, len(shared.first), shared.slots
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
-    if layer not in shared.per_layer:
-        rows = shared.first.to(k_cache.device)
-        shared.per_layer[layer] = (
-            k_cache[:, :, :width].index_select(0, rows).transpose(2, 3).contiguous().to(q.dtype),  # [p, g, d, w]
-            v_cache[:, :, :width].index_select(0, rows).contiguous().to(q.dtype),  # [p, g, w, d]
-        )
-    prompt_keys, prompt_values = shared.per_layer[layer]
-    slot_rows, row_slots = shared.slot_rows.to(q.device), shared.row_slots.to(q.device)
+    queries = q.reshape(b, groups, h_q // groups, d)
+    parts = [_attend_shared_segment(queries, k_cache, v_cache, segment, layer, scale)
+             for segment in shared.segments]
+    start = shared.segments[-1].end
+    if start < length:
+        parts.append(_attend_per_row(queries, k_cache, v_cache, start, length, scale))
+    return _merge_parts(parts).to(q.dtype).reshape(b, 1, h_q, d)
 
-    # The prompt part, per prompt: [p, g, slots * rep, width] scores -> max, sum of exp, exp-weighted values.
-    queries = q.reshape(b, groups, rep, d)
-    stacked = queries.index_select(0, slot_rows).view(prompts, slots, groups, rep, d).transpose(1, 2)
-    scores = torch.matmul(stacked.reshape(prompts, groups, slots * rep, d), prompt_keys).float().mul_(scale)
-    if _key_padding_additive is not None:  # a prompt's rows share its padding
-        scores += _key_padding_additive.index_select(0, shared.first.to(
-            _key_padding_additive.device))[:, None, None, :width].to(scores.device)
-    prompt_max = scores.amax(dim=-1, keepdim=True)  # -inf only where every prompt key is padding
-    weights = scores.sub_(prompt_max.nan_to_num(neginf=0.0)).exp_()
-    prompt_sum = weights.sum(dim=-1, keepdim=True)
+
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per query: max score, sum of exp, normalised output
+
+
+def _reduce(scores: torch.Tensor, values: torch.Tensor) -> Part:
+    """Scores ``[..., n]`` (fp32, scaled, masked) over ``values`` ``[..., n, d]`` as (max, sum of exp,
+    softmax-weighted values in fp32). A query whose every key is masked gives sum 0 and output 0."""
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(top.nan_to_num(neginf=0.0)).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
     # Normalised before the matmul, so its result stays within the values' range in a 16-bit dtype too.
-    weights = weights.div_(prompt_sum.clamp(min=torch.finfo(weights.dtype).tiny)).to(q.dtype)
-    prompt_out = torch.matmul(weights, prompt_values).float()  # [p, g, slots * rep, d]
+    weights = weights.div_(total.clamp(min=torch.finfo(weights.dtype).tiny)).to(values.dtype)
+    return top, total, torch.matmul(weights, values).float()
 
-    def to_rows(t: torch.Tensor) -> torch.Tensor:  # [p, g, slots * rep, x] -> [b, g, rep, x]
-        t = t.view(prompts, groups, slots, rep, t.shape[-1]).transpose(1, 2)
-        return t.reshape(prompts * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
 
-    prompt_max, prompt_sum, prompt_out = to_rows(prompt_max), to_rows(prompt_sum), to_rows(prompt_out)
-    if length == width:  # nothing generated yet
-        return prompt_out.to(q.dtype).reshape(b, 1, h_q, d)
-    # The rows' own generated positions (never padding), merged with the prompt part: each part's weighted
-    # values count by its sum of exponentials, rescaled to the common maximum.
-    own = torch.matmul(queries, k_cache[:, :, width:length].transpose(2, 3).to(q.dtype)).float().mul_(scale)
-    top = torch.maximum(prompt_max, own.amax(dim=-1, keepdim=True))
-    own_weights = own.sub_(top).exp_()
-    prompt_weight = prompt_sum.mul_((prompt_max - top).exp_())
-    total = own_weights.sum(dim=-1, keepdim=True).add_(prompt_weight)
-    out = torch.matmul(own_weights, v_cache[:, :, width:length].float())
-    out = out.add_(prompt_out.mul_(prompt_weight)).div_(total)
-    return out.to(q.dtype).reshape(b, 1, h_q, d)
+def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           segment: _SharedSegment, layer: int, scale: float) -> Part:
+    """One segment's part, computed per group with the queries of its rows stacked, returned per row."""
+    b, groups, rep, d = queries.shape
+    count, slots = len(segment.first), segment.slots
+    if layer not in segment.per_layer:  # each group's keys/values, gathered once per wave and layer
+        rows = segment.first.to(k_cache.device)
+        span = slice(segment.start, segment.end)
+        segment.per_layer[layer] = (
+            k_cache[:, :, span].index_select(0, rows).transpose(2, 3).contiguous().to(queries.dtype),  # [G, g, d, n]
+            v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),  # [G, g, n, d]
+        )
+    keys, values = segment.per_layer[layer]
+    slot_rows, row_slots = segment.slot_rows.to(queries.device), segment.row_slots.to(queries.device)
+    stacked = queries.index_select(0, slot_rows).view(count, slots, groups, rep, d).transpose(1, 2)
+    scores = torch.matmul(stacked.reshape(count, groups, slots * rep, d), keys).float().mul_(scale)
+    if _key_padding_additive is not None:  # a group's rows share their padding
+        padding = _key_padding_additive.index_select(0, segment.first.to(_key_padding_additive.device))
+        scores += padding[:, None, None, segment.start:segment.end].to(scores.device)
+
+    def to_rows(t: torch.Tensor) -> torch.Tensor:  # [G, g, slots * rep, x] -> [b, g, rep, x]
+        t = t.view(count, groups, slots, rep, t.shape[-1]).transpose(1, 2)
+        return t.reshape(count * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
+
+    top, total, out = _reduce(scores, values)
+    return to_rows(top), to_rows(total), to_rows(out)
+
+
+def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int,
+                    scale: float) -> Part:
+    """Positions ``[start, end)`` of each row's own cache."""
+    scores = torch.matmul(queries, k_cache[:, :, start:end].transpose(2, 3).to(queries.dtype)).float().mul_(scale)
+    if _key_padding_additive is not None:
+        scores += _key_padding_additive[:, None, None, start:end].to(scores.device)
+    return _reduce(scores, v_cache[:, :, start:end].to(queries.dtype))
+
+
+def _merge_parts(parts: list[Part]) -> torch.Tensor:
+    """The softmax-weighted values over all parts' keys: each part's output counts by its sum of
+    exponentials, rescaled to the common maximum."""
+    top = torch.stack([part[0] for part in parts]).amax(dim=0).nan_to_num(neginf=0.0)
+    weights = [total * (part_top - top).exp() for part_top, total, _ in parts]
+    out = sum(w * part[2] for w, part in zip(weights, parts))
+    return out / sum(weights).clamp(min=torch.finfo(out.dtype).tiny)
 
 
 def _supported(model: torch.nn.Module) -> str | None:

@@ -1,18 +1,95 @@
-"""Identical prompts of a wave are prefilled once; their rows of the KV cache are copies.
+"""Prompts of a wave that begin alike are prefilled once where they agree; their rows of the KV cache are copies.
 
 GRPO's group, RFT's N judgments per example and voting@k sample several continuations of one example.
-Each sample shows the responses in its own random order, so with two responses (pairwise data) a group
-holds at most two distinct prompts, whatever its size; with ``shuffle=False`` it holds one.
-``transformers.generate(num_return_sequences=n)`` and Megatron's static loop prefill every row; here
-the prefill runs on one row per distinct prompt and the cache rows (and last-position logits) are
-gathered for the others. Decoding then proceeds per row as before, so draws stay independent.
+Each sample shows the responses in its own random order, so an example's prompts share the instructions
+and the conversation (the head), those that open with the same response share more, and equal orders are
+identical prompts. ``transformers.generate(num_return_sequences=n)`` and Megatron's static loop prefill
+every row. Here :func:`shared_segments` cuts the wave's cache positions into segments; in each, rows whose
+keys and values agree (same left padding, same tokens up to the segment's end) form a group. The prefill
+runs segment by segment on one row per group, and the cache rows (and last-position logits) are gathered
+for the others. Decoding then proceeds per row, so draws stay independent; ``parallel/cpu_decode``
+also reads a shared segment once per group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+# A segment shorter than this is not worth its own prefill forward and decode pass: it joins the next one.
+MIN_SEGMENT = 128
+MAX_SEGMENTS = 4
+
+
+@dataclass(frozen=True)
+class PrefixSegment:
+    """Cache positions ``[start, end)`` of a wave's left-padded prompts, where row ``r`` holds the same keys
+    and values as row ``first[source[r]]``: ``first`` has a row per group, ``source`` each row's group."""
+
+    start: int
+    end: int
+    first: torch.Tensor
+    source: torch.Tensor
+
+
+def _groups(prompts: Sequence[Sequence[int]], pads: list[int], end: int) -> tuple[list[int], list[int]]:
+    """(first, source) of the rows grouped by what they hold in padded positions ``[0, end)``."""
+    index: dict[tuple, int] = {}
+    first: list[int] = []
+    source: list[int] = []
+    for row, prompt in enumerate(prompts):
+        key = (pads[row], tuple(prompt[:max(0, end - pads[row])]))
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+        source.append(index[key])
+    return first, source
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEGMENT,
+                    max_segments: int = MAX_SEGMENTS) -> list[PrefixSegment] | None:
+    """The wave's padded prompt positions ``[0, width)`` cut where prompts of one padding part (at most
+    ``max_segments`` segments of at least ``min_segment`` positions, the cuts that save the most
+    row-positions kept), each with its row groups; ``None`` when no two rows share anything."""
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    by_pad: dict[int, list[int]] = {}
+    for row, pad in enumerate(pads):
+        by_pad.setdefault(pad, []).append(row)
+    cuts = set()
+    for pad, rows in by_pad.items():
+        ordered = sorted(rows, key=lambda r: list(prompts[r]))  # neighbours share the longest prefixes
+        for a, b in zip(ordered, ordered[1:]):
+            cuts.add(pad + _common_length(prompts[a], prompts[b]))
+    count = {end: len(set(_groups(prompts, pads, end)[1])) for end in cuts | {width}}
+    kept, start = [], 0
+    for cut in sorted(c for c in cuts if c < width):
+        if cut - start >= min_segment and width - cut >= min_segment and count[cut] < count[width]:
+            kept.append(cut)
+            start = cut
+    while len(kept) >= max_segments:  # drop the cut whose loss of sharing costs the fewest row-positions
+        bounds = [0, *kept, width]
+        cost = [(bounds[i] - bounds[i - 1]) * (count[bounds[i + 1]] - count[bounds[i]])
+                for i in range(1, len(kept) + 1)]
+        kept.pop(cost.index(min(cost)))
+    if not kept and count[width] == len(prompts):
+        return None
+    segments = []
+    for start, end in zip([0, *kept], [*kept, width]):
+        first, source = _groups(prompts, pads, end)
+        segments.append(PrefixSegment(start, end, torch.tensor(first), torch.tensor(source)))
+    return segments
 
 
 def identical_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -30,6 +107,13 @@ def identical_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torc
     if len(first) == len(prompts):
         return None
     return torch.tensor(first), torch.tensor(source)
+
+
+def identical_prompts(prompts: Sequence[Sequence[int]]) -> list[PrefixSegment] | None:
+    """One segment over the whole prompt width, grouping identical prompts (for backends whose later
+    prefill segments could not continue a cache); ``None`` when all prompts differ."""
+    rows = identical_rows(prompts)
+    return None if rows is None else [PrefixSegment(0, max(len(p) for p in prompts), *rows)]
 
 
 def select_rows(batch: dict, first: torch.Tensor) -> dict:

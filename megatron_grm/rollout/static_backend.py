@@ -10,9 +10,10 @@ we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each w
 Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
 when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
 core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
-Identical prompts of a wave (a group's samples) are prefilled once (:mod:`megatron_grm.rollout.shared_prefill`)
-and, when long, their cached keys and values are read once per decode step for all their rows
-(:func:`megatron_grm.parallel.cpu_decode.shared_prompts`).
+Prompts of a wave that begin alike (an example's samples in their shuffled orders) are prefilled once
+where they agree, segment by segment (:mod:`megatron_grm.rollout.shared_prefill`; on the GPU static path,
+without the CPU decode kernels, identical prompts only), and, when long, those cached keys and values
+are read once per decode step for all the rows that hold them (:func:`megatron_grm.parallel.cpu_decode.shared_prompts`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
-from megatron_grm.rollout.shared_prefill import expand_cache, identical_rows, select_rows
+from megatron_grm.rollout.shared_prefill import (
+    MIN_SEGMENT,
+    PrefixSegment,
+    expand_cache,
+    identical_prompts,
+    select_rows,
+    shared_segments,
+)
 
 RawSample = tuple[list[int], list[float]]  # generated token ids, their log-probabilities
 
@@ -78,10 +86,10 @@ def _wave_wrapper_class() -> type:
 
     class WavePromptsWrapper(GPTInferenceWrapper):
         """Megatron's GPT wrapper, masking the left padding of the wave's prompts in every window and
-        prefilling identical prompts once."""
+        prefilling what prompts share once."""
 
         key_padding: torch.Tensor | None = None  # [rows, positions], True = padding; None = no padding
-        shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # identical_rows() of the wave
+        segments: list[PrefixSegment] | None = None  # shared_segments() / identical_prompts() of the wave
 
         def get_batch_for_context_window(self, inference_input, context_start_position: int,
                                          context_end_position: int):
@@ -94,22 +102,48 @@ def _wave_wrapper_class() -> type:
 
         def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
             context = self.inference_context
-            if self.shared_rows is None or context.sequence_len_offset != 0:  # not a prefill to share
+            if self.segments is None or context.sequence_len_offset != 0:  # not a prefill to share
                 return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
-            first, source = self.shared_rows
-            # The prefill on one row per distinct prompt, in a cache of that many rows, then every row
-            # gets its prompt's cache and logits. Every pipeline stage sees the same prompts.
-            self.inference_context = StaticInferenceContext(len(first), context.max_sequence_length)
-            self.inference_context.materialize_only_last_token_logits = context.materialize_only_last_token_logits
+            # Segment by segment, the prefill on one row per group, in a cache of that many rows that the
+            # next segment's groups copy; then every row gets its prompt's cache and last logits. Every
+            # pipeline stage sees the same prompts, so runs the same forwards.
+            cache, parents, logits = None, None, None
             try:
-                logits = super().run_one_forward_step(select_rows(inference_input, first), recv_buffer_seq_len)
-                context.key_value_memory_dict = expand_cache(self.inference_context.key_value_memory_dict, source)
-                context.sequence_len_offset = self.inference_context.sequence_len_offset
+                for segment in self.segments:
+                    part = StaticInferenceContext(len(segment.first), context.max_sequence_length)
+                    part.materialize_only_last_token_logits = context.materialize_only_last_token_logits
+                    if cache is not None:  # a later segment continues its groups' caches (decode kernels)
+                        part.key_value_memory_dict = expand_cache(cache, parents.index_select(0, segment.first))
+                        part.sequence_len_offset = segment.start
+                        part.enable_decode_mode()
+                    self.inference_context = part
+                    window = _segment_window(inference_input, segment, self.key_padding)
+                    padding = None if self.key_padding is None else self.key_padding.index_select(
+                        0, segment.first.to(self.key_padding.device))
+                    with masked_cache_positions(padding):
+                        logits = super().run_one_forward_step(
+                            window, None if recv_buffer_seq_len is None else segment.end - segment.start)
+                    cache, parents = part.key_value_memory_dict, segment.source
+                context.key_value_memory_dict = expand_cache(cache, parents)
+                context.sequence_len_offset = part.sequence_len_offset
             finally:
                 self.inference_context = context
-            return None if logits is None else logits.index_select(0, source.to(logits.device))
+            return None if logits is None else logits.index_select(0, parents.to(logits.device))
 
     return WavePromptsWrapper
+
+
+def _segment_window(batch: dict, segment: PrefixSegment, key_padding: torch.Tensor | None) -> dict:
+    """The prefill's inputs (the whole prompt window) cut to a segment's positions and its groups' rows."""
+    rows = select_rows(batch, segment.first)
+    span = slice(segment.start, segment.end)
+    window = {name: value[:, span] if name in ("tokens", "position_ids") else value for name, value in rows.items()}
+    if key_padding is not None:
+        window["attention_mask"] = window_attention_mask(
+            key_padding.index_select(0, segment.first.to(key_padding.device)), segment.start, segment.end)
+    elif window.get("attention_mask") is not None:  # causal, shared by the rows
+        window["attention_mask"] = window["attention_mask"][..., span, : segment.end]
+    return window
 
 
 class StaticBackend:
@@ -122,10 +156,12 @@ class StaticBackend:
 
         self.model = model
         self.pad_id = shim.eod
-        if not use_cuda():
-            enable_cpu_flash_decode(model)
         self.align_prompts = applies_padding_masks(model)
-        self.share_identical_prompts = True
+        # Prompts' shared prefixes need a later prefill segment to continue a cache with RoPE at its
+        # positions, which the CPU decode kernels do; elsewhere identical prompts share their prefill.
+        self.cpu_decode_kernels = not use_cuda() and enable_cpu_flash_decode(model)
+        self.share_prompt_prefixes = True
+        self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
         self._logged_gemms = False
         self.last_gemms = None
@@ -163,15 +199,19 @@ class StaticBackend:
         from megatron.core.inference.inference_request import InferenceRequest
 
         max_len = max(len(p) for p in prompts) + sampling.max_new_tokens
-        # Rows share a prefill only when their prompts are equal before padding: after it, a prompt that
-        # starts with the pad token and a shorter one it ends with look alike but are masked differently.
-        shared_rows = identical_rows(prompts) if self.share_identical_prompts else None
+        # Rows share prompt positions only when their prompts agree before padding and are padded alike:
+        # after it, a prompt that starts with the pad token and a shorter one it ends with look alike but
+        # are masked differently.
+        segments = None
+        if self.share_prompt_prefixes:
+            segments = (shared_segments(prompts, self.min_shared_segment) if self.cpu_decode_kernels
+                        else identical_prompts(prompts))
         key_padding = None
         if self.align_prompts and len({len(p) for p in prompts}) > 1:
             prompts, key_padding = left_pad(prompts, self.pad_id, max_len)
             key_padding = key_padding.to(device())
         self.wrapper.key_padding = key_padding
-        self.wrapper.shared_rows = shared_rows
+        self.wrapper.segments = segments
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
         self.controller.begin_wave([len(p) for p in prompts], end_ids, sampling.max_new_tokens, keys, stop_check,
                                    on_step)
@@ -181,10 +221,10 @@ class StaticBackend:
             (i, InferenceRequest(request_id=i, prompt="", prompt_tokens=list(p), sampling_params=params))
             for i, p in enumerate(prompts)
         )
-        shared = self.wrapper.shared_rows if len({len(p) for p in prompts}) == 1 else None
+        shared = segments if len({len(p) for p in prompts}) == 1 else None
         # On CPU the wave runs with cpu_compat's process-wide torch-function mode off (~1.4 µs per torch call).
         with (without_cpu_compat(), masked_cache_positions(key_padding), contiguous_decode_cache(),
-              shared_prompts(*(shared or (None, None)), len(prompts[0]), self.shared_prompt_min_width),
+              shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
               packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
@@ -195,5 +235,5 @@ class StaticBackend:
             out.append((tokens, self.controller.logprobs[i, : len(tokens)].tolist()))
         self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache now
         self.wrapper.key_padding = None
-        self.wrapper.shared_rows = None
+        self.wrapper.segments = None
         return out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_grm.parallel.cpu_decode import apply_rotary_emb, flash_attn_with_kvcache
+from megatron_grm.rollout.shared_prefill import PrefixSegment
 
 
 def _cos_sin(length: int, half: int, base: float = 10000.0):
@@ -132,7 +133,7 @@ def test_shared_prompt_decode_reads_each_prompt_once_and_matches_the_per_row_pat
     per_row_cache = (k_cache.clone(), v_cache.clone())
     with masked_cache_positions(padding):
         want = flash_attn_with_kvcache(q, *per_row_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
-        with shared_prompts(first, source, width, min_width=0):
+        with shared_prompts([PrefixSegment(0, width, first, source)], width, min_width=0):
             got = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
                                           cache_seqlens=torch.full((b,), n, dtype=torch.int32))
             # The prompt region is read from each prompt's first row only: other rows' copies are not used.
@@ -169,21 +170,56 @@ def test_shared_prompt_decode_handles_large_values_and_an_all_padding_prompt(dty
     padding[2:, :width] = True  # prompt 1: nothing but padding
     with masked_cache_positions(padding):
         want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
-        with shared_prompts(first, source, width, min_width=0):
+        with shared_prompts([PrefixSegment(0, width, first, source)], width, min_width=0):
             got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
     assert torch.isfinite(got).all() and torch.isfinite(want).all()
     torch.testing.assert_close(got.float(), want.float(), atol=atol * 100, rtol=atol)
+
+
+def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path():
+    """Rows that agree on a head and, in pairs, on the next positions (an example's shuffled orders): each
+    halving segment is read once per group, the rest per row, merged into the per-row path's result."""
+    from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
+
+    g = torch.Generator().manual_seed(6)
+    h_q, h_kv, d, width, s_max, n = 4, 2, 8, 12, 20, 15
+    heads, middles = torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
+    segments = [PrefixSegment(0, 4, torch.tensor([0, 4]), heads), PrefixSegment(4, 8, torch.tensor([0, 2, 4]), middles),
+                PrefixSegment(8, 12, torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0, 1, 2, 2, 3, 4]))]
+    b = len(heads)
+    k_cache, v_cache = torch.randn(b, s_max, h_kv, d, generator=g), torch.randn(b, s_max, h_kv, d, generator=g)
+    for seg in segments:
+        for cache in (k_cache, v_cache):
+            cache[:, seg.start:seg.end] = cache[seg.first[seg.source], seg.start:seg.end]
+    q = torch.randn(b, 1, h_q, d, generator=g)
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[4:, :2] = True  # rows 4 and 5 are shorter prompts
+    with masked_cache_positions(padding):
+        want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
+        k_cache[1, :8] = v_cache[3, 4:8] = float("nan")  # shared positions of rows that are not a group's first
+        with shared_prompts(segments, width, min_width=0):
+            got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
     import megatron_grm.parallel.cpu_decode as cpu_decode
 
     first, source = torch.tensor([0]), torch.tensor([0, 0])
-    with cpu_decode.shared_prompts(first, source, width=cpu_decode.SHARED_PROMPT_MIN_WIDTH - 1):
+    short = cpu_decode.SHARED_PROMPT_MIN_WIDTH - 1
+    with cpu_decode.shared_prompts([PrefixSegment(0, short, first, source)], short):
         assert cpu_decode._shared_prompts is None
-    with cpu_decode.shared_prompts(first, source, width=cpu_decode.SHARED_PROMPT_MIN_WIDTH):
+    wide = cpu_decode.SHARED_PROMPT_MIN_WIDTH
+    with cpu_decode.shared_prompts([PrefixSegment(0, wide, first, source)], wide):
         assert cpu_decode._shared_prompts is not None
     assert cpu_decode._shared_prompts is None
+    # Segments that do not halve the rows are read per row, and so is everything after them.
+    pairs, alone = (torch.tensor([0, 2]), torch.tensor([0, 0, 1, 1])), (torch.arange(4), torch.arange(4))
+    segments = [PrefixSegment(0, 300, *pairs), PrefixSegment(300, 400, *alone), PrefixSegment(400, 500, *pairs)]
+    with cpu_decode.shared_prompts(segments, 500):
+        assert [(seg.start, seg.end) for seg in cpu_decode._shared_prompts.segments] == [(0, 300)]
+    with cpu_decode.shared_prompts(segments[1:], 500):
+        assert cpu_decode._shared_prompts is None
 
 
 def test_a_per_row_tensor_of_one_cache_length_takes_the_static_decode_step():

@@ -97,6 +97,27 @@ def test_decode_reads_a_shared_prompt_once_for_all_its_rows(run):
     assert check["shared_decode_logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+def test_prompts_sharing_a_head_are_prefilled_and_read_once_where_they_agree(run):
+    """An example's prompts in shuffled orders share a head, pairs of them the next block: the prefill
+    runs one forward per segment on one row per group (a later segment continuing the cache at its
+    positions), decode reads the shared segments once per group, and the tokens and log-probabilities
+    equal those of the prefill and decode on every row, across two paddings."""
+    check = run["prefix_segments"]
+    segments = check["segments"]
+    assert len(segments) >= 2 and segments[0][0] == 0
+    assert all(a[1] == b[0] for a, b in zip(segments, segments[1:]))  # contiguous, from position 0
+    assert [groups for _, _, groups in segments] == sorted(groups for _, _, groups in segments)
+    assert segments[0][2] == 3  # two heads, the second at two paddings (two prompt lengths)
+    assert segments[-1][2] < check["rows"]  # identical orders share to the end
+    # Each prefill forward: one row per group, over the segment's positions.
+    assert check["forwards"] == [[groups, end - start] for start, end, groups in segments]
+    assert check["every_row_first_forward"] == [check["rows"], segments[-1][1]]
+    assert check["shared_decode_calls"] >= (run["max_new"] - 1) * run["layers_per_stage"]
+    assert check["tokens"] == check["rows"] * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
 def test_gemms_on_weights_reordered_once_per_wave_match_torchs_matmul(run):
     """parallel/onednn_linear.py: the linear layers' GEMMs through oneDNN on weights reordered once per wave
     give the same greedy and sampled tokens and log-probabilities as torch's matmul, at TP 1 and 2; every

@@ -3,7 +3,13 @@ check (same tokens and log-probabilities, fewer prefill rows) is test_identical_
 
 import torch
 
-from megatron_grm.rollout.shared_prefill import expand_cache, identical_rows, select_rows
+from megatron_grm.rollout.shared_prefill import (
+    expand_cache,
+    identical_prompts,
+    identical_rows,
+    select_rows,
+    shared_segments,
+)
 
 
 def test_identical_rows_maps_every_row_to_its_first_occurrence():
@@ -37,3 +43,39 @@ def test_expand_cache_gives_each_row_its_prompts_keys_and_values():
     assert torch.equal(v[:, 2], values[:, 1])
     k[:, 0] += 1  # rows are copies, not views of one another
     assert not torch.equal(k[:, 0], k[:, 2])
+
+
+def _orders(head: list[int], blocks: list[list[int]], orders: list[tuple[int, ...]]) -> list[list[int]]:
+    return [head + [t for i in order for t in blocks[i]] for order in orders]
+
+
+def test_shared_segments_cut_where_an_examples_shuffled_prompts_part():
+    """Three 150-token responses after a 200-token head, in four orders (two open alike), and a second
+    example of another length: a segment for the head, one while the orders that open alike agree, and
+    the rest grouped by identical prompts."""
+    blocks = [[10 + i] * 150 for i in range(3)]
+    rows = _orders([1] * 200, blocks, [(0, 1, 2), (0, 2, 1), (1, 0, 2), (0, 1, 2)])
+    rows += _orders([2] * 100, blocks[:2], [(0, 1), (1, 0)])  # 400 tokens: padded by 250
+    segments = shared_segments(rows, min_segment=100)
+    assert [(s.start, s.end) for s in segments] == [(0, 200), (200, 350), (350, 650)]
+    assert [s.source.tolist() for s in segments] == [[0, 0, 0, 0, 1, 1], [0, 0, 1, 0, 2, 2],
+                                                     [0, 1, 2, 0, 3, 4]]
+    for segment in segments:  # each group's first row is a row of that group
+        assert segment.source[segment.first].tolist() == list(range(len(segment.first)))
+
+
+def test_shared_segments_keep_the_cuts_that_save_the_most():
+    blocks = [[10 + i] * 150 for i in range(3)]
+    rows = _orders([1] * 200, blocks, [(0, 1, 2), (0, 2, 1), (1, 0, 2), (0, 1, 2)])
+    assert [(s.start, s.end) for s in shared_segments(rows, min_segment=200)] == [(0, 200), (200, 650)]
+    two = shared_segments(rows, min_segment=100, max_segments=2)
+    assert [(s.start, s.end) for s in two] == [(0, 200), (200, 650)]  # the head saves 3 x 200, the next 1 x 150
+
+
+def test_shared_segments_none_when_nothing_is_shared_and_identical_prompts_alone():
+    assert shared_segments([[1] * 300, [2] * 300], min_segment=100) is None
+    only = shared_segments([[1] * 300, [2] * 300, [1] * 300], min_segment=100)
+    assert [(s.start, s.end, s.source.tolist()) for s in only] == [(0, 300, [0, 1, 0])]
+    assert [(s.start, s.end, s.source.tolist()) for s in identical_prompts([[5, 6], [7, 8], [5, 6]])] == \
+        [(0, 2, [0, 1, 0])]
+    assert identical_prompts([[5, 6], [7, 8]]) is None

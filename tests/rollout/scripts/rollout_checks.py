@@ -160,6 +160,7 @@ def main() -> None:
     # threshold at 0 the decode steps also read each prompt's cache once for its rows (cpu_decode), which
     # these short prompts would otherwise not use; the calls into that kernel are counted.
     import megatron_grm.parallel.cpu_decode as cpu_decode
+    import megatron_grm.rollout.shared_prefill as shared_prefill
 
     shared_decode_calls = []
     real_shared_decode = cpu_decode._decode_over_shared_prompts
@@ -175,7 +176,7 @@ def main() -> None:
     wave = [prompts[0], prompts[2], prompts[0], prompts[1], prompts[2], prompts[2]]
     shared, decode_calls = {}, {}
     for share, min_width in (("prefill", None), ("none", None), ("decode", 0)):
-        engine.backend.share_identical_prompts = share != "none"
+        engine.backend.share_prompt_prefixes = share != "none"
         if min_width is not None:
             engine.backend.shared_prompt_min_width = min_width
         batches.clear()
@@ -186,7 +187,7 @@ def main() -> None:
     hook.remove()
     drawn = engine.generate(prompts[1:2], n=8, sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, seed=9))
     decode_calls["draws"] = len(shared_decode_calls) - decode_calls["decode"]
-    engine.backend.share_identical_prompts = True
+    engine.backend.share_prompt_prefixes = True
     engine.backend.shared_prompt_min_width = cpu_decode.SHARED_PROMPT_MIN_WIDTH
     cpu_decode._decode_over_shared_prompts = real_shared_decode
 
@@ -204,6 +205,42 @@ def main() -> None:
         "shared_decode_logprob_max_abs_diff": diff(shared["decode"], shared["none"]),
         "group_distinct_draws": len({tuple(s.token_ids) for s in drawn}),
         "group_logprob_diff_vs_training": engine.check_logprobs(drawn),
+    }
+
+    # 1d2. Prompts that agree on a head and differ after it (an example's responses in shuffled orders),
+    # with a second example of another length (left padding): cut into segments (forced short here), the
+    # prefill runs segment by segment on one row per group, and decode reads each shared segment once per
+    # group. Same greedy tokens and log-probabilities as a prefill and decode on every row.
+    blocks = [tok.encode(t) for t in ("first answer. ", "second one! ", "and a third.")]
+    heads = [tok.encode("Judge these:", add_bos=True), tok.encode("Rate:", add_bos=True)]
+    orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (0, 1, 2), (2, 1, 0), (0, 2, 1)]
+    shuffled = [head + [t for i in order for t in blocks[i]] for head in heads for order in orders]
+    shuffled += [heads[1] + blocks[1] + blocks[0]] * 2  # another length: rows padded differently
+    batches.clear()
+    hook = model.register_forward_hook(lambda module, args, kwargs, output: batches.append(tuple(args[0].shape)),
+                                       with_kwargs=True)
+    engine.backend.min_shared_segment, engine.backend.shared_prompt_min_width = 2, 0
+    shared_decode_calls.clear()
+    cpu_decode._decode_over_shared_prompts = counted_shared_decode
+    by_segment = engine.generate(shuffled, sampling=full)
+    segment_forwards, segment_decode_calls = list(batches), len(shared_decode_calls)
+    engine.backend.share_prompt_prefixes = False
+    batches.clear()
+    every_row = engine.generate(shuffled, sampling=full)
+    every_row_forwards = list(batches)
+    hook.remove()
+    engine.backend.share_prompt_prefixes = True
+    engine.backend.min_shared_segment = shared_prefill.MIN_SEGMENT
+    engine.backend.shared_prompt_min_width = cpu_decode.SHARED_PROMPT_MIN_WIDTH
+    cpu_decode._decode_over_shared_prompts = real_shared_decode
+    segments = shared_prefill.shared_segments(shuffled, min_segment=2)
+    out["prefix_segments"] = {
+        "rows": len(shuffled), "segments": [[seg.start, seg.end, len(seg.first)] for seg in segments],
+        "forwards": segment_forwards[: len(segments)], "every_row_first_forward": every_row_forwards[0],
+        "shared_decode_calls": segment_decode_calls,
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(by_segment, every_row)),
+        "logprob_max_abs_diff": diff(by_segment, every_row),
+        "tokens": sum(len(a.token_ids) for a in by_segment),
     }
 
     # 1e. The GEMMs on oneDNN with each weight reordered once per wave (parallel/onednn_linear.py) against
