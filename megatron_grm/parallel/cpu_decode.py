@@ -140,13 +140,16 @@ def shared_prompts(segments: Sequence[Any] | None, width: int,
     a wave whose prompts are ``width`` positions). Decode steps then read a segment's keys and values
     once per group, one matmul with its rows' queries stacked, instead of once per row: at GRM prompt
     lengths the cache, not the weights, is most of what a decode step reads. Segments from the first
-    that does not at least halve the rows (and everything when fewer than ``min_width`` positions would
-    be shared) are read per row."""
+    that does not at least halve the rows, or whose groups stacked to the largest would take more than
+    twice the rows' queries, are read per row (everything, when fewer than ``min_width`` positions would
+    be shared)."""
     global _shared_prompts
     previous = _shared_prompts
     leading = []
     for segment in segments or ():
-        if 2 * len(segment.first) > len(segment.source):
+        rows, groups = len(segment.source), len(segment.first)
+        largest = int(torch.bincount(segment.source, minlength=groups).max())
+        if 2 * groups > rows or groups * largest > 2 * rows:  # too little shared, or stacked too unevenly
             break
         leading.append(segment)
     _shared_prompts = None
@@ -234,8 +237,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     key_pos = torch.arange(width, device=q.device)
     limit = query_pos if causal else (total - 1)[:, None].expand(b, s_q)
     allowed = key_pos[None, None, :] <= limit[:, :, None]
-    if _key_padding is not None:
-        allowed = allowed & ~_key_padding[:, None, :width].to(q.device)
+    if _key_padding is not None:  # a padding query sees only itself (its output is never read)
+        own = key_pos[None, None, :] == query_pos[:, :, None]
+        allowed = allowed & (~_key_padding[:, None, :width].to(q.device) | own)
     # Grouped-query attention without copying the cache per query head (SDPA broadcasts the KV heads).
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
                                          attn_mask=allowed[:, None], scale=softmax_scale,

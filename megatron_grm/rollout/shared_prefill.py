@@ -59,9 +59,12 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEGMENT,
                     max_segments: int = MAX_SEGMENTS) -> list[PrefixSegment] | None:
-    """The wave's padded prompt positions ``[0, width)`` cut where prompts of one padding part (at most
-    ``max_segments`` segments of at least ``min_segment`` positions, the cuts that save the most
-    row-positions kept), each with its row groups; ``None`` when no two rows share anything."""
+    """The wave's left-padded prompt positions ``[0, width)`` cut where prompts of one padding part, each
+    segment with its row groups; ``None`` when no two rows share anything. Cuts are taken from the left,
+    each at least ``min_segment`` (>= 2) positions after the last and before the end; beyond
+    ``max_segments`` segments, the cuts whose loss shares the fewest row-positions are dropped."""
+    if min_segment < 2:
+        raise ValueError(f"min_segment must be at least 2 (a segment is a multi-position forward), got {min_segment}")
     width = max(len(p) for p in prompts)
     pads = [width - len(p) for p in prompts]
     by_pad: dict[int, list[int]] = {}

@@ -105,7 +105,8 @@ def _wave_wrapper_class() -> type:
             if self.segments is None or context.sequence_len_offset != 0:  # not a prefill to share
                 return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
             # Segment by segment, the prefill on one row per group, in a cache of that many rows that the
-            # next segment's groups copy; then every row gets its prompt's cache and last logits. Every
+            # next segment's groups copy; then every row gets its prompt's cache and last logits (the
+            # logits of the last segment's positions only: the backend asks for the last token's). Every
             # pipeline stage sees the same prompts, so runs the same forwards.
             cache, parents, logits = None, None, None
             try:
@@ -204,7 +205,9 @@ class StaticBackend:
         # are masked differently.
         segments = None
         if self.share_prompt_prefixes:
-            segments = (shared_segments(prompts, self.min_shared_segment) if self.cpu_decode_kernels
+            # Segments assume the left-padded layout; Megatron's own handling (no padding masks) pads right.
+            aligned = self.align_prompts or len({len(p) for p in prompts}) == 1
+            segments = (shared_segments(prompts, self.min_shared_segment) if self.cpu_decode_kernels and aligned
                         else identical_prompts(prompts))
         key_padding = None
         if self.align_prompts and len({len(p) for p in prompts}) > 1:

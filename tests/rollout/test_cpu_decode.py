@@ -193,7 +193,7 @@ def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path():
             cache[:, seg.start:seg.end] = cache[seg.first[seg.source], seg.start:seg.end]
     q = torch.randn(b, 1, h_q, d, generator=g)
     padding = torch.zeros(b, s_max, dtype=torch.bool)
-    padding[4:, :2] = True  # rows 4 and 5 are shorter prompts
+    padding[4:, :10] = True  # rows 4 and 5: shorter prompts, all padding in the middle segment and past it
     with masked_cache_positions(padding):
         want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
         k_cache[1, :8] = v_cache[3, 4:8] = float("nan")  # shared positions of rows that are not a group's first
@@ -219,6 +219,10 @@ def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
     with cpu_decode.shared_prompts(segments, 500):
         assert [(seg.start, seg.end) for seg in cpu_decode._shared_prompts.segments] == [(0, 300)]
     with cpu_decode.shared_prompts(segments[1:], 500):
+        assert cpu_decode._shared_prompts is None
+    # One group of 5 rows and 3 alone: halves 8 rows, but stacked to 4 x 5 slots it would take 20 > 16.
+    skewed = PrefixSegment(0, 300, torch.tensor([0, 5, 6, 7]), torch.tensor([0, 0, 0, 0, 0, 1, 2, 3]))
+    with cpu_decode.shared_prompts([skewed], 300):
         assert cpu_decode._shared_prompts is None
 
 

@@ -1,6 +1,7 @@
 """The bookkeeping behind prefilling identical prompts once (rollout/shared_prefill.py); the engine-level
 check (same tokens and log-probabilities, fewer prefill rows) is test_identical_prompts_are_prefilled_once."""
 
+import pytest
 import torch
 
 from megatron_grm.rollout.shared_prefill import (
@@ -79,3 +80,12 @@ def test_shared_segments_none_when_nothing_is_shared_and_identical_prompts_alone
     assert [(s.start, s.end, s.source.tolist()) for s in identical_prompts([[5, 6], [7, 8], [5, 6]])] == \
         [(0, 2, [0, 1, 0])]
     assert identical_prompts([[5, 6], [7, 8]]) is None
+
+
+def test_shared_segments_group_by_padding_and_refuse_one_position_segments():
+    """Rows of other lengths group apart even where both are padding or their tokens match the pad id."""
+    rows = [[0] * 5 + [1] * 300, [0] * 5 + [1] * 300, [1] * 300, [1] * 300]  # 0 is also the pad id
+    segments = shared_segments(rows, min_segment=100)
+    assert [s.source.tolist() for s in segments] == [[0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="min_segment"):
+        shared_segments(rows, min_segment=1)
