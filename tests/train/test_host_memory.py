@@ -12,32 +12,38 @@ import torch
 from megatron_grm.parallel import host_memory
 from tests.conftest import python_json
 
-# Faults taken by allocating, touching and freeing a 64 MiB tensor a second time (the first one warms up).
+# Faults taken by each of `cycles` allocations of a 64 MiB tensor, touched and freed (what every training
+# step does with its large activations).
 REALLOCATION_FAULTS = textwrap.dedent("""
     import resource
     import torch
 
-    def faults_of_reallocating():
-        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    def faults_of_reallocating(cycles=1):
+        faults = []
+        for _ in range(cycles):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return faults if cycles > 1 else faults[0]
 """)
 
 
 def test_freed_blocks_are_reused_without_faulting_pages_in():
+    """Before: every cycle maps the block afresh. After: the heap grows to hold it (once, or twice when a
+    small allocation lands beside the freed block and the aligned request no longer fits there, as in 3
+    of 12 runs here), and from then on every cycle reuses it."""
     out = python_json(REALLOCATION_FAULTS + textwrap.dedent("""
         import json
         from megatron_grm.parallel import host_memory
-        plain = faults_of_reallocating()
+        plain = faults_of_reallocating(4)
         applied = host_memory.keep_freed_host_memory(cuda=False)
-        kept = faults_of_reallocating()
+        kept = faults_of_reallocating(6)
         print(json.dumps({"plain": plain, "applied": applied, "kept": kept,
                           "again": host_memory.keep_freed_host_memory(cuda=False)}))
     """))
     assert out["applied"] and out["again"]
-    assert out["plain"] >= 16  # glibc maps a 64 MiB block afresh: at least one fault per 4 MiB of it
-    assert out["kept"] * 10 < out["plain"], out
+    assert min(out["plain"]) >= 16, out  # glibc maps a 64 MiB block afresh: at least one fault per 4 MiB
+    assert sum(out["kept"][2:]) * 10 < min(out["plain"]), out
 
 
 def test_cuda_runs_and_the_environments_own_tuning_are_left_alone():
