@@ -309,10 +309,10 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return _merge_parts(parts).to(q.dtype).reshape(b, 1, h_q, d)
 
 
-Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per query: max score, sum of exp, normalised output
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per query: max score, sum of exp, normalised output
 
 
-def _reduce(scores: torch.Tensor, values: torch.Tensor) -> Part:
+def _reduce(scores: torch.Tensor, values: torch.Tensor) -> _Part:
     """Scores ``[..., n]`` (fp32, scaled, masked) over ``values`` ``[..., n, d]`` as (max, sum of exp,
     softmax-weighted values in fp32). A query whose every key is masked gives sum 0 and output 0."""
     top = scores.amax(dim=-1, keepdim=True)
@@ -324,7 +324,7 @@ def _reduce(scores: torch.Tensor, values: torch.Tensor) -> Part:
 
 
 def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           segment: _SharedSegment, layer: int, scale: float) -> Part:
+                           segment: _SharedSegment, layer: int, scale: float) -> _Part:
     """One segment's part, computed per group with the queries of its rows stacked, returned per row."""
     b, groups, rep, d = queries.shape
     count, slots = len(segment.first), segment.slots
@@ -352,7 +352,7 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int,
-                    scale: float) -> Part:
+                    scale: float) -> _Part:
     """Positions ``[start, end)`` of each row's own cache."""
     scores = torch.matmul(queries, k_cache[:, :, start:end].transpose(2, 3).to(queries.dtype)).float().mul_(scale)
     if _key_padding_additive is not None:
@@ -360,7 +360,7 @@ def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return _reduce(scores, v_cache[:, :, start:end].to(queries.dtype))
 
 
-def _merge_parts(parts: list[Part]) -> torch.Tensor:
+def _merge_parts(parts: list[_Part]) -> torch.Tensor:
     """The softmax-weighted values over all parts' keys: each part's output counts by its sum of
     exponentials, rescaled to the common maximum."""
     top = torch.stack([part[0] for part in parts]).amax(dim=0).nan_to_num(neginf=0.0)

@@ -75,7 +75,8 @@ def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEG
         ordered = sorted(rows, key=lambda r: list(prompts[r]))  # neighbours share the longest prefixes
         for a, b in zip(ordered, ordered[1:]):
             cuts.add(pad + _common_length(prompts[a], prompts[b]))
-    count = {end: len(set(_groups(prompts, pads, end)[1])) for end in cuts | {width}}
+    groups = {end: _groups(prompts, pads, end) for end in cuts | {width}}
+    count = {end: len(first) for end, (first, _) in groups.items()}
     kept, start = [], 0
     for cut in sorted(c for c in cuts if c < width):
         if cut - start >= min_segment and width - cut >= min_segment and count[cut] < count[width]:
@@ -88,25 +89,15 @@ def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEG
         kept.pop(cost.index(min(cost)))
     if not kept and count[width] == len(prompts):
         return None
-    segments = []
-    for start, end in zip([0, *kept], [*kept, width]):
-        first, source = _groups(prompts, pads, end)
-        segments.append(PrefixSegment(start, end, torch.tensor(first), torch.tensor(source)))
-    return segments
+    return [PrefixSegment(start, end, torch.tensor(groups[end][0]), torch.tensor(groups[end][1]))
+            for start, end in zip([0, *kept], [*kept, width])]
 
 
 def identical_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(first, source)``: the first row of each distinct prompt, and for every row the index into
     ``first`` of its prompt; ``None`` when all prompts differ (nothing to share)."""
-    index: dict[tuple[int, ...], int] = {}
-    first: list[int] = []
-    source: list[int] = []
-    for row, prompt in enumerate(prompts):
-        key = tuple(prompt)
-        if key not in index:
-            index[key] = len(first)
-            first.append(row)
-        source.append(index[key])
+    width = max(len(p) for p in prompts)
+    first, source = _groups(prompts, [width - len(p) for p in prompts], width)  # equal prompts pad alike
     if len(first) == len(prompts):
         return None
     return torch.tensor(first), torch.tensor(source)
