@@ -278,6 +278,8 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     groups = k_cache.shape[1]
     if _shared_prompts is not None and _shared_prompts.width <= start:
         return _decode_over_shared_prompts(q, k_cache, v_cache, start, softmax_scale, _shared_prompts, layer)
+    if q.dtype != torch.float32:
+        return _decode_16bit(q, k_cache, v_cache, start, softmax_scale)
     keys = k_cache[:, :, :start].transpose(2, 3).to(q.dtype)  # [b, g, d, width]
     values = v_cache[:, :, :start].to(q.dtype)  # [b, g, width, d]
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
@@ -286,6 +288,25 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         scores += _key_padding_additive[:, None, None, :start].to(scores.device)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, values).reshape(b, 1, h_q, d)
+
+
+def _decode_16bit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                  softmax_scale: float | None) -> torch.Tensor:
+    """:func:`_decode_one_position`'s per-row attention for bf16/fp16 through torch's fused SDPA kernel.
+
+    A 16-bit batched matmul with a handful of query rows against a transposed cache copies the cache per
+    call (oneDNN's small-M path; one step's scores at 32 rows x 1,200 positions: 4.6 ms bf16 vs 0.85 ms
+    fp32), while SDPA's CPU kernel reads the cache in place and accumulates the softmax in fp32 (1.4 ms
+    for scores, softmax and values together). Every query head of a KV group reads the group's cache.
+    """
+    b, _, h_q, d = q.shape
+    mask = None
+    if _key_padding_additive is not None:
+        mask = _key_padding_additive[:, None, None, :length].to(device=q.device, dtype=q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :length].to(q.dtype),
+                                         v_cache[:, :, :length].to(q.dtype), attn_mask=mask, scale=softmax_scale,
+                                         enable_gqa=k_cache.shape[1] != h_q)
+    return out.reshape(b, 1, h_q, d)
 
 
 def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,

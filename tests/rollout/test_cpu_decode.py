@@ -110,6 +110,35 @@ def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_ro
             torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("h_q,h_kv,scale", [(4, 4, None), (6, 2, 0.3)])
+def test_16bit_decode_step_skips_padding_and_matches_float64(dtype, h_q, h_kv, scale):
+    """A bf16/fp16 model's decode step (torch's fused SDPA over the cache in place): the new key written in
+    its slot, padding hidden, each query head reading its KV group, the softmax scale kept."""
+    from megatron_grm.parallel.cpu_decode import masked_cache_positions
+
+    g = torch.Generator().manual_seed(7)
+    b, d, s_max, n = 3, 16, 40, 30
+    k_cache, v_cache = (torch.randn(b, s_max, h_kv, d, generator=g).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(b, 1, heads, d, generator=g).to(dtype) for heads in (h_q, h_kv, h_kv))
+    padding = torch.zeros(b, s_max, dtype=torch.bool)
+    padding[1, :4] = True
+    padding[2, :25] = True
+    with masked_cache_positions(padding):
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=n, softmax_scale=scale)
+    assert out.shape == (b, 1, h_q, d) and out.dtype == dtype
+    torch.testing.assert_close(k_cache[:, n], k[:, 0])
+    torch.testing.assert_close(v_cache[:, n], v[:, 0])
+    for r in range(b):
+        seen = ~padding[r, : n + 1]
+        for head in range(h_q):
+            kv = head // (h_q // h_kv)
+            keys, values = k_cache[r, : n + 1, kv][seen].double(), v_cache[r, : n + 1, kv][seen].double()
+            scores = keys @ q[r, 0, head].double() * (scale if scale is not None else d ** -0.5)
+            want = scores.softmax(-1) @ values
+            torch.testing.assert_close(out[r, 0, head].double(), want, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("h_q,h_kv", [(4, 4), (6, 2)])
 def test_shared_prompt_decode_reads_each_prompt_once_and_matches_the_per_row_path(h_q, h_kv):
     """Rows holding copies of one prompt (unequal group sizes, interleaved, left padding) attend over

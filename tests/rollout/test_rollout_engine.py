@@ -301,6 +301,19 @@ def test_a_bf16_rollout_copy_holds_every_weight_in_bf16(tp2):
     assert tp2["refit_bf16_dtypes"] == ["torch.bfloat16"]
 
 
+def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
+    """A bf16 rollout copy, refit from the fp32 training weights: every decode step of every layer takes the
+    16-bit kernel, and its log-probabilities agree with the copy's own forward and with fp32 training at
+    bf16 resolution (logits keep 8 significant bits)."""
+    check = tp1["bf16_rollout"]
+    assert check["dtypes"] == ["torch.bfloat16"] and check["flash_decode"] is True
+    assert check["tokens"] == check["rows"] * tp1["max_new"]
+    assert check["calls_16bit"] == check["layers"] * (tp1["max_new"] - 1)  # the first token is the prefill's
+    assert check["logprob_diff_vs_own_forward"] <= 2e-2
+    assert check["logprob_diff_vs_fp32_training"] <= 2e-2
+    assert check["tokens_equal_fp32"] >= check["rows"] - 1  # a near-tie may go the other way in bf16
+
+
 def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):
     """Megatron's dynamic engine sends q/k/v straight to flash-attn: fp32 weights would fail there and
     Gemma-2's soft-cap / sliding window / query scale would be dropped, so those stay on the static path."""

@@ -496,6 +496,39 @@ def main() -> None:
         "scores": [j.scores for j in both], "alone": [j.token_ids for j in alone],
     }
 
+    # 9. A bf16 copy of the model rolls out on the CPU (refit from the fp32 training weights before every
+    #    call): decode steps take the 16-bit kernel (torch's fused SDPA over the cache in place), and the
+    #    log-probabilities agree with the copy's own training forward at bf16 resolution.
+    if args.tp == 1:
+        from megatron_grm.models.precision import PrecisionConfig
+        from megatron_grm.rollout.refit import build_inference_model
+
+        bf16_model = build_inference_model(run.model, PrecisionConfig("bf16"), tensor_parallel=1,
+                                           vocab_size=model.vocab_size)
+        bf16_engine = RolloutEngine(bf16_model, tok, source_model=model)
+        calls_16bit = []
+        real_16bit = cpu_decode._decode_16bit
+
+        def counted_16bit(*args, **kwargs):
+            calls_16bit.append(1)
+            return real_16bit(*args, **kwargs)
+
+        cpu_decode._decode_16bit = counted_16bit
+        b16 = bf16_engine.generate(prompts, n=1, sampling=full)
+        cpu_decode._decode_16bit = real_16bit
+        fp32_rows = engine.generate(prompts, n=1, sampling=full)
+        own = training_logprobs(bf16_model, [s.sequence for s in b16], [len(p) for p in prompts])
+        out["bf16_rollout"] = {
+            "dtypes": sorted({str(p.dtype) for p in bf16_model.parameters()}),
+            "flash_decode": bool(bf16_model.config.flash_decode), "calls_16bit": len(calls_16bit),
+            "layers": len(bf16_model.decoder.layers), "tokens": sum(len(s.token_ids) for s in b16),
+            "logprob_diff_vs_own_forward": max(abs(x - y) for s, r in zip(b16, own) for x, y in zip(s.logprobs, r)),
+            "logprob_diff_vs_fp32_training": bf16_engine.check_logprobs(b16),
+            "tokens_equal_fp32": sum(a.token_ids == b.token_ids for a, b in zip(b16, fp32_rows)),
+            "rows": len(b16),
+        }
+        del bf16_engine, bf16_model
+
     # All model-parallel ranks drew the same tokens.
     mine = [out["greedy"], out["seed11"], out["after_step"]["tokens_after"]]
     gathered = [None] * torch.distributed.get_world_size()
