@@ -1,9 +1,10 @@
-"""Rollout GEMMs on the CPU: torch's fp32 matmul (MKL) against oneDNN on a weight reordered once
+"""Rollout GEMMs on the CPU: torch's fp32 (or ``--dtype bf16``) matmul against oneDNN on a weight reordered once
 (``parallel/onednn_linear.py``), for the linears of one Llama layer and the output layer, at the row counts
 of decode steps and of a prefill, side by side.
 
     python bench/onednn_linear.py                                  # bench/rollout.py's 21M model: hidden 512
     python bench/onednn_linear.py --hidden 1024 --ffn 2816 --heads 16 --kv-heads 8 --vocab 32000
+    python bench/onednn_linear.py --dtype bf16                     # a bf16 model's rollouts (AMX where present)
 
 Each variant is timed in alternating rounds in process CPU seconds (the machine may be shared; idle
 OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``); the best round counts. The last column is the one-off
@@ -43,15 +44,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 32, 1024],
                    help="rows per GEMM: decode steps of 1 and 32 sequences, a prefill of 1,024 tokens")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and inputs")
     args = p.parse_args()
-    if not onednn_linear.available():
-        raise SystemExit("this torch build has no oneDNN linear ops (torch.backends.mkldnn)")
-    print(f"CPU, {torch.get_num_threads()} threads, fp32; process CPU time, best of {args.rounds} alternating rounds")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if not onednn_linear.available(dtype):
+        raise SystemExit(f"this torch build has no oneDNN {args.dtype} linear ops (torch.backends.mkldnn)")
+    print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}; process CPU time, best of {args.rounds} "
+          f"alternating rounds")
     g = torch.Generator().manual_seed(0)
     for rows in args.rows:
         totals = {"matmul": 0.0, "onednn": 0.0}
         for name, (n_out, n_in) in layer_shapes(args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab).items():
-            weight, x = torch.randn(n_out, n_in, generator=g), torch.randn(rows, n_in, generator=g)
+            weight = torch.randn(n_out, n_in, generator=g).to(dtype)
+            x = torch.randn(rows, n_in, generator=g).to(dtype)
             with torch.inference_mode():
                 began = time.process_time()
                 packed = onednn_linear.reorder(weight, rows)

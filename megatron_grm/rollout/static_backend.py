@@ -184,7 +184,7 @@ class StaticBackend:
             log.info("rollout GEMMs: torch's matmul")
         else:
             log.info("rollout GEMMs: oneDNN on weights reordered once per wave for %d linear layer(s), "
-                     "torch's matmul for %d (small or non-fp32 weights, sequence parallel; "
+                     "torch's matmul for %d (small weights or other dtypes, sequence parallel; "
                      "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
 
     def generate_wave(

@@ -90,10 +90,30 @@ def test_autograd_small_and_non_fp32_weights_keep_the_layers_own_gemm():
     assert stats.calls == 0 and stats.fallbacks == 3 and layer.own_calls == 3
 
 
+@pytest.mark.skipif(not onednn_linear.available(torch.bfloat16), reason="this CPU's oneDNN has no bf16 linear")
+def test_bf16_weights_are_reordered_and_multiplied_in_bf16():
+    """A bf16 model's rollouts: its weights take the reordered path too, within bf16's own rounding."""
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats)
+    g = torch.Generator().manual_seed(2)
+    weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(32, 512, generator=g).bfloat16()
+    bias = torch.randn(768, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = gemm(x, weight, bias=bias)
+    assert stats.reordered == 1 and stats.calls == 1 and got.dtype == torch.bfloat16
+    want = _reference(x, weight, bias)  # the bf16 operands' exact products
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=0.25)  # outputs ~20: bf16 steps of 1/8
+    assert stats.fallbacks == 0 and layer.own_calls == 0
+
+
 def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
     big = torch.empty(512, 512)
     assert onednn_linear.worth_packing(big)
     assert not onednn_linear.worth_packing(torch.empty(511, 512))
-    assert not onednn_linear.worth_packing(big.bfloat16())
+    assert not onednn_linear.worth_packing(big.bfloat16())  # training's forward GEMMs: fp32 only
+    assert onednn_linear.worth_packing(big.bfloat16(), onednn_linear.ROLLOUT_DTYPES) == onednn_linear.available(
+        torch.bfloat16)
+    assert not onednn_linear.worth_packing(big.double(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(torch.empty(512 * 512))
     assert not onednn_linear.worth_packing(None)
