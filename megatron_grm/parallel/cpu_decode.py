@@ -332,6 +332,38 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 _Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per query: max score, sum of exp, normalised output
 
+# torch's CPU flash-attention kernel, which also returns each query's log-sum-exp (what a part needs to be
+# merged); the public SDPA does not return it. Used for 16-bit parts, where a batched matmul of a few query
+# rows against a transposed cache copies the cache per call (see _decode_16bit).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused(queries: torch.Tensor) -> bool:
+    return queries.dtype != torch.float32 and _FLASH_CPU is not None
+
+
+def _fused_part(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> _Part:
+    """One part in a 16-bit dtype through the fused kernel: queries ``[B, H, L, d]`` (H a multiple of the
+    keys' heads), keys/values ``[B, h_kv, n, d]``, additive ``mask`` ``[B, 1, 1, n]`` in the queries' dtype.
+    The part is (log-sum-exp, 1, output); a query that sees no key counts 0 (the kernel gives it lse 0)."""
+    out, lse = _FLASH_CPU(queries, keys, values, attn_mask=mask, scale=scale)
+    lse = lse.unsqueeze(-1)
+    if mask is not None:
+        sees_none = ~(mask > float("-inf")).any(dim=-1, keepdim=True)  # [B, 1, 1, 1]
+        lse = lse.masked_fill(sees_none, float("-inf"))
+    return lse, torch.ones_like(lse), out.float()
+
+
+def _padding_mask(rows: torch.Tensor | None, start: int, end: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+    """The additive padding mask ``[B, 1, 1, end - start]`` of these rows (all rows when None)."""
+    if _key_padding_additive is None:
+        return None
+    padding = _key_padding_additive if rows is None else _key_padding_additive.index_select(
+        0, rows.to(_key_padding_additive.device))
+    return padding[:, None, None, start:end].to(device=device, dtype=dtype)
+
 
 def _reduce(scores: torch.Tensor, values: torch.Tensor) -> _Part:
     """Scores ``[..., n]`` (fp32, scaled, masked) over ``values`` ``[..., n, d]`` as (max, sum of exp,
@@ -353,32 +385,40 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
         rows = segment.first.to(k_cache.device)
         span = slice(segment.start, segment.end)
         segment.per_layer[layer] = (
-            k_cache[:, :, span].index_select(0, rows).transpose(2, 3).contiguous().to(queries.dtype),  # [G, g, d, n]
-            v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),  # [G, g, n, d]
+            k_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),  # [G, g, n, d]
+            v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),
         )
     keys, values = segment.per_layer[layer]
     slot_rows, row_slots = segment.slot_rows.to(queries.device), segment.row_slots.to(queries.device)
     stacked = queries.index_select(0, slot_rows).view(count, slots, groups, rep, d).transpose(1, 2)
-    scores = torch.matmul(stacked.reshape(count, groups, slots * rep, d), keys).float().mul_(scale)
-    if _key_padding_additive is not None:  # a group's rows share their padding
-        padding = _key_padding_additive.index_select(0, segment.first.to(_key_padding_additive.device))
-        scores += padding[:, None, None, segment.start:segment.end].to(scores.device)
+    stacked = stacked.reshape(count, groups, slots * rep, d)
 
     def to_rows(t: torch.Tensor) -> torch.Tensor:  # [G, g, slots * rep, x] -> [b, g, rep, x]
         t = t.view(count, groups, slots, rep, t.shape[-1]).transpose(1, 2)
         return t.reshape(count * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
 
-    top, total, out = _reduce(scores, values)
-    return to_rows(top), to_rows(total), to_rows(out)
+    # A group's rows share their padding: the group's first row's.
+    mask = _padding_mask(segment.first, segment.start, segment.end, torch.float32, queries.device)
+    if _fused(queries):
+        part = _fused_part(stacked, keys, values, None if mask is None else mask.to(queries.dtype), scale)
+    else:
+        scores = torch.matmul(stacked, keys.transpose(2, 3)).float().mul_(scale)
+        part = _reduce(scores if mask is None else scores.add_(mask), values)
+    return to_rows(part[0]), to_rows(part[1]), to_rows(part[2])
 
 
 def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int,
                     scale: float) -> _Part:
     """Positions ``[start, end)`` of each row's own cache."""
-    scores = torch.matmul(queries, k_cache[:, :, start:end].transpose(2, 3).to(queries.dtype)).float().mul_(scale)
-    if _key_padding_additive is not None:
-        scores += _key_padding_additive[:, None, None, start:end].to(scores.device)
-    return _reduce(scores, v_cache[:, :, start:end].to(queries.dtype))
+    keys, values = k_cache[:, :, start:end].to(queries.dtype), v_cache[:, :, start:end].to(queries.dtype)
+    if _fused(queries):  # every query head of a KV group reads the group's cache
+        b, groups, rep, d = queries.shape
+        mask = _padding_mask(None, start, end, queries.dtype, queries.device)
+        top, total, out = _fused_part(queries.reshape(b, groups * rep, 1, d), keys, values, mask, scale)
+        return top.view(b, groups, rep, 1), total.view(b, groups, rep, 1), out.view(b, groups, rep, d)
+    scores = torch.matmul(queries, keys.transpose(2, 3)).float().mul_(scale)
+    mask = _padding_mask(None, start, end, torch.float32, scores.device)
+    return _reduce(scores if mask is None else scores.add_(mask), values)
 
 
 def _merge_parts(parts: list[_Part]) -> torch.Tensor:

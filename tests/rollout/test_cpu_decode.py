@@ -205,9 +205,11 @@ def test_shared_prompt_decode_handles_large_values_and_an_all_padding_prompt(dty
     torch.testing.assert_close(got.float(), want.float(), atol=atol * 100, rtol=atol)
 
 
-def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path():
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtype, atol):
     """Rows that agree on a head and, in pairs, on the next positions (an example's shuffled orders): each
-    halving segment is read once per group, the rest per row, merged into the per-row path's result."""
+    halving segment is read once per group, the rest per row, merged into the per-row path's result
+    (16-bit: each part through the fused kernel with its log-sum-exp, checked against float64)."""
     from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
 
     g = torch.Generator().manual_seed(6)
@@ -221,14 +223,23 @@ def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path():
         for cache in (k_cache, v_cache):
             cache[:, seg.start:seg.end] = cache[seg.first[seg.source], seg.start:seg.end]
     q = torch.randn(b, 1, h_q, d, generator=g)
+    k_cache, v_cache, q = k_cache.to(dtype), v_cache.to(dtype), q.to(dtype)
     padding = torch.zeros(b, s_max, dtype=torch.bool)
     padding[4:, :10] = True  # rows 4 and 5: shorter prompts, all padding in the middle segment and past it
+    exact = torch.empty(b, h_q, d, dtype=torch.float64)
+    for r in range(b):
+        seen = ~padding[r, :n]
+        for head in range(h_q):
+            kv = head // (h_q // h_kv)
+            scores = k_cache[r, :n, kv][seen].double() @ q[r, 0, head].double() / math.sqrt(d)
+            exact[r, head] = scores.softmax(-1) @ v_cache[r, :n, kv][seen].double()
     with masked_cache_positions(padding):
         want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
         k_cache[1, :8] = v_cache[3, 4:8] = float("nan")  # shared positions of rows that are not a group's first
         with shared_prompts(segments, width, min_width=0):
             got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+    torch.testing.assert_close(got[:, 0].double(), exact, atol=atol, rtol=0)
 
 
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():
