@@ -156,8 +156,9 @@ def greedy_shortfall(model, prompt: list[int], ours: list[int], theirs: list[int
 
 
 # fp32: summation order. bf16: transformers' own bf16 forward of this model is up to 1.05 logits from its
-# fp32 forward at 1,000-token prompts (session 26), so a bf16 side may take either branch of a gap that size.
-TIE_TOLERANCE = {"fp32": 1e-2, "bf16": 1.0}
+# fp32 forward at 1,000-token prompts (session 26), so a bf16 side's best token may sit up to twice that
+# below the fp32 forward's best. (With RoPE's inv_freq rounded to bf16, HF's tokens fell up to 5.6 below.)
+TIE_TOLERANCE = {"fp32": 1e-2, "bf16": 2.1}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

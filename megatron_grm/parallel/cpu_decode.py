@@ -292,7 +292,8 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def _decode_16bit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                   softmax_scale: float | None) -> torch.Tensor:
-    """:func:`_decode_one_position`'s per-row attention for bf16/fp16 through torch's fused SDPA kernel.
+    """:func:`_decode_one_position`'s per-row attention for a non-fp32 dtype (bf16/fp16) through torch's
+    fused SDPA kernel.
 
     A 16-bit batched matmul with a handful of query rows against a transposed cache copies the cache per
     call (oneDNN's small-M path; one step's scores at 32 rows x 1,200 positions: 4.6 ms bf16 vs 0.85 ms
@@ -300,12 +301,15 @@ def _decode_16bit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     for scores, softmax and values together). Every query head of a KV group reads the group's cache.
     """
     b, _, h_q, d = q.shape
-    mask = None
-    if _key_padding_additive is not None:
-        mask = _key_padding_additive[:, None, None, :length].to(device=q.device, dtype=q.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :length].to(q.dtype),
-                                         v_cache[:, :, :length].to(q.dtype), attn_mask=mask, scale=softmax_scale,
-                                         enable_gqa=k_cache.shape[1] != h_q)
+    groups = k_cache.shape[1]
+    mask = _padding_mask(None, 0, length, q.dtype, q.device)
+    keys, values = k_cache[:, :, :length].to(q.dtype), v_cache[:, :, :length].to(q.dtype)
+    if _NATIVE_GQA or groups == h_q:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=softmax_scale,
+                                             enable_gqa=groups != h_q)
+    else:  # a group's query heads as its query positions (no mask between them): no copy of the cache per head
+        out = F.scaled_dot_product_attention(q.reshape(b, groups, h_q // groups, d), keys, values, attn_mask=mask,
+                                             scale=softmax_scale)
     return out.reshape(b, 1, h_q, d)
 
 
@@ -315,8 +319,9 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     filled) with each shared segment read once per group of rows (cascade / shared-prefix attention).
 
     Every part (a shared segment, then the rest of the positions per row) is reduced to each query's
-    maximum score, sum of exponentials and normalised weighted values; the parts then merge as a split
-    softmax does (log-sum-exp). The result is the per-row path's up to summation order.
+    maximum score, sum of exponentials and normalised weighted values (in a non-fp32 dtype: the fused
+    kernel's log-sum-exp and its output); the parts then merge as a split softmax does (log-sum-exp). The
+    result is the per-row path's up to summation order (and, in 16-bit, each part's rounded output).
     """
     b, _, h_q, d = q.shape
     groups = k_cache.shape[1]
@@ -330,11 +335,14 @@ def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return _merge_parts(parts).to(q.dtype).reshape(b, 1, h_q, d)
 
 
-_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per query: max score, sum of exp, normalised output
+# Per query: max score, sum of exp, normalised output (a fused part: log-sum-exp, 1, output).
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# torch 2.9 gave the CPU flash kernel grouped-query attention; before, SDPA's enable_gqa took the math path.
+_NATIVE_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 9)
 
 # torch's CPU flash-attention kernel, which also returns each query's log-sum-exp (what a part needs to be
-# merged); the public SDPA does not return it. Used for 16-bit parts, where a batched matmul of a few query
-# rows against a transposed cache copies the cache per call (see _decode_16bit).
+# merged); the public SDPA does not return it. Used for non-fp32 parts, where a batched matmul of a few
+# query rows against a transposed cache copies the cache per call (see _decode_16bit).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -344,9 +352,11 @@ def _fused(queries: torch.Tensor) -> bool:
 
 def _fused_part(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                 scale: float) -> _Part:
-    """One part in a 16-bit dtype through the fused kernel: queries ``[B, H, L, d]`` (H a multiple of the
-    keys' heads), keys/values ``[B, h_kv, n, d]``, additive ``mask`` ``[B, 1, 1, n]`` in the queries' dtype.
-    The part is (log-sum-exp, 1, output); a query that sees no key counts 0 (the kernel gives it lse 0)."""
+    """One part in a non-fp32 dtype through the fused kernel: queries ``[B, H, L, d]``, keys/values
+    ``[B, h_kv, n, d]``, ``H == h_kv`` (a multiple of it only from torch 2.9: before, the kernel has no
+    grouped-query attention and the private op does not check), additive ``mask`` ``[B, 1, 1, n]`` in the
+    queries' dtype. The part is (log-sum-exp, 1, output rounded to the queries' dtype); a query that sees
+    no key counts 0 (the kernel gives it lse 0)."""
     out, lse = _FLASH_CPU(queries, keys, values, attn_mask=mask, scale=scale)
     lse = lse.unsqueeze(-1)
     if mask is not None:
@@ -384,10 +394,11 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
     if layer not in segment.per_layer:  # each group's keys/values, gathered once per wave and layer
         rows = segment.first.to(k_cache.device)
         span = slice(segment.start, segment.end)
-        segment.per_layer[layer] = (
-            k_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),  # [G, g, n, d]
-            v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype),
-        )
+        keys = k_cache[:, :, span].index_select(0, rows)  # [G, g, n, d]
+        if not _fused(queries):  # the fp32 matmul reads keys as [G, g, d, n] fastest
+            keys = keys.transpose(2, 3)
+        segment.per_layer[layer] = (keys.contiguous().to(queries.dtype),
+                                    v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype))
     keys, values = segment.per_layer[layer]
     slot_rows, row_slots = segment.slot_rows.to(queries.device), segment.row_slots.to(queries.device)
     stacked = queries.index_select(0, slot_rows).view(count, slots, groups, rep, d).transpose(1, 2)
@@ -402,7 +413,7 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
     if _fused(queries):
         part = _fused_part(stacked, keys, values, None if mask is None else mask.to(queries.dtype), scale)
     else:
-        scores = torch.matmul(stacked, keys.transpose(2, 3)).float().mul_(scale)
+        scores = torch.matmul(stacked, keys).float().mul_(scale)
         part = _reduce(scores if mask is None else scores.add_(mask), values)
     return to_rows(part[0]), to_rows(part[1]), to_rows(part[2])
 
@@ -411,9 +422,11 @@ def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                     scale: float) -> _Part:
     """Positions ``[start, end)`` of each row's own cache."""
     keys, values = k_cache[:, :, start:end].to(queries.dtype), v_cache[:, :, start:end].to(queries.dtype)
-    if _fused(queries):  # every query head of a KV group reads the group's cache
-        b, groups, rep, d = queries.shape
+    if _fused(queries):
         mask = _padding_mask(None, start, end, queries.dtype, queries.device)
+        b, groups, rep, d = queries.shape
+        if not _NATIVE_GQA:  # a KV group's query heads as its query positions
+            return _fused_part(queries, keys, values, mask, scale)
         top, total, out = _fused_part(queries.reshape(b, groups * rep, 1, d), keys, values, mask, scale)
         return top.view(b, groups, rep, 1), total.view(b, groups, rep, 1), out.view(b, groups, rep, d)
     scores = torch.matmul(queries, keys.transpose(2, 3)).float().mul_(scale)

@@ -42,10 +42,20 @@ PACK_MIN_ELEMENTS = 1 << 18
 ROLLOUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch build has oneDNN's reorder-once linear ops and they compute ``F.linear`` in ``dtype``
-    (bf16 needs a CPU oneDNN runs bf16 on: AVX512-BF16 / AMX, or its AVX512 emulation)."""
+    (bf16 needs a CPU oneDNN runs bf16 on: AVX512-BF16 / AMX, or its AVX512 emulation). Probed once per
+    dtype, however it is asked for, outside any device or autocast context the caller may be in."""
+    return _probe(dtype)
+
+
+@functools.cache
+def _probe(dtype: torch.dtype) -> bool:
+    with torch.device("cpu"), torch.autocast("cpu", enabled=False):
+        return _computes_f_linear(dtype)
+
+
+def _computes_f_linear(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False

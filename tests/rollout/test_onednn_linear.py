@@ -107,6 +107,16 @@ def test_bf16_weights_are_reordered_and_multiplied_in_bf16():
     assert stats.fallbacks == 0 and layer.own_calls == 0
 
 
+def test_availability_is_probed_once_per_dtype_whatever_the_callers_context():
+    """The first question may come from inside a training forward or a ``torch.device`` block: the probe
+    runs on the CPU regardless, and ``available()`` and ``available(torch.float32)`` share its answer."""
+    onednn_linear._probe.cache_clear()
+    with torch.device("meta"):
+        inside = onednn_linear.available()
+    assert inside is True  # the module skips where oneDNN's ops are missing
+    assert onednn_linear.available(torch.float32) is True and onednn_linear._probe.cache_info().misses == 1
+
+
 def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
     big = torch.empty(512, 512)
     assert onednn_linear.worth_packing(big)

@@ -514,8 +514,11 @@ def main() -> None:
             return real_16bit(*args, **kwargs)
 
         cpu_decode._decode_16bit = counted_16bit
+        threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0  # the tiny model's too
         b16 = bf16_engine.generate(prompts, n=1, sampling=full)
+        onednn_linear.PACK_MIN_ELEMENTS = threshold
         cpu_decode._decode_16bit = real_16bit
+        gemms = bf16_engine.backend.last_gemms
         fp32_rows = engine.generate(prompts, n=1, sampling=full)
         own = training_logprobs(bf16_model, [s.sequence for s in b16], [len(p) for p in prompts])
         out["bf16_rollout"] = {
@@ -526,6 +529,10 @@ def main() -> None:
             "logprob_diff_vs_fp32_training": bf16_engine.check_logprobs(b16),
             "tokens_equal_fp32": sum(a.token_ids == b.token_ids for a, b in zip(b16, fp32_rows)),
             "rows": len(b16),
+            "linear_modules": sum(isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+                                  for m in bf16_model.modules()),
+            "gemm_layers": gemms.layers, "gemm_reordered": gemms.reordered, "gemm_calls": gemms.calls,
+            "gemm_fallbacks": gemms.fallbacks, "bf16_onednn": onednn_linear.available(torch.bfloat16),
         }
         del bf16_engine, bf16_model
 
