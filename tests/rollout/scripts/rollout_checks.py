@@ -508,12 +508,7 @@ def main() -> None:
         bf16_engine = RolloutEngine(bf16_model, tok, source_model=model)
         calls_16bit = []
         real_16bit = cpu_decode._decode_16bit
-
-        def counted_16bit(*args, **kwargs):
-            calls_16bit.append(1)
-            return real_16bit(*args, **kwargs)
-
-        cpu_decode._decode_16bit = counted_16bit
+        cpu_decode._decode_16bit = lambda *a, **k: calls_16bit.append(1) or real_16bit(*a, **k)
         threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0  # the tiny model's too
         b16 = bf16_engine.generate(prompts, n=1, sampling=full)
         onednn_linear.PACK_MIN_ELEMENTS = threshold
