@@ -278,40 +278,17 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     groups = k_cache.shape[1]
     if _shared_prompts is not None and _shared_prompts.width <= start:
         return _decode_over_shared_prompts(q, k_cache, v_cache, start, softmax_scale, _shared_prompts, layer)
-    if q.dtype != torch.float32:
-        return _decode_16bit(q, k_cache, v_cache, start, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    queries = q.reshape(b, groups, h_q // groups, d)
+    if _fused(queries):  # the whole cache as one part: its output is the attention (a step sees its own key)
+        return _attend_per_row(queries, k_cache, v_cache, 0, start, scale)[2].to(q.dtype).reshape(b, 1, h_q, d)
     keys = k_cache[:, :, :start].transpose(2, 3).to(q.dtype)  # [b, g, d, width]
     values = v_cache[:, :, :start].to(q.dtype)  # [b, g, width, d]
-    scale = softmax_scale if softmax_scale is not None else d ** -0.5
-    scores = torch.matmul(q.reshape(b, groups, h_q // groups, d), keys).float().mul_(scale)  # [b, g, rep, width]
+    scores = torch.matmul(queries, keys).float().mul_(scale)  # [b, g, rep, width]
     if _key_padding_additive is not None:
         scores += _key_padding_additive[:, None, None, :start].to(scores.device)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, values).reshape(b, 1, h_q, d)
-
-
-def _decode_16bit(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
-                  softmax_scale: float | None) -> torch.Tensor:
-    """:func:`_decode_one_position`'s per-row attention for a non-fp32 dtype (bf16/fp16) through torch's
-    fused SDPA kernel.
-
-    A 16-bit batched matmul with a handful of query rows against a transposed cache copies the cache per
-    call (``aten::copy_`` was 46% of a profiled bf16 rollout; one step's scores at 32 rows x 1,200
-    positions: 4.6 ms bf16 vs 0.85 ms fp32), while SDPA's CPU kernel reads the cache in place and
-    accumulates the softmax in fp32 (1.4 ms for scores, softmax and values together). Every query head of
-    a KV group reads the group's cache.
-    """
-    b, _, h_q, d = q.shape
-    groups = k_cache.shape[1]
-    mask = _padding_mask(None, 0, length, q.dtype, q.device)
-    keys, values = k_cache[:, :, :length].to(q.dtype), v_cache[:, :, :length].to(q.dtype)
-    if _NATIVE_GQA or groups == h_q:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=softmax_scale,
-                                             enable_gqa=groups != h_q)
-    else:  # a group's query heads as its query positions (no mask between them): no copy of the cache per head
-        out = F.scaled_dot_product_attention(q.reshape(b, groups, h_q // groups, d), keys, values, attn_mask=mask,
-                                             scale=softmax_scale)
-    return out.reshape(b, 1, h_q, d)
 
 
 def _decode_over_shared_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
@@ -341,9 +318,12 @@ _Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # torch 2.9 gave the CPU flash kernel grouped-query attention; before, SDPA's enable_gqa took the math path.
 _NATIVE_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 9)
 
-# torch's CPU flash-attention kernel, which also returns each query's log-sum-exp (what a part needs to be
-# merged); the public SDPA does not return it. Used for non-fp32 parts, where a batched matmul of a few
-# query rows against a transposed cache copies the cache per call (see _decode_16bit).
+# torch's CPU flash-attention kernel (SDPA's), which also returns each query's log-sum-exp (what a part
+# needs to be merged); the public SDPA does not return it. Used in non-fp32 dtypes, where a batched matmul
+# of a few query rows against a transposed cache copies the cache per call: aten::copy_ was 46% of a
+# profiled bf16 rollout, and one step's scores at 32 rows x 1,200 positions took 4.6 ms in bf16 against
+# 0.85 ms in fp32, while the kernel reads the cache in place, keeps the softmax in fp32, and took 1.4 ms
+# for scores, softmax and values together (session 26). fp32 keeps the matmul, which measured as fast.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -410,9 +390,11 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
         return t.reshape(count * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
 
     # A group's rows share their padding: the group's first row's.
-    mask = _padding_mask(segment.first, segment.start, segment.end, torch.float32, queries.device)
-    if _fused(queries):
-        part = _fused_part(stacked, keys, values, None if mask is None else mask.to(queries.dtype), scale)
+    fused = _fused(queries)
+    mask = _padding_mask(segment.first, segment.start, segment.end, queries.dtype if fused else torch.float32,
+                         queries.device)
+    if fused:
+        part = _fused_part(stacked, keys, values, mask, scale)
     else:
         scores = torch.matmul(stacked, keys).float().mul_(scale)
         part = _reduce(scores if mask is None else scores.add_(mask), values)

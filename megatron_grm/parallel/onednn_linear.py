@@ -51,19 +51,14 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
 
 @functools.cache
 def _probe(dtype: torch.dtype) -> bool:
-    with torch.device("cpu"), torch.autocast("cpu", enabled=False):
-        return _computes_f_linear(dtype)
-
-
-def _computes_f_linear(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (t.to(dtype) for t in (torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g),
-                                     torch.randn(8, generator=g)))
     try:
-        with torch.inference_mode():
+        with torch.device("cpu"), torch.autocast("cpu", enabled=False), torch.inference_mode():
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (t.to(dtype) for t in (torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g),
+                                             torch.randn(8, generator=g)))
             got = linear(x, reorder(w, 3), b)
     except RuntimeError as err:
         log.info("oneDNN %s linear unavailable (%s): rollout GEMMs stay on torch's matmul", dtype, err)

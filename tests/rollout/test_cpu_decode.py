@@ -114,9 +114,9 @@ def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_ro
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("h_q,h_kv,scale", [(4, 4, None), (6, 2, 0.3)])
 def test_16bit_decode_step_skips_padding_and_matches_float64(dtype, h_q, h_kv, scale, native_gqa, monkeypatch):
-    """A bf16/fp16 model's decode step (torch's fused SDPA over the cache in place): the new key written in
-    its slot, padding hidden, each query head reading its KV group, the softmax scale kept; also as a torch
-    before 2.9 runs it (a group's query heads as its query positions)."""
+    """A bf16/fp16 model's decode step (torch's fused CPU attention kernel over the cache in place): the new
+    key written in its slot, padding hidden, each query head reading its KV group, the softmax scale kept;
+    also as a torch before 2.9 runs it (a group's query heads as its query positions)."""
     import megatron_grm.parallel.cpu_decode as cpu_decode
     from megatron_grm.parallel.cpu_decode import masked_cache_positions
 
@@ -247,13 +247,16 @@ def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtyp
             exact[r, head] = scores.softmax(-1) @ v_cache[r, :n, kv][seen].double()
     with masked_cache_positions(padding):
         want = flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=n)
+        per_row_parts = len(fused_parts)
+        fused_parts.clear()
         k_cache[1, :8] = v_cache[3, 4:8] = float("nan")  # shared positions of rows that are not a group's first
         with shared_prompts(segments, width, min_width=0):
             got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
     torch.testing.assert_close(got[:, 0].double(), exact, atol=atol, rtol=0)
-    # fp32 keeps the matmul path; 16-bit takes the fused kernel for both segments and the per-row rest.
-    assert len(fused_parts) == (0 if dtype == torch.float32 else 3)
+    # fp32 keeps the matmul path; 16-bit takes the fused kernel for the whole cache per row, and with
+    # shared prompts for both segments and the per-row rest.
+    assert (per_row_parts, len(fused_parts)) == ((0, 0) if dtype == torch.float32 else (1, 3))
 
 
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():

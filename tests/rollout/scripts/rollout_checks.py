@@ -497,7 +497,7 @@ def main() -> None:
     }
 
     # 9. A bf16 copy of the model rolls out on the CPU (refit from the fp32 training weights before every
-    #    call): decode steps take the 16-bit kernel (torch's fused SDPA over the cache in place), and the
+    #    call): decode steps take torch's fused CPU attention kernel over the cache in place, and the
     #    log-probabilities agree with the copy's own training forward at bf16 resolution.
     if args.tp == 1:
         from megatron_grm.models.precision import PrecisionConfig
@@ -507,12 +507,12 @@ def main() -> None:
                                            vocab_size=model.vocab_size)
         bf16_engine = RolloutEngine(bf16_model, tok, source_model=model)
         calls_16bit = []
-        real_16bit = cpu_decode._decode_16bit
-        cpu_decode._decode_16bit = lambda *a, **k: calls_16bit.append(1) or real_16bit(*a, **k)
+        real_16bit = cpu_decode._fused_part
+        cpu_decode._fused_part = lambda *a, **k: calls_16bit.append(1) or real_16bit(*a, **k)
         threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0  # the tiny model's too
         b16 = bf16_engine.generate(prompts, n=1, sampling=full)
         onednn_linear.PACK_MIN_ELEMENTS = threshold
-        cpu_decode._decode_16bit = real_16bit
+        cpu_decode._fused_part = real_16bit
         gemms = bf16_engine.backend.last_gemms
         fp32_rows = engine.generate(prompts, n=1, sampling=full)
         own = training_logprobs(bf16_model, [s.sequence for s in b16], [len(p) for p in prompts])
