@@ -32,7 +32,7 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--standalone", str(script), *args]
     full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    full_env.update({"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", **(env or {})})
+    full_env.update({"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"

@@ -55,3 +55,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from megatron_grm.parallel import destroy_parallel
+
+    destroy_parallel()  # gloo's threads still alive at interpreter exit can abort the process (SIGABRT)

@@ -41,3 +41,6 @@ def main(run_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from megatron_grm.parallel import destroy_parallel
+
+    destroy_parallel()  # gloo's threads still alive at interpreter exit can abort the process (SIGABRT)
