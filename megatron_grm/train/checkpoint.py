@@ -2,8 +2,11 @@
 
 A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed only once every rank has finished; the
 ``latest`` file is then replaced atomically. A crash at any point leaves ``latest`` naming the previous,
-complete checkpoint. The format is Megatron-Core's ``torch_dist``, so loading under another TP/PP layout
-works by construction (the optimizer uses the fully reshardable layout).
+complete checkpoint. Re-saving a step that exists (a signal right after a periodic save, a conversion
+re-run into the same folder) moves the old folder aside as ``iter_XXXXXXX.replaced`` and deletes it only
+after the new one is in place, so a crash in between still finds a complete checkpoint for that step.
+The format is Megatron-Core's ``torch_dist``, so loading under another TP/PP layout works
+by construction (the optimizer uses the fully reshardable layout).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from megatron_grm.parallel.distributed import barrier, is_rank0
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+REPLACED = ".replaced"
 MODEL_CONFIG = "model_config.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -38,6 +42,9 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     with open(path) as f:
         name = f.read().strip()
     folder = os.path.join(ckpt_root, name)
+    if not os.path.isdir(folder) and os.path.isdir(folder + REPLACED):
+        log.warning("%s names %s, which a crash left moved aside; using %s", path, name, folder + REPLACED)
+        return folder + REPLACED
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path} names {name!r} but {folder} does not exist")
     return folder
@@ -87,8 +94,7 @@ def save_checkpoint(
     if is_rank0():
         for stale in glob.glob(os.path.join(ckpt_root, "*.tmp")):
             shutil.rmtree(stale, ignore_errors=True)
-        if os.path.isdir(final):  # re-saving the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
+        _remove_replaced(ckpt_root)
         os.makedirs(tmp)
     barrier()
     dist_checkpointing.save(sharded_state, tmp)
@@ -105,12 +111,27 @@ def save_checkpoint(
             if entry.is_file():
                 fsync(entry.path)
         fsync(tmp)
+        replaced = final + REPLACED
+        if os.path.isdir(final):  # re-saving this step: the old folder stays whole until the new one is in place
+            if os.path.isdir(replaced):
+                shutil.rmtree(replaced)
+            os.rename(final, replaced)
         os.rename(tmp, final)
         fsync(ckpt_root)
         write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
+        fsync(ckpt_root)
+        shutil.rmtree(replaced, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def _remove_replaced(ckpt_root: str) -> None:
+    """Delete folders an interrupted re-save moved aside, except the one ``latest`` still resolves to."""
+    keep = latest_checkpoint(ckpt_root)
+    for old in glob.glob(os.path.join(ckpt_root, "*" + REPLACED)):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 EXTRA_STATE = "._extra_state"

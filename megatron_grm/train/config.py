@@ -24,6 +24,10 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
     fused_kernel: bool = True  # torch's fused Adam when Megatron falls back to torch's (no TE/apex FusedAdam)
+    # A resumed run whose schedule (lr, min_lr, warmup, decay style, decay steps = trainer.max_steps) differs
+    # from its checkpoint's is refused; true takes this config's schedule at the checkpoint's step instead
+    # (Megatron-LM's --override-opt_param-scheduler), e.g. to lengthen a run by raising trainer.max_steps.
+    override_schedule: bool = False
 
 
 @dataclass

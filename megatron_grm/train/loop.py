@@ -141,6 +141,17 @@ def saved_optimizer_kind(ckpt_root: str) -> bool | None:
     return metadata.get("distributed_optimizer")
 
 
+SCHEDULE_FIELDS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "optimizer.warmup_steps",
+                   "lr_decay_steps": "trainer.max_steps", "lr_decay_style": "optimizer.decay_style",
+                   "start_wd": "optimizer.weight_decay"}
+
+
+def schedule_differences(run: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """'<setting>: the checkpoint has X, this run Y' for each schedule value (scheduler state dicts) that differs."""
+    return [f"{setting}: the checkpoint has {saved[key]}, this run {run[key]}"
+            for key, setting in SCHEDULE_FIELDS.items() if key in saved and saved[key] != run[key]]
+
+
 class Trainer:
     """Owns the model chunk, DDP wrapper, optimizer, scheduler, logger and checkpoints of one run."""
 
@@ -419,6 +430,23 @@ class Trainer:
         return {"tensor_parallel": self.cfg.parallel.tensor_parallel,
                 "pipeline_parallel": self.cfg.parallel.pipeline_parallel}
 
+    def _load_scheduler(self, saved: dict[str, Any], folder: str) -> None:
+        """The checkpoint's step on this run's schedule, which must be the checkpoint's own unless overridden.
+
+        Megatron's scheduler silently keeps the checkpoint's schedule: a run resumed with a larger
+        ``trainer.max_steps`` would finish its old decay and train its extra steps at ``min_lr``."""
+        differences = schedule_differences(self.scheduler.state_dict(), saved)
+        if differences and not self.cfg.optimizer.override_schedule:
+            raise ValueError(f"{folder} was trained on another learning-rate schedule than this run's:\n  "
+                             + "\n  ".join(differences) + "\nresume with the checkpoint's settings, or set "
+                             "optimizer.override_schedule=true to continue from its step on this run's schedule")
+        if differences:
+            log.warning("optimizer.override_schedule: continuing %s from step %d on this run's schedule (%s)",
+                        folder, saved["num_steps"], "; ".join(differences))
+            self.scheduler.override_opt_param_scheduler = True
+            self.scheduler.use_checkpoint_opt_param_scheduler = False
+        self.scheduler.load_state_dict(saved)
+
     def resume(self, producer: BatchProducer | None = None) -> bool:
         """Continue this run from ``latest`` (model, optimizer, scheduler, data position, RNG)."""
         folder = ckpt.latest_checkpoint(self.ckpt_root)
@@ -432,7 +460,7 @@ class Trainer:
         loaded = ckpt.load_checkpoint(folder, self._sharded_state(producer, loading=True))
         self.unwrapped.load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])
-        self.scheduler.load_state_dict(loaded["scheduler"])
+        self._load_scheduler(loaded["scheduler"], folder)
         ts = loaded["train_state"]
         self.state.step, self.state.consumed_samples = int(ts["step"]), int(ts["consumed_samples"])
         self.state.history = list(ts.get("history", []))

@@ -199,3 +199,43 @@ def test_a_checkpoint_saved_for_other_function_only_settings_is_refused(tmp_path
         check_checkpoint_model(str(tmp_path), other)
     (tmp_path / MODEL_CONFIG).write_text(json.dumps({"step": 3}))  # a checkpoint that records no model
     check_checkpoint_model(str(tmp_path), other)
+
+
+def test_a_resave_of_the_same_step_killed_midway_leaves_a_complete_checkpoint(tmp_path):
+    """A signal right after a periodic save, or a conversion re-run into its folder, saves a step that
+    exists. The old folder used to be deleted before the new one was written: a kill in that window left
+    ``latest`` naming nothing. Now the old one is moved aside and removed only after the new one is in place."""
+    script = Path(__file__).parent / "scripts" / "resave_crash.py"
+    root, out = tmp_path / "checkpoints", tmp_path / "report.json"
+    torchrun(script, 1, ["--root", str(root), "--out", str(out)])
+    report = read_json(out)
+    assert report["crash"] == "killed after the old folder was moved aside"
+    assert "iter_0000003" not in report["entries_after_crash"]
+    assert report["resolved_after_crash"] == "iter_0000003.replaced"
+    assert report["value_after_crash"] == 1.0 and report["metadata_after_crash"] == 1.0
+    assert report["entries_after_resave"] == ["iter_0000003", "latest"]
+    assert report["value_after_resave"] == 3.0
+
+
+def test_a_resume_on_another_schedule_is_refused_unless_overridden(tmp_path):
+    """Megatron's scheduler keeps the checkpoint's schedule on load: a run lengthened from 4 to 8 steps on
+    resume finished its old cosine decay at step 4 and trained the rest at min_lr (0) without a word."""
+    import math
+
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--save-interval", "2"]
+    torchrun(SCRIPT, 1, [*common, "--steps", "4", "--exit-after", "2", "--out", str(tmp_path / "a.json")])
+    torchrun(SCRIPT, 1, [*common, "--steps", "8", "--resume", "--out", str(tmp_path / "b.json")])
+    error = read_json(tmp_path / "b.json")["resume_error"]
+    assert "trainer.max_steps: the checkpoint has 4, this run 8" in error
+    assert "optimizer.override_schedule=true" in error and str(run / "checkpoints" / "iter_0000002") in error
+    torchrun(SCRIPT, 1, [*common, "--steps", "8", "--resume", "--set", "optimizer.override_schedule=true",
+                         "--out", str(tmp_path / "c.json")])
+    lengthened = read_json(tmp_path / "c.json")
+    assert lengthened["step"] == 8 and len(lengthened["losses"]) == 6
+    # Step 2 of an 8-step cosine decay without warmup, not step 2 of the checkpoint's 4-step one.
+    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "fresh"), "--steps", "8", "--eval-only",
+                         "--out", str(tmp_path / "d.json")])
+    peak, floor = read_json(tmp_path / "d.json")["lr_at_start"], 1e-4  # conf/sft.yaml's optimizer.min_lr
+    want = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 8))
+    assert lengthened["lr_at_start"] == pytest.approx(want)

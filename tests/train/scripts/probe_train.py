@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--fused-adam", type=int, default=1, help="0: Megatron's torch AdamW as built (foreach)")
     ap.add_argument("--loss-tokens-only", type=int, default=1, help="0: the output layer projects every position")
     ap.add_argument("--precision", default="fp32", help="conf/precision choice: fp32 or bf16")
+    ap.add_argument("--set", action="append", default=[], help="a further config override, key=value")
     ap.add_argument("--lazy-grad-zeroing", type=int, default=1, help="0: Megatron zeroes the whole grad buffer")
     args = ap.parse_args()
 
@@ -95,7 +96,7 @@ def main() -> None:
         overrides.append(f"trainer.save_interval={args.save_interval}")
     if args.exit_after:
         overrides.append(f"trainer.exit_after_steps={args.exit_after}")
-    run = prepare_run(load_config("sft", overrides))
+    run = prepare_run(load_config("sft", overrides + args.set))
     model = None
     if not args.wgrad_fusion:
         from megatron_grm.models.provider import build_model
@@ -107,13 +108,22 @@ def main() -> None:
     if args.init:
         trainer.load_weights(args.init)
     if args.resume:
-        assert trainer.resume(producer), "no checkpoint to resume from"
+        try:
+            assert trainer.resume(producer), "no checkpoint to resume from"
+        except ValueError as err:
+            with open(args.out, "w") as f:
+                json.dump({"resume_error": str(err)}, f)
+            from megatron_grm.parallel import destroy_parallel
+
+            destroy_parallel()
+            return
+    lr_at_start = trainer.scheduler.get_lr(trainer.optimizer.param_groups[0])
     if args.save_init:
         trainer.save(producer)
         result = {"saved": True}
     elif args.eval_only:
         loss, _ = trainer.forward_backward(producer.next_batch(0), SupervisedObjective(), forward_only=True)
-        result = {"loss": float(loss[0] / loss[1])}
+        result = {"loss": float(loss[0] / loss[1]), "lr_at_start": lr_at_start}
     else:
         if args.hang_in_save_of is not None:
             import megatron.core.dist_checkpointing as dc
@@ -188,7 +198,8 @@ def main() -> None:
         else:
             result_error = None
         embedding = getattr(trainer.unwrapped, "embedding", None)  # on the first pipeline stage
-        result = {"losses": losses, "grad_norms": grad_norms, "skipped": skipped, "history": trainer.state.history,
+        result = {"lr_at_start": lr_at_start, "losses": losses, "grad_norms": grad_norms, "skipped": skipped,
+                  "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
                   "overwritten_weights": len(trainer.grad_zeroing.weights),
