@@ -334,7 +334,7 @@ def train_metarm(cfg: Any) -> Trainer:
     def measure() -> dict[str, float | None]:
         return heldout_metrics(trainer.model, heldout_samples, t.micro_batch_size, tokenizer.pad_id)
 
-    report = _read_report(t.run_dir)
+    report = report_until(_read_report(t.run_dir), trainer.state.step)
     if trainer.state.step == 0:
         report = {"initial": measure(), "history": []}
         _write_report(t.run_dir, report)
@@ -360,6 +360,14 @@ def train_metarm(cfg: Any) -> Trainer:
                  _fmt(initial.get("bce")), final.get("bce", math.nan), final.get("accuracy", math.nan),
                  _fmt(final.get("auc")), final.get("count", 0))
     return trainer
+
+
+def report_until(report: dict[str, Any], step: int) -> dict[str, Any]:
+    """The held-out report as of checkpoint ``step``: the steps after it are trained again by a resumed run,
+    so an earlier attempt's evaluations of them (and its final entry) would otherwise appear twice."""
+    kept = {k: v for k, v in report.items() if not (k == "final" and v.get("step", 0) > step)}
+    kept["history"] = [entry for entry in report.get("history", []) if entry["step"] <= step]
+    return kept
 
 
 def _read_report(run_dir: str) -> dict[str, Any]:

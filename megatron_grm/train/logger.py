@@ -15,12 +15,25 @@ class RunLogger:
 
     def __init__(self, run_dir: str, enabled: bool) -> None:
         self.enabled = enabled
-        self.writer = None
-        if enabled:
+        self.folder = os.path.join(run_dir, "tensorboard")
+        self.purge_step: int | None = None
+        self._writer = None
+
+    def purge_from(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: hide what an earlier attempt logged for
+        ``step`` and later (TensorBoard's purge, written at the start of this attempt's event file)."""
+        if self._writer is not None:
+            raise RuntimeError("RunLogger.purge_from must come before the first scalar of this attempt")
+        self.purge_step = step
+
+    @property
+    def writer(self):
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            os.makedirs(os.path.join(run_dir, "tensorboard"), exist_ok=True)
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            os.makedirs(self.folder, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=self.folder, purge_step=self.purge_step)
+        return self._writer
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not self.writer:
@@ -41,8 +54,8 @@ class RunLogger:
         print(" | ".join(parts), flush=True)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        if self._writer:
+            self._writer.close()
 
 
 def read_scalars(run_dir: str | os.PathLike, tag: str) -> list[float]:

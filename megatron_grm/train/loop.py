@@ -465,6 +465,7 @@ class Trainer:
         self.state.step, self.state.consumed_samples = int(ts["step"]), int(ts["consumed_samples"])
         self.state.history = list(ts.get("history", []))
         self.state.nonfinite_in_a_row = int(ts.get("nonfinite_in_a_row", 0))  # older checkpoints: not recorded
+        self.logger.purge_from(self.state.step + 1)
         if producer is not None:
             producer.load_state_dict(loaded["producer"])
         rank_state = ckpt.load_rank_state(folder, self.layout)

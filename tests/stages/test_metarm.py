@@ -121,6 +121,16 @@ def test_hf_export_gives_the_same_metarm_logits(trained):
     assert not math.isclose(max(got), min(got))
 
 
+def test_a_resume_from_an_earlier_checkpoint_drops_the_evaluations_it_will_repeat():
+    from megatron_grm.stages.metarm import report_until
+
+    report = {"initial": {"bce": 0.7}, "history": [{"step": 20, "bce": 0.6}, {"step": 40, "bce": 0.5}],
+              "final": {"step": 50, "bce": 0.4}}
+    assert report_until(report, 30) == {"initial": {"bce": 0.7}, "history": [{"step": 20, "bce": 0.6}]}
+    assert report_until(report, 50) == report
+    assert report_until({"history": []}, 0) == {"history": []}
+
+
 def test_binary_cross_entropy_is_the_mean_bce_and_counts_hits():
     import torch
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_grm.train.logger import read_scalars
 from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
@@ -76,6 +77,8 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
     assert got["fused_adam"] and all(got["fused_adam"])  # the checkpoint's param groups did not switch it off
     assert got["losses"] == want["losses"][3:]  # bit-identical, not approximately equal
     assert got["history"] == want["history"]
+    # TensorBoard shows each step once: the killed attempt's steps 4-6 are purged by the resumed one's.
+    assert read_scalars(run, "train/loss") == pytest.approx(want["losses"], rel=1e-6)
     a = torch.load(f"{resumed}.rank0.pt")
     b = torch.load(f"{want_path}.rank0.pt")
     assert a.keys() == b.keys()
