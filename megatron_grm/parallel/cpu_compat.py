@@ -176,38 +176,6 @@ def apply_cpu_compat() -> bool:
     # optimizer/optimizer.py, optimizer/clip_grads.py: asserts on the CUDA tensor type name.
     torch.Tensor.type = _type_reporting_cuda  # type: ignore[method-assign]
 
-    # optimizer/distrib_optimizer.py, _set_main_param_and_optimizer_states: without apex/TE the inner
-    # optimizer is torch Adam, whose per-param state holds "step"; the reshardable checkpoint formats
-    # store only param/exp_avg/exp_avg_sq (step travels in param_groups and is restored by
-    # load_state_dict just before), so the copy raises KeyError('step'). Copy the keys that exist.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    real_set = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def _set_states_present(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            return real_set(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        dst = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            dst[key].copy_(value)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set_states_present
-
-    # distrib_optimizer.py, load_state_dict (the "non-Apex/TE support" branch) gives every param's
-    # state the *same* ``step`` tensor; torch Adam increments it in place once per param, so after a
-    # resume the bias correction is wrong. Give each param its own copy.
-    real_load = DistributedOptimizer.load_state_dict
-
-    def _load_with_private_steps(self, state_dict):
-        real_load(self, state_dict)
-        for state in self.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-    DistributedOptimizer.load_state_dict = _load_with_private_steps
-
     # models/gpt/gpt_model.py pins the attention backend through NVTE_* variables and asserts they
     # are unchanged on the next model; the local spec ignores them, so start each process clean.
     for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):

@@ -109,8 +109,9 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         from megatron_grm.parallel.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
-    from megatron_grm.parallel import host_memory, multi_tensor, onednn_training, wgrad_gemm
+    from megatron_grm.parallel import host_memory, multi_tensor, onednn_training, torch_adam_resume, wgrad_gemm
 
+    torch_adam_resume.install()
     host_memory.keep_freed_host_memory(cuda)
     multi_tensor.install()
     wgrad_gemm.install(cuda)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_grm.train.logger import read_scalars
-from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
+from tests.conftest import REPO, REPO_PYTHONPATH, python_json, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
@@ -242,3 +242,26 @@ def test_a_resume_on_another_schedule_is_refused_unless_overridden(tmp_path):
     peak, floor = read_json(tmp_path / "d.json")["lr_at_start"], 1e-4  # conf/sft.yaml's optimizer.min_lr
     want = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 8))
     assert lengthened["lr_at_start"] == pytest.approx(want)
+
+
+def test_the_torch_adam_resume_fixes_follow_megatrons_optimizer_not_the_device():
+    """A GPU install without TE/apex runs the same torch Adam branch of Megatron's distributed optimizer
+    as the CPU, with the same two resume bugs (KeyError 'step', one shared step tensor): the fixes used
+    to be applied only without CUDA. They are keyed on Megatron's HAVE_APEX_OR_TE, apart from cpu_compat."""
+    code = """
+import json
+from megatron.core.optimizer import distrib_optimizer
+from megatron_grm.parallel import cpu_compat, torch_adam_resume
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D
+report = {"torch_adam": not distrib_optimizer.HAVE_APEX_OR_TE}
+distrib_optimizer.HAVE_APEX_OR_TE = True  # as with TE or apex installed: their FusedAdam keeps no per-param step
+report["with_te"] = [torch_adam_resume.install(), D.load_state_dict.__name__]
+distrib_optimizer.HAVE_APEX_OR_TE = False
+report["without"] = [torch_adam_resume.install(), D.load_state_dict.__name__,
+                     D._set_main_param_and_optimizer_states.__name__, cpu_compat._APPLIED]
+print(json.dumps(report))
+"""
+    report = python_json(code)
+    assert report["torch_adam"]  # this machine has neither TE nor apex
+    assert report["with_te"] == [False, "load_state_dict"]
+    assert report["without"] == [True, "_load_with_private_steps", "_set_states_present", False]
