@@ -26,6 +26,7 @@ from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.device import use_cuda
+from megatron_grm.parallel.distributed import true_on_any_rank
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
 from megatron_grm.rollout.judgments import (
@@ -42,6 +43,7 @@ from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokeniz
 from megatron_grm.stages.reward_validation import RewardValidation
 from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
 from megatron_grm.train.losses import LossOutput, grpo_loss
+from megatron_grm.train.producers import global_batch_indices
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,12 @@ class GRPOSettings:
     val_samples: int = 4  # judgments per data.val example at each validation (stages/reward_validation.py)
     val_interval: int = 50  # validate every this many steps (and at step 0 and the last step); 0: those two only
     random_policy: bool = False  # allow trainer.load=null: start (and the KL reference) from random weights (tests)
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator == "k1" and self.beta:
+            log.warning("grpo.kl_estimator=k1: as a loss term its expected gradient is zero, so beta=%s adds noise "
+                        "and no pull towards the reference (k2: gradient of KL(policy||ref); k3: of KL(ref||policy))",
+                        self.beta)
 
 
 class GRPOObjective:
@@ -138,8 +146,8 @@ class RolloutProducer:
 
     def _rollout(self) -> list[list[Batch]]:
         s, t = self.s, self.trainer.cfg.trainer
-        start = (self.rollouts * self.examples_per_rank * self.dp_size + self.dp_rank * self.examples_per_rank)
-        examples = [self.examples[(start + i) % len(self.examples)] for i in range(self.examples_per_rank)]
+        examples = [self.examples[i] for i in rollout_example_indices(
+            self.rollouts, self.examples_per_rank, self.dp_rank, self.dp_size, len(self.examples), self.seed)]
         rng = random.Random(f"grpo:{self.seed}:{self.rollouts}:{self.dp_rank}")
         sampling = rollout_sampling(s, seed=self.seed + 7919 * self.rollouts)
         began = time.perf_counter()
@@ -151,11 +159,13 @@ class RolloutProducer:
         rewards = [rule_reward(j.scores, label=examples[j.example_index].label) for j in judged]
         adv = group_advantages(rewards, s.group_size, scale_by_std=s.scale_by_std)
         keep = list(range(len(judged)))
-        if s.filter_zero_variance and len(adv.zero_variance_groups) < len(examples):
-            dropped = set(adv.zero_variance_groups)
-            keep = [i for i in keep if i // s.group_size not in dropped]
-        rows, advantages, too_long = fit_rows([judged[i] for i in keep], [adv.advantages[i] for i in keep],
-                                              t.seq_length)
+        if s.filter_zero_variance:
+            informative_anywhere = true_on_any_rank(len(adv.zero_variance_groups) < len(examples))
+            keep = rows_to_train(len(judged), s.group_size, adv.zero_variance_groups, informative_anywhere)
+        kept_advantages: list[float | None] = [adv.advantages[i] for i in keep]
+        if not keep:  # every group here is filtered, not everywhere: one zero-weight row keeps the schedule fed
+            keep, kept_advantages = [0], [None]
+        rows, advantages, too_long = fit_rows([judged[i] for i in keep], kept_advantages, t.seq_length)
         if too_long:
             log.warning("rollout %d: %d judgment(s) with their prompt exceed trainer.seq_length=%d and are left "
                         "out of the update (zero weight)", self.rollouts, too_long, t.seq_length)
@@ -242,6 +252,28 @@ def validation_due(step: int, interval: int, max_steps: int) -> bool:
     """After ``step`` steps: validate every ``interval`` steps and after the last (step 0 is validated
     before training starts)."""
     return step == max_steps or (interval > 0 and step % interval == 0)
+
+
+def rollout_example_indices(rollout: int, per_rank: int, dp_rank: int, dp_size: int, num_examples: int,
+                            seed: int) -> list[int]:
+    """This DP rank's examples for a rollout: its slice of the endless stream that visits every example
+    once per epoch in a fresh order (as SFT/RFT/MetaRM batches), not the data's file order, which puts
+    one source's examples before another's."""
+    start = (rollout * dp_size + dp_rank) * per_rank
+    return global_batch_indices(start, per_rank, num_examples, seed)
+
+
+def rows_to_train(rows: int, group_size: int, zero_variance_groups: list[int], informative_anywhere: bool
+                  ) -> list[int]:
+    """The rows of a rollout that enter the update when zero-variance groups are filtered (DAPO's dynamic
+    sampling without the resampling): the informative groups' rows, or every row when no group on any DP
+    rank is informative. Deciding that fallback per rank made the objective depend on how groups fall on
+    DP ranks: a rank whose groups were all filtered trained them with advantage 0, adding their KL and
+    tokens to the step; it now gets no real row."""
+    if not informative_anywhere:
+        return list(range(rows))
+    dropped = set(zero_variance_groups)
+    return [i for i in range(rows) if i // group_size not in dropped]
 
 
 def padded_rows(rows: int, micro_batch_size: int, updates: int) -> int:

@@ -29,7 +29,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     """Per-token estimate of KL(policy ‖ reference) from log-probabilities of tokens sampled by the policy.
 
     With ``log_ratio = ref − policy``: k1 = −log_ratio, k2 = ½ log_ratio², k3 = exp(log_ratio) − log_ratio − 1
-    (Schulman's unbiased, always non-negative estimator that GRPO uses).
+    (Schulman's unbiased, always non-negative estimator that GRPO uses). As a *loss* term on sampled tokens
+    (the sampling itself is not differentiated) their expected gradients differ from their values: k1's is
+    zero (E_π[∇log π] = 0: it adds noise, no pull to the reference), k2's is ∇KL(π ‖ ref), k3's is
+    ∇KL(ref ‖ π) (tests/grpo/test_grpo_math.py computes these exactly on a small vocabulary).
     """
     log_ratio = ref_logprobs - logprobs
     if estimator == "k1":

@@ -26,6 +26,29 @@ def test_dr_grpo_advantages_skip_std_scaling():
     assert got.advantages == pytest.approx([0.5, -1.5, 0.5, 0.5])
 
 
+@pytest.mark.parametrize(("estimator", "gradient_of"), [("k1", None), ("k2", "kl(policy||ref)"),
+                                                     ("k3", "kl(ref||policy)")])
+def test_kl_estimators_expected_gradient_as_a_loss_term(estimator, gradient_of):
+    """The exact expectation over a 5-token vocabulary of the gradient of kl_penalty on a sampled token (the
+    sampling not differentiated, as in the GRPO loss): k1 gives zero, so it cannot keep the policy near
+    the reference; k2 the gradient of KL(policy || ref); k3 that of KL(ref || policy)."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), dim=0)
+    logp = torch.log_softmax(logits, dim=0)
+    p = logp.exp().detach()
+    expected = sum(p[x] * torch.autograd.grad(kl_penalty(logp[x], ref[x], estimator), logits, retain_graph=True)[0]
+                   for x in range(5))
+    if gradient_of is None:
+        assert expected.abs().max() < 1e-12
+        return
+    q = ref.exp()
+    kl = (logp.exp() * (logp - ref)).sum() if gradient_of == "kl(policy||ref)" else (q * (ref - logp)).sum()
+    want = torch.autograd.grad(kl, logits)[0]
+    assert want.abs().max() > 1e-3
+    assert torch.allclose(expected, want, atol=1e-12)
+
+
 def test_group_advantages_reject_ragged_groups():
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         group_advantages([1, 1, -1], group_size=4)

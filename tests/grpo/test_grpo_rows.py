@@ -126,3 +126,30 @@ def test_validation_refuses_fewer_than_two_examples_or_samples():
         RewardValidation(None, None, one, 4, SamplingConfig(), "compact", False, seed=0)
     with pytest.raises(ValueError, match="val_samples must be >= 1"):
         RewardValidation(None, None, one * 2, 0, SamplingConfig(), "compact", False, seed=0)
+
+
+def test_rollouts_visit_every_example_once_per_epoch_in_a_shuffled_order():
+    """GRPO took its examples in the data's file order (a list spec trained one source, then the next)."""
+    from megatron_grm.stages.grpo import rollout_example_indices
+
+    one = [i for r in range(2) for i in rollout_example_indices(r, 6, 0, 1, 12, seed=5)]
+    assert sorted(one) == list(range(12)) and one != list(range(12))
+    # Two DP ranks deal the same stream: rank 0 takes the first half of each rollout, rank 1 the second.
+    two = [i for r in range(2) for rank in range(2) for i in rollout_example_indices(r, 3, rank, 2, 12, seed=5)]
+    assert two == one
+    second_epoch = [i for r in range(2, 4) for i in rollout_example_indices(r, 6, 0, 1, 12, seed=5)]
+    assert sorted(second_epoch) == list(range(12)) and second_epoch != one
+    assert rollout_example_indices(0, 6, 0, 1, 12, seed=6) != one[:6]
+
+
+def test_the_zero_variance_fallback_is_decided_over_all_ranks():
+    """4 groups of G=2; groups 0, 1 (rank 0's) and 2 have equal rewards. One process drops groups 0-2 and
+    trains group 3. Split over two DP ranks, rank 0 used to fall back to training its groups with advantage
+    0 (KL and tokens in the step); it now trains no real row, as one process would."""
+    from megatron_grm.stages.grpo import rows_to_train
+
+    assert rows_to_train(8, 2, [0, 1, 2], informative_anywhere=True) == [6, 7]
+    rank0 = rows_to_train(4, 2, [0, 1], informative_anywhere=True)
+    rank1 = [4 + i for i in rows_to_train(4, 2, [0], informative_anywhere=True)]
+    assert rank0 + rank1 == [6, 7]
+    assert rows_to_train(4, 2, [0, 1], informative_anywhere=False) == [0, 1, 2, 3]  # nothing anywhere: all rows
