@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
 from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
 from megatron_grm.stages.reward_validation import RewardValidation
+from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
 from megatron_grm.train.losses import LossOutput, grpo_loss
 from megatron_grm.train.producers import global_batch_indices
@@ -354,6 +356,21 @@ def _with_reference_on_device(reference, offload: bool, fn, batches):
     return fn(reference, batches)
 
 
+def kl_reference_folder(load: str | None, ckpt_root: str) -> str | None:
+    """The ``iter_*`` folder this run starts from and keeps as its KL reference.
+
+    ``trainer.load`` may name a checkpoints folder, which means its ``latest``; that moves if the RFT run it
+    names goes on. A run records the folder it resolved in its checkpoints, and a resumed (requeued) run
+    keeps that one: its reference must not change between attempts."""
+    latest = ckpt.latest_checkpoint(ckpt_root)
+    recorded = ckpt.read_metadata(latest).get("kl_reference") if latest else None
+    resolved = os.path.abspath(ckpt.checkpoint_folder(load)) if load else None
+    if recorded and resolved and recorded != resolved:
+        log.warning("trainer.load=%s now resolves to %s; this run resumes with the KL reference it started "
+                    "from, %s", load, resolved, recorded)
+    return recorded or resolved
+
+
 def build_reference(trainer: Trainer) -> torch.nn.Module:
     """A frozen copy of the starting policy, sharded exactly like it."""
     from megatron_grm.models.provider import build_model
@@ -388,8 +405,10 @@ def train_grpo(cfg: Any) -> Trainer:
                            debug_logprobs=bool(data.get("debug_logprobs", False)))
     # The reference is the *starting* policy: the loaded checkpoint (or, for tests, the seeded initial
     # weights). On a resumed run the policy weights are then replaced by the run's own latest checkpoint.
-    if run.trainer.load:
-        trainer.load_weights(run.trainer.load)
+    start = kl_reference_folder(run.trainer.load, trainer.ckpt_root)
+    if start:
+        trainer.metadata["kl_reference"] = start
+        trainer.load_weights(start)
     reference = build_reference(trainer)
     if s.offload_reference and use_cuda():
         reference.to("cpu")  # parked from the start; moved to the GPU only for its forward passes

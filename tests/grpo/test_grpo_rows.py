@@ -153,3 +153,29 @@ def test_the_zero_variance_fallback_is_decided_over_all_ranks():
     rank1 = [4 + i for i in rows_to_train(4, 2, [0], informative_anywhere=True)]
     assert rank0 + rank1 == [6, 7]
     assert rows_to_train(4, 2, [0, 1], informative_anywhere=False) == [0, 1, 2, 3]  # nothing anywhere: all rows
+
+
+def test_a_requeued_run_keeps_the_kl_reference_it_started_from(tmp_path, caplog):
+    """trainer.load=<RFT checkpoints folder> means its ``latest``, which moves while that run goes on: a
+    requeued GRPO job re-resolved it and resumed against another reference than it started with."""
+    import json
+
+    from megatron_grm.stages.grpo import kl_reference_folder
+
+    def checkpoint(root, step, **metadata):
+        folder = root / f"iter_{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / "model_config.json").write_text(json.dumps({"step": step, **metadata}))
+        (root / "latest").write_text(folder.name)
+        return str(folder)
+
+    rft, grpo = tmp_path / "rft" / "checkpoints", tmp_path / "grpo" / "checkpoints"
+    first = checkpoint(rft, 10)
+    assert kl_reference_folder(str(rft), str(grpo)) == first  # a fresh run: the folder `latest` names
+    checkpoint(grpo, 2, kl_reference=first)
+    later = checkpoint(rft, 20)  # the RFT run went on
+    assert kl_reference_folder(str(rft), str(tmp_path / "other")) == later
+    with caplog.at_level("WARNING"):
+        assert kl_reference_folder(str(rft), str(grpo)) == first
+    assert f"now resolves to {later}" in caplog.text
+    assert kl_reference_folder(None, str(tmp_path / "none")) is None
