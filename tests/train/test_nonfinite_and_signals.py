@@ -92,6 +92,36 @@ def test_the_stop_signals_are_handled_from_the_start_of_a_stage():
     assert f"still running; stop requested: True {int(signal.SIGUSR1)}" in proc.stdout
 
 
+def test_a_signal_while_the_checkpoint_helper_starts_is_a_stop_request_and_the_helper_survives_it():
+    """The checkpoint-writer helper (dist_checkpointing's Manager) used to be started with our stop signals
+    set to SIG_IGN in this process too: a Slurm warning arriving in that window was lost. Here SIGUSR1
+    arrives while the helper spawns; it must become a stop request, and the helper must outlive SIGUSR1
+    and SIGTERM sent to it directly (as Slurm signals every process of the step)."""
+    code = (
+        "import os, signal, time, json\n"
+        "from multiprocessing.managers import SyncManager\n"
+        "from megatron_grm.train import signals\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "request = signals.stop_request()\n"
+        "real_start = SyncManager.start\n"
+        "def start_with_a_signal(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)  # arrives inside the shield window\n"
+        "    return real_start(self, *a, **k)\n"
+        "SyncManager.start = start_with_a_signal\n"
+        "signals.shield_checkpoint_helpers()\n"
+        "helper = signals._helper_manager._process.pid\n"
+        "os.kill(helper, signal.SIGUSR1); os.kill(helper, signal.SIGTERM); time.sleep(1.0)\n"
+        "queue = filesystem_async._get_write_results_queue(); queue.put('written'); time.sleep(0.2)\n"
+        "print(json.dumps({'requested': request.requested, 'signum': request.signum,\n"
+        "                  'helper_alive': signals._helper_manager._process.is_alive(), 'queue': queue.get()}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"requested": True, "signum": int(signal.SIGUSR1), "helper_alive": True, "queue": "written"}
+
+
 def _sft_jsonl(path: Path, n: int = 32) -> Path:
     with open(path, "w") as f:
         for i in range(n):
