@@ -42,6 +42,7 @@ from megatron_grm.stages.rft import (
     read_instruction_data,
 )
 from megatron_grm.stages.sft import SupervisedObjective
+from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Trainer
 from megatron_grm.train.producers import Sample
 
@@ -120,8 +121,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
              "padding waste %.1f%%", trainer.state.step, results["train_seconds"], results["heldout_accuracy"],
              100 * producer.padding_waste)
     if is_rank0():
-        with open(os.path.join(t.run_dir, "bootstrap_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        ckpt.write_atomically(os.path.join(t.run_dir, "bootstrap_results.json"), json.dumps(results, indent=2))
     return trainer
 
 

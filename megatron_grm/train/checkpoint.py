@@ -70,13 +70,15 @@ def fsync(path: str) -> None:
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part,
+    and a machine that loses power after the call returns still has the new one (data and name on disk)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(
@@ -119,7 +121,6 @@ def save_checkpoint(
         os.rename(tmp, final)
         fsync(ckpt_root)
         write_atomically(os.path.join(ckpt_root, LATEST), checkpoint_name(step))
-        fsync(ckpt_root)
         shutil.rmtree(replaced, ignore_errors=True)
         log.info("saved checkpoint %s", final)
     barrier()
