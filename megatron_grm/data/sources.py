@@ -86,4 +86,11 @@ def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: Se
         log.warning("skipped bad record: %s", err)
     if result.errors:
         log.warning("%s: %d examples, %d bad records skipped", spec, len(result.examples), len(result.errors))
+    if result.excluded:
+        log.info("%s: %d examples; left out by design: %s", spec, len(result.examples),
+                 ", ".join(f"{reason}: {n}" for reason, n in sorted(result.excluded.items())))
+    if not result.examples:
+        left_out = f"; {len(result.errors)} bad record(s) skipped" if result.errors else ""
+        left_out += f"; left out by design: {dict(result.excluded)}" if result.excluded else ""
+        raise ValueError(f"data spec {spec!r} gives no examples{left_out}")
     return result

@@ -111,6 +111,8 @@ GOOD = json.dumps({"context": "q", "responses": ["a", "b"], "label": 0})
         ('{"context": "q", "responses": ["a", "b"], "label": 0, "label": 1}', "label", "appears twice"),
         ('{"context": [{"role": "user", "content": "q", "content": "r"}], "responses": ["a"], "label": 0}',
          "content", "appears twice"),
+        ('{"context": [{"role": "user", "content": "q", "name": "bob"}], "responses": ["a"], "label": 0}',
+         "context[0].name", "unknown field (allowed: role, content)"),
     ],
 )
 def test_a_malformed_record_is_reported_with_its_line_number_and_field(tmp_path, bad_line, field, reason):

@@ -47,3 +47,27 @@ def test_an_id_a_file_shares_with_a_generated_source_is_named_with_both_sources(
 def test_a_spec_that_is_not_a_string_or_list_of_strings_is_an_error(spec):
     with pytest.raises(ValueError, match="expected a string or a non-empty list of strings"):
         load_examples(spec)
+
+
+def test_a_source_that_gives_no_examples_is_an_error_that_says_why(tmp_path: Path):
+    """An empty data.heldout file used to give 0 examples, and RFT then skipped its held-out check silently."""
+    empty = tmp_path / "heldout.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"data spec '{empty}' gives no examples$"):
+        load_examples(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "q"}\n')
+    with pytest.raises(ValueError, match=f"data spec '{bad}' gives no examples; 1 bad record\\(s\\) skipped"):
+        load_examples(str(bad), on_error="skip")
+
+
+def test_what_a_reader_leaves_out_by_design_is_logged(caplog: pytest.LogCaptureFixture):
+    """ReadResult.excluded (e.g. CHAMP problems whose answer is not an integer) was counted, never shown."""
+    from megatron_grm.data.sources import read_examples
+
+    with caplog.at_level(logging.INFO, logger="megatron_grm.data.sources"):
+        result = read_examples("champ", on_error="skip")
+    assert result.excluded["non-integer reference answer"] > 0
+    assert f"champ: {len(result.examples)} examples; left out by design: " in caplog.text
+    for reason, n in result.excluded.items():
+        assert f"{reason}: {n}" in caplog.text

@@ -102,6 +102,9 @@ def parse_context(value: Any, field_name: str = "context") -> tuple[Turn, ...]:
         for key in ("role", "content"):
             if key not in turn:
                 raise ExampleError(f"{where}.{key}", "missing")
+        unknown = sorted(set(turn) - {"role", "content"})
+        if unknown:  # e.g. a "name" or "tool_calls" the prompt cannot show: an error, not a silent drop
+            raise ExampleError(f"{where}.{unknown[0]}", "unknown field (allowed: role, content)")
         try:
             turns.append(Turn(turn["role"], turn["content"]))
         except ExampleError as exc:
