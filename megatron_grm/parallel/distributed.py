@@ -179,6 +179,27 @@ def true_on_any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over all ranks (TP/PP peers of a DP rank repeat its value, which the mean keeps)."""
+    return _reduce_over_ranks(values, torch.distributed.ReduceOp.SUM, average=True)
+
+
+def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value's maximum over all ranks (the slowest rank's time, the worst rank's error)."""
+    return _reduce_over_ranks(values, torch.distributed.ReduceOp.MAX, average=False)
+
+
+def _reduce_over_ranks(values: dict[str, float], op, average: bool) -> dict[str, float]:
+    if not torch.distributed.is_initialized():
+        return dict(values)
+    names = sorted(values)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64)  # host tensor: the default group has gloo
+    torch.distributed.all_reduce(t, op=op)
+    if average:
+        t /= torch.distributed.get_world_size()
+    return dict(zip(names, t.tolist()))
+
+
 def data_parallel_rank_and_size() -> tuple[int, int]:
     """This process's data-parallel rank and the group's size; (0, 1) without torch.distributed."""
     if not torch.distributed.is_initialized():

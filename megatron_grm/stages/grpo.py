@@ -27,7 +27,7 @@ from megatron_grm.data.packing import collate_padded
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.parallel.device import use_cuda
-from megatron_grm.parallel.distributed import true_on_any_rank
+from megatron_grm.parallel.distributed import max_over_ranks, mean_over_ranks, true_on_any_rank
 from megatron_grm.parallel.loss_positions import LossPositions, output_at
 from megatron_grm.parallel.vocab import vocab_parallel_logprobs_and_entropy
 from megatron_grm.rollout.judgments import (
@@ -173,7 +173,7 @@ class RolloutProducer:
                         "out of the update (zero weight)", self.rollouts, too_long, t.seq_length)
         microbatches = self._microbatches(rows, advantages, t.seq_length, t.micro_batch_size)
         new_tokens = sum(len(j.token_ids) for j in judged)
-        self.last_stats = _all_reduce_mean({
+        self.last_stats = mean_over_ranks({
             "reward_mean": sum(rewards) / len(rewards),
             "accuracy": sum(j.correct for j in judged) / len(judged),
             "unparseable_fraction": sum(j.scores is None for j in judged) / len(judged),
@@ -181,10 +181,14 @@ class RolloutProducer:
             "response_length": new_tokens / len(judged),
             "zero_variance_groups": len(adv.zero_variance_groups) / len(examples),
             "too_long_fraction": too_long / len(judged),
-            "rollout_tokens_per_s": new_tokens / max(rollout_seconds, 1e-9),
         })
+        # Throughput of the whole rollout, as train/tokens_per_s is of the whole step: every DP replica's
+        # judgment tokens over the slowest rank's time. The sampler-vs-trainer log-prob check: the worst rank.
+        slowest = max_over_ranks({"seconds": rollout_seconds, "logprob_diff": self.engine.last_logprob_diff or 0.0})
+        self.last_stats["rollout_tokens_per_s"] = (self.last_stats["response_length"] * len(judged) * self.dp_size
+                                                   / max(slowest["seconds"], 1e-9))
         if self.engine.last_logprob_diff is not None:
-            self.last_stats["rollout_logprob_max_abs_diff"] = float(self.engine.last_logprob_diff)
+            self.last_stats["rollout_logprob_max_abs_diff"] = slowest["logprob_diff"]
         return _split_steps(microbatches, s.updates_per_rollout)
 
     def _microbatches(self, judged: list[JudgmentSample], advantages: list[float], seq_length: int,
@@ -330,16 +334,6 @@ def fitting_examples(examples: list[Example], tokenizer: Tokenizer, s: GRPOSetti
         raise ValueError(f"no example's prompt fits trainer.seq_length={seq_length} with "
                          f"grpo.max_new_tokens={s.max_new_tokens}")
     return kept
-
-
-def _all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
-    if not torch.distributed.is_initialized():
-        return stats
-    names = sorted(stats)
-    t = torch.tensor([stats[n] for n in names], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
-    return dict(zip(names, t.tolist()))
 
 
 def _with_reference_on_device(reference, offload: bool, fn, batches):

@@ -65,3 +65,15 @@ def test_a_lone_process_without_a_launcher_rendezvous_on_a_free_port():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world"] == 1 and result["sum"] == 1.0
     assert int(result["port"]) != 29500
+
+
+def test_metrics_reduce_to_their_mean_or_max_over_ranks(tmp_path):
+    """GRPO's rollout throughput is every replica's tokens over the slowest rank's seconds (it was the mean
+    of per-rank rates, unlike train/tokens_per_s), and its log-prob check reports the worst rank."""
+    from pathlib import Path
+
+    from tests.conftest import read_json, torchrun
+
+    torchrun(Path(__file__).parent / "scripts" / "rank_reductions.py", 2, [str(tmp_path / "out.json")])
+    result = read_json(tmp_path / "out.json")
+    assert result == {"mean": {"seconds": 3.5, "tokens": 200.0}, "max": {"seconds": 5.0, "tokens": 300.0}}
