@@ -160,7 +160,13 @@ def encode_record(
     record: Any, tokenizer: Tokenizer, chat: bool = True, max_tokens: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, response mask) of one record; string prompts are chat-formatted unless ``chat`` is
-    False. Raises :class:`RecordError` naming the field at fault."""
+    False or the record says ``"chat": false`` (a record's own boolean wins). Raises :class:`RecordError`
+    naming the field at fault."""
+    if isinstance(record, dict) and "chat" in record:
+        record = dict(record)
+        chat = record.pop("chat")
+        if not isinstance(chat, bool):
+            raise RecordError("chat", f"expected true or false, got {chat!r}")
     prompt, response = parse_record(record)
     try:
         ids, mask = tokenizer.encode_example(prompt, response, chat=chat)

@@ -65,13 +65,7 @@ def read_sft_jsonl(path: str, tokenizer: Tokenizer, seq_length: int, bad_records
                     record = load_record(line)  # a repeated key is a ValueError naming it
                 except json.JSONDecodeError as err:
                     raise ValueError(f"invalid JSON ({err.msg})") from None
-                chat = True
-                if isinstance(record, dict) and "chat" in record:
-                    record = dict(record)
-                    chat = record.pop("chat")
-                    if not isinstance(chat, bool):
-                        raise ValueError(f"chat: expected true or false, got {chat!r}")
-                ids, mask = encode_record(record, tokenizer, chat=chat)
+                ids, mask = encode_record(record, tokenizer)  # a record's "chat": false is honoured there
                 if len(ids) > seq_length:
                     raise ValueError(f"{len(ids)} tokens exceed trainer.seq_length={seq_length}")
             except ValueError as err:  # RecordError (field: why) included

@@ -43,6 +43,7 @@ BAD_RECORDS = [
     (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                  "response": "b"}), "response"),
     ('{"prompt": "q", "response": "a", "response": "b"}', "response"),  # JSON would keep "b" without a word
+    (json.dumps({"prompt": "q", "response": "a", "chat": "false"}), "chat"),
 ]
 
 
@@ -176,6 +177,17 @@ def test_hf_preprocessing_masks_exactly_the_response(tmp_path: Path, smollm2_tok
         response = [i for i, m in zip(ids, mask) if m]
         assert tokenizer.decode(response) == record["response"] + "<|im_end|>"  # the turn ends at EOS
         assert tokenizer.decode(ids[: mask.index(1)]).endswith("<|im_start|>assistant\n")
+
+
+def test_a_records_own_chat_flag_is_honoured_as_the_jsonl_sft_reader_honours_it():
+    """docs/data_format.md: a JSONL and a preprocessed folder accept the same records. A record's
+    ``"chat": false`` (raw prompt, no template) was read by the SFT JSONL reader and rejected here."""
+    tokenizer = CharTokenizer()
+    raw, _ = encode_record({"prompt": "q", "response": "a", "chat": False}, tokenizer)
+    assert raw.tolist() == encode_record({"prompt": "q", "response": "a"}, tokenizer, chat=False)[0].tolist()
+    assert raw.tolist() != encode_record({"prompt": "q", "response": "a"}, tokenizer)[0].tolist()
+    templated, _ = encode_record({"prompt": "q", "response": "a", "chat": True}, tokenizer, chat=False)
+    assert templated.tolist() == encode_record({"prompt": "q", "response": "a"}, tokenizer)[0].tolist()
 
 
 def test_parse_record_accepts_both_forms_and_names_bad_fields():
