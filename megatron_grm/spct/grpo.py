@@ -20,12 +20,14 @@ class GroupAdvantages:
 
 
 def group_advantages(
-    rewards: Sequence[float], group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+    rewards: Sequence[float | None], group_size: int, scale_by_std: bool = True, eps: float = 1e-6
 ) -> GroupAdvantages:
     """Advantages for rewards laid out group after group (G consecutive rewards per example).
 
     ``std`` is the population standard deviation of the group (as in DeepSeekMath's GRPO); ``eps``
-    keeps a near-constant group from exploding.
+    keeps a near-constant group from exploding. A ``None`` reward is a judgment that was never generated
+    (its prompt left no room): it is no sample of the policy, so it stays out of its group's mean and std
+    and gets advantage 0; a group with fewer than two generated judgments carries no signal.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -34,13 +36,14 @@ def group_advantages(
     advantages: list[float] = []
     zero_variance: list[int] = []
     for g in range(len(rewards) // group_size):
-        group = [float(r) for r in rewards[g * group_size:(g + 1) * group_size]]
-        mean = sum(group) / group_size
-        std = math.sqrt(sum((r - mean) ** 2 for r in group) / group_size)
+        group = rewards[g * group_size:(g + 1) * group_size]
+        present = [float(r) for r in group if r is not None]
+        mean = sum(present) / max(len(present), 1)
+        std = math.sqrt(sum((r - mean) ** 2 for r in present) / max(len(present), 1))
         if std == 0.0:
             zero_variance.append(g)
             advantages.extend([0.0] * group_size)
             continue
         scale = std + eps if scale_by_std else 1.0
-        advantages.extend((r - mean) / scale for r in group)
+        advantages.extend(0.0 if r is None else (float(r) - mean) / scale for r in group)
     return GroupAdvantages(advantages, zero_variance)

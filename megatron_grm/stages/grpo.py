@@ -159,7 +159,8 @@ class RolloutProducer:
         self.rollouts += 1
 
         rewards = [rule_reward(j.scores, label=examples[j.example_index].label) for j in judged]
-        adv = group_advantages(rewards, s.group_size, scale_by_std=s.scale_by_std)
+        generated = [None if j.finish_reason == PROMPT_TOO_LONG else r for j, r in zip(judged, rewards)]
+        adv = group_advantages(generated, s.group_size, scale_by_std=s.scale_by_std)
         keep = list(range(len(judged)))
         if s.filter_zero_variance:
             informative_anywhere = true_on_any_rank(len(adv.zero_variance_groups) < len(examples))

@@ -163,3 +163,13 @@ def test_vocab_parallel_logprobs_entropy_and_gradient_match_full_softmax(tp, tmp
     assert report["grad_max_abs_diff"] < 1e-5
     assert report["entropy_max_abs_diff"] < 1e-5
     assert report["entropy_mean"] < math.log(12) - 0.1  # logits * 3: far from uniform
+
+
+def test_a_judgment_never_generated_stays_out_of_its_groups_statistics():
+    """A judgment whose prompt left no room was scored -1 and counted in its group's mean and std, though
+    the policy never wrote it: [+1, -1, -1, never] gave the +1 an advantage from a 4-sample group."""
+    got = group_advantages([1, -1, -1, None], group_size=4, eps=0.0)
+    mean, std = -1 / 3, math.sqrt(((1 + 1 / 3) ** 2 + 2 * (-1 + 1 / 3) ** 2) / 3)
+    assert got.advantages == pytest.approx([(1 - mean) / std, (-1 - mean) / std, (-1 - mean) / std, 0.0])
+    lone = group_advantages([1, None, None, None, -1, -1, None, -1], group_size=4)
+    assert lone.advantages == [0.0] * 8 and lone.zero_variance_groups == [0, 1]
