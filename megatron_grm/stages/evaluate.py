@@ -283,40 +283,84 @@ class DrawStore:
         """Add the draws of a sample file that belong to these benchmarks' examples; returns how many.
         ``keep_others``: hold the file's other records in :attr:`others` (the run's own file is rewritten,
         and a rerun over fewer examples must not delete the rest). ``meta_scores=False``: read the draws
-        without their MetaRM logits, so the run's MetaRM scores them."""
+        without their MetaRM logits, so the run's MetaRM scores them.
+
+        Within one file a draw may appear again only as :func:`meta_score_missing` appends it: the same
+        draw, now with its ``meta_score`` (or the very same line twice); the later line replaces the earlier.
+        Any other second line of a draw is an error naming both lines, not the earlier judgment silently
+        replaced (and gone for good once the file is rewritten). A draw of this file replaces one read from an
+        earlier file (the run's own draws over ``eval.samples_in``)."""
         wanted = {(b.name, e.id): e.num_responses for b in benchmarks for e in b.examples}
-        added, ignored, unscored = 0, 0, 0
+        added, ignored = 0, 0
+        unscored: set[tuple[str, str, str, int]] = set()
+        seen: dict[tuple[str, str, str, int], tuple[str, dict[str, Any]]] = {}
+        other_at: dict[tuple[str, str, str, int], int] = {}  # where a draw of another example is in self.others
         for where, record in json_object_lines(path):
             draw = _draw_from_record(record, where)
+            key = (draw.benchmark, draw.example_id, draw.method, draw.draw)
+            earlier = seen.get(key)
+            if earlier is not None:
+                _check_same_draw(earlier[1], record, earlier[0], where)
+            seen[key] = (where, record)
             n = wanted.get((draw.benchmark, draw.example_id))
             if n is None:
-                ignored += 1
-                if keep_others:
+                if earlier is None:
+                    ignored += 1
+                if keep_others and key in other_at:  # the later line replaces the earlier in the rewrite too
+                    self.others[other_at[key]] = record
+                elif keep_others:
+                    other_at[key] = len(self.others)
                     self.others.append(record)
                 continue
             if draw.scores is not None and len(draw.scores) != n:
                 raise ValueError(f"{where}: {len(draw.scores)} scores for an example with {n} responses")
             if not meta_scores and draw.meta_score is not None:
-                draw.meta_score, unscored = None, unscored + 1
+                draw.meta_score = None
+                unscored.add(key)
             self.add([draw])
-            added += 1
+            added += earlier is None
         if ignored:
             log.warning("%s: %s %d draws of examples not evaluated here", path,
                         "kept, unused," if keep_others else "ignored", ignored)
         if unscored:
-            log.info("%s: %d imported MetaRM scores set aside; eval.metarm scores those draws", path, unscored)
+            log.info("%s: %d imported MetaRM scores set aside; eval.metarm scores those draws", path, len(unscored))
         return added
 
 
+def _check_same_draw(first: dict[str, Any], second: dict[str, Any], first_where: str, where: str) -> None:
+    """A second line of one draw in one file is allowed only as the same judgment, the first line's
+    ``meta_score`` null (it was appended again once meta-scored), or the same line again."""
+    differing = sorted(k for k in set(first) | set(second)
+                       if k != "meta_score" and first.get(k, None) != second.get(k, None))
+    meta_first, meta_second = first.get("meta_score"), second.get("meta_score")
+    if meta_first is not None and meta_first != meta_second:
+        differing.append("meta_score")
+    if differing:
+        line = first_where.rsplit(":", 1)[-1]
+        raise ValueError(f"{where}: field {differing[0]!r}: this draw ({second['benchmark']}, {second['example_id']}, "
+                         f"{second['method']}, draw {second['draw']}) is already on line {line} with other "
+                         f"{', '.join(repr(k) for k in differing)}; one draw has one judgment: remove one of the lines")
+
+
 def _draw_from_record(record: dict[str, Any], where: str) -> Draw:
+    """A line of a sample file as a :class:`Draw`, else a ValueError naming the line and the field (a
+    non-integer ``draw`` would break the draw order, a ``true`` score would count as 1)."""
     for name in ("benchmark", "example_id", "method", "draw", "scores"):
         if name not in record:
             raise ValueError(f"{where}: field {name!r} is missing")
+    for name in ("benchmark", "example_id", "method", "text"):
+        if name in record and not isinstance(record[name], str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {record[name]!r}")
     if record["method"] not in (GREEDY, SAMPLE, JUDGE):
         raise ValueError(f"{where}: field 'method' must be greedy, sample or judge, got {record['method']!r}")
+    if type(record["draw"]) is not int or record["draw"] < 0:
+        raise ValueError(f"{where}: field 'draw' must be a non-negative integer, got {record['draw']!r}")
     scores = record["scores"]
-    if scores is not None and not (isinstance(scores, list) and all(isinstance(x, int) for x in scores)):
-        raise ValueError(f"{where}: field 'scores' must be a list of integers or null")
+    if scores is not None and not (isinstance(scores, list) and all(type(x) is int for x in scores)):
+        raise ValueError(f"{where}: field 'scores' must be a list of integers or null, got {scores!r}")
+    perm = record.get("permutation")
+    if perm is not None and not (isinstance(perm, list) and all(type(x) is int for x in perm)):
+        raise ValueError(f"{where}: field 'permutation' must be a list of integers or null, got {perm!r}")
     meta = record.get("meta_score")
     if meta is not None and (isinstance(meta, bool) or not isinstance(meta, (int, float)) or not math.isfinite(meta)):
         raise ValueError(f"{where}: field 'meta_score' must be a finite number or null, got {meta!r}")

@@ -27,8 +27,8 @@ import hydra
 import torch
 import torch.nn.functional as F
 
-from megatron_grm.data.examples import Example
-from megatron_grm.data.readers.common import json_object_lines, require_types
+from megatron_grm.data.examples import Example, ExampleError
+from megatron_grm.data.readers.common import check_example_id, json_object_lines, require_types
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grm.models.metarm import (
@@ -142,32 +142,29 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
     """Judgments from an RFT sample file (one JSON object per line; extra fields are ignored).
 
     Needs ``prompt`` and ``text``; the label is ``correct`` or, without it, Eq. 10 on ``scores`` and
-    ``label``. Hinted samples are left out unless asked for: the MetaRM rates the judgments the GRM writes
-    unhinted, at inference. So is a judgment that was never generated (its shown prompt left no room for
-    it, ``finish_reason`` ``prompt_too_long``): it says nothing about the GRM.
+    ``label``. Hinted samples are left out (and counted) unless asked for: the MetaRM rates the judgments the
+    GRM writes unhinted, at inference. So is a judgment that was never generated (its shown prompt left no
+    room for it, ``finish_reason`` ``prompt_too_long``): it says nothing about the GRM. Every record is
+    checked before any is left out, so a bad one is an error naming the file, line and field, never lost.
     """
     from megatron_grm.rollout.judgments import PROMPT_TOO_LONG
 
     out: list[LabelledJudgment] = []
-    without_id = never_written = 0
+    without_id = never_written = hinted = 0
     for where, record in json_object_lines(path):
-        require_types(record, where, {"prompt": str, "text": str})
-        if record.get("hinted") and not include_hinted:
+        correct, example_id = _check_rft_sample(record, where)
+        if record.get("hinted", False) and not include_hinted:
+            hinted += 1
             continue
         if record.get("finish_reason") == PROMPT_TOO_LONG:
             never_written += 1
             continue
-        if "correct" in record:
-            correct = bool(record["correct"])
-        elif "scores" in record and "label" in record:
-            correct = is_correct(record["scores"], label=record["label"])
-        else:
-            raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
-        example_id = record.get("example_id", record.get("id", record.get("example")))
         if example_id is None:
             without_id += 1
-        out.append(LabelledJudgment(str(where if example_id is None else example_id), record["prompt"],
-                                    record["text"], correct, "rft"))
+        out.append(LabelledJudgment(where if example_id is None else example_id, record["prompt"], record["text"],
+                                    correct, "rft"))
+    if hinted:
+        log.info("%s: %d hinted judgment(s) left out (metarm.include_hinted=false)", path, hinted)
     if never_written:
         log.info("%s: %d judgment(s) never generated (prompt too long) left out", path, never_written)
     if without_id:
@@ -175,6 +172,38 @@ def read_rft_samples(path: str, include_hinted: bool = False) -> list[LabelledJu
                     "its own in the held-out split, so judgments of one example may land on both sides", path,
                     without_id)
     return out
+
+
+def _check_rft_sample(record: dict[str, Any], where: str) -> tuple[bool, str | None]:
+    """(Eq. 10 label, example id or None) of one sample record, with the field types the RFT sampler writes
+    (docs/rft.md): a string ``"false"`` must not read as true, nor ``["3", "10"]`` compare as strings."""
+    require_types(record, where, {"prompt": str, "text": str})
+    for name in ("hinted", "correct"):
+        if name in record and not isinstance(record[name], bool):
+            raise ValueError(f"{where}: field {name!r} must be a bool, got {record[name]!r}")
+    if "finish_reason" in record and not isinstance(record["finish_reason"], str):
+        raise ValueError(f"{where}: field 'finish_reason' must be a str, got {record['finish_reason']!r}")
+    scores = record.get("scores")
+    if scores is not None and not (isinstance(scores, list) and scores and all(type(x) is int for x in scores)):
+        raise ValueError(f"{where}: field 'scores' must be a non-empty list of integers or null, got {scores!r}")
+    if "label" in record and type(record["label"]) is not int:
+        raise ValueError(f"{where}: field 'label' must be an int, got {record['label']!r}")
+    if "correct" in record:
+        correct = record["correct"]
+    elif "scores" in record and "label" in record:
+        try:
+            correct = is_correct(scores, label=record["label"])
+        except ValueError as err:  # a label out of range for the scores
+            raise ValueError(f"{where}: field 'label': {err}") from None
+    else:
+        raise ValueError(f"{where}: needs 'correct' (or 'scores' and 'label') for the Eq. 10 label")
+    name = next((n for n in ("example_id", "id", "example") if n in record), None)
+    if name is None:
+        return correct, None
+    try:
+        return correct, check_example_id(record[name], name)
+    except ExampleError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def sample_fresh_judgments(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], n: int,
@@ -255,12 +284,8 @@ def collect_judgments(run, model: torch.nn.Module, tokenizer: Tokenizer) -> list
                                                 fresh.chat, run.trainer.seed))
     if not judgments:
         raise ValueError("no judgments: set data.samples (RFT sample files) and/or data.train (examples to sample)")
-    if is_rank0():
-        tmp = cache + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for j in judgments:
-                f.write(json.dumps(asdict(j), ensure_ascii=False) + "\n")
-        os.replace(tmp, cache)
+    if is_rank0():  # on disk before a checkpoint can depend on it: a resumed run reads it back
+        ckpt.write_atomically(cache, "".join(json.dumps(asdict(j), ensure_ascii=False) + "\n" for j in judgments))
     barrier()
     return judgments
 
@@ -380,10 +405,7 @@ def _read_report(run_dir: str) -> dict[str, Any]:
 
 def _write_report(run_dir: str, report: dict[str, Any]) -> None:
     if is_rank0():
-        tmp = os.path.join(run_dir, EVAL_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, os.path.join(run_dir, EVAL_FILE))
+        ckpt.write_atomically(os.path.join(run_dir, EVAL_FILE), json.dumps(report, indent=2))
 
 
 def _fmt(value: float | None) -> str:

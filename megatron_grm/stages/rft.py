@@ -413,13 +413,13 @@ def write_shard(samples_dir: str, shard: int, records: Sequence[dict[str, Any]])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, shard_file(samples_dir, shard))
-    with open(done_marker(samples_dir, shard), "w") as f:
-        f.write(f"{len(records)}\n")
+    ckpt.write_atomically(done_marker(samples_dir, shard), f"{len(records)}\n")  # fsyncs the folder: both names
 
 
 
 def read_shards(samples_dir: str) -> list[dict[str, Any]]:
-    """Every judgment record of a finished sampling run, in example order."""
+    """Every judgment record of a finished sampling run, in example order; a malformed line is an error
+    naming its shard file, line and field (:func:`check_shard_record`)."""
     path = os.path.join(samples_dir, MANIFEST)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: run rft.phase=sample (or all) first")
@@ -431,8 +431,44 @@ def read_shards(samples_dir: str) -> list[dict[str, Any]]:
                            f"{missing[0]}); run rft.phase=sample (or all) to finish them")
     records: list[dict[str, Any]] = []
     for k in range(num_shards):
-        records.extend(record for _, record in json_object_lines(shard_file(samples_dir, k)))
+        for where, record in json_object_lines(shard_file(samples_dir, k)):
+            check_shard_record(record, where, k)
+            records.append(record)
     return records
+
+
+# A shard record's fields (docs/rft.md) as (types, required). ``grm_prompt`` and ``chat`` came later: older
+# shards lack both. ``int`` never admits a bool (``true`` is no example index).
+_SHARD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "example_id": ((str,), True), "example_index": ((int,), True), "shard": ((int,), True),
+    "sample_index": ((int,), True), "hinted": ((bool,), True), "permutation": ((list,), False),
+    "prompt": ((str,), True), "grm_prompt": ((str,), False), "chat": ((bool,), False), "text": ((str,), True),
+    "scores": ((list, type(None)), True), "parse_error": ((str, type(None)), False), "correct": ((bool,), True),
+    "kept": ((bool,), True), "too_easy": ((bool,), True), "label": ((int,), False),
+    "num_responses": ((int,), False), "num_tokens": ((int,), False), "finish_reason": ((str,), False),
+}
+
+
+def check_shard_record(record: dict[str, Any], where: str, shard: int) -> None:
+    """A shard line as :func:`judgment_record` writes it, else a ValueError naming ``where`` and the field:
+    the statistics and the SFT set read these fields, and a bare KeyError or a ``"false"`` counted as true
+    would name no line."""
+    for name, (kinds, required) in _SHARD_FIELDS.items():
+        if name not in record:
+            if required:
+                raise ValueError(f"{where}: field {name!r} is missing")
+            continue
+        value = record[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{where}: field {name!r} must be {wanted}, got {value!r}")
+    for name in ("scores", "permutation"):
+        if isinstance(record.get(name), list) and not all(type(x) is int for x in record[name]):
+            raise ValueError(f"{where}: field {name!r} must be a list of integers, got {record[name]!r}")
+    if "grm_prompt" in record and "chat" not in record:
+        raise ValueError(f"{where}: field 'chat' is missing (a record with 'grm_prompt' says how it was formatted)")
+    if record["shard"] != shard:
+        raise ValueError(f"{where}: field 'shard' is {record['shard']}, but the record is in shard {shard}")
 
 
 def filter_statistics(records: Sequence[dict[str, Any]]) -> dict[str, float]:

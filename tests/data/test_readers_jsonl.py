@@ -200,3 +200,19 @@ def test_default_ids_of_same_named_files_collide_and_seen_ids_names_both_files(t
     seen = SeenIds()
     read_jsonl(a, seen_ids=seen)
     assert [ex.id for ex in read_jsonl(b, on_error="skip", seen_ids=seen).examples] == ["own"]
+
+
+def test_run_output_lines_name_the_line_of_a_bad_byte_or_a_repeated_key_and_accept_a_bom(tmp_path):
+    """``json_object_lines`` (sample, judgment and outcome files) reads as the example readers do: a bad byte
+    used to raise a bare UnicodeDecodeError, a repeated key kept its last value, and a BOM was invalid JSON."""
+    from megatron_grm.data.readers.common import json_object_lines
+
+    path = tmp_path / "run.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n{"b": "\xc3\xa9"}\n')
+    assert list(json_object_lines(path)) == [(f"{path}:1", {"a": 1}), (f"{path}:3", {"b": "\u00e9"})]
+    for data, message in [(b'{"a": 1}\n{"b": "\xff"}\n', r":2: not valid UTF-8: byte\(s\) b'\\xff'"),
+                          (b'{"a": 1}\n{"a": 1, "a": 2}\n', r":2: field 'a': the key 'a' appears twice"),
+                          (b'{"a": 1}\n\xef\xbb\xbf{"a": 1}\n', r":2: invalid JSON")]:  # a BOM only starts a file
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + message):
+            list(json_object_lines(path))

@@ -421,3 +421,66 @@ def test_imported_meta_scores_are_rescored_by_the_runs_metarm_and_an_overflowed_
     again = DrawStore()
     assert again.read(str(path), bench) == 1 and again.all()[0].meta_score is None  # scored again next run
     assert "NaN" not in path.read_text() and json.loads(path.read_text())["meta_score"] is None
+
+
+def test_a_draw_repeated_with_another_judgment_is_an_error_naming_both_lines(tmp_path):
+    """A second line of one draw used to replace the first without a word (and the rewrite dropped it)."""
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+
+    path = tmp_path / "draws.jsonl"
+    good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": None}
+    bench = [Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())]
+    for second, field in [({**good, "scores": [9, 1]}, "scores"), ({**good, "benchmark": "other", "text": "x"}, None)]:
+        first = {**good, "benchmark": second["benchmark"]}
+        path.write_text(json.dumps(first) + "\n" + json.dumps(good | {"draw": 1}) + "\n" + json.dumps(second) + "\n")
+        if field is None:  # a draw of an example not evaluated here: kept for the rewrite, so checked too
+            with pytest.raises(ValueError, match=rf"{path}:3: field 'text': this draw \(other, e, sample, draw 0\) "
+                                                 r"is already on line 1"):
+                DrawStore().read(str(path), bench, keep_others=True)
+            continue
+        with pytest.raises(ValueError, match=rf"{path}:3: field '{field}': .* already on line 1 with other"):
+            DrawStore().read(str(path), bench)
+    scored = {**good, "meta_score": 0.5}
+    path.write_text(json.dumps({**good, "meta_score": 0.7}) + "\n" + json.dumps(scored) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: field 'meta_score'"):  # two MetaRM scores of one draw
+        DrawStore().read(str(path), bench)
+
+
+def test_a_draw_appended_again_with_its_meta_score_replaces_the_unscored_line(tmp_path):
+    """What meta_score_missing appends (the same draw, now scored) and a line written twice are no conflict;
+    a draw of another example is kept once, with its score, for the rewrite."""
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+
+    path = tmp_path / "draws.jsonl"
+    good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "permutation": [1, 0],
+            "text": "j", "meta_score": None}
+    other = {**good, "example_id": "gone"}
+    bench = [Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())]
+    lines = [good, other, good, {**good, "meta_score": 1.5}, {**other, "meta_score": -2.0}, {**good, "meta_score": 1.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    store = DrawStore()
+    assert store.read(str(path), bench, keep_others=True) == 1
+    assert [(d.draw, d.meta_score) for d in store.all()] == [(0, 1.5)]
+    assert store.others == [{**other, "meta_score": -2.0}]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("draw", "1", "field 'draw' must be a non-negative integer"),  # sorted() met str and int: a TypeError
+    ("draw", -1, "field 'draw' must be a non-negative integer"),
+    ("draw", True, "field 'draw' must be a non-negative integer"),
+    ("scores", [True, False], "field 'scores' must be a list of integers"),
+    ("example_id", 7, "field 'example_id' must be a string"),
+    ("permutation", [0, "1"], "field 'permutation' must be a list of integers"),
+])
+def test_a_samples_file_draw_with_a_mistyped_field_names_the_line_and_field(tmp_path, field, value, message):
+    from megatron_grm.data.examples import Example, Turn
+    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+
+    path = tmp_path / "draws.jsonl"
+    good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    bench = [Benchmark("b", [Example([Turn("user", "q")], ["a", "b"], 0, source="t", id="e")], Counter())]
+    with pytest.raises(ValueError, match=rf"{path}:2: {message}"):
+        DrawStore().read(str(path), bench)

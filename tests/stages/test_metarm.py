@@ -163,6 +163,41 @@ def test_rft_sample_reader_labels_by_eq10_and_skips_hinted(tmp_path):
         read_rft_samples(str(path))
 
 
+RFT_RECORD = {"example_id": "a", "prompt": "P", "text": "T", "scores": [3, 8], "label": 1, "correct": True,
+              "hinted": False, "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    (json.dumps({**RFT_RECORD, "correct": "false"}), "correct"),  # bool("false") was True
+    (json.dumps({**RFT_RECORD, "hinted": "no"}), "hinted"),
+    (json.dumps({k: v for k, v in {**RFT_RECORD, "scores": ["3", "10"]}.items() if k != "correct"}), "scores"),
+    (json.dumps({k: v for k, v in {**RFT_RECORD, "label": "1"}.items() if k != "correct"}), "label"),
+    (json.dumps({k: v for k, v in {**RFT_RECORD, "label": 5}.items() if k != "correct"}), "label"),  # out of range
+    (json.dumps({**RFT_RECORD, "example_id": None}), "example_id"),
+    (json.dumps(RFT_RECORD)[:-1] + ', "correct": false}', "correct"),  # a repeated key: the last one used to win
+])
+def test_rft_sample_reader_names_the_line_and_field_of_a_mistyped_record(tmp_path, line, field):
+    from megatron_grm.stages.metarm import read_rft_samples
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(RFT_RECORD) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"samples.jsonl:2: field '{field}'"):
+        read_rft_samples(str(path))
+    path.write_text(line.replace('"hinted": false', '"hinted": true') + "\n")  # checked even when left out
+    with pytest.raises(ValueError, match=rf"samples.jsonl:1: field '{field}'"):
+        read_rft_samples(str(path))
+
+
+def test_rft_sample_reader_counts_the_hinted_judgments_it_leaves_out(tmp_path, caplog):
+    from megatron_grm.stages.metarm import read_rft_samples
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({**RFT_RECORD, "text": f"T{i}", "hinted": i < 2}) + "\n" for i in range(3)))
+    with caplog.at_level("INFO", logger="megatron_grm.stages.metarm"):
+        assert [j.text for j in read_rft_samples(str(path))] == ["T2"]
+    assert "2 hinted judgment(s) left out" in caplog.text
+
+
 def test_a_judgment_that_was_never_generated_is_not_metarm_data(tmp_path):
     from megatron_grm.stages.metarm import read_rft_samples
 

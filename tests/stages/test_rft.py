@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -229,20 +230,56 @@ def test_resumed_rft_sft_continues_exactly(rft_run: Path, bootstrap, tmp_path: P
         read_json(rft_run / "rft_results.json")["padding_waste"], abs=1e-12)
 
 
+def _shard_record(index: int, shard: int, /, **changes) -> dict:
+    """A shard line as ``judgment_record`` writes it (docs/rft.md), with ``changes``."""
+    return {"example_id": f"ex{index}", "example_index": index, "shard": shard, "sample_index": 0, "hinted": False,
+            "permutation": [1, 0], "prompt": "P", "grm_prompt": "G", "chat": True, "text": "T", "scores": [2, 8],
+            "parse_error": None, "correct": True, "kept": True, "too_easy": False, "label": 0, "num_responses": 2,
+            "num_tokens": 5, "finish_reason": "stop", **changes}
+
+
 def test_reading_the_samples_names_a_broken_shard_line_and_an_unfinished_shard(tmp_path: Path):
     from megatron_grm.stages.rft import MANIFEST, done_marker, read_shards, shard_file
 
     (tmp_path / MANIFEST).write_text(json.dumps({"num_shards": 2}))
-    Path(shard_file(str(tmp_path), 0)).write_text(json.dumps({"example_index": 0}) + "\n\n")
-    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps({"example_index": 1}) + "\n")
+    Path(shard_file(str(tmp_path), 0)).write_text(json.dumps(_shard_record(0, 0)) + "\n\n")
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps(_shard_record(1, 1)) + "\n")
     Path(done_marker(str(tmp_path), 0)).write_text("")
     with pytest.raises(RuntimeError, match="1 of 2 shards .* unfinished \\(first: 1\\)"):
         read_shards(str(tmp_path))
     Path(done_marker(str(tmp_path), 1)).write_text("")
     assert [r["example_index"] for r in read_shards(str(tmp_path))] == [0, 1]
-    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps({"example_index": 1}) + "\n" + '{"example_index": 2, "te')
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps(_shard_record(1, 1)) + "\n" + '{"example_index": 2, "te')
     with pytest.raises(ValueError, match=r"shard_00001.jsonl:2: invalid JSON"):
         read_shards(str(tmp_path))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hinted": None}, "field 'hinted' must be bool, got None"),  # a KeyError/TypeError naming no line before
+    ({"kept": "false"}, "field 'kept' must be bool"),  # "false" would count as kept
+    ({"example_index": True}, "field 'example_index' must be int"),
+    ({"scores": [2, "8"]}, "field 'scores' must be a list of integers"),
+    ({"shard": 0}, "field 'shard' is 0, but the record is in shard 1"),
+    ({"grm_prompt": "G", "chat": None}, "field 'chat' must be bool"),
+])
+def test_reading_the_samples_names_the_shard_line_and_field_of_a_bad_record(tmp_path: Path, changes, message):
+    from megatron_grm.stages.rft import MANIFEST, done_marker, read_shards, shard_file
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"num_shards": 2}))
+    for k in (0, 1):
+        Path(done_marker(str(tmp_path), k)).write_text("")
+    Path(shard_file(str(tmp_path), 0)).write_text(json.dumps(_shard_record(0, 0)) + "\n")
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps(_shard_record(1, 1)) + "\n"
+                                                  + json.dumps(_shard_record(2, 1, **changes)) + "\n")
+    with pytest.raises(ValueError, match=rf"shard_00001.jsonl:2: {re.escape(message)}"):
+        read_shards(str(tmp_path))
+    missing = {k: v for k, v in _shard_record(2, 1).items() if k != "too_easy"}
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps(missing) + "\n")
+    with pytest.raises(ValueError, match=r"shard_00001.jsonl:1: field 'too_easy' is missing"):
+        read_shards(str(tmp_path))
+    old = {k: v for k, v in _shard_record(2, 1).items() if k not in ("grm_prompt", "chat")}
+    Path(shard_file(str(tmp_path), 1)).write_text(json.dumps(old) + "\n")  # shards from before grm_prompt
+    assert [r["example_id"] for r in read_shards(str(tmp_path))] == ["ex0", "ex2"]
 
 
 def test_filter_statistics_count_a_never_generated_judgment_apart_from_the_accuracy():

@@ -186,16 +186,21 @@ def require_types(record: dict, where: str, types: dict[str, type]) -> None:
 
 def json_object_lines(path: str | Path) -> Iterator[tuple[str, dict]]:
     """``("<path>:<line>", object)`` for every non-blank line of a JSON-lines file (run outputs: sample,
-    judgment and outcome files); a line that is not a JSON object raises a ValueError naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    judgment and outcome files). Read as bytes so that a bad byte, invalid JSON, a repeated key or a line that
+    is not an object is a ValueError naming file and line, never a bare ``UnicodeDecodeError`` or a value
+    silently overwritten; a UTF-8 BOM at the start of the file (Windows editors) is dropped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, line=number, start_of_file=number == 1)
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                record = load_record(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            except DuplicateKeyError as err:
+                raise ValueError(f"{where}: field {err.key!r}: {err}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
