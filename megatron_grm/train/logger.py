@@ -21,9 +21,12 @@ class RunLogger:
 
     def purge_from(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: hide what an earlier attempt logged for
-        ``step`` and later (TensorBoard's purge, written at the start of this attempt's event file)."""
+        ``step`` and later (TensorBoard's purge, written at the start of an event file). Scalars this
+        attempt already wrote (RFT's sampling statistics at step 0) stay in the file that holds them;
+        the next scalar opens a new file that starts with the purge."""
         if self._writer is not None:
-            raise RuntimeError("RunLogger.purge_from must come before the first scalar of this attempt")
+            self._writer.close()
+            self._writer = None
         self.purge_step = step
 
     @property
