@@ -4,8 +4,9 @@
 
 With TP*PP > 1 the tool starts itself again under ``torch.distributed.run`` with TP*PP processes (or run
 it under torchrun yourself with exactly TP*PP processes). The HF folder is checked completely first (config
-fields, every tensor's name and shape); CKPT_DIR gets ``iter_0000000/`` (torch_dist + model_config.json),
-``latest`` and ``tokenizer/``. See docs/conversion.md.
+fields, every tensor's name and shape); CKPT_DIR gets ``iter_0000000/`` (torch_dist, model_config.json and
+the tokenizer in ``tokenizer/``) and ``latest``. A CKPT_DIR holding a training run's later checkpoints is
+refused (its ``latest`` would move back to step 0) unless ``--force``. See docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ except ImportError:  # run from a checkout without an installed package
 
 from megatron_grm.models.conversion_launch import relaunch_under_torchrun, under_torchrun
 from megatron_grm.models.hf_adapter import ConfigError
-from megatron_grm.models.hf_convert import HFSource, open_hf
+from megatron_grm.models.hf_convert import HFSource, check_conversion_target, open_hf
 from megatron_grm.models.hf_io import CONFIG_FILE, TOKENIZER_FILES, HFFolderError
 
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the written shards")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter dtype to store")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not require/copy tokenizer files")
+    parser.add_argument("--force", action="store_true",
+                        help="convert into a root that holds other checkpoints (its latest becomes step 0)")
     return parser.parse_args(argv)
 
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise HFFolderError(f"{src.folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                 "pass --no-tokenizer to convert the weights alone")
         check_layout(src, args.tp, args.pp)
+        check_conversion_target(Path(args.out).resolve(), args.force)
     except (HFFolderError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     init_parallel(ParallelLayout(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     try:
         folder = convert_hf_to_mcore(src.folder, args.out, ParallelLayout(args.tp, args.pp), args.dtype,
-                                     with_tokenizer=not args.no_tokenizer)
+                                     with_tokenizer=not args.no_tokenizer, force=args.force)
     finally:
         destroy_parallel()
     if env.rank == 0:

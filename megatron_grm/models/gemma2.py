@@ -322,7 +322,9 @@ class Gemma2Adapter(LlamaAdapter):
                               f"{hf.sliding_window!r}; which window the model was trained with is ambiguous")
         kinds = list(hf.layer_types or [])
         alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(kinds))]
-        if kinds == alternating and hf.sliding_window is not None:
+        if kinds == alternating and any(kind == "sliding_attention" for kind in kinds):
+            if hf.sliding_window is None:
+                raise ConfigError(f"{where}: sliding_window is null, but layer_types has sliding-window layers")
             window = int(hf.sliding_window)
         elif all(kind == "full_attention" for kind in kinds):
             window = None
@@ -347,7 +349,9 @@ class Gemma2Adapter(LlamaAdapter):
             "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
             "attn_logit_softcapping": cfg.attn_logit_softcapping,
             "final_logit_softcapping": cfg.final_logit_softcapping,
-            "sliding_window": cfg.sliding_window,
+            # transformers' Gemma2Model builds its sliding mask on every forward and refuses a null window:
+            # without one, every layer is full attention and the window spans any position (no effect).
+            "sliding_window": cfg.sliding_window or cfg.max_position_embeddings,
             "layer_types": kinds,
         }
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,22 +190,36 @@ def fill_model_from_hf(model: torch.nn.Module, src: HFSource) -> None:
 
 
 # ------------------------------------------------------------------------------------------ HF -> Megatron
+def check_conversion_target(out: Path, force: bool = False) -> None:
+    """Refuse a root that holds a training run's checkpoints: a conversion publishes step 0 as ``latest``,
+    and that run would resume from the fresh weights. ``force``: convert there all the same."""
+    from megatron_grm.train.checkpoint import checkpoint_name
+
+    others = sorted(p.name for p in out.glob("iter_*") if p.is_dir() and p.name != checkpoint_name(0))
+    if others and not force:
+        listed = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise HFFolderError(f"{out} holds other checkpoints ({listed}); converting there would point its 'latest' "
+                            "at step 0: choose another --out (or pass --force)")
+
+
 def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, layout,
-                        params_dtype: str = "fp32", with_tokenizer: bool = True) -> str:
-    """Collective over the TP*PP ranks of an initialised parallel state; returns the checkpoint folder."""
+                        params_dtype: str = "fp32", with_tokenizer: bool = True, force: bool = False) -> str:
+    """Collective over the TP*PP ranks of an initialised parallel state; returns the checkpoint folder.
+
+    The tokenizer goes into the checkpoint folder (``iter_0000000/tokenizer``) and is published with it: a
+    conversion into a root that held another model never pairs its weights with the other's tokenizer."""
     from megatron_grm.models.precision import PrecisionConfig
     from megatron_grm.models.provider import build_model
-    from megatron_grm.parallel.distributed import barrier, is_rank0
-    from megatron_grm.train.checkpoint import save_checkpoint
+    from megatron_grm.parallel.distributed import barrier
+    from megatron_grm.train.checkpoint import checkpoint_name, save_checkpoint
 
     src = open_hf(hf_dir)
     out = Path(out_dir).resolve()
-    tokenizer_dir = out / TOKENIZER_DIR
+    check_conversion_target(out, force)
+    tokenizer_dir = out / checkpoint_name(0) / TOKENIZER_DIR
     cfg = src.cfg
     if with_tokenizer:
         cfg.tokenizer = str(tokenizer_dir)
-        if is_rank0():
-            copy_tokenizer(src.folder, tokenizer_dir)
     model = build_model(cfg, layout, PrecisionConfig(params_dtype=params_dtype), use_te=False)
     fill_model_from_hf(model, src)
     barrier()
@@ -214,7 +229,11 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, l
     metadata = {"model": cfg.to_dict(), "tokenizer": str(tokenizer_dir) if with_tokenizer else None,
                 "stage": "convert", "source": source,
                 "layout": {"tensor_parallel": layout.tensor_parallel, "pipeline_parallel": layout.pipeline_parallel}}
-    return save_checkpoint(str(out), 0, {"model": model.sharded_state_dict()}, {}, metadata)
+    def add_tokenizer(folder: str) -> None:
+        if with_tokenizer:
+            copy_tokenizer(src.folder, Path(folder) / TOKENIZER_DIR)
+
+    return save_checkpoint(str(out), 0, {"model": model.sharded_state_dict()}, {}, metadata, add_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------ Megatron -> HF
@@ -273,7 +292,12 @@ def load_megatron_model(ckpt: str | os.PathLike) -> tuple[torch.nn.Module, Model
 
     folder, _ = resolve_checkpoint(ckpt)
     metadata = read_metadata(str(folder))
-    cfg = ModelConfig.from_dict(metadata["model"])
+    if not isinstance(metadata.get("model"), dict):
+        raise ValueError(f"{folder / MODEL_CONFIG}: field 'model' is missing or not an object")
+    try:
+        cfg = ModelConfig.from_dict(metadata["model"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{folder / MODEL_CONFIG}: field 'model': {exc}") from None
     stored = stored_tensor_metadata(folder)
     emb = stored.get("embedding.word_embeddings.weight")
     if emb is None:
@@ -324,9 +348,16 @@ def load_metarm_head(folder: Path) -> dict[str, Tensor]:
     return {k[len(METARM_PREFIX):]: loaded[k].contiguous() for k in stored}
 
 
-def find_tokenizer(metadata: dict[str, Any], cfg: ModelConfig, root: Path) -> Path | None:
-    """The HF tokenizer folder of a checkpoint: the one its metadata names, else ``<root>/tokenizer``."""
-    for candidate in (metadata.get("tokenizer"), cfg.tokenizer, root / TOKENIZER_DIR):
+def find_tokenizer(metadata: dict[str, Any], cfg: ModelConfig, folder: Path, root: Path) -> Path | None:
+    """The HF tokenizer folder of a checkpoint: the one its metadata names, else (a checkpoint moved
+    elsewhere) ``<iter folder>/tokenizer`` or, as conversions before 2026-12-03 wrote it, ``<root>/tokenizer``.
+    A checkpoint whose metadata says ``"tokenizer": null`` (converted with --no-tokenizer) has none: a
+    tokenizer folder that happens to lie beside it belongs to something else."""
+    if "tokenizer" in metadata and metadata["tokenizer"] is None:
+        candidates = ()
+    else:
+        candidates = (metadata.get("tokenizer"), cfg.tokenizer, folder / TOKENIZER_DIR, root / TOKENIZER_DIR)
+    for candidate in candidates:
         if candidate and candidate != "char" and Path(candidate).is_dir() \
                 and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
             return Path(candidate)
@@ -343,7 +374,10 @@ def token_ids(tokenizer_dir: Path | None) -> dict[str, Any]:
         return {}
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:  # a broken tokenizer.json/.model: say which folder, not just the parser's words
+        raise HFFolderError(f"{tokenizer_dir}: the tokenizer does not load ({type(exc).__name__}: {exc})") from None
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
@@ -395,36 +429,53 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str | None = None,
                        with_tokenizer: bool = True) -> Path:
     """Write an HF folder that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load (one process, TP=PP=1)."""
+    from megatron_grm.train.checkpoint import fsync
+
     model, cfg, metadata, folder = load_megatron_model(ckpt)
     _, root = resolve_checkpoint(ckpt)
     adapter = adapter_for_family(cfg.family)
     tensors = megatron_state_to_hf(model.state_dict(), cfg)
+    del model  # the HF tensors are copies: one model's worth of host memory less for the rest of the export
     out_dtype = export_dtype(dtype, metadata, next(iter(tensors.values())).dtype)
     tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
-    tokenizer_dir = find_tokenizer(metadata, cfg, root) if with_tokenizer else None
+    num_tensors = len(tensors)
+    tokenizer_dir = find_tokenizer(metadata, cfg, folder, root) if with_tokenizer else None
     if with_tokenizer and tokenizer_dir is None:  # refused before anything in --out is touched
         raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="
                             f"{metadata.get('tokenizer')!r}); pass --no-tokenizer to export weights only")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_weight_files(out, extra=(METARM_FILE,))  # an earlier export's weights must not outlive this one
+    # Everything that can fail on bad input comes first; then the files are written into a staging folder
+    # inside --out and moved in last, so a refusal, a kill or a full disk leaves an earlier export whole.
     ids = token_ids(tokenizer_dir)
     hf_config = adapter.hf_config(cfg, out_dtype, ids)
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    write_safetensors(out, tensors, max_shard_bytes)
-    write_generation_config(out, tokenizer_dir, ids)
-    if tokenizer_dir is not None:
-        copied = copy_files(tokenizer_dir, out, TOKENIZER_FILES)
-        # An earlier export's tokenizer files this tokenizer lacks would be read in its place (AutoTokenizer
-        # prefers a stale tokenizer.json to this one's tokenizer.model).
-        stale = [] if out.resolve() == tokenizer_dir.resolve() else \
-            [name for name in TOKENIZER_FILES if name not in copied and (out / name).is_file()]
-        for name in stale:
-            (out / name).unlink()
-            log.info("removed %s: an earlier export's, not a file of this tokenizer", out / name)
     head = load_metarm_head(folder)
-    if head:
-        write_metarm_head(out, {k: v.to(out_dtype) for k, v in head.items()}, cfg.hidden_size)
-    log.info("exported %s (%s, %d tensors%s) to %s", folder, cfg.family, len(tensors),
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".export.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(staging, tensors, max_shard_bytes)
+        del tensors
+        write_generation_config(staging, tokenizer_dir, ids)
+        copied = copy_files(tokenizer_dir, staging, TOKENIZER_FILES) if tokenizer_dir is not None else []
+        if head:
+            write_metarm_head(staging, {k: v.to(out_dtype) for k, v in head.items()}, cfg.hidden_size)
+        for entry in staging.iterdir():
+            fsync(str(entry))
+        remove_weight_files(out, extra=(METARM_FILE,))  # an earlier export's weights must not outlive this one
+        if tokenizer_dir is not None and out.resolve() != tokenizer_dir.resolve():
+            # An earlier export's tokenizer files this tokenizer lacks would be read in its place (AutoTokenizer
+            # prefers a stale tokenizer.json to this one's tokenizer.model).
+            for name in TOKENIZER_FILES:
+                if name not in copied and (out / name).is_file():
+                    (out / name).unlink()
+                    log.info("removed %s: an earlier export's, not a file of this tokenizer", out / name)
+        for entry in sorted(staging.iterdir()):
+            os.replace(entry, out / entry.name)
+        fsync(str(out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s (%s, %d tensors%s) to %s", folder, cfg.family, num_tensors,
              ", MetaRM head" if head else "", out)
     return out

@@ -82,7 +82,7 @@ def tokenizer_name(run: RunConfig) -> str:
         raise ValueError(
             f"model.tokenizer is not set and trainer.load={run.trainer.load} records none: a model with "
             f"vocab_size={run.model.vocab_size} would read the character tokenizer; set model.tokenizer to the "
-            "tokenizer folder tools/convert wrote (<checkpoint root>/tokenizer)")
+            "tokenizer folder tools/convert wrote (<checkpoint root>/iter_0000000/tokenizer)")
     return "char"
 
 
@@ -99,10 +99,11 @@ def _recorded_tokenizer(run: RunConfig) -> str | None:
         folder, root = resolve_checkpoint(run.trainer.load)
     except FileNotFoundError:
         return None  # not a checkpoint (yet): the stage's own load reports it
-    recorded = read_metadata(str(folder)).get("tokenizer")
+    metadata = read_metadata(str(folder))
+    recorded = metadata.get("tokenizer")
     if recorded == "char":
         return recorded
-    found = find_tokenizer({"tokenizer": recorded}, run.model, root)
+    found = find_tokenizer({k: v for k, v in metadata.items() if k == "tokenizer"}, run.model, folder, root)
     return str(found) if found is not None else recorded
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,8 +88,10 @@ def save_checkpoint(
     sharded_state: dict[str, Any],
     per_rank_state: dict[str, Any],
     metadata: dict[str, Any],
+    write_extra: Callable[[str], None] | None = None,
 ) -> str:
-    """Save on every rank (collective). ``metadata`` (model config, tokenizer, …) is written as JSON."""
+    """Save on every rank (collective). ``metadata`` (model config, tokenizer, …) is written as JSON;
+    ``write_extra(folder)`` (rank 0) adds files, e.g. a tokenizer, that are published with the checkpoint."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(ckpt_root, checkpoint_name(step))
@@ -106,13 +109,15 @@ def save_checkpoint(
     fsync(rank_file)
     barrier()
     if is_rank0():
+        if write_extra is not None:
+            write_extra(tmp)
         write_atomically(os.path.join(tmp, MODEL_CONFIG), json.dumps(metadata, indent=2, sort_keys=True))
         # On disk before `latest` may name the folder: a node lost after the rename must not leave `latest`
         # naming a folder whose common.pt (scheduler, data position) was still in the page cache.
-        for entry in os.scandir(tmp):
-            if entry.is_file():
-                fsync(entry.path)
-        fsync(tmp)
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                fsync(os.path.join(dirpath, name))
+            fsync(dirpath)
         replaced = final + REPLACED
         if os.path.isdir(final):  # re-saving this step: the old folder stays whole until the new one is in place
             if os.path.isdir(replaced):
@@ -206,5 +211,11 @@ def read_metadata(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, MODEL_CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: not a megatron-grm checkpoint")
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            metadata = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata

@@ -129,6 +129,36 @@ def test_gemma2_window_on_odd_layers_is_refused(tmp_path):
         open_hf(folder)
 
 
+def test_gemma2_with_sliding_layers_and_a_null_window_is_refused_naming_the_window(tmp_path):
+    folder = save_random_hf("gemma2", tmp_path / "gemma2")
+    edit_config(folder, sliding_window=None)
+    with pytest.raises(ConfigError, match="sliding_window is null, but layer_types has sliding-window layers"):
+        open_hf(folder)
+
+
+def test_gemma2_without_a_window_exports_a_config_transformers_runs_with_the_same_logits(tmp_path):
+    """Every layer full attention: the window was dropped on import and exported as null, which
+    transformers' Gemma2Model refuses on its first forward (it builds the sliding mask regardless)."""
+    import transformers as tf
+
+    from megatron_grm.models.hf_convert import adapter_for_family
+
+    source = random_model("gemma2")
+    source.config.layer_types = ["full_attention"] * source.config.num_hidden_layers
+    folder = tmp_path / "gemma2"
+    source.save_pretrained(folder)
+    cfg = open_hf(folder).cfg
+    assert cfg.sliding_window is None
+    values = adapter_for_family("gemma2").hf_config(cfg, torch.float32, {})
+    assert values["sliding_window"] == cfg.max_position_embeddings
+    exported = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{k: v for k, v in values.items() if k != "model_type"}))
+    exported.config._attn_implementation = "eager"
+    exported.load_state_dict(source.state_dict())
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(tokens).logits, source(tokens).logits)
+
+
 def test_tied_model_with_a_different_lm_head_is_refused(tmp_path):
     folder = save_random_hf("qwen2", tmp_path / "qwen2")
     edit_tensors(folder, lambda t: t.update({"lm_head.weight": torch.randn(300, 64)}))

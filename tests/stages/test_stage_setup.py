@@ -40,7 +40,14 @@ def test_the_tokenizer_recorded_in_the_loaded_checkpoint_is_used(tmp_path):
     (moved / "tokenizer").mkdir()
     (moved / "tokenizer" / "tokenizer_config.json").write_text("{}")  # what tools/convert copies there
     assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={moved}"])) == str(moved / "tokenizer")
+    relocated = _checkpoint_root(tmp_path / "relocated", "/gone/iter_0000000/tokenizer")  # today's layout, moved
+    (relocated / "iter_0000000" / "tokenizer").mkdir()
+    (relocated / "iter_0000000" / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_name(_run(["model=llama3_8b", f"trainer.load={relocated}"])) == \
+        str(relocated / "iter_0000000" / "tokenizer")
     silent = _checkpoint_root(tmp_path / "silent", None)
+    (silent / "tokenizer").mkdir()  # another conversion's, beside a checkpoint converted with --no-tokenizer
+    (silent / "tokenizer" / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="records none"):
         tokenizer_name(_run(["model=llama3_8b", f"trainer.load={silent}"]))
 

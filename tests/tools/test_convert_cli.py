@@ -30,8 +30,9 @@ def test_pp2_conversion_launches_two_ranks_and_writes_latest(gemma2):
     metadata = json.loads((ckpt / "iter_0000000" / "model_config.json").read_text())
     assert metadata["stage"] == "convert" and metadata["layout"] == {"tensor_parallel": 1, "pipeline_parallel": 2}
     assert metadata["model"]["family"] == "gemma2" and metadata["model"]["sliding_window"] == 6
-    assert Path(metadata["tokenizer"]) == (ckpt / "tokenizer").resolve()
-    assert (ckpt / "tokenizer" / "tokenizer.json").is_file()
+    tokenizer = ckpt / "iter_0000000" / "tokenizer"  # published with the weights it belongs to
+    assert Path(metadata["tokenizer"]) == tokenizer.resolve()
+    assert (tokenizer / "tokenizer.json").is_file() and not (ckpt / "tokenizer").exists()
 
 
 def test_verify_fails_against_a_different_model(gemma2):

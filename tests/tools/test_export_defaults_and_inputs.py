@@ -106,7 +106,7 @@ def test_an_export_refused_for_want_of_a_tokenizer_leaves_the_earlier_export_who
     assert run_tool("convert_mcore_to_hf", "--ckpt", str(converted["ckpt_other"]), "--out", str(out)).returncode == 0
     before = sorted(p.name for p in out.iterdir())
     ckpt = Path(shutil.copytree(converted["ckpt_other"], tmp_path / "ckpt"))
-    shutil.rmtree(ckpt / "tokenizer")
+    shutil.rmtree(ckpt / "iter_0000000" / "tokenizer")
     metadata = ckpt / "iter_0000000" / "model_config.json"
     recorded = json.loads(metadata.read_text())
     metadata.write_text(json.dumps({**recorded, "tokenizer": None, "model": {**recorded["model"], "tokenizer": None}}))
@@ -165,3 +165,53 @@ def test_convert_refuses_a_layout_the_model_does_not_divide_into_before_starting
     assert proc.returncode == 2, describe(proc)
     assert f"{converted['hf_other'] / 'config.json'}: {named}" in proc.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_export_that_fails_after_its_checks_leaves_the_earlier_export_whole(converted, tmp_path):
+    """A tokenizer that does not load used to fail after the earlier export's weights were deleted; now every
+    fallible step comes before --out is touched and the files move in from a staging folder last."""
+    out = tmp_path / "out"
+    assert run_tool("convert_mcore_to_hf", "--ckpt", str(converted["ckpt_other"]), "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ckpt = Path(shutil.copytree(converted["ckpt_bf16"], tmp_path / "ckpt"))
+    tokenizer = ckpt / "iter_0000000" / "tokenizer"
+    metadata = ckpt / "iter_0000000" / "model_config.json"  # it records the original's absolute path
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "tokenizer": str(tokenizer)}))
+    (tokenizer / "generation_config.json").unlink(missing_ok=True)  # the ids then come from the tokenizer itself
+    (tokenizer / "tokenizer.json").write_text("{ not json")
+    proc = run_tool("convert_mcore_to_hf", "--ckpt", str(ckpt), "--out", str(out))
+    assert proc.returncode == 2, describe(proc)
+    assert f"error: {tokenizer}: the tokenizer does not load" in proc.stderr, describe(proc)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing removed, nothing staged left
+
+
+def test_a_broken_model_config_is_named_with_its_path(converted, tmp_path):
+    ckpt = Path(shutil.copytree(converted["ckpt_other"], tmp_path / "ckpt"))
+    metadata = ckpt / "iter_0000000" / "model_config.json"
+    recorded = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**recorded, "model": {**recorded["model"], "rope_base": 1.0}}))
+    proc = run_tool("convert_mcore_to_hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and f"error: {metadata}: field 'model': unknown model config field" in proc.stderr, \
+        describe(proc)
+    metadata.write_text('{"model": ')
+    proc = run_tool("convert_mcore_to_hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and f"error: {metadata}: not valid JSON" in proc.stderr, describe(proc)
+
+
+def test_a_conversion_into_a_training_root_is_refused_and_a_second_conversion_replaces_the_first(converted,
+                                                                                                 tmp_path):
+    """A root with later checkpoints would resume from the fresh step 0 (latest moves back); converting
+    another model into a root that held one used to keep the first model's tokenizer files beside it."""
+    root = Path(shutil.copytree(converted["ckpt_other"], tmp_path / "ckpt"))
+    proc = run_tool("convert_hf_to_mcore", "--hf", str(converted["hf_bf16"]), "--out", str(root))
+    assert proc.returncode == 0, describe(proc)  # the same root again: iter_0000000 is replaced whole
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000000", "latest"]
+    meta = json.loads((root / "iter_0000000" / "model_config.json").read_text())
+    assert meta["source"]["hf"] == str(converted["hf_bf16"].resolve())
+    assert Path(meta["tokenizer"]) == (root / "iter_0000000" / "tokenizer").resolve()
+    (root / "iter_0000500").mkdir()
+    proc = run_tool("convert_hf_to_mcore", "--hf", str(converted["hf_other"]), "--out", str(root))
+    assert proc.returncode == 2 and "holds other checkpoints (iter_0000500)" in proc.stderr, describe(proc)
+    assert json.loads((root / "iter_0000000" / "model_config.json").read_text()) == meta
+    proc = run_tool("convert_hf_to_mcore", "--hf", str(converted["hf_other"]), "--out", str(root), "--force")
+    assert proc.returncode == 0, describe(proc)
