@@ -57,6 +57,15 @@ grm_hydra_overrides() {
     GRM_USER_RUN_DIR=$user_run_dir
 }
 
+# grm_hydra_literal VALUE — VALUE as a Hydra override value read literally: single-quoted, with ' and ${
+# escaped, so a run folder such as runs/lr=1e-6,bs(8) is not parsed as override syntax or interpolation.
+grm_hydra_literal() {
+    local value=$1
+    value=${value//\'/\\\'}
+    value=${value//\$\{/\\\$\{}
+    printf "'%s'" "$value"
+}
+
 # grm_prepare STAGE — check the allocation, create the run folder, set rendezvous and communication
 # variables. Sets GRM_STAGE, GRM_RESTART, GRM_RUN_DIR (absolute), GRM_LOG_DIR, GRM_LAUNCH_LOG,
 # GRM_CPUS_PER_TASK and GRM_TASK_VARS.
@@ -342,7 +351,7 @@ grm_launch_stage() {
     shift 2
     grm_hydra_overrides "$@"
     grm_prepare "$stage"
-    [[ -n "$GRM_USER_RUN_DIR" ]] || GRM_OVERRIDES+=("trainer.run_dir=$GRM_RUN_DIR")
+    [[ -n "$GRM_USER_RUN_DIR" ]] || GRM_OVERRIDES+=("trainer.run_dir=$(grm_hydra_literal "$GRM_RUN_DIR")")
     grm_srun_args
     grm_task_env "$GRM_TASK_ENV"
     rm -f "$GRM_RUN_DIR/$GRM_STOPPED_MARKER"  # an earlier attempt's; the stage writes it anew when it stops

@@ -107,14 +107,27 @@ def _recorded_tokenizer(run: RunConfig) -> str | None:
     return str(found) if found is not None else recorded
 
 
-def prepare_run(cfg: Any) -> RunConfig:
-    """Validate (before anything is built), then initialise torch.distributed + Megatron parallel state."""
+def check_run_dir_matches_launcher(run_dir: str) -> None:
+    """Under slurm/*.sh the batch script made, logs to and marks ``$GRM_RUN_DIR``; a ``trainer.run_dir`` that
+    Hydra resolves elsewhere (an interpolation, quotes, another working directory) would put checkpoints
+    where the requeued job does not look, or outside a container's mounts. Refuse before any work."""
+    launcher = os.environ.get("GRM_RUN_DIR")
+    if launcher and os.path.abspath(run_dir) != os.path.abspath(launcher):
+        raise ValueError(f"trainer.run_dir resolves to {os.path.abspath(run_dir)}, but the Slurm launcher prepared "
+                         f"{os.path.abspath(launcher)} (GRM_RUN_DIR): give the run folder as GRM_RUN_DIR=... "
+                         "instead, or a trainer.run_dir without interpolations")
+
+
+def prepare_run(cfg: Any, training: bool = True) -> RunConfig:
+    """Validate (before anything is built), then initialise torch.distributed + Megatron parallel state.
+    ``training=False``: a stage that takes no optimizer step (evaluation; see ``validate``)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     setup_logging()
     run = RunConfig.from_dict(to_plain(cfg))
-    validate(run, world_size=dist_env().world_size)
+    validate(run, world_size=dist_env().world_size, training=training)
+    check_run_dir_matches_launcher(run.trainer.run_dir)
     check_cuda_matches_cluster(run)
     init_parallel(run.parallel, seed=run.trainer.seed, timeout_minutes=run.cluster.distributed_timeout_minutes)
     os.makedirs(run.trainer.run_dir, exist_ok=True)

@@ -673,7 +673,7 @@ def write_outputs(run_dir: str, benchmarks: Sequence[Benchmark], scores: dict[st
 # ------------------------------------------------------------------------------------------ the stage
 def evaluate(cfg: Any) -> dict[str, Any]:
     """Sample what is missing → meta-score → vote → score → tables and plot; returns the results."""
-    run = prepare_run(cfg)
+    run = prepare_run(cfg, training=False)
     s = EvalSettings.from_dict(run.extra.get("eval", {}))
     run_dir = run.trainer.run_dir
     tokenizer_id = tokenizer_name(run)

@@ -105,8 +105,9 @@ class RunConfig:
         )
 
 
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Reject a configuration that cannot run, with one clear message, before any model is built."""
+def validate(cfg: RunConfig, world_size: int | None = None, training: bool = True) -> None:
+    """Reject a configuration that cannot run, with one clear message, before any model is built.
+    ``training=False`` (evaluation): the global batch, which nothing then reads, is not checked."""
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
     world = world_size if world_size is not None else cfg.cluster.world_size
     if min(p.tensor_parallel, p.pipeline_parallel, p.context_parallel) < 1:
@@ -162,7 +163,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                              f"of trainer.seq_length={t.seq_length} / {tp} x micro_batch_size={t.micro_batch_size} "
                              "rows must be a multiple of 8 (TE runs the GEMM on the slice before the all-gather)")
     dp = world // p.model_parallel
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    if training and t.global_batch_size % (t.micro_batch_size * dp):
         raise ValueError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*DP = "
             f"{t.micro_batch_size}*{dp}"

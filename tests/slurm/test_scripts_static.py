@@ -115,3 +115,15 @@ def test_the_fake_a100_cluster_rejects_what_does_not_fit(gpu_slurm):
     assert too_many_nodes.returncode != 0 and "not available" in too_many_nodes.stderr, too_many_nodes.stderr
     too_many_gpus = _test_only(gpu_slurm, "grpo.sh", "--gpus-per-node=9")
     assert too_many_gpus.returncode != 0, too_many_gpus.stderr
+
+
+@pytest.mark.parametrize("folder", ["/scratch/runs/lr=1e-6,bs(8)", "/scratch/a${x}/b", "/scratch/it's/run", "/plain"])
+def test_the_run_folder_the_script_adds_reaches_hydra_literally(folder):
+    """The script appends trainer.run_dir=<its folder>; bare, a folder named like lr=1e-6,bs(8) was
+    override syntax to Hydra and every rank died after the 128 GPUs were allocated."""
+    from megatron_grm.stages.common import load_config
+
+    proc = subprocess.run(["bash", "-c", 'source slurm/common.sh && grm_hydra_literal "$1"', "_", folder],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert load_config("sft", [f"trainer.run_dir={proc.stdout}"])["trainer"]["run_dir"] == folder

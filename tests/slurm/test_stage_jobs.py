@@ -36,7 +36,7 @@ def test_stage_script_completes_with_checkpoint_and_tensorboard(jobs, finished_r
     assert "step finished (exit 0)" in launcher
     # Rank 0 recorded the composed config and the overrides the script passed (the run folder among them).
     overrides = yaml.safe_load((run_dir / "hydra" / "overrides.yaml").read_text())
-    assert f"trainer.max_steps={steps}" in overrides and f"trainer.run_dir={run_dir}" in overrides, overrides
+    assert f"trainer.max_steps={steps}" in overrides and f"trainer.run_dir='{run_dir}'" in overrides, overrides
     config = yaml.safe_load((run_dir / "hydra" / "config.yaml").read_text())
     assert config["trainer"]["max_steps"] == steps and config["trainer"]["run_dir"] == str(run_dir)
     # Two ranks, numbered from Slurm's variables, talking gloo.

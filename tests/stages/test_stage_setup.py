@@ -99,3 +99,27 @@ print(json.dumps([world.total_seconds(), dp.total_seconds()]))
         from megatron_grm.train.config import validate
 
         validate(_run(["cluster.distributed_timeout_minutes=0"]))
+
+
+def test_a_run_dir_that_hydra_resolves_elsewhere_than_the_launchers_folder_is_refused(tmp_path, monkeypatch):
+    """slurm/*.sh reads a user's trainer.run_dir in bash: an interpolation or quotes made the launcher log and
+    mark one folder while the ranks checkpointed into another (outside a container's mounts: lost)."""
+    from megatron_grm.stages.common import check_run_dir_matches_launcher
+
+    monkeypatch.setenv("GRM_RUN_DIR", str(tmp_path / "grpo-42"))
+    check_run_dir_matches_launcher(str(tmp_path / "grpo-42"))
+    with pytest.raises(ValueError, match=f"resolves to {tmp_path / 'other'}, but the Slurm launcher prepared "
+                                         f"{tmp_path / 'grpo-42'}"):
+        check_run_dir_matches_launcher(str(tmp_path / "other"))
+    monkeypatch.delenv("GRM_RUN_DIR")
+    check_run_dir_matches_launcher(str(tmp_path / "other"))  # not under the Slurm scripts: nothing to match
+
+
+def test_evaluation_does_not_check_the_global_batch_it_never_reads():
+    """conf/evaluate.yaml's global_batch_size (8) had to divide micro_batch_size x DP: eval refused DP > 8."""
+    from megatron_grm.train.config import validate
+
+    run = RunConfig.from_dict(load_config("evaluate", ["model=tiny", "parallel=single", "trainer.seq_length=512"]))
+    with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by micro_batch_size"):
+        validate(run, world_size=16)
+    validate(run, world_size=16, training=False)
