@@ -134,7 +134,10 @@ def save_checkpoint(
 
 def _remove_replaced(ckpt_root: str) -> None:
     """Delete folders an interrupted re-save moved aside, except the one ``latest`` still resolves to."""
-    keep = latest_checkpoint(ckpt_root)
+    try:
+        keep = latest_checkpoint(ckpt_root)
+    except FileNotFoundError:  # `latest` names a folder that is gone: saving anew is the way out, not an error
+        keep = None
     for old in glob.glob(os.path.join(ckpt_root, "*" + REPLACED)):
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
