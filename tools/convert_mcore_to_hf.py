@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="Hugging Face folder to write")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
                         help="split model.safetensors into shards with an index above this size (default 5GB)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="dtype of the written weights (default: that of the Hugging Face model the "
                              "checkpoint was converted from, else as stored)")
     parser.add_argument("--no-tokenizer", action="store_true", help="export weights and config only")

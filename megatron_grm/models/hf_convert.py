@@ -52,9 +52,9 @@ VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 METARM_PREFIX = "metarm_head."
 METARM_FILE = "metarm_head.safetensors"
 TOKENIZER_DIR = "tokenizer"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # config.json dtype names an export may default to (the source model's dtype, recorded at import)
-SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SOURCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_for_model_type(model_type: Any, where: str) -> StateDictAdapter:

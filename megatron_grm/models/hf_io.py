@@ -24,7 +24,7 @@ BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers reads it and --max-shard-size defaults to
 # The shards write_safetensors (and transformers' save_pretrained) name: model-00001-of-00003.safetensors
 SAFETENSORS_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 

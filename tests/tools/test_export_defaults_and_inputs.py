@@ -65,7 +65,10 @@ def test_export_dtype_prefers_the_flag_then_the_recorded_source_then_the_stored_
     assert export_dtype("fp32", bf16_source, torch.float32) == torch.float32
     assert export_dtype(None, {"source": {"hf": "/models/x"}}, torch.float32) == torch.float32  # older checkpoint
     assert export_dtype(None, {"stage": "rft"}, torch.bfloat16) == torch.bfloat16  # no source block at all
-    assert export_dtype(None, {"source": {"dtype": "float16"}}, torch.float32) == torch.float32  # not an export dtype
+    # An fp16 source (stored exactly in fp32) comes back fp16, not at twice its size.
+    assert export_dtype(None, {"source": {"dtype": "float16"}}, torch.float32) == torch.float16
+    assert export_dtype("fp16", {}, torch.float32) == torch.float16
+    assert export_dtype(None, {"source": {"dtype": "float8_e4m3fn"}}, torch.float32) == torch.float32  # not one
 
 
 # ------------------------------------------------------------------------------------------ config.json
