@@ -24,8 +24,9 @@ def group_advantages(
 ) -> GroupAdvantages:
     """Advantages for rewards laid out group after group (G consecutive rewards per example).
 
-    ``std`` is the population standard deviation of the group (as in DeepSeekMath's GRPO); ``eps``
-    keeps a near-constant group from exploding. A ``None`` reward is a judgment that was never generated
+    ``std`` is the population standard deviation of the group. DeepSeekMath's GRPO says only "std"; TRL
+    and verl take torch.std, the sample std, which is sqrt(G/(G-1)) larger (advantages that much smaller:
+    a rescaled step, the same direction). ``eps`` keeps a near-constant group from exploding. A ``None`` reward is a judgment that was never generated
     (its prompt left no room): it is no sample of the policy, so it stays out of its group's mean and std
     and gets advantage 0; a group with fewer than two generated judgments carries no signal.
     """
