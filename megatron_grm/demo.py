@@ -93,6 +93,19 @@ def evaluate(name: str, run: Path, load: Path, sc: Scale, nproc: int, metarm: Pa
     return json.loads((out / "results.json").read_text())
 
 
+def check_scale(run: Path, scale: str, seed: int) -> None:
+    """A rerun in the same folder resumes each stage where it stopped; with another scale or seed it would
+    mix two runs (and the stages refuse a checkpoint trained on another LR schedule), so refuse it first."""
+    marker = run / "demo_settings.json"
+    settings = {"scale": scale, "seed": seed}
+    if marker.is_file():
+        earlier = json.loads(marker.read_text())
+        if earlier != settings:
+            raise SystemExit(f"{run} holds a demo run with {earlier}; this one asks for {settings}: "
+                             "give another --run-dir")
+    marker.write_text(json.dumps(settings) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sc, run, n = SCALES[args.scale], Path(args.run_dir).resolve(), args.nproc
     run.mkdir(parents=True, exist_ok=True)
+    check_scale(run, args.scale, args.seed)
     seed = f"trainer.seed={args.seed}"
     began = time.perf_counter()
     times: dict[str, float] = {}

@@ -195,7 +195,8 @@ def check_conversion_target(out: Path, force: bool = False) -> None:
     and that run would resume from the fresh weights. ``force``: convert there all the same."""
     from megatron_grm.train.checkpoint import checkpoint_name
 
-    others = sorted(p.name for p in out.glob("iter_*") if p.is_dir() and p.name != checkpoint_name(0))
+    others = sorted(p.name for p in out.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d{7}", p.name)
+                    and p.name != checkpoint_name(0))  # not an interrupted save's .tmp/.replaced leftovers
     if others and not force:
         listed = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
         raise HFFolderError(f"{out} holds other checkpoints ({listed}); converting there would point its 'latest' "
@@ -444,7 +445,8 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
         raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="
                             f"{metadata.get('tokenizer')!r}); pass --no-tokenizer to export weights only")
     # Everything that can fail on bad input comes first; then the files are written into a staging folder
-    # inside --out and moved in last, so a refusal, a kill or a full disk leaves an earlier export whole.
+    # inside --out and moved in last, so a refusal, a full disk or a kill while writing leaves an earlier
+    # export whole (only a kill among the final renames, after its weight files are removed, does not).
     ids = token_ids(tokenizer_dir)
     hf_config = adapter.hf_config(cfg, out_dtype, ids)
     head = load_metarm_head(folder)

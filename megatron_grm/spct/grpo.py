@@ -26,9 +26,11 @@ def group_advantages(
 
     ``std`` is the population standard deviation of the group. DeepSeekMath's GRPO says only "std"; TRL
     and verl take torch.std, the sample std, which is sqrt(G/(G-1)) larger (advantages that much smaller:
-    a rescaled step, the same direction). ``eps`` keeps a near-constant group from exploding. A ``None`` reward is a judgment that was never generated
-    (its prompt left no room): it is no sample of the policy, so it stays out of its group's mean and std
-    and gets advantage 0; a group with fewer than two generated judgments carries no signal.
+    a rescaled step, the same direction). ``eps`` keeps a near-constant group from exploding.
+
+    A ``None`` reward is a judgment that was never generated (its prompt left no room): it is no sample of
+    the policy, so it stays out of its group's mean and std and gets advantage 0; a group with fewer than
+    two generated judgments carries no signal.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")

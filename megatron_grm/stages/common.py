@@ -88,8 +88,8 @@ def tokenizer_name(run: RunConfig) -> str:
 
 def _recorded_tokenizer(run: RunConfig) -> str | None:
     """The tokenizer of the checkpoint ``trainer.load`` names, found as the exporter finds it (the folder its
-    metadata records, else ``<root>/tokenizer``); the recorded value itself when neither is on disk, so the
-    loader's error names it."""
+    metadata records, else ``<iter folder>/tokenizer`` or ``<root>/tokenizer``); the recorded value itself
+    when none is on disk, so the loader's error names it."""
     from megatron_grm.models.hf_convert import find_tokenizer, resolve_checkpoint
     from megatron_grm.train.checkpoint import read_metadata
 

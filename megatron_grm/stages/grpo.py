@@ -167,7 +167,7 @@ class RolloutProducer:
             keep = rows_to_train(len(judged), s.group_size, adv.zero_variance_groups, informative_anywhere)
         kept_advantages: list[float | None] = [adv.advantages[i] for i in keep]
         if not keep:  # every group here is filtered, not everywhere: one zero-weight row keeps the schedule fed
-            keep, kept_advantages = [0], [None]
+            keep, kept_advantages = [placeholder_row(judged, t.seq_length)], [None]
         rows, advantages, too_long = fit_rows([judged[i] for i in keep], kept_advantages, t.seq_length)
         if too_long:
             log.warning("rollout %d: %d judgment(s) with their prompt exceed trainer.seq_length=%d and are left "
@@ -226,7 +226,8 @@ class RolloutProducer:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        state = {"rollouts": self.rollouts, "seed": self.seed, "num_examples": len(self.examples)}
+        state = {"rollouts": self.rollouts, "seed": self.seed, "num_examples": len(self.examples),
+                 "example_order": "epoch_shuffled"}
         if self.validation is not None:
             state["validation"] = self.validation.state_dict()
         return state
@@ -236,6 +237,9 @@ class RolloutProducer:
             raise ValueError(f"resuming GRPO with {len(self.examples)} examples; the checkpoint had "
                              f"{state['num_examples']}")
         self.rollouts = int(state["rollouts"])
+        if state.get("example_order") != "epoch_shuffled":
+            log.warning("this GRPO checkpoint took its examples in file order; the resumed run takes them "
+                        "epoch-shuffled, so the rest of this epoch may repeat some examples and skip others")
         if self.validation is not None and "validation" in state:
             self.validation.load_state_dict(state["validation"])
 
@@ -299,6 +303,18 @@ def rows_by_update(rows: int, total: int, updates: int) -> list[int]:
     return [i for part in slices for i in part + [-1] * (per - len(part))]
 
 
+def row_fits(judgment: JudgmentSample, seq_length: int) -> bool:
+    """Whether a judgment was generated and fits a training row with its prompt."""
+    return (len(judgment.prompt_ids) + len(judgment.token_ids) <= seq_length
+            and judgment.finish_reason != PROMPT_TOO_LONG)
+
+
+def placeholder_row(judged: list[JudgmentSample], seq_length: int) -> int:
+    """The row a rank whose groups were all filtered trains at zero weight: one that fits, so that this rank
+    does not fail alone (and leave the others waiting) on a judgment that was never generated."""
+    return next((i for i, j in enumerate(judged) if row_fits(j, seq_length)), 0)
+
+
 def fit_rows(judged: list[JudgmentSample], advantages: list[float | None], seq_length: int
              ) -> tuple[list[JudgmentSample], list[float | None], int]:
     """Rows whose prompt plus judgment exceed ``seq_length`` become zero-weight copies of a row that fits.
@@ -307,8 +323,7 @@ def fit_rows(judged: list[JudgmentSample], advantages: list[float | None], seq_l
     tokenize a little longer; such a row (or one the engine had no room to generate) is counted and left
     out of the update rather than ending the run.
     """
-    fits = [len(j.prompt_ids) + len(j.token_ids) <= seq_length and j.finish_reason != PROMPT_TOO_LONG
-            for j in judged]
+    fits = [row_fits(j, seq_length) for j in judged]
     if all(fits):
         return judged, advantages, 0
     if not any(fits):
@@ -359,10 +374,12 @@ def kl_reference_folder(load: str | None, ckpt_root: str) -> str | None:
     keeps that one: its reference must not change between attempts."""
     latest = ckpt.latest_checkpoint(ckpt_root)
     recorded = ckpt.read_metadata(latest).get("kl_reference") if latest else None
-    resolved = os.path.abspath(ckpt.checkpoint_folder(load)) if load else None
+    resolved = os.path.abspath(ckpt.checkpoint_folder(load)).removesuffix(ckpt.REPLACED) if load else None
     if recorded and resolved and recorded != resolved:
         log.warning("trainer.load=%s now resolves to %s; this run resumes with the KL reference it started "
                     "from, %s", load, resolved, recorded)
+    if recorded and not os.path.isdir(recorded) and os.path.isdir(recorded + ckpt.REPLACED):
+        return recorded + ckpt.REPLACED  # its run crashed while re-saving that step: the complete copy
     return recorded or resolved
 
 

@@ -4,6 +4,7 @@ filtering, rows that outgrow ``trainer.seq_length``, and examples whose prompt l
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,18 @@ def test_rows_longer_than_seq_length_get_zero_weight_instead_of_ending_the_run()
     assert fit_rows(judged, [1.0, -1.0, 0.5], seq_length=17) == (judged, [1.0, -1.0, 0.5], 0)
     with pytest.raises(ValueError, match="seq_length=14"):
         fit_rows(judged, [1.0, -1.0, 0.5], seq_length=14)
+
+
+def test_a_rank_left_with_no_row_trains_a_zero_weight_row_that_fits():
+    """Row 0 may be a judgment never written: training it alone made this rank raise while the others
+    went on into the next collective and waited until the timeout."""
+    from megatron_grm.stages.grpo import placeholder_row
+
+    never_written = dataclasses.replace(_judgment(10, 0, "a"), finish_reason=PROMPT_TOO_LONG)
+    judged = [never_written, _judgment(10, 9, "b"), _judgment(10, 5, "c")]
+    assert placeholder_row(judged, seq_length=16) == 2
+    rows, advantages, too_long = fit_rows([judged[placeholder_row(judged, 16)]], [None], seq_length=16)
+    assert [r.text for r in rows] == ["c"] and advantages == [None] and too_long == 0
 
 
 def test_a_judgment_the_engine_had_no_room_to_write_gets_zero_weight():
@@ -179,3 +192,9 @@ def test_a_requeued_run_keeps_the_kl_reference_it_started_from(tmp_path, caplog)
         assert kl_reference_folder(str(rft), str(grpo)) == first
     assert f"now resolves to {later}" in caplog.text
     assert kl_reference_folder(None, str(tmp_path / "none")) is None
+    # The RFT run crashed re-saving step 20: `latest` resolves to the moved-aside copy, which its next save
+    # deletes; the canonical name is recorded, and the copy is read while it is the only one.
+    Path(later).rename(later + ".replaced")
+    assert kl_reference_folder(str(rft), str(tmp_path / "fresh")) == later
+    checkpoint(grpo, 4, kl_reference=later)
+    assert kl_reference_folder(str(rft), str(grpo)) == later + ".replaced"

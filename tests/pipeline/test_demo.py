@@ -99,3 +99,15 @@ def test_readme_snippet_scores_a_new_example_with_the_hf_export(pipeline, tmp_pa
     scores = re.search(r"^scores: \[(\d+), (\d+)\]$", proc.stdout, flags=re.M)
     assert scores, proc.stdout[-2000:]  # transformers' greedy judgment parses: two scores in 1-10
     assert all(1 <= int(s) <= 10 for s in scores.groups())
+
+
+def test_a_demo_rerun_in_the_same_folder_at_another_scale_is_refused(tmp_path):
+    """Each stage resumes from its folder: another scale (or seed) would mix two runs in one table, and
+    since resumes check the LR schedule, fail inside the first stage instead of saying why."""
+    from megatron_grm.demo import check_scale
+
+    check_scale(tmp_path, "test", 1234)
+    check_scale(tmp_path, "test", 1234)  # the same run again: resumes
+    with pytest.raises(SystemExit, match="holds a demo run with {'scale': 'test', 'seed': 1234}; this one asks "
+                                         "for {'scale': 'full', 'seed': 1234}: give another --run-dir"):
+        check_scale(tmp_path, "full", 1234)

@@ -218,3 +218,16 @@ def test_a_conversion_into_a_training_root_is_refused_and_a_second_conversion_re
     assert json.loads((root / "iter_0000000" / "model_config.json").read_text()) == meta
     proc = run_tool("convert_hf_to_mcore", "--hf", str(converted["hf_other"]), "--out", str(root), "--force")
     assert proc.returncode == 0, describe(proc)
+
+
+def test_an_interrupted_conversions_leftovers_are_not_other_checkpoints(tmp_path):
+    from megatron_grm.models.hf_convert import check_conversion_target
+    from megatron_grm.models.hf_io import HFFolderError
+
+    for name in ("iter_0000000", "iter_0000000.tmp", "iter_0000000.replaced"):
+        (tmp_path / name).mkdir()
+    check_conversion_target(tmp_path)  # a rerun after a crash: allowed
+    (tmp_path / "iter_0000300").mkdir()
+    with pytest.raises(HFFolderError, match=r"holds other checkpoints \(iter_0000300\)"):
+        check_conversion_target(tmp_path)
+    check_conversion_target(tmp_path, force=True)
