@@ -168,7 +168,7 @@ def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path
     assert f"{run_dir}:{run_dir}" in mounts or any(run_dir.is_relative_to(m.split(":")[0]) for m in mounts)
     assert "/data:/data" in mounts and "--no-container-mount-home" in command
     assert " python -m megatron_grm.stages.grpo cluster=a100_16node model=tiny trainer.max_steps=3 " \
-           f"trainer.run_dir='{run_dir}'" in command
+           f"trainer.run_dir=\\'{run_dir}\\'" in command  # the dry run prints the words with printf %q
     assert "--cpus-per-task=1" in command and "--wait=" in command
     # The task's settings are given on its command line, so that the image's ENV cannot beat them, and the
     # checkout goes first on PYTHONPATH inside the container, with PYTHONSAFEPATH (no submit dir ahead of it).
