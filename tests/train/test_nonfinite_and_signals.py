@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from megatron_grm.train.signals import EXIT_CODE_PREEMPTED
-from tests.conftest import REPO, REPO_PYTHONPATH, read_json, torchrun
+from tests.conftest import REPO, REPO_PYTHONPATH, python_json, read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "probe_train.py"
 
@@ -115,10 +115,7 @@ def test_a_signal_while_the_checkpoint_helper_starts_is_a_stop_request_and_the_h
         "print(json.dumps({'requested': request.requested, 'signum': request.signum,\n"
         "                  'helper_alive': signals._helper_manager._process.is_alive(), 'queue': queue.get()}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = python_json(code, timeout=120)
     assert report == {"requested": True, "signum": int(signal.SIGUSR1), "helper_alive": True, "queue": "written"}
 
 
