@@ -54,7 +54,7 @@ class PlanSettings:
     loss_positions: int = 0
     reference_model: bool | None = None  # None: only GRPO keeps one (for its KL term)
     reference_offloaded: bool = False  # kept in CPU memory between uses: on the GPU only for its forward
-    old_logprobs_forward: bool | None = None  # GRPO's recompute_old_logprobs (its default: on for grpo)
+    old_logprobs_forward: bool | None = None  # GRPO's GRPOSettings.old_logprobs_forward (its config's default: off)
     states_resident_during_rollout: bool = True  # grads/optimizer stay on the GPU while sampling
     kernels: str = "auto"  # auto | local | te: which implementation's saved tensors to count
     reserved_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
@@ -73,8 +73,9 @@ class PlanSettings:
 
     @property
     def recomputes_old_logprobs(self) -> bool:
-        """GRPO takes the old policy's log-probabilities from one more training forward by default."""
-        return self.stage == "grpo" if self.old_logprobs_forward is None else self.old_logprobs_forward
+        """GRPO spends one more policy forward on the old policy's log-probabilities only with several updates
+        per rollout (``grpo.updates_per_rollout`` > 1); with one they are the update's own forward."""
+        return bool(self.old_logprobs_forward)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> PlanSettings:
@@ -131,7 +132,7 @@ class Shape:
 # RFTSettings, rollout SamplingConfig and RolloutEngine): tests/plan checks them against those classes.
 STAGE_FALLBACKS = {"max_tokens_in_flight": 32768, "grpo_max_new_tokens": 512, "rft_max_new_tokens": 256,
                    "rft_num_samples": 3, "rft_instruction_ratio": 0.0, "offload_reference": False,
-                   "recompute_old_logprobs": True}
+                   "recompute_old_logprobs": True, "updates_per_rollout": 1}
 
 
 def stage_defaults(run: RunConfig) -> dict[str, Any]:
@@ -150,7 +151,8 @@ def stage_defaults(run: RunConfig) -> dict[str, Any]:
                 "max_prompt_tokens": max(0, t.seq_length - new),
                 "rollout_sequences_per_step": t.global_batch_size, "reference_model": True,
                 "reference_offloaded": bool(g.get("offload_reference", f["offload_reference"])),
-                "old_logprobs_forward": bool(g.get("recompute_old_logprobs", f["recompute_old_logprobs"]))}
+                "old_logprobs_forward": bool(g.get("recompute_old_logprobs", f["recompute_old_logprobs"]))
+                and int(g.get("updates_per_rollout", f["updates_per_rollout"])) > 1}
     if isinstance(run.extra.get("rft"), dict):
         r = run.extra["rft"]
         new = int((r.get("sampling") or {}).get("max_new_tokens", f["rft_max_new_tokens"]))
@@ -465,7 +467,7 @@ def step_times(run: RunConfig, settings: PlanSettings, peak_flops: float | None)
     out["train_s"] = train_flops * recompute_factor / (cluster * settings.mfu)
     if settings.keeps_reference:
         out["reference_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
-    if settings.recomputes_old_logprobs:  # GRPO's recompute_old_logprobs: one more policy forward per step
+    if settings.recomputes_old_logprobs:  # GRPO with updates_per_rollout > 1: one more policy forward per step
         out["old_logprobs_forward_s"] = train_flops / 3 / (cluster * settings.mfu)
     if settings.rollout_sequences_per_step and settings.max_new_tokens:
         out.update(rollout_times(run, settings, peak_flops))

@@ -67,12 +67,22 @@ class GRPOSettings:
     max_new_tokens: int = 512
     template: str = "default"  # "compact" for the tiny CPU model
     chat: bool = True
-    recompute_old_logprobs: bool = True  # old-policy logprobs from a training forward, not the sampler's
+    recompute_old_logprobs: bool = True  # old-policy logprobs from the policy, not the sampler (see below)
     offload_reference: bool = False  # keep the reference model in CPU memory between uses (GPU runs)
     max_tokens_in_flight: int = 32768
     val_samples: int = 4  # judgments per data.val example at each validation (stages/reward_validation.py)
     val_interval: int = 50  # validate every this many steps (and at step 0 and the last step); 0: those two only
     random_policy: bool = False  # allow trainer.load=null: start (and the KL reference) from random weights (tests)
+
+    @property
+    def old_logprobs_forward(self) -> bool:
+        """Whether a rollout costs one more policy forward for the old-policy log-probabilities.
+
+        With one update per rollout the policy that sampled is the one being updated, so its log-probabilities
+        are the update's own forward, detached (the ratio is 1, as on-policy GRPO means); a separate forward
+        with the same weights would compute the same numbers again. Only U > 1 updates need them kept from
+        before the first one."""
+        return self.recompute_old_logprobs and self.updates_per_rollout > 1
 
     def __post_init__(self) -> None:
         if self.kl_estimator == "k1" and self.beta:
@@ -104,10 +114,20 @@ class GRPOObjective:
         else:
             logprobs, entropy = vocab_parallel_logprobs_and_entropy(logits, batch["labels"])
         return grpo_loss(
-            logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], batch["loss_mask"],
+            logprobs, old_policy_logprobs(logprobs, batch["old_logprobs"], self.s), batch["ref_logprobs"],
+            batch["advantages"], batch["loss_mask"],
             clip_eps=self.s.clip_eps, clip_eps_high=self.s.clip_eps_high, beta=self.s.beta,
             kl_estimator=self.s.kl_estimator, aggregation=self.s.aggregation, entropy=entropy,
         )
+
+
+def old_policy_logprobs(logprobs: torch.Tensor, attached: torch.Tensor, s: GRPOSettings) -> torch.Tensor:
+    """What the PG ratio divides by: the update's own log-probabilities, detached, when one update follows
+    each rollout (the policy that sampled is the policy being updated); else those attached to the batch
+    (a forward before the first of U updates, or the sampler's with ``recompute_old_logprobs=false``)."""
+    if s.recompute_old_logprobs and not s.old_logprobs_forward:
+        return logprobs.detach()
+    return attached
 
 
 def align_to_labels(values: list[float], prompt_length: int, seq_length: int) -> torch.Tensor:
@@ -217,7 +237,7 @@ class RolloutProducer:
         only = self.trainer.cfg.trainer.loss_tokens_only
         ref = _with_reference_on_device(self.reference, self.s.offload_reference,
                                         partial(forward_logprobs, loss_tokens_only=only), batches)
-        old = forward_logprobs(self.trainer.model, batches, only) if self.s.recompute_old_logprobs else None
+        old = forward_logprobs(self.trainer.model, batches, only) if self.s.old_logprobs_forward else None
         for i, batch in enumerate(batches):
             batch["ref_logprobs"] = ref[i] if ref is not None else torch.zeros_like(batch["old_logprobs"])
             if old is not None:

@@ -173,3 +173,23 @@ def test_a_judgment_never_generated_stays_out_of_its_groups_statistics():
     assert got.advantages == pytest.approx([(1 - mean) / std, (-1 - mean) / std, (-1 - mean) / std, 0.0])
     lone = group_advantages([1, None, None, None, -1, -1, None, -1], group_size=4)
     assert lone.advantages == [0.0] * 8 and lone.zero_variance_groups == [0, 1]
+
+
+@pytest.mark.parametrize("updates, recompute, forward", [(1, True, False), (2, True, True), (2, False, False),
+                                                         (1, False, False)])
+def test_the_old_policy_costs_a_forward_only_with_several_updates_per_rollout(updates, recompute, forward):
+    """One update per rollout: the ratio divides by the update's own log-probabilities (detached, so 1 and
+    no gradient through it); several: by those computed before the first update; without recompute: by the
+    sampler's."""
+    from megatron_grm.stages.grpo import GRPOSettings, old_policy_logprobs
+
+    s = GRPOSettings(updates_per_rollout=updates, recompute_old_logprobs=recompute)
+    assert s.old_logprobs_forward is forward
+    logprobs = torch.tensor([[-0.5, -1.25, -2.0]], requires_grad=True)
+    attached = torch.tensor([[-0.75, -1.0, -2.5]])
+    old = old_policy_logprobs(logprobs, attached, s)
+    on_policy = recompute and updates == 1
+    assert torch.equal(old, logprobs.detach() if on_policy else attached) and not old.requires_grad
+    _, _, metrics = grpo_loss(logprobs, old, torch.zeros_like(attached), torch.ones(1, 3), torch.ones(1, 3))
+    ratio = metrics["ratio"][0] / metrics["ratio"][1]
+    assert (ratio.item() == 1.0) is on_policy

@@ -85,6 +85,9 @@ def test_grpo_with_tp2_trains_and_logs_its_metrics(tp2_run):
     rewards = read_scalars(run, "train/rollout/reward_mean")
     assert all(-1.0 <= r <= 1.0 for r in rewards)
     assert all(e > 0 for e in read_scalars(run, "train/entropy"))
+    # One update per rollout: the old policy is the policy being updated (no clipping, ratio 1).
+    assert read_scalars(run, "train/ratio") == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert read_scalars(run, "train/clip_fraction") == [0.0, 0.0]
     # Validation before the first step and after the last (grpo_tiny validates every 30 steps).
     for tag in ("val/reward_mean", "val/accuracy", "val/unparseable_fraction", "val/response_length",
                 "val/reward_gain", "val/reward_gain_se"):

@@ -96,7 +96,8 @@ def test_what_a_stage_does_with_a_setting_left_out_is_what_the_plan_assumes():
         "rft_max_new_tokens": SamplingConfig().max_new_tokens, "rft_num_samples": RFTSettings().num_samples,
         "rft_instruction_ratio": RFTSettings().instruction_ratio,
         "offload_reference": GRPOSettings().offload_reference,
-        "recompute_old_logprobs": GRPOSettings().recompute_old_logprobs}
+        "recompute_old_logprobs": GRPOSettings().recompute_old_logprobs,
+        "updates_per_rollout": GRPOSettings().updates_per_rollout}
     assert GRPOSettings().max_tokens_in_flight == engine_default
     bare = make_plan(load_config("grpo", ["~grpo.max_tokens_in_flight", "~grpo.max_new_tokens"]))
     assert (bare.settings.rollout_tokens_in_flight, bare.settings.max_new_tokens) == (engine_default, 512)
@@ -215,13 +216,17 @@ def test_context_parallel_layouts_are_refused_like_the_trainer_refuses_them(caps
     assert "parallel.context_parallel=2: the Trainer does not split micro-batches" in err
 
 
-def test_grpo_step_counts_the_old_policy_forward_and_full_recompute_a_second_forward():
-    grpo = make_plan(load_config("plan/gemma2_27b_grpo_a100"))
+def test_grpo_step_counts_the_old_policy_forward_only_with_several_updates_and_full_recompute_a_second_forward():
+    grpo = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["grpo.updates_per_rollout=2"]))
     tm = grpo.times
     assert tm["old_logprobs_forward_s"] == pytest.approx(tm["reference_forward_s"])  # one policy forward each
     assert tm["step_s"] == pytest.approx(tm["train_s"] + tm["reference_forward_s"] + tm["old_logprobs_forward_s"]
                                          + tm["rollout_prefill_s"] + tm["rollout_decode_s"])
-    off = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["++plan.old_logprobs_forward=false"]))
+    # One update per rollout (the config's): the old policy is the policy, its log-probabilities the update's own.
+    one = make_plan(load_config("plan/gemma2_27b_grpo_a100"))
+    assert "old_logprobs_forward_s" not in one.times and one.times["train_s"] == pytest.approx(tm["train_s"])
+    off = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["grpo.updates_per_rollout=2",
+                                                              "grpo.recompute_old_logprobs=false"]))
     assert "old_logprobs_forward_s" not in off.times
     full = make_plan(load_config("plan/gemma2_27b_grpo_a100", ["trainer.recompute=full"]))
     assert full.times["train_s"] == pytest.approx(tm["train_s"] * 4 / 3)
