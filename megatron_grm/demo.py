@@ -39,20 +39,22 @@ class Scale:
     rft_examples: int
     rft_steps: int
     grpo_steps: int
-    grpo_val_interval: int  # GRPO validation (512 held-out examples x 4) every this many steps; 0: first and last
+    grpo_val_interval: int  # GRPO validation (grpo_val held-out examples x 4) every this many steps; 0: first and last
     metarm_steps: int
     heldout: int
     ks: list[int] = field(default_factory=lambda: [1, 2, 4])
+    grpo_val: int = 512  # held-out examples of GRPO's validation (grpo_tiny's data.val)
 
 
 SCALES = {
     "full": Scale(bootstrap_steps=1000, rft_examples=1024, rft_steps=80, grpo_steps=60, grpo_val_interval=30,
                   metarm_steps=40, heldout=400, ks=[1, 2, 4, 8]),
-    # Base, RFT and GRPO exactly as in "full": the model learns the task only after ~900 bootstrap steps, and
-    # GRPO's reward rise needs 60 steps to stand out of the noise reliably; after 30 it did in 3 of 4 runs
-    # (docs/rft.md). Less MetaRM and voting, and GRPO validates at its first and last step only.
+    # Base, RFT and GRPO training exactly as in "full": the model learns the task only after ~900 bootstrap
+    # steps, and GRPO's reward rise needs 60 steps to stand out of the noise reliably; after 30 it did in 3 of
+    # 4 runs (docs/rft.md). Less MetaRM and voting, and GRPO validates at its first and last step only, on 256
+    # examples (its 60-step gain, +0.18 ± 0.022 on 512, stands out of the noise by far either way).
     "test": Scale(bootstrap_steps=1000, rft_examples=1024, rft_steps=80, grpo_steps=60, grpo_val_interval=0,
-                  metarm_steps=5, heldout=400, ks=[1, 2]),
+                  metarm_steps=5, heldout=400, ks=[1, 2], grpo_val=256),
 }
 
 
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
 
     times["grpo"] = stage("grpo", ["+experiment=grpo_tiny", f"trainer.run_dir={run / 'grpo'}", seed,
                                    f"trainer.load={rft}", f"trainer.max_steps={sc.grpo_steps}",
-                                   f"grpo.val_interval={sc.grpo_val_interval}"], n, run)
+                                   f"grpo.val_interval={sc.grpo_val_interval}",
+                                   f"data.val=arithmetic:heldout:{sc.grpo_val}:7"], n, run)
     grpo = latest_iter(run / "grpo")
 
     samples = sorted(str(p) for p in (run / "rft" / "samples").glob("*.jsonl"))

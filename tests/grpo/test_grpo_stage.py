@@ -32,9 +32,9 @@ def base_ckpt(pipeline) -> Path:
 def test_a_bounded_grpo_run_raises_the_validation_reward(pipeline):
     """The pipeline's GRPO stage (``+experiment=grpo_tiny`` from its RFT model, 60 steps of 16 examples x G=4)
     on the learnable arithmetic task: the mean rule reward of 4 sampled judgments per held-out example
-    (``data.val``, 512 examples) rises from step 0 to the last step by more than twice its paired standard
-    error. Every validation draws the same random numbers (per-request streams, same response orders), so
-    a policy that did not change would score a gain of exactly 0."""
+    (``data.val``, 256 examples at the test scale) rises from step 0 to the last step by more than twice its
+    paired standard error. Every validation draws the same random numbers (per-request streams, same response
+    orders), so a policy that did not change would score a gain of exactly 0."""
     run = pipeline.run_dir / "grpo"
     gains, ses = read_scalars(run, "val/reward_gain"), read_scalars(run, "val/reward_gain_se")
     rewards = read_scalars(run, "val/reward_mean")
