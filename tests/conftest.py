@@ -28,14 +28,19 @@ RMB_ROOT = REPO.parent / "shared" / "data" / "rmb"
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300, check: bool = True,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Launch ``script`` with ``nproc`` processes over gloo; fail with the processes' output on error."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--standalone", str(script), *args]
+    """Launch ``script`` with ``nproc`` processes over gloo; fail with the processes' output on error.
+
+    One process runs as a plain ``python script``: ``init_parallel``'s single-process path (world 1 over gloo
+    on a free port, as ``python -m megatron_grm.stages.<stage>`` runs for a user) without torchrun's launcher,
+    which costs ~2.5 s of CPU per launch. Tests of torchrun's own behaviour (signals, exit codes) call it
+    themselves."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone"]
+    cmd = [sys.executable, *launcher, str(script), *args]
     full_env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     full_env.update({"PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
-        pytest.fail(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\n"
+        pytest.fail(f"{script} x{nproc} {' '.join(args)} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
 
