@@ -136,7 +136,7 @@ def kept_paths(vocab: int = 16, hidden: int = 4) -> dict:
 def main(out: str) -> None:
     from megatron_grm.parallel.distributed import ParallelLayout, destroy_parallel, init_parallel
 
-    tp = int(os.environ["WORLD_SIZE"])  # torchrun's; every rank is one tensor-parallel shard
+    tp = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's (unset: one process); a rank per TP shard
     init_parallel(ParallelLayout(tensor_parallel=tp))
     report = {"tp": tp, "plain": run_case(tp, sp=False)}
     if tp > 1:
