@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import queue
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,21 @@ def write_atomically(path: str, text: str) -> None:
     fsync(os.path.dirname(os.path.abspath(path)))
 
 
+def _write_results_in_process() -> None:
+    """Hand dist_checkpointing's write results over an in-process queue, with no helper process.
+
+    Its filesystem writer passes each save's results through a queue that is by default a spawned
+    multiprocessing Manager's (megatron-core 0.16.1, ``filesystem_async._results_queue``), made for async
+    saves whose writer runs in another process. Our saves are synchronous: ``dist_checkpointing.save``
+    writes (through forked workers) and reads the results back in this process. The Manager cost every
+    rank ~2 s of CPU and ~0.3 GB, re-importing the main module and torch, and Slurm's stop signals, sent to
+    every process of a job step, could kill it before the checkpoint-on-signal save."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(
     ckpt_root: str,
     step: int,
@@ -102,6 +118,7 @@ def save_checkpoint(
         _remove_replaced(ckpt_root)
         os.makedirs(tmp)
     barrier()
+    _write_results_in_process()
     dist_checkpointing.save(sharded_state, tmp)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rank_file = os.path.join(tmp, f"rank_state_{rank:05d}.pt")

@@ -34,7 +34,7 @@ from megatron_grm.train.config import RunConfig
 from megatron_grm.train.grad_guard import skip_nonfinite_updates
 from megatron_grm.train.logger import RunLogger
 from megatron_grm.train.losses import LossOutput
-from megatron_grm.train.signals import exit_for_requeue, shield_checkpoint_helpers, stop_request
+from megatron_grm.train.signals import exit_for_requeue, stop_request
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,6 @@ class Trainer:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.logger = RunLogger(t.run_dir, enabled=rank == world - 1)  # the last PP stage holds the loss
         self.stop = stop_request()  # installed when the stage started (stages.common.run_stage), else now
-        shield_checkpoint_helpers()
 
     # ----------------------------------------------------------------- one step
     @property

@@ -31,7 +31,6 @@ def exit_for_requeue(detail: str = "") -> NoReturn:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_shielded = False
 _installed: StopRequest | None = None
 
 
@@ -44,45 +43,6 @@ def stop_request() -> StopRequest:
     if _installed is None:
         _installed = StopRequest()
     return _installed
-
-
-def shield_checkpoint_helpers(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
-    """Start Megatron-Core's checkpoint-writer helper process immune to our stop signals.
-
-    Slurm signals every process of a job step; the spawned multiprocessing Manager that
-    dist_checkpointing's async filesystem writer uses (``filesystem_async._get_write_results_queue``,
-    megatron-core 0.16.1) would die of SIGTERM/SIGUSR1 and the checkpoint-on-signal save would then fail.
-    We start that Manager ourselves: the stop signals are blocked in this thread while it spawns, so the
-    child is born with them blocked (the mask survives fork and exec) and ignores them from its
-    initializer on. This process keeps its handlers throughout: a signal in that window is held pending
-    (or taken by another thread) and becomes a stop request, where ignoring it here, as before, lost it.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    global _shielded
-    if _shielded or filesystem_async._results_queue is not None:
-        return
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=_ignore_signals, initargs=(tuple(signals),))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    filesystem_async._results_queue = manager.Queue()
-    global _helper_manager
-    _helper_manager = manager  # its server process lives as long as this one
-    _shielded = True
-
-
-_helper_manager = None
-
-
-def _ignore_signals(signals: tuple[int, ...]) -> None:
-    for s in signals:
-        signal.signal(s, signal.SIG_IGN)
 
 
 class StopRequest:

@@ -51,8 +51,8 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resume_is_exact(init_ckp
             assert time.time() < deadline, "the run never reached the step-6 save"
             time.sleep(0.2)
         # The step-6 files are written but not yet published: kill everything now (torchrun's worker runs
-        # in a session of its own, so its process group as well as torchrun's: with the worker go its
-        # checkpoint-writer helpers, which a node failure takes down too and which would outlive the test).
+        # in a session of its own, so its process group as well as torchrun's: with the worker goes anything
+        # it started, as a node failure takes it down too, which would otherwise outlive the test).
         worker = int((run / "in_save").read_text().split()[0])
         worker_group = os.getpgid(worker)
         os.killpg(proc.pid, signal.SIGKILL)
