@@ -116,22 +116,19 @@ def test_resume_on_another_number_of_dp_ranks_continues_the_straight_run(init_ck
 
 
 def test_tp2_checkpoint_loads_as_tp1_with_the_same_loss(init_ckpt, tmp_path):
+    """The TP=2 run reports its first batch's loss before training and after (with the weights it saves);
+    the checkpoint loaded on one rank gives the after-training loss, which is not the initial one."""
     run = tmp_path / "tp2"
+    tp2, tp1 = tmp_path / "tp2.json", tmp_path / "eval_tp1.json"
     torchrun(SCRIPT, 2, ["--tp", "2", "--run-dir", str(run), "--init", str(init_ckpt), "--steps", "3",
-                         "--out", str(tmp_path / "tp2.json")])
+                         "--eval-around", "--out", str(tp2)])
     saved = run / "checkpoints" / "iter_0000003"
     assert saved.is_dir()
-    tp2 = tmp_path / "eval_tp2.json"
-    tp1 = tmp_path / "eval_tp1.json"
-    torchrun(SCRIPT, 2, ["--tp", "2", "--run-dir", str(tmp_path / "e2"), "--init", str(saved), "--eval-only",
-                         "--out", str(tp2)])
     torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "e1"), "--init", str(saved), "--eval-only", "--out", str(tp1)])
-    init_loss = tmp_path / "eval_init.json"
-    torchrun(SCRIPT, 1, ["--run-dir", str(tmp_path / "e0"), "--init", str(init_ckpt), "--eval-only",
-                         "--out", str(init_loss)])
-    assert read_json(tp1)["loss"] == pytest.approx(read_json(tp2)["loss"], abs=1e-5, rel=0)
+    trained = read_json(tp2)
+    assert read_json(tp1)["loss"] == pytest.approx(trained["eval_after"], abs=1e-5, rel=0)
     # ... and it is the trained model that was loaded, not the initial one.
-    assert abs(read_json(tp1)["loss"] - read_json(init_loss)["loss"]) > 1e-3
+    assert abs(read_json(tp1)["loss"] - trained["eval_before"]) > 1e-3
 
 
 def test_a_checkpoint_without_te_extra_state_loads_and_a_really_missing_entry_is_named(tmp_path):

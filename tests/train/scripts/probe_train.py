@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--dist-opt", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-only", action="store_true", help="report the loss of the first batch, no step")
+    ap.add_argument("--eval-around", action="store_true",
+                    help="also report the first batch's loss before and after training (eval_before, eval_after)")
     ap.add_argument("--save-interval", type=int, default=0)
     ap.add_argument("--hang-in-save-of", type=int, default=None,
                     help="block inside the save of this step, after the files are written (kill test)")
@@ -107,6 +109,12 @@ def main() -> None:
     producer = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11)
     if args.init:
         trainer.load_weights(args.init)
+
+    def first_batch_loss() -> float:  # of a fresh producer's first batch, as --eval-only reports
+        batch = SampleBatchProducer(samples, args.gbs, args.mbs, 32, pad_id=0, seed=11).next_batch(0)
+        loss, _ = trainer.forward_backward(batch, SupervisedObjective(), forward_only=True)
+        return float(loss[0] / loss[1])
+
     if args.resume:
         try:
             assert trainer.resume(producer), "no checkpoint to resume from"
@@ -122,8 +130,7 @@ def main() -> None:
         trainer.save(producer)
         result = {"saved": True}
     elif args.eval_only:
-        loss, _ = trainer.forward_backward(producer.next_batch(0), SupervisedObjective(), forward_only=True)
-        result = {"loss": float(loss[0] / loss[1]), "lr_at_start": lr_at_start}
+        result = {"loss": first_batch_loss(), "lr_at_start": lr_at_start}
     else:
         if args.hang_in_save_of is not None:
             import megatron.core.dist_checkpointing as dc
@@ -159,11 +166,13 @@ def main() -> None:
         losses: list[float] = []
 
         skipped: list[bool] = []
+        param_sums: list[float] = []  # after each step: a skipped update leaves it as it was
 
         def record(tr, r):
             losses.append(r.loss)
             grad_norms.append(r.grad_norm)
             skipped.append(r.skipped)
+            param_sums.append(sum(p.detach().double().sum().item() for p in trainer.unwrapped.parameters()))
             return {}
 
         producer_log: list = []
@@ -191,6 +200,7 @@ def main() -> None:
                     return num, den, metrics
 
             objective = PoisonedObjective(run.trainer.loss_tokens_only)
+        eval_before = first_batch_loss() if args.eval_around else None
         try:
             trainer.fit(producer, objective, on_step=record)
         except RuntimeError as err:
@@ -199,8 +209,10 @@ def main() -> None:
             result_error = None
         embedding = getattr(trainer.unwrapped, "embedding", None)  # on the first pipeline stage
         result = {"lr_at_start": lr_at_start, "losses": losses, "grad_norms": grad_norms, "skipped": skipped,
+                  "param_sums": param_sums,
                   "history": trainer.state.history,
                   "step": trainer.state.step, "error": result_error,
+                  "eval_before": eval_before, "eval_after": first_batch_loss() if args.eval_around else None,
                   "wgrad_fusion": trainer.config.gradient_accumulation_fusion,
                   "overwritten_weights": len(trainer.grad_zeroing.weights),
                   "output_layer_rows": output_rows[0] if output_rows else None,
