@@ -220,13 +220,13 @@ def refuse_masks_the_core_ignores(model: torch.nn.Module, core_cls: type | None 
 
 
 def _refuse_an_ignored_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    from megatron_grm.models.sdpa_attention import additive_mask
+    from megatron_grm.models.sdpa_attention import mask_plan
 
     if not module.training:  # inference passes its own (e.g. decode-step) masks under causal kernels
         return
     mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
-    # additive_mask is None exactly for one right-padded document per row (cached per mask tensor).
-    if mask is not None and additive_mask(mask, torch.float32) is not None:
+    # A causal plan is exactly one right-padded document per row (cached per mask tensor).
+    if mask is not None and not mask_plan(mask, torch.float32).is_causal:
         raise ValueError(
             f"{type(module).__name__} attends causally and ignores this attention mask (shape "
             f"{tuple(mask.shape)}: not one right-padded document per row, e.g. packed documents); train such "

@@ -15,15 +15,32 @@ key when queries continue a cache) and none for ``no_mask``. Gemma-2 keeps its o
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# One forward's layers share the batch's mask tensor: convert it once, so SDPA (which keeps its mask for
+# One forward's layers share the batch's mask tensor: plan it once, so SDPA (which keeps its mask for
 # backward) holds one additive copy per forward instead of one per layer.
-_last_mask: tuple[Tensor, int, Tensor | None] | None = None  # (mask, its version counter, converted)
+_last_plan: tuple[Tensor, int, MaskPlan] | None = None  # (mask, its version counter, plan)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """How SDPA attends under one of Megatron's boolean masks. Neither field set: ``is_causal`` over the
+    whole row (:func:`causal_with_isolated_padding`). ``left_pads``: per row, causal over the real tokens
+    after that many padding positions (:func:`left_padding_of_causal`). ``additive``: any other mask, as
+    SDPA's 0 / -inf mask."""
+
+    additive: Tensor | None = None
+    left_pads: tuple[int, ...] | None = None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.additive is None and self.left_pads is None
 
 
 def causal_with_isolated_padding(mask: Tensor) -> bool:
@@ -43,19 +60,58 @@ def causal_with_isolated_padding(mask: Tensor) -> bool:
     return torch.equal(allowed, expected)
 
 
-def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """Megatron's boolean mask (True = masked out) as SDPA's additive mask (0 / -inf), cached per mask
-    tensor; None when :func:`causal_with_isolated_padding` holds (then attend with ``is_causal``)."""
-    global _last_mask
+def left_padding_of_causal(mask: Tensor) -> tuple[int, ...] | None:
+    """Each row's number of leading padding positions when Megatron's bool mask ``[b, 1, s, s]`` (True =
+    masked out) is the left-padded prefill's (``rollout.alignment.window_attention_mask`` from position 0):
+    causal over the real tokens after the padding, and a padding query sees only itself. None otherwise.
+    The last query is a real token (or sees only itself), so its first visible key is where the row's
+    real tokens start."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2]:
+        return None
+    allowed = ~mask[:, 0]
+    s = allowed.shape[-1]
+    pads = allowed[:, -1].int().argmax(-1)  # the first key the last query sees
+    index = torch.arange(s, device=mask.device)
+    causal = index[None, :] <= index[:, None]
+    eye = torch.eye(s, dtype=torch.bool, device=mask.device)
+    expected = (causal[None] & (index[None, None, :] >= pads[:, None, None])) | eye[None]
+    return tuple(pads.tolist()) if torch.equal(allowed, expected) else None
+
+
+def mask_plan(mask: Tensor, dtype: torch.dtype) -> MaskPlan:
+    """How to attend under Megatron's boolean mask (True = masked out), cached per mask tensor: every layer
+    of one forward passes the same one."""
+    global _last_plan
     version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version counter
-    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == version \
-            and (_last_mask[2] is None or _last_mask[2].dtype == dtype):  # the same tensor, unmodified since
-        return _last_mask[2]
-    converted = None
-    if not causal_with_isolated_padding(mask):
-        converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    _last_mask = (mask, version, converted)
-    return converted
+    if _last_plan is not None and _last_plan[0] is mask and _last_plan[1] == version \
+            and (_last_plan[2].additive is None or _last_plan[2].additive.dtype == dtype):  # unmodified since
+        return _last_plan[2]
+    if causal_with_isolated_padding(mask):
+        plan = MaskPlan()
+    elif (pads := left_padding_of_causal(mask)) is not None:
+        plan = MaskPlan(left_pads=pads)
+    else:
+        plan = MaskPlan(additive=torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")))
+    _last_plan = (mask, version, plan)
+    return plan
+
+
+def attend_left_padded(q: Tensor, k: Tensor, v: Tensor, pads: Sequence[int], **sdpa: Any) -> Tensor:
+    """SDPA over ``[b, heads, s, d]`` rows whose real tokens follow ``pads[r]`` padding positions: each
+    row's real part causally on its own (``is_causal`` skips the blocks above the diagonal, and no
+    padding is read), each padding query its own value (it sees only itself). The same numbers as SDPA
+    under the whole mask, which computes every block of the padded square (docs/rollout.md)."""
+    group = q.shape[1] // k.shape[1]
+    rows = []
+    for r, pad in enumerate(pads):
+        real = F.scaled_dot_product_attention(q[r:r + 1, :, pad:], k[r:r + 1, :, pad:], v[r:r + 1, :, pad:],
+                                              is_causal=True, **sdpa)
+        if pad:
+            alone = v[r:r + 1, :, :pad].repeat_interleave(group, dim=1)
+            real = torch.cat([alone, real], dim=2)
+        rows.append(real)
+    return torch.cat(rows)
 
 
 def _causal_mask(sq: int, sk: int, device: torch.device) -> Tensor:
@@ -85,10 +141,11 @@ def _class() -> type:
             sq, b, n, hn = query.shape
             sk = key.shape[0]
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-            attn_mask, is_causal = None, False
+            attn_mask, is_causal, left_pads = None, False, None
             if attention_mask is not None:
-                attn_mask = additive_mask(attention_mask, query.dtype)
-                is_causal = attn_mask is None and sq > 1  # the mask is square: sq == sk
+                plan = mask_plan(attention_mask, query.dtype)
+                attn_mask, left_pads = plan.additive, plan.left_pads
+                is_causal = plan.is_causal and sq > 1  # the mask is square: sq == sk
             elif mask_type == AttnMaskType.causal and sq > 1:
                 if sq == sk:
                     is_causal = True
@@ -98,9 +155,10 @@ def _class() -> type:
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
 
             def attend() -> Tensor:
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
-                                                      is_causal=is_causal, scale=self.softmax_scale,
-                                                      enable_gqa=k.shape[1] != n)
+                sdpa = dict(dropout_p=dropout, scale=self.softmax_scale, enable_gqa=k.shape[1] != n)
+                if left_pads is not None:
+                    return attend_left_padded(q, k, v, left_pads, **sdpa)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **sdpa)
 
             if dropout > 0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():  # as Megatron's core: per-TP-rank dropout

@@ -30,14 +30,22 @@ def test_right_padded_documents_attend_causally_without_reading_the_mask(report)
     """collate_padded's one-document rows: SDPA's is_causal (skips the blocks above the diagonal), same
     numbers at every position something reads; a packed row keeps its block-diagonal mask."""
     assert report["right_padded_documents"]["is_causal"] is True
-    assert report["packed_documents"]["is_causal"] is False
+    assert report["packed_documents"]["is_causal"] is False and report["packed_documents"]["left_pads"] is None
+
+
+def test_a_left_padded_prefill_attends_each_row_causally_after_its_padding(report):
+    """The rollout's left-padded prefill (prompts of 12, 7 and 4 tokens in 12 positions): each row's real
+    tokens by is_causal on their own, each padding query its own value; forward and gradients at every
+    position match Megatron's core reading the mask (test above, case left_padded_prefill)."""
+    assert report["left_padded_prefill"]["left_pads"] == [0, 5, 8]
+    assert report["left_padded_prefill"]["is_causal"] is False
 
 
 def test_causal_with_isolated_padding_recognises_only_that_layout():
     import torch
 
     from megatron_grm.data.packing import collate_padded, pack_documents
-    from megatron_grm.models.sdpa_attention import causal_with_isolated_padding
+    from megatron_grm.models.sdpa_attention import causal_with_isolated_padding, left_padding_of_causal
     from megatron_grm.rollout.alignment import left_pad, window_attention_mask
     from megatron_grm.rollout.logprobs import causal_mask
 
@@ -48,6 +56,14 @@ def test_causal_with_isolated_padding_recognises_only_that_layout():
     assert not causal_with_isolated_padding(pack_documents(docs, seq_length=13)["attention_mask"])  # 2 docs in a row
     _, key_padding = left_pad([[1] * 6, [1] * 3], 0, 6)
     assert not causal_with_isolated_padding(window_attention_mask(key_padding, 0, 6))
+    assert left_padding_of_causal(window_attention_mask(key_padding, 0, 6)) == (0, 3)
+    assert left_padding_of_causal(causal_mask(6)) == (0,)
+    assert left_padding_of_causal(window_attention_mask(key_padding, 2, 6)) is None  # queries after a cache
+    assert left_padding_of_causal(pack_documents(docs, seq_length=13)["attention_mask"]) is None
+    assert left_padding_of_causal(collate_padded(docs, seq_length=12)["attention_mask"]) is None  # right-padded
+    peeks = window_attention_mask(key_padding, 0, 6).clone()
+    peeks[1, 0, 4, 1] = False  # a real token that sees a padding position
+    assert left_padding_of_causal(peeks) is None
     leaky = collate_padded(docs, seq_length=12)["attention_mask"].clone()
     leaky[1, 0, 5, 0] = False  # a padding position that sees a real token
     assert not causal_with_isolated_padding(leaky)
@@ -64,21 +80,22 @@ def test_the_local_spec_builds_the_sdpa_core_and_swiglu(report):
     assert report["mlp_activations"] == ["SwiGLU"] and report["use_te_activation_func"] is True
 
 
-def test_the_mask_conversion_is_cached_per_tensor_and_redone_after_an_in_place_change():
+def test_the_mask_plan_is_cached_per_tensor_and_redone_after_an_in_place_change():
     import torch
 
-    from megatron_grm.models.sdpa_attention import additive_mask
+    from megatron_grm.models.sdpa_attention import mask_plan
 
     mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
-    first = additive_mask(mask, torch.float32)
-    assert additive_mask(mask, torch.float32) is first  # every layer of one forward shares one copy
+    first = mask_plan(mask, torch.float32)
+    assert mask_plan(mask, torch.float32) is first  # every layer of one forward shares one copy
+    assert first.additive is not None and first.left_pads is None
     mask[..., 0, 2] = True
-    again = additive_mask(mask, torch.float32)
-    assert again is not first and again[0, 0, 0, 2] == float("-inf") and bool((again[0, 0, 1:] == 0).all())
+    again = mask_plan(mask, torch.float32).additive
+    assert again is not first.additive and again[0, 0, 0, 2] == float("-inf") and bool((again[0, 0, 1:] == 0).all())
     causal = torch.ones(1, 1, 3, 3, dtype=torch.bool).triu(1)
-    assert additive_mask(causal, torch.float32) is None  # attend with is_causal
-    causal[..., 2, 0] = True  # no longer causal: converted after the in-place change
-    converted = additive_mask(causal, torch.float32)
+    assert mask_plan(causal, torch.float32).is_causal  # attend with is_causal
+    causal[..., 2, 0] = True  # no longer causal: planned again after the in-place change
+    converted = mask_plan(causal, torch.float32).additive
     assert converted is not None and converted[0, 0, 2, 0] == float("-inf") and converted[0, 0, 2, 1] == 0
 
 

@@ -22,7 +22,7 @@ def main() -> None:
     from megatron_grm.models.config import ModelConfig
     from megatron_grm.models.precision import PrecisionConfig
     from megatron_grm.models.provider import build_model, transformer_config
-    from megatron_grm.models.sdpa_attention import additive_mask, sdpa_core_attention_class
+    from megatron_grm.models.sdpa_attention import mask_plan, sdpa_core_attention_class
     from megatron_grm.parallel import ParallelLayout, destroy_parallel, init_parallel
     from megatron_grm.rollout.alignment import left_pad, window_attention_mask
 
@@ -69,8 +69,9 @@ def main() -> None:
                         "forward": float(((got - want) * reads).abs().max()),
                         "grad": max(float((a - c).abs().max()) for a, c in zip(grads_got, grads_want)),
                         "scale": float(want.abs().max())}
-    report["right_padded_documents"]["is_causal"] = additive_mask(right_padded, torch.float32) is None
-    report["packed_documents"]["is_causal"] = additive_mask(packed[:, None], torch.float32) is None
+    for name in ("right_padded_documents", "packed_documents", "left_padded_prefill"):
+        plan = mask_plan(cases[name][2], torch.float32)
+        report[name]["is_causal"], report[name]["left_pads"] = plan.is_causal, plan.left_pads
     model = build_model(cfg, layout, PrecisionConfig("fp32"), use_te=False)
     report["model_cores"] = sorted({type(m.core_attention).__name__ for m in model.modules()
                                     if hasattr(m, "core_attention")})
