@@ -60,7 +60,7 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
 def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEGMENT,
                     max_segments: int = MAX_SEGMENTS) -> list[PrefixSegment] | None:
     """The wave's left-padded prompt positions ``[0, width)`` cut where prompts of one padding part, each
-    segment with its row groups; ``None`` when no two rows share anything. Cuts are taken from the left,
+    segment with its row groups; ``None`` when no two rows share a token. Cuts are taken from the left,
     each at least ``min_segment`` (>= 2) positions after the last and before the end; beyond
     ``max_segments`` segments, the cuts whose loss shares the fewest row-positions are dropped."""
     if min_segment < 2:
@@ -74,7 +74,11 @@ def shared_segments(prompts: Sequence[Sequence[int]], min_segment: int = MIN_SEG
     for pad, rows in by_pad.items():
         ordered = sorted(rows, key=lambda r: list(prompts[r]))  # neighbours share the longest prefixes
         for a, b in zip(ordered, ordered[1:]):
-            cuts.add(pad + _common_length(prompts[a], prompts[b]))
+            # Rows of one length that part at their first token share only padding: prefilling it once
+            # saves nothing, and the cut would send the rest of the prefill through the cache-continuing
+            # kernels instead of one causal forward.
+            if common := _common_length(prompts[a], prompts[b]):
+                cuts.add(pad + common)
     groups = {end: _groups(prompts, pads, end) for end in cuts | {width}}
     count = {end: len(first) for end, (first, _) in groups.items()}
     kept, start = [], 0

@@ -82,6 +82,15 @@ def test_shared_segments_none_when_nothing_is_shared_and_identical_prompts_alone
     assert identical_prompts([[5, 6], [7, 8]]) is None
 
 
+def test_prompts_of_one_length_that_share_only_padding_are_not_cut():
+    """Distinct prompts, two of each length: the rows of one length agree only on their left padding, which
+    is no work saved; a cut there would prefill the rest through the cache-continuing kernels."""
+    rows = [[7] * 300, [8] * 300, [1] * 500, [2] * 500, [3] * 500]
+    assert shared_segments(rows, min_segment=100) is None
+    rows.append([7] * 120 + [9] * 180)  # shares 120 real tokens with the first row: worth a segment
+    assert [(s.start, s.end) for s in shared_segments(rows, min_segment=100)] == [(0, 320), (320, 500)]
+
+
 def test_shared_segments_group_by_padding_and_refuse_one_position_segments():
     """Rows of other lengths group apart even where both are padding or their tokens match the pad id."""
     rows = [[0] * 5 + [1] * 300, [0] * 5 + [1] * 300, [1] * 300, [1] * 300]  # 0 is also the pad id
