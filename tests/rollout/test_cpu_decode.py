@@ -110,17 +110,13 @@ def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_ro
             torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("native_gqa", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("h_q,h_kv,scale", [(4, 4, None), (6, 2, 0.3)])
-def test_16bit_decode_step_skips_padding_and_matches_float64(dtype, h_q, h_kv, scale, native_gqa, monkeypatch):
+def test_16bit_decode_step_skips_padding_and_matches_float64(dtype, h_q, h_kv, scale):
     """A bf16/fp16 model's decode step (torch's fused CPU attention kernel over the cache in place): the new
-    key written in its slot, padding hidden, each query head reading its KV group, the softmax scale kept;
-    also as a torch before 2.9 runs it (a group's query heads as its query positions)."""
-    import megatron_grm.parallel.cpu_decode as cpu_decode
+    key written in its slot, padding hidden, each query head reading its KV group (a group's query heads
+    go in as its query positions), the softmax scale kept."""
     from megatron_grm.parallel.cpu_decode import masked_cache_positions
-
-    monkeypatch.setattr(cpu_decode, "_NATIVE_GQA", native_gqa)
 
     g = torch.Generator().manual_seed(7)
     b, d, s_max, n = 3, 16, 40, 30
@@ -210,16 +206,14 @@ def test_shared_prompt_decode_handles_large_values_and_an_all_padding_prompt(dty
     torch.testing.assert_close(got.float(), want.float(), atol=atol * 100, rtol=atol)
 
 
-@pytest.mark.parametrize("dtype,atol,native_gqa", [(torch.float32, 1e-5, True), (torch.bfloat16, 2e-2, True),
-                                                    (torch.bfloat16, 2e-2, False)])
-def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtype, atol, native_gqa, monkeypatch):
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtype, atol, monkeypatch):
     """Rows that agree on a head and, in pairs, on the next positions (an example's shuffled orders): each
     halving segment is read once per group, the rest per row, merged into the per-row path's result
     (16-bit: each part through the fused kernel with its log-sum-exp, checked against float64)."""
     import megatron_grm.parallel.cpu_decode as cpu_decode
     from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
 
-    monkeypatch.setattr(cpu_decode, "_NATIVE_GQA", native_gqa)
     fused_parts = []
     real_fused_part = cpu_decode._fused_part
     monkeypatch.setattr(cpu_decode, "_fused_part", lambda *a, **k: fused_parts.append(1) or real_fused_part(*a, **k))
