@@ -13,6 +13,7 @@
 #   GRM_CONTAINER_IMAGE  run the tasks in this image with pyxis/enroot (a .sqsh file or a registry image)
 #   GRM_CONTAINER_MOUNTS extra comma-separated src:dst container mounts (data, models, caches)
 #   GRM_SRUN_WAIT        seconds the other ranks may live on after the first rank exits (default 300)
+#   GRM_MASTER_ADDR      rendezvous host (default: the allocation's first node, as `scontrol show hostnames` names it)
 #   GRM_MASTER_PORT      rendezvous port (default: derived from the job id)
 #   GRM_SOCKET_IFNAME    network interface for NCCL and gloo bootstrap traffic (default: their own choice)
 #   GRM_DRY_RUN=1        log the srun command instead of running it
@@ -92,12 +93,14 @@ grm_prepare() {
         "image=${GRM_CONTAINER_IMAGE:-none} log=$GRM_STEP_LOG"
 }
 
-# The first node of the allocation hosts the TCP store. The port is a function of the job id, so jobs
-# sharing a node do not collide, and it is unchanged after a requeue (the old ranks are gone by then).
+# The first node of the allocation hosts the TCP store, under the name Slurm gives it unless
+# GRM_MASTER_ADDR names it otherwise (sites whose node names resolve to a management network that the
+# other nodes cannot reach). The port is a function of the job id, so jobs sharing a node do not collide,
+# and it is unchanged after a requeue (the old ranks are gone by then).
 grm_rendezvous() {
     local hosts
     mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}")
-    export MASTER_ADDR=${hosts[0]:-localhost}
+    export MASTER_ADDR=${GRM_MASTER_ADDR:-${hosts[0]:-localhost}}
     # 20000-29999: below Linux's ephemeral range (32768+), where an outgoing connection may hold the port.
     export MASTER_PORT=${GRM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 }

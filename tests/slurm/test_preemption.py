@@ -158,7 +158,7 @@ def test_a_term_to_the_batch_shell_makes_the_ranks_checkpoint_and_the_job_is_not
 def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path):
     job = jobs.submit("grpo.sh", ["model=tiny", "trainer.max_steps=3"], runs_root=tmp_path, env={
         "GRM_DRY_RUN": "1", "GRM_CONTAINER_IMAGE": "/images/megatron-grm.sqsh",
-        "GRM_CONTAINER_MOUNTS": "/data:/data"})
+        "GRM_CONTAINER_MOUNTS": "/data:/data", "GRM_MASTER_ADDR": "first-node-ib"})
     info = jobs.wait(job, timeout=60)
     assert info["JobState"] == "COMPLETED", jobs.logs(job, tmp_path)
     command = next(line for line in jobs.output(job).splitlines() if "dry run: " in line)
@@ -176,7 +176,7 @@ def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path
     task = words[words.index("env"):]
     assert task[1] == f"GRM_REPO={REPO}", command
     for setting in ("OMP_NUM_THREADS=1", "CUDA_DEVICE_MAX_CONNECTIONS=1", "NCCL_IB_TIMEOUT=22", "PYTHONUNBUFFERED=1",
-                    f"GRM_RUN_DIR={run_dir}"):
+                    f"GRM_RUN_DIR={run_dir}", "MASTER_ADDR=first-node-ib"):
         assert setting in task[:task.index("bash")], (setting, command)
     assert words.index("--container-image=/images/megatron-grm.sqsh") < words.index("env")
     assert "PYTHONPATH=$GRM_REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1" in command, command
@@ -185,6 +185,8 @@ def test_container_launch_and_default_cluster_in_the_srun_command(jobs, tmp_path
     assert jobs.wait(preset, timeout=60)["JobState"] == "COMPLETED"
     command = next(line for line in jobs.output(preset).splitlines() if "dry run: " in line)
     assert "+experiment=grpo_tiny" in command and "cluster=" not in command
+    node = jobs.info(preset)["NodeList"]  # one node: its name
+    assert f" MASTER_ADDR={node} " in command and node != "first-node-ib", command  # by default the first node
 
 
 def test_a_megatron_grm_folder_in_the_submit_dir_does_not_shadow_the_checkout(jobs, tmp_path):
