@@ -33,10 +33,15 @@ import argparse
 import os
 import random
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import LlamaShape, matmul_peak, read_bandwidth, rollout_floor  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -231,6 +236,13 @@ def main() -> None:
             return [s.token_ids for s in engine.generate(rows_of[case], n=1, sampling=sampling)]
         return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=sampling)]
 
+    shape = LlamaShape(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
+
+    def machine_rates() -> tuple[float, float]:
+        with without_cpu_compat():
+            return matmul_peak(shape, DTYPES[args.dtype]), read_bandwidth()
+
+    rates = [machine_rates()]
     rows = []
     for case in cases:
         sides = {f"hf-{cache}": (lambda c=case, k=cache: run_hf(c, k)) for cache in args.hf_cache}
@@ -260,9 +272,16 @@ def main() -> None:
         paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
         rows.append((case, times, same, paired[len(paired) // 2], shortfalls, best))
 
+    rates.append(machine_rates())
+    peak, bandwidth = max(r[0] for r in rates), max(r[1] for r in rates)  # the higher: the lower floor
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(f"roofline (measured in this run, best of before and after the cases): matmul peak {peak / 1e9:.0f} "
+          f"GFLOP/s ({args.dtype}, the prefill's GEMM shapes), read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"floor = the least wall time any engine could take (bench/roofline.py), HF/floor = the largest "
+          f"ours/HF ratio reachable")
     print(f"{'batch':>5}  {'copies':>6}  {'HF cache':>9}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  "
-          f"{'HF tok/CPU-s':>12}  {'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  same greedy tokens")
+          f"{'HF tok/CPU-s':>12}  {'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  {'floor s':>7}  "
+          f"{'floor/ours':>10}  {'HF/floor':>8}  same greedy tokens")
     all_same = True
     for (b, copies), times, same, median, shortfalls, best in rows:
         hf_wall, hf_cpu = (min(t[i] for t in times["hf"]) for i in (0, 1))
@@ -270,9 +289,12 @@ def main() -> None:
         all_same &= all(gap <= TIE_TOLERANCE[args.dtype] for gap in shortfalls)
         ties = f" (others: our token within {max(shortfalls):.1e} of the best logit)" if shortfalls else ""
         n = b * args.new_tokens
+        floor = rollout_floor(shape, rows_of[(b, copies)], args.new_tokens, DTYPES[args.dtype].itemsize, peak,
+                              bandwidth).total_s
         agree = "n/a (sampled)" if sampled else f"{same}/{b}{ties}"
         print(f"{b:>5}  {copies:>6}  {best[3:]:>9}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  "
-              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {agree}")
+              f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {floor:>7.2f}  "
+              f"{floor / wall:>10.0%}  {hf_wall / floor:>8.2f}  {agree}")
     destroy_parallel()
     if not all_same:
         raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "

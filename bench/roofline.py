@@ -1,0 +1,131 @@
+"""The least time any engine could take for a rollout on this machine: a roofline for prefill and decode.
+
+``bench/rollout.py`` compares our engine with ``transformers.generate``. Its ratio alone does not say how
+much either side leaves on the table, nor whether a target ratio is within reach at all: both sides do
+the same GEMMs, and at batch 32 a decode step mostly reads the KV cache. This module measures the
+machine's two rates in the bench's own process (best-of matmul FLOP/s on the prefill's GEMM shapes, and
+read bandwidth) and prices the least work a rollout needs:
+
+* prefill: every distinct prompt prefix once (rows that share a prefix need its keys and values only
+  once), the linear layers and causal attention at the matmul peak, one logit row per row;
+* decode step ``j``: every row's linear layers and LM head and its attention over ``prompt + j``
+  positions, at the matmul peak, but never less than reading the weights once and each distinct cached
+  position once (shared prefixes once per step, generated positions per row) at the read bandwidth.
+
+The floor is a bound, not a model of any engine: no engine on this machine can beat it, so
+``generate``'s time over the floor is the largest ours/HF ratio reachable for that case.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions a Llama-style decoder's work depends on (SwiGLU MLP, grouped-query attention)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_linear_params(self) -> int:
+        """Weights one token meets per layer: Q, K, V, output projection, SwiGLU gate/up and down."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return attn + 3 * self.hidden * self.ffn
+
+    @property
+    def kv_elements_per_position(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim
+
+    def attention_flops(self, keys: int) -> int:
+        """One query over ``keys`` positions in every layer: scores and weighted values."""
+        return self.layers * 4 * keys * self.heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Floor:
+    prefill_s: float
+    decode_s: float
+    decode_bandwidth_bound_steps: int  # steps where reading weights and cache, not FLOPs, sets the floor
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def distinct_prefixes(rows: list[list[int]]) -> list[int]:
+    """The depth (0-based position) of every distinct prefix of the rows: the prompt positions a prefill
+    has to compute at least once. Rows that share their first ``n`` tokens share those ``n`` prefixes."""
+    nodes: dict[tuple[int, int], int] = {}  # (parent prefix, next token) -> prefix
+    depths = []
+    for row in rows:
+        parent = -1
+        for depth, token in enumerate(row):
+            node = nodes.get((parent, token))
+            if node is None:
+                node = nodes[(parent, token)] = len(nodes)
+                depths.append(depth)
+            parent = node
+    return depths
+
+
+def rollout_floor(shape: LlamaShape, rows: list[list[int]], new_tokens: int, element_bytes: int,
+                  peak_flops: float, read_bytes_per_s: float) -> Floor:
+    """Least wall seconds to prefill ``rows`` and decode ``new_tokens`` per row (the first from the
+    prefill's logits) at ``peak_flops`` and ``read_bytes_per_s``."""
+    prefixes = distinct_prefixes(rows)
+    lm_head = 2 * shape.vocab * shape.hidden
+    linear = 2 * shape.layer_linear_params * shape.layers
+    prefill_flops = (len(prefixes) * linear + sum(shape.attention_flops(d + 1) for d in prefixes)
+                     + len(rows) * lm_head)
+    weight_bytes = (shape.layer_linear_params * shape.layers + shape.vocab * shape.hidden) * element_bytes
+    prefill = max(prefill_flops / peak_flops, weight_bytes / read_bytes_per_s)
+    decode, bound = 0.0, 0
+    prompt_keys = sum(len(r) for r in rows)
+    for step in range(1, new_tokens):  # the step's own token is a key too: prompt + step positions
+        flops = len(rows) * (linear + lm_head) + shape.attention_flops(prompt_keys + len(rows) * step)
+        cache = (len(prefixes) + len(rows) * step) * shape.kv_elements_per_position * element_bytes
+        compute, memory = flops / peak_flops, (weight_bytes + cache) / read_bytes_per_s
+        decode += max(compute, memory)
+        bound += memory > compute
+    return Floor(prefill, decode, bound)
+
+
+def _best_rate(fn, work: float, seconds: float) -> float:
+    fn()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        fn()
+        best = max(best, work / max(time.perf_counter() - t, 1e-9))
+    return best
+
+
+def matmul_peak(shape: LlamaShape, dtype: torch.dtype, tokens: int = 4096, seconds: float = 0.5) -> float:
+    """Best-of FLOP/s over the prefill's own GEMMs (``tokens`` rows against each weight shape)."""
+    best = 0.0
+    for n_out, n_in in ((shape.heads * shape.head_dim, shape.hidden), (2 * shape.ffn, shape.hidden),
+                        (shape.hidden, shape.ffn)):
+        x = torch.randn(tokens, n_in, dtype=dtype)
+        w = torch.randn(n_out, n_in, dtype=dtype)
+        best = max(best, _best_rate(lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                                    2 * tokens * n_in * n_out, seconds))
+    return best
+
+
+def read_bandwidth(megabytes: int = 1024, seconds: float = 0.5) -> float:
+    """Best-of bytes/s of summing a buffer far larger than the caches: how fast memory can be read."""
+    buffer = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+    return _best_rate(buffer.sum, buffer.numel() * 4, seconds)

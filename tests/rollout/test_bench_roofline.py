@@ -1,0 +1,64 @@
+"""bench/roofline.py: the least time any engine could take for a rollout, which bench/rollout.py prints next
+to both sides' times (so a target ratio can be judged against what the machine allows)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOFLINE = Path(__file__).resolve().parents[2] / "bench" / "roofline.py"
+
+
+@pytest.fixture(scope="module")
+def roofline():
+    spec = importlib.util.spec_from_file_location("bench_roofline", ROOFLINE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through the module's entry
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_rows_share_the_prefixes_they_agree_on_and_nothing_after(roofline):
+    assert sorted(roofline.distinct_prefixes([[1, 2, 3], [1, 2, 4], [5, 6]])) == [0, 0, 1, 1, 2, 2]
+    # the same tokens in another order (shuffled response blocks) share only the common head
+    assert sorted(roofline.distinct_prefixes([[7, 1, 2], [7, 2, 1]])) == [0, 1, 1, 2, 2]
+    assert roofline.distinct_prefixes([[3, 4]] * 8) == [0, 1]  # copies of one prompt: prefilled once
+    assert roofline.distinct_prefixes([[3, 4], [4, 3]]) == [0, 1, 0, 1]  # same token, other position
+
+
+def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
+    # hidden 4, 2 heads of 2, 1 KV head, ffn 8, vocab 10, one layer:
+    # Q 4x4 + K 4x2 + V 4x2 + O 4x4 = 48, SwiGLU 3x4x8 = 96 -> 144 linear weights, 288 FLOPs per token;
+    # LM head 2x10x4 = 80 FLOPs per logit row; attention 4 x keys x 2 heads x 2 = 16 FLOPs per key.
+    shape = roofline.LlamaShape(hidden=4, layers=1, heads=2, kv_heads=1, ffn=8, vocab=10)
+    assert shape.layer_linear_params == 144
+    rows = [[1, 2], [1, 3]]  # prefixes at depths 0, 1, 1: keys 1 + 2 + 2
+    # prefill: 3 x 288 + 16 x 5 + 2 x 80 = 1104 FLOPs; decode step 1: 2 x (288 + 80) + 16 x (4 + 2) = 832,
+    # step 2: 736 + 16 x (4 + 4) = 864 (a third token needs no step: the prefill's logits gave the first).
+    fast_memory = roofline.rollout_floor(shape, rows, new_tokens=3, element_bytes=4, peak_flops=1000.0,
+                                         read_bytes_per_s=1e12)
+    assert fast_memory.prefill_s == pytest.approx(1.104)
+    assert fast_memory.decode_s == pytest.approx(1.696)
+    assert fast_memory.decode_bandwidth_bound_steps == 0
+    # weights (144 + 40) x 4 = 736 bytes; the cache 3 prompt prefixes + 2 rows x step, 4 elements each, 4 bytes:
+    # step 1 736 + 80, step 2 736 + 112 bytes.
+    slow_memory = roofline.rollout_floor(shape, rows, new_tokens=3, element_bytes=4, peak_flops=1000.0,
+                                         read_bytes_per_s=100.0)
+    assert slow_memory.decode_s == pytest.approx(8.16 + 8.48)
+    assert slow_memory.decode_bandwidth_bound_steps == 2
+    assert slow_memory.prefill_s == pytest.approx(7.36)  # reading the weights once outlasts 1104 FLOPs
+    assert slow_memory.total_s == pytest.approx(7.36 + 16.64)
+
+
+def test_copies_of_a_prompt_cost_one_prefill_but_every_row_decodes(roofline):
+    shape = roofline.LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=100)
+    prompt = list(range(3, 43))
+    one = roofline.rollout_floor(shape, [prompt], 5, 4, 1e9, 1e15)
+    eight = roofline.rollout_floor(shape, [prompt] * 8, 5, 4, 1e9, 1e15)
+    lm_head = 2 * 100 * 64 / 1e9
+    assert eight.prefill_s - one.prefill_s == pytest.approx(7 * lm_head)  # only the extra logit rows
+    assert eight.decode_s == pytest.approx(8 * one.decode_s)  # compute-bound: every row's own work
