@@ -38,7 +38,7 @@ def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
     assert shape.layer_linear_params == 144
     rows = [[1, 2], [1, 3]]  # prefixes at depths 0, 1, 1: keys 1 + 2 + 2
     # prefill: 3 x 288 + 16 x 5 + 2 x 80 = 1104 FLOPs; decode step 1: 2 x (288 + 80) + 16 x (4 + 2) = 832,
-    # step 2: 736 + 16 x (4 + 4) = 864 (a third token needs no step: the prefill's logits gave the first).
+    # step 2: 736 + 16 x (4 + 4) = 864 (of 3 new tokens the prefill's logits give the first, steps 1-2 the rest).
     fast_memory = roofline.rollout_floor(shape, rows, new_tokens=3, element_bytes=4, peak_flops=1000.0,
                                          read_bytes_per_s=1e12)
     assert fast_memory.prefill_s == pytest.approx(1.104)
