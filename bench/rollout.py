@@ -277,8 +277,8 @@ def main() -> None:
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     print(f"roofline (measured in this run, best of before and after the cases): matmul peak {peak / 1e9:.0f} "
           f"GFLOP/s ({args.dtype}, the prefill's GEMM shapes), read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"floor = the least wall time any engine could take (bench/roofline.py), HF/floor = the largest "
-          f"ours/HF ratio reachable")
+          f"floor = the least wall time any engine could take at these rates (bench/roofline.py), HF/floor = "
+          f"the largest ours/HF ratio reachable")
     print(f"{'batch':>5}  {'copies':>6}  {'HF cache':>9}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  "
           f"{'HF tok/CPU-s':>12}  {'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  {'floor s':>7}  "
           f"{'floor/ours':>10}  {'HF/floor':>8}  same greedy tokens")

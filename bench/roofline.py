@@ -12,8 +12,8 @@ read bandwidth) and prices the least work a rollout needs:
   positions, at the matmul peak, but never less than reading the weights once and each distinct cached
   position once (shared prefixes once per step, generated positions per row) at the read bandwidth.
 
-The floor is a bound, not a model of any engine: no engine on this machine can beat it, so
-``generate``'s time over the floor is the largest ours/HF ratio reachable for that case.
+The floor is a bound, not a model of any engine: no engine running at most at these measured rates can
+beat it, so ``generate``'s time over the floor is the largest ours/HF ratio reachable for that case.
 """
 
 from __future__ import annotations
