@@ -30,6 +30,7 @@ The last column is the median over repeats of the paired ratio of CPU seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import socket
@@ -227,14 +228,15 @@ def main() -> None:
 
     rows_of = {case: shown_rows(args, prompts[case], case[1]) for case in cases}
 
-    def run_hf(case: tuple[int, int], cache: str):
+    def run_hf(case: tuple[int, int], cache: str, new_tokens: int = args.new_tokens):
         with without_cpu_compat():
-            return hf_generate(hf, rows_of[case], args.new_tokens, args.temperature, cache)
+            return hf_generate(hf, rows_of[case], new_tokens, args.temperature, cache)
 
-    def run_ours(case: tuple[int, int]):
+    def run_ours(case: tuple[int, int], new_tokens: int = args.new_tokens):
+        how = dataclasses.replace(sampling, max_new_tokens=new_tokens)
         if args.responses:  # every row as the stages pass them: shuffled orders, some alike
-            return [s.token_ids for s in engine.generate(rows_of[case], n=1, sampling=sampling)]
-        return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=sampling)]
+            return [s.token_ids for s in engine.generate(rows_of[case], n=1, sampling=how)]
+        return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=how)]
 
     shape = LlamaShape(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
 
@@ -261,6 +263,10 @@ def main() -> None:
             print(f"batch {case[0]} copies {case[1]}: {name} best {min(t[0] for t in times[name]):.2f} s wall, "
                   f"{min(t[1] for t in times[name]):.2f} CPU-s")
         best = min(names[:-1], key=lambda name: min(t[1] for t in times[name]))  # HF's faster cache here
+        # One run of each side that stops after the prefill's token: its wall time splits the rollout's
+        # into prefill and decode, each set against its own floor below.
+        prefill = {"hf": timed(lambda c=case, k=best[3:]: run_hf(c, k, 1))[0],
+                   "ours": timed(lambda c=case: run_ours(c, 1))[0]}
         times["hf"], outputs["hf"] = times[best], outputs[best]
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
         row_prompts = rows_of[case]
@@ -270,7 +276,7 @@ def main() -> None:
                 shortfalls = [greedy_shortfall(reference, p, a, h)
                               for p, a, h in zip(row_prompts, outputs["ours"], outputs["hf"]) if a != h]
         paired = sorted(h[1] / o[1] for h, o in zip(times["hf"], times["ours"]))
-        rows.append((case, times, same, paired[len(paired) // 2], shortfalls, best))
+        rows.append((case, times, same, paired[len(paired) // 2], shortfalls, best, prefill))
 
     rates.append(machine_rates())
     peak, bandwidth = max(r[0] for r in rates), max(r[1] for r in rates)  # the higher: the lower floor
@@ -283,18 +289,32 @@ def main() -> None:
           f"{'HF tok/CPU-s':>12}  {'ours tok/CPU-s':>14}  {'ours/HF':>7}  {'paired median':>13}  {'floor s':>7}  "
           f"{'floor/ours':>10}  {'HF/floor':>8}  same greedy tokens")
     all_same = True
-    for (b, copies), times, same, median, shortfalls, best in rows:
+    splits = []
+    for (b, copies), times, same, median, shortfalls, best, prefill in rows:
         hf_wall, hf_cpu = (min(t[i] for t in times["hf"]) for i in (0, 1))
         wall, cpu = (min(t[i] for t in times["ours"]) for i in (0, 1))
         all_same &= all(gap <= TIE_TOLERANCE[args.dtype] for gap in shortfalls)
         ties = f" (others: our token within {max(shortfalls):.1e} of the best logit)" if shortfalls else ""
         n = b * args.new_tokens
-        floor = rollout_floor(shape, rows_of[(b, copies)], args.new_tokens, DTYPES[args.dtype].itemsize, peak,
-                              bandwidth).total_s
+        bound = rollout_floor(shape, rows_of[(b, copies)], args.new_tokens, DTYPES[args.dtype].itemsize, peak,
+                              bandwidth)
+        floor = bound.total_s
+        splits.append((b, copies, bound, prefill, {"hf": hf_wall - prefill["hf"], "ours": wall - prefill["ours"]}))
         agree = "n/a (sampled)" if sampled else f"{same}/{b}{ties}"
         print(f"{b:>5}  {copies:>6}  {best[3:]:>9}  {n / hf_wall:>9.1f}  {n / wall:>10.1f}  {hf_wall / wall:>7.2f}  "
               f"{n / hf_cpu:>12.1f}  {n / cpu:>14.1f}  {hf_cpu / cpu:>7.2f}  {median:>13.2f}  {floor:>7.2f}  "
               f"{floor / wall:>10.0%}  {hf_wall / floor:>8.2f}  {agree}")
+    print("where the time goes: each side's prefill timed once more alone (a run to the prefill's token); its "
+          "decode = its best rollout minus that; every part as seconds and the floor's share of them")
+    print(f"{'batch':>5}  {'copies':>6}  {'prefill floor':>13}  {'ours':>12}  {'HF':>12}  {'decode floor':>12}  "
+          f"{'ours':>12}  {'HF':>12}  decode steps bandwidth-bound")
+    for b, copies, bound, prefill, decode in splits:
+        def part(seconds: float, least: float) -> str:
+            return f"{seconds:.2f} ({least / seconds:.0%})" if seconds > 0 else "n/a"
+        print(f"{b:>5}  {copies:>6}  {bound.prefill_s:>13.2f}  {part(prefill['ours'], bound.prefill_s):>12}  "
+              f"{part(prefill['hf'], bound.prefill_s):>12}  {bound.decode_s:>12.2f}  "
+              f"{part(decode['ours'], bound.decode_s):>12}  {part(decode['hf'], bound.decode_s):>12}  "
+              f"{bound.decode_bandwidth_bound_steps}/{args.new_tokens - 1}")
     destroy_parallel()
     if not all_same:
         raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "
