@@ -24,7 +24,11 @@ The sides alternate (who goes first rotates every repeat) so drifting load hits 
 the Megatron CPU compatibility layer's global torch-function mode disabled, as it would in a process of its
 own. ``generate`` runs with each of ``--hf-cache`` (its default dynamic cache, which grows by concatenation,
 and its preallocated static cache), and the faster of them per case is the baseline (named in the table).
-The last column is the median over repeats of the paired ratio of CPU seconds.
+"paired median" is the median over repeats of the paired ratio of CPU seconds. The roofline columns
+(``bench/roofline.py``; the matmul peak and read bandwidth measured in this run) give the least wall time
+any engine could take at those rates, the share of ours that is, and ``generate``'s time over it: the
+largest ours/HF ratio reachable. A second table splits each side's time into prefill (one more run that
+stops at the prefill's token) and decode (the rest), each against its part of the floor.
 """
 
 from __future__ import annotations
