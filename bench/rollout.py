@@ -312,9 +312,11 @@ def main() -> None:
           "decode = its best rollout minus that; every part as seconds and the floor's share of them")
     print(f"{'batch':>5}  {'copies':>6}  {'prefill floor':>13}  {'ours':>12}  {'HF':>12}  {'decode floor':>12}  "
           f"{'ours':>12}  {'HF':>12}  decode steps bandwidth-bound")
+
+    def part(seconds: float, least: float) -> str:
+        return f"{seconds:.2f} ({least / seconds:.0%})" if seconds > 0 else "n/a"
+
     for b, copies, bound, prefill, decode in splits:
-        def part(seconds: float, least: float) -> str:
-            return f"{seconds:.2f} ({least / seconds:.0%})" if seconds > 0 else "n/a"
         print(f"{b:>5}  {copies:>6}  {bound.prefill_s:>13.2f}  {part(prefill['ours'], bound.prefill_s):>12}  "
               f"{part(prefill['hf'], bound.prefill_s):>12}  {bound.decode_s:>12.2f}  "
               f"{part(decode['ours'], bound.decode_s):>12}  {part(decode['hf'], bound.decode_s):>12}  "
