@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import LlamaShape, matmul_peak, read_bandwidth, rollout_floor  # noqa: E402
+from roofline import matmul_peak, read_bandwidth, rollout_floor  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -242,11 +242,9 @@ def main() -> None:
             return [s.token_ids for s in engine.generate(rows_of[case], n=1, sampling=how)]
         return [s.token_ids for s in engine.generate(prompts[case], n=case[1], sampling=how)]
 
-    shape = LlamaShape(args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab)
-
     def machine_rates() -> tuple[float, float]:
         with without_cpu_compat():
-            return matmul_peak(shape, DTYPES[args.dtype]), read_bandwidth()
+            return matmul_peak(src.cfg, DTYPES[args.dtype]), read_bandwidth()
 
     rates = [machine_rates()]
     rows = []
@@ -300,7 +298,7 @@ def main() -> None:
         all_same &= all(gap <= TIE_TOLERANCE[args.dtype] for gap in shortfalls)
         ties = f" (others: our token within {max(shortfalls):.1e} of the best logit)" if shortfalls else ""
         n = b * args.new_tokens
-        bound = rollout_floor(shape, rows_of[(b, copies)], args.new_tokens, DTYPES[args.dtype].itemsize, peak,
+        bound = rollout_floor(src.cfg, rows_of[(b, copies)], args.new_tokens, DTYPES[args.dtype].itemsize, peak,
                               bandwidth)
         floor = bound.total_s
         splits.append((b, copies, bound, prefill, {"hf": hf_wall - prefill["hf"], "ours": wall - prefill["ours"]}))

@@ -23,35 +23,22 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_grm.models.config import ModelConfig
 
-@dataclass(frozen=True)
-class LlamaShape:
-    """The dimensions a Llama-style decoder's work depends on (SwiGLU MLP, grouped-query attention)."""
 
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
+def layer_linear_params(m: ModelConfig) -> int:
+    """Weights one token meets per layer: Q, K, V, output projection, SwiGLU gate/up and down."""
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    return m.hidden_size * (2 * q + 2 * kv) + 3 * m.hidden_size * m.ffn_hidden_size
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
-    @property
-    def layer_linear_params(self) -> int:
-        """Weights one token meets per layer: Q, K, V, output projection, SwiGLU gate/up and down."""
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return attn + 3 * self.hidden * self.ffn
+def kv_elements_per_position(m: ModelConfig) -> int:
+    return m.num_layers * 2 * m.num_query_groups * m.kv_channels
 
-    @property
-    def kv_elements_per_position(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim
 
-    def attention_flops(self, keys: int) -> int:
-        """One query over ``keys`` positions in every layer: scores and weighted values."""
-        return self.layers * 4 * keys * self.heads * self.head_dim
+def attention_flops(m: ModelConfig, keys: int) -> int:
+    """One query over ``keys`` positions in every layer: scores and weighted values."""
+    return m.num_layers * 4 * keys * m.num_attention_heads * m.kv_channels
 
 
 @dataclass(frozen=True)
@@ -81,22 +68,22 @@ def distinct_prefixes(rows: list[list[int]]) -> list[int]:
     return depths
 
 
-def rollout_floor(shape: LlamaShape, rows: list[list[int]], new_tokens: int, element_bytes: int,
+def rollout_floor(m: ModelConfig, rows: list[list[int]], new_tokens: int, element_bytes: int,
                   peak_flops: float, read_bytes_per_s: float) -> Floor:
     """Least wall seconds to prefill ``rows`` and decode ``new_tokens`` per row (the first from the
     prefill's logits) at ``peak_flops`` and ``read_bytes_per_s``."""
     prefixes = distinct_prefixes(rows)
-    lm_head = 2 * shape.vocab * shape.hidden
-    linear = 2 * shape.layer_linear_params * shape.layers
-    prefill_flops = (len(prefixes) * linear + sum(shape.attention_flops(d + 1) for d in prefixes)
+    lm_head = 2 * m.vocab_size * m.hidden_size
+    linear = 2 * layer_linear_params(m) * m.num_layers
+    prefill_flops = (len(prefixes) * linear + sum(attention_flops(m, d + 1) for d in prefixes)
                      + len(rows) * lm_head)
-    weight_bytes = (shape.layer_linear_params * shape.layers + shape.vocab * shape.hidden) * element_bytes
+    weight_bytes = (layer_linear_params(m) * m.num_layers + m.vocab_size * m.hidden_size) * element_bytes
     prefill = max(prefill_flops / peak_flops, weight_bytes / read_bytes_per_s)
     decode, bound = 0.0, 0
     prompt_keys = sum(len(r) for r in rows)
     for step in range(1, new_tokens):  # the step's own token is a key too: prompt + step positions
-        flops = len(rows) * (linear + lm_head) + shape.attention_flops(prompt_keys + len(rows) * step)
-        cache = (len(prefixes) + len(rows) * step) * shape.kv_elements_per_position * element_bytes
+        flops = len(rows) * (linear + lm_head) + attention_flops(m, prompt_keys + len(rows) * step)
+        cache = (len(prefixes) + len(rows) * step) * kv_elements_per_position(m) * element_bytes
         compute, memory = flops / peak_flops, (weight_bytes + cache) / read_bytes_per_s
         decode += max(compute, memory)
         bound += memory > compute
@@ -113,11 +100,11 @@ def _best_rate(fn, work: float, seconds: float) -> float:
     return best
 
 
-def matmul_peak(shape: LlamaShape, dtype: torch.dtype, tokens: int = 4096, seconds: float = 0.5) -> float:
+def matmul_peak(m: ModelConfig, dtype: torch.dtype, tokens: int = 4096, seconds: float = 0.5) -> float:
     """Best-of FLOP/s over the prefill's own GEMMs (``tokens`` rows against each weight shape)."""
     best = 0.0
-    for n_out, n_in in ((shape.heads * shape.head_dim, shape.hidden), (2 * shape.ffn, shape.hidden),
-                        (shape.hidden, shape.ffn)):
+    for n_out, n_in in ((m.num_attention_heads * m.kv_channels, m.hidden_size),
+                        (2 * m.ffn_hidden_size, m.hidden_size), (m.hidden_size, m.ffn_hidden_size)):
         x = torch.randn(tokens, n_in, dtype=dtype)
         w = torch.randn(n_out, n_in, dtype=dtype)
         best = max(best, _best_rate(lambda x=x, w=w: torch.nn.functional.linear(x, w),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_grm.models.config import ModelConfig
+
 ROOFLINE = Path(__file__).resolve().parents[2] / "bench" / "roofline.py"
 
 
@@ -34,8 +36,9 @@ def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
     # hidden 4, 2 heads of 2, 1 KV head, ffn 8, vocab 10, one layer:
     # Q 4x4 + K 4x2 + V 4x2 + O 4x4 = 48, SwiGLU 3x4x8 = 96 -> 144 linear weights, 288 FLOPs per token;
     # LM head 2x10x4 = 80 FLOPs per logit row; attention 4 x keys x 2 heads x 2 = 16 FLOPs per key.
-    shape = roofline.LlamaShape(hidden=4, layers=1, heads=2, kv_heads=1, ffn=8, vocab=10)
-    assert shape.layer_linear_params == 144
+    shape = ModelConfig(hidden_size=4, num_layers=1, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=8,
+                        vocab_size=10)
+    assert roofline.layer_linear_params(shape) == 144
     rows = [[1, 2], [1, 3]]  # prefixes at depths 0, 1, 1: keys 1 + 2 + 2
     # prefill: 3 x 288 + 16 x 5 + 2 x 80 = 1104 FLOPs; decode step 1: 2 x (288 + 80) + 16 x (4 + 2) = 832,
     # step 2: 736 + 16 x (4 + 4) = 864 (of 3 new tokens the prefill's logits give the first, steps 1-2 the rest).
@@ -55,7 +58,8 @@ def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
 
 
 def test_copies_of_a_prompt_cost_one_prefill_but_every_row_decodes(roofline):
-    shape = roofline.LlamaShape(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=100)
+    shape = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                        vocab_size=100)
     prompt = list(range(3, 43))
     one = roofline.rollout_floor(shape, [prompt], 5, 4, 1e9, 1e15)
     eight = roofline.rollout_floor(shape, [prompt] * 8, 5, 4, 1e9, 1e15)
