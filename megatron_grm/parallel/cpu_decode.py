@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_grm.parallel import cpu_decode_kernel
+
 log = logging.getLogger(__name__)
 
 # [rows, cache positions] bool, True = a padding position no query may attend to (left-padded prompts,
@@ -263,8 +265,10 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          start: int, softmax_scale: float | None, interleaved: bool) -> torch.Tensor:
     """The static loop's decode step: one query per row, every row's cache ``start`` long.
 
-    The query heads of one KV group attend as rows of one matmul against that group's cache (no copy
-    of the cache per query head); the softmax runs in fp32, the only mask is the rows' padding.
+    The query heads of one KV group attend together over that group's cache (no copy of the cache per
+    query head): in the C++ kernel where it is built (``parallel/cpu_decode_kernel.py``), else as rows of
+    one matmul (fp32) or through torch's fused kernel (16-bit). The softmax runs in fp32, the only mask is
+    the rows' padding.
     """
     b, _, h_q, d = q.shape
     if rotary_cos is not None:
@@ -280,7 +284,7 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return _decode_over_shared_prompts(q, k_cache, v_cache, start, softmax_scale, _shared_prompts, layer)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     queries = q.reshape(b, groups, h_q // groups, d)
-    if _fused(queries):  # the whole cache as one part: its output is the attention (a step sees its own key)
+    if _native(k_cache) or _fused(queries):  # the whole cache as one part: its output is the attention
         return _attend_per_row(queries, k_cache, v_cache, 0, start, scale)[2].to(q.dtype).reshape(b, 1, h_q, d)
     keys = k_cache[:, :, :start].transpose(2, 3).to(q.dtype)  # [b, g, d, width]
     values = v_cache[:, :, :start].to(q.dtype)  # [b, g, width, d]
@@ -323,6 +327,12 @@ _Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # 0.85 ms in fp32, while the kernel reads the cache in place, keeps the softmax in fp32, and took 1.4 ms
 # for scores, softmax and values together (session 26). fp32 keeps the matmul, which measured as fast.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _native(cache: torch.Tensor) -> bool:
+    """Whether decode parts over this cache go through the C++ kernel (``parallel/cpu_decode_kernel.py``),
+    which reads the cache at about the memory's rate where torch's kernels reach half of it or less."""
+    return cache.device.type == "cpu" and cpu_decode_kernel.available(cache.dtype)
 
 
 def _fused(queries: torch.Tensor) -> bool:
@@ -370,14 +380,16 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
     """One segment's part, computed per group with the queries of its rows stacked, returned per row."""
     b, groups, rep, d = queries.shape
     count, slots = len(segment.first), segment.slots
+    native, fused = _native(k_cache), _fused(queries)
     if layer not in segment.per_layer:  # each group's keys/values, gathered once per wave and layer
         rows = segment.first.to(k_cache.device)
         span = slice(segment.start, segment.end)
         keys = k_cache[:, :, span].index_select(0, rows)  # [G, g, n, d]
-        if not _fused(queries):  # the fp32 matmul reads keys as [G, g, d, n] fastest
+        if not (native or fused):  # the fp32 matmul reads keys as [G, g, d, n] fastest
             keys = keys.transpose(2, 3)
-        segment.per_layer[layer] = (keys.contiguous().to(queries.dtype),
-                                    v_cache[:, :, span].index_select(0, rows).contiguous().to(queries.dtype))
+        dtype = k_cache.dtype if native else queries.dtype  # the kernel reads the cache's dtype
+        segment.per_layer[layer] = (keys.contiguous().to(dtype),
+                                    v_cache[:, :, span].index_select(0, rows).contiguous().to(dtype))
     keys, values = segment.per_layer[layer]
     slot_rows, row_slots = segment.slot_rows.to(queries.device), segment.row_slots.to(queries.device)
     stacked = queries.index_select(0, slot_rows).view(count, slots, groups, rep, d).transpose(1, 2)
@@ -388,7 +400,11 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
         return t.reshape(count * slots, groups, rep, t.shape[-1]).index_select(0, row_slots)
 
     # A group's rows share their padding: the group's first row's.
-    fused = _fused(queries)
+    if native:
+        mask = None if _key_padding_additive is None else _key_padding_additive[:, segment.start:segment.end]
+        mask = None if mask is None else mask.index_select(0, segment.first.to(mask.device))
+        part = cpu_decode_kernel.attend(stacked, keys, values, 0, segment.end - segment.start, mask, scale)
+        return to_rows(part[0]), to_rows(part[1]), to_rows(part[2])
     mask = _padding_mask(segment.first, segment.start, segment.end, queries.dtype if fused else torch.float32,
                          queries.device)
     if fused:
@@ -402,6 +418,8 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
 def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int,
                     scale: float) -> _Part:
     """Positions ``[start, end)`` of each row's own cache."""
+    if _native(k_cache):
+        return cpu_decode_kernel.attend(queries, k_cache, v_cache, start, end, _key_padding_additive, scale)
     keys, values = k_cache[:, :, start:end].to(queries.dtype), v_cache[:, :, start:end].to(queries.dtype)
     if _fused(queries):
         # A KV group's query heads go in as its query positions, so the kernel reads each group's keys and
@@ -467,5 +485,6 @@ def enable_cpu_flash_decode(model: torch.nn.Module) -> bool:
     if rope_utils.apply_rotary_emb_flash is None:
         rope_utils.apply_rotary_emb_flash = apply_rotary_emb
     model.config.flash_decode = True
-    log.info("rollout decode path: Megatron flash-decode (keys rotated once, cached) with CPU kernels")
+    log.info("rollout decode path: Megatron flash-decode (keys rotated once, cached) with CPU kernels; %s",
+             cpu_decode_kernel.describe())
     return True

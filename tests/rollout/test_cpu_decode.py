@@ -8,8 +8,24 @@ import math
 import pytest
 import torch
 
+from megatron_grm.parallel import cpu_decode_kernel
 from megatron_grm.parallel.cpu_decode import apply_rotary_emb, flash_attn_with_kvcache
 from megatron_grm.rollout.shared_prefill import PrefixSegment
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def decode_path(request, monkeypatch):
+    """Every test runs on both decode attentions: the C++ kernel (where this machine has a compiler; CI's
+    has) and torch's matmul / fused path, which runs where the kernel cannot be built."""
+    import megatron_grm.parallel.cpu_decode as cpu_decode
+
+    if request.param == "kernel":
+        if cpu_decode_kernel._compiler() is None:
+            pytest.skip("no C++ compiler: the kernel path cannot run here")
+        assert cpu_decode_kernel.available(torch.float32), cpu_decode_kernel.describe()
+    else:
+        monkeypatch.setattr(cpu_decode, "_native", lambda cache: False)
+    return request.param
 
 
 def _cos_sin(length: int, half: int, base: float = 10000.0):
@@ -207,16 +223,17 @@ def test_shared_prompt_decode_handles_large_values_and_an_all_padding_prompt(dty
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtype, atol, monkeypatch):
+def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtype, atol, monkeypatch, decode_path):
     """Rows that agree on a head and, in pairs, on the next positions (an example's shuffled orders): each
     halving segment is read once per group, the rest per row, merged into the per-row path's result
     (16-bit: each part through the fused kernel with its log-sum-exp, checked against float64)."""
     import megatron_grm.parallel.cpu_decode as cpu_decode
     from megatron_grm.parallel.cpu_decode import masked_cache_positions, shared_prompts
 
-    fused_parts = []
-    real_fused_part = cpu_decode._fused_part
-    monkeypatch.setattr(cpu_decode, "_fused_part", lambda *a, **k: fused_parts.append(1) or real_fused_part(*a, **k))
+    fused_parts = []  # calls of whichever part kernel runs: the C++ kernel, else torch's fused one
+    name, module = ("attend", cpu_decode_kernel) if decode_path == "kernel" else ("_fused_part", cpu_decode)
+    real_part = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: fused_parts.append(1) or real_part(*a, **k))
 
     g = torch.Generator().manual_seed(6)
     h_q, h_kv, d, width, s_max, n = 4, 2, 8, 12, 20, 15
@@ -248,9 +265,10 @@ def test_prefix_segments_are_read_once_per_group_and_match_the_per_row_path(dtyp
             got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n)
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
     torch.testing.assert_close(got[:, 0].double(), exact, atol=atol, rtol=0)
-    # fp32 keeps the matmul path; 16-bit takes the fused kernel for the whole cache per row, and with
-    # shared prompts for both segments and the per-row rest.
-    assert (per_row_parts, len(fused_parts)) == ((0, 0) if dtype == torch.float32 else (1, 3))
+    # The C++ kernel (any dtype), or torch's fused kernel (16-bit), reads the whole cache per row as one
+    # part, and with shared prompts both segments and the per-row rest; torch's fp32 path keeps the matmuls.
+    torch_fp32 = decode_path == "torch" and dtype == torch.float32
+    assert (per_row_parts, len(fused_parts)) == ((0, 0) if torch_fp32 else (1, 3))
 
 
 def test_shared_prompts_below_the_threshold_keep_the_per_row_path():

@@ -302,9 +302,10 @@ def test_a_bf16_rollout_copy_holds_every_weight_in_bf16(tp2):
 
 
 def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
-    """A bf16 rollout copy, refit from the fp32 training weights: every decode step of every layer takes the
-    16-bit kernel, and its log-probabilities agree with the copy's own forward and with fp32 training at
-    bf16 resolution (logits keep 8 significant bits)."""
+    """A bf16 rollout copy, refit from the fp32 training weights: every decode step of every layer takes a
+    decode kernel that reads the bf16 cache in place (the C++ one, or torch's fused one without a compiler),
+    and its log-probabilities agree with the copy's own forward and with fp32 training at bf16 resolution
+    (logits keep 8 significant bits)."""
     check = tp1["bf16_rollout"]
     assert check["dtypes"] == ["torch.bfloat16"] and check["flash_decode"] is True
     assert check["tokens"] == check["rows"] * tp1["max_new"]

@@ -160,6 +160,7 @@ def main() -> None:
     # threshold at 0 the decode steps also read each prompt's cache once for its rows (cpu_decode), which
     # these short prompts would otherwise not use; the calls into that kernel are counted.
     import megatron_grm.parallel.cpu_decode as cpu_decode
+    import megatron_grm.parallel.cpu_decode_kernel as cpu_decode_kernel
     import megatron_grm.rollout.shared_prefill as shared_prefill
 
     shared_decode_calls = []
@@ -506,13 +507,14 @@ def main() -> None:
         bf16_model = build_inference_model(run.model, PrecisionConfig("bf16"), tensor_parallel=1,
                                            vocab_size=model.vocab_size)
         bf16_engine = RolloutEngine(bf16_model, tok, source_model=model)
-        calls_16bit = []
-        real_16bit = cpu_decode._fused_part
+        calls_16bit = []  # parts through the C++ kernel, or torch's fused one where the kernel cannot be built
+        real_16bit, real_native = cpu_decode._fused_part, cpu_decode_kernel.attend
         cpu_decode._fused_part = lambda *a, **k: calls_16bit.append(1) or real_16bit(*a, **k)
+        cpu_decode_kernel.attend = lambda *a, **k: calls_16bit.append(1) or real_native(*a, **k)
         threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0  # the tiny model's too
         b16 = bf16_engine.generate(prompts, n=1, sampling=full)
         onednn_linear.PACK_MIN_ELEMENTS = threshold
-        cpu_decode._fused_part = real_16bit
+        cpu_decode._fused_part, cpu_decode_kernel.attend = real_16bit, real_native
         gemms = bf16_engine.backend.last_gemms
         fp32_rows = engine.generate(prompts, n=1, sampling=full)
         own = training_logprobs(bf16_model, [s.sequence for s in b16], [len(p) for p in prompts])

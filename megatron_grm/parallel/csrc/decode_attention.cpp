@@ -1,0 +1,184 @@
+// One decode step's attention on the CPU, reading the KV cache once at close to the memory's rate.
+//
+// For each (row, KV group) the group's query heads (R of them, or a group of rows' stacked queries)
+// attend over keys/values at positions [start, end): scores, an online softmax and the weighted values
+// block by block, so each key and value is read from memory once and used while it is in L1. torch's
+// batched matmuls do the same work in three passes over the cache (scores, softmax, weighted sum) and read
+// it at ~17-19 GB/s on the project's 2-core AMD EPYC; this loop is bound by the memory instead (see
+// megatron_grm/parallel/cpu_decode_kernel.py for the measurements).
+//
+// Output per query: the maximum score, the sum of exp(score - max) and the softmax-weighted values
+// (normalised), which is how megatron_grm.parallel.cpu_decode merges parts of a split softmax. A query
+// that sees no key (all masked) gives max -inf, sum 0 and output 0.
+//
+// Built by cpu_decode_kernel.py with the machine's C++ compiler (-O3 -march=native -fopenmp, no
+// -ffast-math: masks are -inf). OpenMP resolves to the runtime torch already loaded, so the kernel runs on
+// torch's threads.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // positions per block: 64 keys + 64 values of 64 fp32 channels = 32 KB
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
+
+// exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic the compiler vectorises (libm's
+// expf only vectorises under -ffast-math, which would also assume no infinities). Range reduction to
+// 2^n * e^r, |r| <= ln2/2, and a degree-6 polynomial: relative error ~2e-7. Below -87 (and -inf) gives 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+struct Strides {
+  int64_t row, group, position;  // in elements; channels are contiguous
+};
+
+// One (row, group): queries q[R][D] over positions [start, end). `scratch` holds R * (kBlock + D) floats.
+template <typename T, int64_t kDim>
+void attend(const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t k_step,
+            int64_t v_step, const float* __restrict mask, int64_t start, int64_t end, int64_t R, int64_t dim_arg,
+            float scale, float* __restrict scratch, float* __restrict max_out, float* __restrict sum_out,
+            float* __restrict out) {
+  const int64_t D = kDim > 0 ? kDim : dim_arg;
+  float* __restrict scores = scratch;          // [R][kBlock]
+  float* __restrict acc = scratch + R * kBlock;  // [R][D]
+  for (int64_t r = 0; r < R; ++r) {
+    max_out[r] = -INFINITY;
+    sum_out[r] = 0.0f;
+  }
+  std::memset(acc, 0, sizeof(float) * R * D);
+  for (int64_t t0 = start; t0 < end; t0 += kBlock) {
+    const int64_t n = end - t0 < kBlock ? end - t0 : kBlock;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* __restrict key = k + (t0 + t) * k_step;
+      const float add = mask ? mask[t0 + t] : 0.0f;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* __restrict qr = q + r * D;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += qr[d] * to_float(key[d]);
+        scores[r * kBlock + t] = dot * scale + add;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float* __restrict s = scores + r * kBlock;
+      float block_max = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
+      if (block_max == -INFINITY) {  // every position of this block is masked for this query
+        for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
+        continue;
+      }
+      if (block_max > max_out[r]) {  // rescale what was accumulated under the old maximum
+        const float c = exp_nonpositive(max_out[r] - block_max);
+        sum_out[r] *= c;
+        float* __restrict a = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) a[d] *= c;
+        max_out[r] = block_max;
+      }
+      const float m = max_out[r];
+      float total = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float p = exp_nonpositive(s[t] - m);
+        s[t] = p;
+        total += p;
+      }
+      sum_out[r] += total;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* __restrict value = v + (t0 + t) * v_step;
+      for (int64_t r = 0; r < R; ++r) {
+        const float p = scores[r * kBlock + t];
+        float* __restrict a = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(value[d]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const float inv = sum_out[r] > 0.0f ? 1.0f / sum_out[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] = acc[r * D + d] * inv;
+  }
+}
+
+template <typename T>
+void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D, const void* k_base, Strides ks,
+         const void* v_base, Strides vs, const float* mask, int64_t mask_row, int64_t start, int64_t end,
+         float scale, float* max_out, float* sum_out, float* out) {
+  const T* k = static_cast<const T*>(k_base);
+  const T* v = static_cast<const T*>(v_base);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scratch(R * (kBlock + D));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t query = (b * G + g) * R;
+        const T* kb = k + b * ks.row + g * ks.group;
+        const T* vb = v + b * vs.row + g * vs.group;
+        const float* mb = mask ? mask + b * mask_row : nullptr;
+        if (D == 64) {
+          attend<T, 64>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+                        scratch.data(), max_out + query, sum_out + query, out + query * D);
+        } else if (D == 128) {
+          attend<T, 128>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+                         scratch.data(), max_out + query, sum_out + query, out + query * D);
+        } else {
+          attend<T, 0>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+                       scratch.data(), max_out + query, sum_out + query, out + query * D);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 fp32, 1 bf16, 2 fp16 (the cache's; queries are fp32). q [B, G, R, D] contiguous; keys/values
+// element (b, g, t, d) at b*row + g*group + t*position + d; mask (additive fp32, may be null) element (b, t)
+// at b*mask_row + t; outputs max/sum [B, G, R], out [B, G, R, D]. Returns 0, or -1 for an unknown dtype.
+int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D,
+                          const void* k, int64_t k_row, int64_t k_group, int64_t k_position, const void* v,
+                          int64_t v_row, int64_t v_group, int64_t v_position, const float* mask, int64_t mask_row,
+                          int64_t start, int64_t end, float scale, float* max_out, float* sum_out, float* out) {
+  const Strides ks{k_row, k_group, k_position}, vs{v_row, v_group, v_position};
+  switch (dtype) {
+    case 0:
+      run<float>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out, out);
+      return 0;
+    case 1:
+      run<uint16_t>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out,
+                    out);
+      return 0;
+    case 2:
+      run<_Float16>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out,
+                    out);
+      return 0;
+    default:
+      return -1;
+  }
+}
+
+}  // extern "C"

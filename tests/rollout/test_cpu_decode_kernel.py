@@ -1,0 +1,169 @@
+"""The C++ decode attention (parallel/csrc/decode_attention.cpp): built with this machine's compiler, against
+a float64 attention written out here, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_grm.parallel import cpu_decode_kernel
+
+needs_compiler = pytest.mark.skipif(cpu_decode_kernel._compiler() is None, reason="no C++ compiler here")
+
+
+def _forget() -> None:
+    """Drop the cached probe so the next call re-reads the environment."""
+    for cached in (cpu_decode_kernel._library_path, cpu_decode_kernel._build_error, cpu_decode_kernel._loaded):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def fresh_probe():
+    _forget()
+    yield
+    _forget()
+
+
+def _reference(queries, keys, values, start, end, mask, scale):
+    """float64: each query over positions [start, end) of its row's KV group, minus masked positions."""
+    q, k, v = queries.double(), keys[:, :, start:end].double(), values[:, :, start:end].double()
+    if start == end:  # no positions: nothing seen
+        shape = queries.shape[:-1] + (1,)
+        return torch.full(shape, float("-inf"), dtype=q.dtype), torch.zeros(shape, dtype=q.dtype), torch.zeros_like(q)
+    scores = torch.einsum("bgrd,bgtd->bgrt", q, k) * scale
+    if mask is not None:
+        scores = scores + mask[:, None, None, start:end].double()
+    top = scores.amax(-1, keepdim=True)
+    weights = (scores - top.nan_to_num(neginf=0.0)).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.einsum("bgrt,bgtd->bgrd", weights, v) / total.clamp(min=1e-300)
+    return top, total, out
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
+@pytest.mark.parametrize("dim,rep", [(64, 2), (128, 1), (24, 3)])
+@pytest.mark.parametrize("span", [(0, 200), (70, 131), (63, 65), (9, 9)])
+def test_kernel_matches_float64_attention(dtype, tol, dim, rep, span):
+    """Blocks of 64 positions with ragged ends, the three specialised channel counts (64 and 128 compiled
+    for, others generic), masks that hide a whole row's block and a whole row, and scores large enough to
+    overflow a softmax without its maximum subtracted. Tolerances are relative to float64 on the cache's
+    own (rounded) values, so 16-bit caches are held to fp32 arithmetic."""
+    g = torch.Generator().manual_seed(dim + rep)
+    b, groups, positions = 3, 2, 210
+    start, end = span
+    queries = torch.randn(b, groups, rep, dim, generator=g) * 4
+    keys = (torch.randn(b, groups, positions, dim, generator=g) * 4).to(dtype)
+    values = (torch.randn(b, groups, positions, dim, generator=g) * 100).to(dtype)
+    mask = torch.zeros(b, positions)
+    mask[1, :100] = float("-inf")  # row 1: a left-padded prompt, whole 64-blocks hidden
+    mask[2] = float("-inf")  # row 2: nothing visible
+    scale = dim ** -0.5
+    top, total, out = cpu_decode_kernel.attend(queries, keys, values, start, end, mask, scale)
+    want_top, want_total, want_out = _reference(queries, keys, values, start, end, mask, scale)
+    assert top.shape == total.shape == (b, groups, rep, 1) and out.shape == (b, groups, rep, dim)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(top.double(), want_top, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(total.double(), want_total, rtol=tol * 10, atol=0)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=tol * 100 * 10)  # values ~ +-300
+    assert (total[2] == 0).all() and (out[2] == 0).all() and (top[2] == float("-inf")).all()
+    if end > start:
+        assert (total[0] >= 1).all()  # the maximum's own term is exp(0) = 1
+
+
+@needs_compiler
+def test_kernel_reads_a_strided_cache_and_no_mask():
+    """Megatron's cache is [positions, rows, heads, dim]: the kernel takes its [rows, heads, positions, dim]
+    view as it is (positions far apart), and no mask at all."""
+    g = torch.Generator().manual_seed(1)
+    b, groups, positions, dim, rep = 4, 3, 90, 64, 2
+    cache_k, cache_v = (torch.randn(positions, b, groups, dim, generator=g) for _ in range(2))
+    keys, values = cache_k.permute(1, 2, 0, 3), cache_v.permute(1, 2, 0, 3)
+    assert not keys.is_contiguous()
+    queries = torch.randn(b, groups, rep, dim, generator=g)
+    got = cpu_decode_kernel.attend(queries, keys, values, 5, 90, None, 0.125)
+    want = _reference(queries, keys, values, 5, 90, None, 0.125)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, rtol=2e-6, atol=2e-6)
+
+
+@needs_compiler
+def test_kernel_rejects_what_it_cannot_read():
+    queries = torch.randn(2, 1, 1, 8)
+    keys = torch.randn(2, 1, 16, 8)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_decode_kernel.attend(queries, keys.double(), keys.double(), 0, 4, None, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_decode_kernel.attend(queries, keys[:, :, :, :4], keys[:, :, :, :4], 0, 4, None, 1.0)
+    with pytest.raises(ValueError, match=r"positions \[0, 17\)"):
+        cpu_decode_kernel.attend(queries, keys, keys, 0, 17, None, 1.0)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        strided = torch.randn(2, 1, 8, 16).transpose(2, 3)  # [2, 1, 16, 8], channels 16 elements apart
+        cpu_decode_kernel.attend(queries, strided, strided, 0, 4, None, 1.0)
+    with pytest.raises(ValueError, match="mask"):
+        cpu_decode_kernel.attend(queries, keys, keys, 0, 4, torch.zeros(2, 3), 1.0)
+
+
+@needs_compiler
+def test_kernel_is_built_once_per_machine_into_its_cache(tmp_path, monkeypatch, fresh_probe):
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
+    assert cpu_decode_kernel.available(torch.float32)
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built
+    assert str(built[0]) in cpu_decode_kernel.describe()
+    stamp = built[0].stat().st_mtime_ns
+    _forget()  # a new process: finds the library, does not compile again
+    assert cpu_decode_kernel.available(torch.bfloat16) and not cpu_decode_kernel.available(torch.float64)
+    assert list(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@needs_compiler
+def test_ranks_building_at_once_each_load_a_whole_library(tmp_path):
+    """Two processes start on an empty cache together (ranks of one job on a shared home): the build is
+    written aside and renamed, so each loads a complete library and one file is left."""
+    script = ("import torch; from megatron_grm.parallel import cpu_decode_kernel as k; "
+              "q = torch.ones(1, 1, 1, 8); c = torch.ones(1, 1, 4, 8); "
+              "assert k.available(torch.float32), k.describe(); "
+              "print(float(k.attend(q, c, c, 0, 4, None, 1.0)[2].sum()))")
+    env = {**os.environ, "MEGATRON_GRM_KERNEL_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-2000:]
+        assert float(out.strip()) == 8.0
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_without_a_compiler_the_torch_path_is_named_and_the_kernel_refuses(tmp_path, monkeypatch, fresh_probe):
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not cpu_decode_kernel.available(torch.float32)
+    assert "torch decode attention" in cpu_decode_kernel.describe()
+    assert "no working C++ compiler" in cpu_decode_kernel.describe()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu_decode_kernel.attend(torch.ones(1, 1, 1, 8), torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8), 0, 4, None,
+                                 1.0)
+    _forget()
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv(cpu_decode_kernel.DISABLE_VARIABLE, "0")
+    assert not cpu_decode_kernel.available(torch.float32)
+    assert f"{cpu_decode_kernel.DISABLE_VARIABLE}=0" in cpu_decode_kernel.describe()
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_compiler
+def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, monkeypatch, fresh_probe):
+    broken = tmp_path / "decode_attention.cpp"
+    broken.write_text("this is not C++\n")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(cache))
+    monkeypatch.setattr(cpu_decode_kernel, "SOURCE", broken)
+    assert not cpu_decode_kernel.available(torch.float32)
+    reason = cpu_decode_kernel.describe()
+    assert str(broken) in reason and "failed" in reason
+    assert list(cache.iterdir()) == []  # no half-written library for the next process to load
