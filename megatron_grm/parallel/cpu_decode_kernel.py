@@ -58,11 +58,13 @@ def describe() -> str:
 
 
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, end: int,
-           mask: torch.Tensor | None, scale: float) -> _Part:
+           mask: torch.Tensor | None, scale: float, row_start: torch.Tensor | None = None) -> _Part:
     """Each query ``[B, G, R, D]`` of KV group ``g`` over ``keys``/``values`` ``[B, G, positions, D]``
     (any strides, channels contiguous; fp32, bf16 or fp16) at positions ``[start, end)``, with the additive
-    fp32 ``mask`` ``[B, >= end]`` indexed by the same positions. Returns fp32 (max score, sum of exp,
-    normalised weighted values), shaped ``[B, G, R, 1]``, ``[B, G, R, 1]``, ``[B, G, R, D]``."""
+    fp32 ``mask`` ``[B, >= end]`` indexed by the same positions. ``row_start`` ``[B]`` (int64) moves a row's
+    start later: positions before it (a row's left padding, which the mask hides anyway) are not read.
+    Returns fp32 (max score, sum of exp, normalised weighted values), shaped ``[B, G, R, 1]``,
+    ``[B, G, R, 1]``, ``[B, G, R, D]``."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C++ decode attention kernel unavailable: {_unavailable_reason()}")
@@ -80,6 +82,10 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     if mask is not None:
         if mask.dtype != torch.float32 or mask.shape[0] != b or mask.shape[1] < end or mask.stride(-1) != 1:
             raise ValueError(f"mask {tuple(mask.shape)} {mask.dtype}: need fp32 [{b}, >= {end}], contiguous rows")
+    if row_start is not None:
+        if row_start.shape != (b,):
+            raise ValueError(f"row_start {tuple(row_start.shape)}: need one start per row ({b})")
+        row_start = row_start.to(torch.int64).contiguous()
     top, total = torch.empty(b, g, r, 1), torch.empty(b, g, r, 1)
     out = torch.empty(b, g, r, d)
     status = lib.mgrm_decode_attention(
@@ -87,7 +93,8 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
         keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
         values.data_ptr(), values.stride(0), values.stride(1), values.stride(2),
         None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-        start, end, scale, top.data_ptr(), total.data_ptr(), out.data_ptr())
+        None if row_start is None else row_start.data_ptr(), start, end, scale,
+        top.data_ptr(), total.data_ptr(), out.data_ptr())
     if status != 0:
         raise RuntimeError(f"mgrm_decode_attention returned {status}")
     return top, total, out
@@ -175,7 +182,7 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mgrm_decode_attention.restype = ctypes.c_int
     lib.mgrm_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, i64,
-                                          ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64,
+                                          ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr,
                                           i64, i64, ctypes.c_float, ptr, ptr, ptr]
     return lib, None
 

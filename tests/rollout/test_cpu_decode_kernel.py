@@ -167,3 +167,25 @@ def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, mon
     reason = cpu_decode_kernel.describe()
     assert str(broken) in reason and "failed" in reason
     assert list(cache.iterdir()) == []  # no half-written library for the next process to load
+
+
+@needs_compiler
+def test_kernel_skips_each_rows_left_padding_without_reading_it():
+    """``row_start``: a row's positions before it are not read at all (NaN there changes nothing), a start
+    before the range's is the range's, and one past its end leaves the row seeing nothing."""
+    g = torch.Generator().manual_seed(2)
+    b, groups, rep, positions, dim = 4, 2, 2, 150, 64
+    queries = torch.randn(b, groups, rep, dim, generator=g)
+    keys, values = (torch.randn(b, groups, positions, dim, generator=g) for _ in range(2))
+    leading = torch.tensor([0, 70, 3, 149])
+    mask = torch.zeros(b, positions)
+    for row, count in enumerate(leading.tolist()):
+        mask[row, :count] = float("-inf")
+        keys[row, :, :count] = values[row, :, :count] = float("nan")
+    got = cpu_decode_kernel.attend(queries, keys, values, 10, 140, mask, 0.125, row_start=leading)
+    want = _reference(queries, keys.nan_to_num(), values.nan_to_num(), 10, 140, mask, 0.125)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, rtol=2e-6, atol=2e-6)
+    assert (got[1][3] == 0).all() and (got[2][3] == 0).all()  # row 3 starts past the range: nothing seen
+    with pytest.raises(ValueError, match="row_start"):
+        cpu_decode_kernel.attend(queries, keys, values, 0, 4, None, 1.0, row_start=leading[:3])

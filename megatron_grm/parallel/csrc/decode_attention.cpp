@@ -123,28 +123,29 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
 
 template <typename T>
 void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D, const void* k_base, Strides ks,
-         const void* v_base, Strides vs, const float* mask, int64_t mask_row, int64_t start, int64_t end,
-         float scale, float* max_out, float* sum_out, float* out) {
+         const void* v_base, Strides vs, const float* mask, int64_t mask_row, const int64_t* row_start,
+         int64_t start, int64_t end, float scale, float* max_out, float* sum_out, float* out) {
   const T* k = static_cast<const T*>(k_base);
   const T* v = static_cast<const T*>(v_base);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(R * (kBlock + D));
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 2)  // rows differ in length where padding is skipped
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t query = (b * G + g) * R;
         const T* kb = k + b * ks.row + g * ks.group;
         const T* vb = v + b * vs.row + g * vs.group;
         const float* mb = mask ? mask + b * mask_row : nullptr;
+        const int64_t first = row_start && row_start[b] > start ? (row_start[b] < end ? row_start[b] : end) : start;
         if (D == 64) {
-          attend<T, 64>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+          attend<T, 64>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
                         scratch.data(), max_out + query, sum_out + query, out + query * D);
         } else if (D == 128) {
-          attend<T, 128>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+          attend<T, 128>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
                          scratch.data(), max_out + query, sum_out + query, out + query * D);
         } else {
-          attend<T, 0>(q + query * D, kb, vb, ks.position, vs.position, mb, start, end, R, D, scale,
+          attend<T, 0>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
                        scratch.data(), max_out + query, sum_out + query, out + query * D);
         }
       }
@@ -158,23 +159,27 @@ extern "C" {
 
 // dtype: 0 fp32, 1 bf16, 2 fp16 (the cache's; queries are fp32). q [B, G, R, D] contiguous; keys/values
 // element (b, g, t, d) at b*row + g*group + t*position + d; mask (additive fp32, may be null) element (b, t)
-// at b*mask_row + t; outputs max/sum [B, G, R], out [B, G, R, D]. Returns 0, or -1 for an unknown dtype.
+// at b*mask_row + t; row_start (may be null): row b reads from max(start, row_start[b]), skipping a left
+// padding without reading it; outputs max/sum [B, G, R], out [B, G, R, D]. Returns 0, or -1 for an unknown
+// dtype.
 int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D,
                           const void* k, int64_t k_row, int64_t k_group, int64_t k_position, const void* v,
                           int64_t v_row, int64_t v_group, int64_t v_position, const float* mask, int64_t mask_row,
-                          int64_t start, int64_t end, float scale, float* max_out, float* sum_out, float* out) {
+                          const int64_t* row_start, int64_t start, int64_t end, float scale, float* max_out,
+                          float* sum_out, float* out) {
   const Strides ks{k_row, k_group, k_position}, vs{v_row, v_group, v_position};
   switch (dtype) {
     case 0:
-      run<float>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out, out);
+      run<float>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
+                 sum_out, out);
       return 0;
     case 1:
-      run<uint16_t>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out,
-                    out);
+      run<uint16_t>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
+                    sum_out, out);
       return 0;
     case 2:
-      run<_Float16>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, start, end, scale, max_out, sum_out,
-                    out);
+      run<_Float16>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
+                    sum_out, out);
       return 0;
     default:
       return -1;
