@@ -46,8 +46,9 @@ _Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether a KV cache of ``dtype`` can be read by the C++ kernel here (built, or buildable now)."""
-    return dtype in DTYPE_CODES and _library() is not None
+    """Whether a KV cache of ``dtype`` can be read by the C++ kernel here (built, or buildable now; fp16 where
+    the compiler has ``_Float16``)."""
+    return dtype in _compiled_dtypes()
 
 
 def describe() -> str:
@@ -69,8 +70,9 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     if lib is None:
         raise RuntimeError(f"C++ decode attention kernel unavailable: {_unavailable_reason()}")
     b, g, r, d = queries.shape
-    if keys.dtype != values.dtype or keys.dtype not in DTYPE_CODES:
-        raise ValueError(f"keys/values of dtype {keys.dtype}/{values.dtype}: the kernel reads fp32, bf16 or fp16")
+    if keys.dtype != values.dtype or not available(keys.dtype):
+        raise ValueError(f"keys/values of dtype {keys.dtype}/{values.dtype}: the kernel here reads "
+                         f"{[str(t) for t in DTYPE_CODES if available(t)]}")
     if keys.shape[:2] != (b, g) or values.shape[:2] != (b, g) or keys.shape[-1] != d or values.shape[-1] != d:
         raise ValueError(f"queries {tuple(queries.shape)} do not match keys {tuple(keys.shape)} / values "
                          f"{tuple(values.shape)}")
@@ -181,10 +183,21 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"loading {_library_path()} failed: {exc}"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mgrm_decode_attention.restype = ctypes.c_int
+    lib.mgrm_decode_attention_dtypes.restype = ctypes.c_int
+    lib.mgrm_decode_attention_dtypes.argtypes = []
     lib.mgrm_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, i64,
                                           ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr,
                                           i64, i64, ctypes.c_float, ptr, ptr, ptr]
     return lib, None
+
+
+@functools.cache
+def _compiled_dtypes() -> frozenset[torch.dtype]:
+    lib = _library()
+    if lib is None:
+        return frozenset()
+    bits = lib.mgrm_decode_attention_dtypes()
+    return frozenset(dtype for dtype, code in DTYPE_CODES.items() if bits >> code & 1)
 
 
 def _load_error() -> str | None:

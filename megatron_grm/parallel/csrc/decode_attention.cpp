@@ -30,7 +30,10 @@ inline float to_float(uint16_t bf16) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC >= 12 and clang on x86-64, aarch64)
+#define MGRM_HAVE_FP16 1
 inline float to_float(_Float16 x) { return static_cast<float>(x); }
+#endif
 
 // exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic the compiler vectorises (libm's
 // expf only vectorises under -ffast-math, which would also assume no infinities). Range reduction to
@@ -160,8 +163,8 @@ extern "C" {
 // dtype: 0 fp32, 1 bf16, 2 fp16 (the cache's; queries are fp32). q [B, G, R, D] contiguous; keys/values
 // element (b, g, t, d) at b*row + g*group + t*position + d; mask (additive fp32, may be null) element (b, t)
 // at b*mask_row + t; row_start (may be null): row b reads from max(start, row_start[b]), skipping a left
-// padding without reading it; outputs max/sum [B, G, R], out [B, G, R, D]. Returns 0, or -1 for an unknown
-// dtype.
+// padding without reading it; outputs max/sum [B, G, R], out [B, G, R, D]. Returns 0, or -1 for a dtype not
+// compiled in (mgrm_decode_attention_dtypes).
 int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D,
                           const void* k, int64_t k_row, int64_t k_group, int64_t k_position, const void* v,
                           int64_t v_row, int64_t v_group, int64_t v_position, const float* mask, int64_t mask_row,
@@ -177,13 +180,24 @@ int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int
       run<uint16_t>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
                     sum_out, out);
       return 0;
+#ifdef MGRM_HAVE_FP16
     case 2:
       run<_Float16>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
                     sum_out, out);
       return 0;
+#endif
     default:
       return -1;
   }
+}
+
+// Bit d set: dtype code d is compiled in.
+int mgrm_decode_attention_dtypes() {
+#ifdef MGRM_HAVE_FP16
+  return 0b111;
+#else
+  return 0b011;
+#endif
 }
 
 }  // extern "C"
