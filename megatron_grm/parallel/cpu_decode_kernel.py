@@ -5,8 +5,9 @@ At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and 
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at
 ~17-19 GB/s on the project's 2-core AMD EPYC, the fused flash kernel in bf16 at ~8 GB/s. The C++ loop reads
 each key and value once, block by block with an online softmax, and ran one step of 4 layers (32 rows x
-1,230 positions, 4 KV heads of 64, 2 query heads each) in 10.2-11.2 ms against torch's 18.1-19.4 ms in fp32
-and 7.4-7.5 ms against 18.5-20.8 ms in bf16 (scratch microbenchmark, session 33). No package on the
+1,230 positions, 4 KV heads of 64, 2 query heads each) in 9.8-10.6 ms against torch's 18.3-20.8 ms in fp32,
+as fast as a plain sum of the same bytes, and in 6.7-9.0 ms against 17.1-24.5 ms in bf16
+(``bench/decode_attention.py``, session 33). No package on the
 registries ships such a kernel for torch 2.13's CPU build, and torch's own extension builder would compile
 torch's headers (a minute per machine); this file needs only ``c++`` (1.4 s).
 
