@@ -405,12 +405,10 @@ def _attend_shared_segment(queries: torch.Tensor, k_cache: torch.Tensor, v_cache
 
     # A group's rows share their padding: the group's first row's.
     if native:
-        mask = None if _key_padding_additive is None else _key_padding_additive[:, segment.start:segment.end]
-        first = None
-        if mask is not None:
-            rows = segment.first.to(mask.device)
-            mask, first = mask.index_select(0, rows), (_leading_padding.index_select(0, rows) - segment.start)
-        part = cpu_decode_kernel.attend(stacked, keys, values, 0, segment.end - segment.start, mask, scale, first)
+        mask = _padding_mask(segment.first, segment.start, segment.end, torch.float32, queries.device)
+        first = None if mask is None else _leading_padding.index_select(0, segment.first) - segment.start
+        part = cpu_decode_kernel.attend(stacked, keys, values, 0, segment.end - segment.start,
+                                        None if mask is None else mask[:, 0, 0], scale, first)
         return to_rows(part[0]), to_rows(part[1]), to_rows(part[2])
     mask = _padding_mask(segment.first, segment.start, segment.end, queries.dtype if fused else torch.float32,
                          queries.device)
