@@ -28,16 +28,20 @@ and its preallocated static cache), and the faster of them per case is the basel
 (``bench/roofline.py``; the matmul peak and read bandwidth measured in this run) give the least wall time
 any engine could take at those rates, the share of ours that is, and ``generate``'s time over it: the
 largest ours/HF ratio reachable. A second table splits each side's time into prefill (one more run that
-stops at the prefill's token) and decode (the rest), each against its part of the floor.
+stops at the prefill's token) and decode (the rest), each against its part of the floor; a third splits
+our median decode forward into the C++ attention kernel, the oneDNN GEMMs and the rest (one more run,
+with those two functions clocked).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -180,6 +184,50 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - start, time.process_time() - start_cpu, result
 
 
+@contextlib.contextmanager
+def decode_step_timer(model: torch.nn.Module):
+    """Yields a list that gets, per forward of ``model`` in the block, (wall seconds, seconds inside the C++
+    decode attention, seconds inside the oneDNN GEMMs): the two functions are wrapped with a clock for the
+    block and restored after it. A CPU decode forward then splits into attention, linears and the rest (norms,
+    RoPE, SwiGLU, cache writes and Megatron's Python); the controller's sampling between forwards is in
+    none of them. On the CPU every call is synchronous, so the clocks are the work's."""
+    from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
+
+    inside = {"attention": 0.0, "linears": 0.0}
+    wrapped = [(cpu_decode_kernel, "attend", "attention"), (onednn_linear, "linear", "linears")]
+    originals = [getattr(module, name) for module, name, _ in wrapped]
+
+    def clocked(function, key):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inside[key] += time.perf_counter() - start
+        return call
+
+    steps: list[tuple[float, float, float]] = []
+    began: dict[str, float] = {}
+
+    def before(*_) -> None:
+        began.update(inside, wall=time.perf_counter())
+
+    def after(*_) -> None:
+        steps.append((time.perf_counter() - began["wall"], inside["attention"] - began["attention"],
+                      inside["linears"] - began["linears"]))
+
+    for (module, name, key), function in zip(wrapped, originals):
+        setattr(module, name, clocked(function, key))
+    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield steps
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for (module, name, _), function in zip(wrapped, originals):
+            setattr(module, name, function)
+
+
 def main() -> None:
     args = parse_args()
     load = os.getloadavg()[0]
@@ -269,6 +317,12 @@ def main() -> None:
         # into prefill and decode, each set against its own floor below.
         prefill = {"hf": timed(lambda c=case, k=best[3:]: run_hf(c, k, 1))[0],
                    "ours": timed(lambda c=case: run_ours(c, 1))[0]}
+        # And one more of ours with its decode steps clocked (the last new_tokens - 1 forwards; a shared
+        # prefill runs a forward per segment before them).
+        with decode_step_timer(model) as forwards:
+            run_ours(case)
+        steps = forwards[-(args.new_tokens - 1):] if args.new_tokens > 1 else []
+        prefill["steps"] = [statistics.median(step[i] for step in steps) for i in range(3)] if steps else None
         times["hf"], outputs["hf"] = times[best], outputs[best]
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
         row_prompts = rows_of[case]
@@ -319,6 +373,16 @@ def main() -> None:
               f"{part(prefill['hf'], bound.prefill_s):>12}  {bound.decode_s:>12.2f}  "
               f"{part(decode['ours'], bound.decode_s):>12}  {part(decode['hf'], bound.decode_s):>12}  "
               f"{bound.decode_bandwidth_bound_steps}/{args.new_tokens - 1}")
+    print("our decode forward (one more rollout, every forward clocked; medians over its steps, ms): the C++ "
+          "attention kernel, the oneDNN GEMMs and the rest (norms, RoPE, SwiGLU, cache writes, Megatron's Python; "
+          "sampling between forwards is not in it)")
+    print(f"{'batch':>5}  {'copies':>6}  {'step':>6}  {'attention':>9}  {'linears':>7}  {'rest':>6}")
+    for b, copies, _, prefill, _ in splits:
+        if prefill["steps"] is None:
+            continue
+        step, attention, linears = (1e3 * t for t in prefill["steps"])
+        shown = f"{attention:>9.1f}" if attention > 0 else f"{'torch':>9}"  # the kernel did not run: in the rest
+        print(f"{b:>5}  {copies:>6}  {step:>6.1f}  {shown}  {linears:>7.1f}  {step - attention - linears:>6.1f}")
     destroy_parallel()
     if not all_same:
         raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "
