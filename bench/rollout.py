@@ -320,9 +320,13 @@ def main() -> None:
         # And one more of ours with its decode steps clocked (the last new_tokens - 1 forwards; a shared
         # prefill runs a forward per segment before them).
         with decode_step_timer(model) as forwards:
-            run_ours(case)
+            clocked_wall = timed(lambda c=case: run_ours(c))[0]
         steps = forwards[-(args.new_tokens - 1):] if args.new_tokens > 1 else []
-        prefill["steps"] = [statistics.median(step[i] for step in steps) for i in range(3)] if steps else None
+        if steps:  # medians of (forward, attention, linears), and the time between forwards per step
+            between = (clocked_wall - sum(forward[0] for forward in forwards)) / len(steps)
+            prefill["steps"] = [*(statistics.median(step[i] for step in steps) for i in range(3)), between]
+        else:
+            prefill["steps"] = None
         times["hf"], outputs["hf"] = times[best], outputs[best]
         same = sum(a == h for a, h in zip(outputs["ours"], outputs["hf"]))
         row_prompts = rows_of[case]
@@ -375,14 +379,16 @@ def main() -> None:
               f"{bound.decode_bandwidth_bound_steps}/{args.new_tokens - 1}")
     print("our decode forward (one more rollout, every forward clocked; medians over its steps, ms): the C++ "
           "attention kernel, the oneDNN GEMMs and the rest (norms, RoPE, SwiGLU, cache writes, Megatron's Python; "
-          "sampling between forwards is not in it)")
-    print(f"{'batch':>5}  {'copies':>6}  {'step':>6}  {'attention':>9}  {'linears':>7}  {'rest':>6}")
+          "sampling between forwards is not in it); between: the run's time outside forwards per step (the "
+          "controller: sampling, log-probabilities, stop checks)")
+    print(f"{'batch':>5}  {'copies':>6}  {'forward':>7}  {'attention':>9}  {'linears':>7}  {'rest':>6}  {'between':>7}")
     for b, copies, _, prefill, _ in splits:
         if prefill["steps"] is None:
             continue
-        step, attention, linears = (1e3 * t for t in prefill["steps"])
+        step, attention, linears, between = (1e3 * t for t in prefill["steps"])
         shown = f"{attention:>9.1f}" if attention > 0 else f"{'torch':>9}"  # the kernel did not run: in the rest
-        print(f"{b:>5}  {copies:>6}  {step:>6.1f}  {shown}  {linears:>7.1f}  {step - attention - linears:>6.1f}")
+        print(f"{b:>5}  {copies:>6}  {step:>7.1f}  {shown}  {linears:>7.1f}  {step - attention - linears:>6.1f}  "
+              f"{between:>7.1f}")
     destroy_parallel()
     if not all_same:
         raise SystemExit(f"greedy outputs differ between transformers and the rollout engine beyond near-ties "
