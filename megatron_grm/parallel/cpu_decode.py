@@ -41,6 +41,10 @@ _shared_prompts: _SharedPrompts | None = None
 # Per layer (keyed by its cache's address), a head-major copy of the KV cache for the decode steps of one
 # wave; None outside contiguous_decode_cache.
 _head_major: dict[int, _HeadMajorCache] | None = None
+# [rows] int64: how many positions earlier than its cache position each row's RoPE angle is (rows prefilled
+# in a group of their own, from that group's first position: megatron_grm.rollout.alignment.length_groups);
+# None outside rotary_shifted_by.
+_rotary_shift: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -58,6 +62,28 @@ def masked_cache_positions(key_padding: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _key_padding, _key_padding_additive, _leading_padding = previous
+
+
+@contextlib.contextmanager
+def rotary_shifted_by(shift: torch.Tensor | None) -> Iterator[None]:
+    """While the block runs, rotate row ``r``'s queries and new keys at its cache position minus
+    ``shift[r]``: the frame its prefill group's keys were rotated in. RoPE scores depend only on the
+    distance between positions, so a row's attention is the same (up to rounding) in any frame, as long as
+    all its keys and queries share one."""
+    global _rotary_shift
+    previous = _rotary_shift
+    _rotary_shift = None if shift is None else shift.long()
+    try:
+        yield
+    finally:
+        _rotary_shift = previous
+
+
+def _rotary_positions(offset: int | torch.Tensor) -> int | torch.Tensor:
+    """The RoPE offset for cache offset(s) ``offset``, minus each row's shift inside rotary_shifted_by."""
+    if _rotary_shift is None:
+        return offset
+    return torch.as_tensor(offset).to(_rotary_shift.device) - _rotary_shift
 
 
 @dataclass
@@ -226,9 +252,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     b, s_q, h_q, d = q.shape
     lengths = torch.as_tensor(0 if cache_seqlens is None else cache_seqlens, device=q.device).long().expand(b)
     if rotary_cos is not None:
-        q = apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, lengths)
+        angles = _rotary_positions(lengths)
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, angles)
         if k is not None:
-            k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, lengths)
+            k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, angles)
     if k is not None:
         rows = torch.arange(b, device=q.device)[:, None]
         cols = lengths[:, None] + torch.arange(s_q, device=q.device)[None, :]
@@ -276,9 +303,10 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """
     b, _, h_q, d = q.shape
     if rotary_cos is not None:
-        q = apply_rotary_emb(q, rotary_cos, rotary_sin, interleaved, start)
+        angles = _rotary_positions(start)
+        q = apply_rotary_emb(q, rotary_cos, rotary_sin, interleaved, angles)
         if k is not None:
-            k = apply_rotary_emb(k, rotary_cos, rotary_sin, interleaved, start)
+            k = apply_rotary_emb(k, rotary_cos, rotary_sin, interleaved, angles)
     layer = k_cache.data_ptr()  # one cache per layer: its address names the layer for the per-wave copies
     k_cache, v_cache = _cache_views(layer, k_cache, v_cache, start, k, v)  # now [b, g, positions, d]
     if k is not None:

@@ -10,6 +10,11 @@ we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each w
 Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
 when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
 core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
+On the CPU (with its decode kernels), a long wave of distinct prompts of different lengths is prefilled
+in up to four groups of similar length (:func:`megatron_grm.rollout.alignment.length_groups`), each over
+its own positions, so the norms, linears and MLP skip most of the padding; each group's keys are rotated
+from its first position and the decode steps keep that frame
+(:func:`megatron_grm.parallel.cpu_decode.rotary_shifted_by`).
 Prompts of a wave that begin alike (an example's samples in their shuffled orders) are prefilled once
 where they agree, segment by segment (:mod:`megatron_grm.rollout.shared_prefill`; on the GPU static path,
 without the CPU decode kernels, identical prompts only), and, when long, those cached keys and values
@@ -31,12 +36,19 @@ from megatron_grm.parallel.cpu_decode import (
     contiguous_decode_cache,
     enable_cpu_flash_decode,
     masked_cache_positions,
+    rotary_shifted_by,
     shared_prompts,
 )
 from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.parallel.inference_layout import inference_groups
 from megatron_grm.parallel.onednn_linear import packed_linears
-from megatron_grm.rollout.alignment import left_pad, window_attention_mask
+from megatron_grm.rollout.alignment import (
+    LENGTH_GROUPS_MIN_POSITIONS,
+    LengthGroup,
+    left_pad,
+    length_groups,
+    window_attention_mask,
+)
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.rollout.shared_prefill import (
@@ -90,6 +102,7 @@ def _wave_wrapper_class() -> type:
 
         key_padding: torch.Tensor | None = None  # [rows, positions], True = padding; None = no padding
         segments: list[PrefixSegment] | None = None  # shared_segments() / identical_prompts() of the wave
+        prefill_groups: list[LengthGroup] | None = None  # alignment.length_groups() of the wave
 
         def get_batch_for_context_window(self, inference_input, context_start_position: int,
                                          context_end_position: int):
@@ -102,6 +115,9 @@ def _wave_wrapper_class() -> type:
 
         def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
             context = self.inference_context
+            if (self.prefill_groups is not None and context.sequence_len_offset == 0
+                    and context.materialize_only_last_token_logits):
+                return self._prefill_by_length(inference_input, recv_buffer_seq_len)
             if self.segments is None or context.sequence_len_offset != 0:  # not a prefill to share
                 return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
             # Segment by segment, the prefill on one row per group, in a cache of that many rows that the
@@ -131,7 +147,84 @@ def _wave_wrapper_class() -> type:
                 self.inference_context = context
             return None if logits is None else logits.index_select(0, parents.to(logits.device))
 
+        def _prefill_by_length(self, inference_input, recv_buffer_seq_len):
+            # Group by group, the prefill of its rows over its own positions [start, width), in a cache of
+            # its own whose position 0 is the group's start (its keys rotated in that frame; the decode steps
+            # rotate these rows' queries alike: cpu_decode.rotary_shifted_by). Each group's cache is copied
+            # into the wave's at its positions and dropped before the next group runs; the wave's padding
+            # positions before a group's start stay zero (masked, and skipped by the decode kernel). Every
+            # pipeline stage sees the same prompts, so runs the same forwards.
+            context = self.inference_context
+            width = inference_input["tokens"].size(1)
+            wave_cache: dict = {}
+            logits = None
+            try:
+                for group in self.prefill_groups:
+                    positions = width - group.start
+                    # The wave's length, not the group's: Megatron keeps a RoPE table per context length.
+                    part = StaticInferenceContext(len(group.rows), context.max_sequence_length)
+                    part.materialize_only_last_token_logits = True
+                    self.inference_context = part
+                    padding = self.key_padding.index_select(0, group.rows.to(self.key_padding.device))
+                    padding = padding[:, group.start:]
+                    window = _group_window(inference_input, group.rows, group.start, padding)
+                    with masked_cache_positions(padding):
+                        part_logits = super().run_one_forward_step(
+                            window, None if recv_buffer_seq_len is None else positions)
+                    _place_group_cache(wave_cache, part.key_value_memory_dict, group, positions,
+                                       context.max_sequence_length, len(inference_input["tokens"]))
+                    part.key_value_memory_dict = {}
+                    if part_logits is not None:
+                        if logits is None:
+                            logits = part_logits.new_empty((len(inference_input["tokens"]), *part_logits.shape[1:]))
+                        logits.index_copy_(0, group.rows.to(logits.device), part_logits)
+            finally:
+                self.inference_context = context
+            context.key_value_memory_dict = wave_cache
+            context.sequence_len_offset = width
+            return logits
+
     return WavePromptsWrapper
+
+
+@contextlib.contextmanager
+def _wave_rope_tables(model):
+    """Drop the RoPE tables Megatron's flash-decode path adds during the block. ``GPTModel`` keeps one per
+    inference context length (``rotary_pos_emb_cache``, never evicted), and every wave's length (longest
+    prompt + max new tokens) is a new one: over an RL run's thousands of waves that is a table per distinct
+    length, up to the model's whole context, held on the model's device."""
+    tables = [table for m in model.modules()
+              if isinstance(table := getattr(m, "rotary_pos_emb_cache", None), dict)]
+    before = [set(table) for table in tables]
+    try:
+        yield
+    finally:
+        for table, kept in zip(tables, before):
+            for length in set(table) - kept:
+                del table[length]
+
+
+def _group_window(batch: dict, rows: torch.Tensor, start: int, padding: torch.Tensor) -> dict:
+    """The prefill's inputs (the whole prompt window) for one length group: its rows, its positions from
+    ``start``, numbered from 0 (its own frame), and their mask."""
+    picked = select_rows({name: value for name, value in batch.items() if name != "attention_mask"}, rows)
+    window = {name: value[:, start:] if name == "tokens" else value for name, value in picked.items()}
+    positions = window["tokens"].size(1)
+    if "position_ids" in window:
+        window["position_ids"] = picked["position_ids"][:, :positions]
+    window["attention_mask"] = window_attention_mask(padding, 0, positions)
+    return window
+
+
+def _place_group_cache(wave_cache: dict, group_cache: dict, group: LengthGroup, positions: int,
+                       max_positions: int, rows: int) -> None:
+    """Copy a group's KV cache (Megatron's ``{layer: (keys, values)}``, each ``[positions, rows, ...]``)
+    into the wave's, allocated zeroed on first use, at the group's rows and positions ``[start, width)``."""
+    for layer, tensors in group_cache.items():
+        if layer not in wave_cache:
+            wave_cache[layer] = tuple(t.new_zeros((max_positions, rows, *t.shape[2:])) for t in tensors)
+        for whole, part in zip(wave_cache[layer], tensors):
+            whole[group.start:group.start + positions].index_copy_(1, group.rows.to(whole.device), part[:positions])
 
 
 def _segment_window(batch: dict, segment: PrefixSegment, key_padding: torch.Tensor | None) -> dict:
@@ -166,10 +259,15 @@ class StaticBackend:
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
         self._logged_gemms = False
         self.last_gemms = None
+        self.last_length_groups: list[LengthGroup] | None = None  # the last wave's prefill groups (None: one)
         self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
-        log.info("rollout prefill: %s", "prompts left-padded to the wave's longest, one prefill" if self.align_prompts
-                 else "Megatron's (to the shortest prompt, then a step per position): the attention kernels "
-                      "take no padding mask")
+        # Distinct prompts of different lengths: prefill rows of similar length together (alignment.length_groups)
+        # from a wave of this many padded prompt positions; needs the CPU decode kernels' RoPE frames.
+        self.length_groups_min_positions = LENGTH_GROUPS_MIN_POSITIONS
+        log.info("rollout prefill: %s", ("prompts left-padded to the wave's longest, one prefill" + (
+            "; long waves of prompts of different lengths in groups of similar length" if self.cpu_decode_kernels
+            else "")) if self.align_prompts else "Megatron's (to the shortest prompt, then a step per position): "
+                 "the attention kernels take no padding mask")
         groups, pp_group = inference_groups(model)
         self.wrapper = _wave_wrapper_class()(
             model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1), groups
@@ -209,12 +307,26 @@ class StaticBackend:
             aligned = self.align_prompts or len({len(p) for p in prompts}) == 1
             segments = (shared_segments(prompts, self.min_shared_segment) if self.cpu_decode_kernels and aligned
                         else identical_prompts(prompts))
+        raw_prompts = prompts
         key_padding = None
         if self.align_prompts and len({len(p) for p in prompts}) > 1:
             prompts, key_padding = left_pad(prompts, self.pad_id, max_len)
             key_padding = key_padding.to(device())
+        groups = None
+        if key_padding is not None and segments is None and self.cpu_decode_kernels:
+            groups = length_groups([len(p) for p in raw_prompts], min_positions=self.length_groups_min_positions)
+            if groups is not None:
+                log.debug("wave of %d prompts prefilled in %d length groups starting at %s", len(prompts),
+                          len(groups), [g.start for g in groups])
+        shift = None
+        if groups is not None:
+            shift = torch.empty(len(prompts), dtype=torch.long)
+            for group in groups:
+                shift[group.rows] = group.start
         self.wrapper.key_padding = key_padding
         self.wrapper.segments = segments
+        self.wrapper.prefill_groups = groups
+        self.last_length_groups = groups
         self.wrapper.inference_context = StaticInferenceContext(len(prompts), max_len)
         self.controller.begin_wave([len(p) for p in prompts], end_ids, sampling.max_new_tokens, keys, stop_check,
                                    on_step)
@@ -227,6 +339,7 @@ class StaticBackend:
         shared = segments if len({len(p) for p in prompts}) == 1 else None
         # On CPU the wave runs with cpu_compat's process-wide torch-function mode off (~1.4 µs per torch call).
         with (without_cpu_compat(), masked_cache_positions(key_padding), contiguous_decode_cache(),
+              rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
               packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
@@ -239,4 +352,5 @@ class StaticBackend:
         self.wrapper.inference_context = StaticInferenceContext(1, 1)  # drop the KV cache now
         self.wrapper.key_padding = None
         self.wrapper.segments = None
+        self.wrapper.prefill_groups = None
         return out

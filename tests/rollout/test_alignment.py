@@ -1,10 +1,15 @@
-"""Left-padding a wave's prompts: the padding and the masks every attention window gets."""
+"""Left-padding a wave's prompts: the padding and the masks every attention window gets, and the groups
+of similar lengths a long wave's prefill is cut into."""
 
 from __future__ import annotations
 
+import itertools
+import random
+
+import pytest
 import torch
 
-from megatron_grm.rollout.alignment import left_pad, window_attention_mask
+from megatron_grm.rollout.alignment import left_pad, length_groups, window_attention_mask
 
 
 def test_left_pad_aligns_prompts_at_the_right_and_marks_the_padding():
@@ -30,3 +35,49 @@ def test_decode_window_sees_the_row_up_to_itself_minus_padding():
     mask = window_attention_mask(key_padding, 4, 5)  # one query at position 4, keys 0..4
     assert mask.shape == (2, 1, 1, 5)
     assert (~mask[:, 0, 0]).tolist() == [[True] * 5, [False, False, True, True, True]]
+
+
+def _positions(lengths, groups) -> int:
+    return sum(len(g.rows) * (max(lengths) - g.start) for g in groups)
+
+
+def _fewest_positions(lengths, max_groups: int) -> int:
+    """Every way to cut the rows, sorted longest first, into at most max_groups runs."""
+    longest = sorted(lengths, reverse=True)
+    best = len(lengths) * longest[0]
+    for count in range(1, max_groups):
+        for cuts in itertools.combinations(range(1, len(lengths)), count):
+            bounds = [0, *cuts, len(lengths)]
+            best = min(best, sum((j - i) * longest[i] for i, j in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_cover_every_row_once_with_the_fewest_positions(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(10, 400) for _ in range(rng.randint(3, 9))]
+    groups = length_groups(lengths, max_groups=3, min_saving=0.0, min_positions=0)
+    if groups is None:  # one group is already the best cut
+        assert _fewest_positions(lengths, 3) == len(lengths) * max(lengths)
+        return
+    rows = sorted(int(r) for g in groups for r in g.rows)
+    assert rows == list(range(len(lengths)))
+    assert 2 <= len(groups) <= 3
+    for g in groups:  # a group starts where its longest prompt does, and holds no longer one
+        assert g.start == max(lengths) - max(lengths[int(r)] for r in g.rows)
+    assert groups[0].start == 0  # the longest prompt's group comes first
+    assert _positions(lengths, groups) == _fewest_positions(lengths, 3)
+
+
+def test_length_groups_are_kept_only_when_they_save_enough():
+    even = [1000, 998, 997, 995] * 8  # 0.3% padding: one prefill
+    assert length_groups(even, min_positions=0) is None
+    spread = [200, 400, 800, 1600] * 8
+    groups = length_groups(spread, min_positions=0)
+    assert groups is not None and len(groups) == 4
+    assert _positions(spread, groups) == sum(spread)  # each length in a group of its own: no padding left
+    assert length_groups(spread, min_positions=32 * 1600 + 1) is None  # a short wave: one prefill
+    assert length_groups(spread, min_saving=0.6, min_positions=0) is None  # saves 53%, asked for 60%
+    assert length_groups([5], min_positions=0) is None
+    with pytest.raises(ValueError, match="max_groups"):
+        length_groups(spread, max_groups=0)

@@ -94,6 +94,42 @@ def test_unsupported_flash_attn_arguments_fail_loudly():
         flash_attn_with_kvcache(q, torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4), window_size=(2, 0))
 
 
+
+def test_a_rotary_shift_rotates_each_rows_query_and_key_in_its_own_frame():
+    """Rows prefilled in a length group of their own had their keys rotated from the group's first position
+    (rollout.alignment.length_groups): inside rotary_shifted_by a decode step rotates row r's query and new
+    key at its cache slot minus shift[r], on the static step and on the general path alike, and the step
+    attends as if the row's cache held those rotations."""
+    from megatron_grm.parallel.cpu_decode import rotary_shifted_by
+
+    g = torch.Generator().manual_seed(5)
+    b, h, d, s_max, n = 3, 2, 8, 12, 6
+    shift = torch.tensor([0, 2, 5])
+    k_cache, v_cache = torch.randn(b, s_max, h, d, generator=g), torch.randn(b, s_max, h, d, generator=g)
+    q, k, v = (torch.randn(b, 1, h, d, generator=g) for _ in range(3))
+    _, cos, sin = _cos_sin(s_max, d // 2)
+    general_cache = (k_cache.clone(), v_cache.clone())
+    with rotary_shifted_by(shift):
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
+        general = flash_attn_with_kvcache(q, *general_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                          cache_seqlens=torch.full((b,), n))
+    torch.testing.assert_close(k_cache, general_cache[0])
+    torch.testing.assert_close(out, general, atol=1e-5, rtol=0)
+    for r in range(b):
+        angle = n - int(shift[r])
+        torch.testing.assert_close(k_cache[r, n], apply_rotary_emb(k[r:r + 1], cos, sin, False, angle)[0, 0])
+        q_rot = apply_rotary_emb(q[r:r + 1], cos, sin, False, angle)[0, 0]
+        for head in range(h):
+            scores = k_cache[r, : n + 1, head] @ q_rot[head] / math.sqrt(d)
+            want = scores.softmax(-1) @ v_cache[r, : n + 1, head]
+            torch.testing.assert_close(out[r, 0, head], want, atol=1e-5, rtol=0)
+    # Outside the block the shift is gone: the same step rotates at the slot itself.
+    plain = (k_cache.clone(), v_cache.clone())
+    flash_attn_with_kvcache(q, *plain, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
+    torch.testing.assert_close(plain[0][2, n], apply_rotary_emb(k[2:3], cos, sin, False, n)[0, 0])
+    assert not torch.allclose(plain[0][2, n], k_cache[2, n])
+
+
 @pytest.mark.parametrize("h_q,h_kv", [(4, 4), (6, 2)])
 def test_static_decode_step_with_one_offset_skips_padding_and_matches_the_per_row_path(h_q, h_kv):
     """Megatron's static loop passes one cache length for all rows: that fast path writes the rotated key

@@ -68,6 +68,42 @@ def test_left_aligned_prompts_prefill_once_and_match_megatrons_mixed_length_path
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+
+def test_a_long_wave_of_different_lengths_is_prefilled_in_groups_of_similar_length(run):
+    """Rows of similar length are prefilled together, each group over its own positions (no padding
+    positions before its longest prompt), in its own RoPE frame that the decode steps keep: one forward
+    per group, then one per new token, with the same greedy and sampled tokens and log-probabilities as
+    one prefill over the wave's padded width, and sampled log-probabilities that match training."""
+    check = run["length_groups"]
+    lengths = check["wave_lengths"]  # the groups' rows index the wave
+    assert sorted(run["prompt_lengths"]) == lengths
+    width = max(lengths)
+    groups = check["groups"]
+    assert check["groups_off"] == []
+    assert len(groups) >= 2
+    assert sorted(r for rows, _ in groups for r in rows) == list(range(len(lengths)))
+    for rows, start in groups:
+        assert start == width - max(lengths[r] for r in rows)
+    # The prefill: one forward per group over its rows and positions; then the decode steps.
+    assert check["forwards"][: len(groups)] == [[len(rows), width - start] for rows, start in groups]
+    assert len(check["forwards"]) == len(groups) + run["max_new"] - 1
+    assert check["forwards_off"][0] == [len(lengths), width]
+    assert len(check["forwards_off"]) == run["max_new"]
+    assert sum(shape[1] * shape[0] for shape in check["forwards"][: len(groups)]) < len(lengths) * width
+    assert check["tokens"] == 3 * len(lengths) * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+    assert check["sampled_logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
+def test_waves_leave_no_rope_table_behind(run):
+    """Megatron's GPTModel caches a RoPE table per inference context length and never drops one; every wave
+    has its own length (longest prompt + max new tokens), so without the backend dropping them an RL run
+    would hold a table per distinct length on the model's device."""
+    check = run["length_groups"]
+    assert check["rope_table_holders"] >= 1  # this Megatron keeps such a cache (on every pipeline stage)
+    assert check["rope_tables_left"] == 0
+
 def test_identical_prompts_are_prefilled_once(run):
     """A wave holding copies of a prompt (a group's samples) runs its prefill on one row per distinct
     prompt and gives every copy that prompt's cache: same greedy tokens and log-probabilities as a prefill

@@ -154,6 +154,46 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for f in runs[True] for a in f),
     }
 
+    # 1c2. A long wave of distinct prompts of different lengths is prefilled in groups of similar length
+    # (rollout.alignment.length_groups; forced on here, where the wave is short): one forward per group
+    # over its own positions, each group's cache in the frame of its first position, and the decode steps
+    # rotate each row in its group's frame. Same greedy and sampled tokens and log-probabilities as one
+    # prefill over the wave's padded width.
+    from megatron_grm.rollout.alignment import LENGTH_GROUPS_MIN_POSITIONS
+
+    rope_tables = [table for m in model.modules()
+                   if isinstance(table := getattr(m, "rotary_pos_emb_cache", None), dict)]
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, output: shapes.append(list(args[0].shape)),
+                                       with_kwargs=True)
+    by_length = {}
+    for grouped in (True, False):
+        engine.backend.length_groups_min_positions = 0 if grouped else 1 << 62
+        shapes.clear()
+        by_length[grouped] = [engine.generate(prompts, n=1, sampling=full)]
+        by_length[f"forwards_{grouped}"] = list(shapes)
+        by_length[f"groups_{grouped}"] = [[sorted(int(r) for r in g.rows), g.start]
+                                          for g in engine.backend.last_length_groups or []]
+        by_length[grouped].append(engine.generate(prompts, n=2, sampling=SamplingConfig(
+            temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
+    engine.backend.length_groups_min_positions = LENGTH_GROUPS_MIN_POSITIONS
+    hook.remove()
+    out["length_groups"] = {
+        "groups": by_length["groups_True"], "groups_off": by_length["groups_False"],
+        "wave_lengths": sorted(len(p) for p in prompts),  # a wave holds its prompts shortest first (plan_waves)
+        "forwards": by_length["forwards_True"], "forwards_off": by_length["forwards_False"],
+        "tokens_equal": all(a.token_ids == b.token_ids
+                            for f, p in zip(by_length[True], by_length[False]) for a, b in zip(f, p)),
+        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(by_length[True], by_length[False])
+                                    for a, b in zip(f, p) for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for f in by_length[True] for a in f),
+        "sampled_logprob_diff_vs_training": engine.check_logprobs(by_length[True][1]),
+        # Megatron's flash-decode path caches a RoPE table per context length on the model; after all
+        # these waves of different lengths none may be left behind.
+        "rope_table_holders": len(rope_tables),
+        "rope_tables_left": sum(len(table) for table in rope_tables),
+    }
+
     # 1d. Identical prompts (a group's samples) are prefilled once: the prefill's batch is the number of
     # distinct prompts, and greedy tokens and log-probabilities equal those of a prefill on every row.
     # The wave mixes lengths (left padding) and puts copies apart from each other. With the shared-prompt
