@@ -67,8 +67,8 @@ def length_groups(lengths: Sequence[int], max_groups: int = LENGTH_GROUPS_MAX,
     rows = len(lengths)
     width = max(lengths)
     padded = rows * width
-    if rows < 2 or max_groups < 2 or padded < min_positions:
-        return None
+    if rows < 2 or max_groups < 2 or padded < min_positions or padded - sum(lengths) < min_saving * padded:
+        return None  # too small, or too little padding for any cut to save enough
     order = sorted(range(rows), key=lambda r: -lengths[r])  # longest first: a group's first row is its widest
     longest = [lengths[r] for r in order]
     # best[g][j]: the fewest positions covering the first j rows of `order` with g groups; a group of rows
