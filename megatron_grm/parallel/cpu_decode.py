@@ -45,6 +45,7 @@ _head_major: dict[int, _HeadMajorCache] | None = None
 # in a group of their own, from that group's first position: megatron_grm.rollout.alignment.length_groups);
 # None outside rotary_shifted_by.
 _rotary_shift: torch.Tensor | None = None
+_step_angle_cache: tuple | None = None  # (step key, cos rows, sin rows) of the last shifted decode step
 
 
 @contextlib.contextmanager
@@ -70,13 +71,26 @@ def rotary_shifted_by(shift: torch.Tensor | None) -> Iterator[None]:
     ``shift[r]``: the frame its prefill group's keys were rotated in. RoPE scores depend only on the
     distance between positions, so a row's attention is the same (up to rounding) in any frame, as long as
     all its keys and queries share one."""
-    global _rotary_shift
+    global _rotary_shift, _step_angle_cache
     previous = _rotary_shift
-    _rotary_shift = None if shift is None else shift.long()
+    _rotary_shift, _step_angle_cache = None if shift is None else shift.long(), None
     try:
         yield
     finally:
-        _rotary_shift = previous
+        _rotary_shift, _step_angle_cache = previous, None
+
+
+def _step_angles(cos: torch.Tensor, sin: torch.Tensor, start: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's angles at cache offset ``start``. Inside rotary_shifted_by the rows' angles differ (a
+    gather), and every layer of the step needs the same ones: they are gathered once per step."""
+    global _step_angle_cache
+    if _rotary_shift is None:
+        return _angles(cos, sin, 1, start, dtype, device)
+    key = (start, cos.data_ptr(), sin.data_ptr(), dtype)
+    if _step_angle_cache is None or _step_angle_cache[0] != key:
+        _step_angle_cache = (key, *_angles(cos, sin, 1, _rotary_positions(start), dtype, device))
+    return _step_angle_cache[1], _step_angle_cache[2]
 
 
 def _rotary_positions(offset: int | torch.Tensor) -> int | torch.Tensor:
@@ -211,16 +225,23 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
                      seqlen_offsets: int | torch.Tensor = 0) -> torch.Tensor:
     """flash-attn's ``apply_rotary_emb``: ``x`` ``[b, s, h, d]``, ``cos``/``sin`` ``[s_ro, d_rot / 2]``;
     rotates the first ``d_rot`` channels of position ``t`` by angle row ``t + seqlen_offsets``."""
-    b, s = x.shape[:2]
-    half = cos.shape[-1]
+    c, si = _angles(cos, sin, x.shape[1], seqlen_offsets, x.dtype, x.device)
+    return _rotate(x, c, si, interleaved)
+
+
+def _angles(cos: torch.Tensor, sin: torch.Tensor, s: int, seqlen_offsets: int | torch.Tensor, dtype: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``/``sin`` rows for positions ``t + seqlen_offsets``, ``t < s``: ``[1 or b, s, 1, d_rot / 2]``."""
     start = _as_int(seqlen_offsets)
     if start is not None:  # one offset for every row: a slice, no gather
-        c = cos[start:start + s][None, :, None].to(x.dtype)  # [1, s, 1, d_rot/2]
-        si = sin[start:start + s][None, :, None].to(x.dtype)
-    else:
-        positions = torch.arange(s, device=x.device)[None, :] + seqlen_offsets.to(x.device).view(-1, 1)
-        c = cos[positions].unsqueeze(2).to(x.dtype)  # [b, s, 1, d_rot/2]
-        si = sin[positions].unsqueeze(2).to(x.dtype)
+        return cos[start:start + s][None, :, None].to(dtype), sin[start:start + s][None, :, None].to(dtype)
+    positions = torch.arange(s, device=device)[None, :] + seqlen_offsets.to(device).view(-1, 1)
+    return cos[positions].unsqueeze(2).to(dtype), sin[positions].unsqueeze(2).to(dtype)
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, si: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The first ``2 * c.shape[-1]`` channels of ``x`` ``[b, s, h, d]`` rotated by the angles ``c``/``si``."""
+    half = c.shape[-1]
     rot, rest = x[..., : 2 * half], x[..., 2 * half:]
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -303,10 +324,10 @@ def _decode_one_position(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """
     b, _, h_q, d = q.shape
     if rotary_cos is not None:
-        angles = _rotary_positions(start)
-        q = apply_rotary_emb(q, rotary_cos, rotary_sin, interleaved, angles)
+        c, si = _step_angles(rotary_cos, rotary_sin, start, q.dtype, q.device)
+        q = _rotate(q, c, si, interleaved)
         if k is not None:
-            k = apply_rotary_emb(k, rotary_cos, rotary_sin, interleaved, angles)
+            k = _rotate(k, c, si, interleaved)
     layer = k_cache.data_ptr()  # one cache per layer: its address names the layer for the per-wave copies
     k_cache, v_cache = _cache_views(layer, k_cache, v_cache, start, k, v)  # now [b, g, positions, d]
     if k is not None:

@@ -113,6 +113,12 @@ def test_a_rotary_shift_rotates_each_rows_query_and_key_in_its_own_frame():
         out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n)
         general = flash_attn_with_kvcache(q, *general_cache, k, v, rotary_cos=cos, rotary_sin=sin,
                                           cache_seqlens=torch.full((b,), n))
+        # The next step (the angles are gathered once per step for all layers, never reused across steps).
+        later = (k_cache.clone(), v_cache.clone())
+        flash_attn_with_kvcache(q, *later, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=n + 1)
+    for r in range(b):
+        want = apply_rotary_emb(k[r:r + 1], cos, sin, False, n + 1 - int(shift[r]))[0, 0]
+        torch.testing.assert_close(later[0][r, n + 1], want)
     torch.testing.assert_close(k_cache, general_cache[0])
     torch.testing.assert_close(out, general, atol=1e-5, rtol=0)
     for r in range(b):
