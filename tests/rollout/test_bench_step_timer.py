@@ -4,24 +4,12 @@ small module whose forward calls the real kernel and the real oneDNN linear, so 
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "rollout.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_rollout_timer", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Step(torch.nn.Module):
