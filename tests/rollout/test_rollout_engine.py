@@ -90,7 +90,7 @@ def test_a_long_wave_of_different_lengths_is_prefilled_in_groups_of_similar_leng
     assert check["forwards_off"][0] == [len(lengths), width]
     assert len(check["forwards_off"]) == run["max_new"]
     assert sum(shape[1] * shape[0] for shape in check["forwards"][: len(groups)]) < len(lengths) * width
-    assert check["tokens"] == 3 * len(lengths) * run["max_new"]
+    assert check["tokens"] == 2 * len(lengths) * run["max_new"]  # greedy and sampled, one sample a prompt
     assert check["tokens_equal"]
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
     assert check["sampled_logprob_diff_vs_training"] <= LOGPROB_TOL

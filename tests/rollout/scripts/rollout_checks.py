@@ -174,8 +174,10 @@ def main() -> None:
         by_length[f"forwards_{grouped}"] = list(shapes)
         by_length[f"groups_{grouped}"] = [[sorted(int(r) for r in g.rows), g.start]
                                           for g in engine.backend.last_length_groups or []]
-        by_length[grouped].append(engine.generate(prompts, n=2, sampling=SamplingConfig(
+        by_length[grouped].append(engine.generate(prompts, n=1, sampling=SamplingConfig(
             temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
+    # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it.
+    engine.generate(prompts, n=1, sampling=dataclasses.replace(full, max_new_tokens=MAX_NEW - 5))
     engine.backend.length_groups_min_positions = LENGTH_GROUPS_MIN_POSITIONS
     hook.remove()
     out["length_groups"] = {
@@ -188,8 +190,8 @@ def main() -> None:
                                     for a, b in zip(f, p) for x, y in zip(a.logprobs, b.logprobs)),
         "tokens": sum(len(a.token_ids) for f in by_length[True] for a in f),
         "sampled_logprob_diff_vs_training": engine.check_logprobs(by_length[True][1]),
-        # Megatron's flash-decode path caches a RoPE table per context length on the model; after all
-        # these waves of different lengths none may be left behind.
+        # Megatron's flash-decode path caches a RoPE table per context length on the model; after these
+        # waves of two lengths none may be left behind.
         "rope_table_holders": len(rope_tables),
         "rope_tables_left": sum(len(table) for table in rope_tables),
     }
