@@ -1,5 +1,6 @@
-"""The decode step's attention as one C++ loop over the KV cache (``csrc/decode_attention.cpp``), built on
-first use with the machine's C++ compiler and loaded with ctypes.
+"""The CPU rollout's attention as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
+and loaded with ctypes: a decode step's attention over the KV cache (``decode_attention.cpp``) and a
+prefill's causal attention row by row (``prefill_attention.cpp``).
 
 At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and torch's kernels read it at
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at
@@ -7,16 +8,18 @@ well under the memory's rate: the batched matmuls (scores, softmax, weighted val
 each key and value once, block by block with an online softmax, and ran one step of 4 layers (32 rows x
 1,230 positions, 4 KV heads of 64, 2 query heads each) in 9.8-10.6 ms against torch's 18.3-20.8 ms in fp32,
 as fast as a plain sum of the same bytes, and in 6.7-9.0 ms against 17.1-24.5 ms in bf16
-(``bench/decode_attention.py``, session 33). No package on the
-registries ships such a kernel for torch 2.13's CPU build, and torch's own extension builder would compile
-torch's headers (a minute per machine); this file needs only ``c++`` (1.4 s).
+(``bench/decode_attention.py``, session 33). The prefill kernel stops each tile of queries at its own last
+position where torch's flash kernel computes the diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
+No package on the registries ships such kernels for torch 2.13's CPU build, and torch's own extension builder
+would compile torch's headers (a minute per machine); this file needs only ``c++`` (a few seconds).
 
 The library is cached per machine under ``$MEGATRON_GRM_KERNEL_DIR`` (default
-``~/.cache/megatron_grm/kernels``), named by a hash of the source, the flags, the compiler's version and
+``~/.cache/megatron_grm/kernels``), named by a hash of the sources, the flags, the compiler's version and
 the CPU's feature flags (``-march=native``: a cache shared between different nodes keeps one build per CPU
 kind). Builds are written to a temporary file and renamed into place, so ranks building at once do not
 see half a library. Without a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is
-False and ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs.
+False and ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
+AVX-512 besides (:func:`prefill_available`); elsewhere the prefill stays on torch's SDPA.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
@@ -55,7 +59,9 @@ def available(dtype: torch.dtype) -> bool:
 def describe() -> str:
     """One line for the log: which decode attention runs, and why."""
     if _library() is not None:
-        return f"C++ decode attention kernel ({_library_path()})"
+        prefill = "and prefill attention kernels" if _prefill_built() else \
+            "attention kernel (prefill attention: torch's SDPA, the kernels were built without AVX-512)"
+        return f"C++ decode {prefill} ({_library_path()})"
     return f"torch decode attention (C++ kernel unavailable: {_unavailable_reason()})"
 
 
@@ -103,6 +109,60 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     return top, total, out
 
 
+PREFILL_DIMS = (16, 32, 64, 128)  # head sizes the prefill kernel is compiled for
+
+
+def prefill_available(dtype: torch.dtype, dim: int) -> bool:
+    """Whether :func:`prefill_attention` runs here for heads of ``dim`` channels in ``dtype``: the library
+    built with AVX-512, a dtype it reads, a head size of :data:`PREFILL_DIMS`."""
+    return dim in PREFILL_DIMS and available(dtype) and _prefill_built()
+
+
+@functools.cache
+def _prefill_built() -> bool:
+    lib = _library()
+    return lib is not None and bool(lib.mgrm_prefill_attention_built())
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pads: Sequence[int] | None,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of a left-padded prefill in Megatron's layout: ``query`` ``[s, b, Hq, D]``,
+    ``key``/``value`` ``[s, b, Hkv, D]`` (one dtype, channels contiguous, any other strides), ``pads[r]``
+    leading padding positions in row ``r`` (None: none). Each real query attends causally over its row's real
+    keys; a padding query sees only itself (its output is its value: nothing reads it), as
+    ``models/sdpa_attention.attend_left_padded`` computes. Returns ``[s, b, Hq, D]`` contiguous, in the
+    inputs' dtype; fp32 arithmetic throughout."""
+    lib = _library()
+    s, b, h_q, d = query.shape
+    h_kv = key.shape[2]
+    if lib is None or not prefill_available(query.dtype, d):
+        why = _unavailable_reason() if lib is None else f"needs AVX-512 and heads of {PREFILL_DIMS} channels"
+        raise RuntimeError(f"C++ prefill attention unavailable for {query.dtype} heads of {d}: {why}")
+    if key.shape != (s, b, h_kv, d) or value.shape != key.shape or h_kv == 0 or h_q % h_kv:
+        raise ValueError(f"query {tuple(query.shape)} does not match key {tuple(key.shape)} / value "
+                         f"{tuple(value.shape)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"query/key/value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if any(t.stride(-1) != 1 or t.device.type != "cpu" for t in (query, key, value)):
+        raise ValueError("query/key/value need to be CPU tensors with contiguous channels")
+    starts = None
+    if pads is not None:
+        starts = torch.as_tensor(list(pads), dtype=torch.int64)
+        if starts.shape != (b,) or bool(((starts < 0) | (starts >= s)).any()):
+            raise ValueError(f"pads {list(pads)}: need one count in [0, {s}) per row ({b})")
+    out = torch.empty(s, b, h_q, d, dtype=query.dtype)
+    status = lib.mgrm_prefill_attention(
+        DTYPE_CODES[query.dtype], torch.get_num_threads(), b, s, h_q, h_kv, d,
+        query.data_ptr(), query.stride(1), query.stride(0), query.stride(2),
+        key.data_ptr(), key.stride(1), key.stride(0), key.stride(2),
+        value.data_ptr(), value.stride(1), value.stride(0), value.stride(2),
+        out.data_ptr(), out.stride(1), out.stride(0), out.stride(2),
+        None if starts is None else starts.data_ptr(), scale)
+    if status != 0:
+        raise RuntimeError(f"mgrm_prefill_attention returned {status}")
+    return out
+
+
 def _cache_dir() -> Path:
     configured = os.environ.get("MEGATRON_GRM_KERNEL_DIR")
     if configured:
@@ -134,9 +194,9 @@ def _library_path() -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), compiler, version, _cpu_features(),
-                                       torch.__version__]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"decode_attention-{digest}.so"
+    digest = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), compiler,
+                                       version, _cpu_features(), torch.__version__]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"attention-{digest}.so"
 
 
 @functools.cache
@@ -156,15 +216,15 @@ def _build_error() -> str | None:
     except OSError as exc:
         return f"cannot write the kernel cache {path.parent}: {exc}"
     try:
-        result = subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        result = subprocess.run([_compiler(), *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
-            return f"{_compiler()} failed on {SOURCE}: {result.stderr.strip()[-2000:]}"
+            return f"{_compiler()} failed on {' '.join(map(str, SOURCES))}: {result.stderr.strip()[-2000:]}"
         os.replace(tmp, path)  # atomic: a concurrent build of the same source replaces it with the same bytes
-        log.info("built the C++ decode attention kernel: %s", path)
+        log.info("built the C++ attention kernels: %s", path)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"building {SOURCE} failed: {exc}"
+        return f"building {' '.join(map(str, SOURCES))} failed: {exc}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,6 +249,12 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mgrm_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, i64,
                                           ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr,
                                           i64, i64, ctypes.c_float, ptr, ptr, ptr]
+    lib.mgrm_prefill_attention.restype = ctypes.c_int
+    lib.mgrm_prefill_attention.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, i64,
+                                           ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64,
+                                           ptr, i64, i64, i64, ptr, ctypes.c_float]
+    lib.mgrm_prefill_attention_built.restype = ctypes.c_int
+    lib.mgrm_prefill_attention_built.argtypes = []
     return lib, None
 
 

@@ -18,7 +18,7 @@ needs_compiler = pytest.mark.skipif(cpu_decode_kernel._compiler() is None, reaso
 def _forget() -> None:
     """Drop the cached probe so the next call re-reads the environment."""
     for cached in (cpu_decode_kernel._library_path, cpu_decode_kernel._build_error, cpu_decode_kernel._loaded,
-                   cpu_decode_kernel._compiled_dtypes):
+                   cpu_decode_kernel._compiled_dtypes, cpu_decode_kernel._prefill_built):
         cached.cache_clear()
 
 
@@ -165,7 +165,7 @@ def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, mon
     broken.write_text("this is not C++\n")
     cache = tmp_path / "cache"
     monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(cache))
-    monkeypatch.setattr(cpu_decode_kernel, "SOURCE", broken)
+    monkeypatch.setattr(cpu_decode_kernel, "SOURCES", (broken, *cpu_decode_kernel.SOURCES[1:]))
     assert not cpu_decode_kernel.available(torch.float32)
     reason = cpu_decode_kernel.describe()
     assert str(broken) in reason and "failed" in reason
@@ -192,3 +192,99 @@ def test_kernel_skips_each_rows_left_padding_without_reading_it():
     assert (got[1][3] == 0).all() and (got[2][3] == 0).all()  # row 3 starts past the range: nothing seen
     with pytest.raises(ValueError, match="row_start"):
         cpu_decode_kernel.attend(queries, keys, values, 0, 4, None, 1.0, row_start=leading[:3])
+
+
+needs_prefill_kernel = pytest.mark.skipif(not cpu_decode_kernel.prefill_available(torch.float32, 64),
+                                          reason="the C++ prefill kernel needs a compiler and AVX-512")
+
+
+def _prefill_reference(query, key, value, pads, scale):
+    """float64, per row: causal attention over the real positions after the row's padding, each padding
+    position's output its own value (it sees only itself). Megatron's layout [s, b, heads, d]."""
+    s, b, h_q, d = query.shape
+    rep = h_q // key.shape[2]
+    out = torch.empty(s, b, h_q, d, dtype=torch.float64)
+    for row, pad in enumerate(pads):
+        q, k, v = (t[pad:, row].double().transpose(0, 1) for t in (query, key, value))  # [heads, n, d]
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        n = s - pad
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out[pad:, row] = (scores.softmax(-1) @ v).transpose(0, 1)
+        out[:pad, row] = value[:pad, row].double().repeat_interleave(rep, 1)
+    return out
+
+
+def _split_qkv(s, b, h_q, h_kv, dim, dtype, seed):
+    """Query, key and value as Megatron splits its fused QKV projection: views into one tensor, so positions,
+    rows and heads are far apart and only the channels are contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    fused = torch.randn(s, b, h_q + 2 * h_kv, dim, generator=g) * 2
+    fused[..., h_q + h_kv:, :] /= 2  # values of unit scale
+    fused = fused.to(dtype)
+    return fused[:, :, :h_q], fused[:, :, h_q:h_q + h_kv], fused[:, :, h_q + h_kv:]
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,h_q,h_kv,s,pads", [
+    (64, 8, 4, 200, [0, 13, 199]),  # the last row: all padding but its last position
+    (128, 4, 1, 77, [5, 0]),
+    (16, 4, 2, 50, [0, 49, 7]),
+    (32, 6, 2, 131, [64, 0]),  # tiles of 12 queries and blocks of 64 keys with ragged ends
+    (64, 2, 2, 1, [0]),
+])
+def test_prefill_kernel_matches_float64_causal_attention(dtype, dim, h_q, h_kv, s, pads):
+    """Against float64 and, as a yardstick, torch's SDPA on the same rounded inputs: the kernel's error is
+    within twice SDPA's (16-bit: the output's own rounding) and, in fp32, under 1e-5 for outputs of unit scale.
+    A query seeing one key too many or too few, or padding read as keys, is off by O(1)."""
+    if not cpu_decode_kernel.available(dtype):
+        pytest.skip(f"this compiler's build of the kernels has no {dtype}")
+    query, key, value = _split_qkv(s, len(pads), h_q, h_kv, dim, dtype, seed=dim + s)
+    assert s * len(pads) == 1 or not query.is_contiguous()
+    scale = dim ** -0.5
+    got = cpu_decode_kernel.prefill_attention(query, key, value, pads, scale)
+    assert got.shape == (s, len(pads), h_q, dim) and got.dtype == dtype and got.is_contiguous()
+    want = _prefill_reference(query, key, value, pads, scale)
+    error = float((got.double() - want).abs().max())
+    sdpa = torch.empty_like(want)
+    for row, pad in enumerate(pads):
+        q, k, v = (t[pad:, row].transpose(0, 1)[None] for t in (query, key, value))
+        sdpa[pad:, row] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=h_q != h_kv)[0].transpose(0, 1).double()
+        sdpa[:pad, row] = want[:pad, row]
+    yardstick = float((sdpa - want).abs().max())
+    floor = 1e-6 if dtype == torch.float32 else float(torch.finfo(dtype).eps) * float(want.abs().max())
+    assert error <= 2 * max(yardstick, floor), (error, yardstick)
+    if dtype == torch.float32:
+        assert error < 1e-5
+    assert torch.equal(got[:pads[0], 0], value[:pads[0], 0].repeat_interleave(h_q // h_kv, 1))
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_without_pads_is_causal_over_every_position():
+    query, key, value = _split_qkv(40, 2, 4, 2, 64, torch.float32, seed=3)
+    got = cpu_decode_kernel.prefill_attention(query, key, value, None, 0.125)
+    torch.testing.assert_close(got.double(), _prefill_reference(query, key, value, [0, 0], 0.125),
+                               rtol=0, atol=1e-5)
+
+
+@needs_prefill_kernel
+def test_prefill_kernel_rejects_what_it_cannot_compute():
+    query, key, value = _split_qkv(8, 2, 4, 2, 64, torch.float32, seed=4)
+    assert not cpu_decode_kernel.prefill_available(torch.float32, 24)
+    assert not cpu_decode_kernel.prefill_available(torch.float64, 64)
+    with pytest.raises(RuntimeError, match="heads of"):
+        cpu_decode_kernel.prefill_attention(query[..., :24], key[..., :24], value[..., :24], None, 1.0)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_decode_kernel.prefill_attention(query, key[:, :, :1], value, None, 1.0)
+    with pytest.raises(ValueError, match="does not match"):  # 4 query heads over 3 KV heads
+        q3, k3, v3 = _split_qkv(8, 2, 4, 3, 64, torch.float32, seed=5)
+        cpu_decode_kernel.prefill_attention(q3, k3, v3, None, 1.0)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        cpu_decode_kernel.prefill_attention(query, key.bfloat16(), value, None, 1.0)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        strided = torch.randn(8, 2, 2, 128)[..., ::2]
+        cpu_decode_kernel.prefill_attention(query, strided, strided, None, 1.0)
+    for pads in ([0], [0, 8], [-1, 0]):  # one per row, each leaving the row's last position real
+        with pytest.raises(ValueError, match="pads"):
+            cpu_decode_kernel.prefill_attention(query, key, value, pads, 1.0)

@@ -1,0 +1,308 @@
+// A prefill's causal attention on the CPU, row by row, skipping each row's left padding.
+//
+// torch's CPU flash attention (SDPA's) splits queries in blocks of 256 and keys in blocks of 512 for
+// prompts of >= 768 tokens, so its causal blocks on the diagonal compute many scores the mask then drops;
+// one row of 1,080 positions (8 query heads over 4 KV heads of 64) took 10.4-11.6 ms, ~105-115 GFLOP/s
+// counted causally, on the project's 2-core AMD EPYC. Here queries go in tiles of 12 positions of one head
+// and keys in micro-tiles of 16, so a tile stops at its own last position: the same row took 7.7-8.6 ms.
+// Each (row, KV head)'s keys are packed transposed in tiles of 16 ([tile][channel][16]) and its values
+// as fp32 rows, once, and every query head of the group reads them from the caches. Scores, an online
+// softmax and the weighted values go block by block (64 keys), as in flash attention; all arithmetic is
+// fp32, 16-bit inputs are widened on load and the output rounded once.
+//
+// The micro-kernels use AVX-512 intrinsics. Built without AVX-512 (-march=native on another CPU), the
+// entry point returns -1 and megatron_grm.parallel.cpu_decode keeps torch's kernel.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#ifdef __AVX512F__
+
+constexpr int kTileQ = 12;   // query positions per tile (one query head): 12 accumulators in the score kernel
+constexpr int kTileK = 16;   // keys per score micro-tile: one 512-bit register
+constexpr int kBlockK = 64;  // keys per softmax block
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, uint16_t* out) {  // round to nearest even, NaN kept a NaN
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  *out = std::isnan(x) ? static_cast<uint16_t>(0x7FC0)
+                       : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+#ifdef __FLT16_MAX__
+#define MGRM_HAVE_FP16 1
+inline float widen(_Float16 x) { return static_cast<float>(x); }
+inline void narrow(float x, _Float16* out) { *out = static_cast<_Float16>(x); }
+#endif
+
+// exp(x) for x <= 0, as in decode_attention.cpp (relative error ~2e-7; below -87 and -inf give 0).
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// S[r][0:16] = sum_d Q[r][d] * Kt[d][0:16] for R query rows.
+template <int R, int D>
+inline void score_tile(const float* __restrict Q, const float* __restrict Kt, float* __restrict S) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const __m512 key = _mm512_loadu_ps(Kt + d * kTileK);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(Q[r * D + d]), key, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(S + r * kBlockK, acc[r]);
+}
+
+template <int D>
+void score_rows(int rows, const float* Q, const float* Kt, float* S) {
+  switch (rows) {
+    case 12: score_tile<12, D>(Q, Kt, S); break;
+    case 11: score_tile<11, D>(Q, Kt, S); break;
+    case 10: score_tile<10, D>(Q, Kt, S); break;
+    case 9: score_tile<9, D>(Q, Kt, S); break;
+    case 8: score_tile<8, D>(Q, Kt, S); break;
+    case 7: score_tile<7, D>(Q, Kt, S); break;
+    case 6: score_tile<6, D>(Q, Kt, S); break;
+    case 5: score_tile<5, D>(Q, Kt, S); break;
+    case 4: score_tile<4, D>(Q, Kt, S); break;
+    case 3: score_tile<3, D>(Q, Kt, S); break;
+    case 2: score_tile<2, D>(Q, Kt, S); break;
+    default: score_tile<1, D>(Q, Kt, S); break;
+  }
+}
+
+// O[r][0:D] += sum_k P[r][k] * V[k][0:D] for R query rows (R * D / 16 accumulators: at most 24).
+template <int R, int D>
+inline void weigh_values(const float* __restrict P, const float* __restrict V, int keys, float* __restrict O) {
+  constexpr int C = D / 16;
+  __m512 o[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) o[r][c] = _mm512_loadu_ps(O + r * D + 16 * c);
+  for (int k = 0; k < keys; ++k) {
+    __m512 value[C];
+    for (int c = 0; c < C; ++c) value[c] = _mm512_loadu_ps(V + k * D + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * kBlockK + k]);
+      for (int c = 0; c < C; ++c) o[r][c] = _mm512_fmadd_ps(p, value[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * D + 16 * c, o[r][c]);
+}
+
+template <int D>
+void weigh_rows(int rows, const float* P, const float* V, int keys, float* O) {
+  constexpr int kRows = D == 64 ? 6 : 3;
+  for (int r0 = 0; r0 < rows; r0 += kRows) {
+    const int n = rows - r0 < kRows ? rows - r0 : kRows;
+    const float* p = P + r0 * kBlockK;
+    float* o = O + r0 * D;
+    switch (n) {
+      case 6: weigh_values<6, D>(p, V, keys, o); break;
+      case 5: weigh_values<5, D>(p, V, keys, o); break;
+      case 4: weigh_values<4, D>(p, V, keys, o); break;
+      case 3: weigh_values<3, D>(p, V, keys, o); break;
+      case 2: weigh_values<2, D>(p, V, keys, o); break;
+      default: weigh_values<1, D>(p, V, keys, o); break;
+    }
+  }
+}
+
+struct View {  // element (position t, head h, channel d) at t * position + h * head + d
+  const void* data;
+  int64_t row, position, head;
+};
+
+// One query tile: positions [p0, p0 + rows) of query head h over keys [0, p0 + rows) of the packed group.
+template <typename T, int D>
+void attend_tile(const T* q, int64_t q_position, const float* Kt, const float* V, int64_t p0, int rows, float scale,
+                 T* out, int64_t o_position) {
+  alignas(64) float Q[kTileQ * D];
+  alignas(64) float S[kTileQ * kBlockK];
+  alignas(64) float O[kTileQ * D];
+  float top[kTileQ], total[kTileQ];
+  for (int r = 0; r < rows; ++r) {
+    const T* src = q + (p0 + r) * q_position;
+    for (int d = 0; d < D; ++d) Q[r * D + d] = widen(src[d]) * scale;
+    top[r] = -INFINITY;
+    total[r] = 0.0f;
+  }
+  std::memset(O, 0, sizeof(float) * rows * D);
+  const int64_t end = p0 + rows;
+  for (int64_t k0 = 0; k0 < end; k0 += kBlockK) {
+    const int keys = static_cast<int>(end - k0 < kBlockK ? end - k0 : kBlockK);
+    for (int j = 0; j < keys; j += kTileK) score_rows<D>(rows, Q, Kt + (k0 + j) / kTileK * D * kTileK, S + j);
+    for (int r = 0; r < rows; ++r) {
+      float* s = S + r * kBlockK;
+      // Query p0 + r sees keys up to itself: in this block, the first `seen` of them.
+      int64_t seen = p0 + r - k0 + 1;
+      seen = seen < 0 ? 0 : (seen > keys ? keys : seen);
+      for (int j = static_cast<int>(seen); j < kBlockK; ++j) s[j] = -INFINITY;
+      float block_top = -INFINITY;
+      for (int j = 0; j < seen; ++j) block_top = s[j] > block_top ? s[j] : block_top;
+      if (block_top > top[r]) {  // rescale what was accumulated under the old maximum
+        const float c = exp_nonpositive(top[r] - block_top);
+        total[r] *= c;
+        for (int d = 0; d < D; ++d) O[r * D + d] *= c;
+        top[r] = block_top;
+      }
+      const float m = top[r];
+      float sum = 0.0f;
+      for (int j = 0; j < kBlockK; ++j) {
+        const float p = exp_nonpositive(s[j] - m);
+        s[j] = p;
+        sum += p;
+      }
+      total[r] += sum;
+    }
+    weigh_rows<D>(rows, S, V + k0 * D, keys, O);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float inv = 1.0f / total[r];  // > 0: every query sees at least itself
+    T* dst = out + (p0 + r) * o_position;
+    for (int d = 0; d < D; ++d) narrow(O[r * D + d] * inv, dst + d);
+  }
+}
+
+template <typename T, int D>
+void run(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int64_t Hq, int64_t Hkv,
+         const int64_t* pads, float scale) {
+  const int64_t rep = Hq / Hkv;
+  const int64_t key_tiles = (L + kTileK - 1) / kTileK;
+  std::vector<float> Kt(static_cast<size_t>(Hkv * key_tiles * D * kTileK)), V(static_cast<size_t>(Hkv * L * D));
+  for (int64_t b = 0; b < B; ++b) {  // rows one after another: a row's packed keys and values stay in L2
+    const int64_t pad = pads ? pads[b] : 0;
+    const int64_t n = L - pad;
+    const T* qb = static_cast<const T*>(q.data) + b * q.row + pad * q.position;
+    const T* kb = static_cast<const T*>(k.data) + b * k.row + pad * k.position;
+    const T* vb = static_cast<const T*>(v.data) + b * v.row + pad * v.position;
+    T* ob = static_cast<T*>(const_cast<void*>(o.data)) + b * o.row;
+    const int64_t tiles = (n + kTileQ - 1) / kTileQ;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        float* kt = Kt.data() + g * key_tiles * D * kTileK;
+        float* vg = V.data() + g * L * D;
+        const int64_t tail = (n + kTileK - 1) / kTileK * kTileK;
+        for (int64_t t = 0; t < tail; ++t) {
+          float* dst = kt + t / kTileK * D * kTileK + t % kTileK;
+          if (t >= n) {  // the last tile's missing keys: zeros (their scores are masked)
+            for (int d = 0; d < D; ++d) dst[d * kTileK] = 0.0f;
+            continue;
+          }
+          const T* key = kb + t * k.position + g * k.head;
+          const T* value = vb + t * v.position + g * v.head;
+          for (int d = 0; d < D; ++d) dst[d * kTileK] = widen(key[d]);
+          for (int d = 0; d < D; ++d) vg[t * D + d] = widen(value[d]);
+        }
+      }
+      // A padding query sees only itself: its output is its own value (nothing reads it).
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < pad; ++t) {
+        for (int64_t h = 0; h < Hq; ++h) {
+          const T* value = static_cast<const T*>(v.data) + b * v.row + t * v.position + h / rep * v.head;
+          std::memcpy(ob + t * o.position + h * o.head, value, sizeof(T) * D);
+        }
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t w = 0; w < Hq * tiles; ++w) {
+        const int64_t tile = tiles - 1 - w / Hq;  // the longest tiles first
+        const int64_t h = w % Hq, g = h / rep;
+        const int64_t p0 = tile * kTileQ;
+        const int rows = static_cast<int>(n - p0 < kTileQ ? n - p0 : kTileQ);
+        attend_tile<T, D>(qb + h * q.head, q.position, Kt.data() + g * key_tiles * D * kTileK, V.data() + g * L * D,
+                          p0, rows, scale, ob + pad * o.position + h * o.head, o.position);
+      }
+    }
+  }
+}
+
+template <typename T>
+int run_dim(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int64_t Hq, int64_t Hkv, int64_t D,
+            const int64_t* pads, float scale) {
+  switch (D) {
+    case 16: run<T, 16>(threads, q, k, v, o, B, L, Hq, Hkv, pads, scale); return 0;
+    case 32: run<T, 32>(threads, q, k, v, o, B, L, Hq, Hkv, pads, scale); return 0;
+    case 64: run<T, 64>(threads, q, k, v, o, B, L, Hq, Hkv, pads, scale); return 0;
+    case 128: run<T, 128>(threads, q, k, v, o, B, L, Hq, Hkv, pads, scale); return 0;
+    default: return -1;
+  }
+}
+
+#endif  // __AVX512F__
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 fp32, 1 bf16, 2 fp16 (queries, keys, values and output alike). Element (row b, position t,
+// head h, channel d) of q at b*q_row + t*q_position + h*q_head + d, and likewise k, v, out; q/out have Hq
+// heads, k/v Hkv (Hq a multiple of Hkv). Row b's first pads[b] positions (pads may be null: none) are left
+// padding: each sees only itself (out = its value); the rest attend causally from the first real one.
+// Returns 0, or -1 when this build cannot (no AVX-512, a dtype not compiled in, D not 16, 32, 64 or 128).
+int mgrm_prefill_attention(int dtype, int threads, int64_t B, int64_t L, int64_t Hq, int64_t Hkv, int64_t D,
+                           const void* q, int64_t q_row, int64_t q_position, int64_t q_head, const void* k,
+                           int64_t k_row, int64_t k_position, int64_t k_head, const void* v, int64_t v_row,
+                           int64_t v_position, int64_t v_head, void* out, int64_t o_row, int64_t o_position,
+                           int64_t o_head, const int64_t* pads, float scale) {
+#ifdef __AVX512F__
+  if (Hkv <= 0 || Hq % Hkv != 0) return -1;
+  const View qv{q, q_row, q_position, q_head}, kv{k, k_row, k_position, k_head}, vv{v, v_row, v_position, v_head},
+      ov{out, o_row, o_position, o_head};
+  switch (dtype) {
+    case 0:
+      return run_dim<float>(threads, qv, kv, vv, ov, B, L, Hq, Hkv, D, pads, scale);
+    case 1:
+      return run_dim<uint16_t>(threads, qv, kv, vv, ov, B, L, Hq, Hkv, D, pads, scale);
+#ifdef MGRM_HAVE_FP16
+    case 2:
+      return run_dim<_Float16>(threads, qv, kv, vv, ov, B, L, Hq, Hkv, D, pads, scale);
+#endif
+    default:
+      return -1;
+  }
+#else
+  (void)dtype; (void)threads; (void)B; (void)L; (void)Hq; (void)Hkv; (void)D; (void)q; (void)q_row;
+  (void)q_position; (void)q_head; (void)k; (void)k_row; (void)k_position; (void)k_head; (void)v; (void)v_row;
+  (void)v_position; (void)v_head; (void)out; (void)o_row; (void)o_position; (void)o_head; (void)pads; (void)scale;
+  return -1;
+#endif
+}
+
+// Whether this build has the prefill kernel (AVX-512).
+int mgrm_prefill_attention_built() {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+}  // extern "C"
