@@ -15,13 +15,19 @@ key when queries continue a cache) and none for ``no_mask``. Gemma-2 keeps its o
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# A faster attention for inference prefills: ``fn(query, key, value, left_pads, scale)`` over Megatron's
+# ``[s, b, heads, d]`` tensors, causal per row after its ``left_pads`` (None: none), returning
+# ``[s, b, heads, d]``, or None where it does not apply. Set for a rollout's waves by the backend
+# (``parallel/cpu_decode.cpu_prefill_attention``); None: SDPA everywhere.
+prefill_attention_override: Callable[..., Tensor | None] | None = None
 
 # One forward's layers share the batch's mask tensor: plan it once, so SDPA (which keeps its mask for
 # backward) holds one additive copy per forward instead of one per layer.
@@ -152,6 +158,12 @@ def _class() -> type:
                 else:
                     attn_mask = _causal_mask(sq, sk, query.device)
             dropout = self.attention_dropout.p if self.training else 0.0
+            override = prefill_attention_override
+            if (override is not None and dropout == 0 and sq == sk > 1 and (is_causal or left_pads is not None)
+                    and not torch.is_grad_enabled()):
+                context = override(query, key, value, left_pads, self.softmax_scale)
+                if context is not None:
+                    return context.reshape(sq, b, n * hn)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
 
             def attend() -> Tensor:

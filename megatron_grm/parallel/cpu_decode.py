@@ -497,6 +497,42 @@ def _merge_parts(parts: list[_Part]) -> torch.Tensor:
     return out / sum(weights).clamp(min=torch.finfo(out.dtype).tiny)
 
 
+@dataclass
+class PrefillStats:
+    """What a :func:`cpu_prefill_attention` block did: attention calls through the C++ kernel, and calls
+    left to SDPA (another dtype or head size, another device)."""
+
+    kernel: int = 0
+    sdpa: int = 0
+
+
+@contextlib.contextmanager
+def cpu_prefill_attention() -> Iterator[PrefillStats]:
+    """While the block runs, the local spec's core attention computes inference prefills (causal, rows
+    left-padded or not) with the C++ prefill kernel (``parallel/cpu_decode_kernel.prefill_attention``) where
+    it applies: CPU tensors of a dtype and head size it is built for. It stops each tile of 12 queries at its
+    own last position, where torch's flash kernel computes the diagonal in blocks of 256 x 512."""
+    from megatron_grm.models import sdpa_attention
+
+    stats = PrefillStats()
+
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, left_pads: Sequence[int] | None,
+               scale: float) -> torch.Tensor | None:
+        if query.device.type != "cpu" or not cpu_decode_kernel.prefill_available(query.dtype, query.shape[-1]) \
+                or not query.dtype == key.dtype == value.dtype:
+            stats.sdpa += 1
+            return None
+        stats.kernel += 1
+        return cpu_decode_kernel.prefill_attention(query, key, value, left_pads, scale)
+
+    previous = sdpa_attention.prefill_attention_override
+    sdpa_attention.prefill_attention_override = attend
+    try:
+        yield stats
+    finally:
+        sdpa_attention.prefill_attention_override = previous
+
+
 def _supported(model: torch.nn.Module) -> str | None:
     """None when flash-decode computes exactly what the model's attention does; else the reason not."""
     from megatron.core.transformer.attention import SelfAttention

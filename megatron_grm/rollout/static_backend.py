@@ -34,6 +34,7 @@ from megatron_grm.parallel.cpu_compat import without_cpu_compat
 from megatron_grm.parallel.cpu_decode import (
     SHARED_PROMPT_MIN_WIDTH,
     contiguous_decode_cache,
+    cpu_prefill_attention,
     enable_cpu_flash_decode,
     masked_cache_positions,
     rotary_shifted_by,
@@ -257,8 +258,11 @@ class StaticBackend:
         self.share_prompt_prefixes = True
         self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
+        self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
         self._logged_gemms = False
+        self._logged_prefill = False
         self.last_gemms = None
+        self.last_prefill_attention = None  # the last wave's cpu_decode.PrefillStats (None: SDPA throughout)
         self.last_length_groups: list[LengthGroup] | None = None  # the last wave's prefill groups (None: one)
         self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
         # Distinct prompts of different lengths: prefill rows of similar length together (alignment.length_groups)
@@ -284,6 +288,17 @@ class StaticBackend:
             log.info("rollout GEMMs: oneDNN on weights reordered once per wave for %d linear layer(s), "
                      "torch's matmul for %d (small weights or other dtypes, sequence parallel; "
                      "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
+
+    def _log_prefill(self, prefill) -> None:
+        if self._logged_prefill or (prefill is not None and prefill.kernel + prefill.sdpa == 0):
+            return
+        self._logged_prefill = True
+        if prefill is None:
+            log.info("rollout prefill attention: torch's SDPA")
+        else:
+            log.info("rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for %d (another dtype "
+                     "or head size, or no AVX-512: parallel/cpu_decode_kernel.prefill_available)", prefill.kernel,
+                     prefill.sdpa)
 
     def generate_wave(
         self,
@@ -341,10 +356,13 @@ class StaticBackend:
         with (without_cpu_compat(), masked_cache_positions(key_padding), contiguous_decode_cache(),
               rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
-              packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms):
+              packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms,
+              cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
+        self.last_prefill_attention = prefill
         self._log_gemms(gemms)
+        self._log_prefill(prefill)
         out = []
         for i in range(len(prompts)):
             tokens = done[i].generated_tokens.tolist()

@@ -104,6 +104,25 @@ def test_waves_leave_no_rope_table_behind(run):
     assert check["rope_table_holders"] >= 1  # this Megatron keeps such a cache (on every pipeline stage)
     assert check["rope_tables_left"] == 0
 
+def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_sdpa(run):
+    """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
+    heads, 2 query heads per KV head; at TP = 2 one of each per rank), with the same greedy and sampled
+    tokens and log-probabilities as torch's SDPA, and sampled log-probabilities that match training.
+    Without AVX-512 here every call is SDPA's, and says so."""
+    check = run["prefill_kernel"]
+    assert check["override_left_installed"] is False
+    assert check["stats_off"] is None  # switched off: SDPA throughout, nothing installed
+    stats = check["stats"]
+    if check["available"]:
+        assert stats["kernel"] == check["layers"] and stats["sdpa"] == 0  # one prefill forward in the last wave
+    else:
+        assert stats["kernel"] == 0 and stats["sdpa"] == check["layers"]
+    assert check["tokens"] == 2 * len(run["prompt_lengths"]) * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+    assert check["sampled_logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
 def test_identical_prompts_are_prefilled_once(run):
     """A wave holding copies of a prompt (a group's samples) runs its prefill on one row per distinct
     prompt and gives every copy that prompt's cache: same greedy tokens and log-probabilities as a prefill

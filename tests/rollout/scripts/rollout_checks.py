@@ -196,6 +196,33 @@ def main() -> None:
         "rope_tables_left": sum(len(table) for table in rope_tables),
     }
 
+    # 1c3. The prefill's causal attention in the C++ kernel (parallel/cpu_decode.cpu_prefill_attention)
+    # against torch's SDPA: same greedy and sampled tokens and log-probabilities, sampled log-probabilities
+    # that match training (whose forwards never take the kernel), and the kernel uninstalled after a wave.
+    from megatron_grm.models import sdpa_attention
+    from megatron_grm.parallel import cpu_decode_kernel as prefill_kernels
+
+    by_kernel, stats = {}, {}
+    for on in (True, False):
+        engine.backend.prefill_kernel = on
+        by_kernel[on] = [engine.generate(prompts, n=1, sampling=full), engine.generate(prompts, n=1, sampling=(
+            SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=29)))]
+        last = engine.backend.last_prefill_attention
+        stats[on] = None if last is None else dataclasses.asdict(last)
+    engine.backend.prefill_kernel = True
+    head_dim = model.config.kv_channels
+    out["prefill_kernel"] = {
+        "available": prefill_kernels.prefill_available(model.config.params_dtype, head_dim),
+        "layers": len(model.decoder.layers), "stats": stats[True], "stats_off": stats[False],
+        "override_left_installed": sdpa_attention.prefill_attention_override is not None,
+        "tokens_equal": all(a.token_ids == b.token_ids
+                            for f, p in zip(by_kernel[True], by_kernel[False]) for a, b in zip(f, p)),
+        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(by_kernel[True], by_kernel[False])
+                                    for a, b in zip(f, p) for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for f in by_kernel[True] for a in f),
+        "sampled_logprob_diff_vs_training": engine.check_logprobs(by_kernel[True][1]),
+    }
+
     # 1d. Identical prompts (a group's samples) are prefilled once: the prefill's batch is the number of
     # distinct prompts, and greedy tokens and log-probabilities equal those of a prefill on every row.
     # The wave mixes lengths (left padding) and puts copies apart from each other. With the shared-prompt
