@@ -506,11 +506,18 @@ class PrefillStats:
     sdpa: int = 0
 
 
+# Longest real prompt (positions x head channels) the prefill kernel takes: up to here it measured faster than
+# SDPA, beyond it a row's keys and values outgrow the caches it tiles for (bench/prefill_attention.py, one row
+# of 8,192 positions, 16 query heads over 8 KV heads of 128: 0.95x SDPA; of 4,096: 1.33x; session 35).
+PREFILL_MAX_POSITION_CHANNELS = 4096 * 128
+
+
 @contextlib.contextmanager
 def cpu_prefill_attention() -> Iterator[PrefillStats]:
     """While the block runs, the local spec's core attention computes inference prefills (causal, rows
     left-padded or not) with the C++ prefill kernel (``parallel/cpu_decode_kernel.prefill_attention``) where
-    it applies: CPU tensors of a dtype and head size it is built for. It stops each tile of 12 queries at its
+    it applies: CPU tensors of a dtype and head size it is built for, prompts of at most
+    :data:`PREFILL_MAX_POSITION_CHANNELS` / head size real tokens. It stops each tile of 12 queries at its
     own last position, where torch's flash kernel computes the diagonal in blocks of 256 x 512."""
     from megatron_grm.models import sdpa_attention
 
@@ -518,8 +525,10 @@ def cpu_prefill_attention() -> Iterator[PrefillStats]:
 
     def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, left_pads: Sequence[int] | None,
                scale: float) -> torch.Tensor | None:
+        longest = query.shape[0] - (min(left_pads) if left_pads else 0)
         if query.device.type != "cpu" or not cpu_decode_kernel.prefill_available(query.dtype, query.shape[-1]) \
-                or not query.dtype == key.dtype == value.dtype:
+                or not query.dtype == key.dtype == value.dtype \
+                or longest * query.shape[-1] > PREFILL_MAX_POSITION_CHANNELS:
             stats.sdpa += 1
             return None
         stats.kernel += 1

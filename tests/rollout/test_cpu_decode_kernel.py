@@ -288,3 +288,28 @@ def test_prefill_kernel_rejects_what_it_cannot_compute():
     for pads in ([0], [0, 8], [-1, 0]):  # one per row, each leaving the row's last position real
         with pytest.raises(ValueError, match="pads"):
             cpu_decode_kernel.prefill_attention(query, key, value, pads, 1.0)
+
+
+@needs_prefill_kernel
+def test_prefill_override_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """``cpu_decode.cpu_prefill_attention`` installs the SDPA core's prefill override for its block only, and
+    the override answers None (SDPA computes) for another dtype or head size and for prompts longer than the
+    kernel measured faster on; each call is counted where it went."""
+    from megatron_grm.models import sdpa_attention
+    from megatron_grm.parallel import cpu_decode
+
+    query, key, value = _split_qkv(40, 2, 4, 2, 64, torch.float32, seed=6)
+    assert sdpa_attention.prefill_attention_override is None
+    with cpu_decode.cpu_prefill_attention() as stats:
+        attend = sdpa_attention.prefill_attention_override
+        got = attend(query, key, value, [0, 3], 0.125)
+        torch.testing.assert_close(got, cpu_decode_kernel.prefill_attention(query, key, value, [0, 3], 0.125),
+                                   rtol=0, atol=0)
+        assert attend(query.double(), key.double(), value.double(), [0, 3], 0.125) is None
+        assert attend(query[..., :24], key[..., :24], value[..., :24], [0, 3], 0.125) is None
+        monkeypatch.setattr(cpu_decode, "PREFILL_MAX_POSITION_CHANNELS", 38 * 64)
+        assert attend(query, key, value, None, 0.125) is None  # 40 real positions in the longest row
+        assert attend(query, key, value, [1, 3], 0.125) is None  # 39
+        assert attend(query, key, value, [2, 3], 0.125) is not None  # 38
+    assert sdpa_attention.prefill_attention_override is None
+    assert (stats.kernel, stats.sdpa) == (2, 4)

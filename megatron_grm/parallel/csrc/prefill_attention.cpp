@@ -28,6 +28,7 @@ namespace {
 constexpr int kTileQ = 12;   // query positions per tile (one query head): 12 accumulators in the score kernel
 constexpr int kTileK = 16;   // keys per score micro-tile: one 512-bit register
 constexpr int kBlockK = 64;  // keys per softmax block
+constexpr int kSpan = 2 * kTileQ;  // query positions that share each key block's pass
 
 inline float widen(float x) { return x; }
 inline float widen(uint16_t bf16) {
@@ -139,14 +140,16 @@ struct View {  // element (position t, head h, channel d) at t * position + h * 
   int64_t row, position, head;
 };
 
-// One query tile: positions [p0, p0 + rows) of query head h over keys [0, p0 + rows) of the packed group.
+// One span of query positions [p0, p0 + rows) of query head h (rows <= kSpan) over keys [0, p0 + rows) of
+// the packed group: key block by key block, each block's keys and values used by every tile of the span
+// while they are in L1 (a long prompt's keys no longer fit L2, and a span reads them once, not per tile).
 template <typename T, int D>
-void attend_tile(const T* q, int64_t q_position, const float* Kt, const float* V, int64_t p0, int rows, float scale,
+void attend_span(const T* q, int64_t q_position, const float* Kt, const float* V, int64_t p0, int rows, float scale,
                  T* out, int64_t o_position) {
-  alignas(64) float Q[kTileQ * D];
+  alignas(64) float Q[kSpan * D];
   alignas(64) float S[kTileQ * kBlockK];
-  alignas(64) float O[kTileQ * D];
-  float top[kTileQ], total[kTileQ];
+  alignas(64) float O[kSpan * D];
+  float top[kSpan], total[kSpan];
   for (int r = 0; r < rows; ++r) {
     const T* src = q + (p0 + r) * q_position;
     for (int d = 0; d < D; ++d) Q[r * D + d] = widen(src[d]) * scale;
@@ -156,32 +159,39 @@ void attend_tile(const T* q, int64_t q_position, const float* Kt, const float* V
   std::memset(O, 0, sizeof(float) * rows * D);
   const int64_t end = p0 + rows;
   for (int64_t k0 = 0; k0 < end; k0 += kBlockK) {
-    const int keys = static_cast<int>(end - k0 < kBlockK ? end - k0 : kBlockK);
-    for (int j = 0; j < keys; j += kTileK) score_rows<D>(rows, Q, Kt + (k0 + j) / kTileK * D * kTileK, S + j);
-    for (int r = 0; r < rows; ++r) {
-      float* s = S + r * kBlockK;
-      // Query p0 + r sees keys up to itself: in this block, the first `seen` of them.
-      int64_t seen = p0 + r - k0 + 1;
-      seen = seen < 0 ? 0 : (seen > keys ? keys : seen);
-      for (int j = static_cast<int>(seen); j < kBlockK; ++j) s[j] = -INFINITY;
-      float block_top = -INFINITY;
-      for (int j = 0; j < seen; ++j) block_top = s[j] > block_top ? s[j] : block_top;
-      if (block_top > top[r]) {  // rescale what was accumulated under the old maximum
-        const float c = exp_nonpositive(top[r] - block_top);
-        total[r] *= c;
-        for (int d = 0; d < D; ++d) O[r * D + d] *= c;
-        top[r] = block_top;
+    for (int t0 = 0; t0 < rows; t0 += kTileQ) {
+      const int tile_rows = rows - t0 < kTileQ ? rows - t0 : kTileQ;
+      const int64_t last = p0 + t0 + tile_rows - 1;  // the tile's last query sees keys up to itself
+      if (last < k0) continue;  // the whole block is after every query of the tile
+      const int keys = static_cast<int>(last + 1 - k0 < kBlockK ? last + 1 - k0 : kBlockK);
+      const float* tq = Q + t0 * D;
+      for (int j = 0; j < keys; j += kTileK) score_rows<D>(tile_rows, tq, Kt + (k0 + j) / kTileK * D * kTileK, S + j);
+      for (int i = 0; i < tile_rows; ++i) {
+        const int r = t0 + i;
+        float* s = S + i * kBlockK;
+        // Query p0 + r sees keys up to itself: in this block, the first `seen` of them.
+        int64_t seen = p0 + r - k0 + 1;
+        seen = seen < 0 ? 0 : (seen > keys ? keys : seen);
+        for (int j = static_cast<int>(seen); j < kBlockK; ++j) s[j] = -INFINITY;
+        float block_top = -INFINITY;
+        for (int j = 0; j < seen; ++j) block_top = s[j] > block_top ? s[j] : block_top;
+        if (block_top > top[r]) {  // rescale what was accumulated under the old maximum
+          const float c = exp_nonpositive(top[r] - block_top);
+          total[r] *= c;
+          for (int d = 0; d < D; ++d) O[r * D + d] *= c;
+          top[r] = block_top;
+        }
+        const float m = top[r];
+        float sum = 0.0f;
+        for (int j = 0; j < kBlockK; ++j) {
+          const float p = exp_nonpositive(s[j] - m);
+          s[j] = p;
+          sum += p;
+        }
+        total[r] += sum;
       }
-      const float m = top[r];
-      float sum = 0.0f;
-      for (int j = 0; j < kBlockK; ++j) {
-        const float p = exp_nonpositive(s[j] - m);
-        s[j] = p;
-        sum += p;
-      }
-      total[r] += sum;
+      weigh_rows<D>(tile_rows, S, V + k0 * D, keys, O + t0 * D);
     }
-    weigh_rows<D>(rows, S, V + k0 * D, keys, O);
   }
   for (int r = 0; r < rows; ++r) {
     const float inv = 1.0f / total[r];  // > 0: every query sees at least itself
@@ -203,7 +213,7 @@ void run(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int6
     const T* kb = static_cast<const T*>(k.data) + b * k.row + pad * k.position;
     const T* vb = static_cast<const T*>(v.data) + b * v.row + pad * v.position;
     T* ob = static_cast<T*>(const_cast<void*>(o.data)) + b * o.row;
-    const int64_t tiles = (n + kTileQ - 1) / kTileQ;
+    const int64_t tiles = (n + kSpan - 1) / kSpan;  // spans
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -233,11 +243,14 @@ void run(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int6
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t w = 0; w < Hq * tiles; ++w) {
-        const int64_t tile = tiles - 1 - w / Hq;  // the longest tiles first
-        const int64_t h = w % Hq, g = h / rep;
-        const int64_t p0 = tile * kTileQ;
-        const int rows = static_cast<int>(n - p0 < kTileQ ? n - p0 : kTileQ);
-        attend_tile<T, D>(qb + h * q.head, q.position, Kt.data() + g * key_tiles * D * kTileK, V.data() + g * L * D,
+        // KV group by KV group (the threads share one group's keys and values in the caches), its longest
+        // spans first, the group's query heads one after another on each span.
+        const int64_t g = w / (rep * tiles), in_group = w % (rep * tiles);
+        const int64_t span = tiles - 1 - in_group / rep;
+        const int64_t h = g * rep + in_group % rep;
+        const int64_t p0 = span * kSpan;
+        const int rows = static_cast<int>(n - p0 < kSpan ? n - p0 : kSpan);
+        attend_span<T, D>(qb + h * q.head, q.position, Kt.data() + g * key_tiles * D * kTileK, V.data() + g * L * D,
                           p0, rows, scale, ob + pad * o.position + h * o.head, o.position);
       }
     }
