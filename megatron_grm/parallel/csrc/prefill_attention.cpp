@@ -4,11 +4,13 @@
 // prompts of >= 768 tokens, so its causal blocks on the diagonal compute many scores the mask then drops;
 // one row of 1,080 positions (8 query heads over 4 KV heads of 64) took 10.4-11.6 ms, ~105-115 GFLOP/s
 // counted causally, on the project's 2-core AMD EPYC. Here queries go in tiles of 12 positions of one head
-// and keys in micro-tiles of 16, so a tile stops at its own last position: the same row took 7.7-8.6 ms.
-// Each (row, KV head)'s keys are packed transposed in tiles of 16 ([tile][channel][16]) and its values
-// as fp32 rows, once, and every query head of the group reads them from the caches. Scores, an online
-// softmax and the weighted values go block by block (64 keys), as in flash attention; all arithmetic is
-// fp32, 16-bit inputs are widened on load and the output rounded once.
+// and keys in micro-tiles of 16, so a tile stops at its own last position: the same row took 7.7-8.6 ms
+// (bench/prefill_attention.py: 1.5-1.8x SDPA over 8 such rows). Each (row, KV head)'s keys are packed
+// transposed in tiles of 16 ([tile][channel][16]) and its values as fp32 rows, once; the threads work
+// through one KV group's query heads at a time, so its keys and values stay in the caches, and two tiles
+// (a span) use each key block while it is in L1. Scores, an online softmax and the weighted values go
+// block by block (64 keys), as in flash attention; all arithmetic is fp32, 16-bit inputs are widened on
+// load and the output rounded once.
 //
 // The micro-kernels use AVX-512 intrinsics. Built without AVX-512 (-march=native on another CPU), the
 // entry point returns -1 and megatron_grm.parallel.cpu_decode keeps torch's kernel.
@@ -206,7 +208,7 @@ void run(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int6
   const int64_t rep = Hq / Hkv;
   const int64_t key_tiles = (L + kTileK - 1) / kTileK;
   std::vector<float> Kt(static_cast<size_t>(Hkv * key_tiles * D * kTileK)), V(static_cast<size_t>(Hkv * L * D));
-  for (int64_t b = 0; b < B; ++b) {  // rows one after another: a row's packed keys and values stay in L2
+  for (int64_t b = 0; b < B; ++b) {  // rows one after another: a row's packed keys and values stay in the caches
     const int64_t pad = pads ? pads[b] : 0;
     const int64_t n = L - pad;
     const T* qb = static_cast<const T*>(q.data) + b * q.row + pad * q.position;
