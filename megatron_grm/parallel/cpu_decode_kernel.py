@@ -41,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "kernel_math.h",)  # included by the sources: part of the hash
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
@@ -194,7 +195,7 @@ def _library_path() -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    digest = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), compiler,
+    digest = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), compiler,
                                        version, _cpu_features(), torch.__version__]).encode()).hexdigest()[:16]
     return _cache_dir() / f"attention-{digest}.so"
 

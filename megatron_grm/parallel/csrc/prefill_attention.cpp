@@ -23,6 +23,8 @@
 #include <immintrin.h>
 #endif
 
+#include "kernel_math.h"
+
 namespace {
 
 #ifdef __AVX512F__
@@ -32,13 +34,9 @@ constexpr int kTileK = 16;   // keys per score micro-tile: one 512-bit register
 constexpr int kBlockK = 64;  // keys per softmax block
 constexpr int kSpan = 2 * kTileQ;  // query positions that share each key block's pass
 
-inline float widen(float x) { return x; }
-inline float widen(uint16_t bf16) {
-  const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using mgrm::exp_nonpositive;
+using mgrm::to_float;
+
 inline void narrow(float x, float* out) { *out = x; }
 inline void narrow(float x, uint16_t* out) {  // round to nearest even, NaN kept a NaN
   uint32_t bits;
@@ -46,29 +44,9 @@ inline void narrow(float x, uint16_t* out) {  // round to nearest even, NaN kept
   *out = std::isnan(x) ? static_cast<uint16_t>(0x7FC0)
                        : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
-#ifdef __FLT16_MAX__
-#define MGRM_HAVE_FP16 1
-inline float widen(_Float16 x) { return static_cast<float>(x); }
+#ifdef MGRM_HAVE_FP16
 inline void narrow(float x, _Float16* out) { *out = static_cast<_Float16>(x); }
 #endif
-
-// exp(x) for x <= 0, as in decode_attention.cpp (relative error ~2e-7; below -87 and -inf give 0).
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
 
 // S[r][0:16] = sum_d Q[r][d] * Kt[d][0:16] for R query rows.
 template <int R, int D>
@@ -154,7 +132,7 @@ void attend_span(const T* q, int64_t q_position, const float* Kt, const float* V
   float top[kSpan], total[kSpan];
   for (int r = 0; r < rows; ++r) {
     const T* src = q + (p0 + r) * q_position;
-    for (int d = 0; d < D; ++d) Q[r * D + d] = widen(src[d]) * scale;
+    for (int d = 0; d < D; ++d) Q[r * D + d] = to_float(src[d]) * scale;
     top[r] = -INFINITY;
     total[r] = 0.0f;
   }
@@ -231,8 +209,8 @@ void run(int threads, View q, View k, View v, View o, int64_t B, int64_t L, int6
           }
           const T* key = kb + t * k.position + g * k.head;
           const T* value = vb + t * v.position + g * v.head;
-          for (int d = 0; d < D; ++d) dst[d * kTileK] = widen(key[d]);
-          for (int d = 0; d < D; ++d) vg[t * D + d] = widen(value[d]);
+          for (int d = 0; d < D; ++d) dst[d * kTileK] = to_float(key[d]);
+          for (int d = 0; d < D; ++d) vg[t * D + d] = to_float(value[d]);
         }
       }
       // A padding query sees only itself: its output is its own value (nothing reads it).

@@ -1,0 +1,43 @@
+// Scalar helpers the CPU attention kernels share (decode_attention.cpp, prefill_attention.cpp): 16-bit
+// floats widened to fp32, and exp(x) for x <= 0 without libm.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace mgrm {
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = static_cast<uint32_t>(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC >= 12 and clang on x86-64, aarch64)
+#define MGRM_HAVE_FP16 1
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
+#endif
+
+// exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic the compiler vectorises (libm's
+// expf only vectorises under -ffast-math, which would also assume no infinities). Range reduction to
+// 2^n * e^r, |r| <= ln2/2, and a degree-6 polynomial: relative error ~2e-7. Below -87 (and -inf) gives 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+}  // namespace mgrm
