@@ -500,7 +500,7 @@ def _merge_parts(parts: list[_Part]) -> torch.Tensor:
 @dataclass
 class PrefillStats:
     """What a :func:`cpu_prefill_attention` block did: attention calls through the C++ kernel, and calls
-    left to SDPA (another dtype or head size, another device)."""
+    left to SDPA (another dtype, head size or device, or a prompt past :data:`PREFILL_MAX_POSITION_CHANNELS`)."""
 
     kernel: int = 0
     sdpa: int = 0

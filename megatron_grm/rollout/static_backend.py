@@ -297,8 +297,8 @@ class StaticBackend:
             log.info("rollout prefill attention: torch's SDPA")
         else:
             log.info("rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for %d (another dtype "
-                     "or head size, or no AVX-512: parallel/cpu_decode_kernel.prefill_available)", prefill.kernel,
-                     prefill.sdpa)
+                     "or head size, no AVX-512, or prompts past cpu_decode.PREFILL_MAX_POSITION_CHANNELS)",
+                     prefill.kernel, prefill.sdpa)
 
     def generate_wave(
         self,

@@ -99,7 +99,7 @@ inline void weigh_values(const float* __restrict P, const float* __restrict V, i
 
 template <int D>
 void weigh_rows(int rows, const float* P, const float* V, int keys, float* O) {
-  constexpr int kRows = D == 64 ? 6 : 3;
+  constexpr int kRows = D <= 64 ? 6 : 3;  // rows x D / 16 accumulators: 6-24
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const int n = rows - r0 < kRows ? rows - r0 : kRows;
     const float* p = P + r0 * kBlockK;
