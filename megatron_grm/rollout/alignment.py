@@ -35,12 +35,21 @@ def window_attention_mask(key_padding: torch.Tensor, start: int, end: int) -> to
     return masked[:, None]
 
 
-# A wave's prefill is cut into groups of rows of similar length only when the padded prefill is at least this
-# many positions (below it a forward's fixed cost outweighs the padding) and the groups save at least this
-# share of its positions.
-LENGTH_GROUPS_MIN_POSITIONS = 16384
+# A wave's prefill is cut into groups of rows of similar length only when the groups, each costing its
+# positions plus a forward's fixed cost, save at least this share of the one padded prefill's cost.
 LENGTH_GROUPS_MIN_SAVING = 0.05
-LENGTH_GROUPS_MAX = 4
+LENGTH_GROUPS_MAX = 8
+# A prefill forward's fixed cost (Megatron's Python and small ops, per layer) in units of one position's
+# GEMM work in one layer (2 x its parameters FLOPs): a group costs GROUP_FORWARD_COST_PARAMETERS / (a layer's
+# parameters) positions more. Measured on the 2-core EPYC (session 36, bench/rollout.py's 32 prompts of
+# 16-48 tokens, hidden 512, 3.15M parameters a layer): a group's forward 5-7 ms, a position 0.12-0.16 ms.
+GROUP_FORWARD_COST_PARAMETERS = 1.5e8
+
+
+def group_cost(layer_parameters: int) -> float:
+    """A prefill forward's fixed cost, in positions, for layers of ``layer_parameters`` parameters (local to
+    this rank): ~48 positions at hidden 512, ~570 for the CPU demo's tiny GRM, ~1 from 1B parameters up."""
+    return GROUP_FORWARD_COST_PARAMETERS / max(1, layer_parameters)
 
 
 @dataclass(frozen=True)
@@ -54,21 +63,23 @@ class LengthGroup:
 
 def length_groups(lengths: Sequence[int], max_groups: int = LENGTH_GROUPS_MAX,
                   min_saving: float = LENGTH_GROUPS_MIN_SAVING,
-                  min_positions: int = LENGTH_GROUPS_MIN_POSITIONS) -> list[LengthGroup] | None:
+                  cost: float = 0.0) -> list[LengthGroup] | None:
     """The wave's rows cut into at most ``max_groups`` groups of neighbouring lengths whose own prefills
-    (each over its longest prompt's positions) cover the fewest positions; ``None`` when one prefill over
-    the wave's width is as good: fewer than ``min_positions`` positions, or a saving below ``min_saving``.
+    (each over its longest prompt's positions, plus ``cost`` positions for its forward: :func:`group_cost`)
+    cost the least; ``None`` when one prefill over the wave's width is as good: the groups save less than
+    ``min_saving`` of its cost (``cost`` = ``math.inf``: never cut).
 
     In the one padded prefill every row computes the norms, linears and MLP of ``width`` positions; the
     attention already skips the padding (``models/sdpa_attention.attend_left_padded``). With prompts of
-    960-1,200 tokens that is ~10% of the prefill's positions; waves of RMB-like prompts pad more."""
+    960-1,200 tokens that is ~10% of the prefill's positions, with 16-48 tokens ~35%."""
     if max_groups < 1 or not 0.0 <= min_saving < 1.0:
         raise ValueError(f"max_groups={max_groups} must be >= 1 and min_saving={min_saving} in [0, 1)")
     rows = len(lengths)
     width = max(lengths)
     padded = rows * width
-    if rows < 2 or max_groups < 2 or padded < min_positions or padded - sum(lengths) < min_saving * padded:
-        return None  # too small, or too little padding for any cut to save enough
+    one_prefill = padded + cost
+    if rows < 2 or max_groups < 2 or padded - sum(lengths) - cost < min_saving * one_prefill:
+        return None  # too little padding for any cut to save enough
     order = sorted(range(rows), key=lambda r: -lengths[r])  # longest first: a group's first row is its widest
     longest = [lengths[r] for r in order]
     # best[g][j]: the fewest positions covering the first j rows of `order` with g groups; a group of rows
@@ -80,11 +91,11 @@ def length_groups(lengths: Sequence[int], max_groups: int = LENGTH_GROUPS_MAX,
     for g in range(1, max_groups + 1):
         for j in range(1, rows + 1):
             for i in range(g - 1, j):
-                cost = best[g - 1][i] + (j - i) * longest[i]
-                if cost < best[g][j]:
-                    best[g][j], cut[g][j] = cost, i
-    groups_used = min(range(1, max_groups + 1), key=lambda g: (best[g][rows], g))
-    if best[groups_used][rows] > (1.0 - min_saving) * padded or groups_used == 1:
+                covered = best[g - 1][i] + (j - i) * longest[i]
+                if covered < best[g][j]:
+                    best[g][j], cut[g][j] = covered, i
+    groups_used = min(range(1, max_groups + 1), key=lambda g: (best[g][rows] + g * cost, g))
+    if groups_used == 1 or best[groups_used][rows] + groups_used * cost > (1.0 - min_saving) * one_prefill:
         return None
     bounds, j = [], rows
     for g in range(groups_used, 0, -1):

@@ -10,9 +10,10 @@ we batch by tokens in flight (:mod:`megatron_grm.rollout.waves`) and size each w
 Prompts of different lengths are left-padded to the wave's longest (:mod:`megatron_grm.rollout.alignment`)
 when the model's core attention applies the padding mask we pass (the local spec's SDPA core, Gemma-2's
 core); otherwise Megatron's own handling runs (prefill to the shortest, then a step per position).
-On the CPU (with its decode kernels), a long wave of distinct prompts of different lengths is prefilled
-in up to four groups of similar length (:func:`megatron_grm.rollout.alignment.length_groups`), each over
-its own positions, so the norms, linears and MLP skip most of the padding; each group's keys are rotated
+On the CPU (with its decode kernels), a wave of distinct prompts of different lengths is prefilled
+in up to eight groups of similar length (:func:`megatron_grm.rollout.alignment.length_groups`, where the
+padding they skip outweighs each forward's fixed cost), each over its own positions, so the norms, linears
+and MLP skip most of the padding; each group's keys are rotated
 from its first position and the decode steps keep that frame
 (:func:`megatron_grm.parallel.cpu_decode.rotary_shifted_by`).
 Prompts of a wave that begin alike (an example's samples in their shuffled orders) are prefilled once
@@ -44,8 +45,8 @@ from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.parallel.inference_layout import inference_groups
 from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import (
-    LENGTH_GROUPS_MIN_POSITIONS,
     LengthGroup,
+    group_cost,
     left_pad,
     length_groups,
     window_attention_mask,
@@ -91,6 +92,15 @@ def applies_padding_masks(model) -> bool:
     ours = (sdpa_core_attention_class(), core_attention_class())
     cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
     return bool(cores) and all(isinstance(c, ours) for c in cores)
+
+
+def _layer_parameters(model) -> int:
+    """Parameters of the model's first local transformer layer (this rank's shards): what a prefill position
+    costs in its GEMMs, against a forward's fixed cost (alignment.group_cost)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, TransformerLayer)), None)
+    return 0 if layer is None else sum(p.numel() for p in layer.parameters())
 
 
 def _wave_wrapper_class() -> type:
@@ -266,10 +276,11 @@ class StaticBackend:
         self.last_length_groups: list[LengthGroup] | None = None  # the last wave's prefill groups (None: one)
         self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
         # Distinct prompts of different lengths: prefill rows of similar length together (alignment.length_groups)
-        # from a wave of this many padded prompt positions; needs the CPU decode kernels' RoPE frames.
-        self.length_groups_min_positions = LENGTH_GROUPS_MIN_POSITIONS
+        # where the padding saved outweighs this many positions per forward (math.inf: never); needs the CPU
+        # decode kernels' RoPE frames.
+        self.length_group_cost = group_cost(_layer_parameters(model))
         log.info("rollout prefill: %s", ("prompts left-padded to the wave's longest, one prefill" + (
-            "; long waves of prompts of different lengths in groups of similar length" if self.cpu_decode_kernels
+            "; prompts of different lengths in groups of similar length" if self.cpu_decode_kernels
             else "")) if self.align_prompts else "Megatron's (to the shortest prompt, then a step per position): "
                  "the attention kernels take no padding mask")
         groups, pp_group = inference_groups(model)
@@ -329,7 +340,7 @@ class StaticBackend:
             key_padding = key_padding.to(device())
         groups = None
         if key_padding is not None and segments is None and self.cpu_decode_kernels:
-            groups = length_groups([len(p) for p in raw_prompts], min_positions=self.length_groups_min_positions)
+            groups = length_groups([len(p) for p in raw_prompts], cost=self.length_group_cost)
             if groups is not None:
                 log.debug("wave of %d prompts prefilled in %d length groups starting at %s", len(prompts),
                           len(groups), [g.start for g in groups])

@@ -4,6 +4,7 @@ of similar lengths a long wave's prefill is cut into."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -41,24 +42,26 @@ def _positions(lengths, groups) -> int:
     return sum(len(g.rows) * (max(lengths) - g.start) for g in groups)
 
 
-def _fewest_positions(lengths, max_groups: int) -> int:
-    """Every way to cut the rows, sorted longest first, into at most max_groups runs."""
+def _least_cost(lengths, max_groups: int, cost: float = 0.0) -> float:
+    """Every way to cut the rows, sorted longest first, into at most max_groups runs, each run costing its
+    positions plus ``cost``."""
     longest = sorted(lengths, reverse=True)
-    best = len(lengths) * longest[0]
+    best = len(lengths) * longest[0] + cost
     for count in range(1, max_groups):
         for cuts in itertools.combinations(range(1, len(lengths)), count):
             bounds = [0, *cuts, len(lengths)]
-            best = min(best, sum((j - i) * longest[i] for i, j in zip(bounds, bounds[1:])))
+            best = min(best, sum((j - i) * longest[i] + cost for i, j in zip(bounds, bounds[1:])))
     return best
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_length_groups_cover_every_row_once_with_the_fewest_positions(seed):
+@pytest.mark.parametrize("seed", range(8))
+def test_length_groups_cover_every_row_once_at_the_least_cost(seed):
     rng = random.Random(seed)
     lengths = [rng.randint(10, 400) for _ in range(rng.randint(3, 9))]
-    groups = length_groups(lengths, max_groups=3, min_saving=0.0, min_positions=0)
+    cost = (0.0, 150.0)[seed % 2]  # a forward's fixed cost, in positions
+    groups = length_groups(lengths, max_groups=3, min_saving=0.0, cost=cost)
     if groups is None:  # one group is already the best cut
-        assert _fewest_positions(lengths, 3) == len(lengths) * max(lengths)
+        assert _least_cost(lengths, 3, cost) == len(lengths) * max(lengths) + cost
         return
     rows = sorted(int(r) for g in groups for r in g.rows)
     assert rows == list(range(len(lengths)))
@@ -66,18 +69,23 @@ def test_length_groups_cover_every_row_once_with_the_fewest_positions(seed):
     for g in groups:  # a group starts where its longest prompt does, and holds no longer one
         assert g.start == max(lengths) - max(lengths[int(r)] for r in g.rows)
     assert groups[0].start == 0  # the longest prompt's group comes first
-    assert _positions(lengths, groups) == _fewest_positions(lengths, 3)
+    assert _positions(lengths, groups) + len(groups) * cost == _least_cost(lengths, 3, cost)
 
 
 def test_length_groups_are_kept_only_when_they_save_enough():
     even = [1000, 998, 997, 995] * 8  # 0.3% padding: one prefill
-    assert length_groups(even, min_positions=0) is None
+    assert length_groups(even) is None
     spread = [200, 400, 800, 1600] * 8
-    groups = length_groups(spread, min_positions=0)
+    groups = length_groups(spread)
     assert groups is not None and len(groups) == 4
     assert _positions(spread, groups) == sum(spread)  # each length in a group of its own: no padding left
-    assert length_groups(spread, min_positions=32 * 1600 + 1) is None  # a short wave: one prefill
-    assert length_groups(spread, min_saving=0.6, min_positions=0) is None  # saves 53%, asked for 60%
-    assert length_groups([5], min_positions=0) is None
+    # Each group's forward costs positions too: 3 groups cover 8 x 200 more than 4 (the 200s padded to
+    # 400); when a forward costs more than that, they share one.
+    assert len(length_groups(spread, cost=8 * 200 - 1)) == 4
+    assert len(length_groups(spread, cost=8 * 200 + 1)) == 3
+    assert length_groups(spread, cost=32 * 1600) is None  # a forward dearer than all the padding: one prefill
+    assert length_groups(spread, cost=math.inf) is None
+    assert length_groups(spread, min_saving=0.6) is None  # saves 53%, asked for 60%
+    assert length_groups([5]) is None
     with pytest.raises(ValueError, match="max_groups"):
         length_groups(spread, max_groups=0)

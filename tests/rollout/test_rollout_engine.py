@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_grm.rollout.alignment import group_cost
 from tests.conftest import read_json, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "rollout_checks.py"
@@ -69,12 +70,15 @@ def test_left_aligned_prompts_prefill_once_and_match_megatrons_mixed_length_path
 
 
 
-def test_a_long_wave_of_different_lengths_is_prefilled_in_groups_of_similar_length(run):
+def test_a_wave_of_different_lengths_is_prefilled_in_groups_of_similar_length(run):
     """Rows of similar length are prefilled together, each group over its own positions (no padding
     positions before its longest prompt), in its own RoPE frame that the decode steps keep: one forward
     per group, then one per new token, with the same greedy and sampled tokens and log-probabilities as
     one prefill over the wave's padded width, and sampled log-probabilities that match training."""
     check = run["length_groups"]
+    # By default a group's forward is priced from this rank's layer size (alignment.group_cost).
+    assert check["layer_parameters"] > 0
+    assert check["default_cost"] == pytest.approx(group_cost(check["layer_parameters"]))
     lengths = check["wave_lengths"]  # the groups' rows index the wave
     assert sorted(run["prompt_lengths"]) == lengths
     width = max(lengths)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -154,21 +155,21 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for f in runs[True] for a in f),
     }
 
-    # 1c2. A long wave of distinct prompts of different lengths is prefilled in groups of similar length
-    # (rollout.alignment.length_groups; forced on here, where the wave is short): one forward per group
+    # 1c2. A wave of distinct prompts of different lengths is prefilled in groups of similar length
+    # (rollout.alignment.length_groups; forced on here, where the tiny model's forward costs more than the
+    # padding it would skip): one forward per group
     # over its own positions, each group's cache in the frame of its first position, and the decode steps
     # rotate each row in its group's frame. Same greedy and sampled tokens and log-probabilities as one
     # prefill over the wave's padded width.
-    from megatron_grm.rollout.alignment import LENGTH_GROUPS_MIN_POSITIONS
-
     rope_tables = [table for m in model.modules()
                    if isinstance(table := getattr(m, "rotary_pos_emb_cache", None), dict)]
     shapes = []
     hook = model.register_forward_hook(lambda module, args, kwargs, output: shapes.append(list(args[0].shape)),
                                        with_kwargs=True)
     by_length = {}
+    cost = engine.backend.length_group_cost
     for grouped in (True, False):
-        engine.backend.length_groups_min_positions = 0 if grouped else 1 << 62
+        engine.backend.length_group_cost = 0.0 if grouped else math.inf
         shapes.clear()
         by_length[grouped] = [engine.generate(prompts, n=1, sampling=full)]
         by_length[f"forwards_{grouped}"] = list(shapes)
@@ -178,9 +179,14 @@ def main() -> None:
             temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
     # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it.
     engine.generate(prompts, n=1, sampling=dataclasses.replace(full, max_new_tokens=MAX_NEW - 5))
-    engine.backend.length_groups_min_positions = LENGTH_GROUPS_MIN_POSITIONS
+    engine.backend.length_group_cost = cost
     hook.remove()
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
     out["length_groups"] = {
+        "default_cost": cost,
+        "layer_parameters": sum(p.numel() for p in next(m for m in model.modules()
+                                                        if isinstance(m, TransformerLayer)).parameters()),
         "groups": by_length["groups_True"], "groups_off": by_length["groups_False"],
         "wave_lengths": sorted(len(p) for p in prompts),  # a wave holds its prompts shortest first (plan_waves)
         "forwards": by_length["forwards_True"], "forwards_off": by_length["forwards_False"],
