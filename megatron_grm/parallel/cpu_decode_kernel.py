@@ -132,7 +132,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     leading padding positions in row ``r`` (None: none). Each real query attends causally over its row's real
     keys; a padding query sees only itself (its output is its value: nothing reads it), as
     ``models/sdpa_attention.attend_left_padded`` computes. Returns ``[s, b, Hq, D]`` contiguous, in the
-    inputs' dtype; fp32 arithmetic throughout."""
+    inputs' dtype. fp32 arithmetic; bf16 inputs on CPUs with AVX512-BF16 multiply in pairs (vdpbf16ps, fp32 sums,
+    the softmax weights rounded to bf16 for the values: as exact as torch's SDPA in bf16)."""
     lib = _library()
     s, b, h_q, d = query.shape
     h_kv = key.shape[2]
