@@ -8,8 +8,11 @@ well under the memory's rate: the batched matmuls (scores, softmax, weighted val
 each key and value once, block by block with an online softmax, and ran one step of 4 layers (32 rows x
 1,230 positions, 4 KV heads of 64, 2 query heads each) in 9.8-10.6 ms against torch's 18.3-20.8 ms in fp32,
 as fast as a plain sum of the same bytes, and in 6.7-9.0 ms against 17.1-24.5 ms in bf16
-(``bench/decode_attention.py``, session 33). The prefill kernel stops each tile of queries at its own last
-position where torch's flash kernel computes the diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
+(``bench/decode_attention.py``, session 33). A plain sum is not the memory's limit, though: with up to 4
+query heads per KV head in AVX-512 registers, each key and value widened once, the bf16 kernel took 4.47
+against 7.78 s over 4 rollouts of ``bench/rollout.py``'s distinct GRM-length wave (session 36). The
+prefill kernel stops each tile of queries at its own last position where torch's flash kernel computes the
+diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
 No package on the registries ships such kernels for torch 2.13's CPU build, and torch's own extension builder
 would compile torch's headers (a minute per machine); this file needs only ``c++`` (a few seconds).
 
