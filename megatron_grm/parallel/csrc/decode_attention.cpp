@@ -29,7 +29,7 @@
 
 namespace {
 
-using mgrm::exp_nonpositive;
+using mgrm::softmax_block;
 using mgrm::to_float;
 
 constexpr int64_t kBlock = 64;  // positions per block: 64 keys + 64 values of 64 fp32 channels = 32 KB
@@ -65,28 +65,11 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
       }
     }
     for (int64_t r = 0; r < R; ++r) {
-      float* __restrict s = scores + r * kBlock;
-      float block_max = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
-      if (block_max == -INFINITY) {  // every position of this block is masked for this query
-        for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
-        continue;
-      }
-      if (block_max > max_out[r]) {  // rescale what was accumulated under the old maximum
-        const float c = exp_nonpositive(max_out[r] - block_max);
-        sum_out[r] *= c;
+      const float c = softmax_block(scores + r * kBlock, n, max_out[r], sum_out[r]);
+      if (c != 1.0f) {  // rescale what was accumulated under the old maximum
         float* __restrict a = acc + r * D;
         for (int64_t d = 0; d < D; ++d) a[d] *= c;
-        max_out[r] = block_max;
       }
-      const float m = max_out[r];
-      float total = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        const float p = exp_nonpositive(s[t] - m);
-        s[t] = p;
-        total += p;
-      }
-      sum_out[r] += total;
     }
     for (int64_t t = 0; t < n; ++t) {
       const T* __restrict value = v + (t0 + t) * v_step;
@@ -153,27 +136,9 @@ void attend_registers(const float* __restrict q, const T* __restrict k, const T*
       }
     }
     for (int r = 0; r < R; ++r) {
-      float* __restrict s = scores + r * kBlock;
-      float block_max = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
-      if (block_max == -INFINITY) {  // every position of this block is masked for this query
-        for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
-        continue;
-      }
-      if (block_max > top[r]) {  // rescale what was accumulated under the old maximum
-        const float factor = exp_nonpositive(top[r] - block_max);
-        total[r] *= factor;
+      const float factor = softmax_block(scores + r * kBlock, n, top[r], total[r]);
+      if (factor != 1.0f)  // rescale what was accumulated under the old maximum
         for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(factor));
-        top[r] = block_max;
-      }
-      const float m = top[r];
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; ++t) {
-        const float e = exp_nonpositive(s[t] - m);
-        s[t] = e;
-        sum += e;
-      }
-      total[r] += sum;
     }
     for (int64_t t = 0; t < n; ++t) {
       const T* value = v + (t0 + t) * v_step;

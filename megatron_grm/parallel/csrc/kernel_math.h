@@ -1,5 +1,5 @@
 // Scalar helpers the CPU attention kernels share (decode_attention.cpp, prefill_attention.cpp): 16-bit
-// floats widened to fp32, and exp(x) for x <= 0 without libm.
+// floats widened to fp32, exp(x) for x <= 0 without libm, and a block of an online softmax.
 #pragma once
 
 #include <cmath>
@@ -38,6 +38,33 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// One block of a query's online softmax (flash attention's): the scores s[0:n] (-inf where masked) become
+// exp(s - top) under the running maximum `top`, raised first to the block's own; the running sum of exp
+// `total` is rescaled and the block's sum added. Returns the factor the query's accumulated weighted values
+// need (1 when the maximum stayed; 0 at its first visible key). A block with no visible key becomes zeros.
+inline float softmax_block(float* __restrict s, int64_t n, float& top, float& total) {
+  float block_max = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
+  if (block_max == -INFINITY) {
+    for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
+    return 1.0f;
+  }
+  float factor = 1.0f;
+  if (block_max > top) {
+    factor = exp_nonpositive(top - block_max);
+    total *= factor;
+    top = block_max;
+  }
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float p = exp_nonpositive(s[t] - top);
+    s[t] = p;
+    sum += p;
+  }
+  total += sum;
+  return factor;
 }
 
 }  // namespace mgrm

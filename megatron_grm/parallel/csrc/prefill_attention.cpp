@@ -39,7 +39,7 @@ constexpr int kTileK = 16;   // keys per score micro-tile: one 512-bit register
 constexpr int kBlockK = 64;  // keys per softmax block
 constexpr int kSpan = 2 * kTileQ;  // query positions that share each key block's pass
 
-using mgrm::exp_nonpositive;
+using mgrm::softmax_block;
 using mgrm::to_float;
 
 inline void narrow(float x, float* out) { *out = x; }
@@ -258,22 +258,9 @@ void attend_span(const T* q, int64_t q_position, const void* K, const void* V, i
         int64_t seen = p0 + r - k0 + 1;
         seen = seen < 0 ? 0 : (seen > keys ? keys : seen);
         for (int j = static_cast<int>(seen); j < kBlockK; ++j) s[j] = -INFINITY;
-        float block_top = -INFINITY;
-        for (int j = 0; j < seen; ++j) block_top = s[j] > block_top ? s[j] : block_top;
-        if (block_top > top[r]) {  // rescale what was accumulated under the old maximum
-          const float c = exp_nonpositive(top[r] - block_top);
-          total[r] *= c;
+        const float c = softmax_block(s, kBlockK, top[r], total[r]);  // the whole block: a fixed count
+        if (c != 1.0f)  // rescale what was accumulated under the old maximum
           for (int d = 0; d < D; ++d) O[r * D + d] *= c;
-          top[r] = block_top;
-        }
-        const float m = top[r];
-        float sum = 0.0f;
-        for (int j = 0; j < kBlockK; ++j) {
-          const float p = exp_nonpositive(s[j] - m);
-          s[j] = p;
-          sum += p;
-        }
-        total[r] += sum;
       }
       if constexpr (kBf16Dot<T>) {
         weigh_rows_bf16<D>(tile_rows, S, static_cast<const uint16_t*>(V) + k0 * D, keys, O + t0 * D);
