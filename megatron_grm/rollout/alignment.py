@@ -48,7 +48,7 @@ GROUP_FORWARD_COST_PARAMETERS = 1.5e8
 
 def group_cost(layer_parameters: int) -> float:
     """A prefill forward's fixed cost, in positions, for layers of ``layer_parameters`` parameters (local to
-    this rank): ~48 positions at hidden 512, ~570 for the CPU demo's tiny GRM, ~1 from 1B parameters up."""
+    this rank): ~48 positions at hidden 512, ~570 for the CPU demo's tiny GRM, ~3 for a 1B model's layers."""
     return GROUP_FORWARD_COST_PARAMETERS / max(1, layer_parameters)
 
 
