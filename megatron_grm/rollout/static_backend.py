@@ -269,8 +269,7 @@ class StaticBackend:
         self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
-        self._logged_gemms = False
-        self._logged_prefill = False
+        self._logged: set[str] = set()  # _log_once's kinds already logged
         self.last_gemms = None
         self.last_prefill_attention = None  # the last wave's cpu_decode.PrefillStats (None: SDPA throughout)
         self.last_length_groups: list[LengthGroup] | None = None  # the last wave's prefill groups (None: one)
@@ -289,27 +288,25 @@ class StaticBackend:
         )
         self.controller = RolloutController(self.wrapper, shim, pp_group=pp_group, vocab_limit=vocab_limit)
 
-    def _log_gemms(self, gemms) -> None:
-        if self._logged_gemms:
-            return
-        self._logged_gemms = True
-        if gemms is None:
-            log.info("rollout GEMMs: torch's matmul")
-        else:
-            log.info("rollout GEMMs: oneDNN on weights reordered once per wave for %d linear layer(s), "
-                     "torch's matmul for %d (small weights or other dtypes, sequence parallel; "
-                     "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
+    def _log_once(self, kind: str, message: str, *args) -> None:
+        """Each kind of line once per backend: which GEMMs and which prefill attention the waves run."""
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.info(message, *args)
 
-    def _log_prefill(self, prefill) -> None:
-        if self._logged_prefill or (prefill is not None and prefill.kernel + prefill.sdpa == 0):
-            return
-        self._logged_prefill = True
-        if prefill is None:
-            log.info("rollout prefill attention: torch's SDPA")
+    def _log_paths(self, gemms, prefill) -> None:
+        if gemms is None:
+            self._log_once("gemms", "rollout GEMMs: torch's matmul")
         else:
-            log.info("rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for %d (another dtype "
-                     "or head size, no AVX-512, or prompts past cpu_decode.PREFILL_MAX_POSITION_CHANNELS)",
-                     prefill.kernel, prefill.sdpa)
+            self._log_once("gemms", "rollout GEMMs: oneDNN on weights reordered once per wave for %d linear "
+                           "layer(s), torch's matmul for %d (small weights or other dtypes, sequence parallel; "
+                           "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
+        if prefill is None:
+            self._log_once("prefill", "rollout prefill attention: torch's SDPA")
+        elif prefill.kernel + prefill.sdpa:  # a wave whose prefill ran no attention says nothing yet
+            self._log_once("prefill", "rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for "
+                           "%d (another dtype or head size, no AVX-512, or prompts past "
+                           "cpu_decode.PREFILL_MAX_POSITION_CHANNELS)", prefill.kernel, prefill.sdpa)
 
     def generate_wave(
         self,
@@ -372,8 +369,7 @@ class StaticBackend:
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
         self.last_prefill_attention = prefill
-        self._log_gemms(gemms)
-        self._log_prefill(prefill)
+        self._log_paths(gemms, prefill)
         out = []
         for i in range(len(prompts)):
             tokens = done[i].generated_tokens.tolist()

@@ -67,6 +67,17 @@ def first_k_containing(tokens: list[int], stop: str, decode) -> int:
     raise AssertionError(f"{stop!r} not in the greedy text")
 
 
+def same_runs(runs, others) -> dict:
+    """Two lists of generate() calls' samples compared: all tokens equal, the largest log-probability
+    difference, and how many tokens the first holds."""
+    pairs = [(a, b) for f, p in zip(runs, others) for a, b in zip(f, p)]
+    return {
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in pairs),
+        "logprob_max_abs_diff": max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs)),
+        "tokens": sum(len(a.token_ids) for f in runs for a in f),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -122,10 +133,7 @@ def main() -> None:
     plain = [engine.generate(prompts, n=1, sampling=greedy), engine.generate(prompts, n=2, sampling=sampled)]
     model.config.flash_decode = out["flash_decode"]
     out["plain_vs_flash_decode"] = {
-        "tokens_equal": all(a.token_ids == b.token_ids for f, p in zip(fast, plain) for a, b in zip(f, p)),
-        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(fast, plain) for a, b in zip(f, p)
-                                    for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for f in fast for a in f),
+        **same_runs(fast, plain),
     }
 
     # 1c. Left-aligned prompts (one prefill for the whole wave) against Megatron's own mixed-length handling
@@ -149,10 +157,7 @@ def main() -> None:
     hook.remove()
     out["aligned_vs_megatron_mixed_lengths"] = {
         "forwards_aligned": runs["forwards_True"], "forwards_megatron": runs["forwards_False"],
-        "tokens_equal": all(a.token_ids == b.token_ids for f, p in zip(runs[True], runs[False]) for a, b in zip(f, p)),
-        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(runs[True], runs[False]) for a, b in zip(f, p)
-                                    for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for f in runs[True] for a in f),
+        **same_runs(runs[True], runs[False]),
     }
 
     # 1c2. A wave of distinct prompts of different lengths is prefilled in groups of similar length
@@ -190,11 +195,7 @@ def main() -> None:
         "groups": by_length["groups_True"], "groups_off": by_length["groups_False"],
         "wave_lengths": sorted(len(p) for p in prompts),  # a wave holds its prompts shortest first (plan_waves)
         "forwards": by_length["forwards_True"], "forwards_off": by_length["forwards_False"],
-        "tokens_equal": all(a.token_ids == b.token_ids
-                            for f, p in zip(by_length[True], by_length[False]) for a, b in zip(f, p)),
-        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(by_length[True], by_length[False])
-                                    for a, b in zip(f, p) for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for f in by_length[True] for a in f),
+        **same_runs(by_length[True], by_length[False]),
         "sampled_logprob_diff_vs_training": engine.check_logprobs(by_length[True][1]),
         # Megatron's flash-decode path caches a RoPE table per context length on the model; after these
         # waves of two lengths none may be left behind.
@@ -221,11 +222,7 @@ def main() -> None:
         "available": prefill_kernels.prefill_available(model.config.params_dtype, head_dim),
         "layers": len(model.decoder.layers), "stats": stats[True], "stats_off": stats[False],
         "override_left_installed": sdpa_attention.prefill_attention_override is not None,
-        "tokens_equal": all(a.token_ids == b.token_ids
-                            for f, p in zip(by_kernel[True], by_kernel[False]) for a, b in zip(f, p)),
-        "logprob_max_abs_diff": max(abs(x - y) for f, p in zip(by_kernel[True], by_kernel[False])
-                                    for a, b in zip(f, p) for x, y in zip(a.logprobs, b.logprobs)),
-        "tokens": sum(len(a.token_ids) for f in by_kernel[True] for a in f),
+        **same_runs(by_kernel[True], by_kernel[False]),
         "sampled_logprob_diff_vs_training": engine.check_logprobs(by_kernel[True][1]),
     }
 
