@@ -44,7 +44,8 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not cpu_decode_kernel.prefill_available(dtype, args.dim):
         sys.exit(f"the C++ prefill kernel is unavailable here for {args.dtype} heads of {args.dim}: "
-                 f"{cpu_decode_kernel.describe()}; it needs AVX-512 and heads of {cpu_decode_kernel.PREFILL_DIMS}")
+                 f"{cpu_decode_kernel.describe()}; it needs AVX-512 or AVX2 and heads of "
+                 f"{cpu_decode_kernel.PREFILL_DIMS}")
     b, h_q, h_kv, d = args.rows, args.heads, args.kv_heads, args.dim
     lengths = torch.linspace(args.max_prompt, args.min_prompt, b).round().long().tolist()
     s = lengths[0]

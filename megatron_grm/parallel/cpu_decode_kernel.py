@@ -22,7 +22,8 @@ the CPU's feature flags (``-march=native``: a cache shared between different nod
 kind). Builds are written to a temporary file and renamed into place, so ranks building at once do not
 see half a library. Without a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is
 False and ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
-AVX-512 besides (:func:`prefill_available`); elsewhere the prefill stays on torch's SDPA.
+AVX-512 or AVX2 (with FMA and F16C) besides (:func:`prefill_available`); elsewhere the prefill stays on
+torch's SDPA. :func:`describe` names the instruction set the kernels were built for.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "prefill_attention.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "kernel_math.h",)  # included by the sources: part of the hash
+# Included by the sources: part of the hash.
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
@@ -62,9 +64,11 @@ def available(dtype: torch.dtype) -> bool:
 
 def describe() -> str:
     """One line for the log: which decode attention runs, and why."""
-    if _library() is not None:
-        prefill = "and prefill attention kernels" if _prefill_built() else \
-            "attention kernel (prefill attention: torch's SDPA, the kernels were built without AVX-512)"
+    lib = _library()
+    if lib is not None:
+        simd = lib.mgrm_attention_simd().decode()
+        prefill = f"and prefill attention kernels, {simd}" if _prefill_built() else \
+            "attention kernel (prefill attention: torch's SDPA, the kernels were built without AVX-512 or AVX2)"
         return f"C++ decode {prefill} ({_library_path()})"
     return f"torch decode attention (C++ kernel unavailable: {_unavailable_reason()})"
 
@@ -118,7 +122,7 @@ PREFILL_DIMS = (16, 32, 64, 128)  # head sizes the prefill kernel is compiled fo
 
 def prefill_available(dtype: torch.dtype, dim: int) -> bool:
     """Whether :func:`prefill_attention` runs here for heads of ``dim`` channels in ``dtype``: the library
-    built with AVX-512, a dtype it reads, a head size of :data:`PREFILL_DIMS`."""
+    built with AVX-512 or AVX2, a dtype it reads, a head size of :data:`PREFILL_DIMS`."""
     return dim in PREFILL_DIMS and available(dtype) and _prefill_built()
 
 
@@ -141,7 +145,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     s, b, h_q, d = query.shape
     h_kv = key.shape[2]
     if lib is None or not prefill_available(query.dtype, d):
-        why = _unavailable_reason() if lib is None else f"needs AVX-512 and heads of {PREFILL_DIMS} channels"
+        why = (_unavailable_reason() if lib is None
+               else f"needs AVX-512 or AVX2 and heads of {PREFILL_DIMS} channels")
         raise RuntimeError(f"C++ prefill attention unavailable for {query.dtype} heads of {d}: {why}")
     if key.shape != (s, b, h_kv, d) or value.shape != key.shape or h_kv == 0 or h_q % h_kv:
         raise ValueError(f"query {tuple(query.shape)} does not match key {tuple(key.shape)} / value "
@@ -260,6 +265,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
                                            ptr, i64, i64, i64, ptr, ctypes.c_float]
     lib.mgrm_prefill_attention_built.restype = ctypes.c_int
     lib.mgrm_prefill_attention_built.argtypes = []
+    lib.mgrm_attention_simd.restype = ctypes.c_char_p
+    lib.mgrm_attention_simd.argtypes = []
     return lib, None
 
 

@@ -305,7 +305,7 @@ class StaticBackend:
             self._log_once("prefill", "rollout prefill attention: torch's SDPA")
         elif prefill.kernel + prefill.sdpa:  # a wave whose prefill ran no attention says nothing yet
             self._log_once("prefill", "rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for "
-                           "%d (another dtype or head size, no AVX-512, or prompts past "
+                           "%d (another dtype or head size, neither AVX-512 nor AVX2, or prompts past "
                            "cpu_decode.PREFILL_MAX_POSITION_CHANNELS)", prefill.kernel, prefill.sdpa)
 
     def generate_wave(

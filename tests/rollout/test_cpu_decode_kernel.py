@@ -4,8 +4,10 @@ a float64 attention written out here, and what happens where it cannot be built.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +175,53 @@ def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, mon
     assert list(cache.iterdir()) == []  # no half-written library for the next process to load
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_compiler
+def test_the_build_names_the_vector_instructions_this_cpu_has():
+    """-march=native: AVX-512 where the CPU has it, else AVX2 (with FMA and F16C), else the scalar loops and
+    no prefill kernel; the log line says which."""
+    if platform.machine() != "x86_64":
+        pytest.skip("an x86-64 CPU's flags")
+    flags = _cpu_flags()
+    want = ("AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma", "f16c"} <= flags else "scalar")
+    assert cpu_decode_kernel._library().mgrm_attention_simd().decode() == want
+    assert cpu_decode_kernel.prefill_available(torch.float32, 64) == (want != "scalar")
+    assert (f"prefill attention kernels, {want}" in cpu_decode_kernel.describe()) == (want != "scalar")
+
+
+@needs_compiler
+@pytest.mark.parametrize("march,simd", [("x86-64", "scalar"), ("haswell", "AVX2")])
+def test_a_build_for_an_older_x86_cpu_computes_the_same(march, simd, tmp_path, monkeypatch, fresh_probe):
+    """The kernels built for an older x86-64 than this one (as a cache shared with such nodes holds them): a
+    CPU with AVX-512 also checks the AVX2 micro-kernels this way, and any x86-64 the scalar decode loops with
+    the prefill declined."""
+    if platform.machine() != "x86_64" or (simd == "AVX2" and not {"avx2", "fma", "f16c"} <= _cpu_flags()):
+        pytest.skip(f"needs an x86-64 CPU that runs {march} code")
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", tuple(f"-march={march}" if flag == "-march=native" else flag
+                                                          for flag in cpu_decode_kernel.FLAGS))
+    assert cpu_decode_kernel._library().mgrm_attention_simd().decode() == simd
+    assert str(tmp_path) in cpu_decode_kernel.describe()
+    for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-5)):
+        test_kernel_matches_float64_attention(dtype, tol, 64, 2, (0, 200))
+        test_kernel_matches_float64_attention(dtype, tol, 128, 3, (70, 131))
+    assert cpu_decode_kernel.prefill_available(torch.float32, 64) == (simd != "scalar")
+    if simd == "scalar":
+        with pytest.raises(RuntimeError, match="needs AVX-512 or AVX2"):
+            cpu_decode_kernel.prefill_attention(*_split_qkv(8, 1, 2, 2, 64, torch.float32, seed=0), None, 0.125)
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        test_prefill_kernel_matches_float64_causal_attention(dtype, 64, 8, 4, 200, [0, 13, 199])
+        test_prefill_kernel_matches_float64_causal_attention(dtype, 128, 4, 1, 77, [5, 0])
+
+
 @needs_compiler
 def test_kernel_skips_each_rows_left_padding_without_reading_it():
     """``row_start``: a row's positions before it are not read at all (NaN there changes nothing), a start
@@ -196,7 +245,7 @@ def test_kernel_skips_each_rows_left_padding_without_reading_it():
 
 
 needs_prefill_kernel = pytest.mark.skipif(not cpu_decode_kernel.prefill_available(torch.float32, 64),
-                                          reason="the C++ prefill kernel needs a compiler and AVX-512")
+                                          reason="the C++ prefill kernel needs a compiler and AVX-512 or AVX2")
 
 
 def _prefill_reference(query, key, value, pads, scale):

@@ -112,7 +112,7 @@ def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_s
     """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
     heads, 2 query heads per KV head; at TP = 2 one of each per rank), with the same greedy and sampled
     tokens and log-probabilities as torch's SDPA, and sampled log-probabilities that match training.
-    Without AVX-512 here every call is SDPA's, and says so."""
+    Without AVX-512 or AVX2 here every call is SDPA's, and says so."""
     check = run["prefill_kernel"]
     assert check["override_left_installed"] is False
     assert check["stats_off"] is None  # switched off: SDPA throughout, nothing installed

@@ -21,11 +21,8 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "kernel_math.h"
+#include "simd16.h"
 
 namespace {
 
@@ -86,38 +83,28 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
   }
 }
 
-#ifdef __AVX512F__
-// 16 channels widened to fp32.
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const uint16_t* x) {  // bf16: the high half of an fp32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(x))), 16));
-}
-#ifdef MGRM_HAVE_FP16
-inline __m512 load16(const _Float16* x) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-}
-#endif
-
+#ifdef MGRM_SIMD16
 // attend() for up to 4 query heads of 64 or 128 channels: each key and value is widened and loaded once for
-// all R queries, and the queries and weighted values stay in registers. One step of bench/rollout.py's 4
-// layers (32 rows x 1,230 positions, 4 KV heads of 64), the two builds alternating in one process:
-// 1.17x faster in bf16 and 1.04-1.18x in fp32 with 2 query heads per KV head, 1.64-1.69x with 3 or 4,
-// 1.15x and 1.63x for heads of 128 (session 36). More query heads (or a group of rows' stacked queries)
-// take the loop above.
+// all R queries. With AVX-512 the queries and the weighted values stay in registers. One step of
+// bench/rollout.py's 4 layers (32 rows x 1,230 positions, 4 KV heads of 64), the two builds alternating in
+// one process: 1.17x faster in bf16 and 1.04-1.18x in fp32 with 2 query heads per KV head, 1.64-1.69x with 3
+// or 4, 1.15x and 1.63x for heads of 128 (session 36). Only with AVX-512: AVX2's 16 registers hold 8 F32x16,
+// and there it ran at 0.81-0.88x (fp32) and 0.93-0.94x (bf16) the loop above's speed, also with the values'
+// pass 16 channels at a time (session 37). More query heads (or a group of rows' stacked queries) take the loop above.
 template <typename T, int R, int D>
 void attend_registers(const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t k_step,
                       int64_t v_step, const float* __restrict mask, int64_t start, int64_t end, float scale,
                       float* __restrict scratch, float* __restrict max_out, float* __restrict sum_out,
                       float* __restrict out) {
+  using namespace mgrm;
   constexpr int C = D / 16;
   float* __restrict scores = scratch;  // [R][kBlock]
-  __m512 query[R][C], acc[R][C];
+  F32x16 query[R][C], acc[R][C];
   float top[R], total[R];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
-      query[r][c] = _mm512_loadu_ps(q + r * D + 16 * c);
-      acc[r][c] = _mm512_setzero_ps();
+      query[r][c] = load16(q + r * D + 16 * c);
+      acc[r][c] = zero16();
     }
     top[r] = -INFINITY;
     total[r] = 0.0f;
@@ -126,47 +113,47 @@ void attend_registers(const float* __restrict q, const T* __restrict k, const T*
     const int64_t n = end - t0 < kBlock ? end - t0 : kBlock;
     for (int64_t t = 0; t < n; ++t) {
       const T* key = k + (t0 + t) * k_step;
-      __m512 kv[C];
+      F32x16 kv[C];
       for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
       const float add = mask ? mask[t0 + t] : 0.0f;
       for (int r = 0; r < R; ++r) {
-        __m512 dot = _mm512_mul_ps(query[r][0], kv[0]);
-        for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(query[r][c], kv[c], dot);
-        scores[r * kBlock + t] = _mm512_reduce_add_ps(dot) * scale + add;
+        F32x16 dot = mul16(query[r][0], kv[0]);
+        for (int c = 1; c < C; ++c) dot = fmadd16(query[r][c], kv[c], dot);
+        scores[r * kBlock + t] = sum16(dot) * scale + add;
       }
     }
     for (int r = 0; r < R; ++r) {
       const float factor = softmax_block(scores + r * kBlock, n, top[r], total[r]);
       if (factor != 1.0f)  // rescale what was accumulated under the old maximum
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], _mm512_set1_ps(factor));
+        for (int c = 0; c < C; ++c) acc[r][c] = mul16(acc[r][c], set16(factor));
     }
     for (int64_t t = 0; t < n; ++t) {
       const T* value = v + (t0 + t) * v_step;
-      __m512 vv[C];
+      F32x16 vv[C];
       for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
       for (int r = 0; r < R; ++r) {
-        const __m512 weight = _mm512_set1_ps(scores[r * kBlock + t]);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(weight, vv[c], acc[r][c]);
+        const F32x16 weight = set16(scores[r * kBlock + t]);
+        for (int c = 0; c < C; ++c) acc[r][c] = fmadd16(weight, vv[c], acc[r][c]);
       }
     }
   }
   for (int r = 0; r < R; ++r) {
     max_out[r] = top[r];
     sum_out[r] = total[r];
-    const __m512 inv = _mm512_set1_ps(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * D + 16 * c, _mm512_mul_ps(acc[r][c], inv));
+    const F32x16 inv = set16(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
+    for (int c = 0; c < C; ++c) store16(out + r * D + 16 * c, mul16(acc[r][c], inv));
   }
 }
 
-#endif  // __AVX512F__
+#endif  // MGRM_SIMD16
 
 // One (row, group): attend_registers where it applies, else attend().
 template <typename T, int64_t kDim>
 void attend_any(const float* q, const T* k, const T* v, int64_t k_step, int64_t v_step, const float* mask,
                 int64_t start, int64_t end, int64_t R, int64_t D, float scale, float* scratch, float* max_out,
                 float* sum_out, float* out) {
-#ifdef __AVX512F__
-  if constexpr (kDim == 64 || kDim == 128) {
+#ifdef MGRM_SIMD16
+  if constexpr ((kDim == 64 || kDim == 128) && mgrm::kVectorRegisters16 >= 16) {
     using Kernel = void (*)(const float*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t,
                             float, float*, float*, float*, float*);
     constexpr Kernel kernels[] = {attend_registers<T, 1, kDim>, attend_registers<T, 2, kDim>,
@@ -245,6 +232,16 @@ int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int
     default:
       return -1;
   }
+}
+
+// The vector instructions the kernels were built for (simd16.h): "AVX-512", "AVX2", or "scalar" (no prefill
+// kernel, the decode kernel's plain loops).
+const char* mgrm_attention_simd() {
+#ifdef MGRM_SIMD16
+  return mgrm::kSimdName;
+#else
+  return "scalar";
+#endif
 }
 
 // Bit d set: dtype code d is compiled in.

@@ -16,31 +16,42 @@
 // kernel 1.33x faster in bf16 (bench/prefill_attention.py --dtype bf16: 45 against 60 ms), with errors
 // against float64 equal to torch's SDPA's (session 36).
 //
-// The micro-kernels use AVX-512 intrinsics. Built without AVX-512 (-march=native on another CPU), the
-// entry point returns -1 and megatron_grm.parallel.cpu_decode keeps torch's kernel.
+// The micro-kernels are written against simd16.h's 16-lane vectors: one AVX-512 register, or two AVX2
+// ones (there a score micro-kernel takes 6 query rows, and the weighted values 16 channels per pass). On
+// the 2-core AMD EPYC of session 37 (AVX2, no AVX-512) the kernel took 99 against SDPA's 157 ms in fp32
+// (1.58x) and 111 against 150 ms in bf16 (1.35x; bf16 widened to fp32) in bench/prefill_attention.py.
+// Built with neither (-march=native on another CPU), the entry point returns -1 and
+// megatron_grm.parallel.cpu_decode keeps torch's kernel.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "kernel_math.h"
+#include "simd16.h"
 
 namespace {
 
-#ifdef __AVX512F__
+#ifdef MGRM_SIMD16
 
-constexpr int kTileQ = 12;   // query positions per tile (one query head): 12 accumulators in the score kernel
-constexpr int kTileK = 16;   // keys per score micro-tile: one 512-bit register
+constexpr int kTileQ = 12;   // query positions per tile (one query head)
+constexpr int kTileK = 16;   // keys per score micro-tile: one F32x16
 constexpr int kBlockK = 64;  // keys per softmax block
 constexpr int kSpan = 2 * kTileQ;  // query positions that share each key block's pass
+// Query rows per score micro-kernel call: one accumulator each, besides the keys and a broadcast query. With
+// 32 AVX-512 registers a whole tile; with AVX2's 16 (two per F32x16) half of one.
+constexpr int kScoreRows = mgrm::kVectorRegisters16 >= 16 ? kTileQ : kTileQ / 2;
 
+using mgrm::F32x16;
+using mgrm::fmadd16;
+using mgrm::load16;
+using mgrm::set16;
 using mgrm::softmax_block;
+using mgrm::store16;
 using mgrm::to_float;
+using mgrm::with_rows;
+using mgrm::zero16;
 
 inline void narrow(float x, float* out) { *out = x; }
 inline void narrow(float x, uint16_t* out) {  // round to nearest even, NaN kept a NaN
@@ -56,13 +67,13 @@ inline void narrow(float x, _Float16* out) { *out = static_cast<_Float16>(x); }
 // S[r][0:16] = sum_d Q[r][d] * Kt[d][0:16] for R query rows.
 template <int R, int D>
 inline void score_tile(const float* __restrict Q, const float* __restrict Kt, float* __restrict S) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  F32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = zero16();
   for (int d = 0; d < D; ++d) {
-    const __m512 key = _mm512_loadu_ps(Kt + d * kTileK);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(Q[r * D + d]), key, acc[r]);
+    const F32x16 key = load16(Kt + d * kTileK);
+    for (int r = 0; r < R; ++r) acc[r] = fmadd16(set16(Q[r * D + d]), key, acc[r]);
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(S + r * kBlockK, acc[r]);
+  for (int r = 0; r < R; ++r) store16(S + r * kBlockK, acc[r]);
 }
 
 #ifdef __AVX512BF16__
@@ -84,20 +95,7 @@ inline void score_tile_bf16(const uint32_t* __restrict Qp, const uint16_t* __res
 
 template <int D>
 void score_rows_bf16(int rows, const uint32_t* Qp, const uint16_t* Kp, float scale, float* S) {
-  switch (rows) {
-    case 12: score_tile_bf16<12, D>(Qp, Kp, scale, S); break;
-    case 11: score_tile_bf16<11, D>(Qp, Kp, scale, S); break;
-    case 10: score_tile_bf16<10, D>(Qp, Kp, scale, S); break;
-    case 9: score_tile_bf16<9, D>(Qp, Kp, scale, S); break;
-    case 8: score_tile_bf16<8, D>(Qp, Kp, scale, S); break;
-    case 7: score_tile_bf16<7, D>(Qp, Kp, scale, S); break;
-    case 6: score_tile_bf16<6, D>(Qp, Kp, scale, S); break;
-    case 5: score_tile_bf16<5, D>(Qp, Kp, scale, S); break;
-    case 4: score_tile_bf16<4, D>(Qp, Kp, scale, S); break;
-    case 3: score_tile_bf16<3, D>(Qp, Kp, scale, S); break;
-    case 2: score_tile_bf16<2, D>(Qp, Kp, scale, S); break;
-    default: score_tile_bf16<1, D>(Qp, Kp, scale, S); break;
-  }
+  with_rows<kTileQ>(rows, [&](auto r) { score_tile_bf16<decltype(r)::value, D>(Qp, Kp, scale, S); });
 }
 // O[r][0:D] += sum_k P[r][k] * V[k][0:D] with P rounded to bf16 (as flash attention's GPU kernels round it)
 // and the values' own bf16 bits: Pp[r][j] holds row r's weights of keys 2j and 2j + 1, Vp[j][0:D][2] those
@@ -136,14 +134,7 @@ void weigh_rows_bf16(int rows, const float* P, const uint16_t* Vp, int keys, flo
     const int n = rows - r0 < kRows ? rows - r0 : kRows;
     const uint32_t* pp = Pp + r0 * (kBlockK / 2);
     float* o = O + r0 * D;
-    switch (n) {
-      case 6: weigh_values_bf16<6, D>(pp, Vp, pairs, o); break;
-      case 5: weigh_values_bf16<5, D>(pp, Vp, pairs, o); break;
-      case 4: weigh_values_bf16<4, D>(pp, Vp, pairs, o); break;
-      case 3: weigh_values_bf16<3, D>(pp, Vp, pairs, o); break;
-      case 2: weigh_values_bf16<2, D>(pp, Vp, pairs, o); break;
-      default: weigh_values_bf16<1, D>(pp, Vp, pairs, o); break;
-    }
+    with_rows<kRows>(n, [&](auto r) { weigh_values_bf16<decltype(r)::value, D>(pp, Vp, pairs, o); });
   }
 }
 
@@ -152,60 +143,51 @@ constexpr bool kBf16Dot = std::is_same_v<T, uint16_t>;
 #else
 template <typename T>
 constexpr bool kBf16Dot = false;
+// Declared, never defined or called (kBf16Dot is false): attend_span's discarded branches name them.
+template <int D>
+void score_rows_bf16(int rows, const uint32_t* Qp, const uint16_t* Kp, float scale, float* S);
+template <int D>
+void weigh_rows_bf16(int rows, const float* P, const uint16_t* Vp, int keys, float* O);
 #endif
 
 template <int D>
 void score_rows(int rows, const float* Q, const float* Kt, float* S) {
-  switch (rows) {
-    case 12: score_tile<12, D>(Q, Kt, S); break;
-    case 11: score_tile<11, D>(Q, Kt, S); break;
-    case 10: score_tile<10, D>(Q, Kt, S); break;
-    case 9: score_tile<9, D>(Q, Kt, S); break;
-    case 8: score_tile<8, D>(Q, Kt, S); break;
-    case 7: score_tile<7, D>(Q, Kt, S); break;
-    case 6: score_tile<6, D>(Q, Kt, S); break;
-    case 5: score_tile<5, D>(Q, Kt, S); break;
-    case 4: score_tile<4, D>(Q, Kt, S); break;
-    case 3: score_tile<3, D>(Q, Kt, S); break;
-    case 2: score_tile<2, D>(Q, Kt, S); break;
-    default: score_tile<1, D>(Q, Kt, S); break;
+  for (int r0 = 0; r0 < rows; r0 += kScoreRows) {
+    const int n = rows - r0 < kScoreRows ? rows - r0 : kScoreRows;
+    with_rows<kScoreRows>(n, [&](auto r) { score_tile<decltype(r)::value, D>(Q + r0 * D, Kt, S + r0 * kBlockK); });
   }
 }
 
-// O[r][0:D] += sum_k P[r][k] * V[k][0:D] for R query rows (R * D / 16 accumulators: at most 24).
-template <int R, int D>
+// O[r][0:D] += sum_k P[r][k] * V[k][0:D] for R query rows, CC F32x16 of channels at a time (R * CC
+// accumulators): with AVX-512 all D channels in one pass, with AVX2 16 per pass over the block's values
+// (which stay in L1).
+template <int R, int D, int CC>
 inline void weigh_values(const float* __restrict P, const float* __restrict V, int keys, float* __restrict O) {
-  constexpr int C = D / 16;
-  __m512 o[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) o[r][c] = _mm512_loadu_ps(O + r * D + 16 * c);
-  for (int k = 0; k < keys; ++k) {
-    __m512 value[C];
-    for (int c = 0; c < C; ++c) value[c] = _mm512_loadu_ps(V + k * D + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m512 p = _mm512_set1_ps(P[r * kBlockK + k]);
-      for (int c = 0; c < C; ++c) o[r][c] = _mm512_fmadd_ps(p, value[c], o[r][c]);
+  for (int c0 = 0; c0 < D / 16; c0 += CC) {
+    F32x16 o[R][CC];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CC; ++c) o[r][c] = load16(O + r * D + 16 * (c0 + c));
+    for (int k = 0; k < keys; ++k) {
+      F32x16 value[CC];
+      for (int c = 0; c < CC; ++c) value[c] = load16(V + k * D + 16 * (c0 + c));
+      for (int r = 0; r < R; ++r) {
+        const F32x16 p = set16(P[r * kBlockK + k]);
+        for (int c = 0; c < CC; ++c) o[r][c] = fmadd16(p, value[c], o[r][c]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CC; ++c) store16(O + r * D + 16 * (c0 + c), o[r][c]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * D + 16 * c, o[r][c]);
 }
 
 template <int D>
 void weigh_rows(int rows, const float* P, const float* V, int keys, float* O) {
-  constexpr int kRows = D <= 64 ? 6 : 3;  // rows x D / 16 accumulators: 6-24
+  constexpr bool kWide = mgrm::kVectorRegisters16 >= 16;
+  constexpr int kChunk = kWide ? D / 16 : 1;         // F32x16 of channels per pass
+  constexpr int kRows = kWide && D > 64 ? 3 : 6;     // rows x kChunk accumulators: 6-24
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const int n = rows - r0 < kRows ? rows - r0 : kRows;
-    const float* p = P + r0 * kBlockK;
-    float* o = O + r0 * D;
-    switch (n) {
-      case 6: weigh_values<6, D>(p, V, keys, o); break;
-      case 5: weigh_values<5, D>(p, V, keys, o); break;
-      case 4: weigh_values<4, D>(p, V, keys, o); break;
-      case 3: weigh_values<3, D>(p, V, keys, o); break;
-      case 2: weigh_values<2, D>(p, V, keys, o); break;
-      default: weigh_values<1, D>(p, V, keys, o); break;
-    }
+    with_rows<kRows>(n, [&](auto r) { weigh_values<decltype(r)::value, D, kChunk>(P + r0 * kBlockK, V, keys, O + r0 * D); });
   }
 }
 
@@ -354,7 +336,7 @@ int run_dim(int threads, View q, View k, View v, View o, int64_t B, int64_t L, i
   }
 }
 
-#endif  // __AVX512F__
+#endif  // MGRM_SIMD16
 
 }  // namespace
 
@@ -364,13 +346,14 @@ extern "C" {
 // head h, channel d) of q at b*q_row + t*q_position + h*q_head + d, and likewise k, v, out; q/out have Hq
 // heads, k/v Hkv (Hq a multiple of Hkv). Row b's first pads[b] positions (pads may be null: none) are left
 // padding: each sees only itself (out = its value); the rest attend causally from the first real one.
-// Returns 0, or -1 when this build cannot (no AVX-512, a dtype not compiled in, D not 16, 32, 64 or 128).
+// Returns 0, or -1 when this build cannot (neither AVX-512 nor AVX2, a dtype not compiled in, D not 16, 32,
+// 64 or 128).
 int mgrm_prefill_attention(int dtype, int threads, int64_t B, int64_t L, int64_t Hq, int64_t Hkv, int64_t D,
                            const void* q, int64_t q_row, int64_t q_position, int64_t q_head, const void* k,
                            int64_t k_row, int64_t k_position, int64_t k_head, const void* v, int64_t v_row,
                            int64_t v_position, int64_t v_head, void* out, int64_t o_row, int64_t o_position,
                            int64_t o_head, const int64_t* pads, float scale) {
-#ifdef __AVX512F__
+#ifdef MGRM_SIMD16
   if (Hkv <= 0 || Hq % Hkv != 0) return -1;
   const View qv{q, q_row, q_position, q_head}, kv{k, k_row, k_position, k_head}, vv{v, v_row, v_position, v_head},
       ov{out, o_row, o_position, o_head};
@@ -394,9 +377,9 @@ int mgrm_prefill_attention(int dtype, int threads, int64_t B, int64_t L, int64_t
 #endif
 }
 
-// Whether this build has the prefill kernel (AVX-512).
+// Whether this build has the prefill kernel (AVX-512 or AVX2).
 int mgrm_prefill_attention_built() {
-#ifdef __AVX512F__
+#ifdef MGRM_SIMD16
   return 1;
 #else
   return 0;

@@ -1,0 +1,106 @@
+// 16 fp32 lanes as the attention kernels' unit of vector work: one AVX-512 register, or a pair of AVX2
+// ones. The kernels are written once against F32x16; what differs between the two instruction sets is how
+// many such vectors fit the register file (kVectorRegisters16), which sets their tile shapes. Built with
+// neither (-march=native on an older CPU, or another architecture), MGRM_SIMD16 is undefined and only the
+// scalar loops are compiled.
+//
+// AVX2 needs FMA and F16C with it (every x86-64 CPU with AVX2 since Haswell / Zen 1 has both): the AMD EPYC
+// hosts of DGX A100 nodes (Zen 2) and Zen 3 servers have no AVX-512.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#include <immintrin.h>
+#define MGRM_SIMD16 1
+
+namespace mgrm {
+
+#if defined(__AVX512F__)
+
+inline const char* kSimdName = "AVX-512";
+constexpr int kVectorRegisters16 = 32;  // zmm registers, one F32x16 each
+
+struct F32x16 {
+  __m512 v;
+};
+inline F32x16 zero16() { return {_mm512_setzero_ps()}; }
+inline F32x16 set16(float x) { return {_mm512_set1_ps(x)}; }
+inline F32x16 load16(const float* x) { return {_mm512_loadu_ps(x)}; }
+inline F32x16 load16(const uint16_t* x) {  // bf16: the high half of an fp32
+  return {_mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16))};
+}
+#ifdef __FLT16_MAX__
+inline F32x16 load16(const _Float16* x) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)))};
+}
+#endif
+inline void store16(float* x, F32x16 a) { _mm512_storeu_ps(x, a.v); }
+inline F32x16 fmadd16(F32x16 a, F32x16 b, F32x16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline F32x16 mul16(F32x16 a, F32x16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline float sum16(F32x16 a) { return _mm512_reduce_add_ps(a.v); }
+
+#else  // AVX2 + FMA + F16C
+
+inline const char* kSimdName = "AVX2";
+constexpr int kVectorRegisters16 = 8;  // 16 ymm registers, two per F32x16
+
+struct F32x16 {
+  __m256 lo, hi;
+};
+inline F32x16 zero16() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F32x16 set16(float x) {
+  const __m256 v = _mm256_set1_ps(x);
+  return {v, v};
+}
+inline F32x16 load16(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
+inline __m256 widen_bf16(__m128i x) {  // 8 bf16: the high halves of 8 fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+inline F32x16 load16(const uint16_t* x) {
+  return {widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
+          widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8)))};
+}
+#ifdef __FLT16_MAX__
+inline F32x16 load16(const _Float16* x) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8)))};
+}
+#endif
+inline void store16(float* x, F32x16 a) {
+  _mm256_storeu_ps(x, a.lo);
+  _mm256_storeu_ps(x + 8, a.hi);
+}
+inline F32x16 fmadd16(F32x16 a, F32x16 b, F32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline F32x16 mul16(F32x16 a, F32x16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline float sum16(F32x16 a) {
+  const __m256 eight = _mm256_add_ps(a.lo, a.hi);
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  four = _mm_add_ss(four, _mm_movehdup_ps(four));
+  return _mm_cvtss_f32(four);
+}
+
+#endif
+
+}  // namespace mgrm
+
+#endif  // MGRM_SIMD16
+
+namespace mgrm {
+
+// Calls f(std::integral_constant<int, n>{}) for a runtime n in [1, Max]: a micro-kernel templated on its row
+// count, picked at run time without a switch per call site.
+template <int Max, typename F>
+inline void with_rows(int n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_rows<Max - 1>(n, static_cast<F&&>(f));
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
+}  // namespace mgrm
