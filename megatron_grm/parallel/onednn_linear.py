@@ -14,6 +14,12 @@ at 32 rows and 1.05x at 1,024 than torch's ``mm`` (session 26, ``bench/onednn_li
 Megatron's module code, its tensor-parallel collectives and its bias handling stay as they are: only
 ``_forward_impl``, the GEMM itself, is swapped for the wave.
 
+On a CPU without a bf16 GEMM (no AVX512-BF16 or AMX: e.g. an AVX2-only EPYC) torch's bf16 matmul runs a
+generic loop: a bf16 wave of ``bench/rollout.py``'s distinct GRM prompts prefilled in 64.9 s against ~10 s
+in fp32 on such a machine (session 37). There bf16 weights are reordered as fp32 once per wave and the
+GEMM runs in fp32 on the bf16 inputs: products of bf16 values are exact in fp32 and the sums are fp32,
+as in a bf16 GEMM, and the output is rounded to bf16 once; only the summation order differs.
+
 Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training, whose
 forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder), sequence-parallel layers
 (their GEMM gathers the sequence first), weights other than fp32 / bf16, inputs of another dtype than
@@ -78,10 +84,21 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a weight of ``dtype`` is reordered and multiplied in here: its own where oneDNN computes it;
+    fp32 for bf16 where this CPU has no bf16 GEMM (see the module's docstring); None where neither works."""
+    if available(dtype):
+        return dtype
+    if dtype == torch.bfloat16 and available(torch.float32):
+        return torch.float32
+    return None
+
+
 def worth_packing(weight: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    """A large 2-D CPU weight of one of ``dtypes`` that this build's oneDNN multiplies correctly."""
+    """A large 2-D CPU weight of one of ``dtypes`` that this build's oneDNN multiplies correctly (in its own
+    dtype, or a bf16 one widened to fp32: :func:`gemm_dtype`)."""
     return (weight is not None and weight.dtype in dtypes and weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.numel() >= PACK_MIN_ELEMENTS and available(weight.dtype))
+            and weight.dim() == 2 and weight.numel() >= PACK_MIN_ELEMENTS and gemm_dtype(weight.dtype) is not None)
 
 
 @dataclass
@@ -90,6 +107,7 @@ class PackStats:
 
     layers: int = 0
     reordered: int = 0
+    widened: int = 0  # of those, bf16 weights reordered as fp32 (a CPU without a bf16 GEMM)
     calls: int = 0
     fallbacks: int = 0  # GEMMs of taken layers that still ran Megatron's path (autograd on, ...)
     skipped: int = 0  # layers left to Megatron: small weights or other dtypes, sequence parallelism
@@ -98,11 +116,14 @@ class PackStats:
 class _PackedGemm:
     """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes."""
 
-    def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats) -> None:
+    def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
+                 widen_bf16: bool | None = None) -> None:
         self.layer, self.rows, self.stats = layer, rows, stats
+        self.widen_bf16 = widen_bf16  # None: where this CPU has no bf16 GEMM (gemm_dtype)
         self.source: torch.Tensor | None = None
         self.version = -1
         self.packed: torch.Tensor | None = None
+        self.widened = False  # the packed weight is a bf16 one's fp32 copy
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() or kwargs.get("sequence_parallel") or input.dtype != weight.dtype:
@@ -110,11 +131,18 @@ class _PackedGemm:
         if weight is not self.source or weight._version != self.version:  # first use, or a changed weight
             if not worth_packing(weight, ROLLOUT_DTYPES):  # checked here, not per call: same within a wave
                 return self._megatrons_gemm(input, weight, *args, **kwargs)
-            self.packed = reorder(weight, self.rows)  # a tied output layer passes the embedding's weight
+            self.widened = weight.dtype == torch.bfloat16 and (
+                gemm_dtype(weight.dtype) == torch.float32 if self.widen_bf16 is None else self.widen_bf16)
+            # A tied output layer passes the embedding's weight.
+            self.packed = reorder(weight.float() if self.widened else weight, self.rows)
             self.source, self.version = weight, weight._version
             self.stats.reordered += 1
+            self.stats.widened += self.widened
         self.stats.calls += 1
-        return linear(input, self.packed, kwargs.get("bias", args[0] if args else None))
+        bias = kwargs.get("bias", args[0] if args else None)
+        if self.widened:  # bf16 operands multiplied in fp32, the output rounded once
+            return linear(input.float(), self.packed, None if bias is None else bias.float()).to(input.dtype)
+        return linear(input, self.packed, bias)
 
     def _megatrons_gemm(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.stats.fallbacks += 1

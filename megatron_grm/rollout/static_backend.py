@@ -300,7 +300,9 @@ class StaticBackend:
         else:
             self._log_once("gemms", "rollout GEMMs: oneDNN on weights reordered once per wave for %d linear "
                            "layer(s), torch's matmul for %d (small weights or other dtypes, sequence parallel; "
-                           "parallel/onednn_linear.py)", gemms.layers, gemms.skipped)
+                           "parallel/onednn_linear.py)%s", gemms.layers, gemms.skipped,
+                           f"; {gemms.widened} bf16 weight(s) multiplied in fp32 (this CPU has no bf16 GEMM)"
+                           if gemms.widened else "")
         if prefill is None:
             self._log_once("prefill", "rollout prefill attention: torch's SDPA")
         elif prefill.kernel + prefill.sdpa:  # a wave whose prefill ran no attention says nothing yet

@@ -107,6 +107,31 @@ def test_bf16_weights_are_reordered_and_multiplied_in_bf16():
     assert stats.fallbacks == 0 and layer.own_calls == 0
 
 
+@pytest.mark.parametrize("widen", [True, None])
+def test_bf16_weights_without_a_bf16_gemm_multiply_in_fp32(widen):
+    """A CPU without a bf16 GEMM (``widen=None`` there; ``True`` asks for it anywhere): the bf16 weight is
+    reordered as fp32 once, and the output is the fp32 GEMM of the bf16 operands (exact products, fp32 sums)
+    rounded to bf16 once: within one bf16 step of the float64 result rounded."""
+    if widen is None and onednn_linear.available(torch.bfloat16):
+        pytest.skip("this CPU has a bf16 GEMM: bf16 weights stay bf16 (the test above)")
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, widen_bf16=widen)
+    g = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(2, 16, 512, generator=g).bfloat16()
+    bias = torch.randn(768, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = gemm(x, weight, bias=bias)
+        again = gemm(x, weight, bias=bias)
+    assert stats.reordered == stats.widened == 1 and stats.calls == 2 and stats.fallbacks == 0
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 16, 768) and torch.equal(got, again)
+    want = _reference(x, weight, bias)
+    step = want.abs().clamp(min=1.0) * 2.0 ** -7  # one bf16 step (8 significant bits) at the output's size
+    assert bool(((got.double() - want).abs() <= step).all())
+    assert float((got.double() - want.bfloat16().double()).abs().max()) <= float(step.max())
+    assert layer.own_calls == 0
+
+
 def test_availability_is_probed_once_per_dtype_whatever_the_callers_context():
     """The first question may come from inside a training forward or a ``torch.device`` block: the probe
     runs on the CPU regardless, and ``available()`` and ``available(torch.float32)`` share its answer."""
@@ -122,8 +147,10 @@ def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
     assert onednn_linear.worth_packing(big)
     assert not onednn_linear.worth_packing(torch.empty(511, 512))
     assert not onednn_linear.worth_packing(big.bfloat16())  # training's forward GEMMs: fp32 only
-    assert onednn_linear.worth_packing(big.bfloat16(), onednn_linear.ROLLOUT_DTYPES) == onednn_linear.available(
-        torch.bfloat16)
+    # bf16: reordered as bf16 where this CPU has a bf16 GEMM, else as fp32 (gemm_dtype)
+    assert onednn_linear.gemm_dtype(torch.bfloat16) == (
+        torch.bfloat16 if onednn_linear.available(torch.bfloat16) else torch.float32)
+    assert onednn_linear.worth_packing(big.bfloat16(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(big.double(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(torch.empty(512 * 512))
     assert not onednn_linear.worth_packing(None)

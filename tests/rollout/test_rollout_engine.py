@@ -372,12 +372,15 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     assert check["logprob_diff_vs_own_forward"] <= 2e-2
     assert check["logprob_diff_vs_fp32_training"] <= 2e-2
     assert check["tokens_equal_fp32"] >= check["rows"] - 1  # a near-tie may go the other way in bf16
-    # With the size threshold at 0 every bf16 linear layer multiplies through oneDNN on a reordered weight.
-    if not check["bf16_onednn"]:
-        pytest.skip("this CPU's oneDNN has no bf16 linear: the bf16 GEMMs stay on torch's matmul")
+    # With the size threshold at 0 every bf16 linear layer multiplies through oneDNN on a reordered weight:
+    # a bf16 one, or where this CPU has no bf16 GEMM its fp32 copy (the bf16 operands' exact products).
+    if check["bf16_gemm_dtype"] == "None":
+        pytest.skip("this torch build's oneDNN has no fp32 or bf16 linear: the GEMMs stay on torch's matmul")
     assert check["gemm_layers"] == check["linear_modules"] > 0
     assert check["gemm_reordered"] >= check["linear_modules"] - 1  # a tied output layer reuses the embedding's
     assert check["gemm_calls"] >= check["linear_modules"] * tp1["max_new"] and check["gemm_fallbacks"] == 0
+    assert check["bf16_gemm_dtype"] == ("torch.bfloat16" if check["bf16_onednn"] else "torch.float32")
+    assert check["gemm_widened"] == (0 if check["bf16_onednn"] else check["gemm_reordered"])
 
 
 def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):

@@ -601,7 +601,9 @@ def main() -> None:
             "linear_modules": sum(isinstance(m, (ColumnParallelLinear, RowParallelLinear))
                                   for m in bf16_model.modules()),
             "gemm_layers": gemms.layers, "gemm_reordered": gemms.reordered, "gemm_calls": gemms.calls,
-            "gemm_fallbacks": gemms.fallbacks, "bf16_onednn": onednn_linear.available(torch.bfloat16),
+            "gemm_fallbacks": gemms.fallbacks, "gemm_widened": gemms.widened,
+            "bf16_onednn": onednn_linear.available(torch.bfloat16),
+            "bf16_gemm_dtype": str(onednn_linear.gemm_dtype(torch.bfloat16)),
         }
         del bf16_engine, bf16_model
 
