@@ -90,7 +90,8 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
 // one process: 1.17x faster in bf16 and 1.04-1.18x in fp32 with 2 query heads per KV head, 1.64-1.69x with 3
 // or 4, 1.15x and 1.63x for heads of 128 (session 36). Only with AVX-512: AVX2's 16 registers hold 8 F32x16,
 // and there it ran at 0.81-0.88x (fp32) and 0.93-0.94x (bf16) the loop above's speed, also with the values'
-// pass 16 channels at a time (session 37). More query heads (or a group of rows' stacked queries) take the loop above.
+// pass 16 channels at a time (session 37). More query heads (or a group of rows' stacked queries) take the
+// loop above.
 template <typename T, int R, int D>
 void attend_registers(const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t k_step,
                       int64_t v_step, const float* __restrict mask, int64_t start, int64_t end, float scale,

@@ -187,7 +187,9 @@ void weigh_rows(int rows, const float* P, const float* V, int keys, float* O) {
   constexpr int kRows = kWide && D > 64 ? 3 : 6;     // rows x kChunk accumulators: 6-24
   for (int r0 = 0; r0 < rows; r0 += kRows) {
     const int n = rows - r0 < kRows ? rows - r0 : kRows;
-    with_rows<kRows>(n, [&](auto r) { weigh_values<decltype(r)::value, D, kChunk>(P + r0 * kBlockK, V, keys, O + r0 * D); });
+    with_rows<kRows>(n, [&](auto r) {
+      weigh_values<decltype(r)::value, D, kChunk>(P + r0 * kBlockK, V, keys, O + r0 * D);
+    });
   }
 }
 
