@@ -57,10 +57,7 @@ if TYPE_CHECKING:
 
 
 def _indexed() -> Any:
-    """Megatron-Core's indexed_dataset module, imported on first use (through parallel/lazy_compile.py)."""
-    from megatron_grm.parallel.lazy_compile import import_megatron_core
-
-    import_megatron_core()
+    """Megatron-Core's indexed_dataset module, imported on first use."""
     from megatron.core.datasets import indexed_dataset
 
     return indexed_dataset

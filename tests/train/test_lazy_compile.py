@@ -1,5 +1,5 @@
-"""parallel/lazy_compile.py: Megatron-Core imports without TorchDynamo; its fused kernels still compile, with
-their own options, at their first call."""
+"""parallel/lazy_compile.py: Megatron-Core imports without TorchDynamo, whichever module imports it first; its
+fused kernels still compile, with their own options, at their first call."""
 
 from __future__ import annotations
 
@@ -10,14 +10,27 @@ from megatron_grm.parallel.lazy_compile import lazy_compile
 from tests.conftest import REPO, REPO_PYTHONPATH
 
 
-def test_importing_the_parallel_package_imports_megatron_core_but_not_torchdynamo():
-    code = ("import sys, megatron_grm.parallel; from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
-            "from megatron.core.jit import jit_fuser; "
-            "print('megatron.core' in sys.modules, 'torch._dynamo' in sys.modules, jit_fuser.__qualname__)")
+def run_python(code: str) -> list[str]:
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO,
                           env={"PYTHONPATH": REPO_PYTHONPATH, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["True", "False", "lazy_compile.<locals>.compile_later"]
+    return proc.stdout.split()
+
+
+def test_whichever_module_imports_megatron_core_first_it_imports_without_torchdynamo():
+    """``import megatron_grm`` installs the hook; the parallel package itself loads nothing heavy, and the
+    first importer here is a data module (as in the RFT stage, which paid for TorchDynamo in every rank)."""
+    code = ("import importlib.resources, sys, megatron_grm, megatron_grm.parallel; "
+            "print('megatron.core' in sys.modules); "
+            "from megatron.core.datasets import helpers_cpp; "
+            "from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
+            "from megatron.core.jit import jit_fuser; from megatron_grm.parallel import init_parallel; "
+            "print('megatron.core' in sys.modules, 'torch._dynamo' in sys.modules, jit_fuser.__qualname__, "
+            "init_parallel.__module__, any('MegatronCore' in type(f).__name__ for f in sys.meta_path), "
+            "sys.modules['megatron.core'].__spec__.loader.is_package('megatron.core'), "
+            "importlib.resources.files('megatron.core').joinpath('__init__.py').is_file())")
+    assert run_python(code) == ["False", "True", "False", "lazy_compile.<locals>.compile_later",
+                                "megatron_grm.parallel.distributed", "False", "True", "True"]
 
 
 def test_a_deferred_function_is_compiled_once_at_its_first_call_with_its_options():
@@ -40,10 +53,9 @@ def test_a_deferred_function_is_compiled_once_at_its_first_call_with_its_options
 
 
 def test_stage_and_preprocessing_entry_points_import_megatron_core_lazily():
-    modules = ["megatron_grm.stages.sft", "megatron_grm.stages.grpo", "megatron_grm.stages.evaluate",
+    # The RFT stage first: it imports Megatron-Core's datasets before anything else of Megatron's.
+    modules = ["megatron_grm.stages.rft", "megatron_grm.stages.bootstrap", "megatron_grm.stages.sft",
+               "megatron_grm.stages.grpo", "megatron_grm.stages.metarm", "megatron_grm.stages.evaluate",
                "megatron_grm.models.hf_convert", "megatron_grm.data.preprocess"]
     code = f"import sys, {', '.join(modules)}; print('torch._dynamo' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": REPO_PYTHONPATH, "PATH": "/usr/bin:/bin"}, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False"]
+    assert run_python(code) == ["False"]

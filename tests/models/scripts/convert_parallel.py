@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 
 def parallel_loss_vs_transformers(model, hf_dir: Path, vocab_size: int) -> float:
     """|sum of per-token losses from the TP x PP schedule - the same sum from transformers' logits|.

@@ -9,6 +9,8 @@ import json
 
 import torch
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()

@@ -19,6 +19,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path (static engine, gloo) ev
 
 import torch  # noqa: E402
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 TEXTS = ["Hi", "What is 2+2? Answer:", "Tell me a story about a robot who", "Q: name a colour.\nA:"]
 MAX_NEW = 20
 

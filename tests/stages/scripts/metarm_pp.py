@@ -8,6 +8,8 @@ import json
 import os
 import random
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 

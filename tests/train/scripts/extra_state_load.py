@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()

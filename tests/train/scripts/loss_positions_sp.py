@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
 from tests.report import write_on_rank0
 
 

@@ -12,6 +12,8 @@ import tempfile
 
 import torch
 
+import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
