@@ -29,6 +29,7 @@ from megatron_grm.data.arithmetic import teacher_judgment
 from megatron_grm.data.examples import Example
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_grm.parallel.device import use_te_spec
 from megatron_grm.parallel.distributed import is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import build_prompt
@@ -60,6 +61,7 @@ class BootstrapSettings:
     eval_interval: int = 0  # held-out accuracy every this many steps (0: only at the end)
     max_new_tokens: int = 128  # for the held-out evaluation
     pad_multiple: int = 8
+    pack: bool = False  # short samples share a row in a micro-batch (LengthBucketedProducer): less padding
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> BootstrapSettings:
@@ -95,10 +97,14 @@ def train_bootstrap(cfg: Any) -> Trainer:
     log.info("bootstrap mix: %d teacher judgments (teacher accuracy %.2f) + %d instruction samples %s", len(judgments),
              settings.teacher_accuracy, len(samples) - len(judgments), per_source)
 
+    if settings.pack and use_te_spec():
+        raise ValueError("bootstrap.pack=true needs attention that reads Megatron's mask (the local spec's SDPA "
+                         "core); Transformer Engine's causal kernels would let packed samples see each other: "
+                         "set bootstrap.pack=false")
     trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "bootstrap"})
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
                                       tokenizer.pad_id, t.seed, pad_multiple_for(run, settings.pad_multiple),
-                                      uniform_length=run.parallel.pipeline_parallel > 1)
+                                      uniform_length=run.parallel.pipeline_parallel > 1, pack=settings.pack)
     if not trainer.resume(producer) and t.load:
         trainer.load_weights(t.load)
     heldout = load_examples(data["heldout"]) if data.get("heldout") else []

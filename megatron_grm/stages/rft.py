@@ -34,7 +34,7 @@ import torch
 from megatron_grm.data.arithmetic import digit_facts
 from megatron_grm.data.blend import BlendedDataset
 from megatron_grm.data.examples import Example
-from megatron_grm.data.packing import collate_padded
+from megatron_grm.data.packing import collate_padded, pack_documents, plan_rows
 from megatron_grm.data.readers.common import json_object_lines
 from megatron_grm.data.sources import load_examples
 from megatron_grm.data.tokenizer import TokenizationError, Tokenizer, load_tokenizer
@@ -222,17 +222,25 @@ class LengthBucketedProducer(SampleBatchProducer):
     round-robin to the DP ranks. The loss is a token-weighted mean over the whole global batch, so the
     regrouping changes the padding and nothing else. With ``uniform_length`` (pipeline parallelism, whose
     schedule sends fixed shapes) all micro-batches of a step share the step's longest length.
+
+    With ``pack``, the sorted batch is dealt to the ranks one sample at a time (each rank a like mix of
+    lengths), and in each micro-batch consecutive samples share a row while they fit in its longest
+    sample's width (block-diagonal causal attention, positions restarting per sample): a mix of short
+    instruction pairs and long judgments then needs fewer rows, with the same loss terms. Megatron's
+    bool mask for such rows is only honoured by attention that reads an arbitrary mask (the local spec's
+    SDPA core), not by Transformer Engine's causal kernels: the stages that offer it check that.
     """
 
     def __init__(self, samples: Sequence[Sample], global_batch_size: int, micro_batch_size: int, seq_length: int,
-                 pad_id: int, seed: int, pad_multiple: int = 8, uniform_length: bool = False) -> None:
+                 pad_id: int, seed: int, pad_multiple: int = 8, uniform_length: bool = False,
+                 pack: bool = False) -> None:
         super().__init__(samples, global_batch_size, micro_batch_size, seq_length, pad_id, seed)
         too_long = [i for i, s in enumerate(samples) if len(s[0]) > seq_length]
         if too_long:
             i = too_long[0]
             raise ValueError(f"sample {i} has {len(samples[i][0])} tokens > seq_length={seq_length}")
         self.lengths = [len(s[0]) for s in samples]
-        self.pad_multiple, self.uniform_length = pad_multiple, uniform_length
+        self.pad_multiple, self.uniform_length, self.pack = pad_multiple, uniform_length, pack
         self.real_tokens = self.batch_tokens = 0
         self.last_step_waste = 0.0
 
@@ -244,15 +252,26 @@ class LengthBucketedProducer(SampleBatchProducer):
         indices = global_batch_indices(self.consumed, self.gbs, len(self.samples), self.seed)
         self.consumed += self.gbs
         by_length = sorted(indices, key=lambda i: self.lengths[i])
-        groups = [by_length[j:j + self.mbs] for j in range(0, self.gbs, self.mbs)]
+        if self.pack:  # rank r: sorted samples r, r + dp, ...; micro-batches of mbs samples in a row each
+            per_rank = [by_length[r::self.dp_size] for r in range(self.dp_size)]
+            groups = [share[j:j + self.mbs] for share in per_rank for j in range(0, len(share), self.mbs)]
+        else:
+            groups = [by_length[j:j + self.mbs] for j in range(0, self.gbs, self.mbs)]
         widths = [self._width(g) for g in groups]
         if self.uniform_length:
             widths = [max(widths)] * len(widths)
+        rows = [len(plan_rows([self.lengths[i] for i in g], w)) if self.pack and not self.uniform_length else len(g)
+                for g, w in zip(groups, widths)]
         real = sum(self.lengths[i] for i in indices)
-        total = sum(w * len(g) for g, w in zip(groups, widths))
+        total = sum(w * n for n, w in zip(rows, widths))
         self.real_tokens += real
         self.batch_tokens += total
         self.last_step_waste = 1.0 - real / total
+        if self.pack:
+            per_rank_groups = len(groups) // self.dp_size
+            mine = list(zip(groups, widths))[self.dp_rank * per_rank_groups:(self.dp_rank + 1) * per_rank_groups]
+            return [pack_documents([self.samples[i] for i in g], seq_length=w, pad_id=self.pad_id,
+                                   num_rows=len(g) if self.uniform_length else None) for g, w in mine]
         mine = list(zip(groups, widths))[self.dp_rank::self.dp_size]
         return [collate_padded([self.samples[i] for i in g], seq_length=w, pad_id=self.pad_id) for g, w in mine]
 
