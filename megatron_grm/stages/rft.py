@@ -252,7 +252,7 @@ class LengthBucketedProducer(SampleBatchProducer):
         indices = global_batch_indices(self.consumed, self.gbs, len(self.samples), self.seed)
         self.consumed += self.gbs
         by_length = sorted(indices, key=lambda i: self.lengths[i])
-        if self.pack:  # rank r: sorted samples r, r + dp, ...; micro-batches of mbs samples in a row each
+        if self.pack:  # rank r: sorted samples r, r + dp, ..., cut into micro-batches of mbs samples
             per_rank = [by_length[r::self.dp_size] for r in range(self.dp_size)]
             groups = [share[j:j + self.mbs] for share in per_rank for j in range(0, len(share), self.mbs)]
         else:
