@@ -52,6 +52,8 @@ from megatron_grm.rollout.alignment import (
     window_attention_mask,
 )
 from megatron_grm.rollout.controller import RolloutController, StepCallback, StopCheck, TokenizerShim
+from megatron_grm.rollout.last_position import final_layer_at_last_position
+from megatron_grm.rollout.last_position import unsupported_reason as last_position_unsupported
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.rollout.shared_prefill import (
     MIN_SEGMENT,
@@ -269,6 +271,7 @@ class StaticBackend:
         self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
+        self.final_layer_last_position = True  # the prefill's final layer only where its output is read
         self._logged: set[str] = set()  # _log_once's kinds already logged
         self.last_gemms = None
         self.last_prefill_attention = None  # the last wave's cpu_decode.PrefillStats (None: SDPA throughout)
@@ -287,6 +290,17 @@ class StaticBackend:
             model, inference_wrapper_config(model, max_batch_size), StaticInferenceContext(1, 1), groups
         )
         self.controller = RolloutController(self.wrapper, shim, pp_group=pp_group, vocab_limit=vocab_limit)
+
+    def _final_layer_at_last_position(self) -> contextlib.AbstractContextManager:
+        """The wave's forwards run the final layer at the last position alone when they read only its logits
+        (:mod:`megatron_grm.rollout.last_position`)."""
+        whole = "switched off" if not self.final_layer_last_position else last_position_unsupported(self.model)
+        self._log_once("last_position", "rollout prefill: the final layer %s",
+                       "at the last position only" if whole is None else f"at every position ({whole})")
+        if whole is not None:
+            return contextlib.nullcontext()
+        return final_layer_at_last_position(
+            self.model, lambda: bool(self.wrapper.inference_context.materialize_only_last_token_logits))
 
     def _log_once(self, kind: str, message: str, *args) -> None:
         """Each kind of line once per backend: which GEMMs and which prefill attention the waves run."""
@@ -367,7 +381,8 @@ class StaticBackend:
               rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
               packed_linears(self.model, len(prompts)) if self.pack_weights else contextlib.nullcontext() as gemms,
-              cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill):
+              cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill,
+              self._final_layer_at_last_position()):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
         self.last_prefill_attention = prefill

@@ -110,7 +110,8 @@ def test_waves_leave_no_rope_table_behind(run):
 
 def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_sdpa(run):
     """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
-    heads, 2 query heads per KV head; at TP = 2 one of each per rank), with the same greedy and sampled
+    heads, 2 query heads per KV head; at TP = 2 one of each per rank) but the final layer's, which attends
+    from the last position alone (test below) and so is no causal prefill; with the same greedy and sampled
     tokens and log-probabilities as torch's SDPA, and sampled log-probabilities that match training.
     Without AVX-512 or AVX2 here every call is SDPA's, and says so."""
     check = run["prefill_kernel"]
@@ -118,13 +119,41 @@ def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_s
     assert check["stats_off"] is None  # switched off: SDPA throughout, nothing installed
     stats = check["stats"]
     if check["available"]:
-        assert stats["kernel"] == check["layers"] and stats["sdpa"] == 0  # one prefill forward in the last wave
+        assert stats["kernel"] == check["layers"] - 1 and stats["sdpa"] == 0  # one prefill forward in the last wave
     else:
-        assert stats["kernel"] == 0 and stats["sdpa"] == check["layers"]
+        assert stats["kernel"] == 0 and stats["sdpa"] == check["layers"] - 1
     assert check["tokens"] == 2 * len(run["prompt_lengths"]) * run["max_new"]
     assert check["tokens_equal"]
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
     assert check["sampled_logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
+def test_the_prefill_runs_its_final_layer_at_the_last_position_only(run):
+    """The final layer's MLP sees one position per row in the prefill (whose width it saw before) and in
+    every decode step; greedy and sampled tokens and log-probabilities are the same as with the whole layer,
+    in one padded prefill, in length groups and for identical prompts prefilled once; sampled
+    log-probabilities match training; nothing stays installed after a wave."""
+    check = run["final_layer_at_last_position"]
+    width = max(run["prompt_lengths"])
+    assert check["mlp_positions_off"][0] == width  # with the whole layer: the prefill's every position
+    assert check["mlp_positions"] == [1] * run["max_new"]  # one prefill, then a step per new token
+    assert check["mlp_positions_off"][1:] == [1] * (run["max_new"] - 1)
+    assert check["hooks_left"] == 0
+    assert check["tokens"] == (2 * len(run["prompt_lengths"]) + 6) * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+    assert check["sampled_logprob_diff_vs_training"] <= LOGPROB_TOL
+
+
+def test_gemma2s_final_layer_attends_from_the_last_position_alone_with_the_same_results(tp1):
+    """Gemma-2's core attention (soft-capped scores, a sliding window shorter than the longest row) takes
+    the last query and its row of the mask alike: the same greedy and sampled tokens and log-probabilities."""
+    check = tp1["final_layer_at_last_position_gemma2"]
+    assert check["unsupported"] is None
+    assert max(check["lengths"]) > 24  # the window masks keys of the longest rows
+    assert check["tokens"] == 3 * len(tp1["prompt_lengths"]) * tp1["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
 def test_identical_prompts_are_prefilled_once(run):

@@ -228,6 +228,33 @@ def main() -> None:
         "sampled_logprob_diff_vs_training": engine.check_logprobs(by_kernel[True][1]),
     }
 
+    # 1c4. The prefill's final layer at the last position alone (rollout.last_position): its MLP sees one
+    # position per row in every forward (prefill and decode) where it saw the prompt's width before, with the
+    # same greedy and sampled tokens and log-probabilities in one padded prefill, in length groups, and for
+    # identical prompts prefilled once; the hooks are gone after each wave.
+    final = model.decoder.layers[-1]
+    bda, mlp_positions = final.self_attn_bda, []
+    hook = final.mlp.register_forward_hook(lambda module, args, output: mlp_positions.append(args[0].shape[0]))
+    at_last, positions_seen = {}, {}
+    for on in (True, False):
+        engine.backend.final_layer_last_position = on
+        mlp_positions.clear()
+        at_last[on] = [engine.generate(prompts, n=1, sampling=full)]
+        positions_seen[on] = list(mlp_positions)
+        engine.backend.length_group_cost = 0.0
+        at_last[on].append(engine.generate(prompts, n=1, sampling=full))
+        engine.backend.length_group_cost = cost
+        at_last[on].append(engine.generate(prompts[:2], n=3, sampling=SamplingConfig(
+            temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=31)))
+    engine.backend.final_layer_last_position = True
+    hook.remove()
+    out["final_layer_at_last_position"] = {
+        "mlp_positions": positions_seen[True], "mlp_positions_off": positions_seen[False],
+        "hooks_left": len(final.self_attention.core_attention._forward_pre_hooks) + (final.self_attn_bda is not bda),
+        **same_runs(at_last[True], at_last[False]),
+        "sampled_logprob_diff_vs_training": engine.check_logprobs(at_last[True][2]),
+    }
+
     # 1d. Identical prompts (a group's samples) are prefilled once: the prefill's batch is the number of
     # distinct prompts, and greedy tokens and log-probabilities equal those of a prefill on every row.
     # The wave mixes lengths (left padding) and puts copies apart from each other. With the shared-prompt
@@ -544,6 +571,28 @@ def main() -> None:
         out["flash_decode_routing"] = {
             "llama": _supported(built("llama")),
             "gemma2_softcap_only": _supported(built("gemma2", attn_logit_softcapping=50.0)),
+        }
+
+        # Gemma-2's core attention (soft-capping, a sliding window narrower than the prompts + judgments)
+        # also attends from the final layer's last position alone, with the same tokens and log-probabilities.
+        torch.manual_seed(3)
+        gemma_cfg = ModelConfig(family="gemma2", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                                num_attention_heads=4, num_query_groups=2, vocab_size=tok.vocab_size,
+                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+                                sliding_window=24)
+        gemma = build_model(gemma_cfg, run.parallel, PrecisionConfig("fp32"), use_te=False)
+        gemma_engine = RolloutEngine(gemma, tok)
+        from megatron_grm.rollout.last_position import unsupported_reason
+
+        gemma_runs = {}
+        for on in (True, False):
+            gemma_engine.backend.final_layer_last_position = on
+            gemma_runs[on] = [gemma_engine.generate(prompts, n=1, sampling=full), gemma_engine.generate(
+                prompts, n=2, sampling=SamplingConfig(temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True,
+                                                      seed=37))]
+        out["final_layer_at_last_position_gemma2"] = {
+            "unsupported": unsupported_reason(gemma), "lengths": [len(p) + MAX_NEW for p in prompts],
+            **same_runs(gemma_runs[True], gemma_runs[False]),
         }
 
     # 8. sample_judgments never hands the engine a prompt without room for the judgment: that request is an
