@@ -7,7 +7,9 @@ machine's two rates in the bench's own process (best-of matmul FLOP/s on the pre
 read bandwidth) and prices the least work a rollout needs:
 
 * prefill: every distinct prompt prefix once (rows that share a prefix need its keys and values only
-  once), the linear layers and causal attention at the matmul peak, one logit row per row;
+  once), the linear layers and causal attention at the matmul peak; in the final layer only the keys and
+  values there, and the whole layer at each row's last position (the only output a rollout reads, as
+  ``rollout/last_position.py`` computes it); one logit row per row;
 * decode step ``j``: every row's linear layers and LM head and its attention over ``prompt + j``
   positions, at the matmul peak, but never less than reading the weights once and each distinct cached
   position once (shared prefixes once per step, generated positions per row) at the read bandwidth.
@@ -32,13 +34,19 @@ def layer_linear_params(m: ModelConfig) -> int:
     return m.hidden_size * (2 * q + 2 * kv) + 3 * m.hidden_size * m.ffn_hidden_size
 
 
+def kv_projection_params(m: ModelConfig) -> int:
+    """The K and V weights of one layer: all a prefill's final layer needs at a position whose output
+    nothing reads."""
+    return m.hidden_size * 2 * m.num_query_groups * m.kv_channels
+
+
 def kv_elements_per_position(m: ModelConfig) -> int:
     return m.num_layers * 2 * m.num_query_groups * m.kv_channels
 
 
-def attention_flops(m: ModelConfig, keys: int) -> int:
-    """One query over ``keys`` positions in every layer: scores and weighted values."""
-    return m.num_layers * 4 * keys * m.num_attention_heads * m.kv_channels
+def attention_flops(m: ModelConfig, keys: int, layers: int | None = None) -> int:
+    """One query over ``keys`` positions in every layer (or ``layers`` of them): scores and weighted values."""
+    return (m.num_layers if layers is None else layers) * 4 * keys * m.num_attention_heads * m.kv_channels
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,11 @@ def rollout_floor(m: ModelConfig, rows: list[list[int]], new_tokens: int, elemen
     prefixes = distinct_prefixes(rows)
     lm_head = 2 * m.vocab_size * m.hidden_size
     linear = 2 * layer_linear_params(m) * m.num_layers
-    prefill_flops = (len(prefixes) * linear + sum(attention_flops(m, d + 1) for d in prefixes)
-                     + len(rows) * lm_head)
+    before_final = m.num_layers - 1
+    final_rest = 2 * (layer_linear_params(m) - kv_projection_params(m))  # the final layer past K and V
+    prefill_flops = (len(prefixes) * (2 * layer_linear_params(m) * before_final + 2 * kv_projection_params(m))
+                     + sum(attention_flops(m, d + 1, before_final) for d in prefixes)
+                     + sum(final_rest + attention_flops(m, len(r), 1) + lm_head for r in rows))
     weight_bytes = (layer_linear_params(m) * m.num_layers + m.vocab_size * m.hidden_size) * element_bytes
     prefill = max(prefill_flops / peak_flops, weight_bytes / read_bytes_per_s)
     decode, bound = 0.0, 0

@@ -39,12 +39,15 @@ def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
     shape = ModelConfig(hidden_size=4, num_layers=1, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=8,
                         vocab_size=10)
     assert roofline.layer_linear_params(shape) == 144
-    rows = [[1, 2], [1, 3]]  # prefixes at depths 0, 1, 1: keys 1 + 2 + 2
-    # prefill: 3 x 288 + 16 x 5 + 2 x 80 = 1104 FLOPs; decode step 1: 2 x (288 + 80) + 16 x (4 + 2) = 832,
+    rows = [[1, 2], [1, 3]]  # prefixes at depths 0, 1, 1
+    # prefill (the one layer is the final one): K and V (16 weights) at 3 prefixes 3 x 32, the rest of the
+    # layer (128 weights) and attention over 2 keys at each row's last position 2 x (256 + 32), 2 logit rows
+    # 2 x 80: 832 FLOPs; decode step 1: 2 x (288 + 80) + 16 x (4 + 2) = 832,
     # step 2: 736 + 16 x (4 + 4) = 864 (of 3 new tokens the prefill's logits give the first, steps 1-2 the rest).
     fast_memory = roofline.rollout_floor(shape, rows, new_tokens=3, element_bytes=4, peak_flops=1000.0,
                                          read_bytes_per_s=1e12)
-    assert fast_memory.prefill_s == pytest.approx(1.104)
+    assert roofline.kv_projection_params(shape) == 16
+    assert fast_memory.prefill_s == pytest.approx(0.832)
     assert fast_memory.decode_s == pytest.approx(1.696)
     assert fast_memory.decode_bandwidth_bound_steps == 0
     # weights (144 + 40) x 4 = 736 bytes; the cache 3 prompt prefixes + 2 rows x step, 4 elements each, 4 bytes:
@@ -53,7 +56,7 @@ def test_a_tiny_model_costs_what_counting_by_hand_gives(roofline):
                                          read_bytes_per_s=100.0)
     assert slow_memory.decode_s == pytest.approx(8.16 + 8.48)
     assert slow_memory.decode_bandwidth_bound_steps == 2
-    assert slow_memory.prefill_s == pytest.approx(7.36)  # reading the weights once outlasts 1104 FLOPs
+    assert slow_memory.prefill_s == pytest.approx(7.36)  # reading the weights once outlasts 832 FLOPs
     assert slow_memory.total_s == pytest.approx(7.36 + 16.64)
 
 
@@ -63,6 +66,9 @@ def test_copies_of_a_prompt_cost_one_prefill_but_every_row_decodes(roofline):
     prompt = list(range(3, 43))
     one = roofline.rollout_floor(shape, [prompt], 5, 4, 1e9, 1e15)
     eight = roofline.rollout_floor(shape, [prompt] * 8, 5, 4, 1e9, 1e15)
-    lm_head = 2 * 100 * 64 / 1e9
-    assert eight.prefill_s - one.prefill_s == pytest.approx(7 * lm_head)  # only the extra logit rows
+    # Per extra row only its logit row (2 x 100 x 64) and the final layer at its last position: the
+    # weights past K and V (64 x (2 x 64 + 2 x 32) + 3 x 64 x 128 - 64 x 64 = 32768, twice) and one query
+    # over its 40 keys (4 x 40 x 4 heads x 16).
+    per_row = (2 * 100 * 64 + 2 * 32768 + 4 * 40 * 4 * 16) / 1e9
+    assert eight.prefill_s - one.prefill_s == pytest.approx(7 * per_row)
     assert eight.decode_s == pytest.approx(8 * one.decode_s)  # compute-bound: every row's own work
