@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch (the best is reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--whole-final-layer", action="store_true",
+                    help="our prefill runs its final layer at every position (rollout/last_position.py off), "
+                         "as before session 39")
     args = ap.parse_args()
     if args.responses and (args.responses < 2 or not 0 < args.response_share < 1
                            or round(args.min_prompt * args.response_share) < args.responses):
@@ -263,6 +266,7 @@ def main() -> None:
                                                          attn_implementation="sdpa").eval()
 
     engine = RolloutEngine(model, end_ids=(2,), vocab_size=args.vocab, max_tokens_in_flight=1 << 20, progress=False)
+    engine.backend.final_layer_last_position = not args.whole_final_layer
     sampled = args.temperature > 0
     how = f"sampled at temperature {args.temperature}" if sampled else "greedy"
     sampling = SamplingConfig(greedy=not sampled, temperature=args.temperature if sampled else 1.0,
