@@ -23,13 +23,6 @@ from collections.abc import Callable, Iterator
 import torch
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _core_attention_classes() -> tuple[type, ...]:
     """Core attentions that take fewer queries than keys, aligned to the last key, with the mask's rows for
     those queries: the local spec's SDPA core and Gemma-2's. (Transformer Engine's causal kernels align a
@@ -43,8 +36,9 @@ def _core_attention_classes() -> tuple[type, ...]:
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """None when the model's final layer can run at the last position alone; else why not."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
+    from megatron.core.utils import unwrap_model
 
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if not getattr(inner, "post_process", False):
         return "this pipeline stage has no output layer (its last layer's output is the next stage's input)"
     config = inner.config
@@ -74,7 +68,9 @@ def final_layer_at_last_position(model: torch.nn.Module, wanted: Callable[[], bo
     if unsupported_reason(model) is not None:
         yield False
         return
-    layer = _unwrap(model).decoder.layers[-1]
+    from megatron.core.utils import unwrap_model
+
+    layer = unwrap_model(model).decoder.layers[-1]
 
     def last_query(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # Megatron's Attention passes (query, key, value, attention_mask) positionally; a call that does not
