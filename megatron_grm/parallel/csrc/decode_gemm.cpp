@@ -1,0 +1,145 @@
+// A decode step's GEMMs on the CPU: y[M, N] = x[M, K] @ W^T (+ bias) for few rows (one per sequence), fp32.
+//
+// At 32 rows a weight is read once per step and each of its values feeds 32 multiply-adds, so the GEMM is
+// bound by the arithmetic if the micro-kernel keeps the FMA units busy. oneDNN's packed fp32 GEMM ran these
+// shapes at 53-60% of one core's FMA peak on the project's AVX2 EPYC; this loop keeps a tile of kMR rows x
+// 16*kNC columns in registers, streams the weight once per row block from a layout packed for it, and
+// prefetches the next panel while the second row block runs (see megatron_grm/parallel/cpu_decode_kernel.py
+// for the measurements).
+//
+// The weight is packed once per rollout wave (cpu_decode_kernel.pack_linear_weight) as panels of
+// kPanel = 16*kNC output columns, [ceil(N / kPanel)][K][kPanel], zero-padded past N: one panel's K rows are
+// contiguous, so the micro-kernel reads it as one stream. Panels are split between threads; each thread
+// runs all M rows over its panels in balanced blocks of at most kMR rows (32 rows: 6,6,5,5,5,5).
+//
+// Built into the same library as the attention kernels (cpu_decode_kernel.py). Without AVX2/AVX-512
+// (MGRM_SIMD16 undefined) a scalar loop over the same layout computes the same result.
+#include <cstdint>
+#include <cstring>
+
+#include "simd16.h"
+
+namespace {
+
+#if defined(MGRM_SIMD16)
+
+// Tile shape: kMR rows x kNC vectors of 16 accumulators, plus kNC weight vectors and one broadcast, must
+// fit the register file (AVX2: 6 x 1 x 2 + 2 + 2 = 16 ymm; AVX-512: 8 x 2 + 2 + 1 = 19 of 32 zmm).
+// MGRM_GEMM_NC / MGRM_GEMM_MR override them (the tests build other shapes to check the generic code).
+#ifndef MGRM_GEMM_NC
+#if defined(__AVX512F__)
+#define MGRM_GEMM_NC 2
+#define MGRM_GEMM_MR 8
+#else
+#define MGRM_GEMM_NC 1
+#define MGRM_GEMM_MR 6
+#endif
+#endif
+
+using mgrm::F32x16;
+constexpr int kNC = MGRM_GEMM_NC;
+constexpr int kMR = MGRM_GEMM_MR;
+constexpr int kPanel = 16 * kNC;
+// How many k-steps ahead the first row block prefetches its panel: 4 KB at kNC = 1 (measured best of 64 and
+// 128 on the EPYC; without it the first block waits on memory).
+constexpr int64_t kPrefetchSteps = 64;
+
+// rows x kPanel outputs of one panel. `ahead`: prefetch this panel further on (the first row block, which
+// reads it from memory); `next`: the following panel, fetched into cache while this (cached) block runs.
+template <int Rows>
+inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t K,
+                 const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols,
+                 const float* __restrict next, bool ahead) {
+  F32x16 acc[Rows][kNC];
+  for (int c = 0; c < kNC; ++c) {
+    const F32x16 start = bias ? mgrm::load16(bias + 16 * c) : mgrm::zero16();
+    for (int r = 0; r < Rows; ++r) acc[r][c] = start;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    F32x16 wv[kNC];
+    for (int c = 0; c < kNC; ++c) wv[c] = mgrm::load16(w + k * kPanel + 16 * c);
+    if (next)
+      for (int c = 0; c < kNC; ++c) __builtin_prefetch(next + k * kPanel + 16 * c, 0, 3);
+    if (ahead && k + kPrefetchSteps < K)
+      for (int c = 0; c < kNC; ++c) __builtin_prefetch(w + (k + kPrefetchSteps) * kPanel + 16 * c, 0, 3);
+    for (int r = 0; r < Rows; ++r) {
+      const F32x16 xv = mgrm::set16(x[r * ldx + k]);
+      for (int c = 0; c < kNC; ++c) acc[r][c] = mgrm::fmadd16(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (cols == kPanel) {
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < kNC; ++c) mgrm::store16(y + r * ldy + 16 * c, acc[r][c]);
+    return;
+  }
+  float buf[kPanel];  // the last panel: only its first `cols` columns are outputs
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < kNC; ++c) mgrm::store16(buf + 16 * c, acc[r][c]);
+    std::memcpy(y + r * ldy, buf, sizeof(float) * cols);
+  }
+}
+
+void panel_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias,
+                float* y, int64_t ldy, int64_t cols, const float* next) {
+  float padded_bias[kPanel];
+  if (bias && cols < kPanel) {
+    std::memset(padded_bias, 0, sizeof(padded_bias));
+    std::memcpy(padded_bias, bias, sizeof(float) * cols);
+    bias = padded_bias;
+  }
+  const int64_t blocks = (M + kMR - 1) / kMR;
+  for (int64_t b = 0, m = 0; b < blocks; ++b) {
+    const int64_t left = blocks - b;
+    const int rows = int((M - m + left - 1) / left);
+    mgrm::with_rows<kMR>(rows, [&](auto R) {
+      tile<decltype(R)::value>(x + m * ldx, ldx, w, K, bias, y + m * ldy, ldy, cols, b == 1 ? next : nullptr,
+                               b == 0);
+    });
+    m += rows;
+  }
+}
+
+#else  // scalar: same packed layout, 16 columns per panel
+
+constexpr int kPanel = 16;
+
+void panel_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias,
+                float* y, int64_t ldy, int64_t cols, const float*) {
+  for (int64_t m = 0; m < M; ++m) {
+    float acc[kPanel];
+    for (int c = 0; c < kPanel; ++c) acc[c] = bias && c < cols ? bias[c] : 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float xv = x[m * ldx + k];
+      for (int c = 0; c < kPanel; ++c) acc[c] += xv * w[k * kPanel + c];
+    }
+    std::memcpy(y + m * ldy, acc, sizeof(float) * cols);
+  }
+}
+
+#endif  // MGRM_SIMD16
+
+}  // namespace
+
+extern "C" {
+
+// Output columns per packed panel: pack_linear_weight lays the weight out for this width.
+int mgrm_linear_panel() { return kPanel; }
+
+// y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T + bias, W packed as [ceil(N/P)][K][P] by
+// pack_linear_weight, bias N floats or null. Panels are split between `threads` OpenMP threads.
+int mgrm_decode_linear(int threads, const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
+                       int64_t N, const float* bias, float* y, int64_t ldy) {
+  if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || threads < 1) return 1;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t first = p * kPanel;
+    const int64_t cols = N - first < kPanel ? N - first : kPanel;
+    const float* w = packed + p * K * kPanel;
+    panel_rows(x, M, K, ldx, w, bias ? bias + first : nullptr, y + first, ldy, cols,
+               p + 1 < panels ? w + K * kPanel : nullptr);
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,177 @@
+"""The C++ decode GEMM (parallel/csrc/decode_gemm.cpp) against ``F.linear`` in float64: row counts around
+the micro-kernel's tile, output counts that leave a partial last panel, strided inputs, bias; builds for
+other tile shapes and older CPUs; its use by parallel/onednn_linear.py for a wave's few-row GEMMs. A real
+rollout through it: tests/rollout/test_rollout_engine.py."""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
+
+from .test_cpu_decode_kernel import _cpu_flags, _forget, needs_compiler
+
+pytestmark = needs_compiler
+
+
+@pytest.fixture
+def fresh_probe():
+    _forget()
+    yield
+    _forget()
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+def _assert_fp32_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> None:
+    """fp32 round-off of an ``inner``-term sum of products of unit normals (torch's own matmul is off by as
+    much): a few ulps of the sum's typical size, sqrt(inner)."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * math.sqrt(inner) * 8)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 33, 300])
+@pytest.mark.parametrize("inner,out", [(24, 5), (512, 1000), (1536, 512), (64, 48)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_linear_matches_float64(rows, inner, out, with_bias):
+    """Rows in whole tiles, one short of one, one over, several blocks; outputs of a partial panel (5, 1000)
+    and whole ones; sums long enough (1536) that the prefetch ahead runs past the panel's end."""
+    g = torch.Generator().manual_seed(rows * 7 + inner + out)
+    x, w = torch.randn(rows, inner, generator=g), torch.randn(out, inner, generator=g)
+    b = torch.randn(out, generator=g) * 10 if with_bias else None
+    packed = cpu_decode_kernel.pack_linear_weight(w)
+    width = packed.shape[-1]
+    assert packed.shape == (math.ceil(out / width), inner, width)
+    _assert_fp32_close(cpu_decode_kernel.decode_linear(x, packed, out, b), _reference(x, w, b), inner)
+
+
+def test_decode_linear_takes_any_leading_shape_and_strided_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 64, generator=g)
+    packed = cpu_decode_kernel.pack_linear_weight(w)
+    wide = torch.randn(4, 3, 96, generator=g)
+    x = wide[..., 16:80]  # rows 96 floats apart
+    got = cpu_decode_kernel.decode_linear(x, packed, 100)
+    assert got.shape == (4, 3, 100)
+    _assert_fp32_close(got, _reference(x, w, None), 64)
+    seq_first = torch.randn(3, 4, 64, generator=g).transpose(0, 1)  # [b, s] view of [s, b]: not one stride
+    _assert_fp32_close(cpu_decode_kernel.decode_linear(seq_first, packed, 100), _reference(seq_first, w, None), 64)
+    assert cpu_decode_kernel.decode_linear(torch.empty(0, 64), packed, 100).shape == (0, 100)
+
+
+def test_decode_linear_rejects_what_it_cannot_compute():
+    w = torch.randn(40, 32)
+    packed = cpu_decode_kernel.pack_linear_weight(w)
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="output features"):
+        cpu_decode_kernel.decode_linear(x, packed, 400)
+    with pytest.raises(ValueError, match="input"):
+        cpu_decode_kernel.decode_linear(x.double(), packed, 40)
+    with pytest.raises(ValueError, match="input"):
+        cpu_decode_kernel.decode_linear(torch.randn(2, 31), packed, 40)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_decode_kernel.decode_linear(x, packed, 40, torch.randn(41))
+    with pytest.raises(ValueError, match="pack_linear_weight"):
+        cpu_decode_kernel.decode_linear(x, w.t().contiguous().view(1, 32, 40), 40)
+    with pytest.raises(ValueError, match="2-D"):
+        cpu_decode_kernel.pack_linear_weight(torch.randn(3, 4, 5))
+
+
+def test_the_decode_gemm_runs_where_measured_faster_unless_told(monkeypatch):
+    simd = cpu_decode_kernel._library().mgrm_attention_simd().decode()
+    monkeypatch.delenv(cpu_decode_kernel.LINEAR_VARIABLE, raising=False)
+    assert cpu_decode_kernel.decode_linear_enabled() == (simd in cpu_decode_kernel.LINEAR_MEASURED_SIMD)
+    monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "1")
+    assert cpu_decode_kernel.decode_linear_enabled()
+    monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "0")
+    assert not cpu_decode_kernel.decode_linear_enabled()
+
+
+def _check_builds_compute_the_same() -> None:
+    for rows, inner, out in ((1, 24, 5), (7, 512, 1000), (33, 1536, 48)):
+        test_decode_linear_matches_float64(rows, inner, out, True)
+    test_decode_linear_takes_any_leading_shape_and_strided_rows()
+
+
+@pytest.mark.parametrize("flags,width", [(("-march=x86-64",), 16), (("-march=haswell",), 16),
+                                         (("-DMGRM_GEMM_NC=2", "-DMGRM_GEMM_MR=8"), 32)])
+def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path, monkeypatch, fresh_probe):
+    """The scalar loop (any x86-64), the AVX2 tile (as an AVX-512 node builds it for a shared cache's AVX2
+    neighbours), and AVX-512's tile shape, 2 vectors of 16 columns x 8 rows (here in AVX2 registers too)."""
+    march = next((f.split("=", 1)[1] for f in flags if f.startswith("-march=")), None)
+    if platform.machine() != "x86_64" or (march == "haswell" and not {"avx2", "fma", "f16c"} <= _cpu_flags()):
+        pytest.skip(f"needs an x86-64 CPU that runs {march} code")
+    if march is None and not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        pytest.skip("the 2 x 16-column tile is compiled with AVX2 or AVX-512")
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
+    built = tuple(f for f in cpu_decode_kernel.FLAGS if not (march and f == "-march=native")) + flags
+    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", built)
+    assert cpu_decode_kernel._library().mgrm_linear_panel() == width
+    _check_builds_compute_the_same()
+
+
+class _Layer(torch.nn.Module):
+    """The part of Megatron's linear layers the swap touches: ``_forward_impl(input, weight, bias=...)``."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)))
+        self.own_calls = 0
+
+    def _forward_impl(self, input, weight, bias=None, **kwargs):
+        self.own_calls += 1
+        return F.linear(input, weight, bias)
+
+
+@pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+def test_a_waves_few_row_gemms_run_the_kernel_and_prefill_sized_ones_onednn():
+    """A layer packed for the kernel at a decode step's rows, for oneDNN at a prefill's, each once per use
+    and one copy kept; a changed weight is packed again; the results are F.linear's either way."""
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, decode_kernel=True)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(768, generator=g)
+    decode, prefill = torch.randn(32, 1, 512, generator=g), torch.randn(300, 512, generator=g)
+    weight = layer.weight.detach().clone()
+    with torch.inference_mode():
+        first = gemm(decode, layer.weight, bias=bias)
+        assert (stats.panels, stats.kernel_calls, stats.reordered) == (1, 1, 0) and gemm.packed is None
+        _assert_fp32_close(first, _reference(decode, weight, bias), 512)
+        assert torch.equal(gemm(decode, layer.weight, bias=bias), first) and stats.panels == 1
+        _assert_fp32_close(gemm(prefill, layer.weight, bias=bias), _reference(prefill, weight, bias), 512)
+        assert stats.reordered == 1 and gemm.panels is None  # one copy at a time
+        _assert_fp32_close(gemm(decode[:, 0], layer.weight), _reference(decode[:, 0], weight, None), 512)
+        assert (stats.panels, stats.kernel_calls, stats.calls) == (2, 3, 4)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # a refit writes the weight in place
+    with torch.inference_mode():
+        _assert_fp32_close(gemm(decode, layer.weight, bias=bias), _reference(decode, -2 * weight, bias), 512)
+    assert stats.panels == 3 and layer.own_calls == 0 and stats.fallbacks == 0
+
+
+@pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+def test_bf16_weights_without_a_bf16_gemm_take_the_kernel_in_fp32():
+    """A bf16 model on a CPU without a bf16 GEMM: its decode GEMMs multiply the bf16 operands in fp32 in the
+    kernel (exact products, fp32 sums) and round the output to bf16 once. Where oneDNN has a bf16 GEMM, the
+    bf16 weights stay on it."""
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, decode_kernel=True)
+    g = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(32, 512, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = gemm(x, weight, bias=None)
+    assert got.dtype == torch.bfloat16 and got.shape == (32, 768)
+    widened = not onednn_linear.available(torch.bfloat16)
+    assert (stats.kernel_calls, stats.reordered, stats.widened) == ((1, 0, 1) if widened else (0, 1, 0))
+    want = _reference(x, weight, None)
+    step = want.abs().clamp(min=1.0) * 2.0 ** -7  # one bf16 step at the output's size
+    assert bool(((got.double() - want).abs() <= step).all())
