@@ -1,6 +1,6 @@
 """Rollout GEMMs on the CPU: torch's fp32 (or ``--dtype bf16``) matmul against oneDNN on a weight reordered once
-(``parallel/onednn_linear.py``) and, in fp32, the C++ decode GEMM on a weight packed for it
-(``parallel/csrc/decode_gemm.cpp``), for the linears of one Llama layer and the output layer, at the row
+(``parallel/onednn_linear.py``) and, in fp32, the C++ GEMM on a weight packed for it
+(``parallel/csrc/linear.cpp``), for the linears of one Llama layer and the output layer, at the row
 counts of decode steps and of a prefill, side by side.
 
     python bench/onednn_linear.py                                  # bench/rollout.py's 21M model: hidden 512
@@ -10,7 +10,7 @@ counts of decode steps and of a prefill, side by side.
 Each variant is timed in alternating rounds in process CPU seconds (the machine may be shared; idle
 OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``); the best round counts. The last column is the one-off
 cost of reordering that weight, in multiples of one oneDNN call at that row count. ``RATIO`` lines per row
-count: matmul / oneDNN and oneDNN / the decode GEMM over all the GEMMs. Weights are hot in cache here (each
+count: matmul / oneDNN and oneDNN / the C++ GEMM over all the GEMMs. Weights are hot in cache here (each
 GEMM repeats on one weight); in a decode step they come from memory, between the attention's reads of the
 KV cache: ``bench/rollout.py`` times that.
 """
@@ -56,7 +56,7 @@ def main() -> None:
           f"alternating rounds")
     kernel = dtype == torch.float32 and cpu_decode_kernel._library() is not None
     if not kernel:
-        print(f"no decode GEMM column: {'fp32 only' if dtype != torch.float32 else cpu_decode_kernel.describe()}")
+        print(f"no C++ GEMM column: {'fp32 only' if dtype != torch.float32 else cpu_decode_kernel.describe()}")
     g = torch.Generator().manual_seed(0)
     for rows in args.rows:
         totals = {"matmul": 0.0, "onednn": 0.0, "kernel": 0.0}
@@ -71,7 +71,7 @@ def main() -> None:
                             "onednn": lambda x=x, w=packed: onednn_linear.linear(x, w)}
                 if kernel:
                     panels = cpu_decode_kernel.pack_linear_weight(weight)
-                    variants["kernel"] = lambda x=x, w=panels, n=n_out: cpu_decode_kernel.decode_linear(x, w, n)
+                    variants["kernel"] = lambda x=x, w=panels, n=n_out: cpu_decode_kernel.packed_linear(x, w, n)
                 # >= 0.1 s per round: the kernel accounts other threads' CPU time only at its ticks
                 calls = max(3, int(2e10 // (2 * rows * n_out * n_in)))
                 best = {label: float("inf") for label in variants}
@@ -85,13 +85,13 @@ def main() -> None:
                   f"({gflops / best['matmul']:5.1f} GFLOP/CPU-s)  oneDNN {best['onednn'] * 1e3:8.3f} ms "
                   f"({gflops / best['onednn']:5.1f})  ratio {best['matmul'] / best['onednn']:.2f}  "
                   f"reorder {reorder_s / best['onednn']:.1f} calls" + (
-                      f"  decode GEMM {best['kernel'] * 1e3:8.3f} ms ({gflops / best['kernel']:5.1f})  oneDNN/it "
+                      f"  C++ GEMM {best['kernel'] * 1e3:8.3f} ms ({gflops / best['kernel']:5.1f})  oneDNN/it "
                       f"{best['onednn'] / best['kernel']:.2f}" if kernel else ""))
         print(f"RATIO matmul/oneDNN at {rows} rows over one layer and the output layer = "
               f"{totals['matmul'] / totals['onednn']:.3f} "
               f"({totals['matmul'] * 1e3:.3f} vs {totals['onednn'] * 1e3:.3f} ms)")
         if kernel:
-            print(f"RATIO oneDNN/decode GEMM at {rows} rows over one layer and the output layer = "
+            print(f"RATIO oneDNN/C++ GEMM at {rows} rows over one layer and the output layer = "
                   f"{totals['onednn'] / totals['kernel']:.3f} "
                   f"({totals['onednn'] * 1e3:.3f} vs {totals['kernel'] * 1e3:.3f} ms)")
 

@@ -1,7 +1,7 @@
 """The CPU rollout's attention as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
 and loaded with ctypes: a decode step's attention over the KV cache (``decode_attention.cpp``), a
-prefill's causal attention row by row (``prefill_attention.cpp``), and a decode step's few-row fp32 GEMMs
-(``decode_gemm.cpp``).
+prefill's causal attention row by row (``prefill_attention.cpp``); and the rollout's fp32 GEMMs
+(``linear.cpp``).
 
 At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and torch's kernels read it at
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at
@@ -14,13 +14,13 @@ query heads per KV head in AVX-512 registers, each key and value widened once, t
 against 7.78 s over 4 rollouts of ``bench/rollout.py``'s distinct GRM-length wave (session 36). The
 prefill kernel stops each tile of queries at its own last position where torch's flash kernel computes the
 diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
-The decode GEMM keeps a tile of 6 rows x 16 columns in AVX2 registers over a weight packed in panels of 16
+The C++ GEMM keeps a tile of 6 rows x 16 columns in AVX2 registers over a weight packed in panels of 16
 columns (:func:`pack_linear_weight`, once per wave) and prefetches the next panel while it runs: at 32 rows
 on the AVX2 EPYC it ran one Llama layer's and the output layer's GEMMs in 5.58 against oneDNN's 7.29 ms
 (1.31x; ``bench/onednn_linear.py --rows 1 32 256 1024``, weights hot in cache, session 41), and a decode
 forward's linears of ``bench/rollout.py``'s model in 8.5 against 12.8 ms. oneDNN's packed fp32 GEMM runs those
 shapes at 53-60% of the core's FMA peak. It runs by default only where measured
-(:data:`LINEAR_MEASURED_SIMD`; ``MEGATRON_GRM_CPU_DECODE_LINEAR=1`` / ``0`` forces it on / off).
+(:data:`LINEAR_MEASURED_SIMD`; ``MEGATRON_GRM_CPU_LINEAR_KERNEL=1`` / ``0`` forces it on / off).
 No package on the registries ships such kernels for torch 2.13's CPU build, and torch's own extension builder
 would compile torch's headers (a minute per machine); this file needs only ``c++`` (a few seconds).
 
@@ -53,7 +53,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("decode_attention.cpp", "prefill_attention.cpp", "decode_gemm.cpp"))
+                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp"))
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -182,15 +182,15 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out
 
 
-LINEAR_VARIABLE = "MEGATRON_GRM_CPU_DECODE_LINEAR"
-# Instruction sets the decode GEMM is measured faster than oneDNN's on (the AVX2 EPYC); elsewhere it runs
-# only with MEGATRON_GRM_CPU_DECODE_LINEAR=1.
+LINEAR_VARIABLE = "MEGATRON_GRM_CPU_LINEAR_KERNEL"
+# Instruction sets the C++ GEMM is measured faster than oneDNN's on (the AVX2 EPYC); elsewhere it runs
+# only with MEGATRON_GRM_CPU_LINEAR_KERNEL=1.
 LINEAR_MEASURED_SIMD = ("AVX2",)
 
 
-def decode_linear_enabled() -> bool:
-    """Whether a rollout's few-row fp32 GEMMs run :func:`decode_linear`: the library is built here and
-    ``MEGATRON_GRM_CPU_DECODE_LINEAR`` says 1, or is unset and the kernels were built for an instruction set
+def linear_kernel_enabled() -> bool:
+    """Whether a rollout's fp32 GEMMs run :func:`packed_linear`: the library is built here and
+    ``MEGATRON_GRM_CPU_LINEAR_KERNEL`` says 1, or is unset and the kernels were built for an instruction set
     of :data:`LINEAR_MEASURED_SIMD`; 0 turns it off."""
     lib = _library()
     if lib is None:
@@ -203,10 +203,10 @@ def decode_linear_enabled() -> bool:
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` ``[out, in]`` (as ``F.linear`` takes it) as fp32 panels of the kernel's width ``P``,
-    ``[ceil(out / P), in, P]``, zero-padded past ``out``: the layout :func:`decode_linear` reads."""
+    ``[ceil(out / P), in, P]``, zero-padded past ``out``: the layout :func:`packed_linear` reads."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ decode GEMM unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ GEMM unavailable: {_unavailable_reason()}")
     if weight.dim() != 2 or weight.device.type != "cpu":
         raise ValueError(f"weight {tuple(weight.shape)} on {weight.device}: need a 2-D CPU tensor")
     width = lib.mgrm_linear_panel()
@@ -217,14 +217,13 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, width, inner).transpose(1, 2).contiguous()
 
 
-def decode_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` in fp32 with the weight as :func:`pack_linear_weight` returned it: ``x``
-    ``[..., in]`` fp32, the result ``[..., out_features]``. Made for a decode step's few rows (see
-    ``csrc/decode_gemm.cpp``); correct for any number."""
+    ``[..., in]`` fp32 (any number of rows), the result ``[..., out_features]``."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ decode GEMM unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ GEMM unavailable: {_unavailable_reason()}")
     panels, inner, width = packed.shape
     if width != lib.mgrm_linear_panel() or not packed.is_contiguous() or packed.dtype != torch.float32:
         raise ValueError(f"packed weight {tuple(packed.shape)} {packed.dtype}: not from pack_linear_weight here")
@@ -240,11 +239,11 @@ def decode_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     y = torch.empty(rows.shape[0], out_features)
     if rows.shape[0]:
         bias = None if bias is None else bias.contiguous()
-        status = lib.mgrm_decode_linear(torch.get_num_threads(), rows.data_ptr(), rows.shape[0], inner,
+        status = lib.mgrm_packed_linear(torch.get_num_threads(), rows.data_ptr(), rows.shape[0], inner,
                                         max(rows.stride(0), inner), packed.data_ptr(), out_features,
                                         None if bias is None else bias.data_ptr(), y.data_ptr(), out_features)
         if status != 0:
-            raise RuntimeError(f"mgrm_decode_linear returned {status}")
+            raise RuntimeError(f"mgrm_packed_linear returned {status}")
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -344,8 +343,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mgrm_attention_simd.argtypes = []
     lib.mgrm_linear_panel.restype = ctypes.c_int
     lib.mgrm_linear_panel.argtypes = []
-    lib.mgrm_decode_linear.restype = ctypes.c_int
-    lib.mgrm_decode_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.mgrm_packed_linear.restype = ctypes.c_int
+    lib.mgrm_packed_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
     return lib, None
 
 

@@ -12,10 +12,10 @@ summation order differs (relative differences ~1e-6 in fp32). bf16 weights (a bf
 the same path: on a Xeon with AMX, one layer's and the output layer's bf16 GEMMs took 1.46x less CPU time
 at 32 rows and 1.05x at 1,024 than torch's ``mm`` (session 26, ``bench/onednn_linear.py --dtype bf16``).
 Megatron's module code, its tensor-parallel collectives and its bias handling stay as they are: only
-``_forward_impl``, the GEMM itself, is swapped for the wave. Where the C++ decode GEMM is on
-(``cpu_decode_kernel.decode_linear_enabled``: AVX2 CPUs, where it was measured faster), fp32 GEMMs of at
-most :data:`DECODE_ROWS` rows, a decode step's, run it on the weight packed for it instead; a layer keeps
-one packed copy at a time.
+``_forward_impl``, the GEMM itself, is swapped for the wave. Where the C++ GEMM is on
+(``cpu_decode_kernel.linear_kernel_enabled``: AVX2 CPUs, where it was measured faster at every row count
+from a decode step's 32 to a prefill's 8,192), fp32 GEMMs run it on the weight packed for it instead, and
+oneDNN keeps a bf16 model's GEMMs on CPUs with a bf16 GEMM; a layer keeps one packed copy at a time.
 
 On a CPU without a bf16 GEMM (no AVX512-BF16 or AMX: e.g. an AVX2-only EPYC) torch's bf16 matmul runs a
 generic loop: a bf16 wave of ``bench/rollout.py``'s distinct GRM prompts prefilled in 64.9 s against ~10 s
@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 # while 384 x 128 (a layer of the CPU demo's model) took 18 vs 13 µs at 8 rows (scratch, wall clock).
 PACK_MIN_ELEMENTS = 1 << 18
 
-# Most rows an fp32 GEMM may have to run the C++ decode GEMM (csrc/decode_gemm.cpp) where it is on: a decode
-# step's (one row per sequence; voting copies multiply them). From 64 to 256 rows it was as fast as oneDNN or
-# faster on the AVX2 EPYC; prefill-sized GEMMs stay on oneDNN.
-DECODE_ROWS = 256
 
 
 # Weight dtypes a rollout may reorder (training's forward GEMMs, parallel/onednn_training.py, take fp32 only).
@@ -119,7 +115,7 @@ class PackStats:
     reordered: int = 0
     widened: int = 0  # bf16 weights reordered or packed as fp32 (a CPU without a bf16 GEMM)
     calls: int = 0
-    panels: int = 0  # weights packed for the C++ decode GEMM
+    panels: int = 0  # weights packed for the C++ GEMM
     kernel_calls: int = 0  # of the calls, those that ran it
     fallbacks: int = 0  # GEMMs of taken layers that still ran Megatron's path (autograd on, ...)
     skipped: int = 0  # layers left to Megatron: small weights or other dtypes, sequence parallelism
@@ -127,18 +123,18 @@ class PackStats:
 
 class _PackedGemm:
     """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes. With
-    ``decode_kernel``, fp32 GEMMs of at most :data:`DECODE_ROWS` rows run the C++ kernel on the weight packed
-    for it instead; the layer keeps one of the two copies, the one its last GEMM used."""
+    ``linear_kernel``, fp32 GEMMs (bf16 ones widened included) run the C++ GEMM on the weight packed for it
+    instead; the layer keeps one of the two copies, the one its last GEMM used."""
 
     def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
-                 widen_bf16: bool | None = None, decode_kernel: bool = False) -> None:
+                 widen_bf16: bool | None = None, linear_kernel: bool = False) -> None:
         self.layer, self.rows, self.stats = layer, rows, stats
         self.widen_bf16 = widen_bf16  # None: where this CPU has no bf16 GEMM (gemm_dtype)
-        self.decode_kernel = decode_kernel
+        self.linear_kernel = linear_kernel
         self.source: torch.Tensor | None = None
         self.version = -1
         self.packed: torch.Tensor | None = None  # oneDNN's layout
-        self.panels: torch.Tensor | None = None  # the C++ decode GEMM's (cpu_decode_kernel.pack_linear_weight)
+        self.panels: torch.Tensor | None = None  # the C++ GEMM's (cpu_decode_kernel.pack_linear_weight)
         self.widened = False  # the weight is multiplied as a bf16 one's fp32 copy
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -154,13 +150,13 @@ class _PackedGemm:
         self.stats.calls += 1
         bias = kwargs.get("bias", args[0] if args else None)
         fp32 = weight.dtype == torch.float32 or self.widened
-        if self.decode_kernel and fp32 and input.numel() <= DECODE_ROWS * input.shape[-1]:
+        if self.linear_kernel and fp32:
             if self.panels is None:
                 self.panels, self.packed = cpu_decode_kernel.pack_linear_weight(weight.float()), None
                 self.stats.panels += 1
                 self.stats.widened += self.widened
             self.stats.kernel_calls += 1
-            out = cpu_decode_kernel.decode_linear(input.float(), self.panels, weight.shape[0],
+            out = cpu_decode_kernel.packed_linear(input.float(), self.panels, weight.shape[0],
                                                   None if bias is None else bias.float())
             return out.to(input.dtype)
         if self.packed is None:
@@ -177,11 +173,11 @@ class _PackedGemm:
 
 
 @contextlib.contextmanager
-def packed_linears(model: torch.nn.Module, rows: int, decode_kernel: bool = False) -> Iterator[PackStats]:
+def packed_linears(model: torch.nn.Module, rows: int, linear_kernel: bool = False) -> Iterator[PackStats]:
     """While the block runs (one wave of ``rows`` sequences), the model's large fp32/bf16 Megatron linear layers
     multiply through oneDNN on weights reordered once; their reordered copies are dropped on exit. With
-    ``decode_kernel`` (:func:`cpu_decode_kernel.decode_linear_enabled`), fp32 GEMMs of few rows run the C++
-    decode GEMM instead."""
+    ``linear_kernel`` (:func:`cpu_decode_kernel.linear_kernel_enabled`), its fp32 GEMMs run the C++
+    GEMM instead."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     stats = PackStats()
@@ -195,7 +191,7 @@ def packed_linears(model: torch.nn.Module, rows: int, decode_kernel: bool = Fals
                     or getattr(layer, "sequence_parallel", False)):
                 stats.skipped += 1
                 continue
-            layer._forward_impl = _PackedGemm(layer, rows, stats, decode_kernel=decode_kernel)
+            layer._forward_impl = _PackedGemm(layer, rows, stats, linear_kernel=linear_kernel)
             taken.append(layer)
     stats.layers = len(taken)
     try:

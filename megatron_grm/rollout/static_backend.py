@@ -44,7 +44,7 @@ from megatron_grm.parallel.cpu_decode import (
 )
 from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.parallel.inference_layout import inference_groups
-from megatron_grm.parallel.onednn_linear import DECODE_ROWS, packed_linears
+from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import (
     LengthGroup,
     group_cost,
@@ -271,8 +271,8 @@ class StaticBackend:
         self.share_prompt_prefixes = True
         self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
-        # and a decode step's few-row fp32 GEMMs in the C++ decode GEMM where it is measured faster
-        self.decode_gemm = self.pack_weights and cpu_decode_kernel.decode_linear_enabled()
+        # and fp32 ones in the C++ GEMM (csrc/linear.cpp) where it is measured faster
+        self.linear_kernel = self.pack_weights and cpu_decode_kernel.linear_kernel_enabled()
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
         self.final_layer_last_position = True  # the prefill's final layer only where its output is read
         self._logged: set[str] = set()  # _log_once's kinds already logged
@@ -320,9 +320,9 @@ class StaticBackend:
                            "parallel/onednn_linear.py)%s; %s", gemms.layers, gemms.skipped,
                            f"; {gemms.widened} bf16 weight(s) multiplied in fp32 (this CPU has no bf16 GEMM)"
                            if gemms.widened else "",
-                           f"GEMMs of <= {DECODE_ROWS} rows in the C++ decode GEMM ({gemms.kernel_calls} of "
-                           f"{gemms.calls} in the first wave)" if self.decode_gemm else
-                           f"the C++ decode GEMM off ({cpu_decode_kernel.LINEAR_VARIABLE}, or not measured "
+                           f"fp32 GEMMs in the C++ GEMM ({gemms.kernel_calls} of {gemms.calls} in the first "
+                           "wave)" if self.linear_kernel else
+                           f"the C++ GEMM off ({cpu_decode_kernel.LINEAR_VARIABLE}, or not measured "
                            "faster on this CPU)")
         if prefill is None:
             self._log_once("prefill", "rollout prefill attention: torch's SDPA")
@@ -387,7 +387,7 @@ class StaticBackend:
         with (without_cpu_compat(), masked_cache_positions(key_padding), contiguous_decode_cache(),
               rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
-              (packed_linears(self.model, len(prompts), self.decode_gemm) if self.pack_weights
+              (packed_linears(self.model, len(prompts), self.linear_kernel) if self.pack_weights
                else contextlib.nullcontext()) as gemms,
               cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill,
               self._final_layer_at_last_position()):

@@ -224,18 +224,17 @@ def test_gemms_on_weights_reordered_once_per_wave_match_torchs_matmul(run):
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
-def test_a_decode_steps_gemms_in_the_cpp_kernel_match_torchs_matmul(run):
-    """parallel/csrc/decode_gemm.cpp under Megatron's linear layers in a wave, at TP 1 and 2: every GEMM of a
-    decode step (few rows) runs the kernel on the weight packed once for it, the same greedy and sampled
-    tokens and log-probabilities as torch's matmul result. On by default where it was measured faster."""
-    check = run["decode_gemm"]
+def test_gemms_in_the_cpp_kernel_match_torchs_matmul(run):
+    """parallel/csrc/linear.cpp under Megatron's linear layers in a wave, at TP 1 and 2: every GEMM of the
+    wave, prefill and decode steps, runs the kernel on the weight packed once for it, with the same greedy and
+    sampled tokens and log-probabilities as torch's matmul. On by default where it was measured faster."""
+    check = run["linear_kernel"]
     assert check["built"]  # a C++ compiler is part of the test machine
     assert check["by_default"] == check["enabled_here"]
     assert check["layers"] == run["onednn_gemms"]["layers"]
     assert check["calls"] == check["layers"] * check["forwards"] and check["fallbacks"] == 0
-    decode_forwards = check["forwards"] - 1  # all but the wave's prefill run one row per sequence
-    assert check["kernel_calls"] >= check["layers"] * decode_forwards
-    assert check["layers"] <= check["panels"] <= 2 * check["layers"]  # once per layer (again after a prefill)
+    assert check["kernel_calls"] == check["calls"] and check["reordered"] == 0
+    assert check["panels"] == check["layers"]  # once per layer and wave
     assert run["onednn_gemms"]["kernel_calls_off"] == run["onednn_gemms"]["panels_off"] == 0
     assert check["tokens"] > 6 * run["max_new"]
     assert check["tokens_equal"]
@@ -421,7 +420,7 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     assert check["tokens_equal_fp32"] >= check["rows"] - 1  # a near-tie may go the other way in bf16
     # With the size threshold at 0 every bf16 linear layer multiplies through oneDNN on a reordered weight:
     # a bf16 one, or where this CPU has no bf16 GEMM its fp32 copy (the bf16 operands' exact products), which
-    # a decode step's few rows multiply in the C++ decode GEMM where that is on.
+    # the C++ GEMM multiplies where that is on.
     if check["bf16_gemm_dtype"] == "None":
         pytest.skip("this torch build's oneDNN has no fp32 or bf16 linear: the GEMMs stay on torch's matmul")
     assert check["gemm_layers"] == check["linear_modules"] > 0
@@ -430,8 +429,8 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     assert check["gemm_calls"] >= check["linear_modules"] * tp1["max_new"] and check["gemm_fallbacks"] == 0
     assert check["bf16_gemm_dtype"] == ("torch.bfloat16" if check["bf16_onednn"] else "torch.float32")
     assert check["gemm_widened"] == (0 if check["bf16_onednn"] else packs)
-    kernel = check["decode_gemm"] and not check["bf16_onednn"]  # widened to fp32: the kernel's dtype
-    assert (check["gemm_kernel_calls"] >= check["linear_modules"] * (tp1["max_new"] - 1)) if kernel else (
+    kernel = check["linear_kernel"] and not check["bf16_onednn"]  # widened to fp32: the kernel's dtype
+    assert (check["gemm_kernel_calls"] == check["gemm_calls"]) if kernel else (
         check["gemm_kernel_calls"] == check["gemm_panels"] == 0)
 
 

@@ -1,6 +1,6 @@
-"""The C++ decode GEMM (parallel/csrc/decode_gemm.cpp) against ``F.linear`` in float64: row counts around
-the micro-kernel's tile, output counts that leave a partial last panel, strided inputs, bias; builds for
-other tile shapes and older CPUs; its use by parallel/onednn_linear.py for a wave's few-row GEMMs. A real
+"""The C++ GEMM (parallel/csrc/linear.cpp) against ``F.linear`` in float64: row counts around
+the micro-kernel's tile and its row chunks, output counts that leave a partial last panel, strided inputs,
+bias; builds for other tile shapes and older CPUs; its use by parallel/onednn_linear.py for a wave's GEMMs. A real
 rollout through it: tests/rollout/test_rollout_engine.py."""
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ def _assert_fp32_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> Non
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * math.sqrt(inner) * 8)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 33, 300])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 32, 33, 97, 300])
 @pytest.mark.parametrize("inner,out", [(24, 5), (512, 1000), (1536, 512), (64, 48)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_decode_linear_matches_float64(rows, inner, out, with_bias):
-    """Rows in whole tiles, one short of one, one over, several blocks; outputs of a partial panel (5, 1000)
+def test_packed_linear_matches_float64(rows, inner, out, with_bias):
+    """Rows in whole tiles, one short of one, one over, several blocks, several row chunks of 96 (97: a
+    chunk of one row); outputs of a partial panel (5, 1000)
     and whole ones; sums long enough (1536) that the prefetch ahead runs past the panel's end."""
     g = torch.Generator().manual_seed(rows * 7 + inner + out)
     x, w = torch.randn(rows, inner, generator=g), torch.randn(out, inner, generator=g)
@@ -49,55 +50,55 @@ def test_decode_linear_matches_float64(rows, inner, out, with_bias):
     packed = cpu_decode_kernel.pack_linear_weight(w)
     width = packed.shape[-1]
     assert packed.shape == (math.ceil(out / width), inner, width)
-    _assert_fp32_close(cpu_decode_kernel.decode_linear(x, packed, out, b), _reference(x, w, b), inner)
+    _assert_fp32_close(cpu_decode_kernel.packed_linear(x, packed, out, b), _reference(x, w, b), inner)
 
 
-def test_decode_linear_takes_any_leading_shape_and_strided_rows():
+def test_packed_linear_takes_any_leading_shape_and_strided_rows():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(100, 64, generator=g)
     packed = cpu_decode_kernel.pack_linear_weight(w)
     wide = torch.randn(4, 3, 96, generator=g)
     x = wide[..., 16:80]  # rows 96 floats apart
-    got = cpu_decode_kernel.decode_linear(x, packed, 100)
+    got = cpu_decode_kernel.packed_linear(x, packed, 100)
     assert got.shape == (4, 3, 100)
     _assert_fp32_close(got, _reference(x, w, None), 64)
     seq_first = torch.randn(3, 4, 64, generator=g).transpose(0, 1)  # [b, s] view of [s, b]: not one stride
-    _assert_fp32_close(cpu_decode_kernel.decode_linear(seq_first, packed, 100), _reference(seq_first, w, None), 64)
-    assert cpu_decode_kernel.decode_linear(torch.empty(0, 64), packed, 100).shape == (0, 100)
+    _assert_fp32_close(cpu_decode_kernel.packed_linear(seq_first, packed, 100), _reference(seq_first, w, None), 64)
+    assert cpu_decode_kernel.packed_linear(torch.empty(0, 64), packed, 100).shape == (0, 100)
 
 
-def test_decode_linear_rejects_what_it_cannot_compute():
+def test_packed_linear_rejects_what_it_cannot_compute():
     w = torch.randn(40, 32)
     packed = cpu_decode_kernel.pack_linear_weight(w)
     x = torch.randn(2, 32)
     with pytest.raises(ValueError, match="output features"):
-        cpu_decode_kernel.decode_linear(x, packed, 400)
+        cpu_decode_kernel.packed_linear(x, packed, 400)
     with pytest.raises(ValueError, match="input"):
-        cpu_decode_kernel.decode_linear(x.double(), packed, 40)
+        cpu_decode_kernel.packed_linear(x.double(), packed, 40)
     with pytest.raises(ValueError, match="input"):
-        cpu_decode_kernel.decode_linear(torch.randn(2, 31), packed, 40)
+        cpu_decode_kernel.packed_linear(torch.randn(2, 31), packed, 40)
     with pytest.raises(ValueError, match="bias"):
-        cpu_decode_kernel.decode_linear(x, packed, 40, torch.randn(41))
+        cpu_decode_kernel.packed_linear(x, packed, 40, torch.randn(41))
     with pytest.raises(ValueError, match="pack_linear_weight"):
-        cpu_decode_kernel.decode_linear(x, w.t().contiguous().view(1, 32, 40), 40)
+        cpu_decode_kernel.packed_linear(x, w.t().contiguous().view(1, 32, 40), 40)
     with pytest.raises(ValueError, match="2-D"):
         cpu_decode_kernel.pack_linear_weight(torch.randn(3, 4, 5))
 
 
-def test_the_decode_gemm_runs_where_measured_faster_unless_told(monkeypatch):
+def test_the_cpp_gemm_runs_where_measured_faster_unless_told(monkeypatch):
     simd = cpu_decode_kernel._library().mgrm_attention_simd().decode()
     monkeypatch.delenv(cpu_decode_kernel.LINEAR_VARIABLE, raising=False)
-    assert cpu_decode_kernel.decode_linear_enabled() == (simd in cpu_decode_kernel.LINEAR_MEASURED_SIMD)
+    assert cpu_decode_kernel.linear_kernel_enabled() == (simd in cpu_decode_kernel.LINEAR_MEASURED_SIMD)
     monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "1")
-    assert cpu_decode_kernel.decode_linear_enabled()
+    assert cpu_decode_kernel.linear_kernel_enabled()
     monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "0")
-    assert not cpu_decode_kernel.decode_linear_enabled()
+    assert not cpu_decode_kernel.linear_kernel_enabled()
 
 
 def _check_builds_compute_the_same() -> None:
     for rows, inner, out in ((1, 24, 5), (7, 512, 1000), (33, 1536, 48)):
-        test_decode_linear_matches_float64(rows, inner, out, True)
-    test_decode_linear_takes_any_leading_shape_and_strided_rows()
+        test_packed_linear_matches_float64(rows, inner, out, True)
+    test_packed_linear_takes_any_leading_shape_and_strided_rows()
 
 
 @pytest.mark.parametrize("flags,width", [(("-march=x86-64",), 16), (("-march=haswell",), 16),
@@ -131,12 +132,12 @@ class _Layer(torch.nn.Module):
 
 
 @pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
-def test_a_waves_few_row_gemms_run_the_kernel_and_prefill_sized_ones_onednn():
-    """A layer packed for the kernel at a decode step's rows, for oneDNN at a prefill's, each once per use
-    and one copy kept; a changed weight is packed again; the results are F.linear's either way."""
+def test_a_waves_fp32_gemms_run_the_kernel_on_one_packed_copy():
+    """With the kernel on, a layer's decode-step and prefill-sized GEMMs both run it on the weight packed
+    once; a changed weight is packed again; the results are F.linear's. Off, the layer runs oneDNN."""
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
-    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, decode_kernel=True)
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, linear_kernel=True)
     g = torch.Generator().manual_seed(4)
     bias = torch.randn(768, generator=g)
     decode, prefill = torch.randn(32, 1, 512, generator=g), torch.randn(300, 512, generator=g)
@@ -145,26 +146,31 @@ def test_a_waves_few_row_gemms_run_the_kernel_and_prefill_sized_ones_onednn():
         first = gemm(decode, layer.weight, bias=bias)
         assert (stats.panels, stats.kernel_calls, stats.reordered) == (1, 1, 0) and gemm.packed is None
         _assert_fp32_close(first, _reference(decode, weight, bias), 512)
-        assert torch.equal(gemm(decode, layer.weight, bias=bias), first) and stats.panels == 1
+        assert torch.equal(gemm(decode, layer.weight, bias=bias), first)
         _assert_fp32_close(gemm(prefill, layer.weight, bias=bias), _reference(prefill, weight, bias), 512)
-        assert stats.reordered == 1 and gemm.panels is None  # one copy at a time
         _assert_fp32_close(gemm(decode[:, 0], layer.weight), _reference(decode[:, 0], weight, None), 512)
-        assert (stats.panels, stats.kernel_calls, stats.calls) == (2, 3, 4)
+        assert (stats.panels, stats.kernel_calls, stats.calls, stats.reordered) == (1, 4, 4, 0)
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # a refit writes the weight in place
     with torch.inference_mode():
         _assert_fp32_close(gemm(decode, layer.weight, bias=bias), _reference(decode, -2 * weight, bias), 512)
-    assert stats.panels == 3 and layer.own_calls == 0 and stats.fallbacks == 0
+    assert stats.panels == 2 and layer.own_calls == 0 and stats.fallbacks == 0
+
+    off_stats = onednn_linear.PackStats()
+    off = onednn_linear._PackedGemm(layer, rows=32, stats=off_stats, linear_kernel=False)
+    with torch.inference_mode():
+        _assert_fp32_close(off(prefill, layer.weight, bias=bias), _reference(prefill, -2 * weight, bias), 512)
+    assert (off_stats.reordered, off_stats.panels, off_stats.kernel_calls) == (1, 0, 0) and off.panels is None
 
 
 @pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 def test_bf16_weights_without_a_bf16_gemm_take_the_kernel_in_fp32():
-    """A bf16 model on a CPU without a bf16 GEMM: its decode GEMMs multiply the bf16 operands in fp32 in the
+    """A bf16 model on a CPU without a bf16 GEMM: its C++ GEMMs multiply the bf16 operands in fp32 in the
     kernel (exact products, fp32 sums) and round the output to bf16 once. Where oneDNN has a bf16 GEMM, the
     bf16 weights stay on it."""
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
-    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, decode_kernel=True)
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, linear_kernel=True)
     g = torch.Generator().manual_seed(5)
     weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(32, 512, generator=g).bfloat16()
     with torch.inference_mode():
