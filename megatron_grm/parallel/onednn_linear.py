@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 PACK_MIN_ELEMENTS = 1 << 18
 
 
-
 # Weight dtypes a rollout may reorder (training's forward GEMMs, parallel/onednn_training.py, take fp32 only).
 ROLLOUT_DTYPES = (torch.float32, torch.bfloat16)
 
