@@ -10,11 +10,11 @@ import platform
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
 
 from .test_cpu_decode_kernel import _cpu_flags, _forget, needs_compiler
+from .test_onednn_linear import _Layer, _reference
 
 pytestmark = needs_compiler
 
@@ -24,10 +24,6 @@ def fresh_probe():
     _forget()
     yield
     _forget()
-
-
-def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
 
 
 def _assert_fp32_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> None:
@@ -116,19 +112,6 @@ def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path
     monkeypatch.setattr(cpu_decode_kernel, "FLAGS", built)
     assert cpu_decode_kernel._library().mgrm_linear_panel() == width
     _check_builds_compute_the_same()
-
-
-class _Layer(torch.nn.Module):
-    """The part of Megatron's linear layers the swap touches: ``_forward_impl(input, weight, bias=...)``."""
-
-    def __init__(self, n_out: int, n_in: int) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(1)))
-        self.own_calls = 0
-
-    def _forward_impl(self, input, weight, bias=None, **kwargs):
-        self.own_calls += 1
-        return F.linear(input, weight, bias)
 
 
 @pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
