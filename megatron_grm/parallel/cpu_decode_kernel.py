@@ -1,4 +1,4 @@
-"""The CPU rollout's attention as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
+"""The CPU rollout's attention and GEMMs as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
 and loaded with ctypes: a decode step's attention over the KV cache (``decode_attention.cpp``), a
 prefill's causal attention row by row (``prefill_attention.cpp``); and the rollout's fp32 GEMMs
 (``linear.cpp``).
@@ -17,9 +17,10 @@ diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
 The C++ GEMM keeps a tile of 6 rows x 16 columns in AVX2 registers over a weight packed in panels of 16
 columns (:func:`pack_linear_weight`, once per wave) and prefetches the next panel while it runs: at 32 rows
 on the AVX2 EPYC it ran one Llama layer's and the output layer's GEMMs in 5.58 against oneDNN's 7.29 ms
-(1.31x; ``bench/onednn_linear.py --rows 1 32 256 1024``, weights hot in cache, session 41), and a decode
-forward's linears of ``bench/rollout.py``'s model in 8.5 against 12.8 ms. oneDNN's packed fp32 GEMM runs those
-shapes at 53-60% of the core's FMA peak. It runs by default only where measured
+(1.31x; ``bench/onednn_linear.py --rows 1 32 256 1024``, weights hot in cache, session 41), 1.06-1.09x at
+4,096-8,192 rows, and a decode forward's linears of ``bench/rollout.py``'s model in 8.2 against 11.8 ms
+(the bench with ``MEGATRON_GRM_CPU_LINEAR_KERNEL=0`` minutes later). oneDNN's packed fp32 GEMM runs the
+decode step's shapes at 53-60% of the core's FMA peak. It runs by default only where measured
 (:data:`LINEAR_MEASURED_SIMD`; ``MEGATRON_GRM_CPU_LINEAR_KERNEL=1`` / ``0`` forces it on / off).
 No package on the registries ships such kernels for torch 2.13's CPU build, and torch's own extension builder
 would compile torch's headers (a minute per machine); this file needs only ``c++`` (a few seconds).

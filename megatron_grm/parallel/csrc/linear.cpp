@@ -132,7 +132,8 @@ extern "C" {
 int mgrm_linear_panel() { return kPanel; }
 
 // y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T + bias, W packed as [ceil(N/P)][K][P] by
-// pack_linear_weight, bias N floats or null. Panels are split between `threads` OpenMP threads.
+// pack_linear_weight, bias N floats or null. (row chunk, panel) pairs are split between `threads` OpenMP
+// threads.
 int mgrm_packed_linear(int threads, const float* x, int64_t M, int64_t K, int64_t ldx, const float* packed,
                        int64_t N, const float* bias, float* y, int64_t ldy) {
   if (M < 0 || K < 1 || N < 1 || ldx < K || ldy < N || threads < 1) return 1;

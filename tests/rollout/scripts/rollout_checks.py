@@ -348,7 +348,8 @@ def main() -> None:
     # 1e. The GEMMs on oneDNN with each weight reordered once per wave (parallel/onednn_linear.py) against
     # torch's matmul. The tiny model's weights are all under the size threshold, so by default it keeps
     # torch's matmul; with the threshold at 0 every linear layer takes the oneDNN path: same greedy and
-    # sampled tokens, log-probabilities within round-off; layers, reorders and GEMM calls counted.
+    # sampled tokens, log-probabilities within round-off; layers, reorders and GEMM calls counted. The same
+    # again with the C++ GEMM instead of oneDNN (its weights packed once, its calls counted).
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     import megatron_grm.parallel.onednn_linear as onednn_linear
@@ -358,7 +359,7 @@ def main() -> None:
     linear_kernel_by_default = engine.backend.linear_kernel
     threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0
     runs = {}
-    for kernel in (False, True):  # oneDNN alone, then with a decode step's GEMMs in the C++ kernel
+    for kernel in (False, True):  # oneDNN, then every fp32 GEMM in the C++ kernel (csrc/linear.cpp)
         engine.backend.linear_kernel = kernel
         packed = engine.generate(prompts, n=2, sampling=sampled)
         forwards.clear()
