@@ -1,7 +1,7 @@
 """The C++ GEMM (parallel/csrc/linear.cpp) against ``F.linear`` in float64: row counts around
 the micro-kernel's tile and its row chunks, output counts that leave a partial last panel, strided inputs,
-bias; builds for other tile shapes and older CPUs; its use by parallel/onednn_linear.py for a wave's GEMMs. A real
-rollout through it: tests/rollout/test_rollout_engine.py."""
+bias; builds for other tile shapes and older CPUs; its use by parallel/onednn_linear.py for a wave's
+GEMMs. A real rollout through it: tests/rollout/test_rollout_engine.py."""
 
 from __future__ import annotations
 
@@ -13,17 +13,10 @@ import torch
 
 from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
 
-from .test_cpu_decode_kernel import _cpu_flags, _forget, needs_compiler
+from .test_cpu_decode_kernel import _cpu_flags, fresh_probe, needs_compiler  # noqa: F401 (a fixture)
 from .test_onednn_linear import _Layer, _reference
 
 pytestmark = needs_compiler
-
-
-@pytest.fixture
-def fresh_probe():
-    _forget()
-    yield
-    _forget()
 
 
 def _assert_fp32_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> None:
@@ -38,8 +31,8 @@ def _assert_fp32_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> Non
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_float64(rows, inner, out, with_bias):
     """Rows in whole tiles, one short of one, one over, several blocks, several row chunks of 96 (97: a
-    chunk of one row); outputs of a partial panel (5, 1000)
-    and whole ones; sums long enough (1536) that the prefetch ahead runs past the panel's end."""
+    chunk of one row); outputs of a partial panel (5, 1000) and whole ones; sums long enough (1536) that the
+    prefetch ahead runs past the panel's end."""
     g = torch.Generator().manual_seed(rows * 7 + inner + out)
     x, w = torch.randn(rows, inner, generator=g), torch.randn(out, inner, generator=g)
     b = torch.randn(out, generator=g) * 10 if with_bias else None
@@ -99,7 +92,8 @@ def _check_builds_compute_the_same() -> None:
 
 @pytest.mark.parametrize("flags,width", [(("-march=x86-64",), 16), (("-march=haswell",), 16),
                                          (("-DMGRM_GEMM_NC=2", "-DMGRM_GEMM_MR=8"), 32)])
-def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path, monkeypatch, fresh_probe):
+@pytest.mark.usefixtures("fresh_probe")
+def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path, monkeypatch):
     """The scalar loop (any x86-64), the AVX2 tile (as an AVX-512 node builds it for a shared cache's AVX2
     neighbours), and AVX-512's tile shape, 2 vectors of 16 columns x 8 rows (here in AVX2 registers too)."""
     march = next((f.split("=", 1)[1] for f in flags if f.startswith("-march=")), None)
@@ -148,7 +142,7 @@ def test_a_waves_fp32_gemms_run_the_kernel_on_one_packed_copy():
 
 @pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 def test_bf16_weights_without_a_bf16_gemm_take_the_kernel_in_fp32():
-    """A bf16 model on a CPU without a bf16 GEMM: its C++ GEMMs multiply the bf16 operands in fp32 in the
+    """A bf16 model on a CPU without a bf16 GEMM: its GEMMs multiply the bf16 operands in fp32 in the
     kernel (exact products, fp32 sums) and round the output to bf16 once. Where oneDNN has a bf16 GEMM, the
     bf16 weights stay on it."""
     layer = _Layer(768, 512)

@@ -23,8 +23,8 @@
 
 namespace {
 
-// Rows per chunk: 96 rows of K = 512 (192 KB) sit in L2 beside a panel; 96 beat 192 and matched 48 at 4,096
-// and 8,192 rows on the EPYC (bench/onednn_linear.py, session 41).
+// Rows per chunk: 96 rows of K = 512 (192 KB) sit in L2 beside a panel; 96 beat 192 at 4,096 rows and
+// matched 48 at 8,192 on the EPYC (bench/onednn_linear.py, session 41).
 constexpr int64_t kRowChunk = 96;
 
 #if defined(MGRM_SIMD16)
