@@ -240,7 +240,14 @@ def _angles(cos: torch.Tensor, sin: torch.Tensor, s: int, seqlen_offsets: int | 
 
 
 def _rotate(x: torch.Tensor, c: torch.Tensor, si: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The first ``2 * c.shape[-1]`` channels of ``x`` ``[b, s, h, d]`` rotated by the angles ``c``/``si``."""
+    """The first ``2 * c.shape[-1]`` channels of ``x`` ``[b, s, h, d]`` rotated by the angles ``c``/``si``:
+    in fp32 one pass of the C++ kernel where it is built, the same products as the torch ops below."""
+    if x.dtype is torch.float32 and c.dtype is torch.float32 and _native(x):
+        return cpu_decode_kernel.rotary(x, c, si, interleaved)
+    return _rotate_with_torch(x, c, si, interleaved)
+
+
+def _rotate_with_torch(x: torch.Tensor, c: torch.Tensor, si: torch.Tensor, interleaved: bool) -> torch.Tensor:
     half = c.shape[-1]
     rot, rest = x[..., : 2 * half], x[..., 2 * half:]
     if interleaved:

@@ -54,7 +54,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp"))
+                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp",
+                                                           "elementwise.cpp"))
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -248,6 +249,76 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return y.view(*x.shape[:-1], out_features)
 
 
+def _fp32_cpu(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` contiguous (a copy only where it is not), after checking it is an fp32 CPU tensor. Few checks,
+    each cheap: a decode step calls the functions below 13 times per layer-set, on 64 KB each."""
+    if x.dtype is not torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{what} {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 on the CPU")
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``torch.nn.functional.rms_norm(x, (d,), weight, eps)`` for fp32 ``x`` ``[..., d]`` in one pass per row
+    (``csrc/elementwise.cpp``)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C++ RMSNorm unavailable: {_unavailable_reason()}")
+    x, weight = _fp32_cpu(x, "input"), _fp32_cpu(weight, "weight")
+    dim = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != dim:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match an input of {dim} channels")
+    y = torch.empty_like(x)
+    rows = x.numel() // dim if dim else 0
+    if rows and lib.mgrm_rms_norm(torch.get_num_threads(), x.data_ptr(), rows, dim, dim, weight.data_ptr(), eps,
+                                  y.data_ptr(), dim) != 0:
+        raise RuntimeError(f"mgrm_rms_norm rejected an input {tuple(x.shape)}")
+    return y
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :f]) * x[..., f:]`` for fp32 ``x`` ``[..., 2f]`` in one pass (``csrc/elementwise.cpp``)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C++ SwiGLU unavailable: {_unavailable_reason()}")
+    x = _fp32_cpu(x, "input")
+    f = x.shape[-1] // 2
+    if x.shape[-1] != 2 * f or f == 0:
+        raise ValueError(f"input {tuple(x.shape)}: the last dimension holds gate and up halves, so it must be even")
+    y = x.new_empty(*x.shape[:-1], f)
+    rows = x.numel() // (2 * f)
+    if rows and lib.mgrm_swiglu(torch.get_num_threads(), x.data_ptr(), rows, f, 2 * f, y.data_ptr(), f) != 0:
+        raise RuntimeError(f"mgrm_swiglu rejected an input {tuple(x.shape)}")
+    return y
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE in one pass: ``x`` ``[b, s, h, d]`` fp32 (any strides, contiguous channels) with its first
+    ``2 * half`` channels per head rotated by ``cos``/``sin`` ``[1 or b, s, 1, half]``, the rest copied; the
+    result has ``x``'s layout where ``x`` is dense (``torch.empty_like``). Same products and sums as
+    ``cpu_decode._rotate``'s torch ops."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C++ RoPE unavailable: {_unavailable_reason()}")
+    if x.dtype is not torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"input {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 CPU [b, s, h, d], "
+                         "contiguous channels")
+    b, s, h, d = x.shape
+    cos, sin = _fp32_cpu(cos, "cos"), _fp32_cpu(sin, "sin")
+    half = cos.shape[-1]
+    if (cos.shape != sin.shape or cos.dim() != 4 or cos.shape[0] not in (1, b) or cos.shape[1] != s
+            or cos.shape[2] != 1 or 2 * half > d):
+        raise ValueError(f"angles {tuple(cos.shape)} / {tuple(sin.shape)} do not fit an input {tuple(x.shape)}")
+    y = torch.empty_like(x)
+    if y.stride(-1) != 1:
+        y = torch.empty(x.shape)
+    if x.numel() and lib.mgrm_rotary(
+            torch.get_num_threads(), x.data_ptr(), b, s, h, d, x.stride(0), x.stride(1), x.stride(2),
+            cos.data_ptr(), sin.data_ptr(), 0 if cos.shape[0] == 1 else s * half, half, half, int(interleaved),
+            y.data_ptr(), y.stride(0), y.stride(1), y.stride(2)) != 0:
+        raise RuntimeError(f"mgrm_rotary rejected an input {tuple(x.shape)}")
+    return y
+
+
 def _cache_dir() -> Path:
     configured = os.environ.get("MEGATRON_GRM_KERNEL_DIR")
     if configured:
@@ -346,6 +417,13 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mgrm_linear_panel.argtypes = []
     lib.mgrm_packed_linear.restype = ctypes.c_int
     lib.mgrm_packed_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.mgrm_rms_norm.restype = ctypes.c_int
+    lib.mgrm_rms_norm.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
+    lib.mgrm_swiglu.restype = ctypes.c_int
+    lib.mgrm_swiglu.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64]
+    lib.mgrm_rotary.restype = ctypes.c_int
+    lib.mgrm_rotary.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
+                                ctypes.c_int, ptr, i64, i64, i64]
     return lib, None
 
 

@@ -42,6 +42,7 @@ from megatron_grm.parallel.cpu_decode import (
     rotary_shifted_by,
     shared_prompts,
 )
+from megatron_grm.parallel.cpu_elementwise import fused_norms_and_swiglu
 from megatron_grm.parallel.device import device, use_cuda
 from megatron_grm.parallel.inference_layout import inference_groups
 from megatron_grm.parallel.onednn_linear import packed_linears
@@ -274,10 +275,12 @@ class StaticBackend:
         # and fp32 ones in the C++ GEMM (csrc/linear.cpp) where it is measured faster
         self.linear_kernel = self.pack_weights and cpu_decode_kernel.linear_kernel_enabled()
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
+        self.elementwise_kernels = not use_cuda()  # CPU: fp32 RMSNorms and SwiGLUs as one C++ pass each
         self.final_layer_last_position = True  # the prefill's final layer only where its output is read
         self._logged: set[str] = set()  # _log_once's kinds already logged
         self.last_gemms = None
         self.last_prefill_attention = None  # the last wave's cpu_decode.PrefillStats (None: SDPA throughout)
+        self.last_elementwise = None  # the last wave's cpu_elementwise.ElementwiseStats (None: torch's ops)
         self.last_length_groups: list[LengthGroup] | None = None  # the last wave's prefill groups (None: one)
         self.shared_prompt_min_width = SHARED_PROMPT_MIN_WIDTH  # decode reads a shared prompt once from here on
         # Distinct prompts of different lengths: prefill rows of similar length together (alignment.length_groups)
@@ -311,7 +314,7 @@ class StaticBackend:
             self._logged.add(kind)
             log.info(message, *args)
 
-    def _log_paths(self, gemms, prefill) -> None:
+    def _log_paths(self, gemms, prefill, elementwise) -> None:
         if gemms is None:
             self._log_once("gemms", "rollout GEMMs: torch's matmul")
         else:
@@ -330,6 +333,15 @@ class StaticBackend:
             self._log_once("prefill", "rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for "
                            "%d (another dtype or head size, neither AVX-512 nor AVX2, or prompts past "
                            "cpu_decode.PREFILL_MAX_POSITION_CHANNELS)", prefill.kernel, prefill.sdpa)
+        if elementwise is None or not elementwise.kernel_calls:
+            self._log_once("elementwise", "rollout norms and activations: torch's ops%s",
+                           "" if elementwise is None else f" ({cpu_decode_kernel.describe()}; fp32 RMSNorm and "
+                           "SwiGLU only)")
+        else:
+            self._log_once("elementwise", "rollout norms and activations: one C++ pass each for %d RMSNorm and %d "
+                           "SwiGLU module(s) (parallel/cpu_elementwise.py), %d of %d calls in the first wave",
+                           elementwise.norms, elementwise.swiglus, elementwise.kernel_calls,
+                           elementwise.kernel_calls + elementwise.module_calls)
 
     def generate_wave(
         self,
@@ -390,11 +402,14 @@ class StaticBackend:
               (packed_linears(self.model, len(prompts), self.linear_kernel) if self.pack_weights
                else contextlib.nullcontext()) as gemms,
               cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill,
+              fused_norms_and_swiglu(self.model) if self.elementwise_kernels else contextlib.nullcontext()
+              as elementwise,
               self._final_layer_at_last_position()):
             done = self.controller.generate_all_output_tokens_static_batch(requests)
         self.last_gemms = gemms  # what the oneDNN GEMMs did in this wave (None: torch's matmul)
         self.last_prefill_attention = prefill
-        self._log_paths(gemms, prefill)
+        self.last_elementwise = elementwise
+        self._log_paths(gemms, prefill, elementwise)
         out = []
         for i in range(len(prompts)):
             tokens = done[i].generated_tokens.tolist()

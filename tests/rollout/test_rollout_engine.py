@@ -241,6 +241,21 @@ def test_gemms_in_the_cpp_kernel_match_torchs_matmul(run):
     assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
 
 
+def test_norms_and_swiglu_in_the_cpp_passes_match_torchs_ops(run):
+    """parallel/cpu_elementwise.py in a wave, at TP 1 and 2: every RMSNorm and SwiGLU module of the model
+    runs one C++ pass per call (csrc/elementwise.cpp), with the same greedy and sampled tokens and
+    log-probabilities as torch's ops, and its own forward again after the wave."""
+    check = run["elementwise"]
+    assert check["norm_modules"] > 0 and check["norms"] == check["norm_modules"]
+    assert check["swiglus"] > 0  # a Llama MLP on the CPU: models/swiglu.py's module
+    assert check["kernel_calls"] >= check["norms"] + check["swiglus"] and check["module_calls"] == 0
+    assert check["torch_ops_stats"] is None  # switched off: no module swapped
+    assert check["restored"]
+    assert check["tokens"] > 6 * run["max_new"]
+    assert check["tokens_equal"]
+    assert check["logprob_max_abs_diff"] <= LOGPROB_TOL
+
+
 def test_waves_run_without_the_cpu_layers_torch_function_mode(run):
     """parallel/cpu_compat.py's process-wide torch-function mode costs ~1.4 µs on each of a decode step's
     torch calls; a wave runs with it off (Megatron's generation loop creates nothing on a "cuda" device),

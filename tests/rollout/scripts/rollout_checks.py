@@ -371,6 +371,11 @@ def main() -> None:
     onednn_linear.PACK_MIN_ELEMENTS = threshold
     engine.backend.pack_weights = False
     matmul = engine.generate(prompts, n=2, sampling=sampled) + engine.generate(prompts, n=1, sampling=greedy)
+    elementwise = engine.backend.last_elementwise  # the greedy wave's norms and SwiGLUs (C++ by default)
+    engine.backend.elementwise_kernels = False  # torch's RMSNorm and SwiGLU ops instead
+    torch_elementwise = engine.generate(prompts, n=2, sampling=sampled) + engine.generate(prompts, n=1,
+                                                                                          sampling=greedy)
+    engine.backend.elementwise_kernels = True
     engine.backend.pack_weights = True
     packed, gemms, forward_count = runs[False]
     kernel_packed, kernel_gemms, kernel_forwards = runs[True]
@@ -392,6 +397,19 @@ def main() -> None:
         "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(kernel_packed, matmul)),
         "logprob_max_abs_diff": diff(kernel_packed, matmul),
         "tokens": sum(len(a.token_ids) for a in kernel_packed),
+    }
+
+    # 1e'. The wave's RMSNorms and SwiGLUs as one C++ pass each (parallel/cpu_elementwise.py) against torch's
+    # ops: same tokens, log-probabilities within round-off, every module's forward restored after the wave.
+    norms = [m for m in model.modules() if type(m) is torch.nn.RMSNorm]
+    out["elementwise"] = {
+        "norm_modules": len(norms), "norms": elementwise.norms, "swiglus": elementwise.swiglus,
+        "kernel_calls": elementwise.kernel_calls, "module_calls": elementwise.module_calls,
+        "torch_ops_stats": engine.backend.last_elementwise,
+        "restored": all("forward" not in m.__dict__ for m in model.modules()),
+        "tokens_equal": all(a.token_ids == b.token_ids for a, b in zip(matmul, torch_elementwise)),
+        "logprob_max_abs_diff": diff(matmul, torch_elementwise),
+        "tokens": sum(len(a.token_ids) for a in matmul),
     }
 
     # 1f. A wave runs with the CPU layer's process-wide torch-function mode off (parallel/cpu_compat.py,
