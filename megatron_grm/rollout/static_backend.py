@@ -25,6 +25,7 @@ are read once per decode step for all the rows that hold them (:func:`megatron_g
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from megatron_grm.parallel.cpu_decode import (
 )
 from megatron_grm.parallel.cpu_elementwise import fused_norms_and_swiglu
 from megatron_grm.parallel.device import device, use_cuda
-from megatron_grm.parallel.inference_layout import inference_groups
+from megatron_grm.parallel.inference_layout import inference_groups, tensor_parallel_mappings_skipped_at_one_rank
 from megatron_grm.parallel.onednn_linear import packed_linears
 from megatron_grm.rollout.alignment import (
     LengthGroup,
@@ -211,9 +212,17 @@ def _wave_rope_tables(model):
     tables = [table for m in model.modules()
               if isinstance(table := getattr(m, "rotary_pos_emb_cache", None), dict)]
     before = [set(table) for table in tables]
+    # It also computes the table before looking it up (``cache.setdefault(length, get_cos_sin(length))``):
+    # every decode step's forward took an arange, an outer product, cos and sin of [length, dim / 2] that it
+    # then dropped. Within the wave each length's table is computed once.
+    rotary = [m for m in model.modules() if callable(getattr(type(m), "get_cos_sin", None))]
+    for module in rotary:
+        module.get_cos_sin = functools.cache(module.get_cos_sin)
     try:
         yield
     finally:
+        for module in rotary:
+            del module.get_cos_sin
         for table, kept in zip(tables, before):
             for length in set(table) - kept:
                 del table[length]
@@ -396,7 +405,8 @@ class StaticBackend:
         )
         shared = segments if len({len(p) for p in prompts}) == 1 else None
         # On CPU the wave runs with cpu_compat's process-wide torch-function mode off (~1.4 µs per torch call).
-        with (without_cpu_compat(), masked_cache_positions(key_padding), contiguous_decode_cache(),
+        with (without_cpu_compat(), tensor_parallel_mappings_skipped_at_one_rank(),
+              masked_cache_positions(key_padding), contiguous_decode_cache(),
               rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
               (packed_linears(self.model, len(prompts), self.linear_kernel) if self.pack_weights

@@ -108,6 +108,21 @@ def test_waves_leave_no_rope_table_behind(run):
     assert check["rope_table_holders"] >= 1  # this Megatron keeps such a cache (on every pipeline stage)
     assert check["rope_tables_left"] == 0
 
+
+def test_a_wave_computes_each_rope_table_once_and_skips_one_rank_tp_mappings(run):
+    """Megatron's GPTModel computes the RoPE table of the context length on every forward before looking it
+    up in its cache; in a wave each length's table is computed once per rotary module. At one tensor-parallel
+    rank the linears' copy / reduce mappings (identities there) are skipped; at two they all run. Both are
+    undone after the wave."""
+    check = run["length_groups"]
+    assert check["wave_forwards"] > 2
+    assert check["rope_tables_computed"] == 1  # one rotary module, one length
+    assert check["rotary_memo_left"] == 0
+    if check["tp"] == 1:
+        assert check["tp_mapping_calls"] == 0
+    else:  # per forward: each layer's column-parallel copies and row-parallel reduces, and the embedding's
+        assert check["tp_mapping_calls"] >= 4 * check["wave_forwards"]
+
 def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_sdpa(run):
     """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
     heads, 2 query heads per KV head; at TP = 2 one of each per rank) but the final layer's, which attends

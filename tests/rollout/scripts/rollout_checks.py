@@ -184,8 +184,33 @@ def main() -> None:
                                           for g in engine.backend.last_length_groups or []]
         by_length[grouped].append(engine.generate(prompts, n=1, sampling=SamplingConfig(
             temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
-    # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it.
+    # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it. Counted
+    # in it: the RoPE tables computed (Megatron computes one per forward before its cache lookup) and the
+    # tensor-parallel copy / reduce / gather calls that reach Megatron's mappings (none at one rank).
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    counts = {"tables": 0, "mappings": 0, "forwards": 0}
+    table_of = RotaryEmbedding.get_cos_sin
+    mappings = {name: getattr(tp_layers, name) for name in ("copy_to_tensor_model_parallel_region",
+                                                            "reduce_from_tensor_model_parallel_region")}
+
+    def counted(key, function):
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+        return call
+
+    RotaryEmbedding.get_cos_sin = counted("tables", table_of)
+    for name, function in mappings.items():
+        setattr(tp_layers, name, counted("mappings", function))
+    counter = model.register_forward_hook(lambda *_: counts.__setitem__("forwards", counts["forwards"] + 1))
     engine.generate(prompts, n=1, sampling=dataclasses.replace(full, max_new_tokens=MAX_NEW - 5))
+    counter.remove()
+    RotaryEmbedding.get_cos_sin = table_of
+    for name, function in mappings.items():
+        setattr(tp_layers, name, function)
+    rotary_memo_left = [m for m in model.modules() if "get_cos_sin" in m.__dict__]
     engine.backend.length_group_cost = cost
     hook.remove()
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -203,6 +228,9 @@ def main() -> None:
         # waves of two lengths none may be left behind.
         "rope_table_holders": len(rope_tables),
         "rope_tables_left": sum(len(table) for table in rope_tables),
+        "rope_tables_computed": counts["tables"], "wave_forwards": counts["forwards"],
+        "rotary_memo_left": len(rotary_memo_left), "tp_mapping_calls": counts["mappings"],
+        "tp": args.tp,
     }
 
     # 1c3. The prefill's causal attention in the C++ kernel (parallel/cpu_decode.cpu_prefill_attention)
