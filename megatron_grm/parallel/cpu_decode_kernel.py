@@ -54,8 +54,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp",
-                                                           "elementwise.cpp"))
+                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp", "elementwise.cpp"))
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -251,7 +250,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
 
 def _fp32_cpu(x: torch.Tensor, what: str) -> torch.Tensor:
     """``x`` contiguous (a copy only where it is not), after checking it is an fp32 CPU tensor. Few checks,
-    each cheap: a decode step calls the functions below 13 times per layer-set, on 64 KB each."""
+    each cheap: a decode step of a 4-layer model calls the functions below 21 times (9 norms, 4 SwiGLUs,
+    8 RoPEs), on tens of KB each."""
     if x.dtype is not torch.float32 or x.device.type != "cpu":
         raise ValueError(f"{what} {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 on the CPU")
     return x if x.is_contiguous() else x.contiguous()

@@ -2,7 +2,8 @@
 
 torch runs an fp32 RMSNorm as five elementwise ops and SwiGLU as two, each allocating its output. At a
 decode step's 32 rows that is ~25 us a norm and ~50 us a SwiGLU of fixed cost on the 2-core EPYC, against
-~11 and ~28 us for the C++ passes (process CPU time, hot caches); in a prefill the passes read their rows
+~11 and ~28 us for the C++ passes (wall time of a call in a loop, hot caches; inside a step, where the KV
+and weight streams have emptied the caches, torch's took ~80 and ~125 us); in a prefill the passes read their rows
 once instead of several times. The modules' own forwards are swapped for the wave and restored after it,
 as :func:`~megatron_grm.parallel.onednn_linear.packed_linears` does for the linears; with grad enabled, or
 for an input that is not fp32 on the CPU, a module runs its own forward.

@@ -1,13 +1,14 @@
-// A rollout's RMSNorm and SwiGLU on the CPU, each one pass over its rows.
+// A rollout's RMSNorm, SwiGLU and RoPE on the CPU, each one pass over its rows.
 //
-// torch computes RMSNorm as five elementwise ops (square, mean, add eps, rsqrt, two products) and SwiGLU as
-// silu then a product, each allocating its output: at a decode step's 32 rows of 512 that is ~80 us per
-// norm and ~120 us per SwiGLU on the project's 2-core EPYC, nine norms and four SwiGLUs a step of its
-// 4-layer bench model, where one pass over 64 KB takes a few microseconds. In a prefill the passes are
-// memory-bound and one pass reads the rows once instead of five times.
+// torch computes RMSNorm as five elementwise ops (square, mean, add eps, rsqrt, two products), SwiGLU as
+// silu then a product and RoPE as six ops and two concatenations, each allocating its output: inside a
+// decode step of 32 rows of 512 that was ~80 us per norm and ~125 us per SwiGLU on the project's 2-core
+// EPYC (nine norms and four SwiGLUs a step of its 4-layer bench model), where one pass over 64 KB takes a
+// few microseconds. In a prefill the passes are memory-bound, and one pass reads the rows once.
 //
 // Same math as torch: y = (x * rsqrt(mean(x^2) + eps)) * weight, and silu(g) * u = g / (1 + exp(-g)) * u,
-// in fp32; only the order of the mean's sum and exp's last bits differ (kernel_math.h's exp, ~2e-7).
+// in fp32; only the order of the mean's sum and exp's last bits differ (kernel_math.h's exp, ~2e-7). RoPE
+// is torch's to the bit.
 // Built into the attention kernels' library (cpu_decode_kernel.py); OpenMP splits rows only when there
 // are enough of them to pay for waking the second thread.
 #include <cmath>
