@@ -186,7 +186,7 @@ def main() -> None:
             temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
     # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it. Counted
     # in it: the RoPE tables computed (Megatron computes one per forward before its cache lookup) and the
-    # tensor-parallel copy / reduce / gather calls that reach Megatron's mappings (none at one rank).
+    # tensor-parallel copy / reduce calls that reach Megatron's mappings (none at one rank).
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.tensor_parallel import layers as tp_layers
 
