@@ -124,6 +124,34 @@ class _SharedPrompts:
     segments: list[_SharedSegment]
 
 
+def head_major_kv(positions: int, rows: int, heads: int, dim: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu", zeros: bool = False) -> torch.Tensor:
+    """A static KV cache tensor as Megatron indexes it, ``[positions, rows, heads, dim]``, whose memory is
+    laid out ``[rows, heads, positions, dim]``: one row's keys for one head lie together, which is how a
+    decode step reads them. Megatron only slices and assigns into its caches, so any strides serve it."""
+    make = torch.zeros if zeros else torch.empty
+    return make(rows, heads, positions, dim, dtype=dtype, device=device).permute(2, 0, 1, 3)
+
+
+def is_head_major(cache: torch.Tensor) -> bool:
+    """Whether a ``[positions, rows, heads, dim]`` cache tensor is laid out as :func:`head_major_kv` lays it."""
+    return cache.dim() == 4 and cache.permute(1, 2, 0, 3).is_contiguous()
+
+
+def kv_cache_like(cache: torch.Tensor, positions: int, rows: int) -> torch.Tensor:
+    """A zeroed cache tensor of ``positions`` x ``rows`` with ``cache``'s heads, dtype, device and layout."""
+    if is_head_major(cache):
+        return head_major_kv(positions, rows, cache.shape[2], cache.shape[3], cache.dtype, cache.device, zeros=True)
+    return cache.new_zeros((positions, rows, *cache.shape[2:]))
+
+
+def kv_cache_rows(cache: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A cache tensor whose row ``r`` is ``cache``'s row ``source[r]``, in ``cache``'s layout."""
+    if is_head_major(cache):
+        return cache.permute(1, 2, 0, 3).index_select(0, source.to(cache.device)).permute(2, 0, 1, 3)
+    return cache.index_select(1, source.to(cache.device))
+
+
 @dataclass
 class _HeadMajorCache:
     keys: torch.Tensor  # [rows, KV heads, positions, dim]
@@ -133,40 +161,58 @@ class _HeadMajorCache:
 
 @contextlib.contextmanager
 def contiguous_decode_cache() -> Iterator[None]:
-    """While the block runs (one wave), decode steps also keep each layer's KV cache as ``[rows, KV heads,
-    positions, dim]`` and attend over that copy.
+    """While the block runs (one wave), decode steps read each layer's KV cache as ``[rows, KV heads,
+    positions, dim]``, every (row, head)'s positions contiguous.
 
     Megatron's cache is ``[positions, rows, heads, dim]``: one row's keys for one head lie 32 KB apart at
     batch 32, and a decode step at GRM prompt lengths is mostly this read (one step's attention, 32 rows
     of 1,200 positions, 4 KV heads of 64: scores 4.0-4.5 ms strided vs 1.6-1.8 ms contiguous, session 6).
-    The copy is made from Megatron's cache at a layer's first decode step (after the prefill wrote it)
-    and both are written every step, so Megatron's cache stays complete; it doubles the wave's KV memory.
+    So the static caches Megatron allocates on the CPU inside the block (``Attention._allocate_memory``)
+    are laid out head-major (:func:`head_major_kv`) and decode steps read them in place. A cache laid out
+    otherwise (allocated outside the block) is copied head-major at a layer's first decode step, and both
+    copies are written every step, so Megatron's stays complete (twice the wave's KV memory). Laid out
+    head-major from the start, bench/rollout.py's wave (32 rows of ~1,200 positions) skips that copy,
+    ~25-30 ms at its first decode step, and two of the four cache writes of every layer's step, ~40 µs
+    (session 43).
     """
     global _head_major
+    from megatron.core.transformer.attention import Attention
+
     previous = _head_major
     _head_major = {}
+    allocate = Attention.__dict__["_allocate_memory"]
+
+    def allocate_head_major(self, positions, rows, dim, dtype):
+        if torch.cuda.is_available():  # GPU caches go to flash-attn, which has its own layout rules
+            return allocate(self, positions, rows, dim, dtype)
+        return head_major_kv(positions, rows, self.num_query_groups_per_partition, dim, dtype)
+
+    Attention._allocate_memory = allocate_head_major
     try:
         yield
     finally:
+        Attention._allocate_memory = allocate
         _head_major = previous
 
 
 def _cache_views(layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, k: torch.Tensor | None,
                  v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the step's key/value at ``start`` and return the cache as ``[rows, heads, positions, dim]``:
-    the head-major copy of ``layer`` inside :func:`contiguous_decode_cache`, else a strided view of Megatron's."""
+    Megatron's own where it is laid out head-major, else (inside :func:`contiguous_decode_cache`) the
+    head-major copy of ``layer``, else a strided view of Megatron's."""
     if k is not None:
         k_cache[:, start:start + 1] = k.to(k_cache.dtype)
         v_cache[:, start:start + 1] = v.to(v_cache.dtype)
-    if _head_major is None:
-        return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    keys, values = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    if _head_major is None or (keys.is_contiguous() and values.is_contiguous()):
+        return keys, values
     entry = _head_major.get(layer)
     if entry is None or entry.length != start:  # first step of the layer (or a step it did not see): copy
-        entry = _HeadMajorCache(k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous(), start)
+        entry = _HeadMajorCache(keys.contiguous(), values.contiguous(), start)
         _head_major[layer] = entry
     elif k is not None:
         entry.keys[:, :, start] = k[:, 0].to(k_cache.dtype)
-        entry.values[:, :, start] = v[:, 0].to(v_cache.dtype)
+        entry.values[:, :, start] = v[:, 0].to(k_cache.dtype)
     if k is not None:
         entry.length = start + 1
     return entry.keys, entry.values

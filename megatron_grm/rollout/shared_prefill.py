@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_grm.parallel.cpu_decode import kv_cache_rows
+
 # A segment shorter than this is not worth its own prefill forward and decode pass: it joins the next one.
 MIN_SEGMENT = 128
 MAX_SEGMENTS = 4
@@ -129,6 +131,7 @@ def select_rows(batch: dict, first: torch.Tensor) -> dict:
 
 def expand_cache(cache: dict, source: torch.Tensor) -> dict:
     """Megatron's static KV cache ``{layer: (keys, values)}``, each ``[positions, rows, ...]``, with
-    row r a copy of row ``source[r]``. (``StaticInferenceContext.swap_key_value_dict`` gathers rows the same
+    row r a copy of row ``source[r]``, each tensor in its own layout (cpu_decode.head_major_kv's or Megatron's).
+    (``StaticInferenceContext.swap_key_value_dict`` gathers rows the same
     way but asserts the batch keeps its size, so it cannot grow distinct rows into a wave.)"""
-    return {layer: tuple(t.index_select(1, source.to(t.device)) for t in tensors) for layer, tensors in cache.items()}
+    return {layer: tuple(kv_cache_rows(t, source) for t in tensors) for layer, tensors in cache.items()}

@@ -39,6 +39,7 @@ from megatron_grm.parallel.cpu_decode import (
     contiguous_decode_cache,
     cpu_prefill_attention,
     enable_cpu_flash_decode,
+    kv_cache_like,
     masked_cache_positions,
     rotary_shifted_by,
     shared_prompts,
@@ -245,8 +246,8 @@ def _place_group_cache(wave_cache: dict, group_cache: dict, group: LengthGroup, 
     """Copy a group's KV cache (Megatron's ``{layer: (keys, values)}``, each ``[positions, rows, ...]``)
     into the wave's, allocated zeroed on first use, at the group's rows and positions ``[start, width)``."""
     for layer, tensors in group_cache.items():
-        if layer not in wave_cache:
-            wave_cache[layer] = tuple(t.new_zeros((max_positions, rows, *t.shape[2:])) for t in tensors)
+        if layer not in wave_cache:  # in the group's layout (head-major on the CPU: cpu_decode)
+            wave_cache[layer] = tuple(kv_cache_like(t, max_positions, rows) for t in tensors)
         for whole, part in zip(wave_cache[layer], tensors):
             whole[group.start:group.start + positions].index_copy_(1, group.rows.to(whole.device), part[:positions])
 

@@ -373,3 +373,60 @@ def test_head_major_decode_cache_gives_the_same_steps_and_keeps_megatrons_cache_
     k_cache[:, 1] = saved
     torch.testing.assert_close(k_cache, direct[0])  # Megatron's cache holds every step's key too
     torch.testing.assert_close(v_cache, direct[1])
+
+
+def test_a_cache_laid_out_head_major_is_read_in_place_and_waves_allocate_it_so():
+    """contiguous_decode_cache: Megatron's static caches allocated inside it are [positions, rows, heads, dim]
+    views of [rows, heads, positions, dim] memory; decode steps over such a cache give the outputs of the
+    plain layout's, write each step's key and value into it, and make no head-major copy."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.attention import Attention
+
+    from megatron_grm.parallel import cpu_decode
+    from megatron_grm.parallel.cpu_decode import contiguous_decode_cache, head_major_kv, is_head_major
+
+    g = torch.Generator().manual_seed(5)
+    b, h_q, h_kv, d, s_max, n, steps = 3, 4, 2, 8, 16, 6, 4
+    plain = [torch.randn(s_max, b, h_kv, d, generator=g) for _ in range(2)]  # Megatron's [s, b, h, d]
+    laid_out = [head_major_kv(s_max, b, h_kv, d, torch.float32) for _ in range(2)]
+    for dst, src in zip(laid_out, plain):
+        dst.copy_(src)
+    assert all(is_head_major(t) for t in laid_out) and not any(is_head_major(t) for t in plain)
+    inputs = [[torch.randn(b, 1, heads, d, generator=g) for heads in (h_q, h_kv, h_kv)] for _ in range(steps)]
+    _, cos, sin = _cos_sin(s_max, d // 2)
+    # flash_decode hands the caches over as [b, s, h, d]
+    want = [flash_attn_with_kvcache(q, *(t.permute(1, 0, 2, 3) for t in plain), k, v, rotary_cos=cos,
+                                    rotary_sin=sin, cache_seqlens=n + i) for i, (q, k, v) in enumerate(inputs)]
+    original = Attention.__dict__["_allocate_memory"]
+    with contiguous_decode_cache():
+        allocated = Attention._allocate_memory(SimpleNamespace(num_query_groups_per_partition=h_kv), s_max, b, d,
+                                               torch.float32)
+        assert allocated.shape == (s_max, b, h_kv, d) and is_head_major(allocated)
+        for i, (q, k, v) in enumerate(inputs):
+            got = flash_attn_with_kvcache(q, *(t.permute(1, 0, 2, 3) for t in laid_out), k, v, rotary_cos=cos,
+                                          rotary_sin=sin, cache_seqlens=torch.full((b,), n + i, dtype=torch.int32))
+            torch.testing.assert_close(got, want[i], atol=1e-5, rtol=0)
+        assert cpu_decode._head_major == {}  # read in place: no copy
+    assert Attention.__dict__["_allocate_memory"] is original
+    for mine, theirs in zip(laid_out, plain):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)  # every step's key and value written
+
+
+def test_kv_cache_helpers_keep_each_layout():
+    """kv_cache_like (the wave cache length groups are copied into) and kv_cache_rows (an example's rows
+    expanded from a shared prefill) keep a head-major cache head-major and Megatron's plain one plain."""
+    from megatron_grm.parallel.cpu_decode import head_major_kv, is_head_major, kv_cache_like, kv_cache_rows
+
+    g = torch.Generator().manual_seed(6)
+    plain = torch.randn(10, 3, 2, 4, generator=g)
+    laid_out = head_major_kv(10, 3, 2, 4, torch.float32)
+    laid_out.copy_(plain)
+    source = torch.tensor([2, 0, 2, 1])
+    for cache in (plain, laid_out):
+        like = kv_cache_like(cache, 12, 5)
+        assert like.shape == (12, 5, 2, 4) and is_head_major(like) == is_head_major(cache)
+        assert (like == 0).all()
+        rows = kv_cache_rows(cache, source)
+        assert rows.shape == (10, 4, 2, 4) and is_head_major(rows) == is_head_major(cache)
+        torch.testing.assert_close(rows, plain[:, source], atol=0, rtol=0)

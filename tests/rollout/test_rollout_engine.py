@@ -123,6 +123,16 @@ def test_a_wave_computes_each_rope_table_once_and_skips_one_rank_tp_mappings(run
     else:  # per forward: each layer's column-parallel copies and row-parallel reduces, and the embedding's
         assert check["tp_mapping_calls"] >= 4 * check["wave_forwards"]
 
+
+def test_a_waves_decode_steps_read_megatrons_kv_cache_in_place(run):
+    """Inside a wave Megatron's static KV caches are allocated head-major ([rows, heads, positions, dim] in
+    memory; cpu_decode.contiguous_decode_cache), also the wave cache the length groups are copied into, so
+    every decode step reads them in place and no layer makes the head-major copy."""
+    check = run["length_groups"]
+    assert check["decode_cache_reads"] > 0
+    assert check["decode_reads_in_place"] == check["decode_cache_reads"]
+    assert check["head_major_copies"] == 0
+
 def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_sdpa(run):
     """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
     heads, 2 query heads per KV head; at TP = 2 one of each per rank) but the final layer's, which attends

@@ -201,6 +201,23 @@ def main() -> None:
             return function(*args, **kwargs)
         return call
 
+    # Also counted: the decode steps' reads of the KV cache, whether each found Megatron's cache laid out
+    # head-major (cpu_decode.contiguous_decode_cache), and the head-major copies made instead.
+    from megatron_grm.parallel import cpu_decode as decode_module
+
+    copy_class, cache_views = decode_module._HeadMajorCache, decode_module._cache_views
+    counts.update(copies=0, reads=0, in_place=0)
+
+    def counted_copy(*args, **kwargs):
+        counts["copies"] += 1
+        return copy_class(*args, **kwargs)
+
+    def counted_views(layer, k_cache, v_cache, *rest):
+        counts["reads"] += 1
+        counts["in_place"] += int(k_cache.transpose(1, 2).is_contiguous() and v_cache.transpose(1, 2).is_contiguous())
+        return cache_views(layer, k_cache, v_cache, *rest)
+
+    decode_module._HeadMajorCache, decode_module._cache_views = counted_copy, counted_views
     RotaryEmbedding.get_cos_sin = counted("tables", table_of)
     for name, function in mappings.items():
         setattr(tp_layers, name, counted("mappings", function))
@@ -210,6 +227,7 @@ def main() -> None:
     RotaryEmbedding.get_cos_sin = table_of
     for name, function in mappings.items():
         setattr(tp_layers, name, function)
+    decode_module._HeadMajorCache, decode_module._cache_views = copy_class, cache_views
     rotary_memo_left = [m for m in model.modules() if "get_cos_sin" in m.__dict__]
     engine.backend.length_group_cost = cost
     hook.remove()
@@ -230,6 +248,8 @@ def main() -> None:
         "rope_tables_left": sum(len(table) for table in rope_tables),
         "rope_tables_computed": counts["tables"], "wave_forwards": counts["forwards"],
         "rotary_memo_left": len(rotary_memo_left), "tp_mapping_calls": counts["mappings"],
+        "decode_cache_reads": counts["reads"], "decode_reads_in_place": counts["in_place"],
+        "head_major_copies": counts["copies"],
         "tp": args.tp,
     }
 
