@@ -319,6 +319,22 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return y
 
 
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of fp32 CPU ``logits`` ``[rows, n]``: ``torch.argmax``'s index (int64) and the log-sum-exp, in
+    one C++ call (``csrc/elementwise.cpp``). None where the library is not built here, ``logits`` is of
+    another kind, or a row holds a NaN or +inf or no finite logit: torch's ops decide those."""
+    lib = _library()
+    if (lib is None or logits.dtype is not torch.float32 or logits.device.type != "cpu" or logits.dim() != 2
+            or logits.shape[1] == 0 or logits.stride(1) != 1):
+        return None
+    rows, n = logits.shape
+    argmax, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+    if rows and lib.mgrm_row_argmax_logsumexp(torch.get_num_threads(), logits.data_ptr(), rows, n,
+                                              max(logits.stride(0), n), argmax.data_ptr(), lse.data_ptr()) != 0:
+        return None
+    return argmax, lse
+
+
 def _cache_dir() -> Path:
     configured = os.environ.get("MEGATRON_GRM_KERNEL_DIR")
     if configured:
@@ -421,6 +437,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mgrm_rms_norm.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
     lib.mgrm_swiglu.restype = ctypes.c_int
     lib.mgrm_swiglu.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64]
+    lib.mgrm_row_argmax_logsumexp.restype = ctypes.c_int
+    lib.mgrm_row_argmax_logsumexp.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr]
     lib.mgrm_rotary.restype = ctypes.c_int
     lib.mgrm_rotary.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
                                 ctypes.c_int, ptr, i64, i64, i64]

@@ -125,3 +125,33 @@ def test_without_the_library_nothing_is_swapped(monkeypatch):
     with fused_norms_and_swiglu(model) as stats:
         assert (stats.norms, stats.swiglus) == (0, 0)
         assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_argmax_logsumexp_matches_torch_and_hands_odd_rows_back():
+    """One pass per row: torch.argmax's index (the first of tied maxima) and torch.logsumexp; rows of a
+    decode step's shape and off the vector width, strided rows; None for a NaN, +inf or all -inf row and for
+    inputs of another kind, which the controller then gives to torch's ops."""
+    g = torch.Generator().manual_seed(3)
+    for rows, n in ((32, 8192), (3, 13), (1, 1)):
+        x = torch.randn(rows, n, generator=g) * 4
+        x[0, n // 2] = x[0].max() + 1  # a clear maximum ...
+        x[0, n - 1] = x[0, n // 2]  # ... tied later in the row: the first wins
+        found = cpu_decode_kernel.argmax_logsumexp(x)
+        assert found is not None
+        assert torch.equal(found[0], x.argmax(dim=-1))
+        torch.testing.assert_close(found[1], torch.logsumexp(x, dim=-1), rtol=1e-6, atol=1e-6)
+    wide = torch.randn(4, 40, generator=g)
+    found = cpu_decode_kernel.argmax_logsumexp(wide[:, :33])  # rows 40 apart
+    assert torch.equal(found[0], wide[:, :33].argmax(dim=-1))
+    torch.testing.assert_close(found[1], torch.logsumexp(wide[:, :33], dim=-1), rtol=1e-6, atol=1e-6)
+    logits = torch.randn(2, 64, generator=g)
+    masked = logits.clone()
+    masked[1, 40:] = float("-inf")  # -inf logits (a vocabulary cut) are fine
+    torch.testing.assert_close(cpu_decode_kernel.argmax_logsumexp(masked)[1], torch.logsumexp(masked, dim=-1))
+    for bad in (float("nan"), float("inf")):
+        odd = logits.clone()
+        odd[1, 5] = bad
+        assert cpu_decode_kernel.argmax_logsumexp(odd) is None
+    assert cpu_decode_kernel.argmax_logsumexp(torch.full((2, 8), float("-inf"))) is None
+    assert cpu_decode_kernel.argmax_logsumexp(logits.double()) is None
+    assert cpu_decode_kernel.argmax_logsumexp(logits.t()) is None  # columns not contiguous

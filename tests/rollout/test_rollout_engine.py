@@ -133,6 +133,18 @@ def test_a_waves_decode_steps_read_megatrons_kv_cache_in_place(run):
     assert check["decode_reads_in_place"] == check["decode_cache_reads"]
     assert check["head_major_copies"] == 0
 
+
+def test_each_steps_greedy_token_and_log_sum_exp_come_from_one_cpp_pass(run):
+    """Where the kernels' library is built, every sampling step of an fp32 CPU wave takes its argmax and
+    log-sum-exp from cpu_decode_kernel.argmax_logsumexp (the tokens and log-probabilities these waves give
+    are checked against the full-recompute loop and training by the tests above)."""
+    check = run["length_groups"]
+    assert check["sampling_steps"] > 0
+    if check["kernel_built"]:
+        assert check["fused_sampling_steps"] == check["sampling_steps"]
+    else:
+        assert check["fused_sampling_steps"] == 0
+
 def test_the_prefill_attention_runs_in_the_cpp_kernel_with_the_same_results_as_sdpa(run):
     """Every layer's prefill attention of a wave goes through the C++ kernel (the tiny model's 16-channel
     heads, 2 query heads per KV head; at TP = 2 one of each per rank) but the final layer's, which attends

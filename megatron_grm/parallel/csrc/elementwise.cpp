@@ -1,4 +1,5 @@
-// A rollout's RMSNorm, SwiGLU and RoPE on the CPU, each one pass over its rows.
+// A rollout's RMSNorm, SwiGLU and RoPE on the CPU, each one pass over its rows; and each decode step's
+// greedy token and log-sum-exp.
 //
 // torch computes RMSNorm as five elementwise ops (square, mean, add eps, rsqrt, two products), SwiGLU as
 // silu then a product and RoPE as six ops and two concatenations, each allocating its output: inside a
@@ -103,6 +104,37 @@ int mgrm_rotary(int threads, const float* x, int64_t B, int64_t S, int64_t H, in
     }
   }
   return 0;
+}
+
+// Per row r of x[rows][n] (rows `ld` floats apart): argmax[r], the first index of the row's maximum (the
+// one torch.argmax picks), and lse[r] = max + log(sum(exp(x - max))) (kernel_math.h's exp), from two passes
+// over the row. A rollout's controller needs both for every step's logits: the greedy token and the
+// log-probability of the token drawn. Returns 0, or 2 when a row's maximum or sum is not finite (a NaN or
+// +inf logit, or no finite one), which the caller leaves to torch.
+int mgrm_row_argmax_logsumexp(int threads, const float* x, int64_t rows, int64_t n, int64_t ld, int64_t* argmax,
+                              float* lse) {
+  if (rows < 0 || n < 1 || ld < n || threads < 1) return 1;
+  int bad = 0;
+#pragma omp parallel for num_threads(rows * n >= kParallelElements ? threads : 1) schedule(static) reduction(| : bad)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * ld;
+    // 8 lanes: a one-lane maximum stays a serial chain of scalar comparisons (no -ffast-math).
+    float lane[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8)
+      for (int j = 0; j < 8; ++j) lane[j] = row[t + j] > lane[j] ? row[t + j] : lane[j];
+    float top = -INFINITY;
+    for (; t < n; ++t) top = row[t] > top ? row[t] : top;
+    for (int j = 0; j < 8; ++j) top = lane[j] > top ? lane[j] : top;
+    int64_t first = 0;
+    while (first < n - 1 && row[first] != top) ++first;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += mgrm::exp_nonpositive(row[i] - top);
+    argmax[r] = first;
+    lse[r] = top + std::log(sum);
+    bad |= !(std::isfinite(top) && std::isfinite(sum) && sum > 0.0f);
+  }
+  return bad ? 2 : 0;
 }
 
 }  // extern "C"

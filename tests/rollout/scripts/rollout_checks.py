@@ -218,6 +218,19 @@ def main() -> None:
         return cache_views(layer, k_cache, v_cache, *rest)
 
     decode_module._HeadMajorCache, decode_module._cache_views = counted_copy, counted_views
+    # And the steps whose greedy token and log-sum-exp came from the C++ pass (controller.sample_from_logits).
+    from megatron_grm.rollout import controller as controller_module
+
+    fused = controller_module.argmax_logsumexp
+    counts.update(steps=0, fused=0)
+
+    def counted_fused(logits):
+        counts["steps"] += 1
+        found = fused(logits)
+        counts["fused"] += found is not None
+        return found
+
+    controller_module.argmax_logsumexp = counted_fused
     RotaryEmbedding.get_cos_sin = counted("tables", table_of)
     for name, function in mappings.items():
         setattr(tp_layers, name, counted("mappings", function))
@@ -228,6 +241,7 @@ def main() -> None:
     for name, function in mappings.items():
         setattr(tp_layers, name, function)
     decode_module._HeadMajorCache, decode_module._cache_views = copy_class, cache_views
+    controller_module.argmax_logsumexp = fused
     rotary_memo_left = [m for m in model.modules() if "get_cos_sin" in m.__dict__]
     engine.backend.length_group_cost = cost
     hook.remove()
@@ -250,6 +264,8 @@ def main() -> None:
         "rotary_memo_left": len(rotary_memo_left), "tp_mapping_calls": counts["mappings"],
         "decode_cache_reads": counts["reads"], "decode_reads_in_place": counts["in_place"],
         "head_major_copies": counts["copies"],
+        "sampling_steps": counts["steps"], "fused_sampling_steps": counts["fused"],
+        "kernel_built": decode_module.cpu_decode_kernel._library() is not None,
         "tp": args.tp,
     }
 
