@@ -212,7 +212,7 @@ def _cache_views(layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, start
         _head_major[layer] = entry
     elif k is not None:
         entry.keys[:, :, start] = k[:, 0].to(k_cache.dtype)
-        entry.values[:, :, start] = v[:, 0].to(k_cache.dtype)
+        entry.values[:, :, start] = v[:, 0].to(v_cache.dtype)
     if k is not None:
         entry.length = start + 1
     return entry.keys, entry.values
