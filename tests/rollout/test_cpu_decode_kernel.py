@@ -320,6 +320,24 @@ def test_prefill_kernel_without_pads_is_causal_over_every_position():
 
 
 @needs_prefill_kernel
+def test_prefill_kernel_softmax_holds_scores_hundreds_apart():
+    """Scores spread over hundreds within each block of 64 keys: most weights underflow to exactly 0 (the
+    vector exp's cut below -87) and each block's maximum must be its true one, or a few large weights go
+    wrong by O(1). fp32 scores of ~100 carry errors of ~1e-5, so torch's SDPA is the yardstick."""
+    query, key, value = _split_qkv(150, 1, 4, 2, 64, torch.float32, seed=6)
+    query = query * 12  # scores of std ~24 at scale 1/8: a block's spread ~150
+    got = cpu_decode_kernel.prefill_attention(query, key, value, [0], 0.125)
+    want = _prefill_reference(query, key, value, [0], 0.125)
+    scores = query[:, 0, 0].double() @ key[:, 0, 0].double().T * 0.125
+    assert float(scores.max() - scores.min()) > 300
+    q, k, v = (t[:, 0].transpose(0, 1)[None] for t in (query, key, value))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+    yardstick = float((sdpa[0].transpose(0, 1).double() - want[:, 0]).abs().max())
+    error = float((got.double() - want).abs().max())
+    assert error <= 2 * yardstick and error < 1e-4, (error, yardstick)
+
+
+@needs_prefill_kernel
 def test_prefill_kernel_rejects_what_it_cannot_compute():
     query, key, value = _split_qkv(8, 2, 4, 2, 64, torch.float32, seed=4)
     assert not cpu_decode_kernel.prefill_available(torch.float32, 24)

@@ -1,10 +1,13 @@
-// Scalar helpers the CPU attention kernels share (decode_attention.cpp, prefill_attention.cpp): 16-bit
-// floats widened to fp32, exp(x) for x <= 0 without libm, and a block of an online softmax.
+// Helpers the CPU attention kernels share (decode_attention.cpp, prefill_attention.cpp): 16-bit floats
+// widened to fp32, exp(x) for x <= 0 without libm, and a block of an online softmax (16 lanes at a time where
+// simd16.h has vectors: GCC left the maximum's loop scalar and branchy without -ffinite-math-only).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "simd16.h"
 
 namespace mgrm {
 
@@ -44,9 +47,18 @@ inline float exp_nonpositive(float x) {
 // exp(s - top) under the running maximum `top`, raised first to the block's own; the running sum of exp
 // `total` is rescaled and the block's sum added. Returns the factor the query's accumulated weighted values
 // need (1 when the maximum stayed; 0 at its first visible key). A block with no visible key becomes zeros.
+// NaN scores are skipped by the maximum and stay NaN.
 inline float softmax_block(float* __restrict s, int64_t n, float& top, float& total) {
   float block_max = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
+  int64_t t = 0;
+#ifdef MGRM_SIMD16
+  if (n >= 16) {
+    F32x16 lanes = set16(-INFINITY);
+    for (; t + 16 <= n; t += 16) lanes = max16(lanes, load16(s + t));
+    block_max = max_lane16(lanes);
+  }
+#endif
+  for (; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
   if (block_max == -INFINITY) {
     for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
     return 1.0f;
@@ -58,7 +70,20 @@ inline float softmax_block(float* __restrict s, int64_t n, float& top, float& to
     top = block_max;
   }
   float sum = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
+  t = 0;
+#ifdef MGRM_SIMD16
+  if (n >= 16) {
+    const F32x16 shift = set16(top);
+    F32x16 sums = zero16();
+    for (; t + 16 <= n; t += 16) {
+      const F32x16 p = exp16_nonpositive(sub16(load16(s + t), shift));
+      store16(s + t, p);
+      sums = add16(sums, p);
+    }
+    sum = sum16(sums);
+  }
+#endif
+  for (; t < n; ++t) {
     const float p = exp_nonpositive(s[t] - top);
     s[t] = p;
     sum += p;

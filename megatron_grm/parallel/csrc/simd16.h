@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
@@ -16,6 +17,45 @@
 #define MGRM_SIMD16 1
 
 namespace mgrm {
+
+// exp(x) for x <= 0 on a whole register: kernel_math.h's exp_nonpositive lane by lane (the same range
+// reduction and polynomial, its multiply-adds fused): 0 below -87 and at -inf, NaN kept. The softmax's exps
+// as scalar calls the compiler vectorised cost ~10% of the prefill attention's time (session 44).
+#if defined(__AVX512F__)
+using Lanes = __m512;
+inline Lanes lanes_set(float x) { return _mm512_set1_ps(x); }
+inline Lanes exp_nonpositive_lanes(Lanes x) {
+  const Lanes clamped = _mm512_max_ps(lanes_set(-87.0f), x);  // NaN stays NaN
+  const Lanes n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, lanes_set(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Lanes r =
+      _mm512_fmadd_ps(n, lanes_set(2.12194440e-4f), _mm512_fnmadd_ps(n, lanes_set(0.693359375f), clamped));
+  Lanes p = lanes_set(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, lanes_set(c));
+  const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  const Lanes scale = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lanes_set(-87.0f), _CMP_LT_OQ);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~below), p, scale);
+}
+#else
+using Lanes = __m256;
+inline Lanes lanes_set(float x) { return _mm256_set1_ps(x); }
+inline Lanes exp_nonpositive_lanes(Lanes x) {
+  const Lanes clamped = _mm256_max_ps(lanes_set(-87.0f), x);  // NaN stays NaN
+  const Lanes n = _mm256_round_ps(_mm256_mul_ps(clamped, lanes_set(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Lanes r =
+      _mm256_fmadd_ps(n, lanes_set(2.12194440e-4f), _mm256_fnmadd_ps(n, lanes_set(0.693359375f), clamped));
+  Lanes p = lanes_set(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, lanes_set(c));
+  const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const Lanes scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
+  const Lanes below = _mm256_cmp_ps(x, lanes_set(-87.0f), _CMP_LT_OQ);
+  return _mm256_andnot_ps(below, _mm256_mul_ps(p, scale));
+}
+#endif
 
 #if defined(__AVX512F__)
 
@@ -41,6 +81,12 @@ inline void store16(float* x, F32x16 a) { _mm512_storeu_ps(x, a.v); }
 inline F32x16 fmadd16(F32x16 a, F32x16 b, F32x16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline F32x16 mul16(F32x16 a, F32x16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline float sum16(F32x16 a) { return _mm512_reduce_add_ps(a.v); }
+inline F32x16 add16(F32x16 a, F32x16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F32x16 sub16(F32x16 a, F32x16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+// The larger lane by lane, `a`'s lane where either is NaN (a NaN in `b` is skipped).
+inline F32x16 max16(F32x16 a, F32x16 b) { return {_mm512_max_ps(b.v, a.v)}; }
+inline float max_lane16(F32x16 a) { return _mm512_reduce_max_ps(a.v); }
+inline F32x16 exp16_nonpositive(F32x16 x) { return {exp_nonpositive_lanes(x.v)}; }
 
 #else  // AVX2 + FMA + F16C
 
@@ -84,6 +130,18 @@ inline float sum16(F32x16 a) {
   four = _mm_add_ss(four, _mm_movehdup_ps(four));
   return _mm_cvtss_f32(four);
 }
+inline F32x16 add16(F32x16 a, F32x16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline F32x16 sub16(F32x16 a, F32x16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+// The larger lane by lane, `a`'s lane where either is NaN (a NaN in `b` is skipped).
+inline F32x16 max16(F32x16 a, F32x16 b) { return {_mm256_max_ps(b.lo, a.lo), _mm256_max_ps(b.hi, a.hi)}; }
+inline float max_lane16(F32x16 a) {
+  const __m256 eight = _mm256_max_ps(a.lo, a.hi);
+  __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = _mm_max_ps(four, _mm_movehl_ps(four, four));
+  four = _mm_max_ss(four, _mm_movehdup_ps(four));
+  return _mm_cvtss_f32(four);
+}
+inline F32x16 exp16_nonpositive(F32x16 x) { return {exp_nonpositive_lanes(x.lo), exp_nonpositive_lanes(x.hi)}; }
 
 #endif
 
