@@ -5,8 +5,8 @@
 // bound by the arithmetic if the micro-kernel keeps the FMA units busy. oneDNN's packed fp32 GEMM ran these
 // shapes at 53-60% of one core's FMA peak on the project's AVX2 EPYC; this loop keeps a tile of kMR rows x
 // 16*kNC columns in registers, streams the weight once per row block from a layout packed for it, and
-// prefetches the next panel while the second row block runs (see megatron_grm/parallel/cpu_decode_kernel.py
-// for the measurements).
+// prefetches the next panel into L2, a k-row every few steps, while the row blocks after the first run (see
+// megatron_grm/parallel/cpu_decode_kernel.py for the measurements).
 //
 // The weight is packed once per rollout wave (cpu_decode_kernel.pack_linear_weight) as panels of
 // kPanel = 16*kNC output columns, [ceil(N / kPanel)][K][kPanel], zero-padded past N: one panel's K rows are
@@ -46,16 +46,21 @@ using mgrm::F32x16;
 constexpr int kNC = MGRM_GEMM_NC;
 constexpr int kMR = MGRM_GEMM_MR;
 constexpr int kPanel = 16 * kNC;
-// How many k-steps ahead the first row block prefetches its panel: 4 KB at kNC = 1 (measured best of 64 and
-// 128 on the EPYC; without it the first block waits on memory).
+// How many k-steps ahead the first of one or two row blocks prefetches its own panel: 4 KB at kNC = 1
+// (measured best of 64 and 128 on the EPYC; without it the block waits on memory).
 constexpr int64_t kPrefetchSteps = 64;
+// Row blocks after the first that share fetching the next panel into L2, each a k-row of it every
+// kShareBlocks of its steps (fewer where there are fewer blocks). One block fetching a whole panel a k-row a
+// step stalls on the memory's latency (a core has too few lines in flight), and prefetcht0 would evict the
+// panel in use from L1 (32 KB at K = 512): at 32 rows the decode step's GEMMs took 6.4 against 7.3 ms.
+constexpr int kShareBlocks = 4;
 
-// rows x kPanel outputs of one panel. `ahead`: prefetch this panel further on (the first row block, which
-// reads it from memory); `next`: the following panel, fetched into cache while this (cached) block runs.
-template <int Rows>
+// rows x kPanel outputs of one panel, prefetching `fetch_rows` k-rows of panel memory from `fetch` into L2,
+// one every 2^Shift steps (`fetch` null: none).
+template <int Rows, int Shift>
 inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t K,
                  const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols,
-                 const float* __restrict next, bool ahead) {
+                 const float* __restrict fetch, int64_t fetch_rows) {
   F32x16 acc[Rows][kNC];
   for (int c = 0; c < kNC; ++c) {
     const F32x16 start = bias ? mgrm::load16(bias + 16 * c) : mgrm::zero16();
@@ -64,10 +69,8 @@ inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict
   for (int64_t k = 0; k < K; ++k) {
     F32x16 wv[kNC];
     for (int c = 0; c < kNC; ++c) wv[c] = mgrm::load16(w + k * kPanel + 16 * c);
-    if (next)
-      for (int c = 0; c < kNC; ++c) __builtin_prefetch(next + k * kPanel + 16 * c, 0, 3);
-    if (ahead && k + kPrefetchSteps < K)
-      for (int c = 0; c < kNC; ++c) __builtin_prefetch(w + (k + kPrefetchSteps) * kPanel + 16 * c, 0, 3);
+    if (fetch && (k & ((1 << Shift) - 1)) == 0 && (k >> Shift) < fetch_rows)
+      for (int c = 0; c < kNC; ++c) __builtin_prefetch(fetch + (k >> Shift) * kPanel + 16 * c, 0, 2);
     for (int r = 0; r < Rows; ++r) {
       const F32x16 xv = mgrm::set16(x[r * ldx + k]);
       for (int c = 0; c < kNC; ++c) acc[r][c] = mgrm::fmadd16(xv, wv[c], acc[r][c]);
@@ -94,12 +97,25 @@ void panel_rows(const float* x, int64_t M, int64_t K, int64_t ldx, const float* 
     bias = padded_bias;
   }
   const int64_t blocks = (M + kMR - 1) / kMR;
+  // Blocks 1, 1-2 or 1-4 fetch the next panel, a k-row every 1, 2 or 4 of their steps.
+  static_assert(kShareBlocks == 4, "shift: log2 of the blocks sharing a panel");
+  const int shift = blocks > kShareBlocks ? 2 : blocks > 2 ? 1 : 0;
+  const int64_t share = (K + (int64_t{1} << shift) - 1) >> shift;  // k-rows each fetching block fetches
   for (int64_t b = 0, m = 0; b < blocks; ++b) {
     const int64_t left = blocks - b;
     const int rows = int((M - m + left - 1) / left);
+    const int64_t first = (b - 1) * share, end = b * share < K ? b * share : K;
+    const float* fetch = next && b >= 1 && first < end ? next + first * kPanel : nullptr;
+    int64_t fetch_rows = fetch ? end - first : 0;
+    if (b == 0 && blocks <= 2 && K > kPrefetchSteps)  // few blocks: the first also reads ahead in its own
+      fetch = w + kPrefetchSteps * kPanel, fetch_rows = K - kPrefetchSteps;
     mgrm::with_rows<kMR>(rows, [&](auto R) {
-      tile<decltype(R)::value>(x + m * ldx, ldx, w, K, bias, y + m * ldy, ldy, cols, b == 1 ? next : nullptr,
-                               b == 0);
+      constexpr int r = decltype(R)::value;
+      const float* xb = x + m * ldx;
+      float* yb = y + m * ldy;
+      if (shift == 2) tile<r, 2>(xb, ldx, w, K, bias, yb, ldy, cols, fetch, fetch_rows);
+      else if (shift == 1) tile<r, 1>(xb, ldx, w, K, bias, yb, ldy, cols, fetch, fetch_rows);
+      else tile<r, 0>(xb, ldx, w, K, bias, yb, ldy, cols, fetch, fetch_rows);
     });
     m += rows;
   }
