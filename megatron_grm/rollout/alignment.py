@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_grm.models.sdpa_attention import LEFT_PADS_ATTRIBUTE
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, total_length: int) -> tuple[list[list[int]], torch.Tensor]:
     """(prompts padded on the left to the longest, key padding ``[rows, total_length]`` bool, True = padding)."""
@@ -28,11 +30,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, total_length: int) -
 
 def window_attention_mask(key_padding: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Megatron's bool mask (True = masked out) ``[rows, 1, end - start, end]`` for queries at positions
-    ``start..end-1``: causal, and no query sees another position's padding."""
+    ``start..end-1``: causal, and no query sees another position's padding. From position 0 over padding
+    that leads each row, the mask carries the rows' padding counts (``sdpa_attention.LEFT_PADS_ATTRIBUTE``,
+    what ``left_padding_of_causal`` would find in it; a row of padding only counts ``end - 1``)."""
     q_pos = torch.arange(start, end, device=key_padding.device)[:, None]
     k_pos = torch.arange(end, device=key_padding.device)[None, :]
-    masked = (k_pos > q_pos)[None] | (key_padding[:, None, :end] & (k_pos != q_pos)[None])
-    return masked[:, None]
+    padding = key_padding[:, :end]
+    masked = (k_pos > q_pos)[None] | (padding[:, None, :] & (k_pos != q_pos)[None])
+    mask = masked[:, None]
+    if start == 0 and end > 0:
+        pads = padding.sum(-1)
+        if torch.equal(padding, k_pos < pads[:, None]):  # every row's padding leads it
+            setattr(mask, LEFT_PADS_ATTRIBUTE, tuple(pads.clamp(max=end - 1).tolist()))
+    return mask
 
 
 # A wave's prefill is cut into groups of rows of similar length only when the groups, each costing its

@@ -99,6 +99,30 @@ def test_the_mask_plan_is_cached_per_tensor_and_redone_after_an_in_place_change(
     assert converted is not None and converted[0, 0, 2, 0] == float("-inf") and converted[0, 0, 2, 1] == 0
 
 
+def test_a_prefill_mask_is_planned_from_the_padding_it_carries(monkeypatch):
+    """A mask from window_attention_mask at position 0 is planned from its declared padding counts, without
+    the pattern checks (each rebuilds and compares the whole [b, s, s] mask); other masks still get them."""
+    import torch
+
+    from megatron_grm.models import sdpa_attention
+    from megatron_grm.rollout.alignment import left_pad, window_attention_mask
+
+    _, key_padding = left_pad([[1] * 6, [1] * 3, [1] * 5], 0, 6)
+    padded = window_attention_mask(key_padding, 0, 6)
+    unpadded = window_attention_mask(torch.zeros(2, 6, dtype=torch.bool), 0, 6)
+    want = sdpa_attention.left_padding_of_causal(padded)
+
+    def refuse(mask):
+        raise AssertionError("the declared padding should have been used")
+
+    monkeypatch.setattr(sdpa_attention, "causal_with_isolated_padding", refuse)
+    monkeypatch.setattr(sdpa_attention, "left_padding_of_causal", refuse)
+    assert sdpa_attention.mask_plan(padded, torch.float32).left_pads == want == (0, 3, 1)
+    assert sdpa_attention.mask_plan(unpadded, torch.float32).is_causal
+    with pytest.raises(AssertionError, match="declared padding"):
+        sdpa_attention.mask_plan(padded.clone(), torch.float32)  # a copy carries no counts: checked
+
+
 def test_the_te_spec_guard_refuses_in_training_only_masks_a_causal_core_would_ignore(report):
     """provider.refuse_masks_the_core_ignores (on TE's causal cores in a GPU build; here on ours): right-padded
     one-document rows and no mask train, a packed batch's mask is refused, inference is left alone."""

@@ -31,6 +31,25 @@ def test_prefill_mask_is_causal_and_hides_padding_from_every_other_query():
     assert bool(allowed.any(dim=-1).all())  # no empty softmax row
 
 
+def test_a_prefill_mask_carries_the_padding_counts_its_pattern_holds():
+    """mask_plan trusts the counts a prefill mask carries instead of rebuilding the [b, s, s] pattern, so they
+    must be what left_padding_of_causal reads off the pattern, for every mix of lengths (empty rows too)."""
+    from megatron_grm.models.sdpa_attention import LEFT_PADS_ATTRIBUTE, left_padding_of_causal
+
+    g = torch.Generator().manual_seed(0)
+    for width in (1, 2, 7, 16):
+        for _ in range(6):
+            lengths = torch.randint(0, width + 1, (4,), generator=g).tolist()
+            _, key_padding = left_pad([[1] * n for n in lengths], pad_id=0, total_length=width + 3)
+            mask = window_attention_mask(key_padding, 0, width)
+            declared = getattr(mask, LEFT_PADS_ATTRIBUTE)
+            assert declared == left_padding_of_causal(mask), (lengths, declared)
+    _, key_padding = left_pad([[5, 6, 7], [8]], pad_id=0, total_length=6)
+    assert not hasattr(window_attention_mask(key_padding, 2, 5), LEFT_PADS_ATTRIBUTE)  # queries after a cache
+    inner = torch.tensor([[False, True, False, False]])  # padding inside the row, not leading it
+    assert not hasattr(window_attention_mask(inner, 0, 4), LEFT_PADS_ATTRIBUTE)
+
+
 def test_decode_window_sees_the_row_up_to_itself_minus_padding():
     _, key_padding = left_pad([[5, 6, 7], [8]], pad_id=0, total_length=6)
     mask = window_attention_mask(key_padding, 4, 5)  # one query at position 4, keys 0..4
