@@ -155,6 +155,8 @@ class _PackedGemm:
                 self.stats.panels += 1
                 self.stats.widened += self.widened
             self.stats.kernel_calls += 1
+            if input.dtype is torch.float32 and (bias is None or bias.dtype is torch.float32):  # no round trips
+                return cpu_decode_kernel.packed_linear(input, self.panels, weight.shape[0], bias)
             out = cpu_decode_kernel.packed_linear(input.float(), self.panels, weight.shape[0],
                                                   None if bias is None else bias.float())
             return out.to(input.dtype)
