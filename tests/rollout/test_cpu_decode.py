@@ -95,6 +95,25 @@ def test_unsupported_flash_attn_arguments_fail_loudly():
 
 
 
+def test_a_steps_angles_are_taken_once_for_all_its_layers_and_anew_otherwise():
+    """Every layer of a decode step passes the same cos/sin tables at the same offset: the rows are sliced
+    once. Another offset, other tables (even equal ones) or a rotary shift slice them again."""
+    from megatron_grm.parallel import cpu_decode
+
+    cos, sin = torch.randn(64, 8), torch.randn(64, 8)
+    cpu = torch.device("cpu")
+    first = cpu_decode._step_angles(cos, sin, 10, torch.float32, cpu)
+    assert all(a is b for a, b in zip(cpu_decode._step_angles(cos, sin, 10, torch.float32, cpu), first))
+    assert torch.equal(first[0], cos[10:11][None, :, None]) and torch.equal(first[1], sin[10:11][None, :, None])
+    later = cpu_decode._step_angles(cos, sin, 11, torch.float32, cpu)
+    assert torch.equal(later[0], cos[11:12][None, :, None])
+    other = cpu_decode._step_angles(cos.clone() * 2, sin.clone(), 11, torch.float32, cpu)
+    assert torch.equal(other[0], 2 * cos[11:12][None, :, None])
+    with cpu_decode.rotary_shifted_by(torch.tensor([0, 3])):
+        shifted = cpu_decode._step_angles(cos, sin, 11, torch.float32, cpu)
+    assert shifted[0].shape[0] == 2 and torch.equal(shifted[0][1], cos[8:9][:, None])
+
+
 def test_a_rotary_shift_rotates_each_rows_query_and_key_in_its_own_frame():
     """Rows prefilled in a length group of their own had their keys rotated from the group's first position
     (rollout.alignment.length_groups): inside rotary_shifted_by a decode step rotates row r's query and new
