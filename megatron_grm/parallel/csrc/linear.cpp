@@ -52,7 +52,8 @@ constexpr int64_t kPrefetchSteps = 64;
 // Row blocks after the first that share fetching the next panel into L2, each a k-row of it every
 // kShareBlocks of its steps (fewer where there are fewer blocks). One block fetching a whole panel a k-row a
 // step stalls on the memory's latency (a core has too few lines in flight), and prefetcht0 would evict the
-// panel in use from L1 (32 KB at K = 512): at 32 rows the decode step's GEMMs took 6.4 against 7.3 ms.
+// panel in use from L1 (32 KB at K = 512): at 32 rows a decode step's 17 GEMMs, their weights out of the caches,
+// took 6.33 against 6.94 ms (scratch harness, alternating, medians of 24; session 44).
 constexpr int kShareBlocks = 4;
 
 // rows x kPanel outputs of one panel, prefetching `fetch_rows` k-rows of panel memory from `fetch` into L2,
