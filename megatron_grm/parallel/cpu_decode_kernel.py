@@ -223,7 +223,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     """``F.linear(x, weight, bias)`` in fp32 with the weight as :func:`pack_linear_weight` returned it: ``x``
     ``[..., in]`` fp32 (any number of rows), the result ``[..., out_features]``. Called 17 times a decode step
     of a 4-layer model, so its checks are the cheap kind (each torch attribute read costs ~0.1-2 us; this
-    wrapper took ~14 us a call over the C++ call before session 44, ~6 us since)."""
+    wrapper took ~14 us a call over the C++ call before session 44, ~5 us since)."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C++ GEMM unavailable: {_unavailable_reason()}")

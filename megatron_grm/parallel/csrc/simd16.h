@@ -18,45 +18,6 @@
 
 namespace mgrm {
 
-// exp(x) for x <= 0 on a whole register: kernel_math.h's exp_nonpositive lane by lane (the same range
-// reduction and polynomial, its multiply-adds fused): 0 below -87 and at -inf, NaN kept. The softmax's exps
-// as scalar calls the compiler vectorised cost ~10% of the prefill attention's time (session 44).
-#if defined(__AVX512F__)
-using Lanes = __m512;
-inline Lanes lanes_set(float x) { return _mm512_set1_ps(x); }
-inline Lanes exp_nonpositive_lanes(Lanes x) {
-  const Lanes clamped = _mm512_max_ps(lanes_set(-87.0f), x);  // NaN stays NaN
-  const Lanes n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, lanes_set(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Lanes r =
-      _mm512_fmadd_ps(n, lanes_set(2.12194440e-4f), _mm512_fnmadd_ps(n, lanes_set(0.693359375f), clamped));
-  Lanes p = lanes_set(1.0f / 720.0f);
-  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, lanes_set(c));
-  const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-  const Lanes scale = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
-  const __mmask16 below = _mm512_cmp_ps_mask(x, lanes_set(-87.0f), _CMP_LT_OQ);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~below), p, scale);
-}
-#else
-using Lanes = __m256;
-inline Lanes lanes_set(float x) { return _mm256_set1_ps(x); }
-inline Lanes exp_nonpositive_lanes(Lanes x) {
-  const Lanes clamped = _mm256_max_ps(lanes_set(-87.0f), x);  // NaN stays NaN
-  const Lanes n = _mm256_round_ps(_mm256_mul_ps(clamped, lanes_set(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Lanes r =
-      _mm256_fmadd_ps(n, lanes_set(2.12194440e-4f), _mm256_fnmadd_ps(n, lanes_set(0.693359375f), clamped));
-  Lanes p = lanes_set(1.0f / 720.0f);
-  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm256_fmadd_ps(p, r, lanes_set(c));
-  const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  const Lanes scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
-  const Lanes below = _mm256_cmp_ps(x, lanes_set(-87.0f), _CMP_LT_OQ);
-  return _mm256_andnot_ps(below, _mm256_mul_ps(p, scale));
-}
-#endif
-
 #if defined(__AVX512F__)
 
 inline const char* kSimdName = "AVX-512";
@@ -86,7 +47,18 @@ inline F32x16 sub16(F32x16 a, F32x16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 // The larger lane by lane, `a`'s lane where either is NaN (a NaN in `b` is skipped).
 inline F32x16 max16(F32x16 a, F32x16 b) { return {_mm512_max_ps(b.v, a.v)}; }
 inline float max_lane16(F32x16 a) { return _mm512_reduce_max_ps(a.v); }
-inline F32x16 exp16_nonpositive(F32x16 x) { return {exp_nonpositive_lanes(x.v)}; }
+inline F32x16 fnmadd16(F32x16 a, F32x16 b, F32x16 c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+inline F32x16 round16(F32x16 a) {  // to the nearest whole number
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline F32x16 pow2_16(F32x16 n) {  // 2^n for whole n in [-126, 127]
+  const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23))};
+}
+inline F32x16 zero_below16(F32x16 x, float limit, F32x16 v) {  // 0 where x < limit, else v
+  const __mmask16 below = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(limit), _CMP_LT_OQ);
+  return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~below), v.v)};
+}
 
 #else  // AVX2 + FMA + F16C
 
@@ -123,27 +95,56 @@ inline F32x16 fmadd16(F32x16 a, F32x16 b, F32x16 c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
 }
 inline F32x16 mul16(F32x16 a, F32x16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+// The 16 lanes folded into one by `op8` on halves, then `op4` (the same operation on 8 and 4 lanes).
+template <typename Op8, typename Op4>
+inline float fold16(F32x16 a, Op8 op8, Op4 op4) {
+  const __m256 eight = op8(a.lo, a.hi);
+  __m128 four = op4(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  four = op4(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(op4(four, _mm_movehdup_ps(four)));
+}
 inline float sum16(F32x16 a) {
-  const __m256 eight = _mm256_add_ps(a.lo, a.hi);
-  __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-  four = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  four = _mm_add_ss(four, _mm_movehdup_ps(four));
-  return _mm_cvtss_f32(four);
+  return fold16(a, [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); },
+                [](__m128 x, __m128 y) { return _mm_add_ps(x, y); });
 }
 inline F32x16 add16(F32x16 a, F32x16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline F32x16 sub16(F32x16 a, F32x16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
 // The larger lane by lane, `a`'s lane where either is NaN (a NaN in `b` is skipped).
 inline F32x16 max16(F32x16 a, F32x16 b) { return {_mm256_max_ps(b.lo, a.lo), _mm256_max_ps(b.hi, a.hi)}; }
 inline float max_lane16(F32x16 a) {
-  const __m256 eight = _mm256_max_ps(a.lo, a.hi);
-  __m128 four = _mm_max_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-  four = _mm_max_ps(four, _mm_movehl_ps(four, four));
-  four = _mm_max_ss(four, _mm_movehdup_ps(four));
-  return _mm_cvtss_f32(four);
+  return fold16(a, [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); },
+                [](__m128 x, __m128 y) { return _mm_max_ps(x, y); });
 }
-inline F32x16 exp16_nonpositive(F32x16 x) { return {exp_nonpositive_lanes(x.lo), exp_nonpositive_lanes(x.hi)}; }
+inline F32x16 fnmadd16(F32x16 a, F32x16 b, F32x16 c) {
+  return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline F32x16 round16(F32x16 a) {  // to the nearest whole number
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, kNearest), _mm256_round_ps(a.hi, kNearest)};
+}
+inline __m256 pow2_8(__m256 n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline F32x16 pow2_16(F32x16 n) { return {pow2_8(n.lo), pow2_8(n.hi)}; }  // 2^n for whole n in [-126, 127]
+inline F32x16 zero_below16(F32x16 x, float limit, F32x16 v) {  // 0 where x < limit, else v
+  const __m256 l = _mm256_set1_ps(limit);
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.lo, l, _CMP_LT_OQ), v.lo),
+          _mm256_andnot_ps(_mm256_cmp_ps(x.hi, l, _CMP_LT_OQ), v.hi)};
+}
 
 #endif
+
+// exp(x) for x <= 0, 16 lanes: kernel_math.h's exp_nonpositive lane by lane (the same range reduction and
+// polynomial, its multiply-adds fused): 0 below -87 and at -inf, NaN kept. The softmax's exps as scalar calls
+// the compiler vectorised cost ~10% of the prefill attention's time (session 44).
+inline F32x16 exp16_nonpositive(F32x16 x) {
+  const F32x16 clamped = max16(x, set16(-87.0f));  // a NaN in x stays
+  const F32x16 n = round16(mul16(clamped, set16(1.44269504088896341f)));
+  const F32x16 r = fmadd16(n, set16(2.12194440e-4f), fnmadd16(n, set16(0.693359375f), clamped));
+  F32x16 p = set16(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) p = fmadd16(p, r, set16(c));
+  return zero_below16(x, -87.0f, mul16(p, pow2_16(n)));
+}
 
 }  // namespace mgrm
 
