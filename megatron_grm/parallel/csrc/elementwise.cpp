@@ -118,18 +118,10 @@ int mgrm_row_argmax_logsumexp(int threads, const float* x, int64_t rows, int64_t
 #pragma omp parallel for num_threads(rows * n >= kParallelElements ? threads : 1) schedule(static) reduction(| : bad)
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * ld;
-    // 8 lanes: a one-lane maximum stays a serial chain of scalar comparisons (no -ffast-math).
-    float lane[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8)
-      for (int j = 0; j < 8; ++j) lane[j] = row[t + j] > lane[j] ? row[t + j] : lane[j];
-    float top = -INFINITY;
-    for (; t < n; ++t) top = row[t] > top ? row[t] : top;
-    for (int j = 0; j < 8; ++j) top = lane[j] > top ? lane[j] : top;
+    const float top = mgrm::max_of(row, n);  // NaNs skipped; a NaN row's sum is NaN below
     int64_t first = 0;
     while (first < n - 1 && row[first] != top) ++first;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) sum += mgrm::exp_nonpositive(row[i] - top);
+    const float sum = mgrm::sum_exp(row, n, top);
     argmax[r] = first;
     lse[r] = top + std::log(sum);
     bad |= !(std::isfinite(top) && std::isfinite(sum) && sum > 0.0f);

@@ -48,17 +48,48 @@ inline float exp_nonpositive(float x) {
 // `total` is rescaled and the block's sum added. Returns the factor the query's accumulated weighted values
 // need (1 when the maximum stayed; 0 at its first visible key). A block with no visible key becomes zeros.
 // NaN scores are skipped by the maximum and stay NaN.
-inline float softmax_block(float* __restrict s, int64_t n, float& top, float& total) {
-  float block_max = -INFINITY;
+// The largest of s[0:n] (-inf for none), NaNs skipped: 16 lanes at a time where simd16.h has vectors.
+inline float max_of(const float* __restrict s, int64_t n) {
+  float top = -INFINITY;
   int64_t t = 0;
 #ifdef MGRM_SIMD16
   if (n >= 16) {
     F32x16 lanes = set16(-INFINITY);
     for (; t + 16 <= n; t += 16) lanes = max16(lanes, load16(s + t));
-    block_max = max_lane16(lanes);
+    top = max_lane16(lanes);
   }
 #endif
-  for (; t < n; ++t) block_max = s[t] > block_max ? s[t] : block_max;
+  for (; t < n; ++t) top = s[t] > top ? s[t] : top;
+  return top;
+}
+
+// sum(exp(s[0:n] - top)) for top >= every s (NaN propagates), each exp also written to out[0:n] when out is
+// given (it may be s): 16 lanes at a time where simd16.h has vectors.
+inline float sum_exp(const float* s, int64_t n, float top, float* out = nullptr) {
+  float sum = 0.0f;
+  int64_t t = 0;
+#ifdef MGRM_SIMD16
+  if (n >= 16) {
+    const F32x16 shift = set16(top);
+    F32x16 sums = zero16();
+    for (; t + 16 <= n; t += 16) {
+      const F32x16 p = exp16_nonpositive(sub16(load16(s + t), shift));
+      if (out) store16(out + t, p);
+      sums = add16(sums, p);
+    }
+    sum = sum16(sums);
+  }
+#endif
+  for (; t < n; ++t) {
+    const float p = exp_nonpositive(s[t] - top);
+    if (out) out[t] = p;
+    sum += p;
+  }
+  return sum;
+}
+
+inline float softmax_block(float* __restrict s, int64_t n, float& top, float& total) {
+  const float block_max = max_of(s, n);
   if (block_max == -INFINITY) {
     for (int64_t t = 0; t < n; ++t) s[t] = 0.0f;
     return 1.0f;
@@ -69,26 +100,7 @@ inline float softmax_block(float* __restrict s, int64_t n, float& top, float& to
     total *= factor;
     top = block_max;
   }
-  float sum = 0.0f;
-  t = 0;
-#ifdef MGRM_SIMD16
-  if (n >= 16) {
-    const F32x16 shift = set16(top);
-    F32x16 sums = zero16();
-    for (; t + 16 <= n; t += 16) {
-      const F32x16 p = exp16_nonpositive(sub16(load16(s + t), shift));
-      store16(s + t, p);
-      sums = add16(sums, p);
-    }
-    sum = sum16(sums);
-  }
-#endif
-  for (; t < n; ++t) {
-    const float p = exp_nonpositive(s[t] - top);
-    s[t] = p;
-    sum += p;
-  }
-  total += sum;
+  total += sum_exp(s, n, top, s);
   return factor;
 }
 
