@@ -20,7 +20,9 @@ namespace mgrm {
 
 #if defined(__AVX512F__)
 
-inline const char* kSimdName = "AVX-512";
+// constexpr, not inline: an inline variable is one GNU-unique symbol across every library loaded in a process,
+// so a second build (for an older CPU) would report the first one's name.
+constexpr const char* kSimdName = "AVX-512";
 constexpr int kVectorRegisters16 = 32;  // zmm registers, one F32x16 each
 
 struct F32x16 {
@@ -62,7 +64,7 @@ inline F32x16 zero_below16(F32x16 x, float limit, F32x16 v) {  // 0 where x < li
 
 #else  // AVX2 + FMA + F16C
 
-inline const char* kSimdName = "AVX2";
+constexpr const char* kSimdName = "AVX2";
 constexpr int kVectorRegisters16 = 8;  // 16 ymm registers, two per F32x16
 
 struct F32x16 {
