@@ -5,10 +5,13 @@
 // block by block, so each key and value is read from memory once and used while it is in L1. torch's
 // batched matmuls do the same work in three passes over the cache (scores, softmax, weighted sum) and read
 // it at ~17-19 GB/s on the project's 2-core AMD EPYC; this loop is bound by the memory instead (see
-// megatron_grm/parallel/cpu_decode_kernel.py for the measurements). With AVX-512 and up to 4 query heads
-// of 64 or 128 channels per KV head, attend_registers keeps the queries and the weighted values in
-// registers and widens each key and value once; with AVX2, attend_tiles scores a few positions at once and
-// prefetches the block it reads next, so the reads overlap the arithmetic.
+// megatron_grm/parallel/cpu_decode_kernel.py for the measurements). For heads of 64 or 128 channels,
+// attend_tiles scores a few positions at once in AVX2 registers and prefetches the block it reads next, so
+// the reads overlap the arithmetic; AVX-512 builds run it too. On a 2-core AVX-512 Xeon (session 45) it read a
+// step of bench/rollout.py's cache (32 rows of ~1,200 positions, 4 layers) in 10.6 ms against 13.4 for the
+// AVX-512 kernel that kept the queries and the weighted values in zmm registers (one horizontal sum per
+// position and query) and 10.0 for a plain read; 1.1-1.6x faster than it also in bf16, with 1 or 4 query
+// heads per KV head and with heads of 128, so that kernel was removed.
 //
 // Output per query: the maximum score, the sum of exp(score - max) and the softmax-weighted values
 // (normalised), which is how megatron_grm.parallel.cpu_decode merges parts of a split softmax. A query
@@ -85,73 +88,8 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
 }
 
 #ifdef MGRM_SIMD16
-// attend() for up to 4 query heads of 64 or 128 channels: each key and value is widened and loaded once for
-// all R queries. With AVX-512 the queries and the weighted values stay in registers. One step of
-// bench/rollout.py's 4 layers (32 rows x 1,230 positions, 4 KV heads of 64), the two builds alternating in
-// one process: 1.17x faster in bf16 and 1.04-1.18x in fp32 with 2 query heads per KV head, 1.64-1.69x with 3
-// or 4, 1.15x and 1.63x for heads of 128 (session 36). Only with AVX-512: AVX2's 16 registers hold 8 F32x16,
-// and there it ran at 0.81-0.88x (fp32) and 0.93-0.94x (bf16) the loop above's speed, also with the values'
-// pass 16 channels at a time (session 37). More query heads (or a group of rows' stacked queries) take the
-// loop above.
-template <typename T, int R, int D>
-void attend_registers(const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t k_step,
-                      int64_t v_step, const float* __restrict mask, int64_t start, int64_t end, float scale,
-                      float* __restrict scratch, float* __restrict max_out, float* __restrict sum_out,
-                      float* __restrict out) {
-  using namespace mgrm;
-  constexpr int C = D / 16;
-  float* __restrict scores = scratch;  // [R][kBlock]
-  F32x16 query[R][C], acc[R][C];
-  float top[R], total[R];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      query[r][c] = load16(q + r * D + 16 * c);
-      acc[r][c] = zero16();
-    }
-    top[r] = -INFINITY;
-    total[r] = 0.0f;
-  }
-  for (int64_t t0 = start; t0 < end; t0 += kBlock) {
-    const int64_t n = end - t0 < kBlock ? end - t0 : kBlock;
-    for (int64_t t = 0; t < n; ++t) {
-      const T* key = k + (t0 + t) * k_step;
-      F32x16 kv[C];
-      for (int c = 0; c < C; ++c) kv[c] = load16(key + 16 * c);
-      const float add = mask ? mask[t0 + t] : 0.0f;
-      for (int r = 0; r < R; ++r) {
-        F32x16 dot = mul16(query[r][0], kv[0]);
-        for (int c = 1; c < C; ++c) dot = fmadd16(query[r][c], kv[c], dot);
-        scores[r * kBlock + t] = sum16(dot) * scale + add;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float factor = softmax_block(scores + r * kBlock, n, top[r], total[r]);
-      if (factor != 1.0f)  // rescale what was accumulated under the old maximum
-        for (int c = 0; c < C; ++c) acc[r][c] = mul16(acc[r][c], set16(factor));
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const T* value = v + (t0 + t) * v_step;
-      F32x16 vv[C];
-      for (int c = 0; c < C; ++c) vv[c] = load16(value + 16 * c);
-      for (int r = 0; r < R; ++r) {
-        const F32x16 weight = set16(scores[r * kBlock + t]);
-        for (int c = 0; c < C; ++c) acc[r][c] = fmadd16(weight, vv[c], acc[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    max_out[r] = top[r];
-    sum_out[r] = total[r];
-    const F32x16 inv = set16(total[r] > 0.0f ? 1.0f / total[r] : 0.0f);
-    for (int c = 0; c < C; ++c) store16(out + r * D + 16 * c, mul16(acc[r][c], inv));
-  }
-}
-
-#endif  // MGRM_SIMD16
-
-#if defined(MGRM_SIMD16) && !defined(__AVX512F__)
-// AVX2: attend()'s arithmetic in register tiles, and the next reads prefetched while it runs. On the
-// project's 2-core AVX2 EPYC the loop above spent ~58 cycles a position (2 query heads of 64, cache in L3)
+// attend()'s arithmetic in AVX2 register tiles (8 lanes: AVX-512 CPUs run them too), and the next reads
+// prefetched while it runs. On the project's 2-core AVX2 EPYC the loop above spent ~58 cycles a position (2 query heads of 64, cache in L3)
 // on the dot products' horizontal sums and the weighted values' accumulators in memory, and a step's reads
 // waited on that arithmetic instead of overlapping it: one step of bench/decode_attention.py's shapes took
 // 13.2-13.9 ms where a loop with the same reads and almost no arithmetic took 9.3 (session 43). Here up to
@@ -305,26 +243,14 @@ void attend_tiles(const float* __restrict q, const T* __restrict k, const T* __r
     for (int64_t d = 0; d < D; ++d) out[r * D + d] = acc[r * D + d] * inv;
   }
 }
-#endif  // AVX2
+#endif  // MGRM_SIMD16
 
-// One (row, group): attend_registers (AVX-512) or attend_tiles (AVX2) where they apply, else attend().
+// One (row, group): attend_tiles for heads of 64 or 128 channels with AVX2 or AVX-512, else attend().
 template <typename T, int64_t kDim>
 void attend_any(const float* q, const T* k, const T* v, int64_t k_step, int64_t v_step, const float* mask,
                 int64_t start, int64_t end, int64_t R, int64_t D, float scale, float* scratch, float* max_out,
                 float* sum_out, float* out) {
 #ifdef MGRM_SIMD16
-  if constexpr ((kDim == 64 || kDim == 128) && mgrm::kVectorRegisters16 >= 16) {
-    using Kernel = void (*)(const float*, const T*, const T*, int64_t, int64_t, const float*, int64_t, int64_t,
-                            float, float*, float*, float*, float*);
-    constexpr Kernel kernels[] = {attend_registers<T, 1, kDim>, attend_registers<T, 2, kDim>,
-                                  attend_registers<T, 3, kDim>, attend_registers<T, 4, kDim>};
-    if (R >= 1 && R <= 4) {
-      kernels[R - 1](q, k, v, k_step, v_step, mask, start, end, scale, scratch, max_out, sum_out, out);
-      return;
-    }
-  }
-#endif
-#if defined(MGRM_SIMD16) && !defined(__AVX512F__)
   if constexpr (kDim == 64 || kDim == 128) {
     attend_tiles<T, kDim>(q, k, v, k_step, v_step, mask, start, end, R, scale, scratch, max_out, sum_out, out);
     return;

@@ -18,6 +18,9 @@
 
 namespace mgrm {
 
+// 8 bf16: the high halves of 8 fp32 (AVX2, which every AVX-512 CPU has too).
+inline __m256 widen_bf16(__m128i x) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)); }
+
 #if defined(__AVX512F__)
 
 // constexpr, not inline: an inline variable is one GNU-unique symbol across every library loaded in a process,
@@ -76,9 +79,6 @@ inline F32x16 set16(float x) {
   return {v, v};
 }
 inline F32x16 load16(const float* x) { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
-inline __m256 widen_bf16(__m128i x) {  // 8 bf16: the high halves of 8 fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
-}
 inline F32x16 load16(const uint16_t* x) {
   return {widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
           widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8)))};
