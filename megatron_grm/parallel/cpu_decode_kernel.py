@@ -9,9 +9,9 @@ well under the memory's rate: the batched matmuls (scores, softmax, weighted val
 each key and value once, block by block with an online softmax, and ran one step of 4 layers (32 rows x
 1,230 positions, 4 KV heads of 64, 2 query heads each) in 9.8-10.6 ms against torch's 18.3-20.8 ms in fp32,
 as fast as a plain sum of the same bytes, and in 6.7-9.0 ms against 17.1-24.5 ms in bf16
-(``bench/decode_attention.py``, session 33). A plain sum is not the memory's limit, though: with up to 4
-query heads per KV head in AVX-512 registers, each key and value widened once, the bf16 kernel took 4.47
-against 7.78 s over 4 rollouts of ``bench/rollout.py``'s distinct GRM-length wave (session 36). The
+(``bench/decode_attention.py``, session 33). Since session 43 it scores a few positions at once in AVX2
+register tiles and prefetches the next block (AVX-512 CPUs run the same tiles: 10.6 against 13.4 ms for a
+zmm-register kernel on a 2-core Xeon, session 45). The
 prefill kernel stops each tile of queries at its own last position where torch's flash kernel computes the
 diagonal in blocks of 256 x 512 (``bench/prefill_attention.py``).
 The C++ GEMM keeps a tile of 6 rows x 16 columns in AVX2 registers over a weight packed in panels of 16
@@ -20,8 +20,9 @@ on the AVX2 EPYC it ran one Llama layer's and the output layer's GEMMs in 5.58 a
 (1.31x; ``bench/onednn_linear.py --rows 1 32 256 1024``, weights hot in cache, session 41), 1.06-1.09x at
 4,096-8,192 rows, and a decode forward's linears of ``bench/rollout.py``'s model in 8.2 against 11.8 ms
 (the bench with ``MEGATRON_GRM_CPU_LINEAR_KERNEL=0`` minutes later). oneDNN's packed fp32 GEMM runs the
-decode step's shapes at 53-60% of the core's FMA peak. It runs by default only where measured
-(:data:`LINEAR_MEASURED_SIMD`; ``MEGATRON_GRM_CPU_LINEAR_KERNEL=1`` / ``0`` forces it on / off).
+decode step's shapes at 53-60% of the core's FMA peak. It runs by default only where and at the row counts
+where it was measured faster (:data:`LINEAR_KERNEL_ROWS`: on an AVX-512 Xeon, a decode step's 32 rows but
+not a prefill's; ``MEGATRON_GRM_CPU_LINEAR_KERNEL=1`` / ``0`` forces it on / off).
 No package on the registries ships such kernels for torch 2.13's CPU build, and torch's own extension builder
 would compile torch's headers (a minute per machine); this file needs only ``c++`` (a few seconds).
 
@@ -184,22 +185,26 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 LINEAR_VARIABLE = "MEGATRON_GRM_CPU_LINEAR_KERNEL"
-# Instruction sets the C++ GEMM is measured faster than oneDNN's on (the AVX2 EPYC); elsewhere it runs
-# only with MEGATRON_GRM_CPU_LINEAR_KERNEL=1.
-LINEAR_MEASURED_SIMD = ("AVX2",)
+ALL_ROWS = 1 << 62
+# Up to how many rows the C++ GEMM was measured faster than oneDNN's, per instruction set: every row count
+# on the AVX2 EPYC (session 41); on a 2-core AVX-512 Xeon with AMX (session 45, bench/onednn_linear.py, one
+# layer's and the output layer's GEMMs, oneDNN / C++) 1.20x at 8 rows and 1.17x at 32, 0.97x at 64 and
+# 0.88-0.95x from 128 to 8,192: there a decode step's GEMMs run it and a prefill's stay on oneDNN. Elsewhere it
+# runs only with MEGATRON_GRM_CPU_LINEAR_KERNEL=1.
+LINEAR_KERNEL_ROWS = {"AVX2": ALL_ROWS, "AVX-512": 32}
 
 
-def linear_kernel_enabled() -> bool:
-    """Whether a rollout's fp32 GEMMs run :func:`packed_linear`: the library is built here and
-    ``MEGATRON_GRM_CPU_LINEAR_KERNEL`` says 1, or is unset and the kernels were built for an instruction set
-    of :data:`LINEAR_MEASURED_SIMD`; 0 turns it off."""
+def linear_kernel_rows() -> int:
+    """The most rows of a rollout's fp32 GEMM that :func:`packed_linear` runs (0: none): with the library built
+    here, :data:`LINEAR_KERNEL_ROWS` for the instruction set it was built for, or every row count with
+    ``MEGATRON_GRM_CPU_LINEAR_KERNEL=1``, none with 0."""
     lib = _library()
     if lib is None:
-        return False
+        return 0
     choice = os.environ.get(LINEAR_VARIABLE, "")
     if choice in ("0", "1"):
-        return choice == "1"
-    return lib.mgrm_attention_simd().decode() in LINEAR_MEASURED_SIMD
+        return ALL_ROWS if choice == "1" else 0
+    return LINEAR_KERNEL_ROWS.get(lib.mgrm_attention_simd().decode(), 0)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

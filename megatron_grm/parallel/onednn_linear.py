@@ -13,9 +13,11 @@ the same path: on a Xeon with AMX, one layer's and the output layer's bf16 GEMMs
 at 32 rows and 1.05x at 1,024 than torch's ``mm`` (session 26, ``bench/onednn_linear.py --dtype bf16``).
 Megatron's module code, its tensor-parallel collectives and its bias handling stay as they are: only
 ``_forward_impl``, the GEMM itself, is swapped for the wave. Where the C++ GEMM is on
-(``cpu_decode_kernel.linear_kernel_enabled``: AVX2 CPUs, where it was measured faster at every row count
-from a decode step's 32 to a prefill's 8,192), fp32 GEMMs run it on the weight packed for it instead, and
-oneDNN keeps a bf16 model's GEMMs on CPUs with a bf16 GEMM; a layer keeps one packed copy at a time.
+(``cpu_decode_kernel.linear_kernel_rows``: on AVX2 CPUs at every row count, where it was measured faster
+from a decode step's 32 to a prefill's 8,192; on AVX-512 ones up to a decode step's 32), fp32 GEMMs of
+that many rows run it on the weight packed for it instead, and oneDNN keeps a bf16 model's GEMMs on CPUs
+with a bf16 GEMM. A layer keeps one packed copy at a time: a wave's prefill and its decode steps switch
+once.
 
 On a CPU without a bf16 GEMM (no AVX512-BF16 or AMX: e.g. an AVX2-only EPYC) torch's bf16 matmul runs a
 generic loop: a bf16 wave of ``bench/rollout.py``'s distinct GRM prompts prefilled in 64.9 s against ~10 s
@@ -121,15 +123,15 @@ class PackStats:
 
 
 class _PackedGemm:
-    """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes. With
-    ``linear_kernel``, fp32 GEMMs (bf16 ones widened included) run the C++ GEMM on the weight packed for it
-    instead; the layer keeps one of the two copies, the one its last GEMM used."""
+    """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes. fp32
+    GEMMs (bf16 ones widened included) of at most ``kernel_rows`` rows run the C++ GEMM on the weight packed
+    for it instead; the layer keeps one of the two copies, the one its last GEMM used."""
 
     def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
-                 widen_bf16: bool | None = None, linear_kernel: bool = False) -> None:
+                 widen_bf16: bool | None = None, kernel_rows: int = 0) -> None:
         self.layer, self.rows, self.stats = layer, rows, stats
         self.widen_bf16 = widen_bf16  # None: where this CPU has no bf16 GEMM (gemm_dtype)
-        self.linear_kernel = linear_kernel
+        self.kernel_rows = kernel_rows
         self.source: torch.Tensor | None = None
         self.version = -1
         self.packed: torch.Tensor | None = None  # oneDNN's layout
@@ -149,7 +151,7 @@ class _PackedGemm:
         self.stats.calls += 1
         bias = kwargs.get("bias", args[0] if args else None)
         fp32 = weight.dtype == torch.float32 or self.widened
-        if self.linear_kernel and fp32:
+        if fp32 and self.kernel_rows and input.numel() <= self.kernel_rows * input.shape[-1]:
             if self.panels is None:
                 self.panels, self.packed = cpu_decode_kernel.pack_linear_weight(weight.float()), None
                 self.stats.panels += 1
@@ -174,11 +176,11 @@ class _PackedGemm:
 
 
 @contextlib.contextmanager
-def packed_linears(model: torch.nn.Module, rows: int, linear_kernel: bool = False) -> Iterator[PackStats]:
+def packed_linears(model: torch.nn.Module, rows: int, kernel_rows: int = 0) -> Iterator[PackStats]:
     """While the block runs (one wave of ``rows`` sequences), the model's large fp32/bf16 Megatron linear layers
-    multiply through oneDNN on weights reordered once; their reordered copies are dropped on exit. With
-    ``linear_kernel`` (:func:`cpu_decode_kernel.linear_kernel_enabled`), its fp32 GEMMs run the C++
-    GEMM instead."""
+    multiply through oneDNN on weights reordered once; their reordered copies are dropped on exit. Its fp32
+    GEMMs of at most ``kernel_rows`` rows (:func:`cpu_decode_kernel.linear_kernel_rows`) run the C++ GEMM
+    instead."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     stats = PackStats()
@@ -192,7 +194,7 @@ def packed_linears(model: torch.nn.Module, rows: int, linear_kernel: bool = Fals
                     or getattr(layer, "sequence_parallel", False)):
                 stats.skipped += 1
                 continue
-            layer._forward_impl = _PackedGemm(layer, rows, stats, linear_kernel=linear_kernel)
+            layer._forward_impl = _PackedGemm(layer, rows, stats, kernel_rows=kernel_rows)
             taken.append(layer)
     stats.layers = len(taken)
     try:

@@ -282,8 +282,8 @@ class StaticBackend:
         self.share_prompt_prefixes = True
         self.min_shared_segment = MIN_SEGMENT
         self.pack_weights = not use_cuda()  # CPU: GEMMs on oneDNN, weights reordered once per wave
-        # and fp32 ones in the C++ GEMM (csrc/linear.cpp) where it is measured faster
-        self.linear_kernel = self.pack_weights and cpu_decode_kernel.linear_kernel_enabled()
+        # and fp32 ones in the C++ GEMM (csrc/linear.cpp) where and at the row counts it is measured faster
+        self.linear_kernel_rows = cpu_decode_kernel.linear_kernel_rows() if self.pack_weights else 0
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
         self.elementwise_kernels = not use_cuda()  # CPU: fp32 RMSNorms and SwiGLUs as one C++ pass each
         self.final_layer_last_position = True  # the prefill's final layer only where its output is read
@@ -325,6 +325,8 @@ class StaticBackend:
             log.info(message, *args)
 
     def _log_paths(self, gemms, prefill, elementwise) -> None:
+        rows = ("any number of rows" if self.linear_kernel_rows >= cpu_decode_kernel.ALL_ROWS
+                else f"up to {self.linear_kernel_rows} rows")
         if gemms is None:
             self._log_once("gemms", "rollout GEMMs: torch's matmul")
         else:
@@ -333,8 +335,8 @@ class StaticBackend:
                            "parallel/onednn_linear.py)%s; %s", gemms.layers, gemms.skipped,
                            f"; {gemms.widened} bf16 weight(s) multiplied in fp32 (this CPU has no bf16 GEMM)"
                            if gemms.widened else "",
-                           f"fp32 GEMMs in the C++ GEMM ({gemms.kernel_calls} of {gemms.calls} in the first "
-                           "wave)" if self.linear_kernel else
+                           f"fp32 GEMMs of {rows} in the C++ GEMM "
+                           f"({gemms.kernel_calls} of {gemms.calls} in the first wave)" if self.linear_kernel_rows else
                            f"the C++ GEMM off ({cpu_decode_kernel.LINEAR_VARIABLE}, or not measured "
                            "faster on this CPU)")
         if prefill is None:
@@ -410,7 +412,7 @@ class StaticBackend:
               masked_cache_positions(key_padding), contiguous_decode_cache(),
               rotary_shifted_by(None if shift is None else shift.to(device())), _wave_rope_tables(self.model),
               shared_prompts(shared, len(prompts[0]), self.shared_prompt_min_width),
-              (packed_linears(self.model, len(prompts), self.linear_kernel) if self.pack_weights
+              (packed_linears(self.model, len(prompts), self.linear_kernel_rows) if self.pack_weights
                else contextlib.nullcontext()) as gemms,
               cpu_prefill_attention() if self.prefill_kernel else contextlib.nullcontext() as prefill,
               fused_norms_and_swiglu(self.model) if self.elementwise_kernels else contextlib.nullcontext()

@@ -75,13 +75,15 @@ def test_packed_linear_rejects_what_it_cannot_compute():
 
 
 def test_the_cpp_gemm_runs_where_measured_faster_unless_told(monkeypatch):
+    """By default the row counts measured faster for this build's instruction set (AVX2: all; AVX-512: a
+    decode step's); the variable's 1 / 0 force every row count / none."""
     simd = cpu_decode_kernel._library().mgrm_attention_simd().decode()
     monkeypatch.delenv(cpu_decode_kernel.LINEAR_VARIABLE, raising=False)
-    assert cpu_decode_kernel.linear_kernel_enabled() == (simd in cpu_decode_kernel.LINEAR_MEASURED_SIMD)
+    assert cpu_decode_kernel.linear_kernel_rows() == {"AVX2": cpu_decode_kernel.ALL_ROWS, "AVX-512": 32}.get(simd, 0)
     monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "1")
-    assert cpu_decode_kernel.linear_kernel_enabled()
+    assert cpu_decode_kernel.linear_kernel_rows() == cpu_decode_kernel.ALL_ROWS
     monkeypatch.setenv(cpu_decode_kernel.LINEAR_VARIABLE, "0")
-    assert not cpu_decode_kernel.linear_kernel_enabled()
+    assert cpu_decode_kernel.linear_kernel_rows() == 0
 
 
 def _check_builds_compute_the_same() -> None:
@@ -114,7 +116,7 @@ def test_a_waves_fp32_gemms_run_the_kernel_on_one_packed_copy():
     once; a changed weight is packed again; the results are F.linear's. Off, the layer runs oneDNN."""
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
-    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, linear_kernel=True)
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, kernel_rows=cpu_decode_kernel.ALL_ROWS)
     g = torch.Generator().manual_seed(4)
     bias = torch.randn(768, generator=g)
     decode, prefill = torch.randn(32, 1, 512, generator=g), torch.randn(300, 512, generator=g)
@@ -134,10 +136,32 @@ def test_a_waves_fp32_gemms_run_the_kernel_on_one_packed_copy():
     assert stats.panels == 2 and layer.own_calls == 0 and stats.fallbacks == 0
 
     off_stats = onednn_linear.PackStats()
-    off = onednn_linear._PackedGemm(layer, rows=32, stats=off_stats, linear_kernel=False)
+    off = onednn_linear._PackedGemm(layer, rows=32, stats=off_stats)
     with torch.inference_mode():
         _assert_fp32_close(off(prefill, layer.weight, bias=bias), _reference(prefill, -2 * weight, bias), 512)
     assert (off_stats.reordered, off_stats.panels, off_stats.kernel_calls) == (1, 0, 0) and off.panels is None
+
+
+@pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+def test_a_row_limit_sends_a_prefills_gemms_to_onednn_and_the_decode_steps_to_the_kernel():
+    """``kernel_rows`` (an AVX-512 CPU's 32): GEMMs of up to that many rows run the kernel, larger ones oneDNN,
+    each on its own layout of the weight, the other copy dropped; every result is F.linear's."""
+    layer = _Layer(768, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, kernel_rows=32)
+    g = torch.Generator().manual_seed(6)
+    bias = torch.randn(768, generator=g)
+    decode, prefill = torch.randn(32, 1, 512, generator=g), torch.randn(33, 512, generator=g)
+    weight = layer.weight.detach()
+    with torch.inference_mode():
+        _assert_fp32_close(gemm(prefill, layer.weight, bias=bias), _reference(prefill, weight, bias), 512)
+        assert (stats.reordered, stats.panels, stats.kernel_calls) == (1, 0, 0) and gemm.panels is None
+        for _ in range(2):
+            _assert_fp32_close(gemm(decode, layer.weight, bias=bias), _reference(decode, weight, bias), 512)
+        assert (stats.reordered, stats.panels, stats.kernel_calls) == (1, 1, 2) and gemm.packed is None
+        _assert_fp32_close(gemm(prefill, layer.weight), _reference(prefill, weight, None), 512)
+        assert (stats.reordered, stats.panels, stats.kernel_calls, stats.calls) == (2, 1, 2, 4)
+    assert layer.own_calls == 0 and stats.fallbacks == 0
 
 
 @pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
@@ -147,7 +171,7 @@ def test_bf16_weights_without_a_bf16_gemm_take_the_kernel_in_fp32():
     bf16 weights stay on it."""
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
-    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, linear_kernel=True)
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, kernel_rows=cpu_decode_kernel.ALL_ROWS)
     g = torch.Generator().manual_seed(5)
     weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(32, 512, generator=g).bfloat16()
     with torch.inference_mode():

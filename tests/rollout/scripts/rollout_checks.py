@@ -420,18 +420,18 @@ def main() -> None:
 
     linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     layers_by_default = engine.backend.last_gemms.layers
-    linear_kernel_by_default = engine.backend.linear_kernel
+    linear_kernel_by_default = engine.backend.linear_kernel_rows
     threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0
     runs = {}
     for kernel in (False, True):  # oneDNN, then every fp32 GEMM in the C++ kernel (csrc/linear.cpp)
-        engine.backend.linear_kernel = kernel
+        engine.backend.linear_kernel_rows = cpu_decode_kernel.ALL_ROWS if kernel else 0
         packed = engine.generate(prompts, n=2, sampling=sampled)
         forwards.clear()
         hook = model.register_forward_hook(lambda *_: forwards.append(1))
         packed += engine.generate(prompts, n=1, sampling=greedy)  # one wave: its forwards are counted
         hook.remove()
         runs[kernel] = (packed, engine.backend.last_gemms, len(forwards))
-    engine.backend.linear_kernel = linear_kernel_by_default
+    engine.backend.linear_kernel_rows = linear_kernel_by_default
     onednn_linear.PACK_MIN_ELEMENTS = threshold
     engine.backend.pack_weights = False
     matmul = engine.generate(prompts, n=2, sampling=sampled) + engine.generate(prompts, n=1, sampling=greedy)
@@ -454,7 +454,7 @@ def main() -> None:
         "tokens": sum(len(a.token_ids) for a in packed),
     }
     out["linear_kernel"] = {
-        "by_default": linear_kernel_by_default, "enabled_here": cpu_decode_kernel.linear_kernel_enabled(),
+        "by_default": linear_kernel_by_default, "enabled_here": cpu_decode_kernel.linear_kernel_rows(),
         "built": cpu_decode_kernel._library() is not None, "layers": kernel_gemms.layers,
         "calls": kernel_gemms.calls, "kernel_calls": kernel_gemms.kernel_calls, "panels": kernel_gemms.panels,
         "reordered": kernel_gemms.reordered, "fallbacks": kernel_gemms.fallbacks, "forwards": kernel_forwards,
@@ -753,7 +753,7 @@ def main() -> None:
                                   for m in bf16_model.modules()),
             "gemm_layers": gemms.layers, "gemm_reordered": gemms.reordered, "gemm_calls": gemms.calls,
             "gemm_fallbacks": gemms.fallbacks, "gemm_widened": gemms.widened, "gemm_panels": gemms.panels,
-            "gemm_kernel_calls": gemms.kernel_calls, "linear_kernel": bf16_engine.backend.linear_kernel,
+            "gemm_kernel_calls": gemms.kernel_calls, "linear_kernel_rows": bf16_engine.backend.linear_kernel_rows,
             "bf16_onednn": onednn_linear.available(torch.bfloat16),
             "bf16_gemm_dtype": str(onednn_linear.gemm_dtype(torch.bfloat16)),
         }
