@@ -94,6 +94,8 @@ def test_a_wave_of_different_lengths_is_prefilled_in_groups_of_similar_length(ru
     assert len(check["forwards"]) == len(groups) + run["max_new"] - 1
     assert check["forwards_off"][0] == [len(lengths), width]
     assert len(check["forwards_off"]) == run["max_new"]
+    # The whole wave's prefill mask is built for the one padded forward only, not for the groups' forwards.
+    assert (check["wave_prefill_masks"], check["wave_prefill_masks_off"]) == (0, 1)
     assert sum(shape[1] * shape[0] for shape in check["forwards"][: len(groups)]) < len(lengths) * width
     assert check["tokens"] == 2 * len(lengths) * run["max_new"]  # greedy and sampled, one sample a prompt
     assert check["tokens_equal"]

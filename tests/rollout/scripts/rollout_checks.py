@@ -175,15 +175,29 @@ def main() -> None:
                                        with_kwargs=True)
     by_length = {}
     cost = engine.backend.length_group_cost
+    # And the masks built over the whole wave's prefill window (rows x width x width): only where one forward
+    # prefills the wave; the groups' forwards mask themselves.
+    from megatron_grm.rollout import static_backend
+
+    window_mask, masks = static_backend.window_attention_mask, []
+
+    def recorded_mask(key_padding, start, end):
+        masks.append((len(key_padding), start, end))
+        return window_mask(key_padding, start, end)
+
+    static_backend.window_attention_mask = recorded_mask
     for grouped in (True, False):
         engine.backend.length_group_cost = 0.0 if grouped else math.inf
         shapes.clear()
+        masks.clear()
         by_length[grouped] = [engine.generate(prompts, n=1, sampling=full)]
         by_length[f"forwards_{grouped}"] = list(shapes)
+        by_length[f"wave_masks_{grouped}"] = masks.count((len(prompts), 0, max(len(p) for p in prompts)))
         by_length[f"groups_{grouped}"] = [[sorted(int(r) for r in g.rows), g.start]
                                           for g in engine.backend.last_length_groups or []]
         by_length[grouped].append(engine.generate(prompts, n=1, sampling=SamplingConfig(
             temperature=1.0, max_new_tokens=MAX_NEW, ignore_eos=True, seed=23)))
+    static_backend.window_attention_mask = window_mask
     # A wave of another length (fewer new tokens): Megatron would cache a second RoPE table for it. Counted
     # in it: the RoPE tables computed (Megatron computes one per forward before its cache lookup) and the
     # tensor-parallel copy / reduce calls that reach Megatron's mappings (none at one rank).
@@ -254,6 +268,7 @@ def main() -> None:
         "groups": by_length["groups_True"], "groups_off": by_length["groups_False"],
         "wave_lengths": sorted(len(p) for p in prompts),  # a wave holds its prompts shortest first (plan_waves)
         "forwards": by_length["forwards_True"], "forwards_off": by_length["forwards_False"],
+        "wave_prefill_masks": by_length["wave_masks_True"], "wave_prefill_masks_off": by_length["wave_masks_False"],
         **same_runs(by_length[True], by_length[False]),
         "sampled_logprob_diff_vs_training": engine.check_logprobs(by_length[True][1]),
         # Megatron's flash-decode path caches a RoPE table per context length on the model; after these
