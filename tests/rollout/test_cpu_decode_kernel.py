@@ -53,9 +53,8 @@ def _reference(queries, keys, values, start, end, mask, scale):
 @pytest.mark.parametrize("span", [(0, 200), (70, 131), (63, 65), (9, 9)])
 def test_kernel_matches_float64_attention(dtype, tol, dim, rep, span):
     """Blocks of 64 positions with ragged ends, the three specialised channel counts (64 and 128 compiled
-    for, others generic) with up to 4 query heads per KV head in registers (AVX-512; 5: the loop over
-    memory) or in register tiles 4 at a time (AVX2; 5 and 7: two groups), masks
-    that hide a whole row's block and a whole row, and scores large enough to
+    for, others generic) with the query heads in register tiles 4 at a time (AVX2 and AVX-512; 5 and 7: two
+    groups), masks that hide a whole row's block and a whole row, and scores large enough to
     overflow a softmax without its maximum subtracted. Tolerances are relative to float64 on the cache's
     own (rounded) values, so 16-bit caches are held to fp32 arithmetic."""
     if not cpu_decode_kernel.available(dtype):  # fp16 needs a compiler with _Float16 (GCC >= 12, clang)

@@ -89,14 +89,15 @@ void attend(const float* __restrict q, const T* __restrict k, const T* __restric
 
 #ifdef MGRM_SIMD16
 // attend()'s arithmetic in AVX2 register tiles (8 lanes: AVX-512 CPUs run them too), and the next reads
-// prefetched while it runs. On the project's 2-core AVX2 EPYC the loop above spent ~58 cycles a position (2 query heads of 64, cache in L3)
-// on the dot products' horizontal sums and the weighted values' accumulators in memory, and a step's reads
-// waited on that arithmetic instead of overlapping it: one step of bench/decode_attention.py's shapes took
-// 13.2-13.9 ms where a loop with the same reads and almost no arithmetic took 9.3 (session 43). Here up to
-// 4 query heads at a time score P positions at once (R x P accumulators, their lane sums reduced
-// together), the weighted values run over chunks of channels held in registers through a block, and
-// prefetches ask for a block's values while its keys are scored and for the next block's keys while the
-// values are summed: 11.96 against 13.51 ms a step, alternating in one process (median of 14 rounds).
+// prefetched while it runs. On the project's 2-core AVX2 EPYC the loop above spent ~58 cycles a position (2
+// query heads of 64, cache in L3) on the dot products' horizontal sums and the weighted values' accumulators
+// in memory, and a step's reads waited on that arithmetic instead of overlapping it: one step of
+// bench/decode_attention.py's shapes took 13.2-13.9 ms where a loop with the same reads and almost no
+// arithmetic took 9.3 (session 43). Here up to 4 query heads at a time score P positions at once (R x P
+// accumulators, their lane sums reduced together), the weighted values run over chunks of channels held in
+// registers through a block, and prefetches ask for a block's values while its keys are scored and for the
+// next block's keys while the values are summed: 11.96 against 13.51 ms a step, alternating in one process
+// (median of 14 rounds).
 
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 inline __m256 load8(const uint16_t* x) {
