@@ -43,11 +43,6 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// One block of a query's online softmax (flash attention's): the scores s[0:n] (-inf where masked) become
-// exp(s - top) under the running maximum `top`, raised first to the block's own; the running sum of exp
-// `total` is rescaled and the block's sum added. Returns the factor the query's accumulated weighted values
-// need (1 when the maximum stayed; 0 at its first visible key). A block with no visible key becomes zeros.
-// NaN scores are skipped by the maximum and stay NaN.
 // The largest of s[0:n] (-inf for none), NaNs skipped: 16 lanes at a time where simd16.h has vectors.
 inline float max_of(const float* __restrict s, int64_t n) {
   float top = -INFINITY;
@@ -88,6 +83,11 @@ inline float sum_exp(const float* s, int64_t n, float top, float* out = nullptr)
   return sum;
 }
 
+// One block of a query's online softmax (flash attention's): the scores s[0:n] (-inf where masked) become
+// exp(s - top) under the running maximum `top`, raised first to the block's own; the running sum of exp
+// `total` is rescaled and the block's sum added. Returns the factor the query's accumulated weighted values
+// need (1 when the maximum stayed; 0 at its first visible key). A block with no visible key becomes zeros.
+// NaN scores are skipped by the maximum and stay NaN.
 inline float softmax_block(float* __restrict s, int64_t n, float& top, float& total) {
   const float block_max = max_of(s, n);
   if (block_max == -INFINITY) {
