@@ -288,8 +288,10 @@ def _angles(cos: torch.Tensor, sin: torch.Tensor, s: int, seqlen_offsets: int | 
 
 def _rotate(x: torch.Tensor, c: torch.Tensor, si: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """The first ``2 * c.shape[-1]`` channels of ``x`` ``[b, s, h, d]`` rotated by the angles ``c``/``si``:
-    in fp32 one pass of the C++ kernel where it is built, the same products as the torch ops below."""
-    if x.dtype is torch.float32 and c.dtype is torch.float32 and _native(x):
+    in fp32 or bf16 one pass of the C++ kernel where it is built, the same products and roundings as the
+    torch ops below."""
+    if (x.dtype in cpu_decode_kernel.ELEMENTWISE_DTYPES and c.dtype is x.dtype and si.dtype is x.dtype
+            and _native(x)):
         return cpu_decode_kernel.rotary(x, c, si, interleaved)
     return _rotate_with_torch(x, c, si, interleaved)
 

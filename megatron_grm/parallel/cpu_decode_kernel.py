@@ -49,6 +49,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -254,70 +255,82 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return y
 
 
-def _fp32_cpu(x: torch.Tensor, what: str) -> torch.Tensor:
-    """``x`` contiguous (a copy only where it is not), after checking it is an fp32 CPU tensor. Few checks,
-    each cheap: a decode step of a 4-layer model calls the functions below 21 times (9 norms, 4 SwiGLUs,
-    8 RoPEs), on tens of KB each."""
-    if x.dtype is not torch.float32 or not x.is_cpu:
-        raise ValueError(f"{what} {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 on the CPU")
+# The dtypes the elementwise passes take (csrc/elementwise.cpp): each has its own entry points.
+ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_input(x: torch.Tensor, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` contiguous (a copy only where it is not), after checking it is a CPU tensor of ``dtype`` (or,
+    without one, of an elementwise dtype). Few checks, each cheap: a decode step of a 4-layer model calls
+    the functions below 21 times (9 norms, 4 SwiGLUs, 8 RoPEs), on tens of KB each."""
+    if not x.is_cpu or (x.dtype is not dtype if dtype is not None else x.dtype not in ELEMENTWISE_DTYPES):
+        need = "fp32 or bf16" if dtype is None else f"{dtype} (the input's dtype)"
+        raise ValueError(f"{what} {tuple(x.shape)} {x.dtype} on {x.device}: need {need} on the CPU")
     return x if x.is_contiguous() else x.contiguous()
 
 
+def _entry(lib: ctypes.CDLL, name: str, dtype: torch.dtype) -> Any:
+    return getattr(lib, name if dtype is torch.float32 else f"{name}_bf16")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``torch.nn.functional.rms_norm(x, (d,), weight, eps)`` for fp32 ``x`` ``[..., d]`` in one pass per row
-    (``csrc/elementwise.cpp``)."""
+    """``torch.nn.functional.rms_norm(x, (d,), weight, eps)`` for ``x`` ``[..., d]`` in fp32 or bf16 (the
+    weight in the same dtype) in one pass per row (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C++ RMSNorm unavailable: {_unavailable_reason()}")
-    x, weight = _fp32_cpu(x, "input"), _fp32_cpu(weight, "weight")
+    x = _cpu_input(x, "input")
+    weight = _cpu_input(weight, "weight", x.dtype)
     dim = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != dim:
         raise ValueError(f"weight {tuple(weight.shape)} does not match an input of {dim} channels")
     y = torch.empty_like(x)
     rows = x.numel() // dim if dim else 0
-    if rows and lib.mgrm_rms_norm(torch.get_num_threads(), x.data_ptr(), rows, dim, dim, weight.data_ptr(), eps,
-                                  y.data_ptr(), dim) != 0:
+    if rows and _entry(lib, "mgrm_rms_norm", x.dtype)(torch.get_num_threads(), x.data_ptr(), rows, dim, dim,
+                                                       weight.data_ptr(), eps, y.data_ptr(), dim) != 0:
         raise RuntimeError(f"mgrm_rms_norm rejected an input {tuple(x.shape)}")
     return y
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """``silu(x[..., :f]) * x[..., f:]`` for fp32 ``x`` ``[..., 2f]`` in one pass (``csrc/elementwise.cpp``)."""
+    """``silu(x[..., :f]) * x[..., f:]`` for ``x`` ``[..., 2f]`` in fp32 or bf16 in one pass
+    (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C++ SwiGLU unavailable: {_unavailable_reason()}")
-    x = _fp32_cpu(x, "input")
+    x = _cpu_input(x, "input")
     f = x.shape[-1] // 2
     if x.shape[-1] != 2 * f or f == 0:
         raise ValueError(f"input {tuple(x.shape)}: the last dimension holds gate and up halves, so it must be even")
     y = x.new_empty(*x.shape[:-1], f)
     rows = x.numel() // (2 * f)
-    if rows and lib.mgrm_swiglu(torch.get_num_threads(), x.data_ptr(), rows, f, 2 * f, y.data_ptr(), f) != 0:
+    if rows and _entry(lib, "mgrm_swiglu", x.dtype)(torch.get_num_threads(), x.data_ptr(), rows, f, 2 * f,
+                                                     y.data_ptr(), f) != 0:
         raise RuntimeError(f"mgrm_swiglu rejected an input {tuple(x.shape)}")
     return y
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """RoPE in one pass: ``x`` ``[b, s, h, d]`` fp32 (any strides, contiguous channels) with its first
-    ``2 * half`` channels per head rotated by ``cos``/``sin`` ``[1 or b, s, 1, half]``, the rest copied; the
-    result has ``x``'s layout where ``x`` is dense (``torch.empty_like``). Same products and sums as
-    ``cpu_decode._rotate``'s torch ops."""
+    """RoPE in one pass: ``x`` ``[b, s, h, d]`` in fp32 or bf16 (any strides, contiguous channels) with its
+    first ``2 * half`` channels per head rotated by ``cos``/``sin`` ``[1 or b, s, 1, half]`` (``x``'s dtype),
+    the rest copied; the result has ``x``'s layout where ``x`` is dense (``torch.empty_like``). The same
+    products, sums and roundings as ``cpu_decode._rotate``'s torch ops."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"C++ RoPE unavailable: {_unavailable_reason()}")
-    if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 or x.stride(-1) != 1:
-        raise ValueError(f"input {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 CPU [b, s, h, d], "
+    if x.dtype not in ELEMENTWISE_DTYPES or not x.is_cpu or x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"input {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 or bf16 CPU [b, s, h, d], "
                          "contiguous channels")
     b, s, h, d = x.shape
-    cos, sin = _fp32_cpu(cos, "cos"), _fp32_cpu(sin, "sin")
+    cos, sin = _cpu_input(cos, "cos", x.dtype), _cpu_input(sin, "sin", x.dtype)
     half = cos.shape[-1]
     if (cos.shape != sin.shape or cos.dim() != 4 or cos.shape[0] not in (1, b) or cos.shape[1] != s
             or cos.shape[2] != 1 or 2 * half > d):
         raise ValueError(f"angles {tuple(cos.shape)} / {tuple(sin.shape)} do not fit an input {tuple(x.shape)}")
     y = torch.empty_like(x)
     if y.stride(-1) != 1:
-        y = torch.empty(x.shape)
-    if x.numel() and lib.mgrm_rotary(
+        y = torch.empty(x.shape, dtype=x.dtype)
+    if x.numel() and _entry(lib, "mgrm_rotary", x.dtype)(
             torch.get_num_threads(), x.data_ptr(), b, s, h, d, x.stride(0), x.stride(1), x.stride(2),
             cos.data_ptr(), sin.data_ptr(), 0 if cos.shape[0] == 1 else s * half, half, half, int(interleaved),
             y.data_ptr(), y.stride(0), y.stride(1), y.stride(2)) != 0:
@@ -326,17 +339,19 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 
 
 def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per row of fp32 CPU ``logits`` ``[rows, n]``: ``torch.argmax``'s index (int64) and the log-sum-exp, in
-    one C++ call (``csrc/elementwise.cpp``). None where the library is not built here, ``logits`` is of
-    another kind, or a row holds a NaN or +inf or no finite logit: torch's ops decide those."""
+    """Per row of fp32 or bf16 CPU ``logits`` ``[rows, n]``: ``torch.argmax``'s index (int64) and the fp32
+    log-sum-exp of ``logits.float()``, in one C++ call (``csrc/elementwise.cpp``). None where the library is
+    not built here, ``logits`` is of another kind, or a row holds a NaN or +inf or no finite logit: torch's
+    ops decide those."""
     lib = _library()
-    if (lib is None or logits.dtype is not torch.float32 or logits.device.type != "cpu" or logits.dim() != 2
+    if (lib is None or logits.dtype not in ELEMENTWISE_DTYPES or logits.device.type != "cpu" or logits.dim() != 2
             or logits.shape[1] == 0 or logits.stride(1) != 1):
         return None
     rows, n = logits.shape
     argmax, lse = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
-    if rows and lib.mgrm_row_argmax_logsumexp(torch.get_num_threads(), logits.data_ptr(), rows, n,
-                                              max(logits.stride(0), n), argmax.data_ptr(), lse.data_ptr()) != 0:
+    if rows and _entry(lib, "mgrm_row_argmax_logsumexp", logits.dtype)(
+            torch.get_num_threads(), logits.data_ptr(), rows, n, max(logits.stride(0), n), argmax.data_ptr(),
+            lse.data_ptr()) != 0:
         return None
     return argmax, lse
 
@@ -440,15 +455,17 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.linear_panel_width = lib.mgrm_linear_panel()  # read once: packed_linear checks it every call
     lib.mgrm_packed_linear.restype = ctypes.c_int
     lib.mgrm_packed_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
-    lib.mgrm_rms_norm.restype = ctypes.c_int
-    lib.mgrm_rms_norm.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
-    lib.mgrm_swiglu.restype = ctypes.c_int
-    lib.mgrm_swiglu.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64]
-    lib.mgrm_row_argmax_logsumexp.restype = ctypes.c_int
-    lib.mgrm_row_argmax_logsumexp.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr]
-    lib.mgrm_rotary.restype = ctypes.c_int
-    lib.mgrm_rotary.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
-                                ctypes.c_int, ptr, i64, i64, i64]
+    for suffix in ("", "_bf16"):
+        getattr(lib, "mgrm_rms_norm" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_rms_norm" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float,
+                                                           ptr, i64]
+        getattr(lib, "mgrm_swiglu" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_swiglu" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64]
+        getattr(lib, "mgrm_rotary" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_rotary" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                                         ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, i64, i64, i64]
+        getattr(lib, "mgrm_row_argmax_logsumexp" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_row_argmax_logsumexp" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ptr]
     return lib, None
 
 

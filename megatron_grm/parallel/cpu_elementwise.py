@@ -1,4 +1,4 @@
-"""A CPU rollout wave's RMSNorms and SwiGLUs in one C++ pass each (``csrc/elementwise.cpp``).
+"""A CPU rollout wave's RMSNorms and SwiGLUs in one C++ pass each (``csrc/elementwise.cpp``), fp32 or bf16.
 
 torch runs an fp32 RMSNorm as five elementwise ops and SwiGLU as two, each allocating its output. At a
 decode step's 32 rows that is ~25 us a norm and ~50 us a SwiGLU of fixed cost on the 2-core EPYC, against
@@ -6,7 +6,8 @@ decode step's 32 rows that is ~25 us a norm and ~50 us a SwiGLU of fixed cost on
 and weight streams have emptied the caches, torch's took ~80 and ~125 us); in a prefill the passes read their rows
 once instead of several times. The modules' own forwards are swapped for the wave and restored after it,
 as :func:`~megatron_grm.parallel.onednn_linear.packed_linears` does for the linears; with grad enabled, or
-for an input that is not fp32 on the CPU, a module runs its own forward.
+for an input that is neither fp32 nor bf16 on the CPU (or, for a norm, not of its weight's dtype), a module
+runs its own forward.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ class ElementwiseStats:
     module_calls: int = 0  # calls that ran the module's own forward (grad on, another dtype or device)
 
 
-def _kernel_input(x: torch.Tensor) -> bool:
-    return x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+def _kernel_input(x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """An input the passes take: inference, on the CPU, in fp32 or bf16 (``dtype``, the norm weight's, when
+    given)."""
+    return ((x.dtype is dtype if dtype is not None else x.dtype in cpu_decode_kernel.ELEMENTWISE_DTYPES)
+            and x.device.type == "cpu" and not torch.is_grad_enabled())
 
 
 def _norm_forward(norm: torch.nn.RMSNorm, stats: ElementwiseStats) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -38,7 +42,7 @@ def _norm_forward(norm: torch.nn.RMSNorm, stats: ElementwiseStats) -> Callable[[
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # torch's default for fp32
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not _kernel_input(x):
+        if not _kernel_input(x, norm.weight.dtype):
             stats.module_calls += 1
             return own(x)
         stats.kernel_calls += 1
@@ -62,14 +66,14 @@ def _swiglu_forward(activation: SwiGLU, stats: ElementwiseStats) -> Callable[[to
 
 def _kernel_norm(module: torch.nn.Module) -> bool:
     """torch's RMSNorm (Megatron's local spec builds it without apex) over the last dimension with an fp32
-    weight; other norms (Gemma-2's ``1 + w``, LayerNorm) keep their own forward."""
+    or bf16 weight; other norms (Gemma-2's ``1 + w``, LayerNorm) keep their own forward."""
     return (type(module) is torch.nn.RMSNorm and len(module.normalized_shape) == 1 and module.weight is not None
-            and module.weight.dtype is torch.float32 and module.weight.device.type == "cpu")
+            and module.weight.dtype in cpu_decode_kernel.ELEMENTWISE_DTYPES and module.weight.device.type == "cpu")
 
 
 @contextlib.contextmanager
 def fused_norms_and_swiglu(model: torch.nn.Module) -> Iterator[ElementwiseStats]:
-    """While the block runs, ``model``'s fp32 RMSNorms and SwiGLUs run the C++ passes where the kernels'
+    """While the block runs, ``model``'s fp32 and bf16 RMSNorms and SwiGLUs run the C++ passes where the kernels'
     library is built (``cpu_decode_kernel``); the stats say how many modules and calls took them."""
     stats = ElementwiseStats()
     taken: list[torch.nn.Module] = []

@@ -1,5 +1,6 @@
-"""The C++ RMSNorm, SwiGLU and RoPE passes (parallel/csrc/elementwise.cpp) against torch's ops: shapes on
-and off the vector width, one thread and several, extreme gate values, strided inputs; RoPE to the bit;
+"""The C++ RMSNorm, SwiGLU and RoPE passes (parallel/csrc/elementwise.cpp) against torch's ops, in fp32 and
+bf16: shapes on and off the vector width, one thread and several, extreme gate values, strided inputs; RoPE
+to the bit;
 the wave's module swap (parallel/cpu_elementwise.py). A real rollout through them:
 tests/rollout/test_rollout_engine.py."""
 
@@ -41,8 +42,31 @@ def test_rms_norm_reads_a_strided_input_and_checks_its_weight():
                                rtol=2e-6, atol=2e-6)
     with pytest.raises(ValueError, match="weight"):
         cpu_decode_kernel.rms_norm(x, torch.randn(63), 1e-6)
-    with pytest.raises(ValueError, match="fp32"):
-        cpu_decode_kernel.rms_norm(x.bfloat16(), w, 1e-6)
+    with pytest.raises(ValueError, match="input's dtype"):
+        cpu_decode_kernel.rms_norm(x.bfloat16(), w, 1e-6)  # torch's mixed-dtype norm rounds otherwise
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        cpu_decode_kernel.rms_norm(x.half(), w.half(), 1e-6)
+
+
+# bf16: computed in fp32 and rounded where torch's bf16 ops round, so equal to torch's results but for the
+# rare element whose fp32 value lies within the kernels' last-bit differences (sum order, exp) of a bf16
+# rounding boundary: at most one bf16 step apart, in at most 1 of 1,000 elements.
+def _assert_bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    differ = got != want
+    assert int(differ.sum()) <= max(1, want.numel() // 1000)
+    step = want.float().abs().clamp(min=1e-30) * 2.0 ** -7  # one bf16 step (8 significant bits)
+    assert ((got.float() - want.float()).abs() <= step).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_rms_norm_and_swiglu_match_torchs_bf16_ops(shape):
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    x, w = (torch.randn(shape, generator=g) * 3).bfloat16(), (torch.rand(shape[-1], generator=g) + 0.5).bfloat16()
+    _assert_bf16_close(cpu_decode_kernel.rms_norm(x, w, 1e-5), F.rms_norm(x, (shape[-1],), w, 1e-5))
+    h = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 4).bfloat16()
+    gate, up = h.chunk(2, dim=-1)
+    _assert_bf16_close(cpu_decode_kernel.swiglu(h), F.silu(gate) * up)  # silu rounded, then the product
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -77,10 +101,14 @@ def test_rotary_equals_the_torch_ops_to_the_bit(b, s, h, d, half, per_row, inter
     x = torch.randn(s, b, h, d, generator=g).permute(1, 0, 2, 3)
     cos = torch.randn(b if per_row else 1, s, 1, half, generator=g)
     sin = torch.randn(cos.shape, generator=g)
-    got = cpu_decode_kernel.rotary(x, cos, sin, interleaved)
-    assert torch.equal(got, cpu_decode._rotate_with_torch(x, cos, sin, interleaved))
-    assert got.stride() == x.stride()
-    assert torch.equal(cpu_decode._rotate(x, cos, sin, interleaved), got)  # the decode path takes it
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: each product and sum rounded as torch's ops round it
+        x, cos, sin = x.to(dtype), cos.to(dtype), sin.to(dtype)
+        got = cpu_decode_kernel.rotary(x, cos, sin, interleaved)
+        assert got.dtype == dtype and torch.equal(got, cpu_decode._rotate_with_torch(x, cos, sin, interleaved))
+        assert got.stride() == x.stride()
+        assert torch.equal(cpu_decode._rotate(x, cos, sin, interleaved), got)  # the decode path takes it
+    with pytest.raises(ValueError, match="input's dtype"):
+        cpu_decode_kernel.rotary(x, cos.float(), sin.float(), interleaved)
 
 
 class _Config:  # what Gemma2RMSNorm reads of a TransformerConfig
@@ -116,6 +144,24 @@ def test_a_wave_swaps_the_norms_and_swiglus_and_restores_them():
         trained = model["norm"](x.requires_grad_())
         assert stats.module_calls == 1 and trained.grad_fn is not None
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_bf16_norm_takes_the_kernel_only_with_a_bf16_weight():
+    """A bf16 model's norm (bf16 weight) and SwiGLU run the kernels on bf16 inputs; a norm with an fp32 weight
+    given a bf16 input runs torch's own mixed-dtype forward, whose rounding differs."""
+    model = _norm_and_swiglu_model()
+    model["norm"].to(torch.bfloat16)
+    mixed = torch.nn.RMSNorm(24, eps=1e-5)  # fp32 weight
+    model["mixed"] = mixed
+    x, h = torch.randn(3, 5, 24).bfloat16(), torch.randn(3, 5, 48).bfloat16()
+    with torch.no_grad():
+        want = model["norm"](x), model["act"](h), mixed(x)
+    with fused_norms_and_swiglu(model) as stats, torch.inference_mode():
+        got = model["norm"](x), model["act"](h), mixed(x)
+        assert (stats.kernel_calls, stats.module_calls) == (2, 1)
+    for a, b in zip(got, want):
+        _assert_bf16_close(a, b)
+    assert torch.equal(got[2], want[2])
 
 
 @pytest.mark.usefixtures("fresh_probe")
@@ -154,4 +200,15 @@ def test_argmax_logsumexp_matches_torch_and_hands_odd_rows_back():
         assert cpu_decode_kernel.argmax_logsumexp(odd) is None
     assert cpu_decode_kernel.argmax_logsumexp(torch.full((2, 8), float("-inf"))) is None
     assert cpu_decode_kernel.argmax_logsumexp(logits.double()) is None
+    # bf16 logits (a bf16 model's): torch.argmax's index and the log-sum-exp of the logits widened to fp32.
+    x = (torch.randn(32, 8192, generator=g) * 4).bfloat16()
+    x[3, 100] = x[3, 7] = x[3].max() + 1  # tied: the first wins
+    found = cpu_decode_kernel.argmax_logsumexp(x)
+    assert found is not None and found[1].dtype == torch.float32
+    assert torch.equal(found[0], x.argmax(dim=-1)) and int(found[0][3]) == 7
+    torch.testing.assert_close(found[1], torch.logsumexp(x.float(), dim=-1), rtol=1e-6, atol=1e-6)
+    odd = x.clone()
+    odd[0, 0] = float("nan")
+    assert cpu_decode_kernel.argmax_logsumexp(odd) is None
+    assert cpu_decode_kernel.argmax_logsumexp(x.half()) is None
     assert cpu_decode_kernel.argmax_logsumexp(logits.t()) is None  # columns not contiguous

@@ -473,6 +473,18 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     assert check["logprob_diff_vs_own_forward"] <= 2e-2
     assert check["logprob_diff_vs_fp32_training"] <= 2e-2
     assert check["tokens_equal_fp32"] >= check["rows"] - 1  # a near-tie may go the other way in bf16
+    # The C++ passes take bf16 too: every step's argmax and log-sum-exp over the bf16 logits, every forward's
+    # SwiGLUs and its norms with bf16 weights (one with an fp32 weight would stay on torch's mixed-dtype op).
+    steps = check["sampling_steps"]
+    assert len(steps) == tp1["max_new"] and {dtype for dtype, _ in steps} == {"torch.bfloat16"}
+    assert all(fused for _, fused in steps) == check["kernel_built"]
+    if check["kernel_built"]:
+        elementwise = check["elementwise"]
+        assert elementwise["swiglus"] == check["layers"] and elementwise["norms"] > 0
+        calls = elementwise["kernel_calls"] + elementwise["module_calls"]
+        assert calls == (elementwise["swiglus"] + elementwise["norms"]) * tp1["max_new"]  # each module, each forward
+        assert check["norm_weight_dtypes"] == ["torch.bfloat16"]
+        assert elementwise["module_calls"] == 0
     # With the size threshold at 0 every bf16 linear layer multiplies through oneDNN on a reordered weight:
     # a bf16 one, or where this CPU has no bf16 GEMM its fp32 copy (the bf16 operands' exact products), which
     # the C++ GEMM multiplies where that is on.

@@ -9,11 +9,16 @@
 //
 // Same math as torch: y = (x * rsqrt(mean(x^2) + eps)) * weight, and silu(g) * u = g / (1 + exp(-g)) * u,
 // in fp32; only the order of the mean's sum and exp's last bits differ (kernel_math.h's exp, ~2e-7). RoPE
-// is torch's to the bit.
+// is torch's to the bit. bf16 tensors are computed in fp32 and rounded where torch's bf16 ops round: the
+// norm once, SwiGLU after silu and after the product, RoPE after every product and sum (a bf16 decode step
+// spent ~1.9 ms of ~18 in torch's bf16 norms, SwiGLUs and RoPEs on the Xeon of session 46).
 // Built into the attention kernels' library (cpu_decode_kernel.py); OpenMP splits rows only when there
 // are enough of them to pay for waking the second thread.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "kernel_math.h"
 
@@ -30,73 +35,84 @@ inline float silu(float g) {
   return g >= 0.0f ? g / (1.0f + e) : g * e / (1.0f + e);
 }
 
+// A product or sum as torch's elementwise op on T stores it: rounded to bf16 in bf16, as is in fp32.
+inline float rounded(float x, float*) { return x; }
+inline float rounded(float x, uint16_t*) {
+  uint16_t h;
+  mgrm::narrow(x, &h);
+  return mgrm::to_float(h);
+}
+
 // One head's RoPE (mgrm_rotary). GCC contracts a * b - c * d into a fused multiply-add across statements
-// by default; here each product is rounded first, as in torch (clang contracts only within an expression).
+// by default; here each product is rounded first, as in torch (clang contracts only within an expression),
+// and in bf16 rounded to bf16, as each of torch's bf16 ops rounds its output.
+template <typename T>
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-void rotate_head(const float* __restrict in, const float* __restrict c, const float* __restrict sn,
-                 int64_t half, int64_t D, bool interleaved, float* __restrict out) {
+void rotate_head(const T* __restrict in, const T* __restrict c, const T* __restrict sn,
+                 int64_t half, int64_t D, bool interleaved, T* __restrict out) {
+  using mgrm::to_float;
+  T* const kind = nullptr;  // selects `rounded`'s overload
   const int64_t step = interleaved ? 2 : 1;   // x1's and x2's stride
   const int64_t second = interleaved ? 1 : half;  // x2's offset from x1
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = in[i * step], x2 = in[i * step + second];
-    const float x1c = x1 * c[i], x2s = x2 * sn[i], x2c = x2 * c[i], x1s = x1 * sn[i];
-    out[i * step] = x1c - x2s;
-    out[i * step + second] = x2c + x1s;
+    const float x1 = to_float(in[i * step]), x2 = to_float(in[i * step + second]);
+    const float ci = to_float(c[i]), si = to_float(sn[i]);
+    const float x1c = rounded(x1 * ci, kind), x2s = rounded(x2 * si, kind);
+    const float x2c = rounded(x2 * ci, kind), x1s = rounded(x1 * si, kind);
+    mgrm::narrow(x1c - x2s, out + i * step);
+    mgrm::narrow(x2c + x1s, out + i * step + second);
   }
   for (int64_t k = 2 * half; k < D; ++k) out[k] = in[k];
 }
 
-}  // namespace
-
-extern "C" {
-
-// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight, rows of `dim` floats `ldx` / `ldy` apart.
-int mgrm_rms_norm(int threads, const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* weight,
-                  float eps, float* y, int64_t ldy) {
+// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight in fp32, stored once in T (torch's bf16
+// rms_norm also rounds only its result).
+template <typename T>
+int rms_norm(int threads, const T* x, int64_t rows, int64_t dim, int64_t ldx, const T* weight, float eps, T* y,
+             int64_t ldy) {
+  using mgrm::to_float;
   if (rows < 0 || dim <= 0 || ldx < dim || ldy < dim) return 1;
 #pragma omp parallel for num_threads(threads) if (rows * dim >= kParallelElements) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* __restrict in = x + r * ldx;
-    float* __restrict out = y + r * ldy;
+    const T* __restrict in = x + r * ldx;
+    T* __restrict out = y + r * ldy;
     float sum = 0.0f;
-    for (int64_t k = 0; k < dim; ++k) sum += in[k] * in[k];
+    for (int64_t k = 0; k < dim; ++k) sum += to_float(in[k]) * to_float(in[k]);
     const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
-    for (int64_t k = 0; k < dim; ++k) out[k] = (in[k] * scale) * weight[k];
+    for (int64_t k = 0; k < dim; ++k) mgrm::narrow((to_float(in[k]) * scale) * to_float(weight[k]), out + k);
   }
   return 0;
 }
 
-// y[r, j] = silu(x[r, j]) * x[r, f + j] for j < f: the gate and the up projection side by side in one row
-// of fc1's output, as Megatron's MLP lays them out.
-int mgrm_swiglu(int threads, const float* x, int64_t rows, int64_t f, int64_t ldx, float* y, int64_t ldy) {
+// y[r, j] = silu(x[r, j]) * x[r, f + j]; in bf16 silu's value is rounded to bf16 before the product, as
+// torch's silu then mul round each.
+template <typename T>
+int swiglu(int threads, const T* x, int64_t rows, int64_t f, int64_t ldx, T* y, int64_t ldy) {
+  using mgrm::to_float;
   if (rows < 0 || f <= 0 || ldx < 2 * f || ldy < f) return 1;
+  T* const kind = nullptr;
 #pragma omp parallel for num_threads(threads) if (rows * f >= kParallelElements) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const float* __restrict gate = x + r * ldx;
-    const float* __restrict up = gate + f;
-    float* __restrict out = y + r * ldy;
-    for (int64_t j = 0; j < f; ++j) out[j] = silu(gate[j]) * up[j];
+    const T* __restrict gate = x + r * ldx;
+    const T* __restrict up = gate + f;
+    T* __restrict out = y + r * ldy;
+    for (int64_t j = 0; j < f; ++j) mgrm::narrow(rounded(silu(to_float(gate[j])), kind) * to_float(up[j]), out + j);
   }
   return 0;
 }
 
-// RoPE: each head's first 2 * half channels of x [B, S, H, D] (strides xs0..xs2 in elements, channels
-// contiguous) rotated by the angles of its (row, position), the rest copied, into y (strides ys0..ys2).
-// Angles cos/sin are rows of `half` floats at (b * cs0 + s * cs1): cs0 = 0 when every row shares them.
-// Halves split (x1 = x[:half], x2 = x[half:2 half]) or interleaved pairs (x1 = x[2i], x2 = x[2i + 1]):
-// y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, each product rounded before the sum as torch's elementwise
-// ops round it (no fused multiply-add: the result is torch's to the bit).
-int mgrm_rotary(int threads, const float* x, int64_t B, int64_t S, int64_t H, int64_t D, int64_t xs0, int64_t xs1,
-                int64_t xs2, const float* cos, const float* sin, int64_t cs0, int64_t cs1, int64_t half,
-                int interleaved, float* y, int64_t ys0, int64_t ys1, int64_t ys2) {
+template <typename T>
+int rotary(int threads, const T* x, int64_t B, int64_t S, int64_t H, int64_t D, int64_t xs0, int64_t xs1,
+           int64_t xs2, const T* cos, const T* sin, int64_t cs0, int64_t cs1, int64_t half, int interleaved, T* y,
+           int64_t ys0, int64_t ys1, int64_t ys2) {
   if (B < 0 || S < 0 || H <= 0 || half <= 0 || D < 2 * half) return 1;
 #pragma omp parallel for collapse(2) num_threads(threads) if (B * S * H * D >= kParallelElements) schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < S; ++t) {
-      const float* c = cos + b * cs0 + t * cs1;
-      const float* sn = sin + b * cs0 + t * cs1;
+      const T* c = cos + b * cs0 + t * cs1;
+      const T* sn = sin + b * cs0 + t * cs1;
       for (int64_t h = 0; h < H; ++h) {
         rotate_head(x + b * xs0 + t * xs1 + h * xs2, c, sn, half, D, interleaved != 0,
                     y + b * ys0 + t * ys1 + h * ys2);
@@ -106,27 +122,90 @@ int mgrm_rotary(int threads, const float* x, int64_t B, int64_t S, int64_t H, in
   return 0;
 }
 
-// Per row r of x[rows][n] (rows `ld` floats apart): argmax[r], the first index of the row's maximum (the
-// one torch.argmax picks), and lse[r] = max + log(sum(exp(x - max))) (kernel_math.h's exp), from two passes
-// over the row. A rollout's controller needs both for every step's logits: the greedy token and the
-// log-probability of the token drawn. Returns 0, or 2 when a row's maximum or sum is not finite (a NaN or
-// +inf logit, or no finite one), which the caller leaves to torch.
-int mgrm_row_argmax_logsumexp(int threads, const float* x, int64_t rows, int64_t n, int64_t ld, int64_t* argmax,
-                              float* lse) {
+template <typename T>
+int row_argmax_logsumexp(int threads, const T* x, int64_t rows, int64_t n, int64_t ld, int64_t* argmax,
+                         float* lse) {
   if (rows < 0 || n < 1 || ld < n || threads < 1) return 1;
   int bad = 0;
-#pragma omp parallel for num_threads(rows * n >= kParallelElements ? threads : 1) schedule(static) reduction(| : bad)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * ld;
-    const float top = mgrm::max_of(row, n);  // NaNs skipped; a NaN row's sum is NaN below
-    int64_t first = 0;
-    while (first < n - 1 && row[first] != top) ++first;
-    const float sum = mgrm::sum_exp(row, n, top);
-    argmax[r] = first;
-    lse[r] = top + std::log(sum);
-    bad |= !(std::isfinite(top) && std::isfinite(sum) && sum > 0.0f);
+#pragma omp parallel num_threads(rows * n >= kParallelElements ? threads : 1) reduction(| : bad)
+  {
+    std::vector<float> widened(std::is_same_v<T, float> ? 0 : n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row;
+      if constexpr (std::is_same_v<T, float>) {
+        row = x + r * ld;
+      } else {
+        for (int64_t k = 0; k < n; ++k) widened[k] = mgrm::to_float(x[r * ld + k]);
+        row = widened.data();
+      }
+      const float top = mgrm::max_of(row, n);  // NaNs skipped; a NaN row's sum is NaN below
+      int64_t first = 0;
+      while (first < n - 1 && row[first] != top) ++first;
+      const float sum = mgrm::sum_exp(row, n, top);
+      argmax[r] = first;
+      lse[r] = top + std::log(sum);
+      bad |= !(std::isfinite(top) && std::isfinite(sum) && sum > 0.0f);
+    }
   }
   return bad ? 2 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight, rows of `dim` elements `ldx` / `ldy` apart;
+// the _bf16 entry points take bf16 (uint16_t) tensors, the others fp32.
+int mgrm_rms_norm(int threads, const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* weight,
+                  float eps, float* y, int64_t ldy) {
+  return rms_norm(threads, x, rows, dim, ldx, weight, eps, y, ldy);
+}
+int mgrm_rms_norm_bf16(int threads, const uint16_t* x, int64_t rows, int64_t dim, int64_t ldx,
+                       const uint16_t* weight, float eps, uint16_t* y, int64_t ldy) {
+  return rms_norm(threads, x, rows, dim, ldx, weight, eps, y, ldy);
+}
+
+// y[r, j] = silu(x[r, j]) * x[r, f + j] for j < f: the gate and the up projection side by side in one row
+// of fc1's output, as Megatron's MLP lays them out.
+int mgrm_swiglu(int threads, const float* x, int64_t rows, int64_t f, int64_t ldx, float* y, int64_t ldy) {
+  return swiglu(threads, x, rows, f, ldx, y, ldy);
+}
+int mgrm_swiglu_bf16(int threads, const uint16_t* x, int64_t rows, int64_t f, int64_t ldx, uint16_t* y,
+                     int64_t ldy) {
+  return swiglu(threads, x, rows, f, ldx, y, ldy);
+}
+
+// RoPE: each head's first 2 * half channels of x [B, S, H, D] (strides xs0..xs2 in elements, channels
+// contiguous) rotated by the angles of its (row, position), the rest copied, into y (strides ys0..ys2).
+// Angles cos/sin are rows of `half` elements at (b * cs0 + s * cs1): cs0 = 0 when every row shares them.
+// Halves split (x1 = x[:half], x2 = x[half:2 half]) or interleaved pairs (x1 = x[2i], x2 = x[2i + 1]):
+// y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, each product rounded before the sum as torch's elementwise
+// ops round it (no fused multiply-add: the result is torch's to the bit, in fp32 and in bf16).
+int mgrm_rotary(int threads, const float* x, int64_t B, int64_t S, int64_t H, int64_t D, int64_t xs0, int64_t xs1,
+                int64_t xs2, const float* cos, const float* sin, int64_t cs0, int64_t cs1, int64_t half,
+                int interleaved, float* y, int64_t ys0, int64_t ys1, int64_t ys2) {
+  return rotary(threads, x, B, S, H, D, xs0, xs1, xs2, cos, sin, cs0, cs1, half, interleaved, y, ys0, ys1, ys2);
+}
+int mgrm_rotary_bf16(int threads, const uint16_t* x, int64_t B, int64_t S, int64_t H, int64_t D, int64_t xs0,
+                     int64_t xs1, int64_t xs2, const uint16_t* cos, const uint16_t* sin, int64_t cs0, int64_t cs1,
+                     int64_t half, int interleaved, uint16_t* y, int64_t ys0, int64_t ys1, int64_t ys2) {
+  return rotary(threads, x, B, S, H, D, xs0, xs1, xs2, cos, sin, cs0, cs1, half, interleaved, y, ys0, ys1, ys2);
+}
+
+// Per row r of x[rows][n] (rows `ld` elements apart): argmax[r], the first index of the row's maximum (the
+// one torch.argmax picks), and lse[r] = max + log(sum(exp(x - max))) (kernel_math.h's exp), from two passes
+// over the row (a bf16 row widened to fp32 first: the same values torch's ops see after .float()). A
+// rollout's controller needs both for every step's logits: the greedy token and the log-probability of the
+// token drawn. Returns 0, or 2 when a row's maximum or sum is not finite (a NaN or +inf logit, or no
+// finite one), which the caller leaves to torch.
+int mgrm_row_argmax_logsumexp(int threads, const float* x, int64_t rows, int64_t n, int64_t ld, int64_t* argmax,
+                              float* lse) {
+  return row_argmax_logsumexp(threads, x, rows, n, ld, argmax, lse);
+}
+int mgrm_row_argmax_logsumexp_bf16(int threads, const uint16_t* x, int64_t rows, int64_t n, int64_t ld,
+                                   int64_t* argmax, float* lse) {
+  return row_argmax_logsumexp(threads, x, rows, n, ld, argmax, lse);
 }
 
 }  // extern "C"

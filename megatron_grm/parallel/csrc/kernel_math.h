@@ -23,6 +23,18 @@ inline float to_float(uint16_t bf16) {
 inline float to_float(_Float16 x) { return static_cast<float>(x); }
 #endif
 
+// fp32 stored in an output's dtype: bf16 rounded to nearest even (torch's rounding), a NaN kept a NaN.
+inline void narrow(float x, float* out) { *out = x; }
+inline void narrow(float x, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  *out = std::isnan(x) ? static_cast<uint16_t>(0x7FC0)
+                       : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+#ifdef MGRM_HAVE_FP16
+inline void narrow(float x, _Float16* out) { *out = static_cast<_Float16>(x); }
+#endif
+
 // exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic the compiler vectorises (libm's
 // expf only vectorises under -ffast-math, which would also assume no infinities). Range reduction to
 // 2^n * e^r, |r| <= ln2/2, and a degree-6 polynomial: relative error ~2e-7. Below -87 (and -inf) gives 0.

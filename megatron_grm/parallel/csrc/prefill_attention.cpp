@@ -47,22 +47,13 @@ using mgrm::F32x16;
 using mgrm::fmadd16;
 using mgrm::load16;
 using mgrm::set16;
+using mgrm::narrow;
 using mgrm::softmax_block;
 using mgrm::store16;
 using mgrm::to_float;
 using mgrm::with_rows;
 using mgrm::zero16;
 
-inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(float x, uint16_t* out) {  // round to nearest even, NaN kept a NaN
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  *out = std::isnan(x) ? static_cast<uint16_t>(0x7FC0)
-                       : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-#ifdef MGRM_HAVE_FP16
-inline void narrow(float x, _Float16* out) { *out = static_cast<_Float16>(x); }
-#endif
 
 // S[r][0:16] = sum_d Q[r][d] * Kt[d][0:16] for R query rows.
 template <int R, int D>

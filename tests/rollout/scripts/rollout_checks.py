@@ -750,9 +750,16 @@ def main() -> None:
         cpu_decode._fused_part = lambda *a, **k: calls_16bit.append(1) or real_16bit(*a, **k)
         cpu_decode_kernel.attend = lambda *a, **k: calls_16bit.append(1) or real_native(*a, **k)
         threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0  # the tiny model's too
+        from megatron_grm.rollout import controller as controller_module
+
+        sampling_16bit, real_fused = [], controller_module.argmax_logsumexp  # each step's logits: fused or not
+        controller_module.argmax_logsumexp = lambda logits: (
+            lambda found: sampling_16bit.append((str(logits.dtype), found is not None)) or found)(real_fused(logits))
         b16 = bf16_engine.generate(prompts, n=1, sampling=full)
+        controller_module.argmax_logsumexp = real_fused
         onednn_linear.PACK_MIN_ELEMENTS = threshold
         cpu_decode._fused_part, cpu_decode_kernel.attend = real_16bit, real_native
+        elementwise_16bit = bf16_engine.backend.last_elementwise
         gemms = bf16_engine.backend.last_gemms
         fp32_rows = engine.generate(prompts, n=1, sampling=full)
         own = training_logprobs(bf16_model, [s.sequence for s in b16], [len(p) for p in prompts])
@@ -771,6 +778,11 @@ def main() -> None:
             "gemm_kernel_calls": gemms.kernel_calls, "linear_kernel_rows": bf16_engine.backend.linear_kernel_rows,
             "bf16_onednn": onednn_linear.available(torch.bfloat16),
             "bf16_gemm_dtype": str(onednn_linear.gemm_dtype(torch.bfloat16)),
+            "sampling_steps": sampling_16bit,
+            "elementwise": None if elementwise_16bit is None else dataclasses.asdict(elementwise_16bit),
+            "kernel_built": cpu_decode_kernel._library() is not None,
+            "norm_weight_dtypes": sorted({str(m.weight.dtype) for m in bf16_model.modules()
+                                          if isinstance(m, torch.nn.RMSNorm)}),
         }
         del bf16_engine, bf16_model
 
