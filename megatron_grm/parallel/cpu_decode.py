@@ -569,13 +569,23 @@ class PrefillStats:
 PREFILL_MAX_POSITION_CHANNELS = 4096 * 128
 
 
+def sdpa_prefills_faster(dtype: torch.dtype) -> bool:
+    """Whether torch's SDPA outruns the C++ prefill kernel in ``dtype`` on this CPU: bf16 where the CPU has
+    AMX, whose tile GEMMs torch's CPU flash attention runs bf16 blocks on (bench/prefill_attention.py
+    --dtype bf16 on session 46's AMX Xeon: SDPA 34.6 against the kernel's 67.6 ms, heads of 128 111 against
+    256 ms; in fp32 the kernel 53.9 against 82.7). Without AMX the kernel measured the faster in bf16 too."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return dtype is torch.bfloat16 and has_amx is not None and bool(has_amx())
+
+
 @contextlib.contextmanager
 def cpu_prefill_attention() -> Iterator[PrefillStats]:
     """While the block runs, the local spec's core attention computes inference prefills (causal, rows
     left-padded or not) with the C++ prefill kernel (``parallel/cpu_decode_kernel.prefill_attention``) where
     it applies: CPU tensors of a dtype and head size it is built for, prompts of at most
-    :data:`PREFILL_MAX_POSITION_CHANNELS` / head size real tokens. It stops each tile of 12 queries at its
-    own last position, where torch's flash kernel computes the diagonal in blocks of 256 x 512."""
+    :data:`PREFILL_MAX_POSITION_CHANNELS` / head size real tokens, and not a dtype SDPA computes faster here
+    (:func:`sdpa_prefills_faster`). It stops each tile of 12 queries at its own last position, where torch's
+    flash kernel computes the diagonal in blocks of 256 x 512."""
     from megatron_grm.models import sdpa_attention
 
     stats = PrefillStats()
@@ -585,7 +595,7 @@ def cpu_prefill_attention() -> Iterator[PrefillStats]:
         longest = query.shape[0] - (min(left_pads) if left_pads else 0)
         if query.device.type != "cpu" or not cpu_decode_kernel.prefill_available(query.dtype, query.shape[-1]) \
                 or not query.dtype == key.dtype == value.dtype \
-                or longest * query.shape[-1] > PREFILL_MAX_POSITION_CHANNELS:
+                or longest * query.shape[-1] > PREFILL_MAX_POSITION_CHANNELS or sdpa_prefills_faster(query.dtype):
             stats.sdpa += 1
             return None
         stats.kernel += 1

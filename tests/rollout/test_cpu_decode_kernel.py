@@ -381,3 +381,26 @@ def test_prefill_override_takes_the_kernel_only_where_it_applies(monkeypatch):
         assert attend(query, key, value, [2, 3], 0.125) is not None  # 38
     assert sdpa_attention.prefill_attention_override is None
     assert (stats.kernel, stats.sdpa) == (2, 4)
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_bf16_prefill_goes_to_sdpa_where_the_cpu_has_amx(monkeypatch, amx):
+    """torch's CPU flash attention runs bf16 blocks on AMX tiles, twice the kernel's rate where measured: with
+    AMX a bf16 prefill is left to SDPA (None), without it the kernel computes it; fp32 takes the kernel
+    either way."""
+    from megatron_grm.models import sdpa_attention
+    from megatron_grm.parallel import cpu_decode
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_decode.sdpa_prefills_faster(torch.bfloat16) is amx
+    assert cpu_decode.sdpa_prefills_faster(torch.float32) is False
+    query, key, value = _split_qkv(40, 2, 4, 2, 64, torch.bfloat16, seed=7)
+    with cpu_decode.cpu_prefill_attention() as stats:
+        attend = sdpa_attention.prefill_attention_override
+        got = attend(query, key, value, [0, 3], 0.125)
+        assert (got is None) is amx
+        if not amx:
+            assert torch.equal(got, cpu_decode_kernel.prefill_attention(query, key, value, [0, 3], 0.125))
+        assert attend(query.float(), key.float(), value.float(), [0, 3], 0.125) is not None
+    assert (stats.kernel, stats.sdpa) == ((1, 1) if amx else (2, 0))
