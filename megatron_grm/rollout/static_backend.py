@@ -28,7 +28,7 @@ import contextlib
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -216,6 +216,16 @@ def _wave_wrapper_class() -> type:
     return WavePromptsWrapper
 
 
+def _tables_in(get_cos_sin: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+               dtype: torch.dtype | None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``get_cos_sin`` with its tables converted to ``dtype`` (None: as computed)."""
+    def tables(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = get_cos_sin(*args, **kwargs)
+        return (cos, sin) if dtype is None else (cos.to(dtype), sin.to(dtype))
+
+    return tables
+
+
 @contextlib.contextmanager
 def _wave_rope_tables(model):
     """Drop the RoPE tables Megatron's flash-decode path adds during the block. ``GPTModel`` keeps one per
@@ -227,10 +237,14 @@ def _wave_rope_tables(model):
     before = [set(table) for table in tables]
     # It also computes the table before looking it up (``cache.setdefault(length, get_cos_sin(length))``):
     # every decode step's forward took an arange, an outer product, cos and sin of [length, dim / 2] that it
-    # then dropped. Within the wave each length's table is computed once.
+    # then dropped. Within the wave each length's table is computed once, and kept in the activations' dtype:
+    # flash-decode and the prefill's RoPE convert the whole table to it (``.to(query.dtype)``) in every layer,
+    # which in bf16 copied it per layer and step and made each step's angles (cpu_decode._step_angles, cached
+    # by the table's identity) be taken again per layer (~0.3 ms of a bf16 decode step, session 46).
+    dtype = getattr(getattr(model, "config", None), "params_dtype", None)
     rotary = [m for m in model.modules() if callable(getattr(type(m), "get_cos_sin", None))]
     for module in rotary:
-        module.get_cos_sin = functools.cache(module.get_cos_sin)
+        module.get_cos_sin = functools.cache(_tables_in(module.get_cos_sin, dtype))
     try:
         yield
     finally:

@@ -114,6 +114,36 @@ def test_a_steps_angles_are_taken_once_for_all_its_layers_and_anew_otherwise():
     assert shifted[0].shape[0] == 2 and torch.equal(shifted[0][1], cos[8:9][:, None])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_waves_rope_tables_come_in_the_activations_dtype_once_per_length(dtype):
+    """Inside a wave Megatron's RotaryEmbedding gives each length's tables once, already in the model's
+    dtype: flash-decode's ``.to(query.dtype)`` then hands every layer the same tensors (a bf16 model had
+    each layer convert the whole table and slice the step's angles again), with the values it converted
+    before. After the wave the module computes fp32 tables again."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_grm.parallel import cpu_decode
+    from megatron_grm.rollout.static_backend import _wave_rope_tables
+
+    model = torch.nn.Module()
+    model.rotary_pos_emb = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
+    model.config = SimpleNamespace(params_dtype=dtype)
+    cos32, sin32 = model.rotary_pos_emb.get_cos_sin(40)
+    with _wave_rope_tables(model):
+        cos, sin = model.rotary_pos_emb.get_cos_sin(40)
+        assert cos.dtype == sin.dtype == dtype
+        assert torch.equal(cos, cos32.to(dtype)) and torch.equal(sin, sin32.to(dtype))
+        again = model.rotary_pos_emb.get_cos_sin(40)
+        assert again[0] is cos and again[1] is sin and cos.to(dtype) is cos  # flash-decode's .to(): no copy
+        step = cpu_decode._step_angles(cos.to(dtype), sin.to(dtype), 7, dtype, torch.device("cpu"))
+        layer2 = cpu_decode._step_angles(again[0].to(dtype), again[1].to(dtype), 7, dtype, torch.device("cpu"))
+        assert layer2[0] is step[0] and torch.equal(step[0], cos32[7:8].to(dtype)[None, :, None])
+    assert "get_cos_sin" not in model.rotary_pos_emb.__dict__
+    assert model.rotary_pos_emb.get_cos_sin(40)[0].dtype == torch.float32
+
+
 def test_a_rotary_shift_rotates_each_rows_query_and_key_in_its_own_frame():
     """Rows prefilled in a length group of their own had their keys rotated from the group's first position
     (rollout.alignment.length_groups): inside rotary_shifted_by a decode step rotates row r's query and new
