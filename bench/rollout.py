@@ -29,7 +29,7 @@ and its preallocated static cache), and the faster of them per case is the basel
 any engine could take at those rates, the share of ours that is, and ``generate``'s time over it: the
 largest ours/HF ratio reachable. A second table splits each side's time into prefill (one more run that
 stops at the prefill's token) and decode (the rest), each against its part of the floor; a third splits
-our median decode forward into the C++ attention kernel, the GEMMs (oneDNN, C++ GEMM) and the rest
+our median decode forward into the C++ attention kernel, the GEMMs (oneDNN, C++ GEMM, AMX GEMM) and the rest
 (one more run, with those functions clocked).
 """
 
@@ -190,7 +190,7 @@ def timed(fn) -> tuple[float, float, object]:
 @contextlib.contextmanager
 def decode_step_timer(model: torch.nn.Module):
     """Yields a list that gets, per forward of ``model`` in the block, (wall seconds, seconds inside the C++
-    decode attention, seconds inside the GEMMs: oneDNN's and the C++ GEMM): the functions are wrapped
+    decode attention, seconds inside the GEMMs: oneDNN's, the C++ GEMM and the AMX one): the functions are wrapped
     with a clock for the block and restored after it. A CPU decode forward then splits into attention,
     linears and the rest (norms, RoPE, SwiGLU, cache writes and Megatron's Python); the controller's sampling
     between forwards is in none of them. On the CPU every call is synchronous, so the clocks are the work's."""
@@ -198,7 +198,7 @@ def decode_step_timer(model: torch.nn.Module):
 
     inside = {"attention": 0.0, "linears": 0.0}
     wrapped = [(cpu_decode_kernel, "attend", "attention"), (onednn_linear, "linear", "linears"),
-               (cpu_decode_kernel, "packed_linear", "linears")]
+               (cpu_decode_kernel, "packed_linear", "linears"), (cpu_decode_kernel, "amx_linear", "linears")]
     originals = [getattr(module, name) for module, name, _ in wrapped]
 
     def clocked(function, key):
@@ -387,7 +387,7 @@ def main() -> None:
               f"{part(decode['ours'], bound.decode_s):>12}  {part(decode['hf'], bound.decode_s):>12}  "
               f"{bound.decode_bandwidth_bound_steps}/{args.new_tokens - 1}")
     print("our decode forward (one more rollout, every forward clocked; medians over its steps, ms): the C++ "
-          "attention kernel, the GEMMs (oneDNN, C++ GEMM) and the rest (norms, RoPE, SwiGLU, cache writes, "
+          "attention kernel, the GEMMs (oneDNN, C++ GEMM, AMX GEMM) and the rest (norms, RoPE, SwiGLU, cache writes, "
           "Megatron's Python; sampling between forwards is not in it); between: the run's time outside forwards "
           "per step (the controller: sampling, log-probabilities, stop checks)")
     print(f"{'batch':>5}  {'copies':>6}  {'forward':>7}  {'attention':>9}  {'linears':>7}  {'rest':>6}  {'between':>7}")

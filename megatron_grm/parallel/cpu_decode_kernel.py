@@ -1,7 +1,7 @@
 """The CPU rollout's attention and GEMMs as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
 and loaded with ctypes: a decode step's attention over the KV cache (``decode_attention.cpp``), a
-prefill's causal attention row by row (``prefill_attention.cpp``); and the rollout's fp32 GEMMs
-(``linear.cpp``).
+prefill's causal attention row by row (``prefill_attention.cpp``); the rollout's fp32 GEMMs
+(``linear.cpp``) and, on CPUs with AMX, a bf16 decode step's (``amx_linear.cpp``).
 
 At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and torch's kernels read it at
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at
@@ -56,7 +56,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp", "elementwise.cpp"))
+                for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp", "elementwise.cpp",
+                             "amx_linear.cpp"))
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -252,6 +253,71 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
                                         y.data_ptr(), out_features)
         if status != 0:
             raise RuntimeError(f"mgrm_packed_linear returned {status}")
+    return y
+
+
+# Most rows of a bf16 GEMM the AMX kernel takes (two tiles of 16; csrc/amx_linear.cpp): a decode step's.
+AMX_ROWS = 32
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether :func:`amx_linear` runs here: the library built for a CPU with AMX-TILE and AMX-BF16, and the
+    tile state granted to this process by Linux."""
+    lib = _library()
+    if lib is None or not lib.mgrm_amx_built():
+        return False
+    granted = lib.mgrm_amx_enable() == 0
+    if not granted:
+        log.info("the kernels' AMX GEMM is built but Linux did not grant the AMX tile state: bf16 GEMMs stay "
+                 "on oneDNN")
+    return granted
+
+
+def pack_amx_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 ``weight`` ``[out, in]`` (as ``F.linear`` takes it) laid out for :func:`amx_linear`: zero-padded
+    to multiples of 32 and ordered ``[out / 32][in / 32][2][16][16][2]``, each 32 output columns' two AMX B
+    tiles per 32 inputs (16 columns x 16 pairs of consecutive inputs) one after another."""
+    if weight.dim() != 2 or weight.dtype is not torch.bfloat16 or weight.device.type != "cpu":
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} on {weight.device}: need a 2-D bf16 CPU tensor")
+    out, inner = weight.shape
+    rows, cols = -(-out // AMX_ROWS) * AMX_ROWS, -(-inner // AMX_ROWS) * AMX_ROWS
+    padded = torch.zeros(rows, cols, dtype=torch.bfloat16)
+    padded[:out, :inner] = weight.detach()
+    return padded.view(rows // 32, 2, 16, cols // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for bf16 ``x`` ``[..., in]`` of at most :data:`AMX_ROWS` rows, with the
+    weight as :func:`pack_amx_weight` returned it: bf16 products summed in fp32 on AMX tiles, the bias added,
+    rounded to bf16 once (as oneDNN's AMX GEMM computes it, up to summation order)."""
+    lib = _library()
+    if lib is None or not amx_available():
+        raise RuntimeError(f"C++ AMX GEMM unavailable: {_unavailable_reason() if lib is None else 'no AMX here'}")
+    blocks, steps = packed.shape[:2]
+    inner = x.shape[-1]
+    if packed.dtype is not torch.bfloat16 or packed.shape[2:] != (2, 16, 16, 2) or not packed.is_contiguous():
+        raise ValueError(f"packed weight {tuple(packed.shape)} {packed.dtype}: not from pack_amx_weight")
+    if not ((blocks - 1) * 32 < out_features <= blocks * 32 and (steps - 1) * 32 < inner <= steps * 32):
+        raise ValueError(f"an input of {inner} and {out_features} output features do not fit a packed weight "
+                         f"{tuple(packed.shape)}")
+    if x.dtype is not torch.bfloat16 or not x.is_cpu:
+        raise ValueError(f"input {tuple(x.shape)} {x.dtype} on {x.device}: need bf16 on the CPU")
+    rows = x.numel() // inner if inner else 0
+    if rows > AMX_ROWS:
+        raise ValueError(f"input of {rows} rows: the AMX GEMM takes at most {AMX_ROWS}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype is not torch.bfloat16):
+        raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype}: need bf16 [{out_features}]")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    if rows:
+        status = lib.mgrm_amx_linear(torch.get_num_threads(), x.data_ptr(), rows, inner, inner, packed.data_ptr(),
+                                     out_features, None if bias is None else bias.contiguous().data_ptr(),
+                                     y.data_ptr(), out_features)
+        if status != 0:
+            raise RuntimeError(f"mgrm_amx_linear returned {status}")
     return y
 
 
@@ -455,6 +521,12 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.linear_panel_width = lib.mgrm_linear_panel()  # read once: packed_linear checks it every call
     lib.mgrm_packed_linear.restype = ctypes.c_int
     lib.mgrm_packed_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.mgrm_amx_built.restype = ctypes.c_int
+    lib.mgrm_amx_built.argtypes = []
+    lib.mgrm_amx_enable.restype = ctypes.c_int
+    lib.mgrm_amx_enable.argtypes = []
+    lib.mgrm_amx_linear.restype = ctypes.c_int
+    lib.mgrm_amx_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
     for suffix in ("", "_bf16"):
         getattr(lib, "mgrm_rms_norm" + suffix).restype = ctypes.c_int
         getattr(lib, "mgrm_rms_norm" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float,

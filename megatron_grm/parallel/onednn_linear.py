@@ -16,8 +16,10 @@ Megatron's module code, its tensor-parallel collectives and its bias handling st
 (``cpu_decode_kernel.linear_kernel_rows``: on AVX2 CPUs at every row count, where it was measured faster
 from a decode step's 32 to a prefill's 8,192; on AVX-512 ones up to a decode step's 32), fp32 GEMMs of
 that many rows run it on the weight packed for it instead, and oneDNN keeps a bf16 model's GEMMs on CPUs
-with a bf16 GEMM. A layer keeps one packed copy at a time: a wave's prefill and its decode steps switch
-once.
+with a bf16 GEMM, but for a decode step's (up to 32 rows) on CPUs with AMX: those run
+``csrc/amx_linear.cpp`` on the weight packed for its tiles, whose few hundred bytes of code stay cheap to
+fetch between the attention kernel's passes over the KV cache where oneDNN's call did not (see that file).
+A layer keeps one packed copy at a time: a wave's prefill and its decode steps switch once.
 
 On a CPU without a bf16 GEMM (no AVX512-BF16 or AMX: e.g. an AVX2-only EPYC) torch's bf16 matmul runs a
 generic loop: a bf16 wave of ``bench/rollout.py``'s distinct GRM prompts prefilled in 64.9 s against ~10 s
@@ -118,6 +120,8 @@ class PackStats:
     calls: int = 0
     panels: int = 0  # weights packed for the C++ GEMM
     kernel_calls: int = 0  # of the calls, those that ran it
+    amx_tiles: int = 0  # bf16 weights packed for the AMX GEMM
+    amx_calls: int = 0  # of the calls, those that ran it
     fallbacks: int = 0  # GEMMs of taken layers that still ran Megatron's path (autograd on, ...)
     skipped: int = 0  # layers left to Megatron: small weights or other dtypes, sequence parallelism
 
@@ -125,7 +129,8 @@ class PackStats:
 class _PackedGemm:
     """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes. fp32
     GEMMs (bf16 ones widened included) of at most ``kernel_rows`` rows run the C++ GEMM on the weight packed
-    for it instead; the layer keeps one of the two copies, the one its last GEMM used."""
+    for it instead, and bf16 ones of at most that many and ``AMX_ROWS`` rows the AMX GEMM where the CPU has
+    AMX; the layer keeps one of its copies, the one its last GEMM used."""
 
     def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
                  widen_bf16: bool | None = None, kernel_rows: int = 0) -> None:
@@ -136,6 +141,7 @@ class _PackedGemm:
         self.version = -1
         self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.panels: torch.Tensor | None = None  # the C++ GEMM's (cpu_decode_kernel.pack_linear_weight)
+        self.tiles: torch.Tensor | None = None  # the AMX GEMM's (cpu_decode_kernel.pack_amx_weight)
         self.widened = False  # the weight is multiplied as a bf16 one's fp32 copy
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -147,13 +153,22 @@ class _PackedGemm:
             self.widened = weight.dtype == torch.bfloat16 and (
                 gemm_dtype(weight.dtype) == torch.float32 if self.widen_bf16 is None else self.widen_bf16)
             self.source, self.version = weight, weight._version  # a tied output layer passes the embedding's
-            self.packed = self.panels = None
+            self.packed = self.panels = self.tiles = None
         self.stats.calls += 1
         bias = kwargs.get("bias", args[0] if args else None)
+        if (weight.dtype is torch.bfloat16 and not self.widened and self.kernel_rows
+                and input.numel() <= min(self.kernel_rows, cpu_decode_kernel.AMX_ROWS) * input.shape[-1]
+                and (bias is None or bias.dtype is torch.bfloat16) and cpu_decode_kernel.amx_available()):
+            if self.tiles is None:
+                self.tiles, self.packed = cpu_decode_kernel.pack_amx_weight(weight), None
+                self.stats.amx_tiles += 1
+            self.stats.amx_calls += 1
+            return cpu_decode_kernel.amx_linear(input, self.tiles, weight.shape[0], bias)
         fp32 = weight.dtype == torch.float32 or self.widened
         if fp32 and self.kernel_rows and input.numel() <= self.kernel_rows * input.shape[-1]:
             if self.panels is None:
                 self.panels, self.packed = cpu_decode_kernel.pack_linear_weight(weight.float()), None
+                self.tiles = None
                 self.stats.panels += 1
                 self.stats.widened += self.widened
             self.stats.kernel_calls += 1
@@ -163,7 +178,8 @@ class _PackedGemm:
                                                   None if bias is None else bias.float())
             return out.to(input.dtype)
         if self.packed is None:
-            self.packed, self.panels = reorder(weight.float() if self.widened else weight, self.rows), None
+            self.packed = reorder(weight.float() if self.widened else weight, self.rows)
+            self.panels = self.tiles = None
             self.stats.reordered += 1
             self.stats.widened += self.widened
         if self.widened:  # bf16 operands multiplied in fp32, the output rounded once

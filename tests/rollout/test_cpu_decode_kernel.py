@@ -20,7 +20,8 @@ needs_compiler = pytest.mark.skipif(cpu_decode_kernel._compiler() is None, reaso
 def _forget() -> None:
     """Drop the cached probe so the next call re-reads the environment."""
     for cached in (cpu_decode_kernel._library_path, cpu_decode_kernel._build_error, cpu_decode_kernel._loaded,
-                   cpu_decode_kernel._compiled_dtypes, cpu_decode_kernel._prefill_built):
+                   cpu_decode_kernel._compiled_dtypes, cpu_decode_kernel._prefill_built,
+                   cpu_decode_kernel.amx_available):
         cached.cache_clear()
 
 

@@ -178,7 +178,98 @@ def test_bf16_weights_without_a_bf16_gemm_take_the_kernel_in_fp32():
         got = gemm(x, weight, bias=None)
     assert got.dtype == torch.bfloat16 and got.shape == (32, 768)
     widened = not onednn_linear.available(torch.bfloat16)
-    assert (stats.kernel_calls, stats.reordered, stats.widened) == ((1, 0, 1) if widened else (0, 1, 0))
+    amx = not widened and cpu_decode_kernel.amx_available()  # a bf16 GEMM of 32 rows: the AMX kernel's
+    assert (stats.kernel_calls, stats.reordered, stats.widened, stats.amx_calls) == (
+        (1, 0, 1, 0) if widened else (0, 0, 0, 1) if amx else (0, 1, 0, 0))
     want = _reference(x, weight, None)
     step = want.abs().clamp(min=1.0) * 2.0 ** -7  # one bf16 step at the output's size
     assert bool(((got.double() - want).abs() <= step).all())
+
+
+def _needs_amx() -> None:
+    if not cpu_decode_kernel.amx_available():
+        pytest.skip("this CPU (or this build) has no AMX: bf16 GEMMs stay on oneDNN")
+
+
+def _assert_bf16_gemm_close(got: torch.Tensor, want: torch.Tensor, inner: int) -> None:
+    """One bf16 rounding of the output (8 significant bits) plus the fp32 sum's round-off."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    error = (got.double() - want).abs()
+    assert bool((error <= want.abs() * 2.0 ** -8 + 1e-5 * math.sqrt(inner) * 8).all())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32])
+@pytest.mark.parametrize("inner,out", [(512, 512), (300, 1000), (1536, 512), (24, 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_linear_matches_float64_and_onednn(rows, inner, out, with_bias):
+    """The AMX GEMM (bf16 products summed in fp32 on tiles, rounded once): rows in one tile and two, part
+    tiles, inputs and outputs off the tiles' 32 (zero-padded), a bias; within one bf16 rounding of the
+    float64 product, and (but for rare summation-order ties) oneDNN's bf16 result bit for bit."""
+    _needs_amx()
+    g = torch.Generator().manual_seed(rows * 5 + inner + out)
+    x = torch.randn(rows, inner, generator=g).bfloat16()
+    w = torch.randn(out, inner, generator=g).bfloat16()
+    b = (torch.randn(out, generator=g) * 10).bfloat16() if with_bias else None
+    packed = cpu_decode_kernel.pack_amx_weight(w)
+    assert packed.shape == (math.ceil(out / 32), math.ceil(inner / 32), 2, 16, 16, 2)
+    got = cpu_decode_kernel.amx_linear(x, packed, out, b)
+    _assert_bf16_gemm_close(got, _reference(x, w, b), inner)
+    if onednn_linear.available(torch.bfloat16):
+        same = got == onednn_linear.linear(x, onednn_linear.reorder(w, rows), b)
+        assert same.float().mean() >= 0.99
+
+
+def test_amx_linear_takes_leading_shapes_and_rejects_what_it_cannot_compute():
+    _needs_amx()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    packed = cpu_decode_kernel.pack_amx_weight(w)
+    x = torch.randn(32, 1, 96, generator=g).bfloat16()  # a decode step's [rows, 1, in]
+    got = cpu_decode_kernel.amx_linear(x, packed, 64)
+    assert got.shape == (32, 1, 64)
+    _assert_bf16_gemm_close(got, _reference(x, w, None), 96)
+    with pytest.raises(ValueError, match="at most 32"):
+        cpu_decode_kernel.amx_linear(torch.randn(33, 96).bfloat16(), packed, 64)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_decode_kernel.amx_linear(x.float(), packed, 64)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_decode_kernel.amx_linear(x, packed, 100)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_decode_kernel.amx_linear(x, packed, 64, torch.randn(64))
+    with pytest.raises(ValueError, match="pack_amx_weight"):
+        cpu_decode_kernel.amx_linear(x, packed.float(), 64)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_decode_kernel.pack_amx_weight(w.float())
+
+
+@pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
+def test_a_bf16_decode_steps_gemms_take_the_amx_kernel_and_a_prefills_onednn(monkeypatch):
+    """With AMX, a bf16 layer's GEMMs of up to 32 rows (a decode step's) run the AMX kernel on the weight
+    packed for its tiles, larger ones (a prefill's) oneDNN on its reordered copy, each result F.linear's up
+    to bf16 rounding; with the kernels' rows at 0 (MEGATRON_GRM_CPU_LINEAR_KERNEL=0), or without AMX, none
+    runs it."""
+    _needs_amx()
+    if not onednn_linear.available(torch.bfloat16):
+        pytest.skip("this torch build's oneDNN has no bf16 linear")
+    layer = _Layer(768, 512)
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(768, 512, generator=g).bfloat16()
+    decode, prefill = torch.randn(32, 1, 512, generator=g).bfloat16(), torch.randn(33, 512, generator=g).bfloat16()
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, kernel_rows=32)
+    with torch.inference_mode():
+        _assert_bf16_gemm_close(gemm(prefill, weight, bias=None), _reference(prefill, weight, None), 512)
+        assert (stats.reordered, stats.amx_tiles, stats.amx_calls) == (1, 0, 0)
+        for _ in range(2):
+            _assert_bf16_gemm_close(gemm(decode, weight, bias=None), _reference(decode, weight, None), 512)
+        assert (stats.reordered, stats.amx_tiles, stats.amx_calls) == (1, 1, 2) and gemm.packed is None
+        _assert_bf16_gemm_close(gemm(prefill, weight, bias=None), _reference(prefill, weight, None), 512)
+        assert (stats.reordered, stats.amx_tiles, stats.calls) == (2, 1, 4) and gemm.tiles is None
+    for kernel_rows, amx in ((0, True), (32, False)):
+        monkeypatch.setattr(cpu_decode_kernel, "amx_available", lambda amx=amx: amx)
+        stats = onednn_linear.PackStats()
+        gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, kernel_rows=kernel_rows)
+        with torch.inference_mode():
+            _assert_bf16_gemm_close(gemm(decode, weight, bias=None), _reference(decode, weight, None), 512)
+        assert (stats.amx_calls, stats.reordered) == (0, 1)
+    assert layer.own_calls == 0

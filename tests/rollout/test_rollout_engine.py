@@ -491,7 +491,7 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     if check["bf16_gemm_dtype"] == "None":
         pytest.skip("this torch build's oneDNN has no fp32 or bf16 linear: the GEMMs stay on torch's matmul")
     assert check["gemm_layers"] == check["linear_modules"] > 0
-    packs = check["gemm_reordered"] + check["gemm_panels"]
+    packs = check["gemm_reordered"] + check["gemm_panels"] + check["gemm_amx_tiles"]
     assert packs >= check["linear_modules"] - 1  # a tied output layer reuses the embedding's
     assert check["gemm_calls"] >= check["linear_modules"] * tp1["max_new"] and check["gemm_fallbacks"] == 0
     assert check["bf16_gemm_dtype"] == ("torch.bfloat16" if check["bf16_onednn"] else "torch.float32")
@@ -503,6 +503,13 @@ def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
         assert check["gemm_kernel_calls"] == check["gemm_calls"]
     else:  # the decode steps' GEMMs (a few rows) in the kernel, the prefill's on oneDNN
         assert 0 < check["gemm_kernel_calls"] <= check["gemm_calls"]
+    # On a CPU with AMX a bf16 GEMM of up to 32 rows (every decode step's: one row per sequence) runs the AMX
+    # kernel, on weights packed for its tiles; elsewhere none does.
+    if check["amx"] and check["bf16_onednn"] and check["linear_kernel_rows"]:
+        assert check["gemm_amx_calls"] >= check["linear_modules"] * (tp1["max_new"] - 1)
+        assert check["gemm_amx_tiles"] >= check["linear_modules"] - 1
+    else:
+        assert check["gemm_amx_calls"] == check["gemm_amx_tiles"] == 0
 
 
 def test_only_bf16_models_with_plain_attention_may_take_the_dynamic_engine(tp1):

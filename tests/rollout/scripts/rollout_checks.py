@@ -776,6 +776,8 @@ def main() -> None:
             "gemm_layers": gemms.layers, "gemm_reordered": gemms.reordered, "gemm_calls": gemms.calls,
             "gemm_fallbacks": gemms.fallbacks, "gemm_widened": gemms.widened, "gemm_panels": gemms.panels,
             "gemm_kernel_calls": gemms.kernel_calls, "linear_kernel_rows": bf16_engine.backend.linear_kernel_rows,
+            "gemm_amx_tiles": gemms.amx_tiles, "gemm_amx_calls": gemms.amx_calls,
+            "amx": cpu_decode_kernel.amx_available(),
             "bf16_onednn": onednn_linear.available(torch.bfloat16),
             "bf16_gemm_dtype": str(onednn_linear.gemm_dtype(torch.bfloat16)),
             "sampling_steps": sampling_16bit,
