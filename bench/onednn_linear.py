@@ -1,18 +1,22 @@
 """Rollout GEMMs on the CPU: torch's fp32 (or ``--dtype bf16``) matmul against oneDNN on a weight reordered once
 (``parallel/onednn_linear.py``) and, in fp32, the C++ GEMM on a weight packed for it
-(``parallel/csrc/linear.cpp``), for the linears of one Llama layer and the output layer, at the row
-counts of decode steps and of a prefill, side by side.
+(``parallel/csrc/linear.cpp``), in bf16 on a CPU with AMX the AMX GEMM (``parallel/csrc/amx_linear.cpp``, up to
+32 rows), for the linears of one Llama layer and the output layer, at the row counts of decode steps and of a
+prefill, side by side.
 
     python bench/onednn_linear.py                                  # bench/rollout.py's 21M model: hidden 512
     python bench/onednn_linear.py --hidden 1024 --ffn 2816 --heads 16 --kv-heads 8 --vocab 32000
     python bench/onednn_linear.py --dtype bf16                     # a bf16 model's rollouts (AMX where present)
+    python bench/onednn_linear.py --dtype bf16 --rows 32 --evict-mb 200   # each call after a 200 MB read
 
 Each variant is timed in alternating rounds in process CPU seconds (the machine may be shared; idle
 OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``); the best round counts. The last column is the one-off
 cost of reordering that weight, in multiples of one oneDNN call at that row count. ``RATIO`` lines per row
 count: matmul / oneDNN and oneDNN / the C++ GEMM over all the GEMMs. Weights are hot in cache here (each
 GEMM repeats on one weight); in a decode step they come from memory, between the attention's reads of the
-KV cache: ``bench/rollout.py`` times that.
+KV cache: ``bench/rollout.py`` times that. ``--evict-mb N`` comes closer: each call is timed alone (wall
+clock, median) right after a read of N MB, which leaves the weights, the code and the data around the call
+in memory, not in the caches, as a decode step's attention does.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def main() -> None:
                    help="rows per GEMM: decode steps of 1 and 32 sequences, a prefill of 1,024 tokens")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and inputs")
+    p.add_argument("--evict-mb", type=int, default=0,
+                   help="time each call alone after reading this many MB (0: hot loops in CPU seconds)")
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not onednn_linear.available(dtype):
@@ -55,8 +61,14 @@ def main() -> None:
     print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}; process CPU time, best of {args.rounds} "
           f"alternating rounds")
     kernel = dtype == torch.float32 and cpu_decode_kernel._library() is not None
-    if not kernel:
-        print(f"no C++ GEMM column: {'fp32 only' if dtype != torch.float32 else cpu_decode_kernel.describe()}")
+    amx = dtype == torch.bfloat16 and cpu_decode_kernel.amx_available()
+    if not kernel and not amx:
+        print("no C++ GEMM column: " + (cpu_decode_kernel.describe() if dtype == torch.float32 else
+                                        "bf16 takes the AMX GEMM, and this CPU or build has no AMX"))
+    timer = time_per_call
+    if args.evict_mb:
+        print(f"each call timed alone after a {args.evict_mb} MB read: wall clock, median of the calls")
+        timer = _after_a_read(torch.ones(args.evict_mb * (1 << 20) // 4))
     g = torch.Generator().manual_seed(0)
     for rows in args.rows:
         totals = {"matmul": 0.0, "onednn": 0.0, "kernel": 0.0}
@@ -72,28 +84,47 @@ def main() -> None:
                 if kernel:
                     panels = cpu_decode_kernel.pack_linear_weight(weight)
                     variants["kernel"] = lambda x=x, w=panels, n=n_out: cpu_decode_kernel.packed_linear(x, w, n)
+                elif amx and rows <= cpu_decode_kernel.AMX_ROWS:
+                    tiles = cpu_decode_kernel.pack_amx_weight(weight)
+                    variants["kernel"] = lambda x=x, w=tiles, n=n_out: cpu_decode_kernel.amx_linear(x, w, n)
                 # >= 0.1 s per round: the kernel accounts other threads' CPU time only at its ticks
                 calls = max(3, int(2e10 // (2 * rows * n_out * n_in)))
                 best = {label: float("inf") for label in variants}
                 for _ in range(args.rounds):
                     for label, fn in variants.items():
-                        best[label] = min(best[label], time_per_call(fn, calls, cuda=False))
+                        best[label] = min(best[label], timer(fn, calls, cuda=False))
             for label in best:
                 totals[label] += best[label]
+            has_kernel = "kernel" in best
             gflops = 2 * rows * n_out * n_in / 1e9
             print(f"rows {rows:5d} {name:7s} [{n_out:>6} x {n_in:>5}]  matmul {best['matmul'] * 1e3:8.3f} ms "
                   f"({gflops / best['matmul']:5.1f} GFLOP/CPU-s)  oneDNN {best['onednn'] * 1e3:8.3f} ms "
                   f"({gflops / best['onednn']:5.1f})  ratio {best['matmul'] / best['onednn']:.2f}  "
                   f"reorder {reorder_s / best['onednn']:.1f} calls" + (
-                      f"  C++ GEMM {best['kernel'] * 1e3:8.3f} ms ({gflops / best['kernel']:5.1f})  oneDNN/it "
-                      f"{best['onednn'] / best['kernel']:.2f}" if kernel else ""))
+                      f"  {'AMX' if amx else 'C++'} GEMM {best['kernel'] * 1e3:8.3f} ms "
+                      f"({gflops / best['kernel']:5.1f})"
+                      f"  oneDNN/it {best['onednn'] / best['kernel']:.2f}" if has_kernel else ""))
         print(f"RATIO matmul/oneDNN at {rows} rows over one layer and the output layer = "
               f"{totals['matmul'] / totals['onednn']:.3f} "
               f"({totals['matmul'] * 1e3:.3f} vs {totals['onednn'] * 1e3:.3f} ms)")
-        if kernel:
-            print(f"RATIO oneDNN/C++ GEMM at {rows} rows over one layer and the output layer = "
+        if totals["kernel"]:
+            print(f"RATIO oneDNN/{'AMX' if amx else 'C++'} GEMM at {rows} rows over one layer and the output layer = "
                   f"{totals['onednn'] / totals['kernel']:.3f} "
                   f"({totals['onednn'] * 1e3:.3f} vs {totals['kernel'] * 1e3:.3f} ms)")
+
+
+def _after_a_read(buffer: torch.Tensor):
+    """A timer like ``time_per_call`` whose calls each run alone right after a pass over ``buffer``."""
+    def timer(fn, calls: int, cuda: bool = False) -> float:
+        times = []
+        for _ in range(max(5, min(calls, 25))):
+            buffer.sum()
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return sorted(times)[len(times) // 2]
+
+    return timer
 
 
 if __name__ == "__main__":
