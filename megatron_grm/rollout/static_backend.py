@@ -311,7 +311,7 @@ class StaticBackend:
         # and fp32 ones in the C++ GEMM (csrc/linear.cpp) where and at the row counts it is measured faster
         self.linear_kernel_rows = cpu_decode_kernel.linear_kernel_rows() if self.pack_weights else 0
         self.prefill_kernel = not use_cuda()  # CPU: the prefill's causal attention in the C++ kernel
-        self.elementwise_kernels = not use_cuda()  # CPU: fp32 RMSNorms and SwiGLUs as one C++ pass each
+        self.elementwise_kernels = not use_cuda()  # CPU: fp32/bf16 RMSNorms and SwiGLUs as one C++ pass each
         self.final_layer_last_position = True  # the prefill's final layer only where its output is read
         self._logged: set[str] = set()  # _log_once's kinds already logged
         self.last_gemms = None
@@ -359,8 +359,11 @@ class StaticBackend:
             self._log_once("gemms", "rollout GEMMs: oneDNN on weights reordered once per wave for %d linear "
                            "layer(s), torch's matmul for %d (small weights or other dtypes, sequence parallel; "
                            "parallel/onednn_linear.py)%s; %s", gemms.layers, gemms.skipped,
-                           f"; {gemms.widened} bf16 weight(s) multiplied in fp32 (this CPU has no bf16 GEMM)"
-                           if gemms.widened else "",
+                           (f"; {gemms.widened} bf16 weight(s) multiplied in fp32 (this CPU has no bf16 GEMM)"
+                            if gemms.widened else "")
+                           + (f"; bf16 GEMMs of up to {cpu_decode_kernel.AMX_ROWS} rows on AMX tiles "
+                              f"(csrc/amx_linear.cpp: {gemms.amx_calls} of {gemms.calls} in the first wave)"
+                              if gemms.amx_calls else ""),
                            f"fp32 GEMMs of {rows} in the C++ GEMM "
                            f"({gemms.kernel_calls} of {gemms.calls} in the first wave)" if self.linear_kernel_rows else
                            f"the C++ GEMM off ({cpu_decode_kernel.LINEAR_VARIABLE}, or not measured "
@@ -369,12 +372,12 @@ class StaticBackend:
             self._log_once("prefill", "rollout prefill attention: torch's SDPA")
         elif prefill.kernel + prefill.sdpa:  # a wave whose prefill ran no attention says nothing yet
             self._log_once("prefill", "rollout prefill attention: the C++ kernel for %d call(s), torch's SDPA for "
-                           "%d (another dtype or head size, neither AVX-512 nor AVX2, or prompts past "
-                           "cpu_decode.PREFILL_MAX_POSITION_CHANNELS)", prefill.kernel, prefill.sdpa)
+                           "%d (another dtype or head size, bf16 where the CPU has AMX, neither AVX-512 nor AVX2, or "
+                           "prompts past cpu_decode.PREFILL_MAX_POSITION_CHANNELS)", prefill.kernel, prefill.sdpa)
         if elementwise is None or not elementwise.kernel_calls:
             self._log_once("elementwise", "rollout norms and activations: torch's ops%s",
-                           "" if elementwise is None else f" ({cpu_decode_kernel.describe()}; fp32 RMSNorm and "
-                           "SwiGLU only)")
+                           "" if elementwise is None else f" ({cpu_decode_kernel.describe()}; fp32 and bf16 "
+                           "RMSNorm and SwiGLU only)")
         else:
             self._log_once("elementwise", "rollout norms and activations: one C++ pass each for %d RMSNorm and %d "
                            "SwiGLU module(s) (parallel/cpu_elementwise.py), %d of %d calls in the first wave",
