@@ -10,8 +10,8 @@
 // Same math as torch: y = (x * rsqrt(mean(x^2) + eps)) * weight, and silu(g) * u = g / (1 + exp(-g)) * u,
 // in fp32; only the order of the mean's sum and exp's last bits differ (kernel_math.h's exp, ~2e-7). RoPE
 // is torch's to the bit. bf16 tensors are computed in fp32 and rounded where torch's bf16 ops round: the
-// norm once, SwiGLU after silu and after the product, RoPE after every product and sum (a bf16 decode step
-// spent ~1.9 ms of ~18 in torch's bf16 norms, SwiGLUs and RoPEs on the Xeon of session 46).
+// norm once, SwiGLU after silu and after the product, RoPE after every product and sum (torch's bf16 norms
+// and SwiGLUs took ~1.6 ms of an ~18 ms bf16 decode step on the Xeon of session 46, besides its RoPEs).
 // Built into the attention kernels' library (cpu_decode_kernel.py); OpenMP splits rows only when there
 // are enough of them to pay for waking the second thread.
 #include <cmath>
