@@ -245,14 +245,20 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype}: need fp32 [{out_features}]")
     if not x.is_contiguous():
         x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out_features)
-    rows = x.numel() // inner
+    return _gemm(lib.mgrm_packed_linear, x, x.numel() // inner, packed, out_features, bias)
+
+
+def _gemm(entry: Any, x: torch.Tensor, rows: int, packed: torch.Tensor, out_features: int,
+          bias: torch.Tensor | None) -> torch.Tensor:
+    """``entry`` (a C++ GEMM: threads, x, rows, inner, ldx, packed, N, bias, y, ldy) on contiguous ``x``, into a
+    new ``[..., out_features]`` tensor of ``x``'s dtype."""
+    inner = x.shape[-1]
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
     if rows:
-        status = lib.mgrm_packed_linear(torch.get_num_threads(), x.data_ptr(), rows, inner, inner, packed.data_ptr(),
-                                        out_features, None if bias is None else bias.contiguous().data_ptr(),
-                                        y.data_ptr(), out_features)
+        status = entry(torch.get_num_threads(), x.data_ptr(), rows, inner, inner, packed.data_ptr(), out_features,
+                       None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(), out_features)
         if status != 0:
-            raise RuntimeError(f"mgrm_packed_linear returned {status}")
+            raise RuntimeError(f"{entry.__name__} returned {status}")
     return y
 
 
@@ -309,16 +315,7 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
         raise ValueError(f"input of {rows} rows: the AMX GEMM takes at most {AMX_ROWS}")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype is not torch.bfloat16):
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype}: need bf16 [{out_features}]")
-    if not x.is_contiguous():
-        x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    if rows:
-        status = lib.mgrm_amx_linear(torch.get_num_threads(), x.data_ptr(), rows, inner, inner, packed.data_ptr(),
-                                     out_features, None if bias is None else bias.contiguous().data_ptr(),
-                                     y.data_ptr(), out_features)
-        if status != 0:
-            raise RuntimeError(f"mgrm_amx_linear returned {status}")
-    return y
+    return _gemm(lib.mgrm_amx_linear, x if x.is_contiguous() else x.contiguous(), rows, packed, out_features, bias)
 
 
 # The dtypes the elementwise passes take (csrc/elementwise.cpp): each has its own entry points.
