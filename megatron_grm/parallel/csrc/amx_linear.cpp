@@ -21,8 +21,6 @@
 #include <cstring>
 #include <vector>
 
-#include "kernel_math.h"
-
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define MGRM_AMX 1
 #include <immintrin.h>
@@ -56,6 +54,7 @@ void column_block(const uint16_t* xp, int64_t kp, const uint16_t* w, float (*acc
   _tile_zero(6);
   _tile_zero(7);
   for (int64_t k = 0; k < kp; k += kBlock, w += 2 * 16 * 32) {
+    // The last block's last steps prefetch past the packed weight: a prefetch never faults.
     const char* ahead = reinterpret_cast<const char*>(w + kAhead * 2 * 16 * 32);
     for (int line = 0; line < 32; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     _tile_loadd(0, xp + k, kp * 2);
@@ -74,7 +73,7 @@ void column_block(const uint16_t* xp, int64_t kp, const uint16_t* w, float (*acc
 }
 
 // Rows [0, M) of one 16-column half of a block's accumulators, plus the bias, rounded to bf16 16 at a time
-// (vcvtne2ps2bf16: round to nearest even, as mgrm::narrow); `n` < 16 columns at the output's edge masked.
+// (vcvtneps2bf16: round to nearest even, as mgrm::narrow); `n` < 16 columns at the output's edge masked.
 void store_rows(const float (*acc)[16][16], int half, int64_t M, const uint16_t* bias, int64_t n, uint16_t* y,
                 int64_t ldy) {
   const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
