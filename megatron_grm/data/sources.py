@@ -17,8 +17,11 @@ from pathlib import Path
 
 from megatron_grm.data.examples import Example
 from megatron_grm.data.readers.common import ReadResult, SeenIds
+from megatron_grm.data.readers.jsonl import default_id_prefixes
 
 log = logging.getLogger(__name__)
+
+GENERATED_KINDS = ("arithmetic", "rmb", "reasoning_gym", "champ")  # spec prefixes that are not a file path
 
 
 def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int = 0) -> list[Example]:
@@ -32,9 +35,10 @@ def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int =
     examples: list[Example] = []
     first_seen: dict[str, str] = {}
     jsonl_ids = SeenIds()  # JSONL files share it: a repeat in another file is named with both lines
+    id_prefixes = default_id_prefixes([s for s in spec if _is_jsonl(s)])
     for source in spec:
         skipped = 0
-        for example in read_examples(source, on_error, seed, jsonl_ids).examples:
+        for example in read_examples(source, on_error, seed, jsonl_ids, id_prefixes.get(source)).examples:
             if example.id in first_seen:
                 message = f"{source}: example id {example.id!r} is also in {first_seen[example.id]}"
                 if on_error != "skip":
@@ -49,9 +53,15 @@ def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int =
     return examples
 
 
-def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: SeenIds | None = None) -> ReadResult:
+def _is_jsonl(spec: str) -> bool:
+    return str(spec).partition(":")[0] not in GENERATED_KINDS and Path(spec).is_file()
+
+
+def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: SeenIds | None = None,
+                  default_id_prefix: str | None = None) -> ReadResult:
     """:func:`load_examples` with the skipped bad records kept, for callers that report how many there were.
-    ``seen_ids``: the ids a JSONL file's records must not repeat (other JSONL files read before it)."""
+    ``seen_ids``: the ids a JSONL file's records must not repeat (other JSONL files read before it);
+    ``default_id_prefix``: what a JSONL record without an id is named by (default: the file's stem)."""
     kind, _, rest = str(spec).partition(":")
     if kind == "arithmetic":
         from megatron_grm.data.arithmetic import arithmetic_examples
@@ -81,7 +91,7 @@ def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: Se
         if not Path(spec).is_file():
             raise FileNotFoundError(f"data spec {spec!r}: no such file, and not one of arithmetic:, rmb:, "
                                     "reasoning_gym:, champ")
-        result = read_jsonl(spec, on_error=on_error, seen_ids=seen_ids)
+        result = read_jsonl(spec, on_error=on_error, seen_ids=seen_ids, default_id_prefix=default_id_prefix)
     for err in result.errors:
         log.warning("skipped bad record: %s", err)
     if result.errors:

@@ -71,3 +71,31 @@ def test_what_a_reader_leaves_out_by_design_is_logged(caplog: pytest.LogCaptureF
     assert f"champ: {len(result.examples)} examples; left out by design: " in caplog.text
     for reason, n in result.excluded.items():
         assert f"{reason}: {n}" in caplog.text
+
+
+def _no_ids(path: Path, count: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"context": f"q {i}", "responses": ["a", "b"], "label": 0}) + "\n"
+                            for i in range(count)))
+    return str(path)
+
+
+def test_same_named_files_without_ids_get_default_ids_told_apart_by_their_folders(tmp_path: Path):
+    """Two ``train.jsonl`` files without ids in one list used to give ``train:1`` twice: a duplicate id."""
+    a, b = _no_ids(tmp_path / "a" / "train.jsonl", 2), _no_ids(tmp_path / "b" / "train.jsonl", 1)
+    other = _no_ids(tmp_path / "a" / "heldout.jsonl", 1)
+    examples = load_examples([a, "arithmetic:train:1", b, other])
+    assert [e.id for e in examples if not e.id.startswith("arith")] == ["a/train:1", "a/train:2", "b/train:1",
+                                                                         "heldout:1"]
+    assert {e.source for e in examples if "train:" in e.id} == {"train"}  # the source stays the stem
+    assert [e.id for e in load_examples(a)] == ["train:1", "train:2"]  # alone: the stem, as before
+    deeper = [_no_ids(tmp_path / "x" / "data" / "prefs.jsonl", 1), _no_ids(tmp_path / "y" / "data" / "prefs.jsonl", 1)]
+    assert [e.id for e in load_examples(deeper)] == ["x/data/prefs:1", "y/data/prefs:1"]
+    suffixes = [_no_ids(tmp_path / "s" / "prefs.jsonl", 1), _no_ids(tmp_path / "s" / "prefs.json", 1)]
+    assert [e.id for e in load_examples(suffixes)] == ["prefs.jsonl:1", "prefs.json:1"]
+
+
+def test_a_file_named_twice_in_one_list_still_repeats_its_ids(tmp_path: Path):
+    a = _no_ids(tmp_path / "a" / "train.jsonl", 1)
+    with pytest.raises(ValueError, match="duplicate id 'train:1'"):
+        load_examples([a, str(tmp_path / "a" / ".." / "a" / "train.jsonl")])

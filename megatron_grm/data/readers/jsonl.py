@@ -30,7 +30,8 @@ that an earlier line of the file already used. The file is UTF-8; a leading BOM 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +113,20 @@ def parse_context(value: Any, field_name: str = "context") -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds | None = None) -> ReadResult:
+def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds | None = None,
+               default_id_prefix: str | None = None) -> ReadResult:
     """Read examples from one JSONL file in our format. Bad lines raise :class:`RecordError`
     (``file:line: field 'x': why``) or, with ``on_error="skip"``, are counted in the result's errors.
 
     Lines are decoded one by one (a BOM at the start of the file is dropped), so a line of bad UTF-8 is
     one bad record, not a crash that loses the rest. A repeated ``id`` is a bad record naming the line
-    that had it first; pass one ``seen_ids`` to several calls to catch repeats across files too.
+    that had it first; pass one ``seen_ids`` to several calls to catch repeats across files too. A record
+    without an ``id`` gets ``<default_id_prefix>:<line>``, the prefix the file's stem unless given
+    (:func:`default_id_prefixes` tells same-named files of one list apart).
     """
     check_policy(on_error)
     path = Path(path)
+    prefix = path.stem if default_id_prefix is None else default_id_prefix
     result = ReadResult()
     seen = SeenIds() if seen_ids is None else seen_ids
     with path.open("rb") as f:
@@ -144,7 +149,7 @@ def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds |
                 continue
             try:
                 example = example_from_record(
-                    record, default_source=path.stem, default_id=f"{path.stem}:{line_number}"
+                    record, default_source=path.stem, default_id=f"{prefix}:{line_number}"
                 )
             except ExampleError as exc:
                 handle_bad_record(
@@ -160,6 +165,30 @@ def read_jsonl(path: str | Path, on_error: OnError = "fail", seen_ids: SeenIds |
             result.examples.append(example)
     log_skipped(path, result, 0)
     return result
+
+
+def default_id_prefixes(paths: Sequence[str | Path]) -> dict[str, str]:
+    """The prefix of each JSONL file's default ids when the files are read as one list: the file's stem, or,
+    where files of the list share a stem, its path from the folder they share (``a/train`` and
+    ``b/train``; with the extension where only that differs). Without this, two ``train.jsonl`` files without
+    ids would give the same ``train:1`` twice, a duplicate id. A file named twice keeps one prefix (its
+    records are then duplicates, as they should be)."""
+    resolved = {str(p): Path(p).resolve() for p in paths}
+    by_stem: dict[str, set[Path]] = {}
+    for full in resolved.values():
+        by_stem.setdefault(full.stem, set()).add(full)
+    prefixes = {}
+    for name, full in resolved.items():
+        files = by_stem[full.stem]
+        if len(files) == 1:
+            prefixes[name] = full.stem
+            continue
+        root = Path(os.path.commonpath([str(f) for f in files]))
+        stems = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+        relative = full.relative_to(root)
+        unique = len(set(stems)) == len(stems)
+        prefixes[name] = (relative.with_suffix("") if unique else relative).as_posix()
+    return prefixes
 
 
 def example_to_record(example: Example) -> dict[str, Any]:
