@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,19 +321,37 @@ def load_megatron_model(ckpt: str | os.PathLike) -> tuple[torch.nn.Module, Model
 
 def megatron_state_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """HF tensors from a TP=1/PP=1 state dict; a Megatron tensor without an HF counterpart is an error."""
+    return dict(megatron_tensors_to_hf(dict(state), cfg))
+
+
+def megatron_tensors_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, tensor) pairs made one Megatron tensor at a time, each popped from ``state`` first: a state
+    dict the caller holds nothing else of (the model deleted) shrinks as the pairs are consumed, so an export
+    holds about one model in memory, not the model and all of its HF copies. A tensor missing from ``state``
+    or left without an HF counterpart raises here, before any pair is made."""
     adapter = adapter_for_family(cfg.family)
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out: dict[str, Tensor] = {}
-    for rule in adapter.rules(cfg):
-        if rule.megatron not in state:
+    rules = adapter.rules(cfg)
+    names = {k for k in state if not k.endswith("_extra_state")}
+    for rule in rules:
+        if rule.megatron not in names:
             raise KeyError(f"checkpoint has no tensor {rule.megatron} (needed for {', '.join(rule.hf)})")
-        tensor = state.pop(rule.megatron)
-        if rule.megatron in VOCAB_PARAMS:
-            tensor = tensor[: cfg.vocab_size]
-        out.update(zip(rule.hf, (t.clone().contiguous() for t in rule.split(tensor))))
-    if state:
-        raise KeyError(f"checkpoint tensors {sorted(state)} have no Hugging Face counterpart in {adapter.family}")
-    return out
+    unmatched = names - {rule.megatron for rule in rules}
+    if unmatched:
+        raise KeyError(f"checkpoint tensors {sorted(unmatched)} have no Hugging Face counterpart in {adapter.family}")
+    for name in [k for k in state if k.endswith("_extra_state")]:
+        del state[name]
+
+    def pairs() -> Iterator[tuple[str, Tensor]]:
+        for rule in rules:
+            tensor = state.pop(rule.megatron)
+            if rule.megatron in VOCAB_PARAMS:
+                tensor = tensor[: cfg.vocab_size]
+            pieces = [t.clone().contiguous() for t in rule.split(tensor)]
+            del tensor  # its memory goes before the pieces are written
+            yield from zip(rule.hf, pieces)
+            del pieces
+
+    return pairs()
 
 
 def load_metarm_head(folder: Path) -> dict[str, Tensor]:
@@ -435,11 +454,11 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     model, cfg, metadata, folder = load_megatron_model(ckpt)
     _, root = resolve_checkpoint(ckpt)
     adapter = adapter_for_family(cfg.family)
-    tensors = megatron_state_to_hf(model.state_dict(), cfg)
-    del model  # the HF tensors are copies: one model's worth of host memory less for the rest of the export
-    out_dtype = export_dtype(dtype, metadata, next(iter(tensors.values())).dtype)
-    tensors = {k: v.to(out_dtype) for k, v in tensors.items()}
-    num_tensors = len(tensors)
+    state = model.state_dict()
+    del model  # the state's tensors now hold the weights alone: each is freed once converted and written
+    stored_dtype = next(v for k, v in state.items() if not k.endswith("_extra_state")).dtype
+    pairs = megatron_tensors_to_hf(state, cfg)
+    out_dtype = export_dtype(dtype, metadata, stored_dtype)
     tokenizer_dir = find_tokenizer(metadata, cfg, folder, root) if with_tokenizer else None
     if with_tokenizer and tokenizer_dir is None:  # refused before anything in --out is touched
         raise HFFolderError(f"{root}: checkpoint has no Hugging Face tokenizer folder (metadata tokenizer="
@@ -457,8 +476,15 @@ def export_mcore_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     staging.mkdir()
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        write_safetensors(staging, tensors, max_shard_bytes)
-        del tensors
+        written: list[str] = []
+
+        def in_out_dtype() -> Iterator[tuple[str, Tensor]]:
+            for name, tensor in pairs:
+                written.append(name)
+                yield name, tensor.to(out_dtype)
+
+        write_safetensors(staging, in_out_dtype(), max_shard_bytes)
+        num_tensors = len(written)
         write_generation_config(staging, tokenizer_dir, ids)
         copied = copy_files(tokenizer_dir, staging, TOKENIZER_FILES) if tokenizer_dir is not None else []
         if head:

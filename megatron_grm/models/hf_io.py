@@ -177,38 +177,44 @@ def remove_weight_files(folder: str | os.PathLike, extra: Iterable[str] = ()) ->
     return removed
 
 
-def write_safetensors(folder: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+def write_safetensors(folder: str | os.PathLike,
+                      tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index when over the threshold.
 
+    ``tensors``: a mapping, or (name, tensor) pairs made one at a time: each shard is written once it is full
+    and dropped, so a caller that makes its tensors on the fly (an export) holds at most one shard of them.
     Weight files already in ``folder`` are removed first, so the folder holds exactly this model's weights.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     remove_weight_files(folder)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in tensors:
-        t = tensors[name].detach().contiguous()
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    parts: list[str] = []  # full shards written so far, under names that do not yet say how many there are
+    weight_map: dict[str, int] = {}  # tensor -> shard number
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, tensor in pairs:
+        t = tensor.detach().contiguous()
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
+        if shard and size + nbytes > max_shard_bytes:
+            parts.append(f".part-{len(parts) + 1:05d}.safetensors")
+            save_file(shard, str(folder / parts[-1]), metadata={"format": "pt"})
+            shard, size = {}, 0
+        shard[name] = t
+        weight_map[name] = len(parts) + 1
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
+        total += nbytes
+    if not parts:
+        save_file(shard, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
         return [SAFETENSORS_FILE]
-    files, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        files.append(file)
-        for name, t in shard.items():
-            weight_map[name] = file
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    parts.append(f".part-{len(parts) + 1:05d}.safetensors")
+    save_file(shard, str(folder / parts[-1]), metadata={"format": "pt"})
+    files = [f"model-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
+    for part, file in zip(parts, files):
+        os.replace(folder / part, folder / file)
+    index = {"metadata": {"total_size": total}, "weight_map": {name: files[i - 1] for name, i in weight_map.items()}}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files + [SAFETENSORS_INDEX]
 
