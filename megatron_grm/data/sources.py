@@ -21,7 +21,7 @@ from megatron_grm.data.readers.jsonl import default_id_prefixes
 
 log = logging.getLogger(__name__)
 
-GENERATED_KINDS = ("arithmetic", "rmb", "reasoning_gym", "champ")  # spec prefixes that are not a file path
+GENERATED_KINDS = ("arithmetic", "rmb", "reasoning_gym", "champ")  # read_examples' spec kinds that are not a file
 
 
 def load_examples(spec: str | Sequence[str], on_error: str = "fail", seed: int = 0) -> list[Example]:
@@ -89,8 +89,8 @@ def read_examples(spec: str, on_error: str = "fail", seed: int = 0, seen_ids: Se
         from megatron_grm.data.readers.jsonl import read_jsonl
 
         if not Path(spec).is_file():
-            raise FileNotFoundError(f"data spec {spec!r}: no such file, and not one of arithmetic:, rmb:, "
-                                    "reasoning_gym:, champ")
+            kinds = ", ".join(f"{kind}:" for kind in GENERATED_KINDS[:-1]) + f", {GENERATED_KINDS[-1]}"
+            raise FileNotFoundError(f"data spec {spec!r}: no such file, and not one of {kinds}")
         result = read_jsonl(spec, on_error=on_error, seen_ids=seen_ids, default_id_prefix=default_id_prefix)
     for err in result.errors:
         log.warning("skipped bad record: %s", err)
