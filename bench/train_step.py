@@ -255,11 +255,17 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------ where time goes
 CATEGORIES = (  # aten op name fragments -> what they are, checked in order
     ("attention core", ("baddbmm", "bmm", "softmax", "masked_fill", "scaled_dot_product")),
-    ("matmul (GEMM)", ("aten::mm", "aten::addmm")),
+    ("matmul (GEMM)", ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")),
     ("copies / layout", ("copy_", "aten::cat", "index_select", "clone", "contiguous", "repeat_interleave")),
     ("fills / zeroing", ("fill_", "zero_")),
+    ("norms / SwiGLU (C++ passes)", ("KernelRMSNorm", "KernelSwiGLU")),
     ("collectives (1 rank)", ("gloo", "c10d", "all_reduce", "allreduce", "broadcast", "all_gather", "reduce_scatter")),
 )
+
+
+# Our trainer's forward GEMMs run as oneDNN's op (parallel/onednn_training.py), outside aten's namespace, and
+# on CPU its norms and SwiGLUs as autograd functions calling C++ (parallel/elementwise_autograd.py).
+OP_NAMESPACES = ("aten::", "mkldnn::", "KernelRMSNorm", "KernelSwiGLU")
 
 
 def _category(name: str) -> str:
@@ -300,13 +306,13 @@ def profile_sides(sides: list[Side], batches, repeats: int = 2,
             for ev in prof.key_averages():
                 if ev.key.startswith("Optimizer.step#"):
                     cats[ev.key] = ev.cpu_time_total / 1e6
-                elif ev.key.startswith("aten::") or "gloo" in ev.key or "c10d" in ev.key:
+                elif ev.key.startswith(OP_NAMESPACES) or "gloo" in ev.key or "c10d" in ev.key:
                     label = _category(ev.key)
                     cats[label] = cats.get(label, 0.0) + ev.self_cpu_time_total / 1e6
             mine = out.setdefault(side.name, {})
             for k, v in cats.items():
                 mine[k] = min(mine.get(k, v), v)
-            ops = sorted((ev for ev in prof.key_averages() if ev.key.startswith("aten::")),
+            ops = sorted((ev for ev in prof.key_averages() if ev.key.startswith(OP_NAMESPACES)),
                          key=lambda ev: -ev.self_cpu_time_total)[:top]
             top_ops.setdefault(side.name, {ev.key: round(ev.self_cpu_time_total / 1e6, 3) for ev in ops})
     return out, top_ops

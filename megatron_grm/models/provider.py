@@ -7,6 +7,7 @@ family decides only what differs (Gemma-2 brings its own modules), the rest is s
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from megatron_grm.models.config import ModelConfig
 from megatron_grm.models.precision import PrecisionConfig
 from megatron_grm.parallel.distributed import ParallelLayout
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +130,26 @@ def layer_spec(cfg: ModelConfig, use_te: bool):
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = sdpa_core_attention_class()
     if cpu_swiglu(cfg):
+        from megatron_grm.models.rms_norm import RMSNorm
         from megatron_grm.models.swiglu import SwiGLU
 
         spec.submodules.mlp.submodules.activation_func = SwiGLU
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def decoder_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
+    """What GPTModel builds its decoder from: :func:`layer_spec`, or where that spec's norms are
+    :class:`~megatron_grm.models.rms_norm.RMSNorm` (CPU, Llama/Qwen2) the block's submodules, so that the
+    final norm is one too (Megatron builds it from its own default otherwise)."""
+    spec = layer_spec(cfg, use_te)
+    if use_te or not cpu_swiglu(cfg):
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_grm.models.rms_norm import RMSNorm
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def build_model(
@@ -167,7 +187,7 @@ def build_model(
         model_cls = gemma2.model_class(cfg)
     model = model_cls(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, use_te),
+        transformer_layer_spec=decoder_spec(cfg, use_te, config),
         vocab_size=vocab_size or padded_vocab_size(cfg.vocab_size, layout.tensor_parallel),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -373,6 +373,48 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def swiglu_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to :func:`swiglu`'s input ``x`` ``[..., 2f]`` (gate and up halves side by
+    side) of ``grad`` ``[..., f]`` on its output, in one pass (``csrc/elementwise.cpp``)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C++ SwiGLU unavailable: {_unavailable_reason()}")
+    x = _cpu_input(x, "input")
+    grad = _cpu_input(grad, "gradient", x.dtype)
+    f = x.shape[-1] // 2
+    if x.shape[-1] != 2 * f or f == 0 or grad.shape != (*x.shape[:-1], f):
+        raise ValueError(f"gradient {tuple(grad.shape)} does not fit a SwiGLU input {tuple(x.shape)}")
+    dx = torch.empty_like(x)
+    rows = x.numel() // (2 * f)
+    if rows and _entry(lib, "mgrm_swiglu_backward", x.dtype)(torch.get_num_threads(), x.data_ptr(), grad.data_ptr(),
+                                                              rows, f, dx.data_ptr()) != 0:
+        raise RuntimeError(f"mgrm_swiglu_backward rejected an input {tuple(x.shape)}")
+    return dx
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`rms_norm` with respect to ``x`` (``x``'s dtype) and ``weight`` (fp32, summed over
+    the rows) for ``grad`` on its output, in two passes over each row (``csrc/elementwise.cpp``)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"C++ RMSNorm unavailable: {_unavailable_reason()}")
+    x = _cpu_input(x, "input")
+    weight = _cpu_input(weight, "weight", x.dtype)
+    grad = _cpu_input(grad, "gradient", x.dtype)
+    dim = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != dim or grad.shape != x.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} or gradient {tuple(grad.shape)} does not fit an input "
+                         f"{tuple(x.shape)}")
+    dx, dw = torch.empty_like(x), torch.zeros(dim)
+    rows = x.numel() // dim if dim else 0
+    if rows and _entry(lib, "mgrm_rms_norm_backward", x.dtype)(
+            torch.get_num_threads(), x.data_ptr(), weight.data_ptr(), grad.data_ptr(), rows, dim, eps, dx.data_ptr(),
+            dw.data_ptr()) != 0:
+        raise RuntimeError(f"mgrm_rms_norm_backward rejected an input {tuple(x.shape)}")
+    return dx, dw
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """RoPE in one pass: ``x`` ``[b, s, h, d]`` in fp32 or bf16 (any strides, contiguous channels) with its
     first ``2 * half`` channels per head rotated by ``cos``/``sin`` ``[1 or b, s, 1, half]`` (``x``'s dtype),
@@ -530,6 +572,11 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
                                                            ptr, i64]
         getattr(lib, "mgrm_swiglu" + suffix).restype = ctypes.c_int
         getattr(lib, "mgrm_swiglu" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64]
+        getattr(lib, "mgrm_swiglu_backward" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_swiglu_backward" + suffix).argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ptr]
+        getattr(lib, "mgrm_rms_norm_backward" + suffix).restype = ctypes.c_int
+        getattr(lib, "mgrm_rms_norm_backward" + suffix).argtypes = [ctypes.c_int, ptr, ptr, ptr, i64, i64,
+                                                                    ctypes.c_float, ptr, ptr]
         getattr(lib, "mgrm_rotary" + suffix).restype = ctypes.c_int
         getattr(lib, "mgrm_rotary" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64,
                                                          ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, i64, i64, i64]

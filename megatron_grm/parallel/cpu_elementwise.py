@@ -67,7 +67,7 @@ def _swiglu_forward(activation: SwiGLU, stats: ElementwiseStats) -> Callable[[to
 def _kernel_norm(module: torch.nn.Module) -> bool:
     """torch's RMSNorm (Megatron's local spec builds it without apex) over the last dimension with an fp32
     or bf16 weight; other norms (Gemma-2's ``1 + w``, LayerNorm) keep their own forward."""
-    return (type(module) is torch.nn.RMSNorm and len(module.normalized_shape) == 1 and module.weight is not None
+    return (isinstance(module, torch.nn.RMSNorm) and len(module.normalized_shape) == 1 and module.weight is not None
             and module.weight.dtype in cpu_decode_kernel.ELEMENTWISE_DTYPES and module.weight.device.type == "cpu")
 
 

@@ -1,5 +1,6 @@
-// A rollout's RMSNorm, SwiGLU and RoPE on the CPU, each one pass over its rows; and each decode step's
-// greedy token and log-sum-exp.
+// A rollout's RMSNorm, SwiGLU and RoPE on the CPU, each one pass over its rows; each decode step's greedy
+// token and log-sum-exp; and for CPU training the backward passes of RMSNorm and SwiGLU
+// (parallel/elementwise_autograd.py).
 //
 // torch computes RMSNorm as five elementwise ops (square, mean, add eps, rsqrt, two products), SwiGLU as
 // silu then a product and RoPE as six ops and two concatenations, each allocating its output: inside a
@@ -19,6 +20,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernel_math.h"
 
@@ -103,6 +108,81 @@ int swiglu(int threads, const T* x, int64_t rows, int64_t f, int64_t ldx, T* y, 
   return 0;
 }
 
+// The gradient of y = silu(gate) * up (mgrm_swiglu) for fc1's output x = [gate | up]: with s = sigmoid(gate),
+// d gate = g * up * s * (1 + gate * (1 - s)) and d up = g * gate * s, both halves written side by side as
+// x is laid out, in one pass over x and g (fp32, rounded once to T). torch's autograd needs silu(gate) saved
+// from the forward, a product, silu_backward and a second product, each a pass over ffn-sized tensors.
+template <typename T>
+int swiglu_backward(int threads, const T* x, const T* g, int64_t rows, int64_t f, int64_t ldx, int64_t ldg, T* dx,
+                    int64_t lddx) {
+  using mgrm::to_float;
+  if (rows < 0 || f <= 0 || ldx < 2 * f || ldg < f || lddx < 2 * f) return 1;
+#pragma omp parallel for num_threads(threads) if (rows * f >= kParallelElements) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gate = x + r * ldx;
+    const T* __restrict up = gate + f;
+    const T* __restrict grad = g + r * ldg;
+    T* __restrict dgate = dx + r * lddx;
+    T* __restrict dup = dgate + f;
+    for (int64_t j = 0; j < f; ++j) {
+      const float a = to_float(gate[j]), u = to_float(up[j]), gj = to_float(grad[j]);
+      const float e = mgrm::exp_nonpositive(a >= 0.0f ? -a : a);  // sigmoid(a) from exp(-|a|)
+      const float s = a >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+      mgrm::narrow(gj * u * s * (1.0f + a * (1.0f - s)), dgate + j);
+      mgrm::narrow(gj * a * s, dup + j);
+    }
+  }
+  return 0;
+}
+
+// The gradient of y = x * rsqrt(mean(x^2) + eps) * w (mgrm_rms_norm) per row of `dim`, with r that rsqrt
+// and the row's dot = sum(g * w * x): dx = r * g * w - x * r^3 * dot / dim (rounded once to T), and
+// dw += g * x * r summed over the rows in fp32 (each thread its share of rows, then the threads' sums
+// in thread order: the same sum for the same thread count). Two passes over a row, the second hot in L1.
+template <typename T>
+int rms_norm_backward(int threads, const T* x, const T* weight, const T* g, int64_t rows, int64_t dim, float eps,
+                      T* dx, float* dw) {
+  using mgrm::to_float;
+  if (rows < 0 || dim <= 0 || threads < 1) return 1;
+  const int used = rows * dim >= kParallelElements ? threads : 1;
+  std::vector<float> partial(static_cast<size_t>(used) * dim, 0.0f);
+  std::vector<float> w(dim);
+  for (int64_t k = 0; k < dim; ++k) w[k] = to_float(weight[k]);
+#pragma omp parallel num_threads(used)
+  {
+#ifdef _OPENMP
+    float* __restrict mine = partial.data() + static_cast<int64_t>(omp_get_thread_num()) * dim;
+#else
+    float* __restrict mine = partial.data();
+#endif
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict in = x + r * dim;
+      const T* __restrict grad = g + r * dim;
+      T* __restrict out = dx + r * dim;
+      float squares = 0.0f, dot = 0.0f;
+      for (int64_t k = 0; k < dim; ++k) {
+        const float xk = to_float(in[k]);
+        squares += xk * xk;
+        dot += to_float(grad[k]) * w[k] * xk;
+      }
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
+      const float along = scale * scale * scale * dot / static_cast<float>(dim);
+      for (int64_t k = 0; k < dim; ++k) {
+        const float xk = to_float(in[k]), gk = to_float(grad[k]);
+        mgrm::narrow(scale * gk * w[k] - xk * along, out + k);
+        mine[k] += gk * xk * scale;
+      }
+    }
+  }
+  for (int64_t k = 0; k < dim; ++k) {
+    float sum = 0.0f;
+    for (int t = 0; t < used; ++t) sum += partial[static_cast<size_t>(t) * dim + k];
+    dw[k] = sum;
+  }
+  return 0;
+}
+
 template <typename T>
 int rotary(int threads, const T* x, int64_t B, int64_t S, int64_t H, int64_t D, int64_t xs0, int64_t xs1,
            int64_t xs2, const T* cos, const T* sin, int64_t cs0, int64_t cs1, int64_t half, int interleaved, T* y,
@@ -174,6 +254,24 @@ int mgrm_swiglu(int threads, const float* x, int64_t rows, int64_t f, int64_t ld
 int mgrm_swiglu_bf16(int threads, const uint16_t* x, int64_t rows, int64_t f, int64_t ldx, uint16_t* y,
                      int64_t ldy) {
   return swiglu(threads, x, rows, f, ldx, y, ldy);
+}
+
+// Training's backward passes of the two above, rows contiguous (`dim` / 2f elements apart): dx in the
+// input's layout, dw (fp32, `dim` elements) the weight's gradient summed over the rows.
+int mgrm_swiglu_backward(int threads, const float* x, const float* g, int64_t rows, int64_t f, float* dx) {
+  return swiglu_backward(threads, x, g, rows, f, 2 * f, f, dx, 2 * f);
+}
+int mgrm_swiglu_backward_bf16(int threads, const uint16_t* x, const uint16_t* g, int64_t rows, int64_t f,
+                              uint16_t* dx) {
+  return swiglu_backward(threads, x, g, rows, f, 2 * f, f, dx, 2 * f);
+}
+int mgrm_rms_norm_backward(int threads, const float* x, const float* weight, const float* g, int64_t rows,
+                           int64_t dim, float eps, float* dx, float* dw) {
+  return rms_norm_backward(threads, x, weight, g, rows, dim, eps, dx, dw);
+}
+int mgrm_rms_norm_backward_bf16(int threads, const uint16_t* x, const uint16_t* weight, const uint16_t* g,
+                                int64_t rows, int64_t dim, float eps, uint16_t* dx, float* dw) {
+  return rms_norm_backward(threads, x, weight, g, rows, dim, eps, dx, dw);
 }
 
 // RoPE: each head's first 2 * half channels of x [B, S, H, D] (strides xs0..xs2 in elements, channels
