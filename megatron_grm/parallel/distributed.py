@@ -109,13 +109,21 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
         from megatron_grm.parallel.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
-    from megatron_grm.parallel import host_memory, multi_tensor, onednn_training, torch_adam_resume, wgrad_gemm
+    from megatron_grm.parallel import (
+        elementwise_autograd,
+        host_memory,
+        multi_tensor,
+        onednn_training,
+        torch_adam_resume,
+        wgrad_gemm,
+    )
 
     torch_adam_resume.install()
     host_memory.keep_freed_host_memory(cuda)
     multi_tensor.install()
     wgrad_gemm.install(cuda)
     onednn_training.install(cuda)
+    elementwise_autograd.install_rope(cuda)
     if env.world_size % layout.model_parallel != 0:
         raise ValueError(
             f"world size {env.world_size} is not divisible by TP*CP*PP = {layout.tensor_parallel}*"

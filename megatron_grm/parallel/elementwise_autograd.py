@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU for CPU training: the C++ passes (``csrc/elementwise.cpp``) forward and backward.
+"""RMSNorm, SwiGLU and RoPE for CPU training: the C++ passes (``csrc/elementwise.cpp``) forward and backward.
 
 torch differentiates an fp32 RMSNorm through its five elementwise ops (square, mean, add eps, rsqrt, two
 products), about ten passes over the activations forward and backward, and SwiGLU through silu, two
@@ -13,15 +13,28 @@ Same math as torch in fp32 (the sums' order and exp's last bits differ: relative
 a norm whose weight's dtype differs from its input's (the local spec's fp32 norm weights in a bf16
 model), or a machine without the kernels' library (no C++ compiler, or ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``)
 take torch's ops: :func:`takes` decides.
+
+RoPE: Megatron's ``_apply_rotary_pos_emb_bshd`` computes cos and sin of the whole angle table in every call
+(each layer's queries and keys), rotates half the channels through a ``cat`` and ends in another ``cat``,
+and autograd differentiates all of it (~0.11 s of an RFT-shaped step on that Xeon, 60 of its ``cat`` calls among them).
+:func:`install_rope` puts :class:`KernelRoPE` in its place on the CPU: the rotation in one pass, the
+backward the rotation by the opposite angle, cos and sin once per angle table. The same products and sums as
+Megatron's ops, so its results are Megatron's to the bit (the kernel rounds each product before the sum, as
+torch does); anything else (another dtype or device, multi-latent attention, an angle table whose two
+halves differ) keeps Megatron's function.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from megatron_grm.parallel import cpu_decode_kernel
+
+log = logging.getLogger(__name__)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
@@ -61,3 +74,81 @@ class KernelRMSNorm(torch.autograd.Function):
         grad_x, grad_weight = cpu_decode_kernel.rms_norm_backward(x, weight, grad, ctx.eps)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None, None)
+
+
+class KernelRoPE(torch.autograd.Function):
+    """RoPE of Megatron's ``[s, b, heads, d]`` tensor by ``cos``/``sin`` ``[1, s, 1, half]`` (its dtype): the
+    first ``2 * half`` channels of each head rotated, the rest passed through; the backward rotates the
+    gradient back (``sin`` negated: a rotation's transpose)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return cpu_decode_kernel.rotary(t.transpose(0, 1), cos, sin, interleaved).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        back = cpu_decode_kernel.rotary(grad.transpose(0, 1), cos, -sin, ctx.interleaved).transpose(0, 1)
+        return back, None, None, None
+
+
+# The last angle table's cos/sin: every layer's queries and keys in one forward share Megatron's table.
+_last_angles: tuple[torch.Tensor, int, torch.dtype, float, bool, torch.Tensor, torch.Tensor] | None = None
+
+
+def _angles(freqs: torch.Tensor, dtype: torch.dtype, mscale: float,
+            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos/sin ``[1, s, 1, half]`` for Megatron's angle table ``freqs`` ``[s, 1, 1, 2 half]`` as its bshd path
+    computes them (``(cos(freqs) * mscale).to(dtype)``), where the table repeats each angle for the two
+    channels it rotates (halves, or neighbours when interleaved); None otherwise."""
+    global _last_angles
+    version = -1 if freqs.is_inference() else freqs._version
+    last = _last_angles
+    if (last is not None and last[0] is freqs and last[1] == version and last[2] is dtype and last[3] == mscale
+            and last[4] == interleaved):
+        return last[5], last[6]
+    s, rot = freqs.shape[0], freqs.shape[-1]
+    if interleaved:
+        first, second = freqs[..., 0::2], freqs[..., 1::2]
+    else:
+        first, second = freqs[..., :rot // 2], freqs[..., rot // 2:]
+    if not torch.equal(first, second):
+        return None
+    angles = first.reshape(1, s, 1, rot // 2)
+    cos, sin = (torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype)
+    _last_angles = (freqs, version, dtype, mscale, interleaved, cos, sin)
+    return cos, sin
+
+
+def _kernel_rope(megatrons: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def apply(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False,
+              multi_latent_attention: bool = False, mscale: float = 1.0) -> torch.Tensor:
+        if (not multi_latent_attention and takes(t) and t.dim() == 4 and t.stride(-1) == 1 and freqs.dim() == 4
+                and freqs.shape[0] == t.shape[0] and freqs.shape[1] == freqs.shape[2] == 1
+                and freqs.shape[-1] % 2 == 0 and 0 < freqs.shape[-1] <= t.shape[-1] and not freqs.requires_grad
+                and freqs.device.type == "cpu"):
+            angles = _angles(freqs, t.dtype, mscale, rotary_interleaved)
+            if angles is not None:
+                return KernelRoPE.apply(t, *angles, rotary_interleaved)
+        return megatrons(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+
+    apply.megatrons = megatrons
+    return apply
+
+
+def install_rope(cuda: bool) -> bool:
+    """On the CPU, make Megatron's bshd RoPE (``rope_utils._apply_rotary_pos_emb_bshd``) take
+    :class:`KernelRoPE` where it applies; returns whether it does. Idempotent; logs when it installs."""
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    if cuda or not cpu_decode_kernel.available(torch.float32):
+        return False
+    if not hasattr(rope_utils._apply_rotary_pos_emb_bshd, "megatrons"):
+        rope_utils._apply_rotary_pos_emb_bshd = _kernel_rope(rope_utils._apply_rotary_pos_emb_bshd)
+        log.info("RoPE, RMSNorm and SwiGLU: C++ passes forward and backward on the CPU "
+                 "(parallel/elementwise_autograd.py)")
+    return True

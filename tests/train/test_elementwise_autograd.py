@@ -1,7 +1,8 @@
-"""CPU training's RMSNorm and SwiGLU on the C++ passes, forward and backward (parallel/elementwise_autograd.py,
-csrc/elementwise.cpp's backward passes, models/rms_norm.py): the gradients against float64 autograd on shapes
-on and off the vector width, one thread and two; torch's ops where the passes do not apply; and a model
-built for training with every norm on them and the same loss and gradients as torch's ops give."""
+"""CPU training's RMSNorm, SwiGLU and RoPE on the C++ passes, forward and backward
+(parallel/elementwise_autograd.py, csrc/elementwise.cpp's backward passes, models/rms_norm.py): the gradients
+against float64 autograd on shapes on and off the vector width, one thread and two; RoPE against Megatron's
+own function to the bit; torch's ops where the passes do not apply; and a model built for training with
+every norm on them and the same loss and gradients as torch's ops give."""
 
 from __future__ import annotations
 
@@ -168,9 +169,66 @@ def test_without_the_library_training_runs_torchs_ops(monkeypatch):
     assert _grad_fn(RMSNorm(SimpleNamespace(normalization="RMSNorm"), 16)(x)) != "KernelRMSNormBackward"
 
 
+def _megatrons_rope():
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    function = rope_utils._apply_rotary_pos_emb_bshd
+    return getattr(function, "megatrons", function)  # installed already where this process ran init_parallel
+
+
+def _angle_table(s: int, rot: int, interleaved: bool, seed: int) -> torch.Tensor:
+    """Megatron's RotaryEmbedding layout: each angle for the two channels it rotates."""
+    f = torch.rand(s, 1, 1, rot // 2, generator=torch.Generator().manual_seed(seed)) * 20
+    return torch.stack((f, f), dim=-1).view(s, 1, 1, rot) if interleaved else torch.cat((f, f), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot", [64, 32])  # every channel, or half of them passed through
+def test_rope_equals_megatrons_to_the_bit_forward_and_backward(dtype, interleaved, rot, threads):
+    """Queries as Megatron hands them over: a strided view of the fused QKV projection's output."""
+    megatrons = _megatrons_rope()
+    ours = elementwise_autograd._kernel_rope(megatrons)
+    s, b, heads, d = 40, 3, 4, 64
+    g = torch.Generator().manual_seed(rot + interleaved)
+    mixed = (torch.randn(s, b, 3 * heads * d, generator=g) * 2).to(dtype)
+    freqs = _angle_table(s, rot, interleaved, seed=rot)
+    grad = torch.randn(s, b, heads, d, generator=g).to(dtype)
+    results = []
+    for function in (megatrons, ours):
+        x = mixed.clone().requires_grad_(True)
+        query = x.view(s, b, 3, heads, d)[:, :, 0]
+        y = function(query, freqs, interleaved)
+        y.backward(grad)
+        results.append((y, x.grad, type(y.grad_fn).__name__))
+    (want, want_grad, _), (got, got_grad, kind) = results
+    assert kind == "KernelRoPEBackward"
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
+def test_rope_keeps_megatrons_function_where_the_kernel_does_not_apply():
+    megatrons = _megatrons_rope()
+    ours = elementwise_autograd._kernel_rope(megatrons)
+    x = torch.randn(8, 2, 2, 16, requires_grad=True)
+    freqs = _angle_table(8, 16, False, seed=1)
+    distinct = torch.rand(8, 1, 1, 16)  # halves that differ: not a table the kernel's half-width angles describe
+    cases = {
+        "distinct halves": (x, distinct, {}),
+        "multi-latent attention": (x, freqs, {"multi_latent_attention": True}),
+        "float64": (x.double(), freqs.double(), {}),
+    }
+    for name, (t, f, extra) in cases.items():
+        got = ours(t, f, False, **extra)
+        assert type(got.grad_fn).__name__ != "KernelRoPEBackward", name
+        want = megatrons(t, f, False, **extra)
+        assert torch.equal(got, want), name
+    assert type(ours(x, freqs, False).grad_fn).__name__ == "KernelRoPEBackward"
+
+
 _MODEL = """
 import json
 import torch
+import megatron.core.models.common.embeddings.rope_utils as rope_utils
 from megatron_grm.models.config import ModelConfig
 from megatron_grm.models.precision import PrecisionConfig
 from megatron_grm.models.provider import build_model
@@ -199,6 +257,7 @@ torch_loss, plain = loss_and_grads()
 elementwise_autograd.takes = takes
 print(json.dumps({
     "norms": norms, "ours": [n for n, m in model.named_modules() if type(m) is RMSNorm],
+    "rope_installed": hasattr(rope_utils._apply_rotary_pos_emb_bshd, "megatrons"),
     "fused_loss": fused_loss, "torch_loss": torch_loss,
     "grad_error": max(((fused[n] - plain[n]).abs().max() / plain[n].abs().max().clamp(min=1e-12)).item()
                       for n in plain),
@@ -209,9 +268,11 @@ print(json.dumps({
 
 def test_a_cpu_training_model_has_every_norm_on_the_kernels_and_torchs_gradients():
     """build_model's local spec on the CPU: the layers' two norms and the final one are ours (Megatron
-    builds the final norm from its own default unless the block's spec names it), and a training step's
-    loss and every parameter's gradient agree with torch's ops on the same model."""
+    builds the final norm from its own default unless the block's spec names it), init_parallel put RoPE
+    on the kernel, and a training step's loss and every parameter's gradient agree with torch's ops on the
+    same model."""
     report = python_json(_MODEL)
+    assert report["rope_installed"]
     assert report["norms"] == report["ours"] and len(report["norms"]) == 2 * 2 + 1
     assert "decoder.final_layernorm" in report["ours"]
     assert abs(report["fused_loss"] - report["torch_loss"]) < 1e-5
