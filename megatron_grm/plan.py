@@ -94,8 +94,8 @@ class Kernels:
     ``norm_bytes``: one RMSNorm (None = the activation dtype: TE keeps its input; the torch norm of the
     local spec keeps two fp32 tensors, 8 bytes). ``glu_tensors``: ffn-sized tensors the MLP activation
     keeps besides fc2's input (Megatron's unfused SwiGLU: fc1 output (2) + silu output + the offset-added
-    linear half = 4; the local spec's CPU SwiGLU, ``models/swiglu.py``: fc1 output + silu output = 3;
-    fused: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
+    linear half = 4; the local spec's SwiGLU on torch's ops, ``models/swiglu.py``: fc1 output + silu output
+    = 3; fused, or the CPU's C++ passes: 2; plain GeLU: 1). ``attention``: ``unfused`` (scores materialised),
     ``flash`` (TE fused/flash: no s² term), ``sdpa`` (the local spec's torch SDPA core: like flash, its
     output is the projection's input, plus one additive copy of the batch's mask per micro-batch) or
     ``softcap`` (Gemma-2's unfused core with tanh capping).
@@ -404,8 +404,10 @@ def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernel
     """TE's kernels on a GPU cluster (NGC images carry TE), the local spec's elsewhere; Gemma-2 caps softly.
 
     The MLP's activation follows the model (models/provider.py): on a GPU Llama and Qwen2 take Megatron's
-    fused SwiGLU (2 ffn-sized tensors), on the CPU the local spec's SwiGLU (3); Gemma-2's tanh-GELU GLU is
-    Megatron's unfused one on every device (fc1 output, GELU output, the offset-added linear half: 4).
+    fused SwiGLU (2 ffn-sized tensors); on the CPU their norms and SwiGLU run the C++ passes
+    (``parallel/elementwise_autograd.py``), which keep only their inputs (a norm its input in the activation
+    dtype, SwiGLU fc1's output: 2); Gemma-2's tanh-GELU GLU is Megatron's unfused one on every device (fc1
+    output, GELU output, the offset-added linear half: 4), its norms the local spec's torch ones.
     """
     name = settings.kernels if settings.kernels != "auto" else ("te" if run.cluster.gpu else "local")
     k = TE if name == "te" else LOCAL
@@ -413,6 +415,8 @@ def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernel
         k = dataclasses.replace(k, attention="softcap", glu_tensors=4.0)
     elif run.cluster.gpu:
         k = dataclasses.replace(k, glu_tensors=2.0)
+    elif name == "local":
+        k = dataclasses.replace(k, norm_bytes=None, glu_tensors=2.0)
     return name, k
 
 

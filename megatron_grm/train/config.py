@@ -47,6 +47,7 @@ class TrainerSettings:
     exit_after_steps: int | None = None  # stop (with a checkpoint) after this many steps of this process
     loss_tokens_only: bool = True  # output layer + cross-entropy only where the loss reads (parallel/loss_positions.py)
     lazy_grad_zeroing: bool = True  # GEMMs overwrite main_grad instead of a zeroed buffer (parallel/grad_zeroing.py)
+    cpu_elementwise_kernels: bool = True  # CPU: RMSNorm/SwiGLU/RoPE on C++ passes (parallel/elementwise_autograd.py)
 
 
 @dataclass

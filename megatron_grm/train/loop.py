@@ -24,6 +24,7 @@ import torch
 
 from megatron_grm.models.config import check_checkpoint_model
 from megatron_grm.models.provider import build_model
+from megatron_grm.parallel import elementwise_autograd
 from megatron_grm.parallel.device import device, to_device
 from megatron_grm.parallel.distributed import true_on_any_rank
 from megatron_grm.parallel.fused_adam import use_fused_adam
@@ -183,6 +184,7 @@ class Trainer:
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
         self.grad_zeroing = GradZeroing(self.model, enabled=t.lazy_grad_zeroing)  # through zero_grad_buffer
+        elementwise_autograd.enable(t.cpu_elementwise_kernels)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

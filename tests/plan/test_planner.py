@@ -245,17 +245,21 @@ def test_rollouts_are_planned_without_sequence_parallelism():
     assert plan.worst.rollout_working == pytest.approx(unsplit) and unsplit > split
 
 
-@pytest.mark.parametrize(("family", "cluster", "glu"), [("llama", "local_cpu", 3.0), ("llama", "h200_1gpu", 2.0),
-                                                        ("gemma2", "local_cpu", 4.0), ("gemma2", "a100_16node", 4.0)])
-def test_the_mlp_keeps_what_its_activation_kernel_keeps(family, cluster, glu):
-    # CPU SwiGLU (models/swiglu.py): 3 ffn-sized tensors; Megatron's fused SwiGLU on a GPU: 2; Gemma-2's
-    # unfused tanh-GELU GLU: 4 everywhere (measured on a tiny Gemma-2 by a review: one ffn tensor per layer
-    # more than the local spec's 3).
+@pytest.mark.parametrize(("family", "cluster", "glu", "norm"), [
+    ("llama", "local_cpu", 2.0, None), ("llama", "h200_1gpu", 2.0, None),
+    ("gemma2", "local_cpu", 4.0, 8.0), ("gemma2", "a100_16node", 4.0, None)])
+def test_the_mlp_and_norms_keep_what_their_kernels_keep(family, cluster, glu, norm):
+    # The CPU's C++ SwiGLU and RMSNorm (parallel/elementwise_autograd.py): fc1's output (2 ffn-sized
+    # tensors) and the norm's input (the activation dtype: None); on a GPU Megatron's fused SwiGLU (2) and TE's
+    # norms (their input); Gemma-2's unfused tanh-GELU GLU: 4 everywhere (measured on a tiny Gemma-2 by a
+    # review: one ffn tensor per layer more than the local spec's torch SwiGLU's 3), its torch norms two fp32
+    # tensors (8 bytes) on the CPU.
     from megatron_grm.plan import PlanSettings, resolve_kernels
 
     model = {"llama": "tiny", "gemma2": "gemma2_27b"}[family]
     run = RunConfig.from_dict(load_config("sft", [f"model={model}", f"cluster={cluster}"]))
-    assert resolve_kernels(run, PlanSettings())[1].glu_tensors == glu
+    kernels = resolve_kernels(run, PlanSettings())[1]
+    assert (kernels.glu_tensors, kernels.norm_bytes) == (glu, norm)
 
 
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])

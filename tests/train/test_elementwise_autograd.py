@@ -278,3 +278,26 @@ def test_a_cpu_training_model_has_every_norm_on_the_kernels_and_torchs_gradients
     assert abs(report["fused_loss"] - report["torch_loss"]) < 1e-5
     assert report["grad_error"] < 1e-4
     assert len(report["norm_grads"]) == 5
+
+
+def test_the_trainer_switch_turns_the_passes_off_and_on():
+    """``trainer.cpu_elementwise_kernels``: off, torch's and Megatron's ops (the demo's validated round-off
+    path); on by default, except in the demo's configs."""
+    from megatron_grm.stages.common import load_config
+    from megatron_grm.train.config import RunConfig
+
+    x = torch.randn(4, 2, 32, requires_grad=True)
+    norm = RMSNorm(SimpleNamespace(normalization="RMSNorm"), 16)
+    try:
+        elementwise_autograd.enable(False)
+        assert not elementwise_autograd.takes(x)
+        assert _grad_fn(swiglu(x)) == "_SwiGLUBackward"
+        assert _grad_fn(norm(x[..., :16])) != "KernelRMSNormBackward"
+    finally:
+        elementwise_autograd.enable(True)
+    assert _grad_fn(swiglu(x)) == "KernelSwiGLUBackward"
+    switch = {(name, tuple(extra)): RunConfig.from_dict(load_config(name, extra)).trainer.cpu_elementwise_kernels
+              for name, extra in [("sft", []), ("rft", []), ("grpo", []), ("metarm", []), ("bootstrap", []),
+                                  ("rft", ["+experiment=rft_tiny"]), ("grpo", ["+experiment=grpo_tiny"]),
+                                  ("metarm", ["+experiment=metarm_tiny"])]}
+    assert [on for (name, extra), on in switch.items()] == [True] * 4 + [False] * 4, switch

@@ -480,7 +480,7 @@ def main() -> None:
 
     # 1e'. The wave's RMSNorms and SwiGLUs as one C++ pass each (parallel/cpu_elementwise.py) against torch's
     # ops: same tokens, log-probabilities within round-off, every module's forward restored after the wave.
-    norms = [m for m in model.modules() if type(m) is torch.nn.RMSNorm]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]  # the local spec's (models/rms_norm.py)
     out["elementwise"] = {
         "norm_modules": len(norms), "norms": elementwise.norms, "swiglus": elementwise.swiglus,
         "kernel_calls": elementwise.kernel_calls, "module_calls": elementwise.module_calls,
