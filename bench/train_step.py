@@ -258,14 +258,14 @@ CATEGORIES = (  # aten op name fragments -> what they are, checked in order
     ("matmul (GEMM)", ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")),
     ("copies / layout", ("copy_", "aten::cat", "index_select", "clone", "contiguous", "repeat_interleave")),
     ("fills / zeroing", ("fill_", "zero_")),
-    ("norms / SwiGLU (C++ passes)", ("KernelRMSNorm", "KernelSwiGLU")),
+    ("norms / SwiGLU / RoPE (C++ passes)", ("KernelRMSNorm", "KernelSwiGLU", "KernelRoPE")),
     ("collectives (1 rank)", ("gloo", "c10d", "all_reduce", "allreduce", "broadcast", "all_gather", "reduce_scatter")),
 )
 
 
 # Our trainer's forward GEMMs run as oneDNN's op (parallel/onednn_training.py), outside aten's namespace, and
-# on CPU its norms and SwiGLUs as autograd functions calling C++ (parallel/elementwise_autograd.py).
-OP_NAMESPACES = ("aten::", "mkldnn::", "KernelRMSNorm", "KernelSwiGLU")
+# on CPU its norms, SwiGLUs and RoPE as autograd functions calling C++ (parallel/elementwise_autograd.py).
+OP_NAMESPACES = ("aten::", "mkldnn::", "KernelRMSNorm", "KernelSwiGLU", "KernelRoPE")
 
 
 def _category(name: str) -> str:

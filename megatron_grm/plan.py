@@ -406,7 +406,8 @@ def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernel
     The MLP's activation follows the model (models/provider.py): on a GPU Llama and Qwen2 take Megatron's
     fused SwiGLU (2 ffn-sized tensors); on the CPU their norms and SwiGLU run the C++ passes
     (``parallel/elementwise_autograd.py``), which keep only their inputs (a norm its input in the activation
-    dtype, SwiGLU fc1's output: 2); Gemma-2's tanh-GELU GLU is Megatron's unfused one on every device (fc1
+    dtype, SwiGLU fc1's output: 2), unless ``trainer.cpu_elementwise_kernels`` is off (torch's: 8 bytes, 3);
+    Gemma-2's tanh-GELU GLU is Megatron's unfused one on every device (fc1
     output, GELU output, the offset-added linear half: 4), its norms the local spec's torch ones.
     """
     name = settings.kernels if settings.kernels != "auto" else ("te" if run.cluster.gpu else "local")
@@ -415,7 +416,7 @@ def resolve_kernels(run: RunConfig, settings: PlanSettings) -> tuple[str, Kernel
         k = dataclasses.replace(k, attention="softcap", glu_tensors=4.0)
     elif run.cluster.gpu:
         k = dataclasses.replace(k, glu_tensors=2.0)
-    elif name == "local":
+    elif name == "local" and run.trainer.cpu_elementwise_kernels:
         k = dataclasses.replace(k, norm_bytes=None, glu_tensors=2.0)
     return name, k
 

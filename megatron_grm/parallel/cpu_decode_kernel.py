@@ -1,7 +1,9 @@
 """The CPU rollout's attention and GEMMs as C++ loops (``csrc/``), built on first use with the machine's C++ compiler
 and loaded with ctypes: a decode step's attention over the KV cache (``decode_attention.cpp``), a
 prefill's causal attention row by row (``prefill_attention.cpp``); the rollout's fp32 GEMMs
-(``linear.cpp``) and, on CPUs with AMX, a bf16 decode step's (``amx_linear.cpp``).
+(``linear.cpp``) and, on CPUs with AMX, a bf16 decode step's (``amx_linear.cpp``). The elementwise passes
+(``elementwise.cpp``: RMSNorm, SwiGLU, RoPE) serve rollouts (``parallel/cpu_elementwise.py``) and, with
+their backward passes, CPU training (``parallel/elementwise_autograd.py``).
 
 At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and torch's kernels read it at
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at

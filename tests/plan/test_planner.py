@@ -260,6 +260,11 @@ def test_the_mlp_and_norms_keep_what_their_kernels_keep(family, cluster, glu, no
     run = RunConfig.from_dict(load_config("sft", [f"model={model}", f"cluster={cluster}"]))
     kernels = resolve_kernels(run, PlanSettings())[1]
     assert (kernels.glu_tensors, kernels.norm_bytes) == (glu, norm)
+    if cluster == "local_cpu" and family == "llama":  # the passes switched off: torch's ops keep more
+        off = RunConfig.from_dict(load_config("sft", [f"model={model}", f"cluster={cluster}",
+                                                      "trainer.cpu_elementwise_kernels=false"]))
+        kernels = resolve_kernels(off, PlanSettings())[1]
+        assert (kernels.glu_tensors, kernels.norm_bytes) == (3.0, 8.0)
 
 
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
