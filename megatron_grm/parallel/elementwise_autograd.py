@@ -95,35 +95,39 @@ class KernelRoPE(torch.autograd.Function):
     gradient back (``sin`` negated: a rotation's transpose)."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
+    def forward(ctx: Any, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, minus_sin: torch.Tensor,
+                interleaved: bool) -> torch.Tensor:
+        ctx.save_for_backward(cos, minus_sin)
         ctx.interleaved = interleaved
         return cpu_decode_kernel.rotary(t.transpose(0, 1), cos, sin, interleaved).transpose(0, 1)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        cos, sin = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        cos, minus_sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        back = cpu_decode_kernel.rotary(grad.transpose(0, 1), cos, -sin, ctx.interleaved).transpose(0, 1)
-        return back, None, None, None
+        back = cpu_decode_kernel.rotary(grad.transpose(0, 1), cos, minus_sin, ctx.interleaved).transpose(0, 1)
+        return back, None, None, None, None
 
 
-# The last angle table's cos/sin: every layer's queries and keys in one forward share Megatron's table.
-_last_angles: tuple[torch.Tensor, int, torch.dtype, float, bool, torch.Tensor, torch.Tensor] | None = None
+# The last angle table's key and cos/sin/-sin: every layer's queries and keys in one forward share Megatron's
+# table. The key holds whether inference mode was on: a table computed in a rollout's inference mode (Megatron
+# caches its RoPE table per length, so a training step of the same length gets the same one) cannot be saved
+# for a backward.
+_last_angles: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _angles(freqs: torch.Tensor, dtype: torch.dtype, mscale: float,
-            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cos/sin ``[1, s, 1, half]`` for Megatron's angle table ``freqs`` ``[s, 1, 1, 2 half]`` as its bshd path
-    computes them (``(cos(freqs) * mscale).to(dtype)``), where the table repeats each angle for the two
-    channels it rotates (halves, or neighbours when interleaved); None otherwise."""
+            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """cos, sin and -sin ``[1, s, 1, half]`` for Megatron's angle table ``freqs`` ``[s, 1, 1, 2 half]`` as its
+    bshd path computes them (``(cos(freqs) * mscale).to(dtype)``), where the table repeats each angle for the
+    two channels it rotates (halves, or neighbours when interleaved); None otherwise."""
     global _last_angles
-    version = -1 if freqs.is_inference() else freqs._version
+    key = (-1 if freqs.is_inference() else freqs._version, dtype, mscale, interleaved,
+           torch.is_inference_mode_enabled())
     last = _last_angles
-    if (last is not None and last[0] is freqs and last[1] == version and last[2] is dtype and last[3] == mscale
-            and last[4] == interleaved):
-        return last[5], last[6]
+    if last is not None and last[0][0] is freqs and last[0][1:] == key:
+        return last[1]
     s, rot = freqs.shape[0], freqs.shape[-1]
     if interleaved:
         first, second = freqs[..., 0::2], freqs[..., 1::2]
@@ -133,8 +137,9 @@ def _angles(freqs: torch.Tensor, dtype: torch.dtype, mscale: float,
         return None
     angles = first.reshape(1, s, 1, rot // 2)
     cos, sin = (torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype)
-    _last_angles = (freqs, version, dtype, mscale, interleaved, cos, sin)
-    return cos, sin
+    tables = (cos, sin, -sin)
+    _last_angles = ((freqs, *key), tables)
+    return tables
 
 
 def _kernel_rope(megatrons: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -206,6 +206,23 @@ def test_rope_equals_megatrons_to_the_bit_forward_and_backward(dtype, interleave
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
 
 
+def test_rope_trains_after_a_rollout_used_the_same_angle_table_in_inference_mode():
+    """Megatron caches its RoPE table per length: a GRPO step can meet the table a rollout's inference-mode
+    forward rotated with, and cos/sin made in inference mode cannot be saved for a backward."""
+    megatrons = _megatrons_rope()
+    ours = elementwise_autograd._kernel_rope(megatrons)
+    freqs = _angle_table(8, 16, False, seed=2)
+    with torch.inference_mode():
+        ours(torch.randn(8, 2, 2, 16), freqs, False)
+    x = torch.randn(8, 2, 2, 16, requires_grad=True)
+    y = ours(x, freqs, False)
+    assert type(y.grad_fn).__name__ == "KernelRoPEBackward"
+    y.sum().backward()
+    want = x.detach().clone().requires_grad_(True)
+    megatrons(want, freqs, False).sum().backward()
+    assert torch.equal(x.grad, want.grad)
+
+
 def test_rope_keeps_megatrons_function_where_the_kernel_does_not_apply():
     megatrons = _megatrons_rope()
     ours = elementwise_autograd._kernel_rope(megatrons)
