@@ -530,6 +530,11 @@ def _build_error() -> str | None:
             os.unlink(tmp)
 
 
+def unavailable_reason() -> str:
+    """Why the kernels' library cannot be used here (the compiler's or the loader's error), for a log line."""
+    return _unavailable_reason()
+
+
 def _unavailable_reason() -> str:
     return _build_error() or _load_error() or "unknown"
 

@@ -41,13 +41,20 @@ log = logging.getLogger(__name__)
 _enabled = True
 
 
-def enable(on: bool) -> None:
+def enable(on: bool, device: torch.device | None = None) -> None:
     """Switch the passes on or off for this process (``trainer.cpu_elementwise_kernels``): off, a run takes
-    the round-off path of torch's ops, e.g. to reproduce a run trained before they existed."""
+    the round-off path of torch's ops, e.g. to reproduce a run trained before they existed. On a CPU
+    ``device`` it logs which path the training ops take (and why, where the kernels cannot be built)."""
     global _enabled
-    if on != _enabled:
-        log.info("RMSNorm, SwiGLU and RoPE in training: %s", "C++ passes" if on else "torch's and Megatron's ops")
     _enabled = on
+    if device is not None and device.type == "cpu":
+        if not on:
+            path = "torch's and Megatron's ops (trainer.cpu_elementwise_kernels=false)"
+        elif cpu_decode_kernel.available(torch.float32):
+            path = "C++ passes forward and backward (parallel/elementwise_autograd.py)"
+        else:
+            path = f"torch's and Megatron's ops (no C++ kernels: {cpu_decode_kernel.unavailable_reason()})"
+        log.info("RMSNorm, SwiGLU and RoPE in training: %s", path)
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
@@ -167,6 +174,5 @@ def install_rope(cuda: bool) -> bool:
         return False
     if not hasattr(rope_utils._apply_rotary_pos_emb_bshd, "megatrons"):
         rope_utils._apply_rotary_pos_emb_bshd = _kernel_rope(rope_utils._apply_rotary_pos_emb_bshd)
-        log.info("RoPE, RMSNorm and SwiGLU: C++ passes forward and backward on the CPU "
-                 "(parallel/elementwise_autograd.py)")
+        log.debug("Megatron's bshd RoPE wrapped: the C++ pass where the passes are switched on")
     return True

@@ -184,7 +184,7 @@ class Trainer:
         )
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=raw)
         self.grad_zeroing = GradZeroing(self.model, enabled=t.lazy_grad_zeroing)  # through zero_grad_buffer
-        elementwise_autograd.enable(t.cpu_elementwise_kernels)
+        elementwise_autograd.enable(t.cpu_elementwise_kernels, device())
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

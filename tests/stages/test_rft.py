@@ -37,6 +37,11 @@ TOO_LONG_ID = "too-long-1"
 INSTRUCTION_BLEND = "[0.75,digit_facts:1024,0.25,digit_facts:256:1]"  # Megatron's --data-path form
 
 
+# The demo's configs keep torch's ops (its bootstrap's lottery, docs/measurements.md); these runs take the
+# C++ passes of RMSNorm, SwiGLU and RoPE, every other stage's default, through sampling, SFT and resume.
+PASSES = "trainer.cpu_elementwise_kernels=true"
+
+
 def rft_args(run_dir: Path, load: str, too_long: str, *extra: str, heldout: int = 0) -> list[str]:
     """A small RFT run: 48 examples in 3 shards of 16 (DP rank 0 samples shards 0 and 2, rank 1 shard 1),
     plus the ``too_long`` file's example, which is left out before sharding. ``data.train`` and
@@ -48,7 +53,7 @@ def rft_args(run_dir: Path, load: str, too_long: str, *extra: str, heldout: int 
             f"data.train=[arithmetic:train:{EXAMPLES},{too_long}]", f"rft.shard_size={SHARD}", *evaluation,
             f"data.instruction={INSTRUCTION_BLEND}",
             "trainer.max_steps=4", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
-            "trainer.log_interval=1", *extra]
+            "trainer.log_interval=1", PASSES, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -214,13 +219,16 @@ def test_resumed_sampling_resamples_only_the_unfinished_shard(rft_run: Path, boo
 
 def test_resumed_rft_sft_continues_exactly(rft_run: Path, bootstrap, tmp_path: Path):
     """A train-only job on the same samples, stopped after 2 of 4 steps and resumed, matches the
-    uninterrupted run that sampled in-process: same losses, same padding accounting."""
+    uninterrupted run that sampled in-process: same losses, same padding accounting. Both train on the C++
+    passes (``PASSES``), as their logs say."""
+    assert "RMSNorm, SwiGLU and RoPE in training: C++ passes" in (rft_run / "stage_output.txt").read_text()
     run_dir = tmp_path / "run"
     args = rft_args(run_dir, bootstrap["checkpoint"], bootstrap["too_long"], "rft.phase=train",
                     f"rft.samples_dir={rft_run / 'samples'}")
     torchrun(RFT, 2, [*args, "trainer.exit_after_steps=2"], timeout=900)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
-    torchrun(RFT, 2, args, timeout=900)
+    proc = torchrun(RFT, 2, args, timeout=900)
+    assert "RMSNorm, SwiGLU and RoPE in training: C++ passes" in proc.stdout + proc.stderr
 
     resumed, reference = scalars(run_dir, "train/loss"), scalars(rft_run, "train/loss")
     assert sorted(resumed) == [1, 2, 3, 4]

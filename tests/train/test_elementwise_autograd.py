@@ -6,6 +6,7 @@ every norm on them and the same loss and gradients as torch's ops give."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -297,22 +298,31 @@ def test_a_cpu_training_model_has_every_norm_on_the_kernels_and_torchs_gradients
     assert len(report["norm_grads"]) == 5
 
 
-def test_the_trainer_switch_turns_the_passes_off_and_on():
+def test_the_trainer_switch_turns_the_passes_off_and_on(caplog):
     """``trainer.cpu_elementwise_kernels``: off, torch's and Megatron's ops (the demo's validated round-off
-    path); on by default, except in the demo's configs."""
+    path); on by default, except in the demo's configs. A CPU trainer's log says which path runs."""
     from megatron_grm.stages.common import load_config
     from megatron_grm.train.config import RunConfig
 
     x = torch.randn(4, 2, 32, requires_grad=True)
     norm = RMSNorm(SimpleNamespace(normalization="RMSNorm"), 16)
+    cpu = torch.device("cpu")
+    caplog.set_level(logging.INFO, logger=elementwise_autograd.__name__)
     try:
-        elementwise_autograd.enable(False)
+        elementwise_autograd.enable(False, cpu)
         assert not elementwise_autograd.takes(x)
         assert _grad_fn(swiglu(x)) == "_SwiGLUBackward"
         assert _grad_fn(norm(x[..., :16])) != "KernelRMSNormBackward"
+        assert caplog.messages[-1] == ("RMSNorm, SwiGLU and RoPE in training: torch's and Megatron's ops "
+                                       "(trainer.cpu_elementwise_kernels=false)")
     finally:
-        elementwise_autograd.enable(True)
+        elementwise_autograd.enable(True, cpu)
+    assert caplog.messages[-1] == ("RMSNorm, SwiGLU and RoPE in training: C++ passes forward and backward "
+                                   "(parallel/elementwise_autograd.py)")
     assert _grad_fn(swiglu(x)) == "KernelSwiGLUBackward"
+    logged = len(caplog.messages)
+    elementwise_autograd.enable(True, torch.device("meta"))  # not a CPU trainer: nothing to say
+    assert len(caplog.messages) == logged
     switch = {(name, tuple(extra)): RunConfig.from_dict(load_config(name, extra)).trainer.cpu_elementwise_kernels
               for name, extra in [("sft", []), ("rft", []), ("grpo", []), ("metarm", []), ("bootstrap", []),
                                   ("rft", ["+experiment=rft_tiny"]), ("grpo", ["+experiment=grpo_tiny"]),
