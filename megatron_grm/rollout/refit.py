@@ -54,7 +54,7 @@ def build_inference_model(cfg: ModelConfig, precision: PrecisionConfig, tensor_p
     """
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_grm.models.provider import layer_spec, params_to_dtype, transformer_config
+    from megatron_grm.models.provider import decoder_spec, params_to_dtype, transformer_config
     from megatron_grm.parallel.device import device, use_te_spec
 
     if cfg.family not in ("llama", "qwen2"):
@@ -62,10 +62,10 @@ def build_inference_model(cfg: ModelConfig, precision: PrecisionConfig, tensor_p
             f"model.family={cfg.family!r}: a separate rollout layout needs the family's model class to accept "
             "a pg_collection; only llama and qwen2 (Megatron's GPTModel) are wired here"
         )
-    layout = ParallelLayout(tensor_parallel=tensor_parallel)
+    config = transformer_config(cfg, ParallelLayout(tensor_parallel=tensor_parallel), precision)
     model = GPTModel(
-        config=transformer_config(cfg, layout, precision),
-        transformer_layer_spec=layer_spec(cfg, use_te_spec()),
+        config=config,
+        transformer_layer_spec=decoder_spec(cfg, use_te_spec(), config),  # the training model's norms, final too
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=True,

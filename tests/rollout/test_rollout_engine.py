@@ -461,6 +461,12 @@ def test_a_bf16_rollout_copy_holds_every_weight_in_bf16(tp2):
     assert tp2["refit_bf16_dtypes"] == ["torch.bfloat16"]
 
 
+def test_a_rollout_copy_builds_the_training_models_norms(tp2):
+    """The copy is built from the same decoder spec: on the CPU every norm, the final one too, is ours."""
+    classes = tp2["norm_classes"]
+    assert classes["rollout copy"] == classes["training"] == ["megatron_grm.models.rms_norm.RMSNorm"], classes
+
+
 def test_a_bf16_copy_rolls_out_on_the_cpu_through_the_16bit_decode_kernel(tp1):
     """A bf16 rollout copy, refit from the fp32 training weights: every decode step of every layer takes a
     decode kernel that reads the bf16 cache in place (the C++ one, or torch's fused one without a compiler),

@@ -638,6 +638,9 @@ def main() -> None:
         bf16_copy = build_inference_model(run.model, PrecisionConfig("bf16"), tensor_parallel=1,
                                           vocab_size=model.vocab_size)
         out["refit_bf16_dtypes"] = sorted({str(p.dtype) for p in bf16_copy.parameters()})
+        out["norm_classes"] = {name: sorted({f"{type(m).__module__}.{type(m).__name__}" for m in copy.modules()
+                                             if "norm" in type(m).__name__.lower()})
+                               for name, copy in (("training", model), ("rollout copy", rollout_model))}
         del bf16_copy
         r = refit_engine.generate(prompts, sampling=greedy)
         out["refit_before"] = {"tokens": [s.token_ids for s in r],
