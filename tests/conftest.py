@@ -45,6 +45,18 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 300
     return proc
 
 
+def passes_log_line() -> str:
+    """What a CPU trainer with ``trainer.cpu_elementwise_kernels=true`` logs here: the C++ passes, or, where
+    the kernels cannot be built (no C++ compiler), the start of the fallback's line."""
+    import torch
+
+    from megatron_grm.parallel import cpu_decode_kernel
+
+    if cpu_decode_kernel.available(torch.float32):
+        return "RMSNorm, SwiGLU and RoPE in training: C++ passes"
+    return "RMSNorm, SwiGLU and RoPE in training: torch's and Megatron's ops (no C++ kernels"
+
+
 def one_gpu_env() -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for a one-GPU child: the first GPU this process may use (the caller's mapping,
     e.g. a shared node's scheduler giving this job GPU 3), else GPU 0 - never another job's device."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grm.train.logger import read_scalars
-from tests.conftest import REPO, REPO_PYTHONPATH
+from tests.conftest import REPO, REPO_PYTHONPATH, passes_log_line
 
 
 def _stage(module: str, nproc: int, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -117,7 +117,7 @@ def test_grpo_resume_continues_exactly(base_ckpt, straight_run, tmp_path):
     resumed = _stage("grpo", 2, [*common, f"trainer.run_dir={split}"])
     # Both trained on the C++ passes (``PASSES``).
     for output in ((straight / "stage_output.txt").read_text(), resumed.stdout + resumed.stderr):
-        assert "RMSNorm, SwiGLU and RoPE in training: C++ passes" in output
+        assert passes_log_line() in output
     # Same rollouts after the restart (sampled lengths, rewards) and the same updates (loss, KL, entropy).
     for tag in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/rollout/reward_mean",
                 "train/rollout/response_length", "train/rollout/unparseable_fraction"):
