@@ -85,7 +85,7 @@ def describe() -> str:
         prefill = f"and prefill attention kernels, {simd}" if _prefill_built() else \
             "attention kernel (prefill attention: torch's SDPA, the kernels were built without AVX-512 or AVX2)"
         return f"C++ decode {prefill} ({_library_path()})"
-    return f"torch decode attention (C++ kernel unavailable: {_unavailable_reason()})"
+    return f"torch decode attention (C++ kernel unavailable: {unavailable_reason()})"
 
 
 def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, end: int,
@@ -98,7 +98,7 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
     ``[B, G, R, 1]``, ``[B, G, R, D]``."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ decode attention kernel unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ decode attention kernel unavailable: {unavailable_reason()}")
     b, g, r, d = queries.shape
     if keys.dtype != values.dtype or not available(keys.dtype):
         raise ValueError(f"keys/values of dtype {keys.dtype}/{values.dtype}: the kernel here reads "
@@ -160,7 +160,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     s, b, h_q, d = query.shape
     h_kv = key.shape[2]
     if lib is None or not prefill_available(query.dtype, d):
-        why = (_unavailable_reason() if lib is None
+        why = (unavailable_reason() if lib is None
                else f"needs AVX-512 or AVX2 and heads of {PREFILL_DIMS} channels")
         raise RuntimeError(f"C++ prefill attention unavailable for {query.dtype} heads of {d}: {why}")
     if key.shape != (s, b, h_kv, d) or value.shape != key.shape or h_kv == 0 or h_q % h_kv:
@@ -216,7 +216,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     ``[ceil(out / P), in, P]``, zero-padded past ``out``: the layout :func:`packed_linear` reads."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ GEMM unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ GEMM unavailable: {unavailable_reason()}")
     if weight.dim() != 2 or weight.device.type != "cpu":
         raise ValueError(f"weight {tuple(weight.shape)} on {weight.device}: need a 2-D CPU tensor")
     width = lib.mgrm_linear_panel()
@@ -235,7 +235,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     wrapper took ~14 us a call over the C++ call before session 44, ~5 us since)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ GEMM unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ GEMM unavailable: {unavailable_reason()}")
     panels, inner, width = packed.shape
     if width != lib.linear_panel_width or packed.dtype is not torch.float32 or not packed.is_contiguous():
         raise ValueError(f"packed weight {tuple(packed.shape)} {packed.dtype}: not from pack_linear_weight here")
@@ -302,7 +302,7 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     rounded to bf16 once (as oneDNN's AMX GEMM computes it, up to summation order)."""
     lib = _library()
     if lib is None or not amx_available():
-        raise RuntimeError(f"C++ AMX GEMM unavailable: {_unavailable_reason() if lib is None else 'no AMX here'}")
+        raise RuntimeError(f"C++ AMX GEMM unavailable: {unavailable_reason() if lib is None else 'no AMX here'}")
     blocks, steps = packed.shape[:2]
     inner = x.shape[-1]
     if packed.dtype is not torch.bfloat16 or packed.shape[2:] != (2, 16, 16, 2) or not packed.is_contiguous():
@@ -343,7 +343,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight in the same dtype) in one pass per row (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ RMSNorm unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ RMSNorm unavailable: {unavailable_reason()}")
     x = _cpu_input(x, "input")
     weight = _cpu_input(weight, "weight", x.dtype)
     dim = x.shape[-1]
@@ -362,7 +362,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ SwiGLU unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ SwiGLU unavailable: {unavailable_reason()}")
     x = _cpu_input(x, "input")
     f = x.shape[-1] // 2
     if x.shape[-1] != 2 * f or f == 0:
@@ -380,7 +380,7 @@ def swiglu_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     side) of ``grad`` ``[..., f]`` on its output, in one pass (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ SwiGLU unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ SwiGLU unavailable: {unavailable_reason()}")
     x = _cpu_input(x, "input")
     grad = _cpu_input(grad, "gradient", x.dtype)
     f = x.shape[-1] // 2
@@ -400,7 +400,7 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     the rows) for ``grad`` on its output, in two passes over each row (``csrc/elementwise.cpp``)."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ RMSNorm unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ RMSNorm unavailable: {unavailable_reason()}")
     x = _cpu_input(x, "input")
     weight = _cpu_input(weight, "weight", x.dtype)
     grad = _cpu_input(grad, "gradient", x.dtype)
@@ -424,7 +424,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     products, sums and roundings as ``cpu_decode._rotate``'s torch ops."""
     lib = _library()
     if lib is None:
-        raise RuntimeError(f"C++ RoPE unavailable: {_unavailable_reason()}")
+        raise RuntimeError(f"C++ RoPE unavailable: {unavailable_reason()}")
     if x.dtype not in ELEMENTWISE_DTYPES or not x.is_cpu or x.dim() != 4 or x.stride(-1) != 1:
         raise ValueError(f"input {tuple(x.shape)} {x.dtype} on {x.device}: need fp32 or bf16 CPU [b, s, h, d], "
                          "contiguous channels")
@@ -532,10 +532,6 @@ def _build_error() -> str | None:
 
 def unavailable_reason() -> str:
     """Why the kernels' library cannot be used here (the compiler's or the loader's error), for a log line."""
-    return _unavailable_reason()
-
-
-def _unavailable_reason() -> str:
     return _build_error() or _load_error() or "unknown"
 
 

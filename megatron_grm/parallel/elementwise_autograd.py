@@ -118,9 +118,9 @@ class KernelRoPE(torch.autograd.Function):
 
 
 # The last angle table's key and cos/sin/-sin: every layer's queries and keys in one forward share Megatron's
-# table. The key holds whether inference mode was on: a table computed in a rollout's inference mode (Megatron
-# caches its RoPE table per length, so a training step of the same length gets the same one) cannot be saved
-# for a backward.
+# table. The key holds whether inference mode was on: Megatron caches its RoPE table per length, so a training
+# step can meet the table a forward under ``torch.inference_mode()`` used (Megatron's inference engine runs
+# so; the stages' CPU rollouts take their own RoPE), and cos/sin made there cannot be saved for a backward.
 _last_angles: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
