@@ -14,6 +14,10 @@ FAMILIES = ("llama", "qwen2", "gemma2")
 # Settings with no tensor of their own: a checkpoint loads under any value of them, and means only one.
 FUNCTION_FIELDS = ("family", "rotary_base", "norm_epsilon", "tie_word_embeddings", "attn_logit_softcapping",
                    "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window")
+# How attention's weights split into heads. Another split can keep every tensor's shape (4 heads of 32
+# channels and 8 of 16 both make 128, and so do their KV groups), so such a checkpoint loads and computes
+# something else.
+HEAD_LAYOUT_FIELDS = ("num_attention_heads", "num_query_groups", "kv_channels")
 
 
 def check_checkpoint_model(folder: str, cfg: ModelConfig) -> None:
@@ -96,11 +100,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def function_mismatches(self, recorded: dict[str, Any]) -> list[str]:
-        """The settings that change what the model computes without changing any tensor's shape, where
-        ``recorded`` (the ``model`` a checkpoint's metadata holds) says otherwise: loading those weights
-        under this config would run them with another RoPE base, norm epsilon, soft cap or window."""
+        """The settings that change what the model computes without necessarily changing a tensor's shape,
+        where ``recorded`` (the ``model`` a checkpoint's metadata holds) says otherwise: loading those
+        weights under this config would run them with another RoPE base, norm epsilon, soft cap, window or
+        split into heads."""
         return [f"model.{name}: the checkpoint has {recorded[name]!r}, this run {getattr(self, name)!r}"
-                for name in FUNCTION_FIELDS if name in recorded and recorded[name] != getattr(self, name)]
+                for name in FUNCTION_FIELDS + HEAD_LAYOUT_FIELDS
+                if name in recorded and recorded[name] != getattr(self, name)]
 
     def num_parameters(self, padded_vocab: int | None = None) -> int:
         """Exact parameter count of the built model (used by the planner and MFU)."""

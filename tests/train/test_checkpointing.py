@@ -201,6 +201,32 @@ def test_a_checkpoint_saved_for_other_function_only_settings_is_refused(tmp_path
     check_checkpoint_model(str(tmp_path), other)
 
 
+def test_a_checkpoint_saved_with_another_split_into_heads_is_refused(tmp_path):
+    """The demo's tiny GRM (hidden 128, 4 heads of 32) and the same model with 8 heads of 16 have tensors
+    of one shape each, so without this check the weights would load and attend over other heads."""
+    from megatron_grm.models.config import ModelConfig, check_checkpoint_model
+    from megatron_grm.train.checkpoint import MODEL_CONFIG
+
+    saved = ModelConfig(hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=4)
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({"model": saved.to_dict()}))
+    check_checkpoint_model(str(tmp_path), ModelConfig(hidden_size=128, ffn_hidden_size=512,
+                                                      num_attention_heads=4))  # MHA spelled without groups
+    other = ModelConfig(hidden_size=128, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=8)
+    assert other.num_parameters() == saved.num_parameters()
+    with pytest.raises(ValueError, match=r"model.num_attention_heads: the checkpoint has 4, this run 8\n"
+                                         r"  model.num_query_groups: the checkpoint has 4, this run 8\n"
+                                         r"  model.kv_channels: the checkpoint has 32, this run 16"):
+        check_checkpoint_model(str(tmp_path), other)
+    # GQA: 8 query heads of 16 over 2 KV groups, and 4 of 32 over 1, again one shape per tensor.
+    saved = ModelConfig(hidden_size=128, ffn_hidden_size=512, num_attention_heads=8, num_query_groups=2)
+    (tmp_path / MODEL_CONFIG).write_text(json.dumps({"model": saved.to_dict()}))
+    other = ModelConfig(hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=1)
+    assert other.num_parameters() == saved.num_parameters()
+    with pytest.raises(ValueError, match=r"model.num_attention_heads: the checkpoint has 8, this run 4\n"
+                                         r"  model.num_query_groups: the checkpoint has 2, this run 1\n"):
+        check_checkpoint_model(str(tmp_path), other)
+
+
 def test_a_resave_of_the_same_step_killed_midway_leaves_a_complete_checkpoint(tmp_path):
     """A signal right after a periodic save, or a conversion re-run into its folder, saves a step that
     exists. The old folder used to be deleted before the new one was written: a kill in that window left
