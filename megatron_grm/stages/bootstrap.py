@@ -33,7 +33,7 @@ from megatron_grm.parallel.device import use_te_spec
 from megatron_grm.parallel.distributed import is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import build_prompt
-from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.common import CONF_DIR, prepare_run, prompt_record, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
 from megatron_grm.stages.rft import (
     LengthBucketedProducer,
@@ -101,7 +101,8 @@ def train_bootstrap(cfg: Any) -> Trainer:
         raise ValueError("bootstrap.pack=true needs attention that reads Megatron's mask (the local spec's SDPA "
                          "core); Transformer Engine's causal kernels would let packed samples see each other: "
                          "set bootstrap.pack=false")
-    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "bootstrap"})
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "bootstrap",
+                                     "prompt": prompt_record(settings.variant, settings.chat)})
     producer = LengthBucketedProducer(samples, t.global_batch_size, t.micro_batch_size, t.seq_length,
                                       tokenizer.pad_id, t.seed, pad_multiple_for(run, settings.pad_multiple),
                                       uniform_length=run.parallel.pipeline_parallel > 1, pack=settings.pack)

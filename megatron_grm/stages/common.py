@@ -107,6 +107,34 @@ def _recorded_tokenizer(run: RunConfig) -> str | None:
     return str(found) if found is not None else recorded
 
 
+def prompt_record(template: str, chat: bool) -> dict[str, Any]:
+    """The ``prompt`` entry a stage that trains on GRM prompts writes into its checkpoints' metadata."""
+    return {"template": template, "chat": chat}
+
+
+def prompt_template_mismatch(load: str | None, template: str, chat: bool, names: tuple[str, str]) -> str | None:
+    """Why GRM prompts built in ``template`` (with or without chat formatting) are not the ones the checkpoint
+    ``load`` names was trained on, or None: no checkpoint, one that records no template (a Hugging Face
+    conversion, an SFT, one written before templates were recorded) or the same one. ``names`` are this
+    stage's two settings, which the message tells the user to set."""
+    from megatron_grm.models.hf_convert import resolve_checkpoint
+    from megatron_grm.train.checkpoint import read_metadata
+
+    if not load:
+        return None
+    try:
+        folder, _ = resolve_checkpoint(load)
+    except FileNotFoundError:
+        return None  # not a checkpoint (yet): the stage's own load reports it
+    recorded = read_metadata(str(folder)).get("prompt")
+    if not isinstance(recorded, dict) or (recorded.get("template"), recorded.get("chat")) == (template, chat):
+        return None
+    theirs, their_chat = recorded.get("template"), recorded.get("chat")
+    return (f"{folder} was trained on GRM prompts in template {theirs!r} with chat={their_chat}; this run "
+            f"builds them in {template!r} with chat={chat}, which it never saw: set {names[0]}={theirs} "
+            f"{names[1]}={str(their_chat).lower()}")
+
+
 def check_run_dir_matches_launcher(run_dir: str) -> None:
     """Under slurm/*.sh the batch script made, logs to and marks ``$GRM_RUN_DIR``; a ``trainer.run_dir`` that
     Hydra resolves elsewhere (an interpolation, quotes, another working directory) would put checkpoints

@@ -65,7 +65,7 @@ from megatron_grm.spct import (
     vote,
     voted_scores,
 )
-from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.common import CONF_DIR, prepare_run, prompt_template_mismatch, run_stage, tokenizer_name
 from megatron_grm.stages.eval_compare import OUTCOMES_FILE
 from megatron_grm.train.signals import exit_for_requeue, stop_request
 
@@ -675,6 +675,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """Sample what is missing → meta-score → vote → score → tables and plot; returns the results."""
     run = prepare_run(cfg, training=False)
     s = EvalSettings.from_dict(run.extra.get("eval", {}))
+    mismatch = prompt_template_mismatch(run.trainer.load, s.variant, s.chat, ("eval.variant", "eval.chat"))
+    if mismatch:  # its judgments would measure the template, not the model
+        raise ValueError(mismatch)
     run_dir = run.trainer.run_dir
     tokenizer_id = tokenizer_name(run)
     tokenizer = load_tokenizer(tokenizer_id)

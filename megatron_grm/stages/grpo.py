@@ -40,7 +40,14 @@ from megatron_grm.rollout.judgments import (
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import rule_reward
 from megatron_grm.spct.grpo import group_advantages
-from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.common import (
+    CONF_DIR,
+    prepare_run,
+    prompt_record,
+    prompt_template_mismatch,
+    run_stage,
+    tokenizer_name,
+)
 from megatron_grm.stages.reward_validation import RewardValidation
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Batch, Trainer, forward_logprobs
@@ -430,7 +437,7 @@ def train_grpo(cfg: Any) -> Trainer:
     examples = load_examples(data["train"], on_error=data.get("bad_records", "fail"), seed=run.trainer.seed)
     examples = fitting_examples(examples, tokenizer, s, run.trainer.seq_length)
     trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "grpo",
-                                     "grpo": dataclasses.asdict(s)})
+                                     "grpo": dataclasses.asdict(s), "prompt": prompt_record(s.template, s.chat)})
     from megatron_grm.rollout.engine import RolloutEngine
 
     engine = RolloutEngine(trainer.model, tokenizer, max_tokens_in_flight=s.max_tokens_in_flight,
@@ -438,6 +445,9 @@ def train_grpo(cfg: Any) -> Trainer:
     # The reference is the *starting* policy: the loaded checkpoint (or, for tests, the seeded initial
     # weights). On a resumed run the policy weights are then replaced by the run's own latest checkpoint.
     start = kl_reference_folder(run.trainer.load, trainer.ckpt_root)
+    mismatch = prompt_template_mismatch(start, s.template, s.chat, ("grpo.template", "grpo.chat"))
+    if mismatch:  # training on a new template can be meant; its first rollouts read unseen prompts
+        log.warning("%s (unless training on a new template is the point)", mismatch)
     if start:
         trainer.metadata["kl_reference"] = start
         trainer.load_weights(start)

@@ -47,7 +47,14 @@ from megatron_grm.rollout.judgments import (
     split_by_prompt_room,
 )
 from megatron_grm.rollout.sampling import SamplingConfig
-from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.common import (
+    CONF_DIR,
+    prepare_run,
+    prompt_record,
+    prompt_template_mismatch,
+    run_stage,
+    tokenizer_name,
+)
 from megatron_grm.stages.heldout import heldout_accuracy
 from megatron_grm.stages.sft import SupervisedObjective, read_sft_samples
 from megatron_grm.train import checkpoint as ckpt
@@ -532,7 +539,11 @@ def train_rft(cfg: Any) -> Trainer:
     tokenizer = load_tokenizer(tokenizer_id)
     samples_dir = settings.samples_dir or os.path.join(t.run_dir, "samples")
     load = starting_checkpoint(t.load, settings.phase)
-    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "rft"})
+    mismatch = prompt_template_mismatch(load, settings.variant, settings.chat, ("rft.variant", "rft.chat"))
+    if mismatch:  # training on a new template can be meant; sampling in it starts from unseen prompts
+        log.warning("%s (unless training on a new template is the point)", mismatch)
+    trainer = Trainer(run, metadata={"tokenizer": tokenizer_id, "stage": "rft",
+                                     "prompt": prompt_record(settings.variant, settings.chat)})
     fresh = ckpt.latest_checkpoint(trainer.ckpt_root) is None
     if load:
         trainer.load_weights(load)  # the policy that samples, and where SFT starts

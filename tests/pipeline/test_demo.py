@@ -81,6 +81,14 @@ def test_the_demo_draws_the_three_models_against_k(pipeline):
         assert read_scaling(pipeline.run_dir / f"eval_{model.lower()}")["Greedy"] == accuracy(pipeline, model)
 
 
+def test_each_stage_records_the_prompt_template_it_trained_on(pipeline):
+    """What evaluation checks a GRM against (``stages.common.prompt_template_mismatch``): the demo trains and
+    evaluates on the compact template without chat formatting, so its checkpoints must say so."""
+    for stage in ("bootstrap", "rft", "grpo"):
+        recorded = read_json(pipeline.checkpoint(stage) / "model_config.json").get("prompt")
+        assert recorded == {"template": "compact", "chat": False}, stage
+
+
 def readme_snippet() -> str:
     """The README's "score an example with the exported model" code block."""
     text = (REPO / "README.md").read_text()

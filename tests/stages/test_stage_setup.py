@@ -123,3 +123,42 @@ def test_evaluation_does_not_check_the_global_batch_it_never_reads():
     with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by micro_batch_size"):
         validate(run, world_size=16)
     validate(run, world_size=16, training=False)
+
+
+def _trained_on(root, template: str, chat: bool):
+    """A checkpoint root whose iteration records the GRM prompt template it was trained on."""
+    folder = root / "iter_0000010"
+    folder.mkdir(parents=True)
+    (folder / "model_config.json").write_text(json.dumps({"model": {}, "tokenizer": "char",
+                                                          "prompt": {"template": template, "chat": chat}}))
+    (root / "latest").write_text("iter_0000010")
+    return root
+
+
+def test_a_prompt_template_other_than_the_checkpoints_is_named_with_the_settings_to_set(tmp_path):
+    from megatron_grm.stages.common import prompt_template_mismatch
+
+    root = _trained_on(tmp_path / "rft", "compact", False)
+    names = ("eval.variant", "eval.chat")
+    assert prompt_template_mismatch(str(root), "compact", False, names) is None
+    assert prompt_template_mismatch(str(root / "iter_0000010"), "compact", False, names) is None
+    assert prompt_template_mismatch(None, "default", True, names) is None
+    assert prompt_template_mismatch(str(_checkpoint_root(tmp_path / "hf", "char")), "default", True, names) is None
+    for template, chat in (("default", False), ("compact", True)):
+        message = prompt_template_mismatch(str(root), template, chat, names)
+        assert message == (f"{root / 'iter_0000010'} was trained on GRM prompts in template 'compact' with "
+                           f"chat=False; this run builds them in {template!r} with chat={chat}, which it never "
+                           "saw: set eval.variant=compact eval.chat=false")
+
+
+def test_evaluation_refuses_a_grm_trained_on_another_prompt_template(tmp_path):
+    from tests.conftest import REPO, torchrun
+
+    root = _trained_on(tmp_path / "grpo", "compact", False)
+    proc = torchrun(REPO / "megatron_grm" / "stages" / "evaluate.py", 1,
+                    ["+experiment=eval_tiny", "model=tiny_grm", f"trainer.load={root}", "eval.variant=default",
+                     "eval.chat=true", f"trainer.run_dir={tmp_path / 'eval'}"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert ("was trained on GRM prompts in template 'compact' with chat=False; this run builds them in 'default' "
+            "with chat=True, which it never saw: set eval.variant=compact eval.chat=false") in proc.stdout + proc.stderr
+    assert not list((tmp_path / "eval").glob("samples*.jsonl"))
