@@ -151,14 +151,36 @@ def test_a_prompt_template_other_than_the_checkpoints_is_named_with_the_settings
                            "saw: set eval.variant=compact eval.chat=false")
 
 
-def test_evaluation_refuses_a_grm_trained_on_another_prompt_template(tmp_path):
-    from tests.conftest import REPO, torchrun
+def test_a_grm_trained_with_chat_formatting_is_refused_by_evaluation_without_and_rft_grpo_warn(tmp_path):
+    """Real stages: a 2-step bootstrap with chat formatting records it; RFT and GRPO in the tiny presets
+    (no chat formatting) start from it with a warning naming what to set, and the evaluation refuses it
+    before sampling anything."""
+    from tests.conftest import REPO, read_json, torchrun
 
-    root = _trained_on(tmp_path / "grpo", "compact", False)
-    proc = torchrun(REPO / "megatron_grm" / "stages" / "evaluate.py", 1,
-                    ["+experiment=eval_tiny", "model=tiny_grm", f"trainer.load={root}", "eval.variant=default",
-                     "eval.chat=true", f"trainer.run_dir={tmp_path / 'eval'}"], timeout=120, check=False)
-    assert proc.returncode != 0
-    assert ("was trained on GRM prompts in template 'compact' with chat=False; this run builds them in 'default' "
-            "with chat=True, which it never saw: set eval.variant=compact eval.chat=false") in proc.stdout + proc.stderr
+    stages = REPO / "megatron_grm" / "stages"
+    boot = tmp_path / "boot"
+    torchrun(stages / "bootstrap.py", 1, [f"trainer.run_dir={boot}", "trainer.max_steps=2", "trainer.save_interval=2",
+                                          "optimizer.warmup_steps=0", "trainer.global_batch_size=4",
+                                          "trainer.micro_batch_size=4", "data.train=arithmetic:train:16",
+                                          "data.instruction=digit_facts:8", "data.heldout=null", "bootstrap.chat=true"])
+    folder = (boot / "checkpoints" / "iter_0000002").resolve()
+    assert read_json(folder / "model_config.json")["prompt"] == {"template": "compact", "chat": True}
+    told = (f"{folder} was trained on GRM prompts in template 'compact' with chat=True; this run builds them in "
+            "'compact' with chat=False, which it never saw: set {}")
+    rft = torchrun(stages / "rft.py", 1, ["+experiment=rft_tiny", f"trainer.run_dir={tmp_path / 'rft'}",
+                                          f"trainer.load={boot / 'checkpoints'}", "rft.phase=sample",
+                                          "data.train=arithmetic:train:4", "data.heldout=null",
+                                          "rft.eval_before=false", "rft.sampling.max_new_tokens=8"])
+    assert told.format("rft.variant=compact rft.chat=true (unless") in rft.stdout + rft.stderr
+    grpo = torchrun(stages / "grpo.py", 1, ["+experiment=grpo_tiny", f"trainer.run_dir={tmp_path / 'grpo'}",
+                                            f"trainer.load={boot / 'checkpoints'}", "trainer.max_steps=1",
+                                            "optimizer.warmup_steps=0", "trainer.global_batch_size=8",
+                                            "trainer.micro_batch_size=8", "data.train=arithmetic:train:8",
+                                            "data.val=null", "grpo.max_new_tokens=8"])
+    assert told.format("grpo.template=compact grpo.chat=true (unless") in grpo.stdout + grpo.stderr
+    evaluation = torchrun(stages / "evaluate.py", 1, ["+experiment=eval_tiny", "model=tiny_grm",
+                                                      f"trainer.load={folder}", f"trainer.run_dir={tmp_path / 'eval'}"],
+                          check=False)
+    assert evaluation.returncode != 0
+    assert told.format("eval.variant=compact eval.chat=true\n") in evaluation.stdout + evaluation.stderr + "\n"
     assert not list((tmp_path / "eval").glob("samples*.jsonl"))
