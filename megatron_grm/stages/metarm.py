@@ -43,7 +43,7 @@ from megatron_grm.models.provider import build_model
 from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, is_rank0
 from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import is_correct, roc_auc
-from megatron_grm.stages.common import CONF_DIR, prepare_run, run_stage, tokenizer_name
+from megatron_grm.stages.common import CONF_DIR, prepare_run, prompt_template_mismatch, run_stage, tokenizer_name
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Batch, Trainer
 from megatron_grm.train.losses import LossOutput, binary_cross_entropy
@@ -332,6 +332,11 @@ def train_metarm(cfg: Any) -> Trainer:
     if not t.load and not mc.random_backbone:
         raise ValueError("trainer.load is not set: the MetaRM's backbone is the trained GRM (an RFT/GRPO checkpoint "
                          "folder); metarm.random_backbone=true starts from random weights (tests only)")
+    if (run.extra.get("data") or {}).get("train"):  # fresh judgments: what the GRM writes in its own template
+        mismatch = prompt_template_mismatch(t.load, mc.fresh.variant, mc.fresh.chat,
+                                            ("metarm.fresh.variant", "metarm.fresh.chat"))
+        if mismatch:  # the MetaRM would learn to rate judgments the GRM never writes at inference
+            raise ValueError(mismatch)
     model = build_model(run.model, run.parallel, run.precision, t.recompute, wgrad_fusion=True)  # for the Trainer
     resuming = ckpt.latest_checkpoint(os.path.join(t.run_dir, "checkpoints")) is not None
     if t.load and not resuming:  # the GRM's weights (its checkpoint has no head: load before attaching)

@@ -153,8 +153,8 @@ def test_a_prompt_template_other_than_the_checkpoints_is_named_with_the_settings
 
 def test_a_grm_trained_with_chat_formatting_is_refused_by_evaluation_without_and_rft_grpo_warn(tmp_path):
     """Real stages: a 2-step bootstrap with chat formatting records it; RFT and GRPO in the tiny presets
-    (no chat formatting) start from it with a warning naming what to set, and the evaluation refuses it
-    before sampling anything."""
+    (no chat formatting) start from it with a warning naming what to set, and the evaluation and the MetaRM's
+    fresh sampling refuse it before sampling anything."""
     from tests.conftest import REPO, read_json, torchrun
 
     stages = REPO / "megatron_grm" / "stages"
@@ -184,3 +184,8 @@ def test_a_grm_trained_with_chat_formatting_is_refused_by_evaluation_without_and
     assert evaluation.returncode != 0
     assert told.format("eval.variant=compact eval.chat=true\n") in evaluation.stdout + evaluation.stderr + "\n"
     assert not list((tmp_path / "eval").glob("samples*.jsonl"))
+    metarm = torchrun(stages / "metarm.py", 1, ["+experiment=metarm_tiny", "model=tiny_grm", f"trainer.load={folder}",
+                                                f"trainer.run_dir={tmp_path / 'metarm'}", "data.samples=null",
+                                                "data.train=arithmetic:train:4"], check=False)
+    assert metarm.returncode != 0  # its fresh judgments would not be what the GRM writes at inference
+    assert told.format("metarm.fresh.variant=compact metarm.fresh.chat=true\n") in metarm.stdout + metarm.stderr + "\n"
