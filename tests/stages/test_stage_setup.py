@@ -151,7 +151,7 @@ def test_a_prompt_template_other_than_the_checkpoints_is_named_with_the_settings
                            "saw: set eval.variant=compact eval.chat=false")
 
 
-def test_a_grm_trained_with_chat_formatting_is_refused_by_evaluation_without_and_rft_grpo_warn(tmp_path):
+def test_the_stages_check_a_grms_prompt_template_against_the_one_they_build(tmp_path):
     """Real stages: a 2-step bootstrap with chat formatting records it; RFT and GRPO in the tiny presets
     (no chat formatting) start from it with a warning naming what to set, and the evaluation and the MetaRM's
     fresh sampling refuse it before sampling anything."""
