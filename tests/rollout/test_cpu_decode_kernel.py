@@ -50,12 +50,12 @@ def _reference(queries, keys, values, start, end, mask, scale):
 
 @needs_compiler
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
-@pytest.mark.parametrize("dim,rep", [(32, 1), (32, 3), (64, 2), (64, 4), (64, 5), (128, 1), (128, 3), (128, 7),
-                                     (24, 3)])
+@pytest.mark.parametrize("dim,rep", [(16, 2), (32, 1), (32, 3), (64, 2), (64, 4), (64, 5), (128, 1), (128, 3),
+                                     (128, 7), (24, 3)])
 @pytest.mark.parametrize("span", [(0, 200), (70, 131), (63, 65), (9, 9)])
 def test_kernel_matches_float64_attention(dtype, tol, dim, rep, span):
-    """Blocks of 64 positions with ragged ends, the channel counts compiled for (32, 64 and 128; 24 takes the
-    generic loop) with the query heads in register tiles 4 at a time (AVX2 and AVX-512; 5 and 7: two
+    """Blocks of 64 positions with ragged ends, the channel counts compiled for (16, 32, 64 and 128; 24 takes
+    the generic loop) with the query heads in register tiles 4 at a time (AVX2 and AVX-512; 5 and 7: two
     groups), masks that hide a whole row's block and a whole row, and scores large enough to
     overflow a softmax without its maximum subtracted. Tolerances are relative to float64 on the cache's
     own (rounded) values, so 16-bit caches are held to fp32 arithmetic."""

@@ -5,7 +5,7 @@
 // block by block, so each key and value is read from memory once and used while it is in L1. torch's
 // batched matmuls do the same work in three passes over the cache (scores, softmax, weighted sum) and read
 // it at ~17-19 GB/s on the project's 2-core AMD EPYC; this loop is bound by the memory instead (see
-// megatron_grm/parallel/cpu_decode_kernel.py for the measurements). For heads of 32, 64 or 128 channels,
+// megatron_grm/parallel/cpu_decode_kernel.py for the measurements). For heads of 16, 32, 64 or 128 channels,
 // attend_tiles scores a few positions at once in AVX2 registers and prefetches the block it reads next, so
 // the reads overlap the arithmetic; AVX-512 builds run it too. On a 2-core AVX-512 Xeon (session 45) it read a
 // step of bench/rollout.py's cache (32 rows of ~1,200 positions, 4 layers) in 10.6 ms against 13.4 for the
@@ -210,12 +210,12 @@ inline void block_group(const float* q, const T* k, const T* v, int64_t k_step, 
                              prefetch && c0 == 0 ? next_count : 0);
 }
 
-// attend() for heads of D (32, 64 or 128) channels and any number of query heads, taken 4 at a time over
-// each block of keys and values while the block is in L1 (at most 16 KB of fp32 keys: 64 positions of 32 or
-// 64 channels, 32 of 128). Heads of 32 (the CPU demo's tiny_grm) took the plain loop until session 51: a
-// decode step of 150 rows of ~400 positions, 4 layers of 4 heads, at 75% of a plain read of the cache
-// (bench/decode_attention.py --rows 150 --positions 400 --kv-heads 4 --rep 1 --dim 32: 14.55 ms), here
-// 9.61 ms.
+// attend() for heads of D (16, 32, 64 or 128) channels and any number of query heads, taken 4 at a time
+// over each block of keys and values while the block is in L1 (at most 16 KB of fp32 keys: 64 positions of
+// up to 64 channels, 32 of 128). Heads of 16 (conf/model/tiny.yaml) and 32 (the CPU demo's tiny_grm) took
+// the plain loop until session 51: a decode step of 150 rows of ~400 positions, 4 layers of 4 heads of 32,
+// at 75% of a plain read of the cache (bench/decode_attention.py --rows 150 --positions 400 --kv-heads 4
+// --rep 1 --dim 32: 14.55 ms), here 9.61 ms.
 template <typename T, int D>
 void attend_tiles(const float* __restrict q, const T* __restrict k, const T* __restrict v, int64_t k_step,
                   int64_t v_step, const float* __restrict mask, int64_t start, int64_t end, int64_t R, float scale,
@@ -249,13 +249,13 @@ void attend_tiles(const float* __restrict q, const T* __restrict k, const T* __r
 }
 #endif  // MGRM_SIMD16
 
-// One (row, group): attend_tiles for heads of 32, 64 or 128 channels with AVX2 or AVX-512, else attend().
+// One (row, group): attend_tiles for heads of 16, 32, 64 or 128 channels with AVX2 or AVX-512, else attend().
 template <typename T, int64_t kDim>
 void attend_any(const float* q, const T* k, const T* v, int64_t k_step, int64_t v_step, const float* mask,
                 int64_t start, int64_t end, int64_t R, int64_t D, float scale, float* scratch, float* max_out,
                 float* sum_out, float* out) {
 #ifdef MGRM_SIMD16
-  if constexpr (kDim == 32 || kDim == 64 || kDim == 128) {
+  if constexpr (kDim == 16 || kDim == 32 || kDim == 64 || kDim == 128) {
     attend_tiles<T, kDim>(q, k, v, k_step, v_step, mask, start, end, R, scale, scratch, max_out, sum_out, out);
     return;
   }
@@ -286,7 +286,10 @@ void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D
         const T* vb = v + b * vs.row + g * vs.group;
         const float* mb = mask ? mask + b * mask_row : nullptr;
         const int64_t first = row_start && row_start[b] > start ? (row_start[b] < end ? row_start[b] : end) : start;
-        if (D == 32) {
+        if (D == 16) {
+          attend_any<T, 16>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
+                        scratch.data(), max_out + query, sum_out + query, out + query * D);
+        } else if (D == 32) {
           attend_any<T, 32>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
                         scratch.data(), max_out + query, sum_out + query, out + query * D);
         } else if (D == 64) {
