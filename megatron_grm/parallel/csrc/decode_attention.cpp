@@ -187,7 +187,8 @@ inline void block_group(const float* q, const T* k, const T* v, int64_t k_step, 
                         int64_t t0, int64_t n, float scale, float* scores, int64_t s_stride, float* top,
                         float* total, float* acc, bool prefetch, int64_t next_count) {
   constexpr int P = R == 1 ? 8 : R == 2 ? 4 : 2;
-  constexpr int CC = (R == 1 ? 8 : R == 2 ? 4 : 2) < D / 8 ? (R == 1 ? 8 : R == 2 ? 4 : 2) : D / 8;
+  constexpr int kMostCC = R == 1 ? 8 : R == 2 ? 4 : 2;
+  constexpr int CC = kMostCC < D / 8 ? kMostCC : D / 8;  // a head of 16 or 32 channels has only 2 or 4 vectors
   constexpr int64_t kRowBytes = D * int64_t(sizeof(T));
   int64_t t = 0;
   for (; t + P <= n; t += P) {
