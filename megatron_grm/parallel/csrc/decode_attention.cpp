@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_math.h"
@@ -250,7 +251,8 @@ void attend_tiles(const float* __restrict q, const T* __restrict k, const T* __r
 }
 #endif  // MGRM_SIMD16
 
-// One (row, group): attend_tiles for heads of 16, 32, 64 or 128 channels with AVX2 or AVX-512, else attend().
+// One (row, group): attend_tiles for heads of 16, 32, 64 or 128 channels with AVX2 or AVX-512, else attend()
+// (kDim 0: a head size known only at run time).
 template <typename T, int64_t kDim>
 void attend_any(const float* q, const T* k, const T* v, int64_t k_step, int64_t v_step, const float* mask,
                 int64_t start, int64_t end, int64_t R, int64_t D, float scale, float* scratch, float* max_out,
@@ -287,21 +289,17 @@ void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D
         const T* vb = v + b * vs.row + g * vs.group;
         const float* mb = mask ? mask + b * mask_row : nullptr;
         const int64_t first = row_start && row_start[b] > start ? (row_start[b] < end ? row_start[b] : end) : start;
-        if (D == 16) {
-          attend_any<T, 16>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
-                        scratch.data(), max_out + query, sum_out + query, out + query * D);
-        } else if (D == 32) {
-          attend_any<T, 32>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
-                        scratch.data(), max_out + query, sum_out + query, out + query * D);
-        } else if (D == 64) {
-          attend_any<T, 64>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
-                        scratch.data(), max_out + query, sum_out + query, out + query * D);
-        } else if (D == 128) {
-          attend_any<T, 128>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
-                         scratch.data(), max_out + query, sum_out + query, out + query * D);
-        } else {
-          attend<T, 0>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R, D, scale,
-                       scratch.data(), max_out + query, sum_out + query, out + query * D);
+        const auto with_dim = [&](auto dim) {  // the head size as a compile-time constant (0: any)
+          attend_any<T, decltype(dim)::value>(q + query * D, kb, vb, ks.position, vs.position, mb, first, end, R,
+                                              D, scale, scratch.data(), max_out + query, sum_out + query,
+                                              out + query * D);
+        };
+        switch (D) {
+          case 16: with_dim(std::integral_constant<int64_t, 16>{}); break;
+          case 32: with_dim(std::integral_constant<int64_t, 32>{}); break;
+          case 64: with_dim(std::integral_constant<int64_t, 64>{}); break;
+          case 128: with_dim(std::integral_constant<int64_t, 128>{}); break;
+          default: with_dim(std::integral_constant<int64_t, 0>{});
         }
       }
     }
