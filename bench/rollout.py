@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import matmul_peak, read_bandwidth, rollout_floor  # noqa: E402
+from roofline import matmul_peak, read_bandwidth, read_probe_name, rollout_floor  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -351,7 +351,7 @@ def main() -> None:
     print(f"load average at start: {load:.1f}, now {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     print(f"roofline (measured in this run, best of before and after the cases): matmul peak {peak / 1e9:.0f} "
           f"GFLOP/s ({'fp32' if args.dtype == 'fp32' else f'the faster of {args.dtype} and fp32'}, the prefill's "
-          f"GEMM shapes), read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"GEMM shapes), read bandwidth {bandwidth / 1e9:.1f} GB/s ({read_probe_name()}); "
           f"floor = the least wall time any engine could take at these rates (bench/roofline.py), HF/floor = "
           f"the largest ours/HF ratio reachable")
     print(f"{'batch':>5}  {'copies':>6}  {'HF cache':>9}  {'HF tok/s':>9}  {'ours tok/s':>10}  {'ours/HF':>7}  "

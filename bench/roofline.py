@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_grm.models.config import ModelConfig
+from megatron_grm.parallel import cpu_decode_kernel
 
 
 def layer_linear_params(m: ModelConfig) -> int:
@@ -123,9 +124,19 @@ def matmul_peak(m: ModelConfig, dtype: torch.dtype, tokens: int = 4096, seconds:
     return best
 
 
+def read_probe_name() -> str:
+    """Which read :func:`read_bandwidth` times here, for the bench's printout."""
+    return "C++ read probe" if cpu_decode_kernel.available(torch.float32) else "torch's sum (no C++ kernels here)"
+
+
 def read_bandwidth(megabytes: int = 1024, seconds: float = 1.0) -> float:
-    """Best-of bytes/s of summing a buffer far larger than the caches: how fast memory can be read. On a
-    shared host this moves with the neighbours' load (34-62 GB/s within minutes on a 2-core EPYC), so the
-    bench takes the best of a probe before and after its cases."""
+    """Best-of bytes/s of reading a buffer far larger than the caches: how fast memory can be read. The read
+    is the C++ probe (``cpu_decode_kernel.read_probe``, several streams a thread) where the kernels build:
+    torch's sum read 25 GB/s on the 2-core AVX-512 Xeon where the decode attention kernel read its cache at
+    28-30 and the probe 32 (session 52), so a floor priced with torch's rate was not a floor. On a shared
+    host the rate moves with the neighbours' load (34-62 GB/s within minutes on a 2-core EPYC), so the bench
+    takes the best of a probe before and after its cases."""
     buffer = torch.rand(megabytes * (1 << 20) // 4, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    if cpu_decode_kernel.available(torch.float32):
+        return _best_rate(lambda: cpu_decode_kernel.read_probe(buffer), buffer.numel() * 4, seconds)
     return _best_rate(buffer.sum, buffer.numel() * 4, seconds)

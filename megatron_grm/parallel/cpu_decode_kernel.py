@@ -3,7 +3,8 @@ and loaded with ctypes: a decode step's attention over the KV cache (``decode_at
 prefill's causal attention row by row (``prefill_attention.cpp``); the rollout's fp32 GEMMs
 (``linear.cpp``) and, on CPUs with AMX, a bf16 decode step's (``amx_linear.cpp``). The elementwise passes
 (``elementwise.cpp``: RMSNorm, SwiGLU, RoPE) serve rollouts (``parallel/cpu_elementwise.py``) and, with
-their backward passes, CPU training (``parallel/elementwise_autograd.py``).
+their backward passes, CPU training (``parallel/elementwise_autograd.py``). ``read_probe.cpp`` reads a buffer
+as fast as the machine allows, for the benches' rooflines (:func:`read_probe`).
 
 At GRM prompt lengths a CPU decode step is mostly the read of the KV cache, and torch's kernels read it at
 well under the memory's rate: the batched matmuls (scores, softmax, weighted values: three passes) at
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp", "elementwise.cpp",
-                             "amx_linear.cpp"))
+                             "amx_linear.cpp", "read_probe.cpp"))
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -463,6 +464,19 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     return argmax, lse
 
 
+def read_probe(buffer: torch.Tensor) -> float | None:
+    """The sum of a contiguous fp32 CPU ``buffer``, read on torch's threads the way that reads memory fastest
+    here (``csrc/read_probe.cpp``): time it over a buffer far larger than the caches for the machine's read
+    rate. None where the library is not built here."""
+    lib = _library()
+    if lib is None:
+        return None
+    if buffer.dtype != torch.float32 or buffer.device.type != "cpu" or not buffer.is_contiguous():
+        raise ValueError(f"read_probe reads a contiguous fp32 CPU tensor, not {buffer.dtype} on {buffer.device} "
+                         f"(contiguous: {buffer.is_contiguous()})")
+    return lib.mgrm_read_probe(torch.get_num_threads(), buffer.data_ptr(), buffer.numel())
+
+
 def _cache_dir() -> Path:
     configured = os.environ.get("MEGATRON_GRM_KERNEL_DIR")
     if configured:
@@ -569,6 +583,8 @@ def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
     lib.mgrm_amx_enable.argtypes = []
     lib.mgrm_amx_linear.restype = ctypes.c_int
     lib.mgrm_amx_linear.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.mgrm_read_probe.restype = ctypes.c_float
+    lib.mgrm_read_probe.argtypes = [ctypes.c_int, ptr, i64]
     for suffix in ("", "_bf16"):
         getattr(lib, "mgrm_rms_norm" + suffix).restype = ctypes.c_int
         getattr(lib, "mgrm_rms_norm" + suffix).argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_float,

@@ -117,6 +117,31 @@ def test_kernel_rejects_what_it_cannot_read():
 
 
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_probe_sums_every_element_once(threads):
+    """The read probe (csrc/read_probe.cpp) splits a buffer into pieces per thread and reads them in turn: its
+    sum is the float64 sum for sizes that leave no remainder, a remainder, or fewer elements than pieces."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 5, 15, 64, 1023, 4096 * 12, 4096 * 12 + 13, (1 << 20) + 7):
+            x = torch.rand(n, generator=torch.Generator().manual_seed(n))
+            got = cpu_decode_kernel.read_probe(x)
+            assert got == pytest.approx(x.double().sum().item(), rel=1e-5, abs=1e-5), n
+            x[-1] += 1000.0  # the last element counts (the remainder after the pieces)
+            assert cpu_decode_kernel.read_probe(x) == pytest.approx(got + 1000.0, rel=1e-5), n
+            x[0] += 1000.0
+            assert cpu_decode_kernel.read_probe(x) == pytest.approx(got + 2000.0, rel=1e-5), n
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_decode_kernel.read_probe(torch.empty(0)) == 0.0
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        cpu_decode_kernel.read_probe(torch.rand(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous: False"):
+        cpu_decode_kernel.read_probe(torch.rand(8, 8).t())
+
+
+@needs_compiler
 def test_kernel_is_built_once_per_machine_into_its_cache(tmp_path, monkeypatch, fresh_probe):
     monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
     assert cpu_decode_kernel.available(torch.float32)
@@ -215,6 +240,7 @@ def test_a_build_for_an_older_x86_cpu_computes_the_same(march, simd, tmp_path, m
         test_kernel_matches_float64_attention(dtype, tol, 32, 1, (9, 200))
         test_kernel_matches_float64_attention(dtype, tol, 64, 2, (0, 200))
         test_kernel_matches_float64_attention(dtype, tol, 128, 3, (70, 131))
+    test_read_probe_sums_every_element_once(2)
     assert cpu_decode_kernel.prefill_available(torch.float32, 64) == (simd != "scalar")
     if simd == "scalar":
         with pytest.raises(RuntimeError, match="needs AVX-512 or AVX2"):
