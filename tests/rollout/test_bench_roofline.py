@@ -72,3 +72,24 @@ def test_copies_of_a_prompt_cost_one_prefill_but_every_row_decodes(roofline):
     per_row = (2 * 100 * 64 + 2 * 32768 + 4 * 40 * 4 * 16) / 1e9
     assert eight.prefill_s - one.prefill_s == pytest.approx(7 * per_row)
     assert eight.decode_s == pytest.approx(8 * one.decode_s)  # compute-bound: every row's own work
+
+
+def test_the_read_rate_is_timed_with_the_cpp_probe_where_the_kernels_build(roofline, monkeypatch):
+    """torch's sum reads ~25% slower than the machine can (session 52), so the floor's read rate comes from
+    the C++ probe where the kernels build, and from torch's sum, named as such, where they do not."""
+    import torch
+
+    from megatron_grm.parallel import cpu_decode_kernel
+
+    read, sizes = cpu_decode_kernel.read_probe, []
+    monkeypatch.setattr(cpu_decode_kernel, "read_probe", lambda buffer: sizes.append(buffer.numel()) or read(buffer))
+    rate = roofline.read_bandwidth(megabytes=4, seconds=0.01)
+    assert 1e8 < rate < 1e13  # bytes/s, not GB/s or seconds
+    if cpu_decode_kernel.available(torch.float32):
+        assert sizes and set(sizes) == {1 << 20} and roofline.read_probe_name() == "C++ read probe"
+    else:
+        assert not sizes
+    monkeypatch.setattr(cpu_decode_kernel, "available", lambda dtype: False)
+    sizes.clear()
+    assert roofline.read_bandwidth(megabytes=4, seconds=0.01) > 1e8 and not sizes
+    assert "torch's sum" in roofline.read_probe_name()
