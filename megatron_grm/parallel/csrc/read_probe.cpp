@@ -1,5 +1,5 @@
 // How fast this machine reads memory: a sum over a buffer far larger than the caches, read the way that read
-// fastest here, so bench/roofline.py's floor uses a rate that no kernel of ours beats.
+// fastest here, so bench/roofline.py's floor is priced at a rate the kernels themselves do not beat.
 //
 // torch's fp32 sum of a 1 GB buffer read 25 GB/s on the 2-core AVX-512 Xeon of sessions 45-52, while the
 // decode attention kernel read its cache at 28-30 (a C++ harness, session 52): the floor priced with torch's
