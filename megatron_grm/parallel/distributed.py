@@ -102,7 +102,9 @@ def init_parallel(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int
     from megatron.core import parallel_state
 
     from megatron_grm.parallel.device import use_cuda
+    from megatron_grm.parallel.mkl_vml import resolve_vml_dispatch
 
+    resolve_vml_dispatch()  # before any multi-threaded cos/exp/sqrt: pytorch/pytorch#188792
     env = dist_env()
     cuda = use_cuda()
     if not cuda:
