@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_grm.parallel import cpu_decode_kernel
+from megatron_grm.parallel import cpu_decode_kernel, huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,11 @@ def head_major_kv(positions: int, rows: int, heads: int, dim: int, dtype: torch.
                   device: torch.device | str = "cpu", zeros: bool = False) -> torch.Tensor:
     """A static KV cache tensor as Megatron indexes it, ``[positions, rows, heads, dim]``, whose memory is
     laid out ``[rows, heads, positions, dim]``: one row's keys for one head lie together, which is how a
-    decode step reads them. Megatron only slices and assigns into its caches, so any strides serve it."""
+    decode step reads them. Megatron only slices and assigns into its caches, so any strides serve it. On the
+    CPU the memory comes from :mod:`huge_pages` (reused between waves, on huge pages where the kernel grants
+    them)."""
+    if torch.device(device).type == "cpu":
+        return huge_pages.host_empty((rows, heads, positions, dim), dtype, zeros).permute(2, 0, 1, 3)
     make = torch.zeros if zeros else torch.empty
     return make(rows, heads, positions, dim, dtype=dtype, device=device).permute(2, 0, 1, 3)
 

@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from megatron_grm.parallel import huge_pages
+
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
@@ -225,7 +227,8 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     panels = -(-out // width)
     padded = torch.zeros(panels * width, inner, dtype=torch.float32)
     padded[:out] = weight.detach()
-    return padded.view(panels, width, inner).transpose(1, 2).contiguous()
+    packed = huge_pages.host_empty((panels, inner, width), torch.float32)
+    return packed.copy_(padded.view(panels, width, inner).transpose(1, 2))
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,

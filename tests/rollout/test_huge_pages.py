@@ -1,0 +1,129 @@
+"""parallel/huge_pages.py: the CPU rollout's KV caches on mappings advised for huge pages, reused between
+waves and never while a view of an earlier tensor on them is alive."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_grm.parallel import huge_pages
+from megatron_grm.parallel.cpu_decode import head_major_kv, is_head_major
+
+SHAPE = (3, 2, 700, 64)  # 1.07 MB of fp32: one 2 MiB mapping
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_tensor_is_zeroed_when_asked_and_its_mapping_reused_only_after_its_last_view_dies():
+    pool = huge_pages.HugePagePool()
+    first = pool.empty(SHAPE, torch.float32)
+    assert first.shape == SHAPE and first.dtype == torch.float32 and first.is_contiguous()
+    first.fill_(7.0)
+    address = first.data_ptr()
+    view = first.permute(2, 0, 1, 3)[5:9]
+    del first
+    gc.collect()
+    assert pool.idle_bytes() == 0  # a view still reads it
+    second = pool.empty(SHAPE, torch.float32).zero_()
+    assert second.data_ptr() != address and bool((view == 7.0).all())
+    del view
+    gc.collect()
+    assert pool.idle_bytes() == huge_pages.HUGE_PAGE
+    third = pool.empty((2, 2, 700, 64), torch.bfloat16)  # smaller, other dtype: the idle mapping fits it
+    assert third.data_ptr() == address and pool.idle_bytes() == 0
+    assert pool.mapped_bytes == 2 * huge_pages.HUGE_PAGE
+
+
+def test_a_larger_request_unmaps_the_idle_mappings_too_small_for_it_and_release_unmaps_the_rest():
+    pool = huge_pages.HugePagePool()
+    small = [pool.empty((1024,), torch.float32) for _ in range(2)]
+    big = pool.empty((HUGE_FLOATS := huge_pages.HUGE_PAGE // 4 + 1,), torch.float32)
+    assert pool.mapped_bytes == 4 * huge_pages.HUGE_PAGE
+    del small
+    gc.collect()
+    assert pool.idle_bytes() == 2 * huge_pages.HUGE_PAGE
+    bigger = pool.empty((2 * HUGE_FLOATS,), torch.float32)  # neither idle mapping fits: both unmapped
+    assert pool.idle_bytes() == 0 and pool.mapped_bytes == 2 * huge_pages.HUGE_PAGE + 3 * huge_pages.HUGE_PAGE
+    bigger.fill_(1.0)
+    assert float(bigger.sum()) == 2 * HUGE_FLOATS
+    del big, bigger
+    gc.collect()
+    assert pool.release() == 5 * huge_pages.HUGE_PAGE
+    assert pool.mapped_bytes == 0 and pool.idle_bytes() == 0
+
+
+def test_pool_memory_is_advised_for_huge_pages():
+    if huge_pages.transparent_huge_pages() == "never":
+        pytest.skip("this kernel grants no transparent huge pages")
+    pool = huge_pages.HugePagePool()
+    tensor = pool.empty(SHAPE, torch.float32)
+    assert "hg" in _vm_flags(tensor.data_ptr())  # MADV_HUGEPAGE on its mapping
+    plain = torch.empty(SHAPE)
+    assert "hg" not in _vm_flags(plain.data_ptr())
+
+
+def test_head_major_caches_come_from_the_pool_zeroed_and_the_switch_turns_it_off(monkeypatch):
+    if huge_pages.pool() is None:
+        pytest.skip("this kernel grants no transparent huge pages")
+    huge_pages.pool().release()  # no idle mapping left from other tests: the next one freed is this cache's
+    cache = head_major_kv(700, 3, 2, 64, torch.float32)
+    assert is_head_major(cache) and "hg" in _vm_flags(cache.data_ptr())
+    cache.fill_(3.0)
+    address = cache.data_ptr()
+    del cache
+    gc.collect()
+    again = head_major_kv(700, 3, 2, 64, torch.float32, zeros=True)  # the same mapping, written before
+    assert again.data_ptr() == address and not bool(again.any())
+    monkeypatch.setenv(huge_pages.DISABLE_VARIABLE, "0")
+    assert huge_pages.pool() is None
+    plain = head_major_kv(700, 3, 2, 64, torch.float32, zeros=True)
+    assert is_head_major(plain) and "hg" not in _vm_flags(plain.data_ptr()) and not bool(plain.any())
+
+
+def test_the_mode_is_read_from_the_kernels_setting(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(huge_pages, "THP_SETTING", setting)
+    assert huge_pages.transparent_huge_pages() == "never"  # no such file
+    for text, mode in (("always [madvise] never\n", "madvise"), ("[always] madvise never\n", "always"),
+                       ("always madvise [never]\n", "never")):
+        setting.write_text(text)
+        assert huge_pages.transparent_huge_pages() == mode
+
+
+def test_a_mapping_in_use_is_never_closed():
+    pool = huge_pages.HugePagePool()
+    held = pool.empty((1024,), torch.float32)
+    pool.empty((1024,), torch.float32)  # dies at once: idle
+    gc.collect()
+    assert pool.release() == huge_pages.HUGE_PAGE
+    held.fill_(2.0)  # still mapped
+    assert float(ctypes.c_float.from_address(held.data_ptr()).value) == 2.0
+
+
+def test_the_gemms_packed_weights_come_from_the_pool_in_the_kernels_layout():
+    from megatron_grm.parallel import cpu_decode_kernel
+
+    if huge_pages.pool() is None:
+        pytest.skip("this kernel grants no transparent huge pages")
+    if not cpu_decode_kernel.available(torch.float32):
+        pytest.skip(f"C++ GEMM unavailable: {cpu_decode_kernel.unavailable_reason()}")
+    weight = torch.randn(40, 24)
+    packed = cpu_decode_kernel.pack_linear_weight(weight)
+    assert "hg" in _vm_flags(packed.data_ptr())
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(cpu_decode_kernel.packed_linear(x, packed, 40), x @ weight.T, rtol=1e-5, atol=1e-5)
