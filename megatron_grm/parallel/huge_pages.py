@@ -128,11 +128,12 @@ def pool() -> HugePagePool | None:
     if not _logged:
         _logged = True
         if switched_off:
-            log.info("rollout KV cache: torch's allocator (%s=0)", DISABLE_VARIABLE)
+            log.info("rollout KV caches and packed weights: torch's allocator (%s=0)", DISABLE_VARIABLE)
         elif mode == "never":
-            log.info("rollout KV cache: torch's allocator (this kernel grants no transparent huge pages)")
+            log.info("rollout KV caches and packed weights: torch's allocator (this kernel grants no transparent "
+                     "huge pages)")
         else:
-            log.info("rollout KV cache: reused mappings on transparent huge pages (THP mode %s; "
+            log.info("rollout KV caches and packed weights: reused mappings on transparent huge pages (THP mode %s; "
                      "parallel/huge_pages.py)", mode)
     if mode == "never":
         return None
