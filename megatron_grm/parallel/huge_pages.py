@@ -3,21 +3,25 @@
 A CPU decode step at GRM prompt lengths is mostly one read of the KV cache (bench/rollout.py's wave: 317 MB a
 step in fp32). Read through 4 KiB pages, that read walks ~78,000 page-table entries a step; through 2 MiB
 pages ~150. On the project's 2-core AVX-512 Xeon the decode attention kernel read a rollout-shaped cache at
-26-27 GB/s on 4 KiB pages and 29-31 GB/s on huge ones (session 53, a C++ harness over the kernel). But
-Linux there gives huge pages only to memory advised for them (``transparent_hugepage/enabled`` is
-``madvise``), and faulting a fresh advised mapping in can stall on compaction: sessions 47 and 51 put each
-wave's cache on new advised mappings and lost 0.5-0.8 s a rollout that way. So :class:`HugePagePool` maps
-and advises memory once and hands it out again, as a GPU engine allocates its KV buffer once: a tensor's
-mapping returns to the pool when the last view of the tensor dies (a finalizer on its storage), and the
-next wave's caches reuse it, already faulted in. The C++ GEMM's packed weights (67 MB a step, re-packed
-every wave) come from it too. bench/rollout.py's wave, our engine alone in one process, the pool on and off
-in turn (5 rounds each): 9.44 against 9.71 s (medians), its decode attention 12.0-12.6 against 13.6-14.1 ms
-a step in the bench's clocked runs.
+26-27 GB/s on 4 KiB pages and 29-31 GB/s on huge ones (session 53, a C++ harness over the kernel). But Linux
+there gives huge pages only to memory advised for them (``transparent_hugepage/enabled`` is ``madvise``), and
+there the first touch of a fresh advised mapping is slow: 40-55 MB took 2.6-4.9 ms usually but 184-312 ms in 5
+of 20 tries, with no compaction stall counted (session 54; a virtual machine, whose host likely backs a 2 MiB
+page on its first touch). Sessions 47 and 51 put each wave's cache on new advised mappings and lost 0.5-0.8 s
+a rollout that way. So :class:`HugePagePool` maps and advises memory once and hands it out again, as a GPU
+engine allocates its KV buffer once: a tensor's mapping returns to the pool when the last view of the tensor
+dies (a finalizer on its storage), and the next wave's caches reuse it, already faulted in. The C++ GEMM's
+packed weights (67 MB a step, re-packed every wave) come from it too. bench/rollout.py's wave, our engine
+alone in one process, the pool on and off in turn (5 rounds each): 9.44 against 9.71 s (medians), its decode
+attention 12.0-12.6 against 13.6-14.1 ms a step in the bench's clocked runs.
 
-The pool keeps what it mapped (like the CUDA caching allocator): its idle mappings are the next wave's.
-A request no idle mapping fits unmaps the idle ones first (a wave longer than any before it); best fit
-otherwise, so the caches and the weights keep finding their own sizes. :meth:`HugePagePool.release` unmaps
-the idle ones. Where the kernel grants no huge pages (``never``, or not Linux) or with
+The pool keeps what it mapped (like the CUDA caching allocator): its idle mappings are the next wave's. A
+process pays each mapping's first touch once: there, a fresh process's first bench-sized rollout took
+12.1-12.6 s against 9.2-9.3 s with ``MEGATRON_GRM_HUGE_PAGES=0``, its later ones 8.4-9.4 against 8.9-9.2 s
+(session 54), so on such a machine a short-lived process with a large cache is better off with the switch. A
+request no idle mapping fits unmaps the idle ones first (a wave longer than any before it); best fit
+otherwise, so the caches and the weights keep finding their own sizes. :meth:`HugePagePool.release` unmaps the
+idle ones. Where the kernel grants no huge pages (``never``, or not Linux) or with
 ``MEGATRON_GRM_HUGE_PAGES=0``, :func:`host_empty` allocates with torch as before; the log says which runs.
 """
 
