@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 from pathlib import Path
 
 import pytest
@@ -49,22 +50,45 @@ def test_a_tensor_is_zeroed_when_asked_and_its_mapping_reused_only_after_its_las
     assert pool.mapped_bytes == 2 * huge_pages.HUGE_PAGE
 
 
-def test_a_larger_request_unmaps_the_idle_mappings_too_small_for_it_and_release_unmaps_the_rest():
+def test_a_larger_request_grows_the_largest_idle_mapping_with_its_pages_and_leaves_the_others_idle():
     pool = huge_pages.HugePagePool()
-    small = [pool.empty((1024,), torch.float32) for _ in range(2)]
-    big = pool.empty((HUGE_FLOATS := huge_pages.HUGE_PAGE // 4 + 1,), torch.float32)
-    assert pool.mapped_bytes == 4 * huge_pages.HUGE_PAGE
-    del small
+    page_floats = huge_pages.HUGE_PAGE // 4
+    small = pool.empty((1024,), torch.float32)  # one page
+    medium = pool.empty((page_floats + 1,), torch.float32)  # two pages
+    medium.fill_(5.0)
+    assert pool.mapped_bytes == 3 * huge_pages.HUGE_PAGE
+    del small, medium
     gc.collect()
-    assert pool.idle_bytes() == 2 * huge_pages.HUGE_PAGE
-    bigger = pool.empty((2 * HUGE_FLOATS,), torch.float32)  # neither idle mapping fits: both unmapped
-    assert pool.idle_bytes() == 0 and pool.mapped_bytes == 2 * huge_pages.HUGE_PAGE + 3 * huge_pages.HUGE_PAGE
+    assert pool.idle_bytes() == 3 * huge_pages.HUGE_PAGE
+    bigger = pool.empty((2 * page_floats + 1,), torch.float32)  # three pages: no idle mapping fits
+    # The two-page mapping grew by one page, its pages moved along (what was written there is still there);
+    # the one-page mapping stays idle for smaller requests.
+    assert bool((bigger[:page_floats + 1] == 5.0).all())
+    assert pool.mapped_bytes == 4 * huge_pages.HUGE_PAGE and pool.idle_bytes() == huge_pages.HUGE_PAGE
+    if huge_pages.transparent_huge_pages() != "never":
+        assert "hg" in _vm_flags(bigger.data_ptr())  # the advice moved with it
     bigger.fill_(1.0)
-    assert float(bigger.sum()) == 2 * HUGE_FLOATS
-    del big, bigger
+    assert float(bigger.sum()) == 2 * page_floats + 1
+    assert pool.empty((1024,), torch.float32).numel() == 1024 and pool.mapped_bytes == 4 * huge_pages.HUGE_PAGE
+    del bigger
     gc.collect()
-    assert pool.release() == 5 * huge_pages.HUGE_PAGE
+    assert pool.release() == 4 * huge_pages.HUGE_PAGE
     assert pool.mapped_bytes == 0 and pool.idle_bytes() == 0
+
+
+def test_where_a_mapping_cannot_grow_it_is_unmapped_and_a_new_one_mapped(monkeypatch):
+    class NoResize(mmap.mmap):  # a platform without mremap
+        def resize(self, newsize):
+            raise SystemError("mmap: resizing not available--no mremap()")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", NoResize)
+    pool = huge_pages.HugePagePool()
+    pool.empty((1024,), torch.float32)  # dies at once: idle
+    gc.collect()
+    bigger = pool.empty((huge_pages.HUGE_PAGE // 4 + 1,), torch.float32)
+    assert pool.mapped_bytes == 2 * huge_pages.HUGE_PAGE and pool.idle_bytes() == 0
+    bigger.fill_(1.0)
+    assert float(bigger.sum()) == bigger.numel()
 
 
 def test_pool_memory_is_advised_for_huge_pages():
