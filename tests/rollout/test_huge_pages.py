@@ -153,8 +153,11 @@ def test_the_gemms_packed_weights_come_from_the_pool_in_the_kernels_layout():
         pytest.skip("this kernel grants no transparent huge pages")
     if not cpu_decode_kernel.available(torch.float32):
         pytest.skip(f"C++ GEMM unavailable: {cpu_decode_kernel.unavailable_reason()}")
+    pool = huge_pages.pool()
+    lent = pool.mapped_bytes - pool.idle_bytes()
     weight = torch.randn(40, 24)
     packed = cpu_decode_kernel.pack_linear_weight(weight)
+    assert pool.mapped_bytes - pool.idle_bytes() > lent  # the pool lent it (heap blocks may carry 'hg' too)
     assert "hg" in _vm_flags(packed.data_ptr())
     x = torch.randn(5, 24)
     torch.testing.assert_close(cpu_decode_kernel.packed_linear(x, packed, 40), x @ weight.T, rtol=1e-5, atol=1e-5)
