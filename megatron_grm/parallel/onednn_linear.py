@@ -29,9 +29,15 @@ as in a bf16 GEMM, and the output is rounded to bf16 once; only the summation or
 
 Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training, whose
 forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder), sequence-parallel layers
-(their GEMM gathers the sequence first), weights other than fp32 / bf16, inputs of another dtype than
-the weight's, and weights under
-:data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's, exceeds what it saves).
+(their GEMM gathers the sequence first), weights other than fp32 / bf16, inputs of another dtype than the
+weight's, and weights under :data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's,
+exceeds what it saves) where the C++ GEMM does not run. Where it does, such weights (the CPU demo's model has
+only such) are packed for it too: it has no per-call cost like oneDNN's. Measured on the 2-core AVX2 EPYC
+(session 55) at the demo model's shape (``bench/rollout.py``'s model with ``--hidden 128 --layers 4 --heads 4
+--ffn 512 --vocab 256``, 128 rows of 250-330-token prompts, 128 new tokens; our engine alone, the two
+alternating in one process, medians of 8): 2.31 s a rollout against 2.68 s with them on torch's matmul. That
+model's five GEMM shapes alone (wall clock): the C++ GEMM 1.30-1.64x faster than torch's matmul from 4 to 64
+rows, 0.82-1.06x at 128 (two runs), 1.00-1.04x from 256 to 8,192, 0.85x at one row.
 """
 
 from __future__ import annotations
@@ -103,11 +109,14 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return None
 
 
-def worth_packing(weight: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
-    """A large 2-D CPU weight of one of ``dtypes`` that this build's oneDNN multiplies correctly (in its own
-    dtype, or a bf16 one widened to fp32: :func:`gemm_dtype`)."""
+def worth_packing(weight: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+                  min_elements: int | None = None) -> bool:
+    """A 2-D CPU weight of one of ``dtypes``, of at least ``min_elements`` (default :data:`PACK_MIN_ELEMENTS`),
+    that this build's oneDNN multiplies correctly (in its own dtype, or a bf16 one widened to fp32:
+    :func:`gemm_dtype`)."""
+    least = PACK_MIN_ELEMENTS if min_elements is None else min_elements
     return (weight is not None and weight.dtype in dtypes and weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.numel() >= PACK_MIN_ELEMENTS and gemm_dtype(weight.dtype) is not None)
+            and weight.dim() == 2 and weight.numel() >= least and gemm_dtype(weight.dtype) is not None)
 
 
 @dataclass
@@ -130,7 +139,8 @@ class _PackedGemm:
     """A layer's ``_forward_impl`` for the block: the reordered weight, rebuilt when the weight changes. fp32
     GEMMs (bf16 ones widened included) of at most ``kernel_rows`` rows run the C++ GEMM on the weight packed
     for it instead, and bf16 ones of at most that many and ``AMX_ROWS`` rows the AMX GEMM where the CPU has
-    AMX; the layer keeps one of its copies, the one its last GEMM used."""
+    AMX; the layer keeps one of its copies, the one its last GEMM used. A weight under
+    :data:`PACK_MIN_ELEMENTS` runs the C++ GEMM where it would, and Megatron's GEMM everywhere else."""
 
     def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
                  widen_bf16: bool | None = None, kernel_rows: int = 0) -> None:
@@ -143,17 +153,24 @@ class _PackedGemm:
         self.panels: torch.Tensor | None = None  # the C++ GEMM's (cpu_decode_kernel.pack_linear_weight)
         self.tiles: torch.Tensor | None = None  # the AMX GEMM's (cpu_decode_kernel.pack_amx_weight)
         self.widened = False  # the weight is multiplied as a bf16 one's fp32 copy
+        self.small = False  # under PACK_MIN_ELEMENTS: the C++ GEMM or Megatron's, never oneDNN
 
     def __call__(self, input: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() or kwargs.get("sequence_parallel") or input.dtype != weight.dtype:
             return self._megatrons_gemm(input, weight, *args, **kwargs)
         if weight is not self.source or weight._version != self.version:  # first use, or a changed weight
-            if not worth_packing(weight, ROLLOUT_DTYPES):  # checked here, not per call: same within a wave
+            # checked here, not per call: the same within a wave
+            if not worth_packing(weight, ROLLOUT_DTYPES, 0 if self.kernel_rows else None):
                 return self._megatrons_gemm(input, weight, *args, **kwargs)
             self.widened = weight.dtype == torch.bfloat16 and (
                 gemm_dtype(weight.dtype) == torch.float32 if self.widen_bf16 is None else self.widen_bf16)
+            self.small = weight.numel() < PACK_MIN_ELEMENTS
             self.source, self.version = weight, weight._version  # a tied output layer passes the embedding's
             self.packed = self.panels = self.tiles = None
+        fp32 = weight.dtype == torch.float32 or self.widened
+        on_kernel = fp32 and self.kernel_rows and input.numel() <= self.kernel_rows * input.shape[-1]
+        if self.small and not on_kernel:  # oneDNN's cost per call exceeds what it saves on a small weight
+            return self._megatrons_gemm(input, weight, *args, **kwargs)
         self.stats.calls += 1
         bias = kwargs.get("bias", args[0] if args else None)
         if (weight.dtype is torch.bfloat16 and not self.widened and self.kernel_rows
@@ -164,8 +181,7 @@ class _PackedGemm:
                 self.stats.amx_tiles += 1
             self.stats.amx_calls += 1
             return cpu_decode_kernel.amx_linear(input, self.tiles, weight.shape[0], bias)
-        fp32 = weight.dtype == torch.float32 or self.widened
-        if fp32 and self.kernel_rows and input.numel() <= self.kernel_rows * input.shape[-1]:
+        if on_kernel:
             if self.panels is None:
                 self.panels, self.packed = cpu_decode_kernel.pack_linear_weight(weight.float()), None
                 self.tiles = None
@@ -196,7 +212,7 @@ def packed_linears(model: torch.nn.Module, rows: int, kernel_rows: int = 0) -> I
     """While the block runs (one wave of ``rows`` sequences), the model's large fp32/bf16 Megatron linear layers
     multiply through oneDNN on weights reordered once; their reordered copies are dropped on exit. Its fp32
     GEMMs of at most ``kernel_rows`` rows (:func:`cpu_decode_kernel.linear_kernel_rows`) run the C++ GEMM
-    instead."""
+    instead; with it on, small weights are taken for it too."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     stats = PackStats()
@@ -206,7 +222,7 @@ def packed_linears(model: torch.nn.Module, rows: int, kernel_rows: int = 0) -> I
             if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
                 continue
             weight = layer.weight  # None: a tied output layer, given the embedding's weight with each call
-            if ((weight is not None and not worth_packing(weight, ROLLOUT_DTYPES))
+            if ((weight is not None and not worth_packing(weight, ROLLOUT_DTYPES, 0 if kernel_rows else None))
                     or getattr(layer, "sequence_parallel", False)):
                 stats.skipped += 1
                 continue

@@ -1,6 +1,7 @@
 """parallel/onednn_linear.py: a linear layer's GEMM on oneDNN with the weight reordered once, against
-``F.linear`` in float64; reordered again when the weight changes; autograd and small weights keep the
-layer's own GEMM. Megatron's layers under it in a real rollout: tests/rollout/test_rollout_engine.py."""
+``F.linear`` in float64; reordered again when the weight changes; autograd keeps the layer's own GEMM, and
+small weights too but for the C++ GEMM's calls. Megatron's layers under it in a real rollout:
+tests/rollout/test_rollout_engine.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_grm.parallel import onednn_linear
+from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 
@@ -154,3 +155,76 @@ def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
     assert not onednn_linear.worth_packing(big.double(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(torch.empty(512 * 512))
     assert not onednn_linear.worth_packing(None)
+    assert onednn_linear.worth_packing(torch.empty(384, 128), min_elements=0)  # for the C++ GEMM: any size
+    assert not onednn_linear.worth_packing(torch.empty(384, 128).double(), onednn_linear.ROLLOUT_DTYPES, 0)
+
+
+_needs_cpp_gemm = pytest.mark.skipif(cpu_decode_kernel._library() is None,
+                                     reason="the C++ kernels could not be built here (no compiler)")
+
+
+@_needs_cpp_gemm
+def test_small_weights_run_the_cpp_gemm_where_it_runs_and_megatrons_gemm_elsewhere():
+    """A weight under PACK_MIN_ELEMENTS (the CPU demo's 384 x 128): packed once for the C++ GEMM and run there
+    for GEMMs of at most ``kernel_rows`` rows; larger GEMMs go to the layer's own GEMM, never to oneDNN (no
+    reorder), and with the C++ GEMM off every GEMM does."""
+    assert 384 * 128 < onednn_linear.PACK_MIN_ELEMENTS
+    layer = _Layer(384, 128)
+    weight = layer.weight.detach()
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=8, stats=stats, kernel_rows=8)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(384, generator=g)
+    with torch.inference_mode():
+        for rows in (1, 8, 8, 9, 64):
+            x = torch.randn(rows, 128, generator=g)
+            got = gemm(x, weight, bias=bias)
+            torch.testing.assert_close(got.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert stats.panels == 1 and stats.kernel_calls == stats.calls == 3  # rows 1, 8, 8: packed once
+    assert stats.fallbacks == layer.own_calls == 2 and stats.reordered == 0  # rows 9 and 64
+    off = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=8, stats=off)  # kernel_rows=0: the C++ GEMM is off
+    with torch.inference_mode():
+        gemm(torch.randn(8, 128, generator=g), weight, bias=None)
+    assert off.calls == off.panels == off.reordered == 0 and off.fallbacks == 1 and layer.own_calls == 3
+
+
+@_needs_cpp_gemm
+def test_a_small_bf16_weight_without_a_bf16_gemm_is_widened_into_the_cpp_gemm():
+    """A bf16 model of the demo's size on a CPU without a bf16 GEMM (``widen_bf16=True`` asks for that path
+    anywhere): its small weights run the C++ GEMM in fp32 on the bf16 operands, the output rounded once,
+    instead of torch's bf16 matmul."""
+    layer = _Layer(128, 512)
+    stats = onednn_linear.PackStats()
+    gemm = onednn_linear._PackedGemm(layer, rows=4, stats=stats, widen_bf16=True, kernel_rows=32)
+    g = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(128, 512, generator=g).bfloat16(), torch.randn(4, 512, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = gemm(x, weight, bias=None)
+    assert stats.panels == stats.widened == stats.kernel_calls == 1 and stats.fallbacks == layer.own_calls == 0
+    want = _reference(x, weight, None)
+    step = want.abs().clamp(min=1.0) * 2.0 ** -7
+    assert got.dtype == torch.bfloat16 and bool(((got.double() - want).abs() <= step).all())
+
+
+def test_packed_linears_takes_small_weights_only_for_the_cpp_gemm():
+    """The block's choice of layers: a small weight's layer is taken when the C++ GEMM is on, left to
+    Megatron when it is off; a large one is taken either way."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    class _Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = ColumnParallelLinear.__new__(ColumnParallelLinear)
+            self.large = ColumnParallelLinear.__new__(ColumnParallelLinear)
+            torch.nn.Module.__init__(self.small)
+            torch.nn.Module.__init__(self.large)
+            self.small.weight = torch.nn.Parameter(torch.empty(128, 128))
+            self.large.weight = torch.nn.Parameter(torch.empty(512, 512))
+
+    model = _Tiny()
+    for kernel_rows, taken in ((0, 1), (32, 2)):
+        with onednn_linear.packed_linears(model, rows=8, kernel_rows=kernel_rows) as stats:
+            assert stats.layers == taken and stats.skipped == 2 - taken
+            assert ("_forward_impl" in model.small.__dict__) == (taken == 2)
+        assert "_forward_impl" not in model.small.__dict__ and "_forward_impl" not in model.large.__dict__

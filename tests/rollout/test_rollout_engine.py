@@ -250,10 +250,17 @@ def test_gemms_on_weights_reordered_once_per_wave_match_torchs_matmul(run):
     """parallel/onednn_linear.py: the linear layers' GEMMs through oneDNN on weights reordered once per wave
     give the same greedy and sampled tokens and log-probabilities as torch's matmul, at TP 1 and 2; every
     layer's weight is reordered once and every forward of the wave runs its GEMM there. The tiny model's
-    weights are under the size threshold, so by default it keeps torch's matmul (forced here)."""
+    weights are under the size threshold, so by default none goes to oneDNN (forced here): where the C++ GEMM
+    is on they run it for its calls (every GEMM on AVX2, a decode step's on AVX-512), else torch's matmul."""
     check = run["onednn_gemms"]
     assert check["available"]
-    assert check["layers_by_default"] == 0
+    assert check["default_reordered"] == 0
+    if run["linear_kernel"]["by_default"]:
+        assert check["layers_by_default"] == check["linear_modules"]
+        assert check["default_calls"] == check["default_kernel_calls"] > 0
+        assert check["default_panels"] >= check["linear_modules"]
+    else:
+        assert check["layers_by_default"] == check["default_calls"] == 0
     assert check["layers"] == check["linear_modules"] == 4 * run["layers_per_stage"] + 1  # + the output layer
     assert check["reordered"] == check["layers"]
     assert check["forwards"] >= run["max_new"] // 2

@@ -425,16 +425,17 @@ def main() -> None:
     }
 
     # 1e. The GEMMs on oneDNN with each weight reordered once per wave (parallel/onednn_linear.py) against
-    # torch's matmul. The tiny model's weights are all under the size threshold, so by default it keeps
-    # torch's matmul; with the threshold at 0 every linear layer takes the oneDNN path: same greedy and
-    # sampled tokens, log-probabilities within round-off; layers, reorders and GEMM calls counted. The same
-    # again with the C++ GEMM instead of oneDNN (its weights packed once, its calls counted).
+    # torch's matmul. The tiny model's weights are all under the size threshold, so by default only the C++
+    # GEMM's calls take them (none goes to oneDNN); with the threshold at 0 every linear layer takes the
+    # oneDNN path: same greedy and sampled tokens, log-probabilities within round-off; layers, reorders and
+    # GEMM calls counted. The same again with the C++ GEMM instead of oneDNN (its weights packed once, its
+    # calls counted).
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     import megatron_grm.parallel.onednn_linear as onednn_linear
 
     linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    layers_by_default = engine.backend.last_gemms.layers
+    by_default = engine.backend.last_gemms
     linear_kernel_by_default = engine.backend.linear_kernel_rows
     threshold, onednn_linear.PACK_MIN_ELEMENTS = onednn_linear.PACK_MIN_ELEMENTS, 0
     runs = {}
@@ -459,7 +460,9 @@ def main() -> None:
     packed, gemms, forward_count = runs[False]
     kernel_packed, kernel_gemms, kernel_forwards = runs[True]
     out["onednn_gemms"] = {
-        "available": onednn_linear.available(), "layers_by_default": layers_by_default,
+        "available": onednn_linear.available(), "layers_by_default": by_default.layers,
+        "default_calls": by_default.calls, "default_kernel_calls": by_default.kernel_calls,
+        "default_reordered": by_default.reordered, "default_panels": by_default.panels,
         "linear_modules": len(linears), "layers": gemms.layers, "reordered": gemms.reordered,
         "calls": gemms.calls, "fallbacks": gemms.fallbacks, "forwards": forward_count,
         "kernel_calls_off": gemms.kernel_calls, "panels_off": gemms.panels,
