@@ -32,8 +32,9 @@ would compile torch's headers (a minute per machine); this file needs only ``c++
 The library is cached per machine under ``$MEGATRON_GRM_KERNEL_DIR`` (default
 ``~/.cache/megatron_grm/kernels``), named by a hash of the sources, the flags, the compiler's version and
 the CPU's feature flags (``-march=native``: a cache shared between different nodes keeps one build per CPU
-kind). Builds are written to a temporary file and renamed into place, so ranks building at once do not
-see half a library. Without a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is
+kind). One process builds while the others wanting the same library wait on a lock file beside it (the ranks
+of a job on an empty cache run the compiler once, not once each); the build is written to a temporary file
+and renamed into place, so no process sees half a library, also where the file system has no lock. Without a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is
 False and ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
 AVX-512 or AVX2 (with FMA and F16C) besides (:func:`prefill_available`); elsewhere the prefill stays on
 torch's SDPA. :func:`describe` names the instruction set the kernels were built for.
@@ -41,7 +42,9 @@ torch's SDPA. :func:`describe` names the instruction set the kernels were built 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -50,7 +53,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +531,47 @@ def _build_error() -> str | None:
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot write the kernel cache {path.parent}: {exc}"
+    with _build_lock(path):
+        if path.exists():  # built by the process this one waited for
+            return None
+        return _build(path)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """One build at a time per library: the ranks of a job starting on an empty cache (or a shared home's
+    nodes of one CPU kind) wait for the first one's build instead of each running the compiler. The lock
+    file goes when the builder is done; a process that opens it anew then finds the library (or, after a
+    failed build, builds again itself). Where the file system has no ``flock``, every process builds, as
+    the rename keeps that safe."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process's build of %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock here
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not a newer process's lock file
+                    os.unlink(lock)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build(path: Path) -> str | None:
+    try:
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
         os.close(fd)
     except OSError as exc:

@@ -3,16 +3,21 @@ a float64 attention written out here, and what happens where it cannot be built.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_grm.parallel import cpu_decode_kernel
+
+from .conftest import with_march
 
 needs_compiler = pytest.mark.skipif(cpu_decode_kernel._compiler() is None, reason="no C++ compiler here")
 
@@ -156,9 +161,11 @@ def test_kernel_is_built_once_per_machine_into_its_cache(tmp_path, monkeypatch, 
 
 @needs_compiler
 def test_ranks_building_at_once_each_load_a_whole_library(tmp_path):
-    """Two processes start on an empty cache together (ranks of one job on a shared home): the build is
-    written aside and renamed, so each loads a complete library and one file is left."""
-    script = ("import torch; from megatron_grm.parallel import cpu_decode_kernel as k; "
+    """Two processes start on an empty cache together (ranks of one job on a shared home): one builds while
+    the other waits for it, so the compiler runs once, each loads a complete library, and only the library
+    is left (no lock file, no half-written build)."""
+    script = ("import logging, sys, torch; from megatron_grm.parallel import cpu_decode_kernel as k; "
+              "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
               "q = torch.ones(1, 1, 1, 8); c = torch.ones(1, 1, 4, 8); "
               "assert k.available(torch.float32), k.describe(); "
               "print(float(k.attend(q, c, c, 0, 4, None, 1.0)[2].sum()))")
@@ -169,7 +176,37 @@ def test_ranks_building_at_once_each_load_a_whole_library(tmp_path):
     for proc, (out, err) in zip(procs, results):
         assert proc.returncode == 0, err[-2000:]
         assert float(out.strip()) == 8.0
+    logs = [err for _, err in results]
+    assert sum("built the C++ attention kernels" in err for err in logs) == 1, logs
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def test_a_process_waits_for_a_build_in_progress_and_then_loads_it(tmp_path, monkeypatch, fresh_probe, caplog):
+    """While another process holds the build lock, this one waits (and says so) instead of compiling, then
+    loads the library that process put in place and leaves no lock file behind."""
+    assert cpu_decode_kernel.available(torch.float32)  # this machine's library, in the usual cache
+    staged = tmp_path / "staged.so"
+    shutil.copy(cpu_decode_kernel._library_path(), staged)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(cache))
+    _forget()
+    path = cpu_decode_kernel._library_path()
+    holder = subprocess.Popen(  # another rank's build: holds the lock 3 s, then renames its library into place
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(3); "
+         "os.replace(sys.argv[2], sys.argv[3]); os.unlink(sys.argv[1])",
+         f"{path}.lock", str(staged), str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    began = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger=cpu_decode_kernel.__name__):
+        assert cpu_decode_kernel.available(torch.float32)
+    waited = time.perf_counter() - began
+    assert holder.wait(timeout=60) == 0
+    assert waited > 2, waited  # it waited for the holder's build rather than running the compiler beside it
+    assert "waiting for another process's build" in caplog.text
+    assert "built the C++ attention kernels" not in caplog.text
+    assert list(cache.iterdir()) == [path]
 
 
 def test_without_a_compiler_the_torch_path_is_named_and_the_kernel_refuses(tmp_path, monkeypatch, fresh_probe):
@@ -225,17 +262,16 @@ def test_the_build_names_the_vector_instructions_this_cpu_has():
 
 @needs_compiler
 @pytest.mark.parametrize("march,simd", [("x86-64", "scalar"), ("haswell", "AVX2")])
-def test_a_build_for_an_older_x86_cpu_computes_the_same(march, simd, tmp_path, monkeypatch, fresh_probe):
+def test_a_build_for_an_older_x86_cpu_computes_the_same(march, simd, other_cpu_builds, monkeypatch, fresh_probe):
     """The kernels built for an older x86-64 than this one (as a cache shared with such nodes holds them): a
     CPU with AVX-512 also checks the AVX2 micro-kernels this way, and any x86-64 the scalar decode loops with
     the prefill declined."""
     if platform.machine() != "x86_64" or (simd == "AVX2" and not {"avx2", "fma", "f16c"} <= _cpu_flags()):
         pytest.skip(f"needs an x86-64 CPU that runs {march} code")
-    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", tuple(f"-march={march}" if flag == "-march=native" else flag
-                                                          for flag in cpu_decode_kernel.FLAGS))
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(other_cpu_builds))
+    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", with_march(cpu_decode_kernel.FLAGS, march))
     assert cpu_decode_kernel._library().mgrm_attention_simd().decode() == simd
-    assert str(tmp_path) in cpu_decode_kernel.describe()
+    assert str(other_cpu_builds) in cpu_decode_kernel.describe()
     for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 1e-5)):
         test_kernel_matches_float64_attention(dtype, tol, 32, 1, (9, 200))
         test_kernel_matches_float64_attention(dtype, tol, 64, 2, (0, 200))
