@@ -13,6 +13,7 @@ import torch
 
 from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
 
+from .conftest import with_march
 from .test_cpu_decode_kernel import _cpu_flags, fresh_probe, needs_compiler  # noqa: F401 (a fixture)
 from .test_onednn_linear import _Layer, _reference
 
@@ -95,7 +96,7 @@ def _check_builds_compute_the_same() -> None:
 @pytest.mark.parametrize("flags,width", [(("-march=x86-64",), 16), (("-march=haswell",), 16),
                                          (("-DMGRM_GEMM_NC=2", "-DMGRM_GEMM_MR=8"), 32)])
 @pytest.mark.usefixtures("fresh_probe")
-def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path, monkeypatch):
+def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, other_cpu_builds, monkeypatch):
     """The scalar loop (any x86-64), the AVX2 tile (as an AVX-512 node builds it for a shared cache's AVX2
     neighbours), and AVX-512's tile shape, 2 vectors of 16 columns x 8 rows (here in AVX2 registers too)."""
     march = next((f.split("=", 1)[1] for f in flags if f.startswith("-march=")), None)
@@ -103,9 +104,9 @@ def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, tmp_path
         pytest.skip(f"needs an x86-64 CPU that runs {march} code")
     if march is None and not {"avx2", "fma", "f16c"} <= _cpu_flags():
         pytest.skip("the 2 x 16-column tile is compiled with AVX2 or AVX-512")
-    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(tmp_path))
-    built = tuple(f for f in cpu_decode_kernel.FLAGS if not (march and f == "-march=native")) + flags
-    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", built)
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(other_cpu_builds))
+    extra = tuple(f for f in flags if not f.startswith("-march="))
+    monkeypatch.setattr(cpu_decode_kernel, "FLAGS", with_march(cpu_decode_kernel.FLAGS, march or "native") + extra)
     assert cpu_decode_kernel._library().mgrm_linear_panel() == width
     _check_builds_compute_the_same()
 
