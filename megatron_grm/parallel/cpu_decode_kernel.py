@@ -34,8 +34,9 @@ The library is cached per machine under ``$MEGATRON_GRM_KERNEL_DIR`` (default
 the CPU's feature flags (``-march=native``: a cache shared between different nodes keeps one build per CPU
 kind). One process builds while the others wanting the same library wait on a lock file beside it (the ranks
 of a job on an empty cache run the compiler once, not once each); the build is written to a temporary file
-and renamed into place, so no process sees half a library, also where the file system has no lock. Without a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is
-False and ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
+and renamed into place, so no process sees half a library, also where the file system has no lock. Without
+a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is False and
+``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
 AVX-512 or AVX2 (with FMA and F16C) besides (:func:`prefill_available`); elsewhere the prefill stays on
 torch's SDPA. :func:`describe` names the instruction set the kernels were built for.
 """

@@ -181,6 +181,7 @@ def test_ranks_building_at_once_each_load_a_whole_library(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
 
+@needs_compiler
 def test_a_process_waits_for_a_build_in_progress_and_then_loads_it(tmp_path, monkeypatch, fresh_probe, caplog):
     """While another process holds the build lock, this one waits (and says so) instead of compiling, then
     loads the library that process put in place and leaves no lock file behind."""
