@@ -8,15 +8,17 @@ prefill, side by side.
     python bench/onednn_linear.py --hidden 1024 --ffn 2816 --heads 16 --kv-heads 8 --vocab 32000
     python bench/onednn_linear.py --dtype bf16                     # a bf16 model's rollouts (AMX where present)
     python bench/onednn_linear.py --dtype bf16 --rows 32 --evict-mb 200   # each call after a 200 MB read
+    OMP_WAIT_POLICY=ACTIVE python bench/onednn_linear.py --hidden 128 --ffn 512 --heads 4 --kv-heads 4 \
+        --vocab 256 --rows 1 4 32 128 --clock wall                    # the CPU demo's model (tiny_grm)
 
-Each variant is timed in alternating rounds in process CPU seconds (the machine may be shared; idle
-OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``); the best round counts. The last column is the one-off
-cost of reordering that weight, in multiples of one oneDNN call at that row count. ``RATIO`` lines per row
-count: matmul / oneDNN and oneDNN / the C++ GEMM over all the GEMMs. Weights are hot in cache here (each
-GEMM repeats on one weight); in a decode step they come from memory, between the attention's reads of the
-KV cache: ``bench/rollout.py`` times that. ``--evict-mb N`` comes closer: each call is timed alone (wall
-clock, median) right after a read of N MB, which leaves the weights, the code and the data around the call
-in memory, not in the caches, as a decode step's attention does.
+Each variant is timed in alternating rounds of ~0.15 s in process CPU seconds (the machine may be shared; idle
+OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE`` unless set), or with ``--clock wall`` in wall seconds; the best
+round counts. The last column is the one-off cost of reordering that weight, in multiples of one oneDNN call at
+that row count. ``RATIO`` lines per row count: matmul / oneDNN and oneDNN / the C++ GEMM over all the GEMMs.
+Weights are hot in cache here (each GEMM repeats on one weight); in a decode step they come from memory,
+between the attention's reads of the KV cache: ``bench/rollout.py`` times that. ``--evict-mb N`` comes
+closer: each call is timed alone (wall clock, median) right after a read of N MB, which leaves the weights,
+the code and the data around the call in memory, not in the caches, as a decode step's attention does.
 """
 
 from __future__ import annotations
@@ -52,20 +54,25 @@ def main() -> None:
                    help="rows per GEMM: decode steps of 1 and 32 sequences, a prefill of 1,024 tokens")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and inputs")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="hot loops in process CPU seconds, or in wall seconds (with OMP_WAIT_POLICY=ACTIVE for the "
+                        "GEMMs of a few rows on small weights, where a sleeping thread's wake-up is most of a call)")
     p.add_argument("--evict-mb", type=int, default=0,
                    help="time each call alone after reading this many MB (0: hot loops in CPU seconds)")
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not onednn_linear.available(dtype):
         raise SystemExit(f"this torch build has no oneDNN {args.dtype} linear ops (torch.backends.mkldnn)")
-    print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}; process CPU time, best of {args.rounds} "
-          f"alternating rounds")
+    clock = "process CPU time" if args.clock == "cpu" else "wall time"
+    print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}; {clock}, best of {args.rounds} alternating rounds "
+          f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     kernel = dtype == torch.float32 and cpu_decode_kernel._library() is not None
     amx = dtype == torch.bfloat16 and cpu_decode_kernel.amx_available()
     if not kernel and not amx:
         print("no C++ GEMM column: " + (cpu_decode_kernel.describe() if dtype == torch.float32 else
                                         "bf16 takes the AMX GEMM, and this CPU or build has no AMX"))
-    timer = time_per_call
+    timer = time_per_call if args.clock == "cpu" else _wall_per_call
+    rate = "GFLOP/CPU-s" if args.clock == "cpu" else "GFLOP/s"
     if args.evict_mb:
         print(f"each call timed alone after a {args.evict_mb} MB read: wall clock, median of the calls")
         timer = _after_a_read(torch.ones(args.evict_mb * (1 << 20) // 4))
@@ -87,8 +94,7 @@ def main() -> None:
                 elif amx and rows <= cpu_decode_kernel.AMX_ROWS:
                     tiles = cpu_decode_kernel.pack_amx_weight(weight)
                     variants["kernel"] = lambda x=x, w=tiles, n=n_out: cpu_decode_kernel.amx_linear(x, w, n)
-                # >= 0.1 s per round: the kernel accounts other threads' CPU time only at its ticks
-                calls = max(3, int(2e10 // (2 * rows * n_out * n_in)))
+                calls = calls_per_round(variants["matmul"])
                 best = {label: float("inf") for label in variants}
                 for _ in range(args.rounds):
                     for label, fn in variants.items():
@@ -98,7 +104,7 @@ def main() -> None:
             has_kernel = "kernel" in best
             gflops = 2 * rows * n_out * n_in / 1e9
             print(f"rows {rows:5d} {name:7s} [{n_out:>6} x {n_in:>5}]  matmul {best['matmul'] * 1e3:8.3f} ms "
-                  f"({gflops / best['matmul']:5.1f} GFLOP/CPU-s)  oneDNN {best['onednn'] * 1e3:8.3f} ms "
+                  f"({gflops / best['matmul']:5.1f} {rate})  oneDNN {best['onednn'] * 1e3:8.3f} ms "
                   f"({gflops / best['onednn']:5.1f})  ratio {best['matmul'] / best['onednn']:.2f}  "
                   f"reorder {reorder_s / best['onednn']:.1f} calls" + (
                       f"  {'AMX' if amx else 'C++'} GEMM {best['kernel'] * 1e3:8.3f} ms "
@@ -111,6 +117,30 @@ def main() -> None:
             print(f"RATIO oneDNN/{'AMX' if amx else 'C++'} GEMM at {rows} rows over one layer and the output layer = "
                   f"{totals['onednn'] / totals['kernel']:.3f} "
                   f"({totals['onednn'] * 1e3:.3f} vs {totals['kernel'] * 1e3:.3f} ms)")
+
+
+def _wall_per_call(fn, calls: int, cuda: bool = False) -> float:
+    for _ in range(2):
+        fn()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - began) / calls
+
+
+def calls_per_round(fn, seconds: float = 0.15) -> int:
+    """Calls that take about ``seconds`` of wall time: >= 0.1 s a round, as the kernel accounts other threads'
+    CPU time only at its ticks. Sized by timing the calls, not by FLOPs, since a GEMM of a few rows on a small
+    weight is a few microseconds of call overhead (a FLOP-sized round of those ran for minutes)."""
+    calls = 1
+    while True:
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        took = time.perf_counter() - began
+        if took >= seconds / 8:
+            return max(3, round(calls * seconds / took))
+        calls *= 4
 
 
 def _after_a_read(buffer: torch.Tensor):
