@@ -8,16 +8,21 @@ from pathlib import Path
 
 import pytest
 
-ROLLOUT_BENCH = Path(__file__).resolve().parents[2] / "bench" / "rollout.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench(script: str):
+    """``bench/<script>.py`` loaded as a module (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """``bench/rollout.py`` loaded as a module (the benches are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_rollout", ROLLOUT_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``bench/rollout.py``."""
+    return load_bench("rollout")
 
 
 @pytest.fixture(scope="session")

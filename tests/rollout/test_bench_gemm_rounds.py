@@ -4,21 +4,16 @@ rows on one of the CPU demo's small weights is microseconds of call overhead, an
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "onednn_linear.py"
+from .conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def gemm_bench():
-    spec = importlib.util.spec_from_file_location("bench_onednn_linear", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("onednn_linear")
 
 
 def _busy(seconds: float):
