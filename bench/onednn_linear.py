@@ -128,19 +128,23 @@ def _wall_per_call(fn, calls: int, cuda: bool = False) -> float:
     return (time.perf_counter() - began) / calls
 
 
-def calls_per_round(fn, seconds: float = 0.15) -> int:
+def calls_per_round(fn, seconds: float = 0.15, clock=time.perf_counter) -> int:
     """Calls that take about ``seconds`` of wall time: >= 0.1 s a round, as the kernel accounts other threads'
     CPU time only at its ticks. Sized by timing the calls, not by FLOPs, since a GEMM of a few rows on a small
-    weight is a few microseconds of call overhead (a FLOP-sized round of those ran for minutes)."""
-    calls = 1
-    while True:
-        began = time.perf_counter()
+    weight is a few microseconds of call overhead (a FLOP-sized round of those ran for minutes). The probe that
+    sizes it is timed three times and the fastest kept: one preemption by another process would otherwise
+    shrink every round after it."""
+    def took(calls: int) -> float:
+        began = clock()
         for _ in range(calls):
             fn()
-        took = time.perf_counter() - began
-        if took >= seconds / 8:
-            return max(3, round(calls * seconds / took))
+        return clock() - began
+
+    calls = 1
+    while took(calls) < seconds / 8:
         calls *= 4
+    fastest = min(took(calls) for _ in range(3))
+    return max(3, round(calls * seconds / fastest))
 
 
 def _after_a_read(buffer: torch.Tensor):
