@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("decode_attention.cpp", "prefill_attention.cpp", "linear.cpp", "elementwise.cpp",
                              "amx_linear.cpp", "read_probe.cpp"))
+# Compiled once per cache dtype (-DMGRM_DECODE_DTYPE), side by side: each dtype instantiates every head size's
+# kernels, and as one unit they were two thirds of a build's CPU time.
+PER_DTYPE_SOURCE = "decode_attention.cpp"
 # Included by the sources: part of the hash.
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("kernel_math.h", "simd16.h"))
 # No -ffast-math: it would let the compiler assume no infinities, and masked scores are -inf.
@@ -516,8 +519,10 @@ def _library_path() -> Path | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    digest = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), compiler,
-                                       version, _cpu_features(), torch.__version__]).encode()).hexdigest()[:16]
+    units = " ".join(f"{source.name}{''.join(defines)}" for source, defines in _compile_units())
+    digest = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), units,
+                                       compiler, version, _cpu_features(), torch.__version__]).encode()
+                            ).hexdigest()[:16]
     return _cache_dir() / f"attention-{digest}.so"
 
 
@@ -572,28 +577,40 @@ def _build_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _compile_units() -> list[tuple[Path, tuple[str, ...]]]:
+    """Each source with the defines it is compiled under: :data:`PER_DTYPE_SOURCE` once per cache dtype
+    (the largest units first, so the last compilers to finish have the small ones), the others once."""
+    units: list[tuple[Path, tuple[str, ...]]] = []
+    for source in SOURCES:
+        if source.name == PER_DTYPE_SOURCE:
+            units += [(source, (f"-DMGRM_DECODE_DTYPE={code}",)) for code in DTYPE_CODES.values()]
+    return units + [(source, ()) for source in SOURCES if source.name != PER_DTYPE_SOURCE]
+
+
 def _build(path: Path) -> str | None:
-    """Compile the sources side by side (one compiler per core: the decode attention's alone is two thirds of
-    the work), link them into a scratch folder beside ``path`` and rename the library into place."""
+    """Compile the units side by side (one compiler per core), link them into a scratch folder beside ``path``
+    and rename the library into place."""
     compiler = _compiler()
     try:
         scratch = tempfile.mkdtemp(prefix=path.stem + ".", suffix=".build", dir=path.parent)
     except OSError as exc:
         return f"cannot write the kernel cache {path.parent}: {exc}"
+    units = _compile_units()
     log.info("building the C++ kernels for this CPU into %s (once per CPU kind; %d compilers at once)", path,
-             min(len(SOURCES), _cores()))
+             min(len(units), _cores()))
     try:
-        objects = [os.path.join(scratch, f"{i}-{source.stem}.o") for i, source in enumerate(SOURCES)]
+        objects = [os.path.join(scratch, f"{i}-{source.stem}.o") for i, (source, _) in enumerate(units)]
 
-        def compile_one(job: tuple[Path, str]) -> subprocess.CompletedProcess:
-            return subprocess.run([compiler, *FLAGS, "-c", str(job[0]), "-o", job[1]], capture_output=True,
-                                  text=True, timeout=600)
+        def compile_one(job: tuple[tuple[Path, tuple[str, ...]], str]) -> subprocess.CompletedProcess:
+            (source, defines), target = job
+            return subprocess.run([compiler, *FLAGS, *defines, "-c", str(source), "-o", target],
+                                  capture_output=True, text=True, timeout=600)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=_cores()) as pool:
-            results = list(pool.map(compile_one, zip(SOURCES, objects)))
-        for source, result in zip(SOURCES, results):
+            results = list(pool.map(compile_one, zip(units, objects)))
+        for (source, defines), result in zip(units, results):
             if result.returncode != 0:
-                return f"{compiler} failed on {source}: {result.stderr.strip()[-2000:]}"
+                return f"{compiler} failed on {' '.join((str(source), *defines))}: {result.stderr.strip()[-2000:]}"
         library = os.path.join(scratch, path.name)
         result = subprocess.run([compiler, *FLAGS, *objects, "-o", library], capture_output=True, text=True,
                                 timeout=600)

@@ -240,6 +240,24 @@ def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, mon
     assert list(cache.iterdir()) == []  # no half-written library for the next process to load
 
 
+def test_the_decode_attention_compiles_once_per_cache_dtype_and_first():
+    """Its dtypes' kernels were two thirds of a build's CPU time in one unit, which no other compiler could
+    share; as a unit per dtype, started first, they run beside the other sources'."""
+    units = cpu_decode_kernel._compile_units()
+    per_dtype = [defines for source, defines in units if source.name == cpu_decode_kernel.PER_DTYPE_SOURCE]
+    assert per_dtype == [(f"-DMGRM_DECODE_DTYPE={code}",) for code in cpu_decode_kernel.DTYPE_CODES.values()]
+    assert units[:len(per_dtype)] == [(cpu_decode_kernel.SOURCES[0], defines) for defines in per_dtype]
+    assert sorted(source for source, _ in units[len(per_dtype):]) == sorted(cpu_decode_kernel.SOURCES[1:])
+
+
+@needs_compiler
+def test_the_decode_attention_compiled_without_a_dtype_says_which_define_it_needs():
+    source = cpu_decode_kernel.SOURCES[0]
+    result = subprocess.run([cpu_decode_kernel._compiler(), "-std=c++17", "-fsyntax-only", str(source)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "-DMGRM_DECODE_DTYPE=0" in result.stderr, result.stderr[-2000:]
+
+
 def _cpu_flags() -> set[str]:
     try:
         return {flag for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")

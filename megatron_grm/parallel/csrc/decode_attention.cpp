@@ -18,8 +18,10 @@
 // that sees no key (all masked) gives max -inf, sum 0 and output 0.
 //
 // Built by cpu_decode_kernel.py with the machine's C++ compiler (-O3 -march=native -fopenmp, no
-// -ffast-math: masks are -inf). OpenMP resolves to the runtime torch already loaded, so the kernel runs on
-// torch's threads.
+// -ffast-math: masks are -inf), once per cache dtype (-DMGRM_DECODE_DTYPE=0, 1 or 2; the fp32 unit holds the
+// entry points): each dtype instantiates every head size's kernels, and as one unit they were 17 of a build's
+// 25 CPU-seconds, which the build's compilers could not share. OpenMP resolves to the runtime torch already
+// loaded, so the kernel runs on torch's threads.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,16 +31,49 @@
 #include "kernel_math.h"
 #include "simd16.h"
 
-namespace {
+#ifndef MGRM_DECODE_DTYPE
+#error "decode_attention.cpp is compiled once per cache dtype: -DMGRM_DECODE_DTYPE=0 (fp32), 1 (bf16) or 2 (fp16)"
+#endif
 
-using mgrm::softmax_block;
-using mgrm::to_float;
-
-constexpr int64_t kBlock = 64;  // positions per block: 64 keys + 64 values of 64 fp32 channels = 32 KB
+namespace mgrm {
 
 struct Strides {
   int64_t row, group, position;  // in elements; channels are contiguous
 };
+
+// One call of mgrm_decode_attention (below), less its dtype: what a dtype's unit receives.
+struct DecodeCall {
+  int threads;
+  const float* q;
+  int64_t B, G, R, D;
+  const void* k;
+  Strides ks;
+  const void* v;
+  Strides vs;
+  const float* mask;
+  int64_t mask_row;
+  const int64_t* row_start;
+  int64_t start, end;
+  float scale;
+  float *max_out, *sum_out, *out;
+};
+
+// Each defined in its dtype's unit.
+void decode_attention_fp32(const DecodeCall& call);
+void decode_attention_bf16(const DecodeCall& call);
+#ifdef MGRM_HAVE_FP16
+void decode_attention_fp16(const DecodeCall& call);
+#endif
+
+}  // namespace mgrm
+
+namespace {
+
+using mgrm::softmax_block;
+using mgrm::Strides;
+using mgrm::to_float;
+
+constexpr int64_t kBlock = 64;  // positions per block: 64 keys + 64 values of 64 fp32 channels = 32 KB
 
 // One (row, group): queries q[R][D] over positions [start, end). `scratch` holds R * (kBlock + D) floats.
 template <typename T, int64_t kDim>
@@ -267,11 +302,16 @@ void attend_any(const float* q, const T* k, const T* v, int64_t k_step, int64_t 
 }
 
 template <typename T>
-void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D, const void* k_base, Strides ks,
-         const void* v_base, Strides vs, const float* mask, int64_t mask_row, const int64_t* row_start,
-         int64_t start, int64_t end, float scale, float* max_out, float* sum_out, float* out) {
-  const T* k = static_cast<const T*>(k_base);
-  const T* v = static_cast<const T*>(v_base);
+void run(const mgrm::DecodeCall& c) {
+  const int threads = c.threads;
+  const float *q = c.q, *mask = c.mask;
+  const int64_t B = c.B, G = c.G, R = c.R, D = c.D, mask_row = c.mask_row, start = c.start, end = c.end;
+  const int64_t* row_start = c.row_start;
+  const Strides ks = c.ks, vs = c.vs;
+  const float scale = c.scale;
+  float *max_out = c.max_out, *sum_out = c.sum_out, *out = c.out;
+  const T* k = static_cast<const T*>(c.k);
+  const T* v = static_cast<const T*>(c.v);
   // (row, group) pairs per dynamic chunk (rows differ in length where padding is skipped): up to 8, two
   // rows of 4 KV heads that one thread reads as one run of a head-major cache, while every thread still
   // gets several chunks. 8 against 2 in a rollout of bench/rollout.py's model and prompts (32 rows, the
@@ -308,6 +348,15 @@ void run(int threads, const float* q, int64_t B, int64_t G, int64_t R, int64_t D
 
 }  // namespace
 
+#if MGRM_DECODE_DTYPE == 0
+void mgrm::decode_attention_fp32(const DecodeCall& call) { run<float>(call); }
+#elif MGRM_DECODE_DTYPE == 1
+void mgrm::decode_attention_bf16(const DecodeCall& call) { run<uint16_t>(call); }
+#elif MGRM_DECODE_DTYPE == 2 && defined(MGRM_HAVE_FP16)
+void mgrm::decode_attention_fp16(const DecodeCall& call) { run<_Float16>(call); }
+#endif
+
+#if MGRM_DECODE_DTYPE == 0
 extern "C" {
 
 // dtype: 0 fp32, 1 bf16, 2 fp16 (the cache's; queries are fp32). q [B, G, R, D] contiguous; keys/values
@@ -320,20 +369,19 @@ int mgrm_decode_attention(int dtype, int threads, const float* q, int64_t B, int
                           int64_t v_row, int64_t v_group, int64_t v_position, const float* mask, int64_t mask_row,
                           const int64_t* row_start, int64_t start, int64_t end, float scale, float* max_out,
                           float* sum_out, float* out) {
-  const Strides ks{k_row, k_group, k_position}, vs{v_row, v_group, v_position};
+  const mgrm::DecodeCall call{threads, q, B, G, R, D, k, {k_row, k_group, k_position}, v,
+                              {v_row, v_group, v_position}, mask, mask_row, row_start, start, end, scale,
+                              max_out, sum_out, out};
   switch (dtype) {
     case 0:
-      run<float>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
-                 sum_out, out);
+      mgrm::decode_attention_fp32(call);
       return 0;
     case 1:
-      run<uint16_t>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
-                    sum_out, out);
+      mgrm::decode_attention_bf16(call);
       return 0;
 #ifdef MGRM_HAVE_FP16
     case 2:
-      run<_Float16>(threads, q, B, G, R, D, k, ks, v, vs, mask, mask_row, row_start, start, end, scale, max_out,
-                    sum_out, out);
+      mgrm::decode_attention_fp16(call);
       return 0;
 #endif
     default:
@@ -361,3 +409,4 @@ int mgrm_decode_attention_dtypes() {
 }
 
 }  // extern "C"
+#endif
