@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Scale:
-    """How much work each step does; ``full`` fits the README's 20 minutes on 2 cores, ``test`` the test suite."""
+    """How much work each step does: ``full`` runs in 10-13 minutes on 2 cores (the README's figures), ``test``
+    is the suite's."""
 
     bootstrap_steps: int
     rft_examples: int
