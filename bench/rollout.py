@@ -14,7 +14,7 @@ samples instead (both sides over the whole vocabulary at temperature T: ``genera
 ``torch.multinomial``, ours from per-request streams); sampled tokens cannot be compared, so that check
 is skipped.
 
-    .venv/bin/python bench/rollout.py                       # CPU figures recorded in docs/rollout.md
+    .venv/bin/python bench/rollout.py                       # CPU figures: docs/rollout.md, docs/rollout_benchmarks.md
     .venv/bin/python bench/rollout.py --hidden 1024 --layers 8 --batches 1 8 32
     .venv/bin/python bench/rollout.py --batches 32 --min-prompt 960 --max-prompt 1200  # GRM-length prompts
     .venv/bin/python bench/rollout.py --batches 32 --copies 8 --responses 2 --min-prompt 960 --max-prompt 1200 \

@@ -115,7 +115,7 @@ def attend_left_padded(q: Tensor, k: Tensor, v: Tensor, pads: Sequence[int], **s
     """SDPA over ``[b, heads, s, d]`` rows whose real tokens follow ``pads[r]`` padding positions: each
     row's real part causally on its own (``is_causal`` skips the blocks above the diagonal, and no
     padding is read), each padding query its own value (it sees only itself). The same numbers as SDPA
-    under the whole mask, which computes every block of the padded square (docs/rollout.md)."""
+    under the whole mask, which computes every block of the padded square (docs/rollout_benchmarks.md, session 31)."""
     group = q.shape[1] // k.shape[1]
     rows = []
     for r, pad in enumerate(pads):

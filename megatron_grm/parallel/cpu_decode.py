@@ -541,7 +541,7 @@ def _attend_per_row(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         # A KV group's query heads go in as its query positions, so the kernel reads each group's keys and
         # values once: with the kernel's own grouped-query heads (torch >= 2.9) it reads them per query head,
         # and one step of 32 rows x 1,225 positions (4 KV heads of 64, 2 query heads each) took 19.5 ms
-        # against 5.3 ms in bf16 on a 2-core AMD EPYC (session 31, docs/rollout.md).
+        # against 5.3 ms in bf16 on a 2-core AMD EPYC (session 31, docs/rollout_benchmarks.md).
         mask = _padding_mask(None, start, end, queries.dtype, queries.device)
         return _fused_part(queries, keys, values, mask, scale)
     scores = torch.matmul(queries, keys.transpose(2, 3)).float().mul_(scale)
