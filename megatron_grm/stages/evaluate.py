@@ -15,9 +15,9 @@ sample → meta-score → vote → score → tables:
    ``outcomes.jsonl`` (each example's verdict per method, for paired comparisons of two runs:
    ``python tools/compare_evals.py RUN_A RUN_B``).
 
-Every draw goes to ``<run_dir>/samples.jsonl`` as it is made (a restarted run samples only what is
-missing). ``eval.samples_in=FILE`` supplies draws in that format, e.g. from another run: whatever it
-holds is not sampled again, and with nothing missing no model is built at all.
+Every draw goes to ``<run_dir>/samples.jsonl`` as it is made (``stages/eval_draws.py``: a restarted run
+samples only what is missing). ``eval.samples_in=FILE`` supplies draws in that format, e.g. from another
+run: whatever it holds is not sampled again, and with nothing missing no model is built at all.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import random
 import zlib
@@ -39,9 +38,9 @@ import hydra
 import torch
 
 from megatron_grm.data.examples import Example, permute_example
-from megatron_grm.data.readers.common import ReadResult, json_object_lines
+from megatron_grm.data.readers.common import ReadResult
 from megatron_grm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, true_on_any_rank
+from megatron_grm.parallel.distributed import barrier, data_parallel_rank_and_size, is_rank0, true_on_any_rank
 from megatron_grm.rollout.judgments import (
     encode_grm_prompt,
     generate_where_room,
@@ -67,13 +66,22 @@ from megatron_grm.spct import (
 )
 from megatron_grm.stages.common import CONF_DIR, prepare_run, prompt_template_mismatch, run_stage, tokenizer_name
 from megatron_grm.stages.eval_compare import OUTCOMES_FILE
+from megatron_grm.stages.eval_draws import (
+    GREEDY,
+    JUDGE,
+    SAMPLE,
+    Draw,
+    DrawStore,
+    append_draws,
+    drop_torn_tail,
+    rewrite_draws,
+)
 from megatron_grm.train.signals import exit_for_requeue, stop_request
 
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE, MANIFEST_FILE = "samples.jsonl", "samples_manifest.json"
 RESULTS_JSON, RESULTS_MD, SCALING_PNG = "results.json", "results.md", "scaling.png"
-GREEDY, SAMPLE, JUDGE = "greedy", "sample", "judge"  # the methods a draw comes from
 JUDGE_ROW = "LLM-as-a-judge"
 
 
@@ -238,136 +246,6 @@ def judge_prompt_text(example: Example, perm: Sequence[int]) -> str:
     return judge_baseline_prompt(shown.context, shown.responses)
 
 
-# ------------------------------------------------------------------------------------------ draws
-@dataclass
-class Draw:
-    """One generated judgment of one example: a line of the sample file.
-
-    ``scores`` are in the example's original response order (the baseline's choice as one-hot scores),
-    None when unparseable; ``permutation[k]`` is the response shown at position k.
-    """
-
-    benchmark: str
-    example_id: str
-    method: str  # greedy | sample | judge
-    draw: int
-    scores: list[int] | None
-    permutation: list[int] | None = None
-    text: str = ""
-    meta_score: float | None = None
-
-
-class DrawStore:
-    """All draws by (benchmark, example, method), in draw order; what is already there is not resampled."""
-
-    def __init__(self) -> None:
-        self.draws: dict[tuple[str, str, str], dict[int, Draw]] = defaultdict(dict)
-        self.others: list[dict[str, Any]] = []  # the run file's records of examples not evaluated this time
-
-    def add(self, draws: Sequence[Draw]) -> None:
-        for d in draws:
-            self.draws[(d.benchmark, d.example_id, d.method)][d.draw] = d
-
-    def get(self, benchmark: str, example_id: str, method: str) -> list[Draw]:
-        by_index = self.draws.get((benchmark, example_id, method), {})
-        out = []
-        while len(out) in by_index:  # the contiguous prefix 0, 1, 2, ...
-            out.append(by_index[len(out)])
-        return out
-
-    def all(self) -> list[Draw]:
-        return [d for key in sorted(self.draws) for _, d in sorted(self.draws[key].items())]
-
-    def read(self, path: str, benchmarks: Sequence[Benchmark], keep_others: bool = False,
-             meta_scores: bool = True) -> int:
-        """Add the draws of a sample file that belong to these benchmarks' examples; returns how many.
-        ``keep_others``: hold the file's other records in :attr:`others` (the run's own file is rewritten,
-        and a rerun over fewer examples must not delete the rest). ``meta_scores=False``: read the draws
-        without their MetaRM logits, so the run's MetaRM scores them.
-
-        Within one file a draw may appear again only as :func:`meta_score_missing` appends it: the same
-        draw, now with its ``meta_score`` (or the very same line twice); the later line replaces the earlier.
-        Any other second line of a draw is an error naming both lines, not the earlier judgment silently
-        replaced (and gone for good once the file is rewritten). A draw of this file replaces one read from an
-        earlier file (the run's own draws over ``eval.samples_in``)."""
-        wanted = {(b.name, e.id): e.num_responses for b in benchmarks for e in b.examples}
-        added, ignored = 0, 0
-        unscored: set[tuple[str, str, str, int]] = set()
-        seen: dict[tuple[str, str, str, int], tuple[str, dict[str, Any]]] = {}
-        other_at: dict[tuple[str, str, str, int], int] = {}  # where a draw of another example is in self.others
-        for where, record in json_object_lines(path):
-            draw = _draw_from_record(record, where)
-            key = (draw.benchmark, draw.example_id, draw.method, draw.draw)
-            earlier = seen.get(key)
-            if earlier is not None:
-                _check_same_draw(earlier[1], record, earlier[0], where)
-            seen[key] = (where, record)
-            n = wanted.get((draw.benchmark, draw.example_id))
-            if n is None:
-                if earlier is None:
-                    ignored += 1
-                if keep_others and key in other_at:  # the later line replaces the earlier in the rewrite too
-                    self.others[other_at[key]] = record
-                elif keep_others:
-                    other_at[key] = len(self.others)
-                    self.others.append(record)
-                continue
-            if draw.scores is not None and len(draw.scores) != n:
-                raise ValueError(f"{where}: {len(draw.scores)} scores for an example with {n} responses")
-            if not meta_scores and draw.meta_score is not None:
-                draw.meta_score = None
-                unscored.add(key)
-            self.add([draw])
-            added += earlier is None
-        if ignored:
-            log.warning("%s: %s %d draws of examples not evaluated here", path,
-                        "kept, unused," if keep_others else "ignored", ignored)
-        if unscored:
-            log.info("%s: %d imported MetaRM scores set aside; eval.metarm scores those draws", path, len(unscored))
-        return added
-
-
-def _check_same_draw(first: dict[str, Any], second: dict[str, Any], first_where: str, where: str) -> None:
-    """A second line of one draw in one file is allowed only as the same judgment, the first line's
-    ``meta_score`` null (it was appended again once meta-scored), or the same line again."""
-    differing = sorted(k for k in set(first) | set(second)
-                       if k != "meta_score" and first.get(k, None) != second.get(k, None))
-    meta_first, meta_second = first.get("meta_score"), second.get("meta_score")
-    if meta_first is not None and meta_first != meta_second:
-        differing.append("meta_score")
-    if differing:
-        line = first_where.rsplit(":", 1)[-1]
-        raise ValueError(f"{where}: field {differing[0]!r}: this draw ({second['benchmark']}, {second['example_id']}, "
-                         f"{second['method']}, draw {second['draw']}) is already on line {line} with other "
-                         f"{', '.join(repr(k) for k in differing)}; one draw has one judgment: remove one of the lines")
-
-
-def _draw_from_record(record: dict[str, Any], where: str) -> Draw:
-    """A line of a sample file as a :class:`Draw`, else a ValueError naming the line and the field (a
-    non-integer ``draw`` would break the draw order, a ``true`` score would count as 1)."""
-    for name in ("benchmark", "example_id", "method", "draw", "scores"):
-        if name not in record:
-            raise ValueError(f"{where}: field {name!r} is missing")
-    for name in ("benchmark", "example_id", "method", "text"):
-        if name in record and not isinstance(record[name], str):
-            raise ValueError(f"{where}: field {name!r} must be a string, got {record[name]!r}")
-    if record["method"] not in (GREEDY, SAMPLE, JUDGE):
-        raise ValueError(f"{where}: field 'method' must be greedy, sample or judge, got {record['method']!r}")
-    if type(record["draw"]) is not int or record["draw"] < 0:
-        raise ValueError(f"{where}: field 'draw' must be a non-negative integer, got {record['draw']!r}")
-    scores = record["scores"]
-    if scores is not None and not (isinstance(scores, list) and all(type(x) is int for x in scores)):
-        raise ValueError(f"{where}: field 'scores' must be a list of integers or null, got {scores!r}")
-    perm = record.get("permutation")
-    if perm is not None and not (isinstance(perm, list) and all(type(x) is int for x in perm)):
-        raise ValueError(f"{where}: field 'permutation' must be a list of integers or null, got {perm!r}")
-    meta = record.get("meta_score")
-    if meta is not None and (isinstance(meta, bool) or not isinstance(meta, (int, float)) or not math.isfinite(meta)):
-        raise ValueError(f"{where}: field 'meta_score' must be a finite number or null, got {meta!r}")
-    known = set(Draw.__dataclass_fields__)
-    return Draw(**{k: v for k, v in record.items() if k in known})
-
-
 # ------------------------------------------------------------------------------------------ 1. sample
 @dataclass
 class Job:
@@ -466,7 +344,7 @@ def sample_missing(run, tokenizer: Tokenizer, jobs: Sequence[Job], store: DrawSt
         part = job.examples[start:start + s.chunk_examples * dp_size][dp_rank::dp_size]
         draws = _gather(generate_draws(engine, tokenizer, job, part, s, run.trainer.seed))
         store.add(draws)
-        _append(samples_path, draws)
+        append_draws(samples_path, draws)
         bar.update(1)
         if true_on_any_rank(stop.requested):
             log.warning("stopping on signal: %d draws are in %s; rerun the same command to continue",
@@ -509,7 +387,7 @@ def meta_score_missing(run, tokenizer: Tokenizer, benchmarks: Sequence[Benchmark
         logits = metarm_logits(model, ids, run.trainer.micro_batch_size, tokenizer.pad_id)
         for (draw, _), logit in zip(todo[start:start + step], logits):
             draw.meta_score = logit
-        _append(samples_path, [draw for draw, _ in todo[start:start + step]])
+        append_draws(samples_path, [draw for draw, _ in todo[start:start + step]])
         bar.update(1)
         if true_on_any_rank(stop.requested):
             log.warning("stopping on signal: %d of %d draws meta-scored, kept in %s; rerun the same command to "
@@ -687,7 +565,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     check_manifest(run_dir, sampling_manifest(run, s))
     store = DrawStore()
     samples_path = os.path.join(run_dir, SAMPLES_FILE)
-    if _rank0() and os.path.exists(samples_path):
+    if is_rank0() and os.path.exists(samples_path):
         dropped = drop_torn_tail(samples_path)
         if dropped:
             log.warning("%s: cut %d bytes of a line an earlier attempt did not finish writing; its draws are "
@@ -702,10 +580,10 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if jobs:
         sample_missing(run, tokenizer, jobs, store, s, samples_path)
     truncated = meta_score_missing(run, tokenizer, benchmarks, store, s, samples_path) if s.metarm else 0
-    _rewrite(samples_path, store.all(), store.others)
+    rewrite_draws(samples_path, store.all(), store.others)
 
     scores = score_benchmarks(benchmarks, store, s, run.trainer.seed)
-    if _rank0():
+    if is_rank0():
         write_outputs(run_dir, benchmarks, scores, s, {"metarm_inputs_truncated": truncated})
         print(results_markdown(scores["accuracy"], [b.name for b in benchmarks]), flush=True)
     return scores
@@ -729,15 +607,16 @@ def check_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
     """Refuse to continue a run folder whose sample file was drawn with other settings (rank 0 writes it)."""
     path = os.path.join(run_dir, MANIFEST_FILE)
     old = json.loads(Path(path).read_text()) if os.path.exists(path) else None
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank has read it before rank 0 may write it
+    barrier()  # every rank has read it before rank 0 may write it
     if old is not None and old != manifest:
         changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         raise ValueError(f"{run_dir} holds draws made with other settings ({', '.join(changed)}: "
                          f"{[old.get(k) for k in changed]} -> {[manifest.get(k) for k in changed]}); "
                          "use another trainer.run_dir, or pass its samples.jsonl as eval.samples_in")
-    if old is None and _rank0():
+    if old is None and is_rank0():
         Path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def _gather(draws: list[Draw]) -> list[Draw]:
     """Every data-parallel replica's draws, on every rank (TP/PP ranks of a replica hold the same ones)."""
     from megatron.core import parallel_state
@@ -749,65 +628,10 @@ def _gather(draws: list[Draw]) -> list[Draw]:
     return [d for part in parts for d in part]
 
 
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def drop_torn_tail(path: str, block: int = 1 << 16) -> int:
-    """Cut a JSON-lines file back to its last complete line; returns the bytes cut. An append killed
-    mid-write (SIGKILL after ``scancel``'s KillWait, the OOM killer, a lost node) leaves a line without
-    its newline, which would fail every rerun and run into the next append."""
-    with open(path, "rb+") as f:
-        size = end = f.seek(0, os.SEEK_END)
-        while end > 0:
-            start = max(0, end - block)
-            f.seek(start)
-            chunk = f.read(end - start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            end = start
-        else:
-            keep = 0
-        if keep < size:
-            f.truncate(keep)
-        return size - keep
-
-
-def _line(draw: Draw) -> str:
-    """A draw as a line of the sample file. A MetaRM logit that overflowed (NaN, inf: ranked last in
-    this run) is written as null, so the file stays JSON and a rerun scores that draw again."""
-    record = asdict(draw)
-    if record["meta_score"] is not None and not math.isfinite(record["meta_score"]):
-        record["meta_score"] = None
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def _append(path: str, draws: Sequence[Draw]) -> None:
-    if _rank0() and draws:
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(_line(d) for d in draws)
-
-
-def _rewrite(path: str, draws: Sequence[Draw], others: Sequence[dict[str, Any]] = ()) -> None:
-    """The complete, sorted sample file (meta scores included), then the records of examples not
-    evaluated this time as they were; replaced atomically."""
-    if _rank0():
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(_line(d) for d in draws)
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in others)
-        os.replace(tmp, path)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="chunk", disable=not _rank0(), dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="chunk", disable=not is_rank0(), dynamic_ncols=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")

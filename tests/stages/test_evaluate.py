@@ -141,7 +141,7 @@ def test_injected_judgments_give_hand_computed_accuracies(injected):
 def test_a_line_torn_by_a_killed_append_is_cut_and_the_rerun_completes(injected, tmp_path):
     """A SIGKILL mid-append leaves samples.jsonl ending in half a line: the rerun of the same command cuts
     it (those draws are taken again) instead of failing on it at every attempt."""
-    from megatron_grm.stages.evaluate import drop_torn_tail
+    from megatron_grm.stages.eval_draws import drop_torn_tail
 
     path = tmp_path / "lines.jsonl"
     path.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
@@ -340,7 +340,8 @@ def test_a_repeated_example_id_across_files_is_an_error_not_shared_judgments(tmp
 @pytest.mark.parametrize("meta", [float("nan"), "0.5", True])
 def test_a_samples_file_with_a_non_finite_or_non_numeric_meta_score_names_the_line(tmp_path, meta):
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+    from megatron_grm.stages.eval_draws import DrawStore
+    from megatron_grm.stages.evaluate import Benchmark
 
     path = tmp_path / "draws.jsonl"
     good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": 0.5}
@@ -353,7 +354,8 @@ def test_a_samples_file_with_a_non_finite_or_non_numeric_meta_score_names_the_li
 @pytest.mark.parametrize(("line", "message"), [("{truncated", "invalid JSON"), ("[1, 2]", "expected a JSON object")])
 def test_a_samples_file_line_that_is_not_a_json_object_names_the_line(tmp_path, line, message):
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+    from megatron_grm.stages.eval_draws import DrawStore
+    from megatron_grm.stages.evaluate import Benchmark
 
     path = tmp_path / "draws.jsonl"
     good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": None}
@@ -387,7 +389,8 @@ def test_a_rerun_over_fewer_examples_keeps_the_other_draws_in_the_run_file(tmp_p
     from collections import Counter
 
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import SAMPLE, Benchmark, Draw, DrawStore, _rewrite
+    from megatron_grm.stages.eval_draws import SAMPLE, Draw, DrawStore, rewrite_draws
+    from megatron_grm.stages.evaluate import Benchmark
 
     draws = [Draw(b, "e1", SAMPLE, k, [7, 3], [0, 1], f"{b} judgment {k}", 0.5) for b in ("A", "B") for k in range(2)]
     path = tmp_path / "samples.jsonl"
@@ -395,7 +398,7 @@ def test_a_rerun_over_fewer_examples_keeps_the_other_draws_in_the_run_file(tmp_p
     store = DrawStore()
     only_a = [Benchmark("A", [Example((Turn("user", "q"),), ("x", "y"), 0, "s", "e1")], Counter())]
     assert store.read(str(path), only_a, keep_others=True) == 2
-    _rewrite(str(path), store.all(), store.others)
+    rewrite_draws(str(path), store.all(), store.others)
     again = DrawStore()
     both = [*only_a, Benchmark("B", only_a[0].examples, Counter())]
     assert again.read(str(path), both) == 4 and again.all() == draws
@@ -405,7 +408,8 @@ def test_imported_meta_scores_are_rescored_by_the_runs_metarm_and_an_overflowed_
     from collections import Counter
 
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import SAMPLE, Benchmark, Draw, DrawStore, _rewrite
+    from megatron_grm.stages.eval_draws import SAMPLE, Draw, DrawStore, rewrite_draws
+    from megatron_grm.stages.evaluate import Benchmark
 
     bench = [Benchmark("A", [Example((Turn("user", "q"),), ("x", "y"), 0, "s", "e1")], Counter())]
     path = tmp_path / "imported.jsonl"
@@ -417,7 +421,7 @@ def test_imported_meta_scores_are_rescored_by_the_runs_metarm_and_an_overflowed_
     store.read(str(path), bench)  # eval.metarm null: the imported logits are the MetaRM scores
     assert store.all()[0].meta_score == 2.5
     store.all()[0].meta_score = float("nan")  # a low-precision overflow
-    _rewrite(str(path), store.all())
+    rewrite_draws(str(path), store.all())
     again = DrawStore()
     assert again.read(str(path), bench) == 1 and again.all()[0].meta_score is None  # scored again next run
     assert "NaN" not in path.read_text() and json.loads(path.read_text())["meta_score"] is None
@@ -426,7 +430,8 @@ def test_imported_meta_scores_are_rescored_by_the_runs_metarm_and_an_overflowed_
 def test_a_draw_repeated_with_another_judgment_is_an_error_naming_both_lines(tmp_path):
     """A second line of one draw used to replace the first without a word (and the rewrite dropped it)."""
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+    from megatron_grm.stages.eval_draws import DrawStore
+    from megatron_grm.stages.evaluate import Benchmark
 
     path = tmp_path / "draws.jsonl"
     good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "meta_score": None}
@@ -451,7 +456,8 @@ def test_a_draw_appended_again_with_its_meta_score_replaces_the_unscored_line(tm
     """What meta_score_missing appends (the same draw, now scored) and a line written twice are no conflict;
     a draw of another example is kept once, with its score, for the rewrite."""
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+    from megatron_grm.stages.eval_draws import DrawStore
+    from megatron_grm.stages.evaluate import Benchmark
 
     path = tmp_path / "draws.jsonl"
     good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7], "permutation": [1, 0],
@@ -476,7 +482,8 @@ def test_a_draw_appended_again_with_its_meta_score_replaces_the_unscored_line(tm
 ])
 def test_a_samples_file_draw_with_a_mistyped_field_names_the_line_and_field(tmp_path, field, value, message):
     from megatron_grm.data.examples import Example, Turn
-    from megatron_grm.stages.evaluate import Benchmark, DrawStore
+    from megatron_grm.stages.eval_draws import DrawStore
+    from megatron_grm.stages.evaluate import Benchmark
 
     path = tmp_path / "draws.jsonl"
     good = {"benchmark": "b", "example_id": "e", "method": "sample", "draw": 0, "scores": [3, 7]}

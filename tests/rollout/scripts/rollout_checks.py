@@ -727,7 +727,8 @@ def main() -> None:
     both = sample_judgments(engine, tok, [short, long], 2, judging, "too-long", variant="compact", chat=False)
     alone = sample_judgments(engine, tok, [short], 2, judging, "too-long", variant="compact", chat=False)
     # The same for the LLM-as-a-judge baseline's prompts (evaluation): no choice, not an engine error.
-    from megatron_grm.stages.evaluate import JUDGE, BenchmarkSpec, EvalSettings, Job, _judge_draws
+    from megatron_grm.stages.eval_draws import JUDGE
+    from megatron_grm.stages.evaluate import BenchmarkSpec, EvalSettings, Job, _judge_draws
 
     judge_settings = EvalSettings(benchmarks=[BenchmarkSpec("b", "unused")], max_new_tokens=MAX_NEW, chat=False)
     judge = _judge_draws(engine, tok, Job("b", JUDGE, 1, 0, [short, long]), [short, long], judge_settings,
