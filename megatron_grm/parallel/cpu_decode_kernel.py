@@ -34,7 +34,9 @@ The library is cached per machine under ``$MEGATRON_GRM_KERNEL_DIR`` (default
 the CPU's feature flags (``-march=native``: a cache shared between different nodes keeps one build per CPU
 kind). One process builds while the others wanting the same library wait on a lock file beside it (the ranks
 of a job on an empty cache run the compiler once, not once each); the build is written to a temporary file
-and renamed into place, so no process sees half a library, also where the file system has no lock. Without
+and renamed into place, so no process sees half a library, also where the file system has no lock. A build
+the compiler rejects leaves its errors under the library's name (``.failed``), so the other ranks and later
+processes report them instead of each compiling again; deleting that file makes the next process retry. Without
 a compiler, or with ``MEGATRON_GRM_CPU_DECODE_KERNEL=0``, :func:`available` is False and
 ``parallel/cpu_decode.py`` keeps torch's path; the log says which runs. The prefill kernel needs
 AVX-512 or AVX2 (with FMA and F16C) besides (:func:`prefill_available`); elsewhere the prefill stays on
@@ -55,6 +57,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -536,6 +539,8 @@ def _build_error() -> str | None:
         return "no working C++ compiler (set CXX, or install g++)"
     if path.exists():
         return None
+    if _failure_record(path).exists():
+        return _recorded_failure(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -543,7 +548,24 @@ def _build_error() -> str | None:
     with _build_lock(path):
         if path.exists():  # built by the process this one waited for
             return None
+        if _failure_record(path).exists():  # or failed there: the same sources, compiler and CPU fail again
+            return _recorded_failure(path)
         return _build(path)
+
+
+def _failure_record(path: Path) -> Path:
+    """Beside the library's name: the compiler's errors from a build of the same sources, flags, compiler and
+    CPU kind, so the other ranks and later processes report them instead of each compiling again."""
+    return path.with_name(path.stem + ".failed")
+
+
+def _recorded_failure(path: Path) -> str:
+    record = _failure_record(path)
+    try:
+        reason = record.read_text().strip()
+    except OSError as exc:
+        reason = f"(unreadable: {exc})"
+    return f"an earlier build failed here ({record}; delete it to build again): {reason}"
 
 
 @contextlib.contextmanager
@@ -601,21 +623,32 @@ def _build(path: Path) -> str | None:
     try:
         objects = [os.path.join(scratch, f"{i}-{source.stem}.o") for i, (source, _) in enumerate(units)]
 
-        def compile_one(job: tuple[tuple[Path, tuple[str, ...]], str]) -> subprocess.CompletedProcess:
-            (source, defines), target = job
-            return subprocess.run([compiler, *FLAGS, *defines, "-c", str(source), "-o", target],
-                                  capture_output=True, text=True, timeout=600)
+        failed = threading.Event()  # once a unit fails, the units not started yet are not compiled
+
+        def compile_one(unit: tuple[Path, tuple[str, ...]], target: str) -> subprocess.CompletedProcess | None:
+            if failed.is_set():
+                return None
+            source, defines = unit
+            try:
+                result = subprocess.run([compiler, *FLAGS, *defines, "-c", str(source), "-o", target],
+                                        capture_output=True, text=True, timeout=600)
+            except BaseException:
+                failed.set()
+                raise
+            if result.returncode != 0:
+                failed.set()
+            return result
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=_cores()) as pool:
-            results = list(pool.map(compile_one, zip(units, objects)))
+            results = list(pool.map(compile_one, units, objects))
         for (source, defines), result in zip(units, results):
-            if result.returncode != 0:
-                return f"{compiler} failed on {' '.join((str(source), *defines))}: {result.stderr.strip()[-2000:]}"
+            if result is not None and result.returncode != 0:
+                return _failed(path, f"{compiler} failed on {' '.join((str(source), *defines))}", result)
         library = os.path.join(scratch, path.name)
         result = subprocess.run([compiler, *FLAGS, *objects, "-o", library], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
-            return f"{compiler} failed linking {' '.join(map(str, SOURCES))}: {result.stderr.strip()[-2000:]}"
+            return _failed(path, f"{compiler} failed linking {' '.join(map(str, SOURCES))}", result)
         os.replace(library, path)  # atomic: a concurrent build of the same sources replaces it with the same bytes
         log.info("built the C++ attention kernels: %s", path)
         return None
@@ -623,6 +656,19 @@ def _build(path: Path) -> str | None:
         return f"building {' '.join(map(str, SOURCES))} failed: {exc}"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _failed(path: Path, what: str, result: subprocess.CompletedProcess) -> str:
+    """The reason a build failed; recorded beside the library when the compiler itself reported errors (exit
+    status 1), which the same inputs would report again; a compiler killed or timed out is tried again."""
+    reason = f"{what}: {result.stderr.strip()[-2000:]}"
+    if result.returncode == 1:
+        record = _failure_record(path)
+        with contextlib.suppress(OSError):
+            staging = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+            staging.write_text(reason + "\n")
+            os.replace(staging, record)
+    return reason
 
 
 def _cores() -> int:

@@ -227,17 +227,68 @@ def test_without_a_compiler_the_torch_path_is_named_and_the_kernel_refuses(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def _logging_compiler(folder: Path, body: str) -> tuple[Path, Path]:
+    """A ``$CXX`` that appends each compile or link command to a log, then runs ``body`` (answering
+    ``--version`` as the real compiler does, which the library's name hashes)."""
+    real, log = cpu_decode_kernel._compiler(), folder / "compiler.log"
+    script = folder / "cxx"
+    script.write_text(f'#!/bin/sh\ncase " $* " in *" --version "*) exec "{real}" "$@" ;; esac\n'
+                      f'echo "$*" >> "{log}"\n{body}\n')
+    script.chmod(0o755)
+    return script, log
+
+
+def _compiles(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 @needs_compiler
-def test_a_failed_build_names_the_source_and_leaves_nothing_behind(tmp_path, monkeypatch, fresh_probe):
+def test_a_failed_build_names_the_source_stops_and_is_not_compiled_again(tmp_path, monkeypatch, fresh_probe):
+    """The compiler rejects a source: the reason names it, the units not started yet are not compiled, no
+    library is left for a process to load, and the errors are recorded, so the next process (another rank, a
+    later run) reports them without compiling; deleting the record retries."""
     broken = tmp_path / "decode_attention.cpp"
     broken.write_text("this is not C++\n")
     cache = tmp_path / "cache"
+    cxx, log = _logging_compiler(tmp_path, f'exec "{cpu_decode_kernel._compiler()}" "$@"')
+    monkeypatch.setenv("CXX", str(cxx))
     monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(cache))
     monkeypatch.setattr(cpu_decode_kernel, "SOURCES", (broken, *cpu_decode_kernel.SOURCES[1:]))
+    monkeypatch.setattr(cpu_decode_kernel, "_cores", lambda: 1)  # one unit at a time: the first one fails
     assert not cpu_decode_kernel.available(torch.float32)
     reason = cpu_decode_kernel.describe()
-    assert str(broken) in reason and "failed" in reason
-    assert list(cache.iterdir()) == []  # no half-written library for the next process to load
+    assert str(broken) in reason and "failed on" in reason and "error" in reason, reason
+    assert _compiles(log) == 1 < len(cpu_decode_kernel._compile_units())
+    (record,) = cache.iterdir()  # no library, no lock, no scratch folder: the failure's record alone
+    assert record.suffix == ".failed" and str(broken) in record.read_text()
+
+    _forget()  # a new process
+    assert not cpu_decode_kernel.available(torch.float32)
+    again = cpu_decode_kernel.describe()
+    assert "an earlier build failed here" in again and str(record) in again and str(broken) in again
+    assert _compiles(log) == 1
+
+    record.unlink()
+    _forget()
+    assert not cpu_decode_kernel.available(torch.float32)
+    assert _compiles(log) == 2 and record.exists()
+
+
+@needs_compiler
+def test_a_compiler_killed_mid_build_is_not_recorded_and_the_next_process_builds(tmp_path, monkeypatch, fresh_probe):
+    """A compiler that dies (the OOM killer, a node's limits) says nothing about the sources: no record is
+    left, and the next process compiles again."""
+    cxx, log = _logging_compiler(tmp_path, 'kill -KILL $$')
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(cache))
+    assert not cpu_decode_kernel.available(torch.float32)
+    assert "failed on" in cpu_decode_kernel.describe()
+    first = _compiles(log)
+    assert first >= 1 and list(cache.iterdir()) == []
+    _forget()
+    assert not cpu_decode_kernel.available(torch.float32)
+    assert _compiles(log) > first and list(cache.iterdir()) == []
 
 
 def test_the_decode_attention_compiles_once_per_cache_dtype_and_first():
