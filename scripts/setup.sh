@@ -8,6 +8,12 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# Every package at the version CI last passed with (scripts/constraints.txt says why and how to move on);
+# GRM_PIP_CONSTRAINTS= (empty) installs the newest versions pyproject.toml allows instead.
+CONSTRAINTS=${GRM_PIP_CONSTRAINTS-scripts/constraints.txt}
+if [[ -n "$CONSTRAINTS" ]]; then
+  PIP+=(--constraint "$CONSTRAINTS")
+fi
 # torch first and pinned: a bare requirement would pull a multi-GB CUDA build onto a CPU machine.
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[test,demo-data]"
