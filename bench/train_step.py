@@ -191,6 +191,8 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
 
     precision = {"params_dtype": args.dtype, "fp8": args.fp8}
     cluster = "h200_1gpu" if torch.cuda.is_available() else "local_cpu"
+    if args.onednn_forward is not None:  # else init_parallel (in prepare_run) picks for this CPU, as in training
+        os.environ[onednn_training.FORWARD_VARIABLE] = "1" if args.onednn_forward else "0"
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
     weights = copy_hf_into_megatron(hf_model, raw)
@@ -199,12 +201,8 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     wrap_phases(trainer, side)
     objective = SupervisedObjective(run.trainer.loss_tokens_only)
 
-    # init_parallel (in prepare_run) put CPU forward GEMMs on oneDNN; --no-onednn-forward steps without it
-    forward = contextlib.nullcontext if args.onednn_forward else onednn_training.megatrons_forward
-
     def step(batches: list[dict[str, torch.Tensor]]) -> float:
-        with forward():
-            return trainer.train_step(batches, objective).loss
+        return trainer.train_step(batches, objective).loss
 
     side.step = step
     return side, weights
@@ -263,7 +261,7 @@ CATEGORIES = (  # aten op name fragments -> what they are, checked in order
 )
 
 
-# Our trainer's forward GEMMs run as oneDNN's op (parallel/onednn_training.py), outside aten's namespace, and
+# Our trainer's forward GEMMs may run as oneDNN's op (parallel/onednn_training.py), outside aten's namespace, and
 # on CPU its norms, SwiGLUs and RoPE as autograd functions calling C++ (parallel/elementwise_autograd.py).
 OP_NAMESPACES = ("aten::", "mkldnn::", "KernelRMSNorm", "KernelSwiGLU", "KernelRoPE")
 
@@ -328,6 +326,7 @@ def print_table(title: str, table: dict[str, dict[str, float]]) -> None:
 
 # ------------------------------------------------------------------------------------------ the run
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from megatron_grm.parallel import onednn_training
     from megatron_grm.parallel.device import device as run_device
 
     if args.threads:
@@ -369,6 +368,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                       f"loss {megatron.losses[-1]:.4f} / {hf.losses[-1]:.4f}", flush=True)
         summary = summarise(args, model, weights, megatron, hf, peaks, tokens, flops_per_token, dev)
         summary["load_avg_1m"] = [load_at_start, os.getloadavg()[0]]  # other processes on this machine
+        summary["megatron_forward_gemm"] = ("oneDNN" if onednn_training.installed()
+                                            else "torch matmul" if dev.type == "cpu" else "Megatron's")
         if args.profile:
             summary["profile"], summary["profile_top_ops"] = profile_sides([megatron, hf], batches)
             print_table("profiler: wall s per step by op (best of 2)", summary["profile"])
@@ -446,8 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--wgrad-fusion", action=argparse.BooleanOptionalAction, default=True,
                    help="weight gradients accumulated inside the GEMM into DDP's main_grad (as the Trainer does)")
-    p.add_argument("--onednn-forward", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: our linears' forward GEMMs on oneDNN (as the Trainer does) or torch's matmul")
+    p.add_argument("--onednn-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: our linears' forward GEMMs on oneDNN or torch's matmul; default: what the Trainer "
+                        "picks for this CPU (parallel/onednn_training.py)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                    help="our side: torch's fused AdamW kernel (as the Trainer does) or Megatron's foreach build")
     p.add_argument("--hf-adamw", choices=("fused", "foreach"), default="fused",
@@ -498,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median {summary['ratio_paired_median']:.3f})  MFU (vs measured matmul peak "
           f"{summary['matmul_peak_gflops']:.0f} GFLOP/s): "
           f"megatron {summary['megatron']['mfu_vs_matmul']:.1%}, "
-          f"transformers {summary['transformers']['mfu_vs_matmul']:.1%}")
+          f"transformers {summary['transformers']['mfu_vs_matmul']:.1%}; our forward GEMMs: "
+          f"{summary['megatron_forward_gemm']}")
     print_table(f"best step by phase ({args.clock} seconds)",
                 {s: summary[s]["phases_s_best"] for s in ("megatron", "transformers")})
     if args.json:

@@ -28,16 +28,16 @@ GEMM runs in fp32 on the bf16 inputs: products of bf16 values are exact in fp32 
 as in a bf16 GEMM, and the output is rounded to bf16 once; only the summation order differs.
 
 Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training, whose
-forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder), sequence-parallel layers
-(their GEMM gathers the sequence first), weights other than fp32 / bf16, inputs of another dtype than the
-weight's, and weights under :data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call, ~10 µs above torch's,
-exceeds what it saves) where the C++ GEMM does not run. Where it does, such weights (the CPU demo's model has
-only such) are packed for it too: it has no per-call cost like oneDNN's. Measured on the 2-core AVX2 EPYC
-(session 55) at the demo model's shape (``bench/rollout.py``'s model with ``--hidden 128 --layers 4 --heads 4
---ffn 512 --vocab 256``, 128 rows of 250-330-token prompts, 128 new tokens; our engine alone, the two
-alternating in one process, medians of 8): 2.31 s a rollout against 2.68 s with them on torch's matmul. That
-model's five GEMM shapes alone (wall clock): the C++ GEMM 1.30-1.64x faster than torch's matmul from 4 to 64
-rows, 0.82-1.06x at 128 (two runs), 1.00-1.04x from 256 to 8,192, 0.85x at one row.
+forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder where that is faster),
+sequence-parallel layers (their GEMM gathers the sequence first), weights other than fp32 / bf16, inputs of
+another dtype than the weight's, and weights under :data:`PACK_MIN_ELEMENTS` (oneDNN's fixed cost per call,
+~10 µs above torch's, exceeds what it saves) where the C++ GEMM does not run. Where it does, such weights (the
+CPU demo's model has only such) are packed for it too: it has no per-call cost like oneDNN's. Measured on the
+2-core AVX2 EPYC (session 55) at the demo model's shape (``bench/rollout.py``'s model with ``--hidden 128
+--layers 4 --heads 4 --ffn 512 --vocab 256``, 128 rows of 250-330-token prompts, 128 new tokens; our engine
+alone, the two alternating in one process, medians of 8): 2.31 s a rollout against 2.68 s with them on torch's
+matmul. That model's five GEMM shapes alone (wall clock): the C++ GEMM 1.30-1.64x faster than torch's matmul
+from 4 to 64 rows, 0.82-1.06x at 128 (two runs), 1.00-1.04x from 256 to 8,192, 0.85x at one row.
 """
 
 from __future__ import annotations

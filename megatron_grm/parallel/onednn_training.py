@@ -1,14 +1,20 @@
-"""The forward GEMM of Megatron's trainable linear layers on the CPU through oneDNN.
+"""The forward GEMM of Megatron's trainable linear layers on the CPU through oneDNN, where that is faster.
 
 At a training micro-batch's row counts (about a thousand tokens) oneDNN's fp32 linear, on the weight as it
 is, ran the forward GEMMs of the 156M benchmark model's layers 1.11-1.20x faster than torch's matmul (MKL)
-on the project's 2-core AMD EPYC machine, with no reorder of the weight needed there (its reordered layout
-gained no more). The backward's GEMMs gain less or nothing (input gradient 1.03-1.16x on a transposed view
-of the weight, weight gradient none; ``docs/performance.md``, item 15), so only the forward changes:
-:func:`install` makes Megatron's ``linear_with_grad_accumulation_and_async_allreduce`` apply a subclass of
-its autograd function whose forward multiplies through ``torch.ops.mkldnn._linear_pointwise`` and records
-for the backward what Megatron's forward records. The backward is Megatron's, inherited unchanged: input
-gradient, the weight gradient accumulated into ``main_grad``, the tensor-parallel all-reduce.
+on a 2-core AMD EPYC with AVX-512, with no reorder of the weight needed there (its reordered layout gained
+no more): 1.06-1.08x per training step. The backward's GEMMs gain less or nothing (input gradient
+1.03-1.16x on a transposed view of the weight, weight gradient none; ``docs/performance.md``, item 15).
+Elsewhere MKL wins: on an AVX-512/AMX Intel Xeon by 1.05-1.12x per GEMM (no difference a step shows), on
+an AVX2-only AMD EPYC by 1.13-1.30x per GEMM and 1.04-1.05x per step (item 18). That fits MKL choosing its
+code by CPU vendor, AVX-512 on Intel's only, so :func:`faster_here` picks oneDNN on CPUs with AVX-512 from
+other vendors and MKL on the rest; ``MEGATRON_GRM_ONEDNN_FORWARD=1`` (``0``) picks oneDNN (MKL) on any CPU.
+
+Only the forward changes: :func:`install` makes Megatron's ``linear_with_grad_accumulation_and_async_allreduce``
+apply a subclass of its autograd function whose forward multiplies through
+``torch.ops.mkldnn._linear_pointwise`` and records for the backward what Megatron's forward records. The
+backward is Megatron's, inherited unchanged: input gradient, the weight gradient accumulated into
+``main_grad``, the tensor-parallel all-reduce.
 
 Megatron's forward runs instead for sequence-parallel layers (their GEMM gathers the sequence first),
 non-fp32 or non-CPU operands and weights under ``onednn_linear.PACK_MIN_ELEMENTS``. The arithmetic stays
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -71,18 +79,61 @@ def _forward_class() -> type:
     return OneDNNForwardLinear
 
 
+# "1": oneDNN's forward on any CPU; "0": torch's matmul; unset: :func:`faster_here` decides.
+FORWARD_VARIABLE = "MEGATRON_GRM_ONEDNN_FORWARD"
+
+
+def onednn_beats_mkl(cpu_capability: str, vendor: str) -> bool:
+    """Whether oneDNN's fp32 GEMM outran torch's matmul (MKL) on a training step's forward on such a CPU:
+    where it has AVX-512 (``torch.backends.cpu.get_cpu_capability()``) and MKL, which takes its AVX-512 code
+    on Intel's only, does not use it. Measured on three CPU kinds (the module's docstring)."""
+    return cpu_capability.startswith("AVX512") and vendor != "GenuineIntel"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string from ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``), '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def faster_here() -> tuple[bool, str]:
+    """Whether this process's training forward GEMMs go to oneDNN, and why (for the log)."""
+    choice = os.environ.get(FORWARD_VARIABLE, "")
+    if choice in ("0", "1"):
+        return choice == "1", f"{FORWARD_VARIABLE}={choice}"
+    capability, vendor = torch.backends.cpu.get_cpu_capability(), cpu_vendor() or "unknown vendor"
+    return onednn_beats_mkl(capability, vendor), f"{capability} on {vendor}"
+
+
 def install(cuda: bool) -> bool:
-    """On the CPU, make Megatron's linear layers multiply their forward through oneDNN; returns whether
-    they do. Idempotent; logs which forward GEMM runs when it installs."""
+    """Make Megatron's linear layers multiply their forward through oneDNN on a CPU where
+    :func:`faster_here` says so, through Megatron's own (torch's matmul) otherwise; returns whether they take
+    oneDNN. Idempotent; on the CPU logs which forward GEMM runs and why."""
     from megatron.core.tensor_parallel import layers
 
-    if cuda or not onednn_linear.available():
-        return False
-    if not hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons"):
-        layers.LinearWithGradAccumulationAndAsyncCommunication = _forward_class()
-        log.info("training forward GEMMs: oneDNN for fp32 weights of at least %d elements, torch's matmul for "
-                 "the rest (parallel/onednn_training.py)", onednn_linear.PACK_MIN_ELEMENTS)
-    return True
+    onednn, why = faster_here() if not cuda and onednn_linear.available() else (False, "")
+    if onednn != installed():
+        current = layers.LinearWithGradAccumulationAndAsyncCommunication
+        layers.LinearWithGradAccumulationAndAsyncCommunication = _forward_class() if onednn else current.megatrons
+    if onednn:
+        log.info("training forward GEMMs: oneDNN for fp32 weights of at least %d elements, torch's matmul for the "
+                 "rest (%s; parallel/onednn_training.py)", onednn_linear.PACK_MIN_ELEMENTS, why)
+    elif not cuda:
+        log.info("training forward GEMMs: torch's matmul (%s; parallel/onednn_training.py)",
+                 why or "this torch build has no oneDNN linear ops")
+    return onednn
+
+
+def installed() -> bool:
+    """Whether Megatron's linear layers now multiply their forward through oneDNN."""
+    from megatron.core.tensor_parallel import layers
+
+    return hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons")
 
 
 @contextlib.contextmanager

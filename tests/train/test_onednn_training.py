@@ -3,7 +3,8 @@ oneDNN. Against Megatron's own function: the same output and the same gradients 
 gradient into ``main_grad`` or ``.grad``) up to fp32 round-off, with oneDNN's op in the forward; Megatron's
 forward for small, non-fp32 and sequence-parallel cases; and installed by ``init_parallel`` for Megatron's
 real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`` as under Megatron's DDP; at
-TP=2 (torchrun) an MLP's column and row parallel shards, the input gradient all-reduced by Megatron's backward."""
+TP=2 (torchrun) an MLP's column and row parallel shards, the input gradient all-reduced by Megatron's backward.
+Which CPUs take it by default (where MKL does not run AVX-512), and the variable that picks either on any."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ FUNCTION_ARGS = (False, False, None, 0, None)  # allreduce_dgrad, sequence_paral
 
 
 @pytest.fixture
-def classes():
+def classes(monkeypatch):
     """(Megatron's function, ours), with Megatron's module left as this test found it."""
     from megatron.core.tensor_parallel import layers
 
     wgrad_gemm.install(cuda=False)  # main_grad accumulation for fusion=True, as init_parallel installs it
     before = layers.LinearWithGradAccumulationAndAsyncCommunication
-    onednn_training.install(cuda=False)
+    monkeypatch.setenv(onednn_training.FORWARD_VARIABLE, "1")  # on any CPU
+    assert onednn_training.install(cuda=False)
     ours = layers.LinearWithGradAccumulationAndAsyncCommunication
     yield ours.megatrons, ours
     layers.LinearWithGradAccumulationAndAsyncCommunication = before
@@ -104,8 +106,10 @@ def test_small_non_fp32_and_sequence_parallel_keep_megatrons_forward(classes, ca
 
 _STEP_SCRIPT = textwrap.dedent("""
     import json
+    import os
     import torch
     from megatron_grm.parallel import ParallelLayout, init_parallel, onednn_training
+    os.environ[onednn_training.FORWARD_VARIABLE] = "1"  # oneDNN's forward on any CPU
     init_parallel(ParallelLayout())
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer import TransformerConfig
@@ -154,10 +158,55 @@ def test_init_parallel_puts_megatrons_column_parallel_linear_forward_on_onednn()
 
 def test_under_tensor_parallelism_the_inherited_backward_all_reduces_the_input_gradient(tmp_path):
     out = tmp_path / "tp2.json"
-    torchrun(SCRIPTS / "onednn_forward_tp2.py", 2, [str(out)], timeout=180)
+    torchrun(SCRIPTS / "onednn_forward_tp2.py", 2, [str(out)], timeout=180,
+             env={onednn_training.FORWARD_VARIABLE: "1"})
     r = read_json(out)
     assert r["onednn_calls"] == 2  # both shards' forwards (fc1 512 x 512, fc2 512 x 512 per rank)
     assert r["output_max"] > 1 and r["output_diff"] <= 1e-5
     # Without the all-reduce each rank would keep only its shard's part of the input gradient.
     assert r["input_grad_max"] > 1 and r["input_grad_diff"] <= 1e-5
     assert r["weight_grad_max"] > 1 and max(r["fc1_grad_diff"], r["fc2_grad_diff"]) <= 1e-6 * r["weight_grad_max"]
+
+
+@pytest.mark.parametrize(("capability", "vendor", "onednn"), [
+    ("AVX512", "AuthenticAMD", True),  # MKL runs its AVX2 code there; oneDNN's AVX-512 GEMM won (item 15)
+    ("AVX512", "GenuineIntel", False),  # MKL's AVX-512 code: it won per GEMM, a step showed no difference
+    ("AVX2", "AuthenticAMD", False),  # MKL won per GEMM and per step (item 18)
+    ("AVX2", "GenuineIntel", False),
+    ("DEFAULT", "", False),
+])
+def test_onednn_takes_the_forward_only_on_cpus_with_avx512_that_mkl_does_not_use(capability, vendor, onednn):
+    assert onednn_training.onednn_beats_mkl(capability, vendor) is onednn
+
+
+_CHOICE_SCRIPT = textwrap.dedent("""
+    import json
+    import sys
+    import torch
+    from megatron_grm.parallel import ParallelLayout, init_parallel, onednn_training
+    init_parallel(ParallelLayout())
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8, use_cpu_initialization=True)
+    layer = layers.ColumnParallelLinear(512, 768, config=config, init_method=torch.nn.init.xavier_normal_,
+                                        bias=False, gather_output=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(torch.randn(16, 2, 512))
+    print(json.dumps({"installed": onednn_training.installed(),
+                      "onednn_in_forward": "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()},
+                      "rule": onednn_training.onednn_beats_mkl(torch.backends.cpu.get_cpu_capability(),
+                                                               onednn_training.cpu_vendor()),
+                      "reinstalled": onednn_training.install(cuda=False)}))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA processes keep Megatron's matmul")
+@pytest.mark.parametrize("variable", [None, "0"])
+def test_init_parallel_follows_this_cpus_rule_unless_the_variable_says_otherwise(variable):
+    """Unset: this CPU's rule decides, and the forward runs what ``installed`` says; "0": torch's matmul."""
+    name = onednn_training.FORWARD_VARIABLE
+    setting = "" if variable is None else f"import os; os.environ[{name!r}] = {variable!r}\n"
+    report = python_json(setting + _CHOICE_SCRIPT)
+    expected = report["rule"] if variable is None else False
+    assert report["installed"] is expected and report["onednn_in_forward"] is expected
+    assert report["reinstalled"] is expected
