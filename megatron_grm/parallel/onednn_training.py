@@ -85,8 +85,8 @@ FORWARD_VARIABLE = "MEGATRON_GRM_ONEDNN_FORWARD"
 
 def onednn_beats_mkl(cpu_capability: str, vendor: str) -> bool:
     """Whether oneDNN's fp32 GEMM outran torch's matmul (MKL) on a training step's forward on such a CPU:
-    where it has AVX-512 (``torch.backends.cpu.get_cpu_capability()``) and MKL, which takes its AVX-512 code
-    on Intel's only, does not use it. Measured on three CPU kinds (the module's docstring)."""
+    where it has AVX-512 (``torch.backends.cpu.get_cpu_capability()``) that MKL, by the timings on three CPU
+    kinds (the module's docstring), uses on Intel's only."""
     return cpu_capability.startswith("AVX512") and vendor != "GenuineIntel"
 
 
