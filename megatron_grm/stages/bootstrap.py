@@ -35,17 +35,11 @@ from megatron_grm.rollout.sampling import SamplingConfig
 from megatron_grm.spct import build_prompt
 from megatron_grm.stages.common import CONF_DIR, prepare_run, prompt_record, run_stage, tokenizer_name
 from megatron_grm.stages.heldout import heldout_accuracy
-from megatron_grm.stages.rft import (
-    LengthBucketedProducer,
-    drop_too_long,
-    mix_with_instruction,
-    pad_multiple_for,
-    read_instruction_data,
-)
+from megatron_grm.stages.instruction_data import drop_too_long, mix_with_instruction, read_instruction_data
 from megatron_grm.stages.sft import SupervisedObjective
 from megatron_grm.train import checkpoint as ckpt
 from megatron_grm.train.loop import Trainer
-from megatron_grm.train.producers import Sample
+from megatron_grm.train.producers import LengthBucketedProducer, Sample, pad_multiple_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +87,7 @@ def train_bootstrap(cfg: Any) -> Trainer:
                                 t.seed)
     instruction = read_instruction_data(data.get("instruction"), tokenizer, t.seq_length, chat=settings.chat)
     samples, per_source = mix_with_instruction(drop_too_long(judgments, t.seq_length, "teacher judgments"),
-                                               instruction, settings.instruction_ratio, t.seed)
+                                               instruction, settings.instruction_ratio, t.seed, "bootstrap")
     log.info("bootstrap mix: %d teacher judgments (teacher accuracy %.2f) + %d instruction samples %s", len(judgments),
              settings.teacher_accuracy, len(samples) - len(judgments), per_source)
 

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from megatron_grm.data.tokenizer import CharTokenizer
-from megatron_grm.stages.rft import InstructionData, instruction_sources, mix_with_instruction, read_instruction_data
+from megatron_grm.stages.instruction_data import (
+    InstructionData,
+    instruction_sources,
+    mix_with_instruction,
+    read_instruction_data,
+)
 
 
 def _samples(tag: int, n: int) -> list:
@@ -61,6 +66,14 @@ def test_one_source_draws_as_before_blends_existed():
     rng = np.random.default_rng([7, 17])
     picks = rng.permutation(20).tolist() + rng.permutation(20)[:10].tolist()
     assert counts == {"a": 30} and mix == judgments + [pool[i] for i in picks]
+
+
+@pytest.mark.parametrize("stage", ["rft", "bootstrap"])
+def test_a_ratio_without_instruction_data_names_the_stage_that_set_it(stage):
+    with pytest.raises(ValueError, match=rf"^{stage}\.instruction_ratio=0\.3 needs instruction data: .*"
+                                         rf"conf/{stage}\.yaml\), or set {stage}\.instruction_ratio=0$"):
+        mix_with_instruction(_samples(9, 10), InstructionData(), ratio=0.3, seed=0, stage=stage)
+    assert mix_with_instruction(_samples(9, 10), InstructionData(), ratio=0.0, seed=0, stage=stage)[1] == {}
 
 
 def test_read_instruction_data_reads_every_source_and_names_an_empty_one(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""stages/rft.LengthBucketedProducer with ``pack``: each DP rank gets a like share of the step's sorted batch,
+"""train/producers.LengthBucketedProducer with ``pack``: each DP rank gets a like share of the step's sorted batch,
 short samples share rows, and the step keeps its samples and its loss (bootstrap.pack in the CPU demo)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megatron_grm.stages.rft import LengthBucketedProducer
+from megatron_grm.train.producers import LengthBucketedProducer
 from tests.conftest import python_json
 
 
@@ -83,7 +83,7 @@ def test_a_packed_step_has_the_loss_of_the_padded_step_on_a_megatron_model():
     out = python_json(textwrap.dedent("""
         import json, tempfile
         from megatron_grm.stages.common import load_config, prepare_run
-        from megatron_grm.stages.rft import LengthBucketedProducer
+        from megatron_grm.train.producers import LengthBucketedProducer
         from megatron_grm.stages.sft import SupervisedObjective
         from megatron_grm.train.loop import Trainer
         from tests.stages.test_packed_bucketing import mixed_samples

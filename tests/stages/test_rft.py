@@ -247,7 +247,7 @@ def _shard_record(index: int, shard: int, /, **changes) -> dict:
 
 
 def test_reading_the_samples_names_a_broken_shard_line_and_an_unfinished_shard(tmp_path: Path):
-    from megatron_grm.stages.rft import MANIFEST, done_marker, read_shards, shard_file
+    from megatron_grm.stages.rft_shards import MANIFEST, done_marker, read_shards, shard_file
 
     (tmp_path / MANIFEST).write_text(json.dumps({"num_shards": 2}))
     Path(shard_file(str(tmp_path), 0)).write_text(json.dumps(_shard_record(0, 0)) + "\n\n")
@@ -271,7 +271,7 @@ def test_reading_the_samples_names_a_broken_shard_line_and_an_unfinished_shard(t
     ({"grm_prompt": "G", "chat": None}, "field 'chat' must be bool"),
 ])
 def test_reading_the_samples_names_the_shard_line_and_field_of_a_bad_record(tmp_path: Path, changes, message):
-    from megatron_grm.stages.rft import MANIFEST, done_marker, read_shards, shard_file
+    from megatron_grm.stages.rft_shards import MANIFEST, done_marker, read_shards, shard_file
 
     (tmp_path / MANIFEST).write_text(json.dumps({"num_shards": 2}))
     for k in (0, 1):

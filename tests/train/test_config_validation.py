@@ -137,7 +137,7 @@ def test_the_27b_sft_preset_trains_like_rft():
 ])
 def test_rft_pads_rows_so_that_each_sequence_parallel_slice_fits_fp8(overrides, multiple):
     # TE's FP8 GEMM takes a multiple of 8 rows, and under sequence parallelism it runs on each TP rank's slice.
-    from megatron_grm.stages.rft import pad_multiple_for
+    from megatron_grm.train.producers import pad_multiple_for
 
     run = RunConfig.from_dict(load_config("sft", overrides))
     assert pad_multiple_for(run, 8) == multiple
