@@ -169,7 +169,7 @@ def test_under_tensor_parallelism_the_inherited_backward_all_reduces_the_input_g
 
 
 @pytest.mark.parametrize(("capability", "vendor", "onednn"), [
-    ("AVX512", "AuthenticAMD", True),  # MKL runs its AVX2 code there; oneDNN's AVX-512 GEMM won (item 15)
+    ("AVX512", "AuthenticAMD", True),  # oneDNN's AVX-512 GEMM won there (docs/performance.md item 15)
     ("AVX512", "GenuineIntel", False),  # MKL's AVX-512 code: it won per GEMM, a step showed no difference
     ("AVX2", "AuthenticAMD", False),  # MKL won per GEMM and per step (item 18)
     ("AVX2", "GenuineIntel", False),
@@ -181,7 +181,6 @@ def test_onednn_takes_the_forward_only_on_cpus_with_avx512_that_mkl_does_not_use
 
 _CHOICE_SCRIPT = textwrap.dedent("""
     import json
-    import sys
     import torch
     from megatron_grm.parallel import ParallelLayout, init_parallel, onednn_training
     init_parallel(ParallelLayout())
