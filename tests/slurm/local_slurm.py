@@ -200,6 +200,9 @@ class LocalSlurm:
             "ReturnToService=2",
             "KillWait=10",
             "MinJobAge=3600",
+            # Schedule a submitted batch job at once, not up to 3 s later (Slurm's default delay, meant for
+            # clusters taking many submissions a second): here each test job waited ~3 s in PENDING, idle.
+            "SchedulerParameters=batch_sched_delay=0",
             *(extra or []),
             node_line,
             partition_line,
