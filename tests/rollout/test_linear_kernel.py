@@ -14,7 +14,7 @@ import torch
 from megatron_grm.parallel import cpu_decode_kernel, onednn_linear
 
 from .conftest import with_march
-from .test_cpu_decode_kernel import _cpu_flags, fresh_probe, needs_compiler  # noqa: F401 (a fixture)
+from .test_cpu_decode_kernel import NATIVE_IS_AVX2, _cpu_flags, fresh_probe, needs_compiler  # noqa: F401 (a fixture)
 from .test_onednn_linear import _Layer, _reference
 
 pytestmark = needs_compiler
@@ -102,6 +102,8 @@ def test_builds_for_other_cpus_and_tiles_compute_the_same(flags, width, other_cp
     march = next((f.split("=", 1)[1] for f in flags if f.startswith("-march=")), None)
     if platform.machine() != "x86_64" or (march == "haswell" and not {"avx2", "fma", "f16c"} <= _cpu_flags()):
         pytest.skip(f"needs an x86-64 CPU that runs {march} code")
+    if march == "haswell" and "avx512f" not in _cpu_flags():
+        pytest.skip(NATIVE_IS_AVX2)
     if march is None and not {"avx2", "fma", "f16c"} <= _cpu_flags():
         pytest.skip("the 2 x 16-column tile is compiled with AVX2 or AVX-512")
     monkeypatch.setenv("MEGATRON_GRM_KERNEL_DIR", str(other_cpu_builds))
