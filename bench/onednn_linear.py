@@ -1,8 +1,9 @@
 """Rollout GEMMs on the CPU: torch's fp32 (or ``--dtype bf16``) matmul against oneDNN on a weight reordered once
 (``parallel/onednn_linear.py``) and, in fp32, the C++ GEMM on a weight packed for it
 (``parallel/csrc/linear.cpp``), in bf16 on a CPU with AMX the AMX GEMM (``parallel/csrc/amx_linear.cpp``, up to
-32 rows), for the linears of one Llama layer and the output layer, at the row counts of decode steps and of a
-prefill, side by side.
+32 rows) and on a CPU without bf16 arithmetic the GEMMs of the weights' fp32 copies (``widened``: the C++ GEMM or
+oneDNN, as a rollout runs them), for the linears of one Llama layer and the output layer, at the row counts of
+decode steps and of a prefill, side by side.
 
     python bench/onednn_linear.py                                  # bench/rollout.py's 21M model: hidden 512
     python bench/onednn_linear.py --hidden 1024 --ffn 2816 --heads 16 --kv-heads 8 --vocab 32000
@@ -68,9 +69,16 @@ def main() -> None:
           f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     kernel = dtype == torch.float32 and cpu_decode_kernel._library() is not None
     amx = dtype == torch.bfloat16 and cpu_decode_kernel.amx_available()
-    if not kernel and not amx:
+    # A CPU without bf16 arithmetic: a rollout multiplies the bf16 weights' fp32 copies (onednn_linear.widens_bf16)
+    widened = dtype == torch.bfloat16 and onednn_linear.gemm_dtype(dtype) is torch.float32
+    kernel_rows = cpu_decode_kernel.linear_kernel_rows()
+    if widened:
+        print(f"this CPU has no bf16 arithmetic: the last column is what a rollout runs, the weights' fp32 copies on "
+              f"the C++ GEMM up to {kernel_rows} rows and on oneDNN beyond, the output rounded to bf16")
+    elif not kernel and not amx:
         print("no C++ GEMM column: " + (cpu_decode_kernel.describe() if dtype == torch.float32 else
                                         "bf16 takes the AMX GEMM, and this CPU or build has no AMX"))
+    column = "AMX GEMM" if amx else "widened" if widened else "C++ GEMM"
     timer = time_per_call if args.clock == "cpu" else _wall_per_call
     rate = "GFLOP/CPU-s" if args.clock == "cpu" else "GFLOP/s"
     if args.evict_mb:
@@ -94,6 +102,13 @@ def main() -> None:
                 elif amx and rows <= cpu_decode_kernel.AMX_ROWS:
                     tiles = cpu_decode_kernel.pack_amx_weight(weight)
                     variants["kernel"] = lambda x=x, w=tiles, n=n_out: cpu_decode_kernel.amx_linear(x, w, n)
+                elif widened and rows <= kernel_rows:
+                    panels = cpu_decode_kernel.pack_linear_weight(weight.float())
+                    variants["kernel"] = lambda x=x, w=panels, n=n_out: cpu_decode_kernel.packed_linear(
+                        x.float(), w, n).bfloat16()
+                elif widened:
+                    wide = onednn_linear.reorder(weight.float(), rows)
+                    variants["kernel"] = lambda x=x, w=wide: onednn_linear.linear(x.float(), w).bfloat16()
                 calls = calls_per_round(variants["matmul"])
                 best = {label: float("inf") for label in variants}
                 for _ in range(args.rounds):
@@ -107,14 +122,14 @@ def main() -> None:
                   f"({gflops / best['matmul']:5.1f} {rate})  oneDNN {best['onednn'] * 1e3:8.3f} ms "
                   f"({gflops / best['onednn']:5.1f})  ratio {best['matmul'] / best['onednn']:.2f}  "
                   f"reorder {reorder_s / best['onednn']:.1f} calls" + (
-                      f"  {'AMX' if amx else 'C++'} GEMM {best['kernel'] * 1e3:8.3f} ms "
+                      f"  {column} {best['kernel'] * 1e3:8.3f} ms "
                       f"({gflops / best['kernel']:5.1f})"
                       f"  oneDNN/it {best['onednn'] / best['kernel']:.2f}" if has_kernel else ""))
         print(f"RATIO matmul/oneDNN at {rows} rows over one layer and the output layer = "
               f"{totals['matmul'] / totals['onednn']:.3f} "
               f"({totals['matmul'] * 1e3:.3f} vs {totals['onednn'] * 1e3:.3f} ms)")
         if totals["kernel"]:
-            print(f"RATIO oneDNN/{'AMX' if amx else 'C++'} GEMM at {rows} rows over one layer and the output layer = "
+            print(f"RATIO oneDNN/{column} at {rows} rows over one layer and the output layer = "
                   f"{totals['onednn'] / totals['kernel']:.3f} "
                   f"({totals['onednn'] * 1e3:.3f} vs {totals['kernel'] * 1e3:.3f} ms)")
 

@@ -23,9 +23,11 @@ A layer keeps one packed copy at a time: a wave's prefill and its decode steps s
 
 On a CPU without a bf16 GEMM (no AVX512-BF16 or AMX: e.g. an AVX2-only EPYC) torch's bf16 matmul runs a
 generic loop: a bf16 wave of ``bench/rollout.py``'s distinct GRM prompts prefilled in 64.9 s against ~10 s
-in fp32 on such a machine (session 37). There bf16 weights are reordered as fp32 once per wave and the
-GEMM runs in fp32 on the bf16 inputs: products of bf16 values are exact in fp32 and the sums are fp32,
-as in a bf16 GEMM, and the output is rounded to bf16 once; only the summation order differs.
+in fp32 on such a machine (session 37). On an AVX-512 CPU without them (an Ice Lake Xeon, session 61) oneDNN
+emulates bf16 at a fifth of its fp32 rate: the same wave prefilled in 13.1 s against 4.0 s in fp32. On both
+bf16 weights are reordered as fp32 once per wave and the GEMM runs in fp32 on the bf16 inputs: products of
+bf16 values are exact in fp32 and the sums are fp32, as in a bf16 GEMM, and the output is rounded to bf16
+once; only the summation order differs.
 
 Where it does not pay or does not apply, Megatron's path runs: forwards with autograd on (training, whose
 forward GEMMs ``parallel/onednn_training.py`` puts on oneDNN without a reorder where that is faster),
@@ -99,14 +101,28 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16's dot products or AMX's tiles), as torch detects it.
+    oneDNN computes bf16 GEMMs on other AVX-512 CPUs too, by emulation, at a fifth of its fp32 rate there."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and bool(check()) for check in checks)
+
+
+def widens_bf16(onednn_bf16: bool, onednn_fp32: bool, native_bf16: bool) -> bool:
+    """Whether a bf16 weight is multiplied as its fp32 copy: where oneDNN has an fp32 linear, and its bf16 one
+    is missing (an AVX2 CPU) or emulated (an AVX-512 CPU without AVX512-BF16 or AMX). Emulated, one layer's and
+    the output layer's bf16 GEMMs ran at 27-30 GFLOP per CPU-second at 32 rows and 30-35 at 1,024 on session
+    61's Ice Lake Xeon, against 92-115 and 119-154 in fp32 (``bench/onednn_linear.py --dtype bf16`` / default)."""
+    return onednn_fp32 and not (onednn_bf16 and native_bf16)
+
+
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a weight of ``dtype`` is reordered and multiplied in here: its own where oneDNN computes it;
-    fp32 for bf16 where this CPU has no bf16 GEMM (see the module's docstring); None where neither works."""
-    if available(dtype):
-        return dtype
-    if dtype == torch.bfloat16 and available(torch.float32):
+    """The dtype a weight of ``dtype`` is reordered and multiplied in here: its own where oneDNN computes it,
+    but fp32 for bf16 where :func:`widens_bf16` (see the module's docstring); None where neither works."""
+    if dtype == torch.bfloat16 and widens_bf16(available(dtype), available(torch.float32), cpu_multiplies_bf16()):
         return torch.float32
-    return None
+    return dtype if available(dtype) else None
 
 
 def worth_packing(weight: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
@@ -140,7 +156,10 @@ class _PackedGemm:
     GEMMs (bf16 ones widened included) of at most ``kernel_rows`` rows run the C++ GEMM on the weight packed
     for it instead, and bf16 ones of at most that many and ``AMX_ROWS`` rows the AMX GEMM where the CPU has
     AMX; the layer keeps one of its copies, the one its last GEMM used. A weight under
-    :data:`PACK_MIN_ELEMENTS` runs the C++ GEMM where it would, and Megatron's GEMM everywhere else."""
+    :data:`PACK_MIN_ELEMENTS` runs the C++ GEMM where it would, and Megatron's GEMM everywhere else, but for a
+    widened bf16 one, whose GEMMs beyond the C++ GEMM's rows take oneDNN's fp32 GEMM: torch's bf16 matmul is
+    emulated there (the demo model's shape in bf16, 128 rows on session 61's Ice Lake Xeon: prefill 1.29 ->
+    0.65 s, decode forward 14.7 -> 11.2 ms; ``bench/rollout.py --dtype bf16``)."""
 
     def __init__(self, layer: torch.nn.Module, rows: int, stats: PackStats,
                  widen_bf16: bool | None = None, kernel_rows: int = 0) -> None:
@@ -169,7 +188,7 @@ class _PackedGemm:
             self.packed = self.panels = self.tiles = None
         fp32 = weight.dtype == torch.float32 or self.widened
         on_kernel = fp32 and self.kernel_rows and input.numel() <= self.kernel_rows * input.shape[-1]
-        if self.small and not on_kernel:  # oneDNN's cost per call exceeds what it saves on a small weight
+        if self.small and not on_kernel and not self.widened:  # oneDNN's cost per call exceeds what it saves
             return self._megatrons_gemm(input, weight, *args, **kwargs)
         self.stats.calls += 1
         bias = kwargs.get("bias", args[0] if args else None)

@@ -93,10 +93,11 @@ def test_autograd_small_and_non_fp32_weights_keep_the_layers_own_gemm():
 
 @pytest.mark.skipif(not onednn_linear.available(torch.bfloat16), reason="this CPU's oneDNN has no bf16 linear")
 def test_bf16_weights_are_reordered_and_multiplied_in_bf16():
-    """A bf16 model's rollouts: its weights take the reordered path too, within bf16's own rounding."""
+    """A bf16 model's rollouts where the CPU multiplies bf16 (``widen_bf16=False`` asks for that path wherever
+    oneDNN has a bf16 linear): its weights take the reordered path too, within bf16's own rounding."""
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
-    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats)
+    gemm = onednn_linear._PackedGemm(layer, rows=32, stats=stats, widen_bf16=False)
     g = torch.Generator().manual_seed(2)
     weight, x = torch.randn(768, 512, generator=g).bfloat16(), torch.randn(32, 512, generator=g).bfloat16()
     bias = torch.randn(768, generator=g).bfloat16()
@@ -113,7 +114,7 @@ def test_bf16_weights_without_a_bf16_gemm_multiply_in_fp32(widen):
     """A CPU without a bf16 GEMM (``widen=None`` there; ``True`` asks for it anywhere): the bf16 weight is
     reordered as fp32 once, and the output is the fp32 GEMM of the bf16 operands (exact products, fp32 sums)
     rounded to bf16 once: within one bf16 step of the float64 result rounded."""
-    if widen is None and onednn_linear.available(torch.bfloat16):
+    if widen is None and onednn_linear.gemm_dtype(torch.bfloat16) is torch.bfloat16:
         pytest.skip("this CPU has a bf16 GEMM: bf16 weights stay bf16 (the test above)")
     layer = _Layer(768, 512)
     stats = onednn_linear.PackStats()
@@ -133,6 +134,25 @@ def test_bf16_weights_without_a_bf16_gemm_multiply_in_fp32(widen):
     assert layer.own_calls == 0
 
 
+@pytest.mark.parametrize(("onednn_bf16", "onednn_fp32", "native", "widened"), [
+    (True, True, True, False),  # AVX512-BF16 / AMX: oneDNN's bf16 GEMM
+    (True, True, False, True),  # AVX-512 without them: oneDNN emulates bf16 at a fifth of its fp32 rate
+    (False, True, False, True),  # AVX2: no bf16 linear in oneDNN
+    (False, True, True, True),  # a build whose oneDNN lacks the bf16 op
+    (True, False, True, False), (True, False, False, False), (False, False, False, False),  # no fp32 op to widen to
+])
+def test_bf16_weights_are_widened_unless_the_cpu_multiplies_bf16(onednn_bf16, onednn_fp32, native, widened):
+    assert onednn_linear.widens_bf16(onednn_bf16, onednn_fp32, native) is widened
+
+
+def test_this_cpus_bf16_gemm_dtype_follows_its_bf16_arithmetic():
+    """On this machine: fp32 for bf16 weights unless the CPU has AVX512-BF16 or AMX and oneDNN a bf16 linear."""
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert onednn_linear.cpu_multiplies_bf16() is native
+    bf16_here = native and onednn_linear.available(torch.bfloat16)
+    assert onednn_linear.gemm_dtype(torch.bfloat16) is (torch.bfloat16 if bf16_here else torch.float32)
+
+
 def test_availability_is_probed_once_per_dtype_whatever_the_callers_context():
     """The first question may come from inside a training forward or a ``torch.device`` block: the probe
     runs on the CPU regardless, and ``available()`` and ``available(torch.float32)`` share its answer."""
@@ -150,7 +170,8 @@ def test_worth_packing_is_large_two_dimensional_fp32_on_the_cpu():
     assert not onednn_linear.worth_packing(big.bfloat16())  # training's forward GEMMs: fp32 only
     # bf16: reordered as bf16 where this CPU has a bf16 GEMM, else as fp32 (gemm_dtype)
     assert onednn_linear.gemm_dtype(torch.bfloat16) == (
-        torch.bfloat16 if onednn_linear.available(torch.bfloat16) else torch.float32)
+        torch.float32 if onednn_linear.widens_bf16(onednn_linear.available(torch.bfloat16), True,
+                                                   onednn_linear.cpu_multiplies_bf16()) else torch.bfloat16)
     assert onednn_linear.worth_packing(big.bfloat16(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(big.double(), onednn_linear.ROLLOUT_DTYPES)
     assert not onednn_linear.worth_packing(torch.empty(512 * 512))
@@ -193,18 +214,25 @@ def test_small_weights_run_the_cpp_gemm_where_it_runs_and_megatrons_gemm_elsewhe
 def test_a_small_bf16_weight_without_a_bf16_gemm_is_widened_into_the_cpp_gemm():
     """A bf16 model of the demo's size on a CPU without a bf16 GEMM (``widen_bf16=True`` asks for that path
     anywhere): its small weights run the C++ GEMM in fp32 on the bf16 operands, the output rounded once,
-    instead of torch's bf16 matmul."""
+    instead of torch's bf16 matmul; GEMMs of more rows than the C++ GEMM takes (a wave of 128 on an AVX-512 CPU
+    without bf16 arithmetic) run oneDNN's fp32 GEMM on the weight's fp32 copy, not the layer's bf16 one."""
     layer = _Layer(128, 512)
     stats = onednn_linear.PackStats()
     gemm = onednn_linear._PackedGemm(layer, rows=4, stats=stats, widen_bf16=True, kernel_rows=32)
     g = torch.Generator().manual_seed(5)
-    weight, x = torch.randn(128, 512, generator=g).bfloat16(), torch.randn(4, 512, generator=g).bfloat16()
-    with torch.inference_mode():
-        got = gemm(x, weight, bias=None)
-    assert stats.panels == stats.widened == stats.kernel_calls == 1 and stats.fallbacks == layer.own_calls == 0
-    want = _reference(x, weight, None)
-    step = want.abs().clamp(min=1.0) * 2.0 ** -7
-    assert got.dtype == torch.bfloat16 and bool(((got.double() - want).abs() <= step).all())
+    weight = torch.randn(128, 512, generator=g).bfloat16()
+    step = 2.0 ** -7  # one bf16 step (8 significant bits), relative to the output's size
+    for rows in (4, 33):
+        x = torch.randn(rows, 512, generator=g).bfloat16()
+        with torch.inference_mode():
+            got = gemm(x, weight, bias=None)
+        want = _reference(x, weight, None)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 128)
+        assert bool(((got.double() - want).abs() <= want.abs().clamp(min=1.0) * step).all())
+        if rows == 4:
+            assert stats.panels == stats.widened == stats.kernel_calls == 1 and stats.reordered == 0
+    assert stats.reordered == 1 and stats.widened == 2 and stats.calls == 2 and stats.kernel_calls == 1
+    assert stats.fallbacks == layer.own_calls == 0
 
 
 def test_packed_linears_takes_small_weights_only_for_the_cpp_gemm():

@@ -785,7 +785,8 @@ def main() -> None:
             "gemm_kernel_calls": gemms.kernel_calls, "linear_kernel_rows": bf16_engine.backend.linear_kernel_rows,
             "gemm_amx_tiles": gemms.amx_tiles, "gemm_amx_calls": gemms.amx_calls,
             "amx": cpu_decode_kernel.amx_available(),
-            "bf16_onednn": onednn_linear.available(torch.bfloat16),
+            # oneDNN's bf16 linear on the CPU's own bf16 arithmetic (elsewhere bf16 weights are widened)
+            "bf16_onednn": onednn_linear.available(torch.bfloat16) and onednn_linear.cpu_multiplies_bf16(),
             "bf16_gemm_dtype": str(onednn_linear.gemm_dtype(torch.bfloat16)),
             "sampling_steps": sampling_16bit,
             "elementwise": None if elementwise_16bit is None else dataclasses.asdict(elementwise_16bit),
