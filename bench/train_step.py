@@ -193,6 +193,8 @@ def megatron_side(args: argparse.Namespace, model: ModelConfig, hf_model, run_di
     cluster = "h200_1gpu" if torch.cuda.is_available() else "local_cpu"
     if args.onednn_forward is not None:  # else init_parallel (in prepare_run) picks for this CPU, as in training
         os.environ[onednn_training.FORWARD_VARIABLE] = "1" if args.onednn_forward else "0"
+    if args.widen_bf16 is not None:
+        os.environ[onednn_training.WIDEN_VARIABLE] = "1" if args.widen_bf16 else "0"
     run = prepare_run(run_config(model, args, run_dir, precision, cluster))
     raw = build_model(run.model, run.parallel, run.precision, run.trainer.recompute, wgrad_fusion=args.wgrad_fusion)
     weights = copy_hf_into_megatron(hf_model, raw)
@@ -370,6 +372,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         summary["load_avg_1m"] = [load_at_start, os.getloadavg()[0]]  # other processes on this machine
         summary["megatron_forward_gemm"] = ("oneDNN" if onednn_training.installed()
                                             else "torch matmul" if dev.type == "cpu" else "Megatron's")
+        if dev.type == "cpu" and args.dtype == "bf16":
+            summary["megatron_forward_gemm"] += (", bf16 layers' GEMMs on fp32 copies" if onednn_training.widening()
+                                                 else ", bf16 layers' GEMMs in bf16")
         if args.profile:
             summary["profile"], summary["profile_top_ops"] = profile_sides([megatron, hf], batches)
             print_table("profiler: wall s per step by op (best of 2)", summary["profile"])
@@ -450,6 +455,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--onednn-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: our linears' forward GEMMs on oneDNN or torch's matmul; default: what the Trainer "
                         "picks for this CPU (parallel/onednn_training.py)")
+    p.add_argument("--widen-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU, --dtype bf16: our linears' GEMMs on fp32 copies of the bf16 operands or in bf16; "
+                        "default: what the Trainer picks for this CPU (parallel/onednn_training.py)")
     p.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
                    help="our side: torch's fused AdamW kernel (as the Trainer does) or Megatron's foreach build")
     p.add_argument("--hf-adamw", choices=("fused", "foreach"), default="fused",

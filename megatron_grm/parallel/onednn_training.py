@@ -1,4 +1,5 @@
-"""The forward GEMM of Megatron's trainable linear layers on the CPU through oneDNN, where that is faster.
+"""Megatron's trainable linear layers' GEMMs on the CPU: the forward through oneDNN where that is faster, and
+a bf16 layer's on fp32 copies where the CPU has no bf16 arithmetic (the last paragraph).
 
 At a training micro-batch's row counts (about a thousand tokens) oneDNN's fp32 linear, on the weight as it
 is, ran the forward GEMMs of the 156M benchmark model's layers 1.11-1.20x faster than torch's matmul (MKL)
@@ -19,6 +20,16 @@ backward is Megatron's, inherited unchanged: input gradient, the weight gradient
 Megatron's forward runs instead for sequence-parallel layers (their GEMM gathers the sequence first),
 non-fp32 or non-CPU operands and weights under ``onednn_linear.PACK_MIN_ELEMENTS``. The arithmetic stays
 fp32; only the summation order differs from torch's matmul (relative differences ~1e-6).
+
+bf16 layers on a CPU without bf16 arithmetic (no AVX512-BF16 or AMX: ``onednn_linear.cpu_multiplies_bf16``)
+train with their GEMMs widened: torch's bf16 matmul runs oneDNN's emulation on other AVX-512 CPUs (a fifth
+of its fp32 rate, ``onednn_linear``'s docstring) and a generic loop on AVX2 ones. The forward multiplies fp32
+copies of the bf16 input and weight (the fp32 GEMM above) and rounds the output to bf16 once; the backward
+is Megatron's, inherited, run on fp32 copies of what the forward saved and of the output gradient, its
+gradients rounded back to the operands' dtypes (the weight gradient fused into an fp32 ``main_grad`` is
+accumulated in fp32, as ``parallel/wgrad_gemm.py`` does for bf16 operands anyway). Products of bf16 values
+are exact in fp32 and the sums are fp32, as in a bf16 GEMM: only the summation order differs.
+``MEGATRON_GRM_WIDEN_BF16_TRAINING=1`` (``0``) widens on any CPU (never).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,25 +49,49 @@ log = logging.getLogger(__name__)
 
 
 def _takes(input: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool) -> bool:
+    """Whether the forward GEMM of an fp32 layer goes to oneDNN (where it is installed for that)."""
     return (not sequence_parallel and input.dtype == torch.float32 and input.device.type == "cpu"
             and onednn_linear.worth_packing(weight))
 
 
-def _forward_class() -> type:
-    """Megatron's autograd function for its linear layers with the forward's GEMM on oneDNN (built when
-    installed, so that importing this module does not import Megatron)."""
+def _widens(input: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool,
+            grad_output_buffer: list | None) -> bool:
+    """Whether a bf16 layer's GEMMs run on fp32 copies (where that is installed): not where Megatron gathers
+    the sequence, defers the weight gradient (it would keep the fp32 output gradient) or shards the weight
+    for Megatron-FSDP."""
+    return (not sequence_parallel and grad_output_buffer is None and not hasattr(weight, "__fsdp_param__")
+            and input.dtype == weight.dtype == torch.bfloat16 and input.device.type == weight.device.type == "cpu")
+
+
+def _gemm_fp32(rows: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
+    """``rows @ weight.T`` in fp32, through oneDNN where the fp32 forward takes it."""
+    if onednn and onednn_linear.worth_packing(weight):
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
+    return torch.matmul(rows, weight.t())
+
+
+_DUMMY_GRAD_FLAGS = ("grad_added_to_main_grad", "zero_out_wgrad")  # what Megatron's backward reads off the weight
+
+
+def _forward_class(onednn_forward: bool, widen_bf16: bool) -> type:
+    """Megatron's autograd function for its linear layers with the forward's GEMM on oneDNN (fp32 layers,
+    where ``onednn_forward``) and a bf16 layer's GEMMs on fp32 copies (where ``widen_bf16``); built when
+    installed, so that importing this module does not import Megatron."""
     from megatron.core.tensor_parallel import layers
 
     megatrons = layers.LinearWithGradAccumulationAndAsyncCommunication
 
-    class OneDNNForwardLinear(megatrons):
-        """Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` with this forward; its backward."""
+    class CpuTrainingLinear(megatrons):
+        """Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` with these GEMMs; its backward."""
 
         @staticmethod
         @layers.custom_fwd
         def forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
                     grad_output_buffer, wgrad_deferral_limit, tp_group):
-            if not _takes(input, weight, sequence_parallel):
+            onednn = onednn_forward and _takes(input, weight, sequence_parallel)
+            widened = widen_bf16 and _widens(input, weight, sequence_parallel, grad_output_buffer)
+            ctx.widened = widened
+            if not (onednn or widened):
                 return megatrons.forward(ctx, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
                                          sequence_parallel, grad_output_buffer, wgrad_deferral_limit, tp_group)
             # What the inherited backward reads; main_grad rides on ctx, as Megatron's forward keeps it.
@@ -70,17 +106,42 @@ def _forward_class() -> type:
             ctx.wgrad_deferral_limit = wgrad_deferral_limit
             ctx.tp_group = tp_group
             rows = input.reshape(-1, input.shape[-1])
-            output = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+            if widened:  # one rounding to bf16, as a bf16 GEMM's; the bias added as Megatron adds it
+                output = _gemm_fp32(rows.float(), weight.float(), onednn_forward).to(input.dtype)
+                if bias is not None:
+                    output = output + bias
+            else:
+                output = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
             # Not a view of the op's result: Megatron adds the residual into this output in place, which
             # autograd forbids on a view made inside a custom Function (torch's matmul does the same).
             return torch.ops.aten._unsafe_view(output, (*input.shape[:-1], weight.shape[0]))
 
-    OneDNNForwardLinear.megatrons = megatrons
-    return OneDNNForwardLinear
+        @staticmethod
+        def backward(ctx, grad_output):
+            if not ctx.widened:
+                return megatrons.backward(ctx, grad_output)
+            input, weight = ctx.saved_tensors
+            wide_weight = weight.float()
+            for flag in _DUMMY_GRAD_FLAGS:  # Megatron's backward sets and reads these on the weight it gets
+                if hasattr(weight, flag):
+                    setattr(wide_weight, flag, getattr(weight, flag))
+            wide = types.SimpleNamespace(**vars(ctx), saved_tensors=(input.float(), wide_weight))
+            grads = megatrons.backward(wide, grad_output.float())
+            if hasattr(wide_weight, "grad_added_to_main_grad"):
+                weight.grad_added_to_main_grad = wide_weight.grad_added_to_main_grad
+            dtypes = (input.dtype, weight.dtype, weight.dtype)  # the bias is the weight's dtype, as Megatron's
+            return tuple(g.to(dtype) if g is not None else None for g, dtype in zip(grads, dtypes)) + grads[3:]
+
+    CpuTrainingLinear.megatrons = megatrons
+    CpuTrainingLinear.onednn_forward = onednn_forward
+    CpuTrainingLinear.widen_bf16 = widen_bf16
+    return CpuTrainingLinear
 
 
 # "1": oneDNN's forward on any CPU; "0": torch's matmul; unset: :func:`faster_here` decides.
 FORWARD_VARIABLE = "MEGATRON_GRM_ONEDNN_FORWARD"
+# "1": a bf16 layer's GEMMs on fp32 copies on any CPU; "0": never; unset: :func:`widens_here` decides.
+WIDEN_VARIABLE = "MEGATRON_GRM_WIDEN_BF16_TRAINING"
 
 
 def onednn_beats_mkl(cpu_capability: str, vendor: str) -> bool:
@@ -110,30 +171,54 @@ def faster_here() -> tuple[bool, str]:
     return onednn_beats_mkl(capability, vendor), f"{capability} on {vendor}"
 
 
+def widens_here() -> tuple[bool, str]:
+    """Whether this process's bf16 layers train with their GEMMs on fp32 copies, and why (for the log)."""
+    choice = os.environ.get(WIDEN_VARIABLE, "")
+    if choice in ("0", "1"):
+        return choice == "1", f"{WIDEN_VARIABLE}={choice}"
+    if onednn_linear.cpu_multiplies_bf16():
+        return False, "this CPU has bf16 arithmetic"
+    return True, "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)"
+
+
 def install(cuda: bool) -> bool:
     """Make Megatron's linear layers multiply their forward through oneDNN on a CPU where
-    :func:`faster_here` says so, through Megatron's own (torch's matmul) otherwise; returns whether they take
-    oneDNN. Idempotent; on the CPU logs which forward GEMM runs and why."""
+    :func:`faster_here` says so, and a bf16 layer's GEMMs on fp32 copies where :func:`widens_here` does;
+    Megatron's own (torch's matmul) otherwise. Returns whether fp32 forwards take oneDNN. Idempotent; on the
+    CPU logs which GEMMs run and why."""
     from megatron.core.tensor_parallel import layers
 
     onednn, why = faster_here() if not cuda and onednn_linear.available() else (False, "")
-    if onednn != installed():
-        current = layers.LinearWithGradAccumulationAndAsyncCommunication
-        layers.LinearWithGradAccumulationAndAsyncCommunication = _forward_class() if onednn else current.megatrons
+    widen, why_widen = widens_here() if not cuda else (False, "")
+    current = layers.LinearWithGradAccumulationAndAsyncCommunication
+    megatrons = getattr(current, "megatrons", current)
+    if (onednn, widen) != (getattr(current, "onednn_forward", False), getattr(current, "widen_bf16", False)):
+        layers.LinearWithGradAccumulationAndAsyncCommunication = (
+            _forward_class(onednn, widen) if onednn or widen else megatrons)
     if onednn:
         log.info("training forward GEMMs: oneDNN for fp32 weights of at least %d elements, torch's matmul for the "
                  "rest (%s; parallel/onednn_training.py)", onednn_linear.PACK_MIN_ELEMENTS, why)
     elif not cuda:
         log.info("training forward GEMMs: torch's matmul (%s; parallel/onednn_training.py)",
                  why or "this torch build has no oneDNN linear ops")
+    if not cuda:
+        log.info("bf16 layers' training GEMMs: %s (%s; parallel/onednn_training.py)",
+                 "fp32 on their bf16 values, rounded once" if widen else "bf16", why_widen)
     return onednn
 
 
 def installed() -> bool:
-    """Whether Megatron's linear layers now multiply their forward through oneDNN."""
+    """Whether Megatron's linear layers now multiply an fp32 layer's forward through oneDNN."""
     from megatron.core.tensor_parallel import layers
 
-    return hasattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "megatrons")
+    return getattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "onednn_forward", False)
+
+
+def widening() -> bool:
+    """Whether Megatron's linear layers now multiply a bf16 layer's GEMMs on fp32 copies."""
+    from megatron.core.tensor_parallel import layers
+
+    return getattr(layers.LinearWithGradAccumulationAndAsyncCommunication, "widen_bf16", False)
 
 
 @contextlib.contextmanager

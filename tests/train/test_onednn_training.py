@@ -4,7 +4,10 @@ gradient into ``main_grad`` or ``.grad``) up to fp32 round-off, with oneDNN's op
 forward for small, non-fp32 and sequence-parallel cases; and installed by ``init_parallel`` for Megatron's
 real ``ColumnParallelLinear``, its weight gradient accumulated into ``main_grad`` as under Megatron's DDP; at
 TP=2 (torchrun) an MLP's column and row parallel shards, the input gradient all-reduced by Megatron's backward.
-Which CPUs take it by default (where MKL does not run AVX-512), and the variable that picks either on any."""
+Which CPUs take it by default (where MKL does not run AVX-512), and the variable that picks either on any.
+A bf16 layer's GEMMs widened to fp32 (CPUs without bf16 arithmetic): no GEMM sees a bf16 operand, forward or
+backward, and the results are Megatron's bf16 ones (one rounding each, fp32 sums), alone, through
+``init_parallel`` with the weight gradient in ``main_grad`` and at TP=2; which CPUs widen by default."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from megatron_grm.parallel import onednn_linear, onednn_training, wgrad_gemm
 from tests.conftest import python_json, read_json, torchrun
+from tests.gemm_dtypes import GemmDtypes
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN linear ops")
 
@@ -31,6 +35,7 @@ def classes(monkeypatch):
     wgrad_gemm.install(cuda=False)  # main_grad accumulation for fusion=True, as init_parallel installs it
     before = layers.LinearWithGradAccumulationAndAsyncCommunication
     monkeypatch.setenv(onednn_training.FORWARD_VARIABLE, "1")  # on any CPU
+    monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, "0")  # bf16 layers as Megatron multiplies them
     assert onednn_training.install(cuda=False)
     ours = layers.LinearWithGradAccumulationAndAsyncCommunication
     yield ours.megatrons, ours
@@ -209,3 +214,139 @@ def test_init_parallel_follows_this_cpus_rule_unless_the_variable_says_otherwise
     expected = report["rule"] if variable is None else False
     assert report["installed"] is expected and report["onednn_in_forward"] is expected
     assert report["reinstalled"] is expected
+
+
+@pytest.fixture(params=["torch's matmul", "oneDNN"])
+def widened_classes(request, monkeypatch):
+    """(Megatron's function, ours widening bf16 layers), their fp32 forward GEMM on ``request.param``."""
+    from megatron.core.tensor_parallel import layers
+
+    wgrad_gemm.install(cuda=False)
+    before = layers.LinearWithGradAccumulationAndAsyncCommunication
+    monkeypatch.setenv(onednn_training.FORWARD_VARIABLE, "1" if request.param == "oneDNN" else "0")
+    monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, "1")  # on any CPU
+    onednn_training.install(cuda=False)
+    assert onednn_training.widening()
+    ours = layers.LinearWithGradAccumulationAndAsyncCommunication
+    yield ours.megatrons, ours
+    layers.LinearWithGradAccumulationAndAsyncCommunication = before
+
+
+def _bf16_step(function, weight, bias, x, residual, fusion: bool):
+    """:func:`_step` for bf16 operands, with every GEMM's operand dtypes recorded, backward included."""
+    weight = torch.nn.Parameter(weight.clone())
+    if fusion:
+        weight.main_grad = torch.ones(weight.shape)  # fp32, as DDP's buffer for a bf16 parameter
+    bias = None if bias is None else torch.nn.Parameter(bias.clone())
+    x = x.clone().requires_grad_()
+    with GemmDtypes() as seen:
+        out = function.apply(x, weight, bias, fusion, *FUNCTION_ARGS)
+        out.add_(residual)
+        out.float().square().sum().backward()
+    weight_grad = weight.main_grad if fusion else weight.grad
+    return (out.detach(), x.grad, weight_grad, None if bias is None else bias.grad), seen
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_widened_bf16_layer_multiplies_fp32_copies_and_gives_megatrons_bf16_results(widened_classes, fusion,
+                                                                                       with_bias):
+    megatrons, ours = widened_classes
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(640, 512, generator=g) * 0.05).bfloat16()
+    x, residual = torch.randn(7, 3, 512, generator=g).bfloat16(), torch.randn(7, 3, 640, generator=g).bfloat16()
+    bias = torch.randn(640, generator=g).bfloat16() if with_bias else None
+
+    want, megatron_gemms = _bf16_step(megatrons, weight, bias, x, residual, fusion)
+    got, our_gemms = _bf16_step(ours, weight, bias, x, residual, fusion)
+
+    assert megatron_gemms.with_dtype(torch.bfloat16)  # the check sees Megatron's bf16 GEMMs ...
+    assert len(our_gemms.calls) >= 2 and not our_gemms.with_dtype(torch.bfloat16)  # ... and none of ours
+    # float64 on the same bf16 values: the output within its three bf16 roundings (GEMM, bias, residual: each
+    # within 2^-8 of what it rounds) of the exact one; each gradient, from that side's own output, the exact
+    # one rounded once (fp32 sums aside)
+    gemm = x.double() @ weight.double().t()
+    parts = gemm.abs() + residual.double().abs() + (0 if bias is None else bias.double().abs())
+    exact_output = gemm + residual.double() + (0 if bias is None else bias.double())
+    for side in (got, want):
+        grad_out = 2 * side[0].double()
+        exact = {"output": exact_output, "input grad": grad_out @ weight.double(),
+                 "weight grad": grad_out.reshape(-1, 640).t() @ x.double().reshape(-1, 512) + (1 if fusion else 0),
+                 "bias grad": grad_out.reshape(-1, 640).sum(0) if with_bias else None}
+        for (name, reference), result in zip(exact.items(), side):
+            if reference is None:
+                assert result is None, name
+                continue
+            fp32_sum = name == "weight grad" and fusion  # accumulated into the fp32 main_grad, not rounded to bf16
+            assert result.dtype == (torch.float32 if fp32_sum else torch.bfloat16), name
+            scale = reference.abs().max().item()
+            error = (result.double() - reference).abs()
+            bound = (2 ** -6 * parts if name == "output" else 1e-4 * scale if fp32_sum
+                     else 2 ** -8 * reference.abs() + 1e-4 * scale)
+            assert (error <= bound).all(), f"{name}: {(error - bound).max().item()} over"
+
+
+def test_bf16_layers_widen_where_the_cpu_has_no_bf16_arithmetic_unless_the_variable_says_otherwise(monkeypatch):
+    monkeypatch.delenv(onednn_training.WIDEN_VARIABLE, raising=False)
+    assert onednn_training.widens_here()[0] is not onednn_linear.cpu_multiplies_bf16()
+    for setting, widens in (("1", True), ("0", False)):
+        monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, setting)
+        assert onednn_training.widens_here() == (widens, f"{onednn_training.WIDEN_VARIABLE}={setting}")
+
+
+_WIDENED_STEP_SCRIPT = textwrap.dedent("""
+    import json
+    import os
+    import torch
+    from megatron_grm.parallel import ParallelLayout, init_parallel, onednn_training
+    from tests.gemm_dtypes import GemmDtypes
+    os.environ[onednn_training.WIDEN_VARIABLE] = "1"  # on any CPU
+    init_parallel(ParallelLayout())
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=8, use_cpu_initialization=True,
+                               params_dtype=torch.bfloat16, bf16=True, gradient_accumulation_fusion=True)
+    layer = layers.ColumnParallelLinear(512, 768, config=config, init_method=torch.nn.init.xavier_normal_,
+                                        bias=False, gather_output=False)
+    layer.weight.main_grad = torch.zeros(layer.weight.shape)  # as Megatron's DDP sets a bf16 parameter up
+    layer.weight.grad_added_to_main_grad = False
+    x = torch.randn(16, 2, 512, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    with GemmDtypes() as seen:
+        out, _ = layer(x)
+        (out.float() ** 2).sum().backward()
+    want = x.detach().double() @ layer.weight.detach().double().t()
+    want_grad = 2 * out.detach().double().reshape(-1, 768).t() @ x.detach().double().reshape(-1, 512)
+    print(json.dumps({
+        "widening": onednn_training.widening(),
+        "gemms": len(seen.calls), "bf16_gemms": seen.with_dtype(torch.bfloat16),
+        "output_dtype": str(out.dtype), "input_grad_dtype": str(x.grad.dtype),
+        "output_error": (out.double() - want).abs().max().item(), "output_scale": want.abs().max().item(),
+        "weight_grad_error": (layer.weight.main_grad.double() - want_grad).abs().max().item(),
+        "weight_grad_scale": want_grad.abs().max().item(),
+        "flagged_for_ddp": layer.weight.grad_added_to_main_grad,
+        "dummy_grad_dtype": str(layer.weight.grad.dtype),
+    }))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA processes keep Megatron's matmul")
+def test_init_parallel_widens_a_bf16_column_parallel_linear_into_main_grad():
+    r = python_json(_WIDENED_STEP_SCRIPT)
+    assert r["widening"] and r["gemms"] >= 3 and r["bf16_gemms"] == []  # forward, input and weight gradients
+    assert r["output_dtype"] == r["input_grad_dtype"] == r["dummy_grad_dtype"] == "torch.bfloat16"
+    assert r["output_error"] <= 2 ** -8 * r["output_scale"]
+    assert r["flagged_for_ddp"]  # DDP's hook then leaves the dummy .grad alone
+    assert r["weight_grad_error"] <= 1e-5 * r["weight_grad_scale"]
+
+
+def test_under_tensor_parallelism_a_widened_bf16_mlp_all_reduces_its_input_gradient(tmp_path):
+    out = tmp_path / "tp2_bf16.json"
+    torchrun(SCRIPTS / "onednn_forward_tp2.py", 2, [str(out), "bf16"], timeout=180,
+             env={onednn_training.WIDEN_VARIABLE: "1"})
+    r = read_json(out)
+    assert r["gemms"] >= 6 and r["bf16_gemms"] == 0  # two forwards, four gradients per rank
+    # bf16 results: within a few roundings of float64 on the same bf16 values
+    assert r["output_max"] > 1 and r["output_diff"] <= 2 ** -6 * r["output_max"]
+    # Without the all-reduce each rank would keep only its shard's part of the input gradient.
+    assert r["input_grad_max"] > 1 and r["input_grad_diff"] <= 2 ** -6 * r["input_grad_max"]
+    assert r["weight_grad_max"] > 1 and max(r["fc1_grad_diff"], r["fc2_grad_diff"]) <= 2 ** -6 * r["weight_grad_max"]

@@ -2,7 +2,9 @@
 then RowParallelLinear (an MLP's fc1 and fc2 split over two ranks), each rank's shard at least 512 x 512 so
 the forward takes oneDNN, against float64 on the gathered weights in one process. The backward is Megatron's
 with the group this forward recorded: the column layer's input gradient is all-reduced across the ranks.
-Rank 0 writes ``<out>`` (JSON: max differences, scales, whether each forward ran oneDNN's op)."""
+With ``bf16`` after ``<out>``, the layers are bf16 and their GEMMs widened to fp32 (parallel/onednn_training.py):
+float64 then runs on the same bf16 values. Rank 0 writes ``<out>`` (JSON: max differences, scales, oneDNN's
+forward calls, the GEMMs counted over forward and backward and those with a bf16 operand)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import torch
 
 import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+from tests.gemm_dtypes import GemmDtypes
 from tests.report import write_on_rank0
 
 
@@ -20,7 +23,7 @@ def _gathered(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def main(out: str) -> None:
+def main(out: str, dtype: str = "fp32") -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
@@ -31,30 +34,38 @@ def main(out: str) -> None:
     init_parallel(ParallelLayout(tensor_parallel=tp))
     group = parallel_state.get_tensor_model_parallel_group()
     hidden, ffn = 512, 1024
+    bf16 = dtype == "bf16"
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=8, tensor_model_parallel_size=tp,
-                               use_cpu_initialization=True)
+                               use_cpu_initialization=True, bf16=bf16,
+                               params_dtype=torch.bfloat16 if bf16 else torch.float32)
     init = torch.nn.init.xavier_normal_
     fc1 = ColumnParallelLinear(hidden, ffn, config=config, init_method=init, bias=False, gather_output=False)
     fc2 = RowParallelLinear(ffn, hidden, config=config, init_method=init, bias=False, input_is_parallel=True,
                             skip_bias_add=True)
 
-    x = torch.randn(16, 2, hidden, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    x = torch.randn(16, 2, hidden, generator=torch.Generator().manual_seed(0)).to(config.params_dtype)
+    x.requires_grad_(True)
+    with GemmDtypes() as seen:
         middle, _ = fc1(x)
         y, _ = fc2(torch.relu(middle))
-    linear_calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
-    (y ** 2).sum().backward()
+        linear_calls = sum(name == "mkldnn._linear_pointwise" for name, _ in seen.calls)
+        (y.float() ** 2).sum().backward()
 
     w1, w2 = _gathered(fc1.weight, 0, group).double(), _gathered(fc2.weight, 1, group).double()
     w1.requires_grad_(True)
     w2.requires_grad_(True)
     ref_x = x.detach().double().requires_grad_(True)
-    ref_y = torch.relu(ref_x @ w1.t()) @ w2.t()
+    ref_middle = ref_x @ w1.t()
+    if bf16:  # the hidden activation as the bf16 layer rounded it
+        ref_middle = ref_middle + (_gathered(middle, 2, group).double() - ref_middle).detach()
+    ref_y = torch.relu(ref_middle) @ w2.t()
     (ref_y ** 2).sum().backward()
 
     rank, rows = parallel_state.get_tensor_model_parallel_rank(), ffn // tp
     write_on_rank0(out, {
         "onednn_calls": linear_calls,
+        "gemms": len(seen.calls),
+        "bf16_gemms": len(seen.with_dtype(torch.bfloat16)),
         "output_diff": float((y.double() - ref_y).abs().max()),
         "output_max": float(ref_y.abs().max()),
         "input_grad_diff": float((x.grad.double() - ref_x.grad).abs().max()),
@@ -67,4 +78,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
