@@ -176,9 +176,13 @@ def widens_here() -> tuple[bool, str]:
     choice = os.environ.get(WIDEN_VARIABLE, "")
     if choice in ("0", "1"):
         return choice == "1", f"{WIDEN_VARIABLE}={choice}"
-    if onednn_linear.cpu_multiplies_bf16():
+    # The rollout's rule (onednn_linear.widens_bf16), but for fp32 GEMMs, which torch's matmul runs anyway.
+    native = onednn_linear.cpu_multiplies_bf16()
+    if not onednn_linear.widens_bf16(onednn_linear.available(torch.bfloat16), True, native):
         return False, "this CPU has bf16 arithmetic"
-    return True, "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)"
+    if not native:
+        return True, "this CPU has no bf16 arithmetic (AVX512-BF16 or AMX)"
+    return True, "this torch build has no oneDNN bf16 GEMM"
 
 
 def install(cuda: bool) -> bool:
