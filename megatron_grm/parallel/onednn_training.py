@@ -21,8 +21,9 @@ Megatron's forward runs instead for sequence-parallel layers (their GEMM gathers
 non-fp32 or non-CPU operands and weights under ``onednn_linear.PACK_MIN_ELEMENTS``. The arithmetic stays
 fp32; only the summation order differs from torch's matmul (relative differences ~1e-6).
 
-bf16 layers on a CPU without bf16 arithmetic (no AVX512-BF16 or AMX: ``onednn_linear.cpu_multiplies_bf16``)
-train with their GEMMs widened: torch's bf16 matmul runs oneDNN's emulation on other AVX-512 CPUs (a fifth
+bf16 layers on a CPU without bf16 arithmetic (no AVX512-BF16 or AMX: ``onednn_linear.cpu_multiplies_bf16``),
+or under a torch whose oneDNN has no bf16 GEMM (the rollout's rule, ``onednn_linear.widens_bf16``), train with
+their GEMMs widened: torch's bf16 matmul runs oneDNN's emulation on other AVX-512 CPUs (a fifth
 of its fp32 rate, ``onednn_linear``'s docstring) and a generic loop on AVX2 ones. The forward multiplies fp32
 copies of the bf16 input and weight (the fp32 GEMM above) and rounds the output to bf16 once; the backward
 is Megatron's, inherited, run on fp32 copies of what the forward saved and of the output gradient, its
