@@ -29,6 +29,12 @@ from torch import Tensor
 # (``parallel/cpu_decode.cpu_prefill_attention``); None: SDPA everywhere.
 prefill_attention_override: Callable[..., Tensor | None] | None = None
 
+# bf16 queries on the CPU attend on exact fp32 copies of q, k and v, the context rounded to bf16 once; the
+# backward runs on fp32 copies too (autograd through the casts). Set by ``parallel/onednn_training.install``
+# where bf16 linear layers train widened (a CPU without bf16 arithmetic): there torch's bf16 flash attention
+# multiplies its blocks with a bf16 GEMM that oneDNN emulates or a generic loop runs (docs/performance.md, item 20).
+widen_bf16 = False
+
 # A mask built as a left-padded prefill's (``rollout.alignment.window_attention_mask`` from position 0) carries
 # its rows' padding counts under this attribute, so mask_plan need not rebuild and compare the whole
 # ``[b, s, s]`` pattern to find them: ~90 ms of a 32-prompt GRM-length rollout's prefill (session 44).
@@ -154,10 +160,13 @@ def _class() -> type:
                                  "(use the Transformer Engine spec)")
             sq, b, n, hn = query.shape
             sk = key.shape[0]
+            dtype = query.dtype
+            widen = widen_bf16 and dtype == torch.bfloat16 and query.device.type == "cpu"
+            compute = torch.float32 if widen else dtype
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             attn_mask, is_causal, left_pads = None, False, None
             if attention_mask is not None:
-                plan = mask_plan(attention_mask, query.dtype)
+                plan = mask_plan(attention_mask, compute)
                 attn_mask, left_pads = plan.additive, plan.left_pads
                 is_causal = plan.is_causal and sq > 1  # the mask is square: sq == sk
             elif mask_type == AttnMaskType.causal and sq > 1:
@@ -172,7 +181,7 @@ def _class() -> type:
                 context = override(query, key, value, left_pads, self.softmax_scale)
                 if context is not None:
                     return context.reshape(sq, b, n * hn)
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+            q, k, v = (t.permute(1, 2, 0, 3).to(compute) for t in (query, key, value))  # [b, heads, s, d]
 
             def attend() -> Tensor:
                 sdpa = dict(dropout_p=dropout, scale=self.softmax_scale, enable_gqa=k.shape[1] != n)
@@ -185,7 +194,7 @@ def _class() -> type:
                     context = attend()
             else:
                 context = attend()
-            return context.permute(2, 0, 1, 3).reshape(sq, b, n * hn)
+            return context.to(dtype).permute(2, 0, 1, 3).reshape(sq, b, n * hn)
 
     return SdpaCoreAttention
 

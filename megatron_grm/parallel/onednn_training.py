@@ -30,6 +30,8 @@ is Megatron's, inherited, run on fp32 copies of what the forward saved and of th
 gradients rounded back to the operands' dtypes (the weight gradient fused into an fp32 ``main_grad`` is
 accumulated in fp32, as ``parallel/wgrad_gemm.py`` does for bf16 operands anyway). Products of bf16 values
 are exact in fp32 and the sums are fp32, as in a bf16 GEMM: only the summation order differs.
+The local spec's SDPA core attention widens bf16 the same way (``models/sdpa_attention.widen_bf16``): torch's
+CPU flash attention multiplies its bf16 blocks with the same slow bf16 GEMMs.
 ``MEGATRON_GRM_WIDEN_BF16_TRAINING=1`` (``0``) widens on any CPU (never).
 """
 
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_grm.models import sdpa_attention
 from megatron_grm.parallel import onednn_linear
 
 log = logging.getLogger(__name__)
@@ -200,6 +203,7 @@ def install(cuda: bool) -> bool:
     if (onednn, widen) != (getattr(current, "onednn_forward", False), getattr(current, "widen_bf16", False)):
         layers.LinearWithGradAccumulationAndAsyncCommunication = (
             _forward_class(onednn, widen) if onednn or widen else megatrons)
+    sdpa_attention.widen_bf16 = widen  # the SDPA core's bf16 attention likewise
     if onednn:
         log.info("training forward GEMMs: oneDNN for fp32 weights of at least %d elements, torch's matmul for the "
                  "rest (%s; parallel/onednn_training.py)", onednn_linear.PACK_MIN_ELEMENTS, why)
@@ -207,7 +211,7 @@ def install(cuda: bool) -> bool:
         log.info("training forward GEMMs: torch's matmul (%s; parallel/onednn_training.py)",
                  why or "this torch build has no oneDNN linear ops")
     if not cuda:
-        log.info("bf16 layers' training GEMMs: %s (%s; parallel/onednn_training.py)",
+        log.info("bf16 layers' training GEMMs and SDPA attention: %s (%s; parallel/onednn_training.py)",
                  "fp32 on their bf16 values, rounded once" if widen else "bf16", why_widen)
     return onednn
 

@@ -130,3 +130,17 @@ def test_the_te_spec_guard_refuses_in_training_only_masks_a_causal_core_would_ig
     guard = report["guard"]
     assert guard["right_padded"] == "ok" and guard["no_mask"] == "ok" and guard["packed_inference"] == "ok"
     assert "ignores this attention mask" in guard["packed_training"]
+
+
+@pytest.mark.parametrize("case", ["causal_no_mask", "packed_documents"])
+def test_widened_bf16_attention_multiplies_fp32_copies_and_rounds_once(report, case):
+    """``widen_bf16`` (set where bf16 layers train widened: CPUs without bf16 arithmetic): bf16 q, k and v
+    attend as fp32 copies, forward and backward, and the output and gradients are the exact float64 ones on
+    the same bf16 values rounded once; unset, torch's bf16 attention kernel runs (what the check would see)."""
+    widened, native = report["bf16"][f"{case}_widened"], report["bf16"][f"{case}_bf16"]
+    assert "torch.bfloat16" in native["attention_dtypes"]
+    assert widened["attention_dtypes"] == ["torch.float32"]
+    for side in (widened, native):
+        assert side["output_dtype"] == "torch.bfloat16" and side["grad_dtypes"] == ["torch.bfloat16"]
+    assert widened["scale"] > 0.1
+    assert widened["forward_excess"] <= 0 and widened["grad_excess"] <= 0, widened

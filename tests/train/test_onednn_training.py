@@ -7,7 +7,8 @@ TP=2 (torchrun) an MLP's column and row parallel shards, the input gradient all-
 Which CPUs take it by default (where MKL does not run AVX-512), and the variable that picks either on any.
 A bf16 layer's GEMMs widened to fp32 (CPUs without bf16 arithmetic): no GEMM sees a bf16 operand, forward or
 backward, and the results are Megatron's bf16 ones (one rounding each, fp32 sums), alone, through
-``init_parallel`` with the weight gradient in ``main_grad`` and at TP=2; which CPUs widen by default."""
+``init_parallel`` with the weight gradient in ``main_grad`` and at TP=2; which CPUs widen by default, and the
+SDPA core's bf16 attention widened with them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_grm.models import sdpa_attention
 from megatron_grm.parallel import onednn_linear, onednn_training, wgrad_gemm
 from tests.conftest import python_json, read_json, torchrun
 from tests.gemm_dtypes import GemmDtypes
@@ -36,6 +38,7 @@ def classes(monkeypatch):
     before = layers.LinearWithGradAccumulationAndAsyncCommunication
     monkeypatch.setenv(onednn_training.FORWARD_VARIABLE, "1")  # on any CPU
     monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, "0")  # bf16 layers as Megatron multiplies them
+    monkeypatch.setattr(sdpa_attention, "widen_bf16", sdpa_attention.widen_bf16)  # install sets it
     assert onednn_training.install(cuda=False)
     ours = layers.LinearWithGradAccumulationAndAsyncCommunication
     yield ours.megatrons, ours
@@ -225,6 +228,7 @@ def widened_classes(request, monkeypatch):
     before = layers.LinearWithGradAccumulationAndAsyncCommunication
     monkeypatch.setenv(onednn_training.FORWARD_VARIABLE, "1" if request.param == "oneDNN" else "0")
     monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, "1")  # on any CPU
+    monkeypatch.setattr(sdpa_attention, "widen_bf16", sdpa_attention.widen_bf16)  # install sets it
     onednn_training.install(cuda=False)
     assert onednn_training.widening()
     ours = layers.LinearWithGradAccumulationAndAsyncCommunication
@@ -284,6 +288,20 @@ def test_a_widened_bf16_layer_multiplies_fp32_copies_and_gives_megatrons_bf16_re
             bound = (2 ** -6 * parts if name == "output" else 1e-4 * scale if fp32_sum
                      else 2 ** -8 * reference.abs() + 1e-4 * scale)
             assert (error <= bound).all(), f"{name}: {(error - bound).max().item()} over"
+
+
+def test_the_sdpa_cores_bf16_attention_widens_with_the_linear_layers(monkeypatch):
+    """install sets ``sdpa_attention.widen_bf16`` to what it does for the linear layers: the variable's
+    choice on the CPU, never in a CUDA process (models/test_sdpa_attention.py tests the widened attention)."""
+    from megatron.core.tensor_parallel import layers
+
+    monkeypatch.setattr(layers, "LinearWithGradAccumulationAndAsyncCommunication",
+                        layers.LinearWithGradAccumulationAndAsyncCommunication)  # restored after the test
+    monkeypatch.setattr(sdpa_attention, "widen_bf16", sdpa_attention.widen_bf16)
+    for setting, cuda, widens in (("1", False, True), ("0", False, False), ("1", True, False)):
+        monkeypatch.setenv(onednn_training.WIDEN_VARIABLE, setting)
+        onednn_training.install(cuda=cuda)
+        assert sdpa_attention.widen_bf16 is onednn_training.widening() is widens, (setting, cuda)
 
 
 def test_bf16_layers_widen_where_the_cpu_has_no_bf16_arithmetic_unless_the_variable_says_otherwise(monkeypatch):

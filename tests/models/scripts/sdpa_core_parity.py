@@ -8,6 +8,7 @@ import argparse
 import json
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
 
@@ -74,6 +75,7 @@ def main() -> None:
     for name in ("right_padded_documents", "packed_documents", "left_padded_prefill"):
         plan = mask_plan(cases[name][2], torch.float32)
         report[name]["is_causal"], report[name]["left_pads"] = plan.is_causal, plan.left_pads
+    report["bf16"] = bf16_cases(cfg, layout, cases)
     model = build_model(cfg, layout, PrecisionConfig("fp32"), use_te=False)
     report["model_cores"] = sorted({type(m.core_attention).__name__ for m in model.modules()
                                     if hasattr(m, "core_attention")})
@@ -102,6 +104,64 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     destroy_parallel()
+
+
+class AttentionDtypes(TorchDispatchMode):
+    """The operand dtypes of every attention kernel and GEMM torch dispatches, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if "scaled_dot_product" in name or name in ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.matmul"):
+            self.seen.update(str(a.dtype) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_cases(cfg, layout, cases: dict) -> dict:
+    """bf16 q/k/v through the SDPA core with ``widen_bf16`` off and on: the dtypes its attention kernels
+    multiply, and how far its output and input gradients (for a fixed output gradient) are from the exact
+    float64 ones on the same bf16 values, beyond one bf16 rounding (2^-8 relative) plus fp32 sums."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_grm.models import sdpa_attention
+    from megatron_grm.models.precision import PrecisionConfig
+    from megatron_grm.models.provider import transformer_config
+
+    config = transformer_config(cfg, layout, PrecisionConfig("bf16"))
+    core = sdpa_attention.sdpa_core_attention_class()(config=config, layer_number=1,
+                                                      attn_mask_type=AttnMaskType.causal, attention_type="self")
+    g = torch.Generator().manual_seed(1)
+    report = {}
+    for name in ("causal_no_mask", "packed_documents"):
+        sq, sk, mask, _ = cases[name]
+        q, k, v = (torch.randn(length, 3, heads, 8, generator=g).bfloat16()
+                   for length, heads in ((sq, 8), (sk, 2), (sk, 2)))
+        grad_out = torch.randn(sq, 3, 64, generator=g).bfloat16()
+        exact_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+        exact = core(*exact_inputs, mask)
+        exact_grads = torch.autograd.grad(exact, exact_inputs, grad_out.double())
+        for widen in (False, True):
+            sdpa_attention.widen_bf16 = widen
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            with AttentionDtypes() as dtypes:
+                out = core(*inputs, mask)
+                grads = torch.autograd.grad(out, inputs, grad_out)
+
+            def excess(got: torch.Tensor, want: torch.Tensor) -> float:
+                bound = 2 ** -8 * want.abs() + 1e-5 * want.abs().max()
+                return float(((got.double() - want).abs() - bound).max())
+
+            report[f"{name}_{'widened' if widen else 'bf16'}"] = {
+                "attention_dtypes": sorted(dtypes.seen), "output_dtype": str(out.dtype),
+                "grad_dtypes": sorted({str(t.dtype) for t in grads}),
+                "forward_excess": excess(out, exact.detach()),
+                "grad_excess": max(excess(a, b) for a, b in zip(grads, exact_grads)),
+                "scale": float(exact.abs().max())}
+    sdpa_attention.widen_bf16 = False
+    return report
 
 
 if __name__ == "__main__":
