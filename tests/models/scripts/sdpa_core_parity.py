@@ -8,9 +8,9 @@ import argparse
 import json
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import megatron_grm  # noqa: F401  (before Megatron-Core: it then imports without TorchDynamo)
+from tests.gemm_dtypes import GemmDtypes
 
 
 def main() -> None:
@@ -106,20 +106,6 @@ def main() -> None:
     destroy_parallel()
 
 
-class AttentionDtypes(TorchDispatchMode):
-    """The operand dtypes of every attention kernel and GEMM torch dispatches, forward and backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if "scaled_dot_product" in name or name in ("aten.bmm", "aten.baddbmm", "aten.mm", "aten.matmul"):
-            self.seen.update(str(a.dtype) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
-        return func(*args, **(kwargs or {}))
-
-
 def bf16_cases(cfg, layout, cases: dict) -> dict:
     """bf16 q/k/v through the SDPA core with ``widen_bf16`` off and on: the dtypes its attention kernels
     multiply, and how far its output and input gradients (for a fixed output gradient) are from the exact
@@ -146,7 +132,7 @@ def bf16_cases(cfg, layout, cases: dict) -> dict:
         for widen in (False, True):
             sdpa_attention.widen_bf16 = widen
             inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-            with AttentionDtypes() as dtypes:
+            with GemmDtypes(attention=True) as dtypes:
                 out = core(*inputs, mask)
                 grads = torch.autograd.grad(out, inputs, grad_out)
 
@@ -155,7 +141,7 @@ def bf16_cases(cfg, layout, cases: dict) -> dict:
                 return float(((got.double() - want).abs() - bound).max())
 
             report[f"{name}_{'widened' if widen else 'bf16'}"] = {
-                "attention_dtypes": sorted(dtypes.seen), "output_dtype": str(out.dtype),
+                "attention_dtypes": dtypes.dtype_names(), "output_dtype": str(out.dtype),
                 "grad_dtypes": sorted({str(t.dtype) for t in grads}),
                 "forward_excess": excess(out, exact.detach()),
                 "grad_excess": max(excess(a, b) for a, b in zip(grads, exact_grads)),
